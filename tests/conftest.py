@@ -1,0 +1,39 @@
+"""Shared fixtures: the tiny random model (seconds) and the real embedded model (slow tier)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    assert SHARED_DATA.exists(), f"tests read real data from {SHARED_DATA} (../shared/data beside the checkout)"
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def tiny_path() -> str:
+    from rlhfkit.models.loading import tiny_random_dir
+
+    return str(tiny_random_dir())
+
+
+@pytest.fixture()
+def tiny(tiny_path):
+    """A fresh tiny-random LLaMA (fp32, dropout off) and SmolLM2's tokenizer."""
+    from rlhfkit.models.loading import load_causal_lm
+
+    torch.manual_seed(0)
+    return load_causal_lm(tiny_path)
+
+
+@pytest.fixture(scope="session")
+def smollm2_path() -> str:
+    from rlhfkit.models.loading import embedded_model_dir
+
+    return str(embedded_model_dir())
