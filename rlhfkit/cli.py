@@ -1,0 +1,117 @@
+"""The one ``rlhfkit`` command. Subcommands are the stages.
+
+Every training stage takes the fields of its config (``rlhfkit/config.py``) as options, a
+``--config`` YAML preset, and trailing ``key=value`` overrides:
+
+    rlhfkit sft --model smollm2-135m-instruct --data demos.jsonl --out runs/sft lr=1e-5 epochs=2
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+import json
+import sys
+import typing
+from typing import Optional
+
+import typer
+import yaml
+
+from rlhfkit.config import STAGES, build_config, field_help
+from rlhfkit.errors import UserError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
+                  help="rlhfkit: RLHF end to end — SFT, reward model from K-way rankings, PPO, the feedback loop.")
+
+
+def friendly(fn):
+    """Bad input is one line on stderr and exit code 2, never a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except UserError as e:
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(2)
+        except KeyboardInterrupt:
+            typer.echo("interrupted: the latest checkpoint (if any) is intact; rerun with resume=true", err=True)
+            raise typer.Exit(130)
+
+    return wrapper
+
+
+def _runner(stage: str):
+    if stage == "sft":
+        from rlhfkit.recipes.sft import train_sft as run
+    elif stage == "rm":
+        from rlhfkit.recipes.reward import train_reward_model as run
+    elif stage == "pretrain":
+        from rlhfkit.recipes.pretrain import train_pretrain as run
+    else:  # pragma: no cover
+        raise ValueError(stage)
+    return run
+
+
+def _stage_command(stage: str, cls: type) -> None:
+    """Register ``rlhfkit <stage>`` with one option per config field."""
+    hints = typing.get_type_hints(cls)
+    params = [
+        inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[str],
+                          default=typer.Option(None, "--config", "-c", help="YAML preset (a path, or a bundled preset name).")),
+        inspect.Parameter("overrides", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[list[str]],
+                          default=typer.Argument(None, help="key=value overrides, applied last.", show_default=False)),
+    ]
+    for name, default, help_text in field_help(cls):
+        kind = hints[name]
+        cli_type = kind if kind in (bool, int, float, str) else str  # lists/dicts: a YAML string
+        opt_name = "--" + name.replace("_", "-")
+        decl = [f"{opt_name}/--no-{name.replace('_', '-')}"] if kind is bool else [opt_name]
+        params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=Optional[cli_type],
+                                        default=typer.Option(None, *decl, help=f"{help_text} [default: {default}]",
+                                                             show_default=False)))
+
+    def command(**kwargs):
+        preset = kwargs.pop("config")
+        overrides = kwargs.pop("overrides") or []
+        for name, value in list(kwargs.items()):
+            if value is not None and hints[name] in (list, dict):
+                kwargs[name] = yaml.safe_load(value)
+        cfg = build_config(cls, preset, overrides, **kwargs)
+        result = _runner(stage)(cfg)
+        typer.echo(json.dumps({k: v for k, v in result.items() if isinstance(v, (int, float, str, type(None)))}))
+
+    command.__signature__ = inspect.Signature(params)
+    command.__doc__ = (cls.__doc__ or "").strip()
+    command.__name__ = stage
+    app.command(stage, help=command.__doc__, context_settings={"help_option_names": ["-h", "--help"]})(friendly(command))
+
+
+for _stage, _cls in STAGES.items():
+    _stage_command(_stage, _cls)
+
+
+@app.command("convert")
+@friendly
+def convert(model: str = typer.Argument("smollm2-135m-instruct", help="A model spec (name, .gguf file, directory, hub id)."),
+            out: Optional[str] = typer.Option(None, help="Also copy the converted Hugging Face directory here.")):
+    """Resolve a model (converting a GGUF once into the cache) and print its Hugging Face directory."""
+    import shutil
+
+    from rlhfkit.models.loading import resolve_model_path
+
+    path = resolve_model_path(model)
+    if out:
+        shutil.copytree(path, out, dirs_exist_ok=True)
+        path = out
+    typer.echo(path)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,193 @@
+"""One typed config per stage. YAML files are only presets of them; ``key=value`` overrides win.
+
+Every field carries its help text in ``metadata["help"]``; ``rlhfkit <stage> --help`` lists them
+all. Precedence: dataclass defaults < ``--config preset.yaml`` < ``key=value`` overrides.
+
+Fields shared by every training stage live in ``TrainConfig``; each stage adds its own. This is
+the only inheritance in the project and it holds data, not behaviour.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from rlhfkit.errors import UserError
+
+
+def opt(default: Any, help: str, **kw: Any) -> Any:
+    """A config field with its help text (``default`` may be a list: it is copied per instance)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help}, **kw)
+    return field(default=default, metadata={"help": help}, **kw)
+
+
+@dataclass
+class TrainConfig:
+    """Fields every training stage has."""
+
+    model: str = opt("smollm2-135m-instruct", "Model: 'smollm2-135m-instruct' (embedded), 'tiny-random', an HF directory, a hub id or a .gguf file.")
+    data: str = opt("", "Training data: .jsonl/.json/.csv/.txt file, a local `datasets` directory or a hub dataset name.")
+    eval_data: str = opt("", "Held-out data (same formats). Empty: hold out `eval_fraction` of `data`.")
+    eval_fraction: float = opt(0.05, "Share of `data` held out for evaluation when `eval_data` is empty (seeded split).")
+    fields: dict = opt({}, "Field mapping from our names to your columns, e.g. {prompt: instruction, response: output}.")
+    skip_invalid: bool = opt(False, "Skip bad records (reported with counts and reasons) instead of stopping at the first one.")
+    limit: int = opt(0, "Use at most this many training records (0 = all).")
+    out: str = opt("runs/out", "Output directory: checkpoints, metrics.jsonl, the final model.")
+    max_length: int = opt(512, "Maximum tokens per example (prompt + response); longer examples are truncated (see README) and counted.")
+    batch_size: int = opt(8, "Examples per optimizer step, across all processes and accumulation steps.")
+    grad_accum: int = opt(1, "Micro-batches per optimizer step on each process (memory knob; the loss does not change).")
+    epochs: float = opt(1.0, "Passes over the training data (fractional allowed).")
+    max_steps: int = opt(0, "Stop after this many optimizer steps (0 = from epochs).")
+    lr: float = opt(1e-5, "Peak learning rate (AdamW).")
+    weight_decay: float = opt(0.0, "AdamW weight decay.")
+    warmup_steps: int = opt(0, "Linear warm-up steps from 0 to `lr`.")
+    schedule: str = opt("cosine", "Learning-rate decay after warm-up: cosine, linear or constant.")
+    max_grad_norm: float = opt(1.0, "Clip the global gradient norm to this (0 = no clipping).")
+    precision: str = opt("auto", "auto (bf16 autocast where the hardware has it, else fp32), bf16 or fp32.")
+    seed: int = opt(0, "Seed for data order, initialisation and sampling.")
+    eval_every: int = opt(0, "Evaluate on held-out data every N steps (0 = only before and after training).")
+    save_every: int = opt(0, "Write a resumable checkpoint every N steps (0 = only at the end).")
+    log_every: int = opt(1, "Write a metrics line every N steps.")
+    resume: bool = opt(False, "Continue from the latest checkpoint in `out` on exactly the same trajectory.")
+    lora: bool = opt(False, "Train LoRA adapters (peft) instead of all weights; the final model is saved merged.")
+    lora_r: int = opt(16, "LoRA rank.")
+    lora_alpha: int = opt(32, "LoRA alpha.")
+    lora_dropout: float = opt(0.0, "LoRA dropout (0 keeps log-probs deterministic).")
+    lora_targets: list = opt(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], "Module names LoRA adapts.")
+    gradient_checkpointing: bool = opt(False, "Recompute activations in the backward pass (less memory, ~30% slower).")
+
+
+@dataclass
+class PretrainConfig(TrainConfig):
+    """Pretraining: next-token loss on a raw text corpus (chunks of `max_length` tokens)."""
+
+    data: str = opt("", "Text corpus: .txt file, or records with a `text` field.")
+    lr: float = opt(3e-4, "Peak learning rate (AdamW).")
+    max_length: int = opt(256, "Tokens per training chunk (the corpus is tokenised and cut into chunks).")
+
+
+@dataclass
+class SFTConfig(TrainConfig):
+    """Supervised fine-tuning on demonstrations, loss on response tokens only."""
+
+    packing: bool = opt(False, "Pack several examples into each `max_length` row (attention stays within each example).")
+    lr: float = opt(2e-5, "Peak learning rate (AdamW).")
+    warmup_steps: int = opt(5, "Linear warm-up steps from 0 to `lr`.")
+
+
+@dataclass
+class RewardConfig(TrainConfig):
+    """A scalar reward model from K-way rankings (InstructGPT's loss)."""
+
+    batch_size: int = opt(8, "Prompts per optimizer step (each brings all K of its responses).")
+    lr: float = opt(1e-5, "Peak learning rate (AdamW).")
+    warmup_steps: int = opt(5, "Linear warm-up steps from 0 to `lr`.")
+    normalize: bool = opt(True, "After training, set the offset so the mean score of the reference (best) answers is 0.")
+
+
+STAGES: dict[str, type] = {"pretrain": PretrainConfig, "sft": SFTConfig, "rm": RewardConfig}
+
+
+# ---------------------------------------------------------------- building configs
+
+
+def field_help(cls: type) -> list[tuple[str, str, str]]:
+    """(name, default as text, help) for every field: what ``--help`` prints."""
+    rows = []
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        rows.append((f.name, repr(default) if default != "" else "''", f.metadata.get("help", "")))
+    return rows
+
+
+def _coerce(cls: type, name: str, value: Any, where: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    want = hints[name]
+    origin = typing.get_origin(want)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(want) if a is not type(None)]
+        if value is None:
+            return None
+        want = args[0]
+        origin = typing.get_origin(want)
+    kind = origin or want
+    if kind in (int, float) and isinstance(value, str):  # YAML 1.1 reads '1e-5' as a string
+        try:
+            value = kind(value)
+        except ValueError:
+            pass
+    ok = {
+        bool: lambda v: isinstance(v, bool),
+        int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+        float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+        str: lambda v: isinstance(v, (str, int, float)) and not isinstance(v, bool),
+        list: lambda v: isinstance(v, list),
+        dict: lambda v: isinstance(v, dict),
+    }[kind]
+    if not ok(value):
+        raise UserError(f"{where}: {name} expects {kind.__name__}, got {value!r}")
+    if kind is float:
+        return float(value)
+    if kind is str:
+        return str(value)
+    return value
+
+
+def _check_name(cls: type, name: str, where: str) -> None:
+    names = [f.name for f in dataclasses.fields(cls)]
+    if name not in names:
+        close = difflib.get_close_matches(name, names, n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise UserError(f"{where}: unknown setting '{name}'{hint}; `--help` lists them all")
+
+
+def build_config(cls: type, preset: str | None = None, overrides: list[str] = (), **cli: Any):
+    """Defaults < YAML preset < explicit CLI options (``cli``, None = not given) < ``key=value``."""
+    values: dict[str, Any] = {}
+    if preset:
+        path = Path(preset)
+        if not path.exists():
+            bundled = Path(__file__).parent / "presets" / f"{preset}.yaml"
+            path = bundled if bundled.exists() else path
+        if not path.exists():
+            raise UserError(f"--config {preset}: no such file (nor a bundled preset of that name)")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            line = f":{mark.line + 1}" if mark else ""
+            raise UserError(f"{path}{line}: not valid YAML ({getattr(e, 'problem', e)})") from None
+        if not isinstance(loaded, dict):
+            raise UserError(f"{path}: expected a mapping of setting: value")
+        for k, v in loaded.items():
+            _check_name(cls, k, str(path))
+            values[k] = _coerce(cls, k, v, str(path))
+    for k, v in cli.items():
+        if v is not None:
+            values[k] = _coerce(cls, k, v, f"--{k.replace('_', '-')}")
+    for item in overrides:
+        if "=" not in item:
+            raise UserError(f"'{item}': overrides are key=value (for example lr=1e-5)")
+        k, raw = item.split("=", 1)
+        k = k.strip().replace("-", "_")
+        _check_name(cls, k, f"override '{item}'")
+        try:
+            v = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            v = raw
+        if isinstance(v, (int, float)) and typing.get_type_hints(cls)[k] is str:
+            v = raw
+        values[k] = _coerce(cls, k, v, f"override '{item}'")
+    return cls(**values)
+
+
+def save_config(cfg: Any, path: Path) -> None:
+    path.write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))

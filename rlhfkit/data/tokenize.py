@@ -1,0 +1,130 @@
+"""Records -> token ids -> padded tensors.
+
+A prompt is rendered with the tokenizer's chat template (``add_generation_prompt=True``); the
+response is the assistant text followed by one EOS token — exactly what a policy produces when
+it samples that answer, so SFT, the reward model and PPO all see the same token layout:
+
+    [ chat-formatted prompt ............ ][ response tokens ... EOS ]
+                                          ^ loss / reward starts here
+
+A tokenizer without a chat template gets the plain format ``"{user}\\n\\n"`` per turn.
+
+Truncation rule (``max_length`` = prompt + response tokens), applied to every stage:
+  1. the prompt is cut from the left (oldest context first) but keeps at least
+     ``max_length // 2`` tokens (or all of it when shorter);
+  2. if it still does not fit, the response is cut from the right; for the reward model its
+     last kept token is replaced by EOS, so the scalar head always reads an EOS.
+Each truncated example is counted and the count is reported.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from rlhfkit.data.records import Demonstration, Message, Ranking
+
+
+def encode_prompt(tokenizer, messages: list[Message]) -> list[int]:
+    """Token ids of a chat prompt, ending where the assistant's answer begins."""
+    if getattr(tokenizer, "chat_template", None):
+        out = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        return list(out["input_ids"] if hasattr(out, "keys") else out)
+    text = "".join(f"{m['content']}\n\n" for m in messages)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def encode_response(tokenizer, response: str) -> list[int]:
+    """Response token ids followed by one EOS."""
+    return tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+
+
+def fit(prompt: list[int], response: list[int], max_length: int, eos_last: int | None = None) -> tuple[list[int], list[int], bool]:
+    """Apply the truncation rule of the module docstring. Returns (prompt, response, truncated)."""
+    if len(prompt) + len(response) <= max_length:
+        return prompt, response, False
+    keep_prompt = max(min(len(prompt), max_length // 2), max_length - len(response))
+    prompt = prompt[len(prompt) - keep_prompt:] if keep_prompt < len(prompt) else prompt
+    room = max_length - len(prompt)
+    if len(response) > room:
+        response = response[:room]
+        if eos_last is not None and response:
+            response = response[:-1] + [eos_last]
+    return prompt, response, True
+
+
+@dataclass
+class Encoded:
+    """One tokenised sequence: ``prompt_len`` leading prompt tokens, then the response."""
+
+    input_ids: list[int]
+    prompt_len: int
+    truncated: bool = False
+
+
+def encode_demonstration(tokenizer, demo: Demonstration, max_length: int) -> Encoded:
+    p, r, cut = fit(encode_prompt(tokenizer, demo.messages), encode_response(tokenizer, demo.response), max_length)
+    return Encoded(p + r, len(p), cut)
+
+
+def encode_ranking(tokenizer, ranking: Ranking, max_length: int) -> list[Encoded]:
+    """All K responses of one ranking, each after the same prompt."""
+    prompt = encode_prompt(tokenizer, ranking.messages)
+    out = []
+    for text in ranking.responses:
+        p, r, cut = fit(prompt, encode_response(tokenizer, text), max_length, eos_last=tokenizer.eos_token_id)
+        out.append(Encoded(p + r, len(p), cut))
+    return out
+
+
+def collate(examples: list[Encoded], pad_id: int, response_only: bool = True) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest example.
+
+    Returns input_ids (B, T), attention_mask (B, T), loss_mask (B, T) — 1 on response tokens
+    (``response_only``) or on every real token — and last_index (B,), the position of each
+    sequence's final token (the EOS the reward head reads).
+    """
+    width = max(len(e.input_ids) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    attn = torch.zeros((len(examples), width), dtype=torch.long)
+    loss = torch.zeros((len(examples), width), dtype=torch.long)
+    for i, e in enumerate(examples):
+        n = len(e.input_ids)
+        ids[i, :n] = torch.tensor(e.input_ids)
+        attn[i, :n] = 1
+        loss[i, e.prompt_len if response_only else 0 : n] = 1
+    return {"input_ids": ids, "attention_mask": attn, "loss_mask": loss, "last_index": attn.sum(1) - 1}
+
+
+def collate_packed(examples: list[Encoded], pad_id: int, max_length: int) -> dict[str, torch.Tensor]:
+    """Pack examples greedily (in order) into rows of at most ``max_length`` tokens.
+
+    Attention stays within each example: a block-diagonal causal mask (B, 1, T, T) and
+    position ids that restart at 0 for every example, so a packed row computes exactly what
+    the examples would compute alone.
+    """
+    rows: list[list[Encoded]] = [[]]
+    for e in examples:
+        if rows[-1] and sum(len(x.input_ids) for x in rows[-1]) + len(e.input_ids) > max_length:
+            rows.append([])
+        rows[-1].append(e)
+    width = max(sum(len(x.input_ids) for x in row) for row in rows)
+    B = len(rows)
+    ids = torch.full((B, width), pad_id, dtype=torch.long)
+    loss = torch.zeros((B, width), dtype=torch.long)
+    pos = torch.zeros((B, width), dtype=torch.long)
+    seg = torch.full((B, width), -1, dtype=torch.long)  # -1 = padding
+    for b, row in enumerate(rows):
+        at = 0
+        for s, e in enumerate(row):
+            n = len(e.input_ids)
+            ids[b, at : at + n] = torch.tensor(e.input_ids)
+            loss[b, at + e.prompt_len : at + n] = 1
+            pos[b, at : at + n] = torch.arange(n)
+            seg[b, at : at + n] = s
+            at += n
+    causal = torch.tril(torch.ones(width, width, dtype=torch.bool))
+    same = (seg[:, :, None] == seg[:, None, :]) & (seg[:, :, None] >= 0)
+    mask4d = (causal & same) | torch.eye(width, dtype=torch.bool)  # padding attends to itself only
+    return {"input_ids": ids, "attention_mask": mask4d[:, None], "position_ids": pos, "loss_mask": loss}

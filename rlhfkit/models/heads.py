@@ -1,0 +1,100 @@
+"""The scalar head: a reward model (and, in PPO, the critic initialised from it).
+
+We use transformers' own ``AutoModelForSequenceClassification`` with ``num_labels=1``, so a
+saved reward model is a plain Hugging Face directory: the LM trunk plus a linear ``score``
+head (no bias), loadable by ``AutoModelForSequenceClassification.from_pretrained(dir)``.
+
+What is ours:
+  - the head reads the hidden state of the *last response token* (the EOS), found from the
+    attention mask, never from the pad id (SmolLM2's pad token *is* its EOS);
+  - the head is initialised N(0, 1/(d+1)) (Stiennon et al. 2020, appendix; d = hidden size);
+  - the normalisation offset (so the mean score of the reference answers is 0) is stored in
+    ``config.json`` as ``reward_offset`` and subtracted by ``RewardModel.score``. With plain
+    transformers: ``logits[:, 0] - config.reward_offset`` (inputs right-padded with
+    ``config.pad_token_id``, which we set to a token that is not EOS so that transformers'
+    "last non-pad token" rule finds the same EOS we read).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from rlhfkit.models.loading import disable_dropout, load_tokenizer, resolve_model_path
+from rlhfkit.errors import UserError
+
+
+class RewardModel(nn.Module):
+    """LM trunk + linear head; ``forward`` returns one raw score per sequence."""
+
+    def __init__(self, seq_model: nn.Module):
+        super().__init__()
+        self.seq_model = seq_model  # an AutoModelForSequenceClassification(num_labels=1)
+        self.config = seq_model.config
+
+    @property
+    def trunk(self) -> nn.Module:
+        return getattr(self.seq_model, self.seq_model.base_model_prefix)
+
+    @property
+    def head(self) -> nn.Linear:
+        return self.seq_model.score
+
+    @property
+    def offset(self) -> float:
+        return float(getattr(self.config, "reward_offset", 0.0))
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, last_index: torch.Tensor | None = None) -> torch.Tensor:
+        """Raw scores (B,) read at ``last_index`` (B,) — by default the last attended token."""
+        hidden = self.trunk(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, d)
+        if last_index is None:
+            last_index = attention_mask.sum(1) - 1  # right padding
+        h = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_index]  # (B, d)
+        return self.head(h.to(self.head.weight.dtype)).squeeze(-1).float()  # (B,)
+
+    def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, last_index: torch.Tensor | None = None) -> torch.Tensor:
+        """Normalised scores: raw score minus the stored offset."""
+        return self.forward(input_ids, attention_mask, last_index) - self.offset
+
+    def save_pretrained(self, path, **kw) -> None:
+        self.seq_model.save_pretrained(path, **kw)
+
+
+def init_reward_head(head: nn.Linear, hidden_size: int, generator: torch.Generator | None = None) -> None:
+    """N(0, 1/(d+1)) weights (std = 1/sqrt(d+1)), zero bias if any."""
+    with torch.no_grad():
+        head.weight.normal_(0.0, 1.0 / math.sqrt(hidden_size + 1), generator=generator)
+        if head.bias is not None:
+            head.bias.zero_()
+
+
+def load_reward_model(spec: str, dtype: torch.dtype = torch.float32, new_head: bool | None = None) -> tuple[RewardModel, object]:
+    """A reward model from a saved RM directory, or a fresh head on any causal-LM checkpoint.
+
+    ``new_head=None`` decides by itself: a directory saved by ``rlhfkit rm`` keeps its head.
+    """
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    path = resolve_model_path(spec)
+    tok = load_tokenizer(spec)
+    config = AutoConfig.from_pretrained(path)
+    is_rm = "reward_offset" in config.to_dict()
+    if new_head is None:
+        new_head = not is_rm
+    config.num_labels = 1
+    if config.pad_token_id is None or config.pad_token_id == tok.eos_token_id:
+        # transformers' own sequence-classification forward finds "the last non-pad token": a
+        # pad id equal to EOS would make it skip the EOS we read. Any non-EOS id works: we
+        # always use explicit masks.
+        config.pad_token_id = 0 if tok.eos_token_id != 0 else 1
+    try:
+        seq_model = AutoModelForSequenceClassification.from_pretrained(path, config=config, dtype=dtype)
+    except (OSError, ValueError) as e:
+        raise UserError(f"--model {spec}: cannot load as a reward model ({str(e).splitlines()[0]})") from None
+    disable_dropout(seq_model)
+    if new_head:
+        init_reward_head(seq_model.score, config.hidden_size)
+        seq_model.config.reward_offset = 0.0
+    return RewardModel(seq_model), tok

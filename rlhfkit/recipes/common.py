@@ -1,0 +1,296 @@
+"""What every training recipe needs besides its own loop: the accelerator, the batch plan,
+optimizer and schedule, metrics log, LoRA, and atomic checkpoints that resume exactly.
+
+These are plain functions that the recipes call; there is no trainer base class.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from rlhfkit.config import TrainConfig, save_config
+from rlhfkit.errors import UserError
+from rlhfkit.models.loading import resolve_precision
+
+# ---------------------------------------------------------------- accelerator
+
+
+def make_accelerator(cfg: TrainConfig):
+    """One process by default; ``accelerate launch --num_processes N`` gives N (gloo on CPU)."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    precision = resolve_precision(cfg.precision, device)
+    acc = Accelerator(mixed_precision="bf16" if precision == "bf16" else "no", cpu=device == "cpu")
+    set_seed(cfg.seed)
+    return acc
+
+
+def world(acc) -> tuple[int, int]:
+    return acc.process_index, acc.num_processes
+
+
+# ---------------------------------------------------------------- batches
+
+
+def batch_plan(n_examples: int, cfg: TrainConfig) -> list[list[int]]:
+    """The whole run's global batches (example indices), fixed by the seed.
+
+    Epoch e is a permutation drawn from ``seed + e``; fractional epochs stop early. The plan is
+    a pure function of (n, cfg), so a resumed run skips exactly the batches it already did.
+    """
+    if n_examples == 0:
+        raise UserError("no training examples")
+    bs = min(cfg.batch_size, n_examples)
+    per_epoch = n_examples // bs
+    if cfg.max_steps > 0:
+        total = cfg.max_steps
+    else:
+        total = max(1, math.ceil(per_epoch * cfg.epochs))
+    plan: list[list[int]] = []
+    epoch = 0
+    while len(plan) < total:
+        g = torch.Generator().manual_seed(cfg.seed + epoch)
+        perm = torch.randperm(n_examples, generator=g).tolist()
+        for i in range(per_epoch):
+            plan.append(perm[i * bs : (i + 1) * bs])
+            if len(plan) == total:
+                break
+        epoch += 1
+    return plan
+
+
+def shard(batch: list[int], rank: int, world_size: int, grad_accum: int) -> list[list[int]]:
+    """This process's micro-batches of one global batch: a contiguous slice split ``grad_accum`` ways."""
+    per = math.ceil(len(batch) / world_size)
+    mine = batch[rank * per : (rank + 1) * per]
+    k = math.ceil(len(mine) / grad_accum) if mine else 1
+    return [mine[i : i + k] for i in range(0, len(mine), k)]
+
+
+def split_eval(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Seeded train/held-out split of ``n`` records."""
+    n_eval = int(round(n * fraction)) if n > 1 else 0
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 12345)).tolist()
+    return sorted(perm[n_eval:]), sorted(perm[:n_eval])
+
+
+# ---------------------------------------------------------------- optimizer
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, total_steps: int):
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95), eps=1e-8)
+
+    def factor(step: int) -> float:
+        if cfg.warmup_steps and step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        if cfg.schedule == "constant":
+            return 1.0
+        span = max(1, total_steps - cfg.warmup_steps)
+        progress = min(1.0, (step - cfg.warmup_steps) / span)
+        if cfg.schedule == "linear":
+            return 1.0 - progress
+        if cfg.schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        raise UserError(f"schedule={cfg.schedule!r}: expected cosine, linear or constant")
+
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def apply_lora(model: torch.nn.Module, cfg: TrainConfig, task_type: str = "CAUSAL_LM") -> torch.nn.Module:
+    """Wrap ``model`` with peft LoRA adapters when ``cfg.lora``; otherwise return it unchanged."""
+    if not cfg.lora:
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    present = {name.split(".")[-1] for name, _ in model.named_modules()}
+    targets = [t for t in cfg.lora_targets if t in present]
+    if not targets:
+        raise UserError(f"lora_targets={cfg.lora_targets}: none of these modules exist in the model")
+    lcfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=targets, task_type=task_type)
+    return get_peft_model(model, lcfg)
+
+
+def merged(model: torch.nn.Module) -> torch.nn.Module:
+    """The plain model to save: LoRA adapters merged into the weights."""
+    if hasattr(model, "merge_and_unload"):
+        return model.merge_and_unload()
+    return model
+
+
+# ---------------------------------------------------------------- metrics
+
+
+class MetricsLog:
+    """Appends one JSON object per line to ``out/metrics.jsonl`` (and TensorBoard when installed)."""
+
+    def __init__(self, out: Path, enabled: bool = True, resume_step: int | None = None):
+        self.path = out / "metrics.jsonl"
+        self.enabled = enabled
+        self.tb = None
+        if not enabled:
+            return
+        if resume_step is not None and self.path.exists():  # drop lines past the checkpoint
+            keep = [line for line in self.path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= resume_step]
+            self.path.write_text("".join(line + "\n" for line in keep))
+        elif resume_step is None and self.path.exists():
+            self.path.unlink()
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(out / "tensorboard"))
+        except Exception:  # tensorboard is optional
+            self.tb = None
+
+    def log(self, step: int, **metrics: Any) -> None:
+        if not self.enabled:
+            return
+        row = {"step": step, "time": round(time.time(), 3), **{k: _plain(v) for k, v in metrics.items()}}
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.tb is not None:
+            for k, v in row.items():
+                if isinstance(v, (int, float)) and k not in ("step", "time"):
+                    self.tb.add_scalar(k, v, step)
+
+
+def _plain(v: Any) -> Any:
+    if isinstance(v, torch.Tensor):
+        return v.item()
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
+
+
+def read_metrics(out: str | Path) -> list[dict]:
+    path = Path(out) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line] if path.exists() else []
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def _rng_state() -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def _set_rng_state(s: dict) -> None:
+    random.setstate(s["python"])
+    np.random.set_state(s["numpy"])
+    torch.set_rng_state(s["torch"])
+    if s.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def save_checkpoint(out: Path, step: int, model, optimizer, scheduler, extra: dict | None = None, keep: int = 1) -> Path:
+    """Write ``out/checkpoints/step-N`` atomically: ``model/`` (a Hugging Face directory) and
+    ``state.pt`` (optimizer, schedule, RNG, step). A crash mid-write leaves the previous
+    checkpoint as the latest; only the newest ``keep`` are kept."""
+    root = out / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step:06d}"
+    tmp = root / f".step-{step:06d}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    model.save_pretrained(tmp / "model", safe_serialization=True)
+    torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "rng": _rng_state(), "extra": extra or {}}, tmp / "state.pt")
+    shutil.rmtree(final, ignore_errors=True)
+    os.rename(tmp, final)
+    for old in sorted(p for p in root.glob("step-*") if p.is_dir())[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    ckpts = sorted(p for p in (out / "checkpoints").glob("step-*") if (p / "state.pt").exists())
+    return ckpts[-1] if ckpts else None
+
+
+def load_checkpoint(ckpt: Path, model, optimizer, scheduler) -> tuple[int, dict]:
+    """Restore weights, optimizer, schedule and RNG; returns (step, extra)."""
+    from safetensors.torch import load_file
+
+    files = sorted((ckpt / "model").glob("*.safetensors"))
+    weights: dict[str, torch.Tensor] = {}
+    for f in files:
+        weights.update(load_file(f))
+    if hasattr(model, "peft_config"):
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(model, weights)
+    else:
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+        real_missing = [m for m in missing if not _is_tied(model, m)]
+        if real_missing or unexpected:
+            raise UserError(f"{ckpt}: checkpoint does not match the model (missing {real_missing[:3]}, unexpected {unexpected[:3]})")
+    state = torch.load(ckpt / "state.pt", weights_only=False)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    _set_rng_state(state["rng"])
+    return state["step"], state["extra"]
+
+
+def _is_tied(model, name: str) -> bool:
+    return name.endswith("lm_head.weight") and getattr(model.config, "tie_word_embeddings", False)
+
+
+def prepare_out(cfg: TrainConfig, acc) -> tuple[Path, Path | None]:
+    """Create the output directory; refuse to overwrite a run unless resuming."""
+    out = Path(cfg.out)
+    ckpt = None
+    if cfg.resume:
+        ckpt = latest_checkpoint(out)
+        if ckpt is None:
+            raise UserError(f"resume: no checkpoint in {out}/checkpoints to resume from")
+    elif latest_checkpoint(out) is not None or (out / "model" / "config.json").exists():
+        raise UserError(f"{out} already holds a run: pass resume=true to continue it, or choose another out")
+    if acc.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
+    acc.wait_for_everyone()
+    return out, ckpt
+
+
+def progress(total: int, initial: int, enabled: bool, desc: str) -> Iterator:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, disable=not enabled, desc=desc, dynamic_ncols=True)
+
+
+# ---------------------------------------------------------------- data
+
+
+def load_split(cfg: TrainConfig, kind: str, say=print) -> tuple[list, list]:
+    """Training and held-out records: ``eval_data`` when given, else a seeded ``eval_fraction``."""
+    from rlhfkit.data.loaders import load_records
+
+    if not cfg.data:
+        raise UserError("data=…: no training data given (a file, a datasets directory or a hub name)")
+    got = load_records(cfg.data, kind, fields=cfg.fields or None, skip_invalid=cfg.skip_invalid)
+    say(got.summary())
+    records = got.records
+    if cfg.eval_data:
+        held = load_records(cfg.eval_data, kind, fields=cfg.fields or None, skip_invalid=cfg.skip_invalid)
+        say(held.summary())
+        train, held_out = records, held.records
+    else:
+        tr, ev = split_eval(len(records), cfg.eval_fraction, cfg.seed)
+        train, held_out = [records[i] for i in tr], [records[i] for i in ev]
+    if cfg.limit:
+        train = train[: cfg.limit]
+    return train, held_out

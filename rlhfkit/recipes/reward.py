@@ -1,0 +1,190 @@
+"""Step 2 of the recipe: a reward model from labelers' rankings of K = 2…9 answers
+(InstructGPT §3.5 "Reward modeling").
+
+  1. model        the SFT model's trunk + a scalar head N(0, 1/(d+1)) reading the EOS
+  2. data         each ranking -> K tokenised (prompt, response) sequences
+  3. batch plan   global batches of *prompts* (each brings all its K responses)
+  4. train step   all K responses of a prompt in one forward -> per-prompt mean over its
+                  K(K−1)/2 pairs of −log σ(r_better − r_worse) -> mean over prompts
+  5. evaluate     pairwise accuracy; top-1 accuracy and Kendall τ when K > 2
+  6. normalise    offset so the mean score of the reference (best-ranked) answers is 0
+  7. save         a Hugging Face sequence-classification directory (see models/heads.py)
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import torch
+
+from rlhfkit.algos.losses import ranking_loss, ranking_metrics
+from rlhfkit.config import RewardConfig
+from rlhfkit.data.tokenize import Encoded, collate, encode_ranking
+from rlhfkit.errors import UserError
+from rlhfkit.models.heads import RewardModel, load_reward_model
+from rlhfkit.recipes.common import (MetricsLog, apply_lora, batch_plan, load_checkpoint, load_split, make_accelerator,
+                                    make_optimizer, merged, prepare_out, progress, save_checkpoint, shard, world)
+
+Group = tuple[list[Encoded], list[int]]  # the K sequences of one prompt and their ranks
+
+
+def score_groups(model, groups: list[Group], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Score every response of ``groups`` in one forward. Returns scores (N,), ranks (N,), group (N,)."""
+    seqs = [e for g, _ in groups for e in g]
+    ranks = torch.tensor([r for _, rs in groups for r in rs], device=device)
+    group = torch.tensor([gi for gi, (g, _) in enumerate(groups) for _ in g], device=device)
+    batch = collate(seqs, pad_id)
+    scores = model(batch["input_ids"].to(device), batch["attention_mask"].to(device), batch["last_index"].to(device))
+    return scores, ranks, group
+
+
+@torch.no_grad()
+def evaluate_rm(model, groups: list[Group], pad_id: int, device, batch_prompts: int = 8) -> dict[str, float]:
+    """Pairwise accuracy over all untied pairs; top-1 accuracy and Kendall τ over prompts with K > 2."""
+    was_training = model.training
+    model.eval()
+    correct = pairs = top1 = taus = n_big = 0.0
+    for i in range(0, len(groups), batch_prompts):
+        chunk = groups[i : i + batch_prompts]
+        scores, _, group = score_groups(model, chunk, pad_id, device)
+        for gi, (_, ranks) in enumerate(chunk):
+            m = ranking_metrics(scores[group == gi].tolist(), ranks)
+            correct += m["pair_correct"]
+            pairs += m["pairs"]
+            if len(ranks) > 2:
+                n_big += 1
+                top1 += m["top1"]
+                taus += 0.0 if m["kendall_tau"] != m["kendall_tau"] else m["kendall_tau"]
+    model.train(was_training)
+    out = {"accuracy": correct / max(pairs, 1), "pairs": pairs}
+    if n_big:
+        out |= {"top1_accuracy": top1 / n_big, "kendall_tau": taus / n_big}
+    return out
+
+
+def train_reward_model(cfg: RewardConfig, interrupt_after: int | None = None, say=print) -> dict:
+    acc = make_accelerator(cfg)
+    out, ckpt = prepare_out(cfg, acc)
+    say = say if acc.is_main_process else (lambda *a, **k: None)
+    rank, n_proc = world(acc)
+    if cfg.batch_size < n_proc:
+        raise UserError(f"batch_size={cfg.batch_size} is smaller than the {n_proc} processes")
+
+    # 1. model: trunk + fresh head (or a saved RM's head, to continue training it)
+    rm, tok = load_reward_model(cfg.model)
+    pad_id = tok.pad_token_id
+    if cfg.gradient_checkpointing:
+        rm.seq_model.gradient_checkpointing_enable()
+    rm.seq_model = apply_lora(rm.seq_model, cfg, task_type="SEQ_CLS")
+
+    # 2. data: K tokenised sequences per ranking
+    train_recs, eval_recs = load_split(cfg, "ranking", say)
+    train: list[Group] = [(encode_ranking(tok, r, cfg.max_length), list(r.ranks)) for r in train_recs]
+    held_out: list[Group] = [(encode_ranking(tok, r, cfg.max_length), list(r.ranks)) for r in eval_recs]
+    cut = sum(e.truncated for g, _ in train + held_out for e in g)
+    if cut:
+        say(f"truncated {cut} responses to max_length={cfg.max_length} (prompt cut from the left first; the EOS is kept)")
+    ks = sorted({len(g) for g, _ in train})
+    say(f"reward model: {len(train)} training and {len(held_out)} held-out rankings, K in {ks}")
+
+    # 3. batch plan, optimizer, accelerate, resume
+    plan = batch_plan(len(train), cfg)
+    optimizer, scheduler = make_optimizer(rm, cfg, len(plan))
+    rm, optimizer = acc.prepare(rm, optimizer)
+    start = 0
+    if ckpt is not None:
+        start, _ = load_checkpoint(ckpt, acc.unwrap_model(rm).seq_model, optimizer, scheduler)
+        say(f"resumed from {ckpt} at step {start}")
+    log = MetricsLog(out, acc.is_main_process, resume_step=start if ckpt else None)
+    before = evaluate_rm(rm, held_out, pad_id, acc.device) if held_out and start == 0 else None
+    if before:
+        log.log(0, **{f"eval_{k}": v for k, v in before.items()})
+        say(f"held-out accuracy before training: {before['accuracy']:.3f}")
+
+    bar = progress(len(plan), start, acc.is_main_process, "rm")
+    rm.train()
+    last: dict = {}
+    for step in range(start, len(plan)):
+        batch = plan[step]
+        n_prompts = len(batch)  # every prompt weighs the same: divide by the global prompt count
+        loss_sum = torch.zeros((), device=acc.device)
+        correct = torch.zeros((), device=acc.device)
+        n_pairs = torch.zeros((), device=acc.device)
+        micro = shard(batch, rank, n_proc, cfg.grad_accum)
+        # 4. train step: all K responses of each prompt in one forward
+        for j, mb in enumerate(micro):
+            sync = nullcontext() if j == len(micro) - 1 else acc.no_sync(rm)
+            with sync:
+                scores, ranks, group = score_groups(rm, [train[i] for i in mb], pad_id, acc.device)
+                per_prompt, _ = ranking_loss(scores, ranks, group)
+                acc.backward(per_prompt.sum() / n_prompts * n_proc)
+            loss_sum += per_prompt.detach().sum()
+            s = scores.detach()
+            better = (group[:, None] == group[None, :]) & (ranks[:, None] < ranks[None, :])
+            correct += ((s[:, None] > s[None, :]) & better).sum()
+            n_pairs += better.sum()
+        grad_norm = acc.clip_grad_norm_(rm.parameters(), cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        done = step + 1
+        last = {"loss": (acc.reduce(loss_sum, "sum") / n_prompts).item(),
+                "accuracy": (acc.reduce(correct, "sum") / acc.reduce(n_pairs, "sum").clamp(min=1)).item(),
+                "lr": scheduler.get_last_lr()[0]}
+        if grad_norm is not None:
+            last["grad_norm"] = float(grad_norm)
+        # 5. evaluate
+        if cfg.eval_every and done % cfg.eval_every == 0 and held_out and done != len(plan):
+            last |= {f"eval_{k}": v for k, v in evaluate_rm(rm, held_out, pad_id, acc.device).items()}
+        if done % cfg.log_every == 0 or "eval_accuracy" in last:
+            log.log(done, **last)
+        bar.update(1)
+        bar.set_postfix(loss=f"{last['loss']:.4f}", acc=f"{last['accuracy']:.2f}")
+        if cfg.save_every and done % cfg.save_every == 0 and done != len(plan):
+            if acc.is_main_process:
+                save_checkpoint(out, done, acc.unwrap_model(rm).seq_model, optimizer, scheduler)
+            acc.wait_for_everyone()
+        if interrupt_after is not None and done >= interrupt_after:  # tests: simulate a crash here
+            bar.close()
+            return {"step": done, **last}
+    bar.close()
+
+    final = evaluate_rm(rm, held_out, pad_id, acc.device) if held_out else {}
+    result = {"step": len(plan), **last, **{f"eval_{k}": v for k, v in final.items()}}
+    if before:
+        result["eval_accuracy_before"] = before["accuracy"]
+
+    # 6. normalise: the mean score of the reference (best-ranked) answers becomes 0
+    model: RewardModel = acc.unwrap_model(rm)
+    if cfg.normalize:
+        offset = reference_offset(model, train, pad_id, acc.device)
+        model.config.reward_offset = offset
+        result["reward_offset"] = offset
+    log.log(len(plan), **{f"eval_{k}": v for k, v in final.items()}, reward_offset=model.offset)
+
+    # 7. save a plain Hugging Face directory
+    if acc.is_main_process:
+        if cfg.save_every:
+            save_checkpoint(out, len(plan), model.seq_model, optimizer, scheduler)
+        seq = merged(model.seq_model)
+        seq.config.reward_offset = model.offset
+        seq.save_pretrained(out / "model", safe_serialization=True)
+        tok.save_pretrained(out / "model")
+        say(f"saved {out / 'model'}; held-out accuracy {final.get('accuracy', float('nan')):.3f}; offset {model.offset:+.4f}")
+    acc.wait_for_everyone()
+    return result
+
+
+@torch.no_grad()
+def reference_offset(model: RewardModel, groups: list[Group], pad_id: int, device, max_prompts: int = 512) -> float:
+    """Mean raw score of the best-ranked answer of (up to ``max_prompts``) training prompts."""
+    was_training = model.training
+    model.eval()
+    best = [([g[ranks.index(min(ranks))]], [0]) for g, ranks in groups[:max_prompts]]
+    total, n = 0.0, 0
+    for i in range(0, len(best), 16):
+        scores, _, _ = score_groups(model, best[i : i + 16], pad_id, device)
+        total += scores.sum().item()
+        n += len(scores)
+    model.train(was_training)
+    return total / max(n, 1)
