@@ -393,9 +393,11 @@ def toxic_words(text: str) -> list[str]:
 
 
 def off_topic(prompt: Prompt, response: str) -> bool:
-    """True when the prompt lists ``meta["topic_keywords"]`` (word stems) and no word of the
-    answer starts with any of them. Deliberately weak: it only catches answers about nothing."""
+    """True when the prompt lists ``meta["topic_keywords"]`` and no word of the answer starts with
+    any of them (a final "s" of a keyword is dropped first, so "photos" matches "photo").
+    Deliberately weak: it only catches answers about nothing."""
     stems = [s.lower() for s in prompt.meta.get("topic_keywords") or []]
+    stems = [s[:-1] if s.endswith("s") and len(s) > 3 else s for s in stems]  # "photos" matches "photo"
     if not stems:
         return False
     ws = {w.lower() for w in words(response)}
