@@ -18,7 +18,9 @@ only when it applies):
   text visibly stops mid-sentence (:func:`looks_unfinished`).
 - ``degenerate`` up to 0.5: ``d = max(repeated word 4-gram share, repeated line share)``,
   penalty ``0.5 * clip((d - 0.2) / 0.3, 0, 1)`` — nothing up to 20 % repetition, full at 50 %.
-- ``toxic``      0.5 per distinct word or phrase of the `better-profanity` lexicon, at most 1.0.
+- ``toxic``      0.5 per distinct word or phrase of the `better-profanity` lexicon, at most 1.0
+  (a few everyday words of that list — "pot", "weed", "stroke", … — are allowed, see
+  :data:`TOXIC_ALLOWLIST`).
 - ``off_topic``  0.2  the prompt lists ``meta["topic_keywords"]`` (word stems written with the task)
   and the answer contains none of them. Prompts without topic keywords are never off topic.
 
@@ -47,7 +49,7 @@ from rlhfkit.data.records import Prompt
 # text helpers
 
 _WORD_RE = re.compile(r"[^\W_]+(?:['’][^\W_]+)*")
-_SENT_END_RE = re.compile(r"[.!?]+(?=[\s\"'”’)\]]|$)")
+_SENT_END_RE = re.compile(r"[.!?]+[\"'”’)\]]*(?=\s|$)")
 _PARA_SPLIT_RE = re.compile(r"\n[ \t]*\*\*\*+[ \t]*(?:\n|$)|\n[ \t]*\n")
 _TITLE_RE = re.compile(r"<<[^\n<>]+>>")
 _BULLET_RE = re.compile(r"^[ \t]*[*\-][ \t]+\S", re.MULTILINE)
@@ -62,8 +64,8 @@ def words(text: str) -> list[str]:
 
 
 def sentences(text: str) -> list[str]:
-    """Sentences: split after ``.``/``!``/``?`` runs that precede a space, a closing quote or the
-    end. Pieces without a letter or digit (e.g. a lone "***") are dropped."""
+    """Sentences: split after a run of ``.``/``!``/``?`` (with any closing quotes or brackets)
+    that precedes whitespace or the end. Pieces without a letter or digit are dropped."""
     pieces, start = [], 0
     for m in _SENT_END_RE.finditer(text):
         pieces.append(text[start : m.end()])
@@ -364,21 +366,32 @@ def repetition(text: str) -> float:
     return max(ngram_rep, line_rep)
 
 
+# Entries of the better-profanity list that are ordinary words in everyday advice (a rice *pot*,
+# garden *weeds*, a swimming *stroke*, olive oil *virgin*, pork *loin*, *fat* in a diet, *kill*
+# germs, a letter signed *xx*, medical terms): never counted as toxic here.
+TOXIC_ALLOWLIST = frozenset(
+    "pot weed kill fat god organ oral rum vodka strip stroke screw slope thrust pawn paddy loin loins "
+    "virgin seaman seamen facial revue maxi len hemp erect urine urinal uterus womb ovary ovum ovums "
+    "menses tampon herpes hiv xx".split()
+)
+
+
 @lru_cache(maxsize=1)
 def _toxic_lexicon() -> tuple[frozenset[str], int]:
-    """The better-profanity word list (lowercased), and the longest entry in words."""
+    """The better-profanity word list (lowercased) minus :data:`TOXIC_ALLOWLIST`, and the
+    longest entry in words."""
     from better_profanity.utils import get_complete_path_of_file, read_wordlist
 
     entries = {w.strip().lower() for w in read_wordlist(get_complete_path_of_file("profanity_wordlist.txt"))}
-    entries = {" ".join(e.split()) for e in entries if e.strip()}
+    entries = {" ".join(e.split()) for e in entries if e.strip()} - TOXIC_ALLOWLIST
     return frozenset(entries), max(len(e.split()) for e in entries)
 
 
 def toxic_words(text: str) -> list[str]:
     """Distinct entries of the `better-profanity` lexicon found in ``text`` as whole words or
-    word sequences (case-insensitive). A plain set lookup over word n-grams: the same word list
-    as ``profanity.contains_profanity`` without its character-substitution variants, ~1000x
-    faster."""
+    word sequences (case-insensitive). A plain set lookup over word n-grams: the word list of
+    ``profanity.contains_profanity`` without its character-substitution variants and without
+    :data:`TOXIC_ALLOWLIST`, ~1000x faster."""
     lexicon, longest = _toxic_lexicon()
     ws = [w.lower() for w in re.findall(r"[^\W_]+(?:[-'][^\W_]+)*", text)]
     found = []
