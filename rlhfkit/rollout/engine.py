@@ -1,0 +1,355 @@
+"""The rollout engine: batched, continuously refilled generation on the live weights of a model.
+
+    engine = Engine(model, tokenizer)                       # precision="auto": bf16 where fast
+    outs = engine.generate(prompts, SamplingParams(max_new_tokens=128), n=4)
+    outs[0].token_ids, outs[0].logprobs, outs[0].finish_reason   # 'stop' or 'length'
+    for ev in engine.stream([chat_ids], SamplingParams(stop=["<|im_end|>"])):
+        print(ev.text, end="")
+
+How a call runs (one loop, no HF ``generate``):
+ 1. every request (prompt × its n samples) waits in a queue, prompt-major;
+ 2. free rows of the decode batch are filled from the queue: the prompts admitted together are
+    prefilled once, right-padded, and each prompt's keys/values are copied into the rows of its
+    samples (the K samples of a prompt share one prefill); their first token is sampled from the
+    prefill logits;
+ 3. one decode step runs all live rows at once over the preallocated KV cache (``runner.py``),
+    then each row samples its next token (``sampling.py``) and checks its stops;
+ 4. a finished row leaves the batch: it is refilled from the queue (continuous batching), or when
+    the queue is empty the last live row moves into its place so the batch shrinks.
+Positions are per row (each sequence starts at offset 0 of its row), so prompts of any lengths
+mix in one batch without padding tricks.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from rlhfkit.errors import UserError
+from rlhfkit.models.loading import resolve_precision
+from rlhfkit.rollout.runner import KVCache, Runner
+from rlhfkit.rollout.sampling import SamplingParams, sample_next
+from rlhfkit.rollout.text import IncrementalText, find_stop, held_back
+
+
+@dataclass
+class Completion:
+    """One sample of one prompt."""
+
+    prompt_index: int
+    sample_index: int
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    """Generated tokens; includes the stop token (EOS) or the token that completed a stop string."""
+    logprobs: list[float]
+    """log_softmax(logits / T)[token] of each generated token, before top-k/top-p (see sampling.py)."""
+    text: str
+    """Decoded tokens without special tokens, cut before a matched stop string."""
+    finish_reason: str
+    """'stop' (stop token or stop string) or 'length' (max_new_tokens reached)."""
+    stop_reason: int | str | None = None
+    """The stop token id or stop string that ended the sample, None for 'length'."""
+
+
+@dataclass
+class StreamEvent:
+    """New output of one sample after a step (``Engine.stream``)."""
+
+    prompt_index: int
+    sample_index: int
+    token_ids: list[int]
+    """Tokens made in this step (one, or none when only text was released)."""
+    text: str
+    """Text newly safe to show (never part of a possible stop string)."""
+    finished: bool = False
+    completion: Completion | None = None
+    """The whole sample, on its last event."""
+
+
+@dataclass
+class _Seq:
+    """A sample in flight (host-side state of one decode row)."""
+
+    req: int
+    sample: int
+    params: SamplingParams
+    stop_ids: frozenset
+    prompt: list[int]
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    detok: IncrementalText | None = None
+    streamed: int = 0  # characters of detok.text already streamed
+    done: Completion | None = None
+
+
+class Engine:
+    """Generation over a causal LM's live weights (see the module docstring).
+
+    model: a LLaMA-family ``*ForCausalLM`` (also PEFT-wrapped); it is used as it is, never copied.
+    precision: 'auto' (bf16 where the hardware has it), 'bf16' or 'fp32'. A bf16 model always
+        runs in bf16; an fp32 model runs in bf16 under autocast when precision resolves to bf16.
+    max_batch: rows decoded together (memory: 2·layers·kv_heads·head_dim·2 bytes per token per
+        row, 23 KB for SmolLM2-135M in bf16).
+    max_prefill_tokens: padded prompt tokens per prefill forward (bounds its activation memory).
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer,
+        precision: str = "auto",
+        max_batch: int = 128,
+        max_prefill_tokens: int = 8192,
+    ):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.runner = Runner(model, "fp32")
+        device = self.runner.device
+        self.precision = resolve_precision(precision, device)
+        if self.runner.param_dtype == torch.bfloat16:
+            self.precision = "bf16"
+        self.runner.precision = self.precision
+        self.max_batch = max_batch
+        self.max_prefill_tokens = max_prefill_tokens
+        eos = getattr(tokenizer, "eos_token_id", None)
+        gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        ids = set([eos] if isinstance(eos, int) else [])
+        ids |= set(gen_eos if isinstance(gen_eos, list) else [gen_eos] if isinstance(gen_eos, int) else [])
+        self.eos_ids = frozenset(ids)
+
+    @property
+    def device(self) -> torch.device:
+        return self.runner.device
+
+    # ------------------------------------------------------------------ public API
+
+    def generate(
+        self,
+        prompts: list[list[int]] | list[str],
+        params: SamplingParams | list[SamplingParams] | None = None,
+        n: int = 1,
+        progress: bool = False,
+    ) -> list[Completion]:
+        """All samples of all prompts, prompt-major: [p0 s0, p0 s1, …, p1 s0, …] (len = n·len(prompts)).
+
+        ``params`` is one SamplingParams for all prompts or one per prompt; ``n`` samples per prompt
+        share one prefill.
+        """
+        out: list[Completion] = []
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=n * len(prompts), desc="generate", unit="sample")
+        # One autocast context around the whole call: its weight-cast cache then casts each
+        # fp32 parameter to bf16 once per call instead of once per step.
+        with self.runner.autocast():
+            for events in self._run(prompts, params, n, text_events=False):
+                for ev in events:
+                    if ev.finished:
+                        out.append(ev.completion)
+                        if bar is not None:
+                            bar.update(1)
+        if bar is not None:
+            bar.close()
+        out.sort(key=lambda c: (c.prompt_index, c.sample_index))
+        return out
+
+    def stream(
+        self,
+        prompts: list[list[int]] | list[str],
+        params: SamplingParams | list[SamplingParams] | None = None,
+        n: int = 1,
+    ) -> Iterator[StreamEvent]:
+        """Like ``generate`` but yields StreamEvents as tokens are made (chat, the API)."""
+        for events in self._run(prompts, params, n, text_events=True):
+            yield from events
+
+    def generate_with_callback(
+        self,
+        prompts: list[list[int]] | list[str],
+        params: SamplingParams | list[SamplingParams] | None,
+        callback: Callable[[StreamEvent], None],
+        n: int = 1,
+    ) -> list[Completion]:
+        """``generate`` that also calls ``callback(event)`` for every StreamEvent."""
+        out = []
+        for ev in self.stream(prompts, params, n):
+            callback(ev)
+            if ev.finished:
+                out.append(ev.completion)
+        out.sort(key=lambda c: (c.prompt_index, c.sample_index))
+        return out
+
+    # ------------------------------------------------------------------ the loop
+
+    def _prepare(self, prompts, params, n):
+        if n < 1:
+            raise UserError(f"n={n}: expected >= 1 samples per prompt")
+        params = params if params is not None else SamplingParams()
+        if isinstance(params, SamplingParams):
+            params = [params] * len(prompts)
+        if len(params) != len(prompts):
+            raise UserError(f"{len(params)} SamplingParams for {len(prompts)} prompts: give one, or one per prompt")
+        ids = []
+        for i, p in enumerate(prompts):
+            if isinstance(p, str):
+                p = self.tokenizer(p, add_special_tokens=False)["input_ids"]
+            p = [int(t) for t in p]
+            if not p:
+                raise UserError(f"prompt {i} is empty: generation needs at least one token")
+            ids.append(p)
+        limit = getattr(self.model.config, "max_position_embeddings", None)
+        for i, (p, sp) in enumerate(zip(ids, params)):
+            if limit and len(p) + sp.max_new_tokens > limit:
+                raise UserError(
+                    f"prompt {i}: {len(p)} tokens + max_new_tokens {sp.max_new_tokens} > the model's "
+                    f"{limit} positions"
+                )
+        return ids, params
+
+    def _run(self, prompts, params, n, text_events: bool) -> Iterator[list[StreamEvent]]:
+        ids, params = self._prepare(prompts, params, n)
+        if not ids:
+            return
+        run = self.runner
+        dev = self.device
+        queue = deque((r, s) for r in range(len(ids)) for s in range(n))
+        S = min(self.max_batch, len(queue))
+        L = max(len(p) + sp.max_new_tokens for p, sp in zip(ids, params))
+        seed = params[0].seed
+        gen = torch.Generator(device=dev).manual_seed(seed) if seed is not None else None
+        filtering = any(sp.top_k > 0 or sp.top_p < 1 for sp in params)
+        with torch.no_grad():
+            cache = run.new_cache(S, L)
+            rope = run.rope_tables(L)
+        rows: list[_Seq] = []  # live rows, row i <-> cache slot i
+        pending: list[int] = []  # per row: the sampled token not yet in the cache
+
+        while queue or rows:
+            events: list[StreamEvent] = []
+            with torch.no_grad():
+                # 2. admit waiting samples into free rows, one prefill per prompt
+                new: list[_Seq] = []
+                budget = self.max_prefill_tokens
+                while queue and len(rows) + len(new) < S:
+                    r, s = queue[0]
+                    fresh = not any(q.req == r for q in new)
+                    if fresh and new and budget < len(ids[r]):
+                        break
+                    queue.popleft()
+                    budget -= len(ids[r]) if fresh else 0
+                    sp = params[r]
+                    stop_ids = frozenset() if sp.ignore_eos else frozenset(sp.stop_token_ids or self.eos_ids)
+                    seq = _Seq(r, s, sp, stop_ids, ids[r])
+                    if sp.stop or text_events:
+                        seq.detok = IncrementalText(self.tokenizer)
+                    new.append(seq)
+                if new:
+                    logits = self._prefill(cache, new, len(rows), rope)  # (N, V)
+                    rows.extend(new)
+                    pending.extend([0] * len(new))
+                    self._sample(logits, rows, pending, len(rows) - len(new), gen, filtering, events, text_events)
+                    self._compact(cache, rows, pending)
+                # 3. one decode step for all live rows
+                if rows:
+                    tok = torch.tensor(pending, dtype=torch.long, device=dev)  # (B,)
+                    logits = run.decode(cache, tok, rope)  # (B, V)
+                    self._sample(logits, rows, pending, 0, gen, filtering, events, text_events)
+                    # 4. finished rows leave; the last live rows move into the holes
+                    self._compact(cache, rows, pending)
+            yield events
+
+    def _prefill(self, cache: KVCache, new: list[_Seq], first_row: int, rope) -> torch.Tensor:
+        """Prefill the distinct prompts of ``new`` into rows first_row.. ; returns logits (N, V)."""
+        dev = self.device
+        order: dict[int, int] = {}  # request -> index among the prompts of this prefill
+        prompts: list[list[int]] = []
+        for q in new:
+            if q.req not in order:
+                order[q.req] = len(prompts)
+                prompts.append(q.prompt)
+        T = max(len(p) for p in prompts)
+        ids = torch.zeros(len(prompts), T, dtype=torch.long)  # (P, T) right-padded
+        for i, p in enumerate(prompts):
+            ids[i, : len(p)] = torch.tensor(p)
+        lens = torch.tensor([len(p) for p in prompts], device=dev)  # (P,)
+        slots = torch.arange(first_row, first_row + len(new), device=dev)  # (N,)
+        src = torch.tensor([order[q.req] for q in new], device=dev)  # (N,)
+        return self.runner.prefill(cache, ids.to(dev), lens, slots, src, rope)
+
+    def _sample(self, logits, rows, pending, first, gen, filtering, events, text_events):
+        """Sample for rows[first:] from logits (N, V); append tokens and check stops."""
+        seqs = rows[first:]
+        temp = torch.tensor([q.params.temperature for q in seqs], device=logits.device)
+        top_k = torch.tensor([q.params.top_k for q in seqs], device=logits.device)
+        top_p = torch.tensor([q.params.top_p for q in seqs], device=logits.device)
+        tokens, logprobs = sample_next(logits, temp, top_k, top_p, gen, filtering)
+        for j, (q, t, lp) in enumerate(zip(seqs, tokens.tolist(), logprobs.tolist())):
+            pending[first + j] = t
+            q.tokens.append(t)
+            q.logprobs.append(lp)
+            ev = self._check(q, t, text_events)
+            if ev is not None:
+                events.append(ev)
+
+    def _check(self, q: _Seq, t: int, text_events: bool) -> StreamEvent | None:
+        """Stop checks for the token just appended to q; the StreamEvent to emit (or None)."""
+        reason, stop = None, None
+        cut = None
+        if q.detok is not None:
+            start = len(q.detok.text)
+            q.detok.add([t])
+            if q.params.stop:
+                hit = find_stop(q.detok.text, q.params.stop, start)
+                if hit is not None:
+                    cut, stop, reason = hit[0], hit[1], "stop"
+        if reason is None and t in q.stop_ids:
+            reason, stop = "stop", t
+        if reason is None and len(q.tokens) >= q.params.max_new_tokens:
+            reason = "length"
+        if reason is not None:
+            if cut is not None:
+                text = q.detok.text[:cut]
+            else:
+                text = self.tokenizer.decode(q.tokens, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+            q.done = Completion(q.req, q.sample, q.prompt, q.tokens, q.logprobs, text, reason, stop)
+            delta = text[q.streamed :] if text_events else ""
+            return StreamEvent(q.req, q.sample, [t], delta, True, q.done)
+        if not text_events:
+            return None
+        safe = len(q.detok.text) - held_back(q.detok.text, q.params.stop)
+        delta = q.detok.text[q.streamed : safe] if safe > q.streamed else ""
+        q.streamed = max(q.streamed, safe)
+        return StreamEvent(q.req, q.sample, [t], delta)
+
+    @staticmethod
+    def _compact(cache: KVCache, rows: list[_Seq], pending: list[int]) -> None:
+        """Remove finished rows, moving the last live rows into their holes (rows stay packed)."""
+        src, dst = [], []
+        i = 0
+        while i < len(rows):
+            if rows[i].done is None:
+                i += 1
+                continue
+            while len(rows) - 1 > i and rows[-1].done is not None:  # finished rows at the end: drop
+                rows.pop()
+                pending.pop()
+            last = len(rows) - 1
+            if last > i:  # move the last live row into the hole
+                rows[i], pending[i] = rows[last], pending[last]
+                src.append(last)
+                dst.append(i)
+                i += 1
+            rows.pop()
+            pending.pop()
+        if src:
+            dev = cache.lens.device
+            src_t, dst_t = torch.tensor(src, device=dev), torch.tensor(dst, device=dev)
+            cache.move_rows(src_t, dst_t, int(cache.lens[src_t].max()))
+
+
+__all__ = ["Completion", "Engine", "SamplingParams", "StreamEvent"]

@@ -1,0 +1,131 @@
+"""Sampling settings and the pure math of picking the next token.
+
+Which log-probs we return (what PPO needs): ``log_softmax(logits / T)`` of the token that was
+sampled, over the FULL vocabulary — the temperature-scaled distribution *before* top-k / top-p
+filtering. That is the policy π(a|s) that PPO's ratio and KL use when training at temperature T
+(the trainer recomputes ``log_softmax(logits / T)`` of the same tokens). With top-k/top-p on,
+the tokens are drawn from the filtered, renormalised distribution, so these log-probs are not
+the sampling distribution's: that mismatch is the usual one of PPO implementations (TRL, OpenRLHF)
+and is why RLHF runs sample with top_k=0, top_p=1. Greedy rows (T = 0) return ``log_softmax(logits)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from rlhfkit.errors import UserError
+
+
+@dataclass
+class SamplingParams:
+    """How to sample one request (one prompt, possibly ``n`` samples of it)."""
+
+    max_new_tokens: int = 256
+    """Largest number of new tokens per sample; finish_reason='length' when reached."""
+    temperature: float = 1.0
+    """Softmax temperature; 0 means greedy (argmax)."""
+    top_p: float = 1.0
+    """Nucleus sampling: keep the smallest set of tokens whose probability reaches top_p (1 = off)."""
+    top_k: int = 0
+    """Keep only the k most likely tokens (0 = off)."""
+    stop: list[str] = field(default_factory=list)
+    """Stop strings: generation ends at the token that completes one; the text excludes it."""
+    stop_token_ids: list[int] | None = None
+    """Token ids that end a sample (kept in token_ids); None = the tokenizer's EOS."""
+    ignore_eos: bool = False
+    """Never stop at stop_token_ids (benchmarks: always produce max_new_tokens)."""
+    seed: int | None = None
+    """Seed of the sampling generator for the call (the first request's seed is used)."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        if self.max_new_tokens < 1:
+            raise UserError(f"max_new_tokens={self.max_new_tokens}: expected >= 1")
+        if self.temperature < 0:
+            raise UserError(f"temperature={self.temperature}: expected >= 0 (0 = greedy)")
+        if not 0 < self.top_p <= 1:
+            raise UserError(f"top_p={self.top_p}: expected 0 < top_p <= 1")
+        if self.top_k < 0:
+            raise UserError(f"top_k={self.top_k}: expected >= 0 (0 = off)")
+        if any(not s for s in self.stop):
+            raise UserError("stop strings must be non-empty")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def scale_logits(logits: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
+    """logits (B, V) / T (B,), with T = 0 (greedy) treated as 1. Returns (B, V) fp32."""
+    t = torch.where(temperature > 0, temperature, torch.ones_like(temperature))
+    return logits.float() / t[:, None]
+
+
+def top_k_filter(logits: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Set all but the k largest logits of each row to -inf. logits (B, V), k (B,) long, 0 = off.
+
+    Ties at the k-th value are all kept (like HF's TopKLogitsWarper).
+    Example: [1, 3, 2, 0] with k=2 -> [-inf, 3, 2, -inf].
+    """
+    V = logits.shape[-1]
+    k = torch.where(k > 0, k.clamp(max=V), torch.full_like(k, V))  # (B,)
+    kmax = int(k.max())
+    top = torch.topk(logits, kmax, dim=-1).values  # (B, kmax) sorted descending
+    kth = top.gather(-1, (k - 1)[:, None])  # (B, 1) the k-th largest value
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def top_p_filter(logits: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """Nucleus filter: keep the smallest top set whose softmax mass reaches p. logits (B, V), p (B,).
+
+    A token is kept if the mass of the tokens strictly more likely than it is < p, so the most
+    likely token is always kept. Example: probs [0.5, 0.3, 0.15, 0.05], p=0.8 -> keeps the first
+    two (0.5 < 0.8, 0.8 is not < 0.8); p=0.81 -> keeps three.
+    """
+    sorted_logits, idx = torch.sort(logits, dim=-1, descending=True)  # (B, V)
+    probs = torch.softmax(sorted_logits, dim=-1)
+    mass_before = torch.cumsum(probs, dim=-1) - probs  # (B, V) exclusive cumulative mass
+    drop_sorted = mass_before >= p[:, None]
+    drop = torch.zeros_like(drop_sorted).scatter(-1, idx, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def sample_next(
+    logits: torch.Tensor,
+    temperature: torch.Tensor,
+    top_k: torch.Tensor,
+    top_p: torch.Tensor,
+    generator: torch.Generator | None = None,
+    filtering: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pick one token per row and return (tokens (B,) long, logprobs (B,) fp32).
+
+    logits (B, V) raw; temperature (B,) (0 = greedy); top_k (B,) long (0 = off); top_p (B,).
+    logprobs = log_softmax(logits / T)[token] before filtering (see the module docstring).
+    ``filtering=False`` skips top-k/top-p entirely (a fast path when no row uses them).
+    Sampling uses the exponential-race form of the Gumbel-max trick: argmax(p / E), E ~ Exp(1),
+    which draws exactly from p (vLLM does the same; it avoids a cumulative sum over V).
+    """
+    scaled = scale_logits(logits, temperature)  # (B, V)
+    logp = torch.log_softmax(scaled, dim=-1)  # (B, V)
+    greedy = temperature == 0
+    if bool(greedy.all()):
+        tokens = logits.argmax(dim=-1)
+    else:
+        filt = scaled
+        if filtering:
+            if bool((top_k > 0).any()):
+                filt = top_k_filter(filt, top_k)
+            if bool((top_p < 1).any()):
+                filt = top_p_filter(filt, top_p)
+            probs = torch.softmax(filt, dim=-1)
+        else:
+            probs = logp.exp()
+        race = torch.empty_like(probs).exponential_(generator=generator)
+        tokens = (probs / race).argmax(dim=-1)
+        if bool(greedy.any()):
+            tokens = torch.where(greedy, logits.argmax(dim=-1), tokens)
+    return tokens, logp.gather(-1, tokens[:, None])[:, 0]
