@@ -43,8 +43,10 @@ def parse_hh(text: str, *, allow_empty_last: bool = False) -> list[Message]:
         raise HHFormatError(f"expected HH text (a string), got {type(text).__name__}")
     body = "\n\n" + text.strip()
     marks = list(_MARKER.finditer(body))
+    if not text.strip():
+        raise HHFormatError("HH text is empty")
     if not marks or marks[0].start() != 0:
-        start = text.strip()[:30]
+        start = text.strip().split("\n")[0][:30]
         raise HHFormatError(f"HH text must start with 'Human:', starts with {start!r}")
     if marks[0].group(1) != "Human":
         raise HHFormatError("HH text must start with 'Human:', starts with 'Assistant:'")

@@ -595,6 +595,8 @@ def _prompt(r: _Row, key: str, *, drop_answer: bool = False) -> list[Message]:
         if msgs[-1]["role"] == "assistant" and (drop_answer or not msgs[-1]["content"]):
             msgs = msgs[:-1]
         return _ends_with_user(msgs, label)
+    if not isinstance(v, list):
+        raise InvalidRecord(f"field {label!r}: expected a string or a list of messages, got {_describe(v)}")
     msgs = _messages(r, key)
     if drop_answer and msgs[-1]["role"] == "assistant":
         msgs = msgs[:-1]
@@ -666,8 +668,11 @@ def _demonstrations(r: _Row) -> list[Demonstration]:
                 out = r.text("output", value=output, label=f"{r.name('instances')}[{i}].output")
                 demos.append(Demonstration(messages=prompt, response=out, meta={"instance": i}))
             return demos
-        if has("messages") and not r.present("response"):
-            msgs, resp = _last_answer(_messages(r, "messages"), r.name("messages"))
+        if has("messages") and not r.has("response"):
+            msgs = _messages(r, "messages")
+            if msgs[-1]["role"] == "user" and r.present("response"):
+                r.text("response")  # the response is there but null: say so
+            msgs, resp = _last_answer(msgs, r.name("messages"))
             return [Demonstration(messages=msgs, response=resp)]
         if (has("prompt") or has("messages")) and has("response"):
             return [Demonstration(messages=_prompt(r, _prompt_key(r)), response=r.text("response"))]
