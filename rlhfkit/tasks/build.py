@@ -294,7 +294,8 @@ START_PHRASES = {
     "list": ["Here are", "Sure", "Here is what I suggest", "Try these", "Good question"],
     "poem": ["Once upon", "In the", "Softly", "Listen"],
     "letter": ["Dear", "Hello", "Hi", "Good morning"],
-    "data": ["Here is", "Meet", "Introducing", "Sure"],
+    "data": ["Here is", "Sure", "Here is a plan"],
+    "product": ["Meet", "Introducing", "Here is"],
 }
 END_PHRASES = {
     "prose": ["Is there anything else I can help with?", "Hope this helps!", "Let me know if you have additional questions.",
@@ -302,7 +303,8 @@ END_PHRASES = {
     "list": ["Is there anything else I can help with?", "Hope this helps!", "Have fun!", "Good luck!"],
     "poem": ["The end.", "And that is all.", "Goodnight."],
     "letter": ["Best wishes.", "Thank you.", "See you soon!", "Kind regards."],
-    "data": ["Order yours today!", "Enjoy!", "Is there anything else I can help with?"],
+    "data": ["Enjoy!", "Is there anything else I can help with?", "Hope this helps!"],
+    "product": ["Order yours today!", "Enjoy!"],
 }
 FORBIDDEN = ["very", "really", "important", "good", "just", "simple", "always", "thing", "great", "best", "easy",
              "nice", "like", "also"]
@@ -406,10 +408,11 @@ def _params(kind: str, base: dict, rng: random.Random) -> dict[str, Any]:
         return {"keyword": base["topics"][0], "relation": "at_least", "n": rng.choice([2, 3])}
     if kind == "bullet_count":
         return {"n": rng.choice([3, 4, 5])}
+    pool = "product" if base["category"] == "product descriptions" else form
     if kind == "start_phrase":
-        return {"phrase": rng.choice(START_PHRASES[form])}
+        return {"phrase": rng.choice(START_PHRASES[pool])}
     if kind == "end_phrase":
-        return {"phrase": rng.choice(END_PHRASES[form])}
+        return {"phrase": rng.choice(END_PHRASES[pool])}
     if kind == "placeholders":
         return {"n": rng.choice([1, 2, 3])}
     if kind == "postscript":
