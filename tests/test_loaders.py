@@ -147,6 +147,7 @@ def test_ranking_schemas_and_ties(tmp_path):
         {"messages": [U("Q")], "chosen": "good", "rejected": "bad"},
         {"prompt": [U("Q")], "chosen": [A("good")], "rejected": [A("bad")]},
         {"chosen": [U("Q"), A("good")], "rejected": [U("Q"), A("bad")]},
+        {"prompt": "\n\nHuman: Q\n\nAssistant:", "chosen": " good", "rejected": " bad"},
     ])  # fmt: skip
     r = load_records(src, "ranking").records
     assert all(isinstance(x, Ranking) for x in r)
@@ -154,8 +155,9 @@ def test_ranking_schemas_and_ties(tmp_path):
     # re-ordered best first, ranks renumbered densely, the tie makes no pair
     assert (r[1].responses, r[1].ranks) == (["x", "y", "z", "w"], [0, 0, 1, 2])
     assert len(r[1].pairs()) == 5 and (0, 1) not in r[1].pairs() and (1, 0) not in r[1].pairs()
-    for x in r[2:]:
+    for x in r[2:5]:
         assert (x.messages, x.responses, x.ranks) == ([U("Q")], ["good", "bad"], [0, 1])
+    assert (r[5].messages, r[5].responses) == ([U("Q")], ["good", "bad"])  # continuations of an HH prompt, stripped
 
 
 def test_prompt_schemas(tmp_path):
@@ -376,6 +378,7 @@ def test_text_kind(tmp_path):
     src = write_jsonl(tmp_path / "t.jsonl", [{"text": "doc a"}, {"body": "doc b"}])
     assert load_records(src, "text", skip_invalid=True).records == ["doc a"]
     assert load_records(src, "text", fields={"text": "body"}, skip_invalid=True).records == ["doc b"]
+    assert parse_error({"text": ""}, "text") == "field 'text': expected a non-empty string, got an empty string"
     (tmp_path / "blank.txt").write_text("\n  \n")
     assert error(tmp_path / "blank.txt", "text") == f"{tmp_path}/blank.txt: empty (no records)"
 
@@ -428,6 +431,13 @@ def test_malformed_json():
     # a broken .json file cannot be skipped record by record
     broken = FIX / "broken.json"
     assert error(broken, "demonstration", skip_invalid=True) == f"{broken}:4: not valid JSON (Expecting ',' delimiter at column 3)"
+
+
+def test_not_utf8(tmp_path):
+    (tmp_path / "b.jsonl").write_bytes(b'{"prompt": "Q", "chosen": "a", "rejected": "b"}\n{"prompt": "\xff"}\n')
+    assert error(tmp_path / "b.jsonl", "ranking") == f"{tmp_path}/b.jsonl:2: not UTF-8 text (invalid start byte at column 13)"
+    (tmp_path / "b.csv").write_bytes(b"prompt,chosen,rejected\nQ,a,b\nQ,\xff,b\n")
+    assert error(tmp_path / "b.csv", "ranking") == f"{tmp_path}/b.csv:3: not UTF-8 text (invalid start byte at byte 31)"
 
 
 def test_empty_and_all_invalid(tmp_path):

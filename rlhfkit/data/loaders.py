@@ -32,10 +32,11 @@ and CSV; ``source[split] record I`` (0-based, as in ``ds[I]``) for datasets and 
 "response": "output"}`` or ``{"chosen": "pos", "rejected": "neg"}``; a dotted name reaches into an
 object (``{"prompt": "prompt.text"}`` for RealToxicityPrompts). Errors name the user's column.
 
-Schemas (recognised per record, in this order; a null value counts as absent)
-------------------------------------------------------------------------------
+Schemas (recognised per record, in this order; null or "" counts as absent when telling them apart)
+------------------------------------------------------------------------------------------------------
 A *prompt* is a string (one user turn), a list of chat messages ending with a user turn, or HH
-text (a string starting with ``Human:``; a final empty ``Assistant:`` turn is dropped). Messages
+text (a string starting with ``Human:``; a final empty ``Assistant:`` turn is dropped, and the
+responses that continue it — ``" I think…"`` — are stripped, as every HH turn is). Messages
 are ``{"role", "content"}`` (or ShareGPT ``{"from", "value"}``); roles ``system`` (first turn only),
 ``user`` (alias ``human``), ``assistant`` (aliases ``gpt``, ``bot``, ``model``); every content a
 non-empty string, at least one user turn.
@@ -455,7 +456,7 @@ def parse_record(row: dict[str, Any], kind: Kind, *, fields: dict[str, str] | No
     elif kind == "prompt":
         out = _prompts(r)
     elif kind == "text":
-        if not r.has("text"):
+        if not r.present("text"):
             raise r.unknown("text")
         return [r.text("text")]
     else:
@@ -603,6 +604,12 @@ def _prompt(r: _Row, key: str, *, drop_answer: bool = False) -> list[Message]:
     return _ends_with_user(msgs, label)
 
 
+def _hh_strip(r: _Row, prompt_key: str, response: str) -> str:
+    """After an HH prompt ("…\n\nAssistant:") a response is a continuation (" I think…"): strip it,
+    as ``parse_hh`` strips every turn."""
+    return response.strip() if _is_hh(r.get(prompt_key)) else response
+
+
 def _prompt_key(r: _Row) -> str:
     return "prompt" if r.has("prompt") or not r.has("messages") else "messages"
 
@@ -675,7 +682,8 @@ def _demonstrations(r: _Row) -> list[Demonstration]:
             msgs, resp = _last_answer(msgs, r.name("messages"))
             return [Demonstration(messages=msgs, response=resp)]
         if (has("prompt") or has("messages")) and has("response"):
-            return [Demonstration(messages=_prompt(r, _prompt_key(r)), response=r.text("response"))]
+            key = _prompt_key(r)
+            return [Demonstration(messages=_prompt(r, key), response=_hh_strip(r, key, r.text("response")))]
         if has("instruction") and has("output"):
             prompt = _instruction_prompt(r.text("instruction"), r.get("input") if r.has("input") else "", r.name("input"))
             return [Demonstration(messages=prompt, response=r.text("output"))]
@@ -694,7 +702,7 @@ def _ranking(r: _Row) -> Ranking:
             msgs = _prompt(r, _prompt_key(r))
             label = r.name("responses")
             items = r.list("responses")
-            responses = [r.text("", value=v, label=f"{label}[{i}]") for i, v in enumerate(items)]
+            responses = [_hh_strip(r, _prompt_key(r), r.text("", value=v, label=f"{label}[{i}]")) for i, v in enumerate(items)]
             if len(responses) < 2:
                 raise InvalidRecord(f"field {label!r}: expected at least 2 responses, got {len(responses)}")
             ranks = _ranks(r, len(responses)) if r.has("ranks") else list(range(len(responses)))
@@ -704,7 +712,8 @@ def _ranking(r: _Row) -> Ranking:
         if has("chosen") and has("rejected"):
             if has("prompt") or has("messages"):
                 msgs = _prompt(r, _prompt_key(r))
-                return Ranking.from_pair(msgs, _answer(r, "chosen"), _answer(r, "rejected"))
+                key = _prompt_key(r)
+                return Ranking.from_pair(msgs, _hh_strip(r, key, _answer(r, "chosen")), _hh_strip(r, key, _answer(r, "rejected")))
             a = _conversation(r, "chosen", allow_empty_last=True)
             b = _conversation(r, "rejected", allow_empty_last=True)
             try:
