@@ -65,7 +65,7 @@ def test_temperature_zero_is_exactly_gold():
 
 
 def test_finished_flags_reach_the_rubric():
-    resp = ["rice is done.", "rice is done now."]  # both 1.0 when finished
+    resp = ["rinse the rice and simmer it for ten minutes.", "rinse and simmer the rice for ten minutes."]
     r = GoldLabeler().rank(PROMPT, resp, finished=[False, True])
     assert r.ranks == [1, 0]
     assert r.meta["gold"] == pytest.approx([0.7, 1.0])
@@ -125,7 +125,7 @@ def test_random_share():
 
 def test_length_bias():
     p = Prompt(messages=as_messages("Say something about rice."), meta={"instructions": []})
-    short, long = "Rice is good.", "Rice is a grain that feeds half of the people on this planet."
+    short, long = "Rice is a grain that many people eat.", "Rice is a grain that feeds half of the people on this planet."
     assert GoldLabeler().rank(p, [short, long]).ranks == [0, 0]  # equal gold
     likes_long = SimulatedLabeler(SimulatedLabelerConfig(temperature=0.0, random_share=0.0, length_bias=0.2))
     likes_short = SimulatedLabeler(SimulatedLabelerConfig(temperature=0.0, random_share=0.0, length_bias=-0.2))

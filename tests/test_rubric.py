@@ -77,8 +77,10 @@ def test_invalid_specs_are_rejected(spec):
 
 
 def test_counting_helpers():
-    assert rubric.words("I don't eat 3.5 eggs") == ["I", "don't", "eat", "3", "5", "eggs"]
+    assert rubric.words("I don't eat 3.5 eggs, or 1,000.") == ["I", "don't", "eat", "3.5", "eggs", "or", "1,000"]
     assert rubric.sentences('He said "stop." Then e.g. left? yes') == ['He said "stop."', "Then e.g.", "left?", "yes"]
+    # list markers and the P.S. marker do not end sentences
+    assert len(rubric.sentences("1. Rinse the rice.\n2. Boil it!\n\nP.S. Enjoy it.")) == 3
     assert rubric.paragraphs("a\n \nb\n***\nc\n\n***\n\nd") == ["a", "b", "c", "d"]
 
 
@@ -92,21 +94,30 @@ def _prompt(*instructions, topics=None):
 def test_score_formula_hand_example():
     # lowercase passes, no_commas fails, word_count <= 10 passes -> followed = 2/3
     p = _prompt({"kind": "lowercase"}, {"kind": "no_commas"}, {"kind": "word_count", "relation": "at_most", "n": 10})
-    s = score(p, "rice is nice, cook it slowly.")
+    answer = "rice is nice, cook it slowly in a pot."  # 9 words
+    s = score(p, answer)
     assert s.passed == [True, False, True]
     assert s.followed == pytest.approx(2 / 3)
     assert s.penalties == {}
     assert s.total == pytest.approx(2 / 3)
     # the same answer cut off by the length limit: 2/3 - 0.3
-    s = score(p, "rice is nice, cook it slowly.", finished=False)
+    s = score(p, answer, finished=False)
     assert s.penalties == {"unfinished": 0.3}
     assert s.total == pytest.approx(2 / 3 - 0.3)
     assert s.to_dict()["instructions"][1] == {"kind": "no_commas", "passed": False}
+    # too short: 2 words of the minimum 8 -> 0.3 * 6 / 8 = 0.225
+    s = score(p, "rice, yes.")
+    assert s.penalties == {"too_short": pytest.approx(0.225)}
+    assert s.total == pytest.approx(2 / 3 - 0.225)
+    # the minimum follows a lower word cap: at most 4 words -> minimum 4
+    p4 = _prompt({"kind": "word_count", "relation": "at_most", "n": 4})
+    assert score(p4, "Rice needs water.").penalties == {"too_short": pytest.approx(0.3 / 4)}
+    assert score(p4, "Rice needs warm water.").penalties == {}
 
 
 def test_no_instructions_means_full_credit_and_empty_means_minus_one():
     p = _prompt()
-    assert score(p, "Rice is a grain.").total == 1.0
+    assert score(p, "Rice is a grain that people cook in water.").total == 1.0
     p = _prompt({"kind": "no_commas"})
     s = score(p, "   \n ")
     assert s.total == -1.0 and s.followed == 0.0 and s.passed == [False] and s.penalties == {"empty": 1.0}
@@ -158,16 +169,17 @@ def test_toxic_penalty_uses_better_profanity_lexicon():
     s = score(_prompt(), text)
     assert s.penalties == {"toxic": 1.0}  # 2 words x 0.5, capped at 1.0
     assert s.total == 0.0
-    assert score(_prompt(), "This rice is shit.").penalties == {"toxic": 0.5}
+    assert score(_prompt(), "This rice recipe is shit and nobody should cook it.").penalties == {"toxic": 0.5}
 
 
 def test_off_topic_penalty():
     p = _prompt({"kind": "no_commas"}, topics=["rice", "photos"])
-    assert score(p, "Cook the rice slowly.").penalties == {}
-    assert score(p, "Take a photo of it.").penalties == {}  # "photos" matches "photo"
-    s = score(p, "I like turtles.")
+    assert score(p, "Cook the rice slowly with the lid on the pot.").penalties == {}
+    assert score(p, "Take a photo of it before you serve it warm.").penalties == {}  # "photos" matches "photo"
+    s = score(p, "I like turtles and other animals with hard shells.")
     assert s.penalties == {"off_topic": 0.2} and s.total == pytest.approx(0.8)
-    assert score(_prompt(), "I like turtles.").penalties == {}  # no topic keywords: never off topic
+    # no topic keywords: never off topic
+    assert score(_prompt(), "I like turtles and other animals with hard shells.").penalties == {}
 
 
 def test_instruction_following_rate():

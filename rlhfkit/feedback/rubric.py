@@ -21,6 +21,9 @@ only when it applies):
 - ``toxic``      0.5 per distinct word or phrase of the `better-profanity` lexicon, at most 1.0
   (a few everyday words of that list — "pot", "weed", "stroke", … — are allowed, see
   :data:`TOXIC_ALLOWLIST`).
+- ``too_short``  up to 0.3: ``0.3 * (m - words) / m`` for answers of fewer than ``m = 8`` words
+  (``m`` is lowered to ``n`` when an instruction asks for at most / exactly ``n`` words), so
+  that "rice." cannot win by satisfying "use lowercase" while saying nothing.
 - ``off_topic``  0.2  the prompt lists ``meta["topic_keywords"]`` (word stems written with the task)
   and the answer contains none of them. Prompts without topic keywords are never off topic.
 
@@ -48,24 +51,31 @@ from rlhfkit.data.records import Prompt
 # --------------------------------------------------------------------------------------------
 # text helpers
 
-_WORD_RE = re.compile(r"[^\W_]+(?:['’][^\W_]+)*")
+_WORD_RE = re.compile(r"[^\W_]+(?:['’][^\W_]+|[.,]\d+)*")
 _SENT_END_RE = re.compile(r"[.!?]+[\"'”’)\]]*(?=\s|$)")
 _PARA_SPLIT_RE = re.compile(r"\n[ \t]*\*\*\*+[ \t]*(?:\n|$)|\n[ \t]*\n")
 _TITLE_RE = re.compile(r"<<[^\n<>]+>>")
 _BULLET_RE = re.compile(r"^[ \t]*[*\-][ \t]+\S", re.MULTILINE)
-_HIGHLIGHT_RE = re.compile(r"\*[^\n*]+\*")
+_HIGHLIGHT_RE = re.compile(r"\*[^\s*](?:[^\n*]*[^\s*])?\*")
 _PLACEHOLDER_RE = re.compile(r"\[[^\[\]\n]+\]")
 _FENCE_RE = re.compile(r"^```[a-zA-Z]*\s*\n?(.*?)\n?```$", re.DOTALL)
 
 
+_LIST_MARK_RE = re.compile(r"^[ \t]*(?:\d+[.)]|[*\-•]|#+)[ \t]+", re.MULTILINE)
+_PS_MARK_RE = re.compile(r"^([ \t]*)(?:p\.\s?)+s\.", re.IGNORECASE | re.MULTILINE)
+
+
 def words(text: str) -> list[str]:
-    """The words of ``text``: runs of letters/digits, apostrophes inside a word allowed."""
+    """The words of ``text``: runs of letters/digits; "don't", "3.5" and "1,000" are one word."""
     return _WORD_RE.findall(text)
 
 
 def sentences(text: str) -> list[str]:
     """Sentences: split after a run of ``.``/``!``/``?`` (with any closing quotes or brackets)
-    that precedes whitespace or the end. Pieces without a letter or digit are dropped."""
+    that precedes whitespace or the end. List markers ("1.", "-", "*", "#") at the start of a
+    line and postscript markers ("P.S.") do not end a sentence; pieces without a letter or digit
+    are dropped. Abbreviations like "e.g." do end one (kept simple on purpose)."""
+    text = _PS_MARK_RE.sub(r"\1PS", _LIST_MARK_RE.sub("", text))
     pieces, start = [], 0
     for m in _SENT_END_RE.finditer(text):
         pieces.append(text[start : m.end()])
@@ -223,7 +233,7 @@ def check_numbered_sections(response: str, n: int, marker: str = "Section") -> b
 
 def check_highlights(response: str, n: int) -> bool:
     """At least ``n`` highlighted spans in markdown, ``*like this*`` (or ``**like this**``), each
-    within one line."""
+    within one line, not starting or ending with a space (so a ``* bullet`` is no highlight)."""
     return len(_HIGHLIGHT_RE.findall(response)) >= n
 
 
@@ -437,6 +447,10 @@ class PenaltyWeights:
     """Cap of the toxic penalty."""
     off_topic: float = 0.2
     """The answer mentions none of the prompt's topic keywords."""
+    too_short: float = 0.3
+    """Full weight for a one-word answer, linear down to 0 at ``min_words``."""
+    min_words: int = 8
+    """Answers with fewer words are too short (unless an instruction caps the length lower)."""
 
 
 @dataclass
@@ -504,6 +518,10 @@ def score(prompt: Prompt, response: str, finished: bool = True, weights: Penalty
         penalties["toxic"] = min(w.toxic_max, w.toxic * len(tox))
     if off_topic(prompt, response):
         penalties["off_topic"] = w.off_topic
+    m = min([w.min_words] + [s["n"] for s in specs if s["kind"] == "word_count" and s["relation"] != "at_least"])
+    n_words = len(words(response))
+    if m > 0 and n_words < m:
+        penalties["too_short"] = w.too_short * (m - n_words) / m
 
     total = max(-1.0, min(1.0, followed - sum(penalties.values())))
     return GoldScore(total=total, followed=followed, instructions=results, penalties=penalties)

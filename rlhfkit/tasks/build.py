@@ -287,6 +287,7 @@ CONFLICTS = {
     frozenset({"title", "start_phrase"}),  # the title comes first
     frozenset({"highlights", "bullet_count"}),  # both use asterisks
     frozenset({"keyword_frequency", "include_keywords"}),  # keep keyword demands simple
+    frozenset({"sentence_count", "postscript"}),  # would the P.S. count as a sentence?
 }
 
 START_PHRASES = {
