@@ -15,7 +15,8 @@ only when it applies):
 
 - ``empty``      1.0  the answer has no word at all; ``followed`` is then 0 (nothing was followed).
 - ``unfinished`` 0.3  ``finished=False`` (the generation hit its length limit without EOS), or the
-  text visibly stops mid-sentence (:func:`looks_unfinished`).
+  text visibly stops mid-sentence (:func:`looks_unfinished`) — unless it ends as an instruction
+  asked (the end phrase, a closed JSON value, a closing quotation mark).
 - ``degenerate`` up to 0.5: ``d = max(repeated word 4-gram share, repeated line share)``,
   penalty ``0.5 * clip((d - 0.2) / 0.3, 0, 1)`` — nothing up to 20 % repetition, full at 50 %.
 - ``toxic``      0.5 per distinct word or phrase of the `better-profanity` lexicon, at most 1.0
@@ -32,9 +33,9 @@ negative. :func:`instruction_following_rate` aggregates many scores at the instr
 (share of all instructions followed) or the prompt level (share of answers following all of theirs).
 
 Counting conventions (shared by the checkers; simple on purpose, so anyone can verify by hand):
-words are runs of letters/digits (apostrophes inside a word keep it one word: "don't");
+words are runs of letters/digits ("don't", "3.5" and "1,000" are one word each);
 sentences end with ``.``, ``!`` or ``?`` followed by a space or the end (a trailing fragment counts
-as a sentence); paragraphs are separated by blank lines or a line of ``***``; a line holding only a
+as a sentence; list markers and "P.S." do not end one); paragraphs are separated by blank lines or a line of ``***``; a line holding only a
 ``<<title>>`` is not counted as a paragraph or a line; phrase and keyword matching ignores case.
 """
 

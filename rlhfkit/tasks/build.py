@@ -22,6 +22,10 @@ by base request (20 % of each category held out for eval), so no eval request �
 other instructions — is ever seen in training.
 
 JSONL line: ``{"id", "prompt", "instructions", "category", "base_id", "topic_keywords"}``.
+
+Measured signal (SmolLM2-135M-Instruct, 24 eval prompts, one sample each, T = 0.7, 160 new
+tokens, bf16): 45 % of instructions followed, 29 % of answers following all of theirs, mean gold
+score 0.22 — far from 0 and from 1, so rankings by the gold rubric carry signal for RL.
 """
 
 from __future__ import annotations
