@@ -1,0 +1,198 @@
+"""Smoke runs of pretrain / sft / rm on tiny-random, exact resume, and the batch invariances
+(grad accumulation, 2 processes x b == 1 process x 2b)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from rlhfkit.config import PretrainConfig, RewardConfig, SFTConfig, build_config
+from rlhfkit.recipes.common import read_metrics
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def losses(out) -> list[float]:
+    return [m["loss"] for m in read_metrics(out) if "loss" in m]
+
+
+@pytest.fixture(scope="module")
+def demos(tmp_path_factory, shared_data) -> str:
+    """24 self-instruct demonstrations (short ones) as a JSONL file."""
+    rows = []
+    for line in (shared_data / "self-instruct-seed" / "seed_tasks.jsonl").read_text().splitlines():
+        task = json.loads(line)
+        inst = task["instances"][0]
+        if len(inst["output"]) < 200 and not inst["input"]:
+            rows.append({"prompt": task["instruction"], "response": inst["output"]})
+    path = tmp_path_factory.mktemp("data") / "demos.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows[:24]))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def rankings(tmp_path_factory, shared_data) -> str:
+    """16 HH pairs plus 4 hand-made K = 4 rankings with a tie."""
+    lines = (shared_data / "hh-rlhf-harmless" / "train.jsonl").read_text().splitlines()[:16]
+    rows = [json.loads(x) for x in lines]
+    for i in range(4):
+        rows.append({"prompt": f"Say something kind about number {i}.",
+                     "responses": [f"{i} is a lovely number.", f"{i} is fine.", f"{i}.", "no"], "ranks": [0, 1, 1, 2]})
+    path = tmp_path_factory.mktemp("data") / "rankings.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def params_of(model_dir: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(model_dir) / "model.safetensors"))
+
+
+def test_sft_smoke_loss_falls_and_weights_change(tiny_path, demos, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from rlhfkit.recipes.sft import train_sft
+
+    cfg = SFTConfig(model=tiny_path, data=demos, out=str(tmp_path / "sft"), batch_size=8, epochs=4, lr=3e-3,
+                    warmup_steps=0, precision="fp32", max_length=128, eval_fraction=0.2)
+    result = train_sft(cfg)
+    ls = losses(tmp_path / "sft")
+    assert len(ls) == result["step"] == 8  # 19 training demos // 8 per batch = 2 steps/epoch x 4
+    assert ls[-1] < ls[0] - 0.5, ls
+    assert result["eval_loss"] < result["eval_loss_before"]
+    before, after = params_of(tiny_path), params_of(str(tmp_path / "sft" / "model"))
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert len(changed) == len(before)
+    # a plain transformers load of the saved directory gives the same held-out behaviour
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "sft" / "model")
+    assert torch.equal(model.state_dict()["model.norm.weight"], after["model.norm.weight"])
+
+
+def test_sft_lora_trains_adapters_and_saves_merged(tiny_path, demos, tmp_path):
+    from rlhfkit.recipes.sft import train_sft
+
+    cfg = SFTConfig(model=tiny_path, data=demos, out=str(tmp_path / "lora"), batch_size=8, max_steps=4, lr=1e-2,
+                    warmup_steps=0, precision="fp32", max_length=128, lora=True, lora_r=4, eval_fraction=0.2)
+    train_sft(cfg)
+    ls = losses(tmp_path / "lora")
+    assert ls[-1] < ls[0]
+    before, after = params_of(tiny_path), params_of(str(tmp_path / "lora" / "model"))
+    assert set(before) == set(after)  # merged: a plain model, no adapter tensors
+    assert not torch.equal(before["model.layers.0.self_attn.q_proj.weight"], after["model.layers.0.self_attn.q_proj.weight"])
+    assert torch.equal(before["model.embed_tokens.weight"], after["model.embed_tokens.weight"])  # not a LoRA target
+
+
+def test_pretrain_smoke(tiny_path, shared_data, tmp_path):
+    from rlhfkit.recipes.pretrain import train_pretrain
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text((shared_data / "tinyshakespeare" / "input.txt").read_text()[:6000])
+    cfg = PretrainConfig(model=tiny_path, data=str(corpus), out=str(tmp_path / "pt"), batch_size=4, max_steps=8,
+                         lr=3e-3, precision="fp32", max_length=64, eval_fraction=0.1)
+    result = train_pretrain(cfg)
+    ls = losses(tmp_path / "pt")
+    assert ls[-1] < ls[0] - 0.5, ls
+    assert result["eval_loss"] < result["eval_loss_before"]
+
+
+def test_rm_smoke_loss_falls_head_saved_and_offset(tiny_path, rankings, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    from rlhfkit.models.heads import load_reward_model
+    from rlhfkit.recipes.reward import train_reward_model
+
+    cfg = RewardConfig(model=tiny_path, data=rankings, out=str(tmp_path / "rm"), batch_size=4, epochs=6, lr=2e-3,
+                       warmup_steps=0, precision="fp32", max_length=96, eval_fraction=0.0)
+    result = train_reward_model(cfg)
+    ls = losses(tmp_path / "rm")
+    first, last = sum(ls[:3]) / 3, sum(ls[-3:]) / 3
+    assert last < first - 0.1, ls
+    saved = tmp_path / "rm" / "model"
+    config = json.loads((saved / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForSequenceClassification"]
+    assert config["reward_offset"] == pytest.approx(result["reward_offset"])
+    assert config["pad_token_id"] != 2  # never the EOS, so plain transformers reads the EOS too
+    # plain transformers gives our raw score; ours subtracts the offset
+    rm, tok = load_reward_model(str(saved))
+    plain = AutoModelForSequenceClassification.from_pretrained(saved).eval()
+    ids = tok.apply_chat_template([{"role": "user", "content": "Say something kind about number 1."}],
+                                  add_generation_prompt=True)["input_ids"]
+    ids = ids + tok("1 is a lovely number.", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    x = torch.tensor([ids + [config["pad_token_id"]] * 3])
+    mask = torch.tensor([[1] * len(ids) + [0] * 3])
+    with torch.no_grad():
+        ours = rm.eval().score(x, mask).item()
+        theirs = plain(input_ids=x, attention_mask=mask).logits[0, 0].item()
+    assert ours == pytest.approx(theirs - config["reward_offset"], abs=1e-4)
+
+
+def test_reward_head_init_variance(tiny_path):
+    from rlhfkit.models.heads import load_reward_model
+
+    torch.manual_seed(0)
+    rm, _ = load_reward_model(tiny_path)
+    d = rm.config.hidden_size  # 64: std should be 1/sqrt(65) = 0.124
+    std = rm.head.weight.std().item()
+    assert abs(std - 1 / (d + 1) ** 0.5) < 0.03
+
+
+@pytest.mark.parametrize("stage", ["sft", "rm"])
+def test_resume_is_exact(stage, tiny_path, demos, rankings, tmp_path):
+    """2 steps, crash, resume 2 more == 4 steps straight (fp32, within 1e-6)."""
+    from rlhfkit.recipes.reward import train_reward_model
+    from rlhfkit.recipes.sft import train_sft
+
+    run, cls, data = (train_sft, SFTConfig, demos) if stage == "sft" else (train_reward_model, RewardConfig, rankings)
+    common = dict(model=tiny_path, data=data, batch_size=4, max_steps=4, lr=1e-3, warmup_steps=1, precision="fp32",
+                  max_length=96, eval_fraction=0.0, save_every=2)
+    run(cls(out=str(tmp_path / "straight"), **common))
+    run(cls(out=str(tmp_path / "resumed"), **common), interrupt_after=3)  # dies after step 3; checkpoint at 2
+    run(cls(out=str(tmp_path / "resumed"), resume=True, **common))
+    a, b = losses(tmp_path / "straight"), losses(tmp_path / "resumed")
+    assert len(a) == len(b) == 4
+    assert max(abs(x - y) for x, y in zip(a, b)) < 1e-6, (a, b)
+
+
+def test_grad_accumulation_gives_the_same_losses(tiny_path, demos, tmp_path):
+    from rlhfkit.recipes.sft import train_sft
+
+    common = dict(model=tiny_path, data=demos, batch_size=8, max_steps=3, lr=1e-3, warmup_steps=0, precision="fp32",
+                  max_length=96, eval_fraction=0.0)
+    train_sft(SFTConfig(out=str(tmp_path / "a1"), grad_accum=1, **common))
+    train_sft(SFTConfig(out=str(tmp_path / "a4"), grad_accum=4, **common))
+    a, b = losses(tmp_path / "a1"), losses(tmp_path / "a4")
+    assert max(abs(x - y) for x, y in zip(a, b)) < 1e-5, (a, b)
+
+
+@pytest.mark.parametrize("stage", ["sft", "rm"])
+def test_two_processes_equal_one_process(stage, tiny_path, demos, rankings, tmp_path):
+    """accelerate launch --num_processes 2 (gloo on CPU) x batch b == 1 process x batch 2b."""
+    data = demos if stage == "sft" else rankings
+    args = [stage, "--model", tiny_path, "--data", data, "batch_size=8", "max_steps=3", "lr=1e-3", "warmup_steps=0",
+            "precision=fp32", "max_length=96", "eval_fraction=0.0"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    accel = [str(Path(sys.executable).parent / "accelerate"), "launch", "--num_processes", "2", "--cpu",
+             "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "rlhfkit.cli"]
+    one = subprocess.run([sys.executable, "-m", "rlhfkit.cli", *args, "--out", str(tmp_path / "one")],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([*accel, *args, "--out", str(tmp_path / "two")], env=env, capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-2000:]
+    a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert len(a) == len(b) == 3
+    assert max(abs(x - y) for x, y in zip(a, b)) < 1e-5, (a, b)
+
+
+def test_config_presets_and_overrides(tmp_path):
+    preset = tmp_path / "p.yaml"
+    preset.write_text("lr: 3.0e-5\nepochs: 2\nlora: true\n")
+    cfg = build_config(SFTConfig, str(preset), ["lr=1e-4", "fields={prompt: q, response: a}"], batch_size=4)
+    assert cfg.lr == 1e-4 and cfg.epochs == 2.0 and cfg.lora is True and cfg.batch_size == 4
+    assert cfg.fields == {"prompt": "q", "response": "a"}
