@@ -281,11 +281,11 @@ def load_split(cfg: TrainConfig, kind: str, say=print) -> tuple[list, list]:
 
     if not cfg.data:
         raise UserError("data=…: no training data given (a file, a datasets directory or a hub name)")
-    got = load_records(cfg.data, kind, fields=cfg.fields or None, skip_invalid=cfg.skip_invalid)
+    got = load_records(cfg.data, kind, fields=cfg.fields or None, split=cfg.split, skip_invalid=cfg.skip_invalid)
     say(got.summary())
     records = got.records
     if cfg.eval_data:
-        held = load_records(cfg.eval_data, kind, fields=cfg.fields or None, skip_invalid=cfg.skip_invalid)
+        held = load_records(cfg.eval_data, kind, fields=cfg.fields or None, split=cfg.eval_split, skip_invalid=cfg.skip_invalid)
         say(held.summary())
         train, held_out = records, held.records
     else:

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import time
 from contextlib import nullcontext
 
 import torch
@@ -73,6 +74,8 @@ def train_reward_model(cfg: RewardConfig, interrupt_after: int | None = None, sa
     # 1. model: trunk + fresh head (or a saved RM's head, to continue training it)
     rm, tok = load_reward_model(cfg.model)
     pad_id = tok.pad_token_id
+    if not cfg.chat_template:
+        tok.chat_template = None
     if cfg.gradient_checkpointing:
         rm.seq_model.gradient_checkpointing_enable()
     rm.seq_model = apply_lora(rm.seq_model, cfg, task_type="SEQ_CLS")
@@ -101,6 +104,7 @@ def train_reward_model(cfg: RewardConfig, interrupt_after: int | None = None, sa
         log.log(0, **{f"eval_{k}": v for k, v in before.items()})
         say(f"held-out accuracy before training: {before['accuracy']:.3f}")
 
+    t_train = time.perf_counter()
     bar = progress(len(plan), start, acc.is_main_process, "rm")
     rm.train()
     last: dict = {}
@@ -148,9 +152,12 @@ def train_reward_model(cfg: RewardConfig, interrupt_after: int | None = None, sa
             bar.close()
             return {"step": done, **last}
     bar.close()
+    train_seconds = time.perf_counter() - t_train
 
     final = evaluate_rm(rm, held_out, pad_id, acc.device) if held_out else {}
-    result = {"step": len(plan), **last, **{f"eval_{k}": v for k, v in final.items()}}
+    n_seen = sum(len(b) for b in plan[start:])
+    result = {"step": len(plan), **last, **{f"eval_{k}": v for k, v in final.items()},
+              "train_seconds": train_seconds, "prompts_per_second": n_seen / max(train_seconds, 1e-9)}
     if before:
         result["eval_accuracy_before"] = before["accuracy"]
 

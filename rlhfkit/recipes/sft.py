@@ -14,6 +14,7 @@ over all response tokens of the global batch. ``run_lm_training`` is also the lo
 
 from __future__ import annotations
 
+import time
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -36,6 +37,8 @@ def train_sft(cfg: SFTConfig, interrupt_after: int | None = None, say=print) -> 
 
     loaded = load_causal_lm(cfg.model)
     tok = loaded.tokenizer
+    if not cfg.chat_template:
+        tok.chat_template = None
     train_recs, eval_recs = load_split(cfg, "demonstration", say)
     train = [encode_demonstration(tok, d, cfg.max_length) for d in train_recs]
     held_out = [encode_demonstration(tok, d, cfg.max_length) for d in eval_recs]
@@ -101,6 +104,7 @@ def run_lm_training(cfg: TrainConfig, acc, model, tok, train: list[Encoded], hel
         log.log(0, eval_loss=first_eval)
         say(f"held-out loss before training: {first_eval:.4f}")
 
+    t_train = time.perf_counter()
     bar = progress(len(plan), start, acc.is_main_process, desc)
     last: dict = {}
     for step in range(start, len(plan)):
@@ -143,9 +147,12 @@ def run_lm_training(cfg: TrainConfig, acc, model, tok, train: list[Encoded], hel
             bar.close()
             return {"step": done, **last}
     bar.close()
+    train_seconds = time.perf_counter() - t_train
 
     final_eval = evaluate()
-    result = {"step": len(plan), **last, "eval_loss_before": first_eval, "eval_loss": final_eval}
+    seen = sum(len(train[i].input_ids) for step_batch in plan[start:] for i in step_batch)
+    result = {"step": len(plan), **last, "eval_loss_before": first_eval, "eval_loss": final_eval,
+              "train_seconds": train_seconds, "tokens_per_second": seen / max(train_seconds, 1e-9)}
     log.log(len(plan), eval_loss=final_eval)
     if acc.is_main_process:
         if cfg.save_every:
