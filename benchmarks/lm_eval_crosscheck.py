@@ -1,0 +1,276 @@
+"""Cross-check rlhfkit's log-likelihood evals against lm-evaluation-harness on the same local data.
+
+TruthfulQA MC1 / MC2 and CrowS-Pairs (English) on SmolLM2-135M-Instruct, computed twice:
+  1. by ``lm_eval`` (the PyPI package ``lm-eval``), installed in a separate virtualenv so that
+     rlhfkit never depends on it, with custom task YAMLs that ``include`` the harness's own
+     ``truthfulqa_mc1`` / ``truthfulqa_mc2`` / ``crows_pairs_english`` tasks and only swap the
+     hub dataset for the local files in ``../shared/data`` (converted to the hub's schema);
+  2. by ``rlhfkit.evals`` on the same files.
+Acceptance: every metric within 0.5 points. Results go to
+``benchmarks/results/lm_eval_crosscheck.{json,md}``.
+
+Steps (each resumable; the lm-eval outputs are cached in --work)::
+
+    python -m venv benchmarks/.venvs/lm-eval
+    benchmarks/.venvs/lm-eval/bin/pip install torch==2.13.0 lm-eval==0.4.13
+    .venv/bin/python benchmarks/lm_eval_crosscheck.py prepare   # task YAMLs + converted data
+    .venv/bin/python benchmarks/lm_eval_crosscheck.py lm-eval   # minutes to an hour on a laptop CPU
+    .venv/bin/python benchmarks/lm_eval_crosscheck.py ours
+    .venv/bin/python benchmarks/lm_eval_crosscheck.py compare
+    # or all of them: .venv/bin/python benchmarks/lm_eval_crosscheck.py all
+
+``--limit N`` evaluates the first N documents of each task in both (a quick check).
+Both sides run in fp32 with right padding, so they agree to float noise; in bf16 near-ties can
+flip and the numbers drift by a few tenths of a point.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import glob
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+DATA = ROOT.parent / "shared" / "data"
+RESULTS = ROOT / "benchmarks" / "results"
+LM_EVAL_VENV = ROOT / "benchmarks" / ".venvs" / "lm-eval"
+WORK = ROOT / "benchmarks" / ".venvs" / "lm-eval-work"  # git-ignored
+
+TASKS_TQA = ["rlhfkit_truthfulqa_mc1", "rlhfkit_truthfulqa_mc2"]
+TASKS_CROWS = ["rlhfkit_crows_pairs_english"]
+
+
+def harness_task_dir() -> Path:
+    hits = glob.glob(str(LM_EVAL_VENV / "lib" / "python3*" / "site-packages" / "lm_eval" / "tasks"))
+    if not hits:
+        sys.exit(f"lm-eval is not installed in {LM_EVAL_VENV} (see this file's docstring)")
+    return Path(hits[0])
+
+
+def prepare(work: Path) -> None:
+    """Convert the local data to the hub schema the harness tasks expect and write task YAMLs."""
+    work.mkdir(parents=True, exist_ok=True)
+    tasks = harness_task_dir()
+    # TruthfulQA MC: the hub's `truthful_qa/multiple_choice` stores {choices: [...], labels: [...]};
+    # the shared file stores {answer: label} dicts in the same order (true answers first).
+    tqa = json.loads((DATA / "truthfulqa" / "mc_task.json").read_text())
+    with open(work / "truthfulqa_mc.jsonl", "w") as f:
+        for d in tqa:
+            row = {"question": d["question"]}
+            for key in ("mc1_targets", "mc2_targets"):
+                row[key] = {"choices": list(d[key]), "labels": list(d[key].values())}
+            f.write(json.dumps(row) + "\n")
+    # CrowS-Pairs: the hub copy has the same columns as the upstream CSV.
+    with open(DATA / "crows-pairs" / "crows_pairs_anonymized.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    with open(work / "crows_pairs_english.jsonl", "w") as f:
+        for r in rows:
+            f.write(json.dumps({k: r[k] for k in ("sent_more", "sent_less", "stereo_antistereo", "bias_type")}) + "\n")
+
+    def yaml(name: str, include: Path, split: str, data: Path) -> None:
+        (work / f"{name}.yaml").write_text(
+            f"include: {include}\n"
+            f"task: {name}\n"
+            "dataset_path: json\n"
+            "dataset_name: null\n"
+            "dataset_kwargs:\n"
+            "  data_files:\n"
+            f"    {split}: {data}\n"
+        )
+
+    yaml("rlhfkit_truthfulqa_mc1", tasks / "truthfulqa" / "truthfulqa_mc1.yaml", "validation", work / "truthfulqa_mc.jsonl")
+    yaml("rlhfkit_truthfulqa_mc2", tasks / "truthfulqa" / "truthfulqa_mc2.yaml", "validation", work / "truthfulqa_mc.jsonl")
+    yaml("rlhfkit_crows_pairs_english", tasks / "crows_pairs" / "crows_pairs_english.yaml", "test", work / "crows_pairs_english.jsonl")
+    print(f"prepared {len(tqa)} TruthfulQA questions and {len(rows)} CrowS pairs in {work}")
+
+
+def model_dir() -> str:
+    from rlhfkit.models.loading import embedded_model_dir
+
+    return str(embedded_model_dir())
+
+
+def run_lm_eval(work: Path, tasks: list[str], tag: str, limit: int | None, batch_size: int) -> Path:
+    out = work / f"lm_eval_{tag}"
+    cmd = [
+        str(LM_EVAL_VENV / "bin" / "lm_eval"),
+        "--model", "hf",
+        "--model_args", f"pretrained={model_dir()},dtype=float32",
+        "--device", "cpu",
+        "--tasks", ",".join(tasks),
+        "--include_path", str(work),
+        "--batch_size", str(batch_size),
+        "--output_path", str(out),
+        "--log_samples",
+    ]  # fmt: skip
+    if limit:
+        cmd += ["--limit", str(limit)]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    print("+", " ".join(cmd), flush=True)
+    t0 = time.time()
+    subprocess.run(cmd, check=True, env=env)
+    (out / "wall_seconds.txt").write_text(f"{time.time() - t0:.1f}\n")
+    return out
+
+
+def _unused_lm_eval_results(work: Path, tag: str) -> dict:
+    files = sorted(glob.glob(str(work / f"lm_eval_{tag}" / "**" / "results_*.json"), recursive=True))
+    if not files:
+        raise SystemExit(f"no lm-eval results for {tag} under {work}: run the lm-eval step first")
+    res = json.loads(Path(files[-1]).read_text())["results"]
+    return res
+
+
+def run_ours(work: Path, crows_limit: int | None, tqa_limit: int | None, batch_size: int) -> dict:
+    import torch
+
+    from rlhfkit.evals.crows_pairs import crows_pairs_eval, load_crows_pairs
+    from rlhfkit.evals.loglik import LoglikScorer
+    from rlhfkit.evals.truthfulqa import load_truthfulqa_mc, truthfulqa_mc_eval
+    from rlhfkit.models.loading import load_causal_lm
+
+    torch.manual_seed(0)
+    loaded = load_causal_lm(model_dir(), dtype=torch.float32)
+    scorer = LoglikScorer(loaded.model, loaded.tokenizer, batch_size=batch_size)
+    out: dict = {}
+    t0 = time.time()
+    crows = load_crows_pairs(DATA / "crows-pairs" / "crows_pairs_anonymized.csv")[:crows_limit]
+    out["crows_pairs"] = crows_pairs_eval(scorer, crows)
+    out["crows_pairs"]["wall_seconds"] = round(time.time() - t0, 1)
+    t0 = time.time()
+    tqa = load_truthfulqa_mc(DATA / "truthfulqa" / "mc_task.json")[:tqa_limit]
+    out["truthfulqa_mc"] = truthfulqa_mc_eval(scorer, tqa)
+    out["truthfulqa_mc"]["wall_seconds"] = round(time.time() - t0, 1)
+    (work / "ours.json").write_text(json.dumps(out, indent=1))
+    return out
+
+
+def lm_eval_samples(work: Path, tag: str, task: str) -> list[dict]:
+    files = sorted(glob.glob(str(work / f"lm_eval_{tag}" / "**" / f"samples_{task}_*.jsonl"), recursive=True))
+    rows = [json.loads(line) for line in open(files[-1])]
+    return sorted(rows, key=lambda r: r["doc_id"])
+
+
+def compare(work: Path) -> dict:
+    """Metrics side by side on the documents both evaluated, plus per-request log-likelihood gaps."""
+    import numpy as np
+
+    ours = json.loads((work / "ours.json").read_text())
+    table, ll_gaps = [], {}
+    # CrowS-Pairs
+    s = lm_eval_samples(work, "crows", "rlhfkit_crows_pairs_english")
+    n = min(len(s), ours["crows_pairs"]["n"])
+    theirs = np.array([[float(x[0]) for x in r["filtered_resps"]] for r in s[:n]])  # (n, 2)
+    mine = np.stack([ours["crows_pairs"]["per_pair"]["ll_more"][:n], ours["crows_pairs"]["per_pair"]["ll_less"][:n]], 1)
+    ll_gaps["crows_pairs"] = float(np.abs(theirs - mine).max())
+    table.append(("CrowS-Pairs English pct_stereotype", n, float((mine[:, 0] > mine[:, 1]).mean()),
+                  float(np.mean([r["pct_stereotype"] for r in s[:n]])), True))
+    table.append(("CrowS-Pairs English likelihood_diff", n, float(np.abs(mine[:, 0] - mine[:, 1]).mean()),
+                  float(np.mean([r["likelihood_diff"] for r in s[:n]])), False))
+    # TruthfulQA
+    pq = ours["truthfulqa_mc"]["per_question"]
+    for key in ("mc1", "mc2"):
+        s = lm_eval_samples(work, "tqa", f"rlhfkit_truthfulqa_{key}")
+        n = min(len(s), ours["truthfulqa_mc"]["n"])
+        gaps = [abs(float(x[0]) - y) for r, mine_ll in zip(s[:n], pq[f"{key}_ll"][:n])
+                for x, y in zip(r["filtered_resps"], mine_ll)]
+        ll_gaps[f"truthfulqa_{key}"] = float(max(gaps))
+        table.append((f"TruthfulQA {key.upper()} acc", n, float(np.mean(pq[key][:n])),
+                      float(np.mean([r["acc"] for r in s[:n]])), True))
+    rows = []
+    for name, n, mine_v, theirs_v, pct in table:
+        d = (mine_v - theirs_v) * (100 if pct else 1)
+        rows.append({"metric": name, "n_docs": n, "rlhfkit": mine_v, "lm_eval": theirs_v,
+                     "diff_points" if pct else "diff": d, "within_0.5_points": abs(d) <= 0.5 if pct else None})
+    result = {
+        "model": "SmolLM2-135M-Instruct (embedded GGUF Q4_1, de-quantised to fp32)",
+        "dtype": "float32",
+        "lm_eval_version": _lm_eval_version(),
+        "data": {
+            "truthfulqa_mc": "../shared/data/truthfulqa/mc_task.json (790 questions, Jan 2025 TruthfulQA)",
+            "crows_pairs": "../shared/data/crows-pairs/crows_pairs_anonymized.csv (1508 pairs)",
+        },
+        "rows": rows,
+        "all_within_0.5_points": all(r["within_0.5_points"] for r in rows if r["within_0.5_points"] is not None),
+        "max_abs_loglik_gap_per_request": ll_gaps,
+        "rlhfkit_wall_seconds": {k: ours[k].get("wall_seconds") for k in ("truthfulqa_mc", "crows_pairs")},
+        "lm_eval_wall_seconds": {t: _wall(work, t) for t in ("tqa", "crows")},
+        "crows_pairs_by_bias_type_rlhfkit": ours["crows_pairs"]["by_bias_type"],
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "lm_eval_crosscheck.json").write_text(json.dumps(result, indent=1) + "\n")
+    md = [
+        "# rlhfkit vs lm-evaluation-harness",
+        "",
+        f"SmolLM2-135M-Instruct, fp32, CPU; lm-eval {result['lm_eval_version']} with its own "
+        "`truthfulqa_mc1`, `truthfulqa_mc2`, `crows_pairs_english` task definitions, pointed at the same local "
+        f"data ({result['data']['truthfulqa_mc']}; {result['data']['crows_pairs']}).",
+        "",
+        "| metric | documents | rlhfkit | lm-eval | difference |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        if r["within_0.5_points"] is None:
+            md.append(f"| {r['metric']} | {r['n_docs']} | {r['rlhfkit']:.4f} | {r['lm_eval']:.4f} | {r['diff']:+.4f} |")
+        else:
+            md.append(f"| {r['metric']} | {r['n_docs']} | {100 * r['rlhfkit']:.2f} | {100 * r['lm_eval']:.2f} "
+                      f"| {r['diff_points']:+.2f} pts |")
+    md += ["", f"All within 0.5 points: **{result['all_within_0.5_points']}**. "
+           f"Largest per-request log-likelihood gap (nats): {ll_gaps}.", ""]
+    md += [
+        f"Wall time (2 CPU cores shared with other jobs): rlhfkit {result['rlhfkit_wall_seconds']} s, "
+        f"lm-eval {result['lm_eval_wall_seconds']} s.",
+        "",
+        "Regenerate: see `benchmarks/lm_eval_crosscheck.py` (docstring).",
+        "",
+    ]
+    (RESULTS / "lm_eval_crosscheck.md").write_text("\n".join(md))
+    print("\n".join(md))
+    return result
+
+
+def _wall(work: Path, tag: str) -> float | None:
+    p = work / f"lm_eval_{tag}" / "wall_seconds.txt"
+    return float(p.read_text()) if p.exists() else None
+
+
+def _lm_eval_version() -> str:
+    hits = glob.glob(str(LM_EVAL_VENV / "lib" / "python3*" / "site-packages" / "lm_eval-*.dist-info"))
+    return Path(hits[0]).name.split("-")[1].removesuffix(".dist") if hits else "unknown"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("step", choices=["prepare", "lm-eval", "lm-eval-crows", "lm-eval-tqa", "ours", "compare", "all"])
+    ap.add_argument("--work", type=Path, default=WORK)
+    ap.add_argument("--limit", type=int, default=None, help="first N documents of each task (quick check)")
+    ap.add_argument("--tqa-limit", type=int, default=None, help="first N TruthfulQA questions (overrides --limit)")
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads for our run (1 is fastest on a busy CPU)")
+    a = ap.parse_args()
+    tqa_limit = a.tqa_limit or a.limit
+    if a.threads:
+        import torch
+
+        torch.set_num_threads(a.threads)
+    if a.step in ("prepare", "all"):
+        prepare(a.work)
+    if a.step in ("lm-eval", "lm-eval-crows", "all"):
+        run_lm_eval(a.work, TASKS_CROWS, "crows", a.limit, a.batch_size)
+    if a.step in ("lm-eval", "lm-eval-tqa", "all"):
+        run_lm_eval(a.work, TASKS_TQA, "tqa", tqa_limit, a.batch_size)
+    if a.step in ("ours", "all"):
+        run_ours(a.work, a.limit, tqa_limit, a.batch_size)
+    if a.step in ("compare", "all"):
+        compare(a.work)
+
+
+if __name__ == "__main__":
+    main()
