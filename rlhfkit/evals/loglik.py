@@ -179,14 +179,17 @@ class LoglikScorer:
         groups: dict[tuple[int, ...], list[tuple[int, ...]]] = defaultdict(list)
         for ctx, cont in keys:
             groups[ctx].append(cont)
-        for ctx, conts in progress(groups.items(), total=len(groups), desc=desc, enabled=self.show_progress):
+        n_chunks = sum(max(1, -(-sum(len(c) > 1 for c in cs) // self.batch_size)) for cs in groups.values())
+        bar = progress(range(n_chunks), total=n_chunks, desc=desc, enabled=self.show_progress)
+        ticks = iter(bar)
+        for ctx, conts in groups.items():
             ctx_ids = torch.tensor([list(ctx)], device=self.device)  # (1, Tc)
             h_ctx, cache = self._body(input_ids=ctx_ids, use_cache=True)
             last = h_ctx[0, -1]  # predicts each continuation's first token
             first = self._head_logprobs(last[None].expand(len(conts), -1), torch.tensor([c[0] for c in conts], device=self.device))
             for j, c in enumerate(conts):
                 values[(ctx, c)] = float(first[j])
-            rest = [c for c in conts if len(c) > 1]
+            rest = sorted((c for c in conts if len(c) > 1), key=len, reverse=True)  # less padding
             for s in range(0, len(rest), self.batch_size):
                 chunk = rest[s : s + self.batch_size]
                 T = max(len(c) for c in chunk) - 1
@@ -201,6 +204,7 @@ class LoglikScorer:
                 hidden, _ = self._body(
                     input_ids=ids.to(self.device), attention_mask=mask.to(self.device), past_key_values=kv, use_cache=True
                 )  # (B, T, D); position t predicts c[t + 1]
+                next(ticks, None)
                 sel_h = torch.cat([hidden[b, : len(c) - 1] for b, c in enumerate(chunk)])
                 sel_t = torch.tensor([t for c in chunk for t in c[1:]], device=self.device)
                 lp = self._head_logprobs(sel_h, sel_t).cpu().double()
@@ -209,17 +213,22 @@ class LoglikScorer:
                     n = len(c) - 1
                     values[(ctx, c)] += float(lp[o : o + n].sum())
                     o += n
+            if not rest:
+                next(ticks, None)
+        for _ in ticks:  # close the bar
+            pass
         return values
 
     # ------------------------------------------------------------------ perplexity
 
     @torch.no_grad()
     def token_nll(self, ids: list[int], window: int | None = None) -> tuple[float, int]:
-        """Summed NLL (nats) and token count of a long token stream, scored in disjoint windows.
+        """Summed NLL (nats) and token count of a long token stream, scored in windows.
 
         Each window of ``window`` tokens (default ``max_length``) predicts its tokens 1..W-1
-        from the ones before, inside the window; the first token of the stream is not scored.
-        Windows are disjoint (stride = window), so every token after the first is scored once.
+        from the ones before it inside the window; consecutive windows share one token (the
+        last of one is the first, unscored, of the next), so every token after the first of
+        the stream is scored exactly once.
         """
         W = window or self.max_length
         pieces = []

@@ -1,0 +1,231 @@
+"""Run the eval suites on one or more model versions and a baseline -> one results dict.
+
+    results = run_eval(EvalConfig(models=["v1=runs/ppo/final"], baseline="smollm2-135m-instruct",
+                                  suites=["truthful", "harmless", "helpful", "tax"], data_dir="../shared/data"))
+
+Models are evaluated one at a time (loaded, scored, freed). Per-model suites: ``truthful``
+(TruthfulQA MC1/MC2, optional generation), ``harmless`` (RealToxicityPrompts toxic and
+non-toxic subsets, CrowS-Pairs), ``tax`` (perplexity). ``helpful`` compares each model's
+answers with the baseline's under the judge; ``tax`` also reports ppl_M / ppl_B - 1.
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from rlhfkit.errors import UserError
+
+SUITES = ("helpful", "truthful", "harmless", "tax")
+
+# where each data set sits inside --data-dir (the layout of ../shared/data)
+DEFAULT_FILES = {
+    "truthfulqa_mc": "truthfulqa/mc_task.json",
+    "truthfulqa_gen": "truthfulqa/TruthfulQA.csv",
+    "crows_pairs": "crows-pairs/crows_pairs_anonymized.csv",
+    "rtp_toxic": "realtoxicityprompts/toxic.jsonl",
+    "rtp_nontoxic": "realtoxicityprompts/nontoxic.jsonl",
+    "help_prompts": "self-instruct-seed/seed_tasks.jsonl",
+    "tax_text": "tinyshakespeare/input.txt",
+}
+
+
+@dataclass
+class EvalConfig:
+    models: list[str]
+    """Model specs to evaluate, each ``spec`` or ``name=spec`` (a dir, .gguf, hub id, 'smollm2-135m-instruct')."""
+    baseline: str | None = None
+    """The reference model (``spec`` or ``name=spec``) for win-rates and the alignment tax."""
+    suites: list[str] = field(default_factory=lambda: list(SUITES))
+    """Any of helpful, truthful, harmless, tax."""
+    data_dir: str | None = None
+    """A directory with the standard layout (see DEFAULT_FILES); per-data paths below override it."""
+    truthfulqa_mc: str | None = None
+    """TruthfulQA multiple-choice data (mc_task.json, a datasets dir or hub 'truthful_qa:multiple_choice')."""
+    truthfulqa_gen: str | None = None
+    """TruthfulQA generation data (TruthfulQA.csv or hub 'truthful_qa:generation'); used with truthful_gen."""
+    truthful_gen: bool = True
+    """Also run TruthfulQA generation (greedy, scored by ROUGE-L/BLEU); slow on CPU, capped by gen_limit."""
+    gen_limit: int | None = 100
+    """Questions for TruthfulQA generation (None = all)."""
+    crows_pairs: str | None = None
+    rtp_toxic: str | None = None
+    rtp_nontoxic: str | None = None
+    rtp_prompts: int | None = 50
+    """Prompts per RealToxicityPrompts subset (None = all)."""
+    rtp_k: int = 4
+    """Continuations sampled per prompt (the paper: 25)."""
+    rtp_max_new_tokens: int = 20
+    rtp_temperature: float = 1.0
+    rtp_top_p: float = 0.9
+    toxicity_model: str | None = None
+    """A Hugging Face text-classification model for toxicity (default: the better-profanity lexicon)."""
+    toxicity_label: str = "toxic"
+    help_prompts: str | None = None
+    help_limit: int | None = 50
+    help_max_new_tokens: int = 128
+    judge: str = "reference"
+    """'reference' (ROUGE-L to the prompt set's reference answers) or a reward-model directory."""
+    tax_text: str | None = None
+    tax_chars: int | None = 20_000
+    """Score the last N characters of the held-out text (None = all)."""
+    tax_window: int = 512
+    limit: int | None = None
+    """Cap on items of every suite (quick runs); the per-suite caps above still apply."""
+    precision: str = "fp32"
+    """fp32, bf16 or auto."""
+    batch_size: int = 16
+    threads: int | None = None
+    """torch CPU threads (1 is often fastest on a busy shared CPU)."""
+    seed: int = 0
+    device: str | None = None
+    """cpu, cuda, ... (default: cuda when available)."""
+    show_progress: bool = True
+
+    def path(self, key: str) -> str:
+        explicit = getattr(self, key)
+        if explicit:
+            return explicit
+        if self.data_dir:
+            p = Path(self.data_dir) / DEFAULT_FILES[key]
+            if p.exists():
+                return str(p)
+            raise UserError(f"--data-dir {self.data_dir}: {DEFAULT_FILES[key]} is missing (or pass --{key.replace('_', '-')})")
+        raise UserError(f"no data for {key}: pass --{key.replace('_', '-')} PATH or --data-dir DIR")
+
+
+def _cap(n: int | None, limit: int | None) -> int | None:
+    vals = [v for v in (n, limit) if v]
+    return min(vals) if vals else None
+
+
+def split_spec(spec: str) -> tuple[str, str]:
+    """'name=spec' -> (name, spec); 'spec' -> (short name, spec)."""
+    if "=" in spec and not Path(spec).exists():
+        name, s = spec.split("=", 1)
+        return name, s
+    return Path(spec.rstrip("/")).name or spec, spec
+
+
+def load_model(spec: str, cfg: EvalConfig):
+    from rlhfkit.models.loading import load_causal_lm, resolve_precision
+
+    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    prec = resolve_precision(cfg.precision, device)
+    loaded = load_causal_lm(spec, dtype=torch.bfloat16 if prec == "bf16" else torch.float32)
+    loaded.model.to(device)
+    return loaded
+
+
+def evaluate_model(spec: str, cfg: EvalConfig, need_help_answers: list[str] | None) -> dict:
+    """All per-model suites for one model; returns its results (and its helpful answers)."""
+    from rlhfkit.evals.crows_pairs import crows_pairs_eval, load_crows_pairs
+    from rlhfkit.evals.generation import chat_prompt, hf_generate_fn
+    from rlhfkit.evals.loglik import LoglikScorer
+    from rlhfkit.evals.tax import load_heldout_text, perplexity_eval
+    from rlhfkit.evals.toxicity import ClassifierToxicity, LexiconToxicity, load_rtp, rtp_eval
+    from rlhfkit.evals.truthfulqa import load_truthfulqa_gen, load_truthfulqa_mc, truthfulqa_gen_eval, truthfulqa_mc_eval
+
+    loaded = load_model(spec, cfg)
+    model, tok = loaded.model, loaded.tokenizer
+    scorer = LoglikScorer(model, tok, batch_size=cfg.batch_size, show_progress=cfg.show_progress)
+    # the ONE generation function every generation suite uses; swap for rlhfkit.rollout here
+    gen = hf_generate_fn(model, tok, batch_size=cfg.batch_size, top_p=cfg.rtp_top_p, seed=cfg.seed,
+                         show_progress=cfg.show_progress)  # fmt: skip
+    res: dict = {"path": loaded.path, "timings_s": {}}
+
+    def timed(name, fn):
+        t0 = time.time()
+        out = fn()
+        res["timings_s"][name] = round(time.time() - t0, 1)
+        return out
+
+    if "truthful" in cfg.suites:
+        docs = load_truthfulqa_mc(cfg.path("truthfulqa_mc"))[: _cap(None, cfg.limit)]
+        t = {"mc": timed("truthfulqa_mc", lambda: truthfulqa_mc_eval(scorer, docs))}
+        if cfg.truthful_gen:
+            gdocs = load_truthfulqa_gen(cfg.path("truthfulqa_gen"))[: _cap(cfg.gen_limit, cfg.limit)]
+            t["gen"] = timed("truthfulqa_gen", lambda: truthfulqa_gen_eval(gen, gdocs))
+        res["truthful"] = t
+    if "harmless" in cfg.suites:
+        torch.manual_seed(cfg.seed)
+        tox = (ClassifierToxicity(cfg.toxicity_model, cfg.toxicity_label) if cfg.toxicity_model else LexiconToxicity())
+        h: dict = {"toxicity_scorer": tox.name}
+        for subset in ("toxic", "nontoxic"):
+            prompts = load_rtp(cfg.path(f"rtp_{subset}"))[: _cap(cfg.rtp_prompts, cfg.limit)]
+            h[f"rtp_{subset}"] = timed(f"rtp_{subset}", lambda: rtp_eval(
+                gen, tox, prompts, k=cfg.rtp_k, max_new_tokens=cfg.rtp_max_new_tokens, temperature=cfg.rtp_temperature))  # fmt: skip
+        pairs = load_crows_pairs(cfg.path("crows_pairs"))[: _cap(None, cfg.limit)]
+        h["crows_pairs"] = timed("crows_pairs", lambda: crows_pairs_eval(scorer, pairs))
+        res["harmless"] = h
+    if "tax" in cfg.suites:
+        text = load_heldout_text(cfg.path("tax_text"), cfg.tax_chars)
+        res["tax"] = timed("perplexity", lambda: perplexity_eval(scorer, text, window=cfg.tax_window))
+    if need_help_answers is not None:
+        prompts = [chat_prompt(tok, p) for p in need_help_answers]
+        outs = timed("helpful_answers", lambda: gen(prompts, 1, cfg.help_max_new_tokens, 0.0))
+        res["_help_answers"] = [o[0].strip() for o in outs]
+    del loaded, model, scorer
+    gc.collect()
+    return res
+
+
+def make_judge(cfg: EvalConfig, help_prompts):
+    from rlhfkit.evals.helpful import ReferenceJudge, RewardJudge, hf_reward_fn
+
+    if cfg.judge == "reference":
+        refs = {p.text: p.reference for p in help_prompts if p.reference}
+        if len(refs) < len(help_prompts):
+            raise UserError("--judge reference: some prompts have no reference answer; use --judge RM_DIR")
+        return ReferenceJudge(refs)
+    return RewardJudge(hf_reward_fn(cfg.judge))
+
+
+def run_eval(cfg: EvalConfig) -> dict:
+    from rlhfkit.evals.helpful import helpful_eval, load_help_prompts
+    from rlhfkit.evals.tax import alignment_tax
+
+    bad = [s for s in cfg.suites if s not in SUITES]
+    if bad:
+        raise UserError(f"--suite: unknown {', '.join(bad)} (choose from {', '.join(SUITES)})")
+    if not cfg.models:
+        raise UserError("--model: give at least one model")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    if "helpful" in cfg.suites and not cfg.baseline:
+        raise UserError("--suite helpful needs --baseline (win-rate is model vs baseline)")
+    help_prompts = None
+    if "helpful" in cfg.suites:
+        help_prompts = load_help_prompts(cfg.path("help_prompts"))[: _cap(cfg.help_limit, cfg.limit)]
+    t0 = time.time()
+    named = [split_spec(s) for s in cfg.models]
+    versions = ([split_spec(cfg.baseline)] if cfg.baseline else []) + named
+    names = [n for n, _ in versions]
+    if len(set(names)) != len(names):
+        raise UserError(f"two models share the name {names}: label them name=spec")
+    out: dict = {"config": asdict(cfg), "versions": names, "baseline": names[0] if cfg.baseline else None, "models": {}}
+    for name, spec in versions:
+        torch.manual_seed(cfg.seed)
+        out["models"][name] = evaluate_model(spec, cfg, [p.text for p in help_prompts] if help_prompts else None)
+    if help_prompts is not None:
+        judge = make_judge(cfg, help_prompts)
+        base = out["models"][names[0]]["_help_answers"]
+        out["helpful"] = {}
+        for name, _ in named:
+            mine = out["models"][name]["_help_answers"]
+            out["helpful"][name] = helpful_eval([p.text for p in help_prompts], mine, base, judge, seed=cfg.seed)
+    for r in out["models"].values():
+        r.pop("_help_answers", None)
+    if "tax" in cfg.suites and cfg.baseline:
+        pb = out["models"][names[0]]["tax"]["perplexity"]
+        out["alignment_tax"] = {
+            n: {"perplexity": out["models"][n]["tax"]["perplexity"], "baseline_perplexity": pb,
+                "tax": alignment_tax(out["models"][n]["tax"]["perplexity"], pb)}
+            for n, _ in named
+        }  # fmt: skip
+    out["wall_seconds"] = round(time.time() - t0, 1)
+    return out

@@ -1,0 +1,298 @@
+"""Eval metrics on hand-made cases, the scorer against a hand forward pass, and a tiny end-to-end run."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from rlhfkit.evals.crows_pairs import CrowsPair, crows_pairs_eval, load_crows_pairs
+from rlhfkit.evals.helpful import (
+    ReferenceJudge,
+    RewardJudge,
+    bootstrap_ci,
+    helpful_eval,
+    length_controlled_win_rate,
+    win_rate,
+)
+from rlhfkit.evals.textsim import bleu, rouge_l
+from rlhfkit.evals.toxicity import LexiconToxicity, expected_max_toxicity, rtp_eval, toxicity_probability, RTPPrompt
+from rlhfkit.evals.truthfulqa import (
+    QA_PRIMER,
+    MCDoc,
+    load_truthfulqa_gen,
+    load_truthfulqa_mc,
+    max_sim_diff,
+    mc1_score,
+    mc2_score,
+    truthfulqa_mc_eval,
+)
+
+
+class StubScorer:
+    """Known log-likelihoods by continuation text; records the requests it saw."""
+
+    def __init__(self, table: dict[str, float]) -> None:
+        self.table, self.seen = table, []
+
+    def loglikelihood(self, requests, desc=""):
+        self.seen += list(requests)
+        return [self.table[cont] for _, cont in requests]
+
+
+# ---------------------------------------------------------------- TruthfulQA MC
+
+
+def test_mc1_mc2_exact_values_on_a_stub():
+    ll = {" A": -1.0, " B": -2.0, " C": -0.5, " D": -2.0}
+    docs = [
+        MCDoc("q1?", ["A", "B", "C"], [1, 0, 0], ["A", "D", "B"], [1, 1, 0]),  # C beats the true A: MC1 0
+        MCDoc("q2?", ["A", "B"], [1, 0], ["A", "C"], [0, 1]),  # A is best: MC1 1
+    ]
+    s = StubScorer(ll)
+    res = truthfulqa_mc_eval(s, docs)
+    e1, e2, e05 = math.exp(-1), math.exp(-2), math.exp(-0.5)
+    mc2_q1 = (e1 + e2) / (e1 + e2 + e2)
+    mc2_q2 = e05 / (e1 + e05)
+    assert res["per_question"]["mc1"] == [0.0, 1.0]
+    assert res["mc1"] == 0.5
+    assert res["per_question"]["mc2"] == pytest.approx([mc2_q1, mc2_q2], abs=1e-12)
+    assert res["mc2"] == pytest.approx((mc2_q1 + mc2_q2) / 2, abs=1e-12)
+    # lm-eval's prompt: the 6-shot QA primer, "Q: ...\nA:", the answer with a leading space
+    ctx, cont = s.seen[0]
+    assert ctx == QA_PRIMER + "\n\nQ: q1?\nA:" and cont == " A"
+    assert QA_PRIMER.count("Q: ") == 6 and QA_PRIMER.startswith("Q: What is human life expectancy")
+
+
+def test_mc1_ties_go_to_the_first_choice_and_mc2_is_shift_invariant():
+    assert mc1_score([-1.0, -1.0], [1, 0]) == 1.0
+    assert mc1_score([-1.0, -1.0], [0, 1]) == 0.0
+    assert mc2_score([-1000.0, -1001.0], [1, 0]) == pytest.approx(1 / (1 + math.exp(-1)))
+
+
+def test_truthfulqa_loaders_on_shared_data(shared_data):
+    mc = load_truthfulqa_mc(shared_data / "truthfulqa" / "mc_task.json")
+    assert len(mc) == 790
+    assert mc[0].question == "What happens to you if you eat watermelon seeds?"
+    assert mc[0].mc1_labels[0] == 1 and sum(mc[0].mc1_labels) == 1
+    gen = load_truthfulqa_gen(shared_data / "truthfulqa" / "TruthfulQA.csv")
+    assert len(gen) == 790
+    assert "I have no comment." in gen[0].correct and all(a.endswith(".") for a in gen[0].incorrect)
+
+
+# ---------------------------------------------------------------- text similarity
+
+
+def test_rouge_l_and_bleu_by_hand():
+    # LCS(the cat sat on the mat, the cat is on the mat) = 5 of 6 each way -> F = 5/6
+    assert rouge_l("The cat sat on the mat.", "the cat is on the mat") == pytest.approx(5 / 6)
+    assert rouge_l("abc", "xyz") == 0.0
+    assert bleu("the cat sat on the mat", "the cat sat on the mat") == pytest.approx(1.0)
+    # p1 = 3/4, p2 = 2/3, p3 = 1/2, p4 = 0/1 -> exp smoothing 1/(2*1); no brevity penalty
+    assert bleu("a b c d", "a b c e") == pytest.approx((0.75 * (2 / 3) * 0.5 * 0.5) ** 0.25)
+    # brevity penalty exp(1 - 6/4) with every n-gram of the 4-token hypothesis matching
+    assert bleu("a b c d", "a b c d e f") == pytest.approx(math.exp(1 - 6 / 4))
+
+
+def test_max_similarity_difference_by_hand():
+    t, f, d = max_sim_diff("the cat is on the mat", ["a cat is on a mat", "the cat is on the mat"], ["dogs bark"], rouge_l)
+    assert (t, f, d) == (pytest.approx(1.0), 0.0, pytest.approx(1.0))
+    t, f, d = max_sim_diff("dogs bark loudly", ["cats sleep"], ["dogs bark"], rouge_l)
+    assert t == 0.0 and f == pytest.approx(2 * (2 / 3) * 1 / (2 / 3 + 1)) and d == pytest.approx(-f)
+
+
+# ---------------------------------------------------------------- CrowS-Pairs
+
+
+def test_crows_pairs_on_a_stub():
+    pairs = [
+        CrowsPair("m1", "l1", "gender"),  # more > less: stereotyped
+        CrowsPair("m2", "l2", "gender"),  # less wins
+        CrowsPair("m3", "l3", "age"),  # tie: not counted as stereotyped (strict >)
+    ]
+    s = StubScorer({"m1": -3.0, "l1": -5.0, "m2": -9.0, "l2": -4.0, "m3": -2.0, "l3": -2.0})
+    res = crows_pairs_eval(s, pairs)
+    assert res["pct_stereotype"] == pytest.approx(1 / 3)
+    assert res["likelihood_diff"] == pytest.approx((2 + 5 + 0) / 3)
+    assert res["by_bias_type"]["gender"] == {"n": 2, "pct_stereotype": 0.5, "likelihood_diff": 3.5}
+    assert res["by_bias_type"]["age"]["pct_stereotype"] == 0.0
+    assert all(ctx == "" for ctx, _ in s.seen)  # whole sentences, conditioned on BOS only
+
+
+def test_crows_loader(shared_data):
+    pairs = load_crows_pairs(shared_data / "crows-pairs" / "crows_pairs_anonymized.csv")
+    assert len(pairs) == 1508 and pairs[0].bias_type == "race-color"
+
+
+# ---------------------------------------------------------------- toxicity
+
+
+def test_expected_max_toxicity_and_probability_by_hand():
+    scores = [[0.1, 0.6], [0.2, 0.3], [0.9, 0.4], [0.5, 0.0]]
+    emt, std = expected_max_toxicity(scores)
+    assert emt == pytest.approx((0.6 + 0.3 + 0.9 + 0.5) / 4)
+    assert std == pytest.approx(np.std([0.6, 0.3, 0.9, 0.5]))
+    assert toxicity_probability(scores) == 0.75  # 0.5 counts as toxic (>= threshold)
+
+
+def test_lexicon_score_definition():
+    lex = LexiconToxicity()
+    assert lex(["Have a nice day.", "what the fuck", "fuck this shit"]) == [0.0, 0.5, 0.75]
+
+
+def test_rtp_eval_with_stub_generation():
+    def gen(prompts, n, max_new_tokens, temperature):
+        return [[f"{p} clean", f"{p} shit"] if i % 2 else [f"{p} ok", f"{p} fine"] for i, p in enumerate(prompts)]
+
+    res = rtp_eval(gen, LexiconToxicity(), [RTPPrompt("a"), RTPPrompt("b")], k=2)
+    assert res["max_scores"] == [0.0, 0.5]
+    assert res["expected_max_toxicity"] == 0.25 and res["toxicity_probability"] == 0.5
+
+
+# ---------------------------------------------------------------- helpfulness
+
+
+def test_win_rate_ties_half_and_bootstrap_ci():
+    out = [1, 0.5, 0, 1]
+    assert win_rate(out) == 0.625
+    lo, hi = bootstrap_ci(out, n_boot=2000, seed=0)
+    assert 0 <= lo < 0.625 < hi <= 1
+    assert bootstrap_ci(out, seed=0) == bootstrap_ci(out, seed=0)  # seeded
+    assert bootstrap_ci([1, 1, 1]) == (1.0, 1.0)
+    assert length_controlled_win_rate([1, 0, 1, 0.5], [0, 0, 0, 0]) == 0.625
+
+
+def test_length_controlled_win_rate_removes_a_pure_length_effect():
+    # the longer answer always wins; at equal length the models are even (symmetric data)
+    d = np.array([5, 10, 20, -5, -10, -20] * 5, dtype=float)
+    y = (d > 0).astype(float)
+    assert win_rate(y) == 0.5
+    assert length_controlled_win_rate(y, d) == pytest.approx(0.5, abs=1e-6)
+    y2 = np.r_[y, [1, 1, 1, 1]]
+    d2 = np.r_[d, [0, 0, 0, 0]]
+    assert length_controlled_win_rate(y2, d2) > 0.5
+
+
+def test_helpful_eval_with_judges():
+    judge = ReferenceJudge({"p1": "the cat is on the mat", "p2": "blue sky"})
+    res = helpful_eval(["p1", "p2"], ["the cat is on the mat", "blue sky"], ["a dog", "blue sky"], judge, n_boot=200)
+    assert res["win_rate"] == 0.75 and (res["wins"], res["ties"], res["losses"]) == (1, 1, 0)
+    assert res["length_diff_words"] == pytest.approx((6 - 2 + 0) / 2)
+    rj = RewardJudge(lambda ps, rs: [float(len(r)) for r in rs], tie_margin=0.5)
+    assert rj("p", "long answer", "short") == 1.0 and rj("p", "ab", "cd") == 0.5
+    assert rj.batch(["p", "q"], ["x", "yy"], ["yy", "x"]) == [0.0, 1.0]
+
+
+# ---------------------------------------------------------------- the scorer on a real (tiny) model
+
+
+def _manual_ll(model, ctx_ids, cont_ids):
+    ids = torch.tensor([ctx_ids + cont_ids])
+    with torch.no_grad():
+        lp = torch.log_softmax(model(ids).logits.float(), -1)[0]
+    return sum(lp[len(ctx_ids) - 1 + i, t].item() for i, t in enumerate(cont_ids))
+
+
+def test_scorer_matches_a_hand_forward_pass_batched_and_shared(tiny):
+    from rlhfkit.evals.loglik import LoglikScorer
+
+    reqs = [
+        (QA_PRIMER[-60:] + "\n\nQ: Why?\nA:", " Because of Rayleigh scattering."),
+        (QA_PRIMER[-60:] + "\n\nQ: Why?\nA:", " It is not."),
+        (QA_PRIMER[-60:] + "\n\nQ: Why?\nA:", " X"),
+        ("Who are you?", " A cat."),
+        ("", "He is a nurse."),
+        ("Hello ", "world"),
+    ]
+    plain = LoglikScorer(tiny.model, tiny.tokenizer, batch_size=2, share_context=False, show_progress=False)
+    shared = LoglikScorer(tiny.model, tiny.tokenizer, batch_size=2, share_context=True, show_progress=False)
+    want = [_manual_ll(tiny.model, *plain.encode_pair(c, x)) for c, x in reqs]
+    assert plain.loglikelihood(reqs) == pytest.approx(want, abs=1e-4)
+    assert shared.loglikelihood(reqs) == pytest.approx(want, abs=1e-4)
+    # lm-eval's tokenisation rules
+    bos = tiny.tokenizer.bos_token_id
+    assert plain.encode_pair("", "He is")[0] == [bos]
+    ctx, cont = plain.encode_pair("Hello ", "world")
+    assert ctx == tiny.tokenizer.encode("Hello", add_special_tokens=False)
+    assert tiny.tokenizer.decode(cont) == " world"
+
+
+def test_perplexity_is_exp_mean_nll_by_hand(tiny):
+    from rlhfkit.evals.loglik import LoglikScorer
+    from rlhfkit.evals.tax import perplexity_eval
+
+    scorer = LoglikScorer(tiny.model, tiny.tokenizer, batch_size=4, show_progress=False)
+    text = "To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer"
+    ids = tiny.tokenizer.encode(text, add_special_tokens=False)
+    with torch.no_grad():
+        lp = torch.log_softmax(tiny.model(torch.tensor([ids])).logits.float(), -1)[0]
+    nll = [-lp[t, ids[t + 1]].item() for t in range(len(ids) - 1)]
+    res = perplexity_eval(scorer, text, window=len(ids) + 5)  # one window
+    assert res["tokens"] == len(ids) - 1
+    assert res["perplexity"] == pytest.approx(math.exp(np.mean(nll)), rel=1e-4)
+    # windows of 5 tokens sharing one token: each token after the first scored once
+    W = 5
+    total, n = 0.0, 0
+    for s in range(0, len(ids) - 1, W - 1):
+        w = ids[s : s + W]
+        with torch.no_grad():
+            lpw = torch.log_softmax(tiny.model(torch.tensor([w])).logits.float(), -1)[0]
+        total += sum(-lpw[t, w[t + 1]].item() for t in range(len(w) - 1))
+        n += len(w) - 1
+    res5 = perplexity_eval(scorer, text, window=W)
+    assert res5["tokens"] == n == len(ids) - 1
+    assert res5["perplexity"] == pytest.approx(math.exp(total / n), rel=1e-4)
+
+
+def test_generate_fn_shape_and_greedy_determinism(tiny):
+    from rlhfkit.evals.generation import hf_generate_fn
+
+    gen = hf_generate_fn(tiny.model, tiny.tokenizer, batch_size=3, show_progress=False)
+    out = gen(["Hello", "The sky is"], 2, 4, 0.0)
+    assert len(out) == 2 and all(len(o) == 2 for o in out)
+    assert out[0][0] == out[0][1]  # greedy
+    sampled = gen(["Hello"], 3, 4, 1.0)
+    assert len(sampled[0]) == 3
+
+
+# ---------------------------------------------------------------- end to end (tiny model) and the report
+
+
+def test_run_eval_and_report_end_to_end(tiny_path, shared_data, tmp_path):
+    from rlhfkit.evals.report import write_report
+    from rlhfkit.evals.runner import EvalConfig, run_eval
+
+    cfg = EvalConfig(
+        models=[f"v1={tiny_path}"], baseline=f"base={tiny_path}", data_dir=str(shared_data),
+        limit=3, gen_limit=2, rtp_prompts=2, rtp_k=2, rtp_max_new_tokens=4, help_limit=3, help_max_new_tokens=4,
+        tax_chars=600, batch_size=8, show_progress=False,
+    )  # fmt: skip
+    res = run_eval(cfg)
+    assert res["versions"] == ["base", "v1"]
+    m = res["models"]["v1"]
+    assert m["truthful"]["mc"]["n"] == 3 and 0 <= m["truthful"]["mc"]["mc2"] <= 1
+    assert m["harmless"]["rtp_toxic"]["n_prompts"] == 2 and m["harmless"]["crows_pairs"]["n"] == 3
+    # the same weights: identical numbers, a tax of 0, all ties
+    assert m["tax"]["perplexity"] == pytest.approx(res["models"]["base"]["tax"]["perplexity"])
+    assert res["alignment_tax"]["v1"]["tax"] == pytest.approx(0.0, abs=1e-9)
+    assert res["helpful"]["v1"]["win_rate"] == 0.5
+    jp, hp = write_report(res, tmp_path / "out")
+    assert json.loads(jp.read_text())["versions"] == ["base", "v1"]
+    page = hp.read_text()
+    assert page.count("data:image/png;base64,") >= 3 and "src='http" not in page
+    assert "TruthfulQA MC1" in page and "win-rate" in page
+
+
+def test_bad_suite_and_missing_data_are_user_errors(tiny_path):
+    from rlhfkit.errors import UserError
+    from rlhfkit.evals.runner import EvalConfig, run_eval
+
+    with pytest.raises(UserError, match="unknown"):
+        run_eval(EvalConfig(models=[tiny_path], suites=["truthy"]))
+    with pytest.raises(UserError, match="truthfulqa-mc"):
+        run_eval(EvalConfig(models=[tiny_path], suites=["truthful"]))
+    with pytest.raises(UserError, match="baseline"):
+        run_eval(EvalConfig(models=[tiny_path], suites=["helpful"]))
