@@ -20,7 +20,7 @@ import torch
 
 from rlhfkit.algos.losses import ranking_loss, ranking_metrics
 from rlhfkit.config import RewardConfig
-from rlhfkit.data.tokenize import Encoded, collate, encode_ranking
+from rlhfkit.data.tokenize import Encoded, collate, encode_ranking, length_groups
 from rlhfkit.errors import UserError
 from rlhfkit.models.heads import RewardModel, load_reward_model
 from rlhfkit.recipes.common import (MetricsLog, apply_lora, batch_plan, load_checkpoint, load_split, make_accelerator,
@@ -34,8 +34,11 @@ def score_groups(model, groups: list[Group], pad_id: int, device) -> tuple[torch
     seqs = [e for g, _ in groups for e in g]
     ranks = torch.tensor([r for _, rs in groups for r in rs], device=device)
     group = torch.tensor([gi for gi, (g, _) in enumerate(groups) for _ in g], device=device)
-    batch = collate(seqs, pad_id)
-    scores = model(batch["input_ids"].to(device), batch["attention_mask"].to(device), batch["last_index"].to(device))
+    scores = torch.zeros(len(seqs), device=device)
+    for part in length_groups([len(e.input_ids) for e in seqs]):  # similar lengths together: less padding
+        batch = collate([seqs[i] for i in part], pad_id)
+        part_scores = model(batch["input_ids"].to(device), batch["attention_mask"].to(device), batch["last_index"].to(device))
+        scores = scores.index_put((torch.tensor(part, device=device),), part_scores)
     return scores, ranks, group
 
 

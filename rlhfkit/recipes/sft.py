@@ -22,7 +22,7 @@ import torch
 
 from rlhfkit.algos.losses import masked_nll_sum
 from rlhfkit.config import SFTConfig, TrainConfig
-from rlhfkit.data.tokenize import Encoded, collate, collate_packed, encode_demonstration
+from rlhfkit.data.tokenize import Encoded, collate, collate_packed, encode_demonstration, length_groups
 from rlhfkit.errors import UserError
 from rlhfkit.models.loading import load_causal_lm
 from rlhfkit.recipes.common import (MetricsLog, apply_lora, batch_plan, load_checkpoint, load_split, make_accelerator,
@@ -69,11 +69,17 @@ def run_lm_training(cfg: TrainConfig, acc, model, tok, train: list[Encoded], hel
             return collate_packed(examples, tok.pad_token_id, cfg.max_length)
         return collate(examples, tok.pad_token_id, response_only=True)
 
-    def forward_nll(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        kw = {k: v.to(acc.device) for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids")}
-        logits = model(**kw).logits  # (B, T, V)
-        nll, _ = masked_nll_sum(logits, kw["input_ids"], batch["loss_mask"].to(acc.device))
-        return nll
+    def forward_nll(examples: list[Encoded]) -> torch.Tensor:
+        """Summed NLL of the target tokens of ``examples`` (similar lengths share a forward)."""
+        parts = [examples] if packing else [[examples[i] for i in g] for g in length_groups([len(e.input_ids) for e in examples])]
+        total = torch.zeros((), device=acc.device)
+        for part in parts:
+            batch = batch_inputs(part)
+            kw = {k: v.to(acc.device) for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids")}
+            logits = model(**kw).logits  # (B, T, V)
+            nll, _ = masked_nll_sum(logits, kw["input_ids"], batch["loss_mask"].to(acc.device))
+            total = total + nll
+        return total
 
     @torch.no_grad()
     def evaluate() -> float | None:
@@ -83,7 +89,7 @@ def run_lm_training(cfg: TrainConfig, acc, model, tok, train: list[Encoded], hel
         mine = held_out[rank::n_proc]
         total = torch.zeros((), device=acc.device)
         for i in range(0, len(mine), max(1, cfg.batch_size // n_proc)):
-            total += forward_nll(batch_inputs(mine[i : i + max(1, cfg.batch_size // n_proc)]))
+            total += forward_nll(mine[i : i + max(1, cfg.batch_size // n_proc)])
         model.train()
         return (acc.reduce(total, "sum") / sum(targets(e) for e in held_out)).item()
 
@@ -119,7 +125,7 @@ def run_lm_training(cfg: TrainConfig, acc, model, tok, train: list[Encoded], hel
         for j, mb in enumerate(micro):
             sync = nullcontext() if j == len(micro) - 1 else acc.no_sync(model)
             with sync:
-                nll = forward_nll(batch_inputs([train[i] for i in mb]))
+                nll = forward_nll([train[i] for i in mb])
                 acc.backward(nll / n_targets * n_proc)
             loss_sum += nll.detach()
         grad_norm = acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None

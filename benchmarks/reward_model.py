@@ -1,0 +1,163 @@
+"""Reward-model benchmark: quality on HH-harmless and speed against TRL's RewardTrainer, one run.
+
+1. speed  — TRL's own settings (shared/peers/trl/reward_bench.py): 256 synthetic chosen/rejected
+            pairs of ~95 tokens a side, SmolLM2-135M + scalar head, batch 8 pairs, 1 epoch, bf16.
+            Ours and TRL's (from its own venv) run back to back; we report pairs/s and the ratio.
+2. quality — from smollm2-135m-instruct, train on hh-rlhf-harmless/train.jsonl (1,850 pairs),
+            evaluate pairwise accuracy on test.jsonl (462 pairs), beside a length heuristic.
+
+Writes benchmarks/results/reward_model.json and .md. Never asserts a time.
+
+usage: python benchmarks/reward_model.py [--trl-venv benchmarks/.venvs/trl] [--skip-quality] [--skip-speed]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+sys.path.insert(0, str(ROOT))
+
+from rlhfkit.config import RewardConfig  # noqa: E402
+from rlhfkit.data.loaders import load_records  # noqa: E402
+from rlhfkit.models.loading import embedded_model_dir  # noqa: E402
+from rlhfkit.recipes.reward import train_reward_model  # noqa: E402
+
+# the word list and lengths of TRL's reward_bench.py synthetic pairs (the same generator, seed 0)
+WORDS = ("the a of and to in is was for on with as by at from that this it be are were an or which but not have has "
+         "had will would can could should sea moon rain city river mountain village library clock robot cat coffee winter "
+         "morning light shadow garden window story friend school road bridge forest quiet bright slowly under over "
+         "between around people time water night day small old new warm cold green blue red golden silver").split()
+
+
+def synthetic_pairs(n: int) -> list[tuple[str, str]]:
+    rng = random.Random(0)
+
+    def text(n_words: int) -> str:
+        return " ".join(rng.choice(WORDS) for _ in range(n_words)).capitalize() + "."
+
+    return [(text(rng.randint(88, 100)), text(rng.randint(88, 100))) for _ in range(n)]
+
+
+def run_ours_speed(model_dir: str, work: Path, pairs: int) -> dict:
+    data = work / "synthetic.jsonl"
+    # no chat template, a 3-token prompt: the same tokens as TRL's implicit-prompt text format (+3)
+    data.write_text("".join(json.dumps({"prompt": "Text:", "chosen": c, "rejected": r}) + "\n" for c, r in synthetic_pairs(pairs)))
+    cfg = RewardConfig(model=model_dir, data=str(data), out=str(work / "ours_speed"), batch_size=8, epochs=1, lr=1e-5,
+                       warmup_steps=0, precision="bf16", eval_fraction=0.0, normalize=False, chat_template=False,
+                       max_length=1024)
+    t0 = time.perf_counter()
+    res = train_reward_model(cfg)
+    return {"pairs": pairs, "pairs_per_s": res["prompts_per_second"], "train_seconds": res["train_seconds"],
+            "wall_seconds": time.perf_counter() - t0}
+
+
+def run_trl_speed(model_dir: str, work: Path, trl_python: str, pairs: int) -> dict:
+    peer = work / "trl_peer"
+    shutil.copytree(SHARED / "peers" / "trl", peer)
+    env = {**os.environ, "BENCH_MODEL": model_dir, "ACCELERATE_MIXED_PRECISION": "bf16"}
+    t0 = time.perf_counter()
+    proc = subprocess.run([trl_python, str(peer / "reward_bench.py"), "--precision", "bf16", "--pairs", str(pairs),
+                           "--tag", "trl_reward_bf16"], env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        return {"error": proc.stderr[-1500:]}
+    res = json.loads((peer / "results" / "trl_reward_bf16.json").read_text())
+    return {"pairs": pairs, "pairs_per_s": res["pairs_per_s_overall"], "pairs_per_s_median_step": res["pairs_per_s_median_step"],
+            "train_seconds": res["train_total_s"], "wall_seconds": time.perf_counter() - t0,
+            "peak_rss_mib": res["ru_maxrss_mib"], "trl": res["settings"]["trl"]}
+
+
+def length_baseline(path: Path) -> dict:
+    """Accuracy of 'the longer answer wins' and of 'the shorter answer wins' (ties half)."""
+    recs = load_records(str(path), "ranking").records
+    longer = sum(1.0 if len(r.responses[0]) > len(r.responses[1]) else 0.5 if len(r.responses[0]) == len(r.responses[1]) else 0.0
+                 for r in recs) / len(recs)
+    return {"longer_wins": longer, "shorter_wins": 1 - longer}
+
+
+def run_quality(model_dir: str, work: Path, args) -> dict:
+    hh = SHARED / "data" / "hh-rlhf-harmless"
+    cfg = RewardConfig(model=model_dir, data=str(hh / "train.jsonl"), eval_data=str(hh / "test.jsonl"), out=str(work / "ours_hh"),
+                       batch_size=args.batch_size, epochs=args.epochs, lr=args.lr, warmup_steps=10, precision="bf16",
+                       max_length=args.max_length, eval_every=0)
+    t0 = time.perf_counter()
+    res = train_reward_model(cfg)
+    return {"train_pairs": 1850, "test_pairs": 462, "accuracy": res["eval_accuracy"],
+            "accuracy_before": res.get("eval_accuracy_before"), "train_seconds": res["train_seconds"],
+            "pairs_per_s": res["prompts_per_second"], "wall_seconds": time.perf_counter() - t0,
+            "settings": {"batch_size": args.batch_size, "epochs": args.epochs, "lr": args.lr, "max_length": args.max_length,
+                         "precision": "bf16 autocast"},
+            "length_baseline": length_baseline(hh / "test.jsonl")}
+
+
+def write_markdown(res: dict, path: Path) -> None:
+    lines = ["# Reward model benchmark", "", f"Machine: {res['machine']}. Produced by `python benchmarks/reward_model.py`.", ""]
+    if "speed" in res:
+        s = res["speed"]
+        lines += ["## Speed at TRL's settings (256 synthetic pairs, ~95 tokens a side, batch 8, bf16, 1 epoch)", "",
+                  "| trainer | pairs/s | train s |", "|---|---|---|",
+                  f"| rlhfkit rm | {s['ours']['pairs_per_s']:.2f} | {s['ours']['train_seconds']:.0f} |"]
+        if "pairs_per_s" in s.get("trl", {}):
+            lines += [f"| TRL {s['trl']['trl']} RewardTrainer | {s['trl']['pairs_per_s']:.2f} | {s['trl']['train_seconds']:.0f} |", "",
+                      f"Ratio rlhfkit / TRL: **{s['ratio']:.2f}×** (measured in the same run)."]
+        else:
+            lines += ["", f"TRL not measured: {s.get('trl', {}).get('error', 'no venv')[:300]}"]
+        lines.append("")
+    if "quality" in res:
+        q = res["quality"]
+        lines += ["## Quality: HH-RLHF harmless, train 1,850 pairs -> test 462 pairs", "",
+                  "| model | test pairwise accuracy |", "|---|---|",
+                  f"| rlhfkit rm from smollm2-135m-instruct | **{q['accuracy']:.3f}** |",
+                  f"| same model before training (random head) | {q['accuracy_before']:.3f} |",
+                  f"| length heuristic: shorter answer wins | {q['length_baseline']['shorter_wins']:.3f} |",
+                  f"| length heuristic: longer answer wins | {q['length_baseline']['longer_wins']:.3f} |", "",
+                  f"Training: {q['train_seconds']:.0f} s, {q['pairs_per_s']:.2f} pairs/s; settings {q['settings']}.", ""]
+    path.write_text("\n".join(lines))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--trl-venv", default=str(ROOT / "benchmarks" / ".venvs" / "trl"))
+    ap.add_argument("--pairs", type=int, default=256)
+    ap.add_argument("--skip-speed", action="store_true")
+    ap.add_argument("--skip-quality", action="store_true")
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--epochs", type=float, default=1.0)
+    ap.add_argument("--lr", type=float, default=1e-5)
+    ap.add_argument("--max-length", type=int, default=512)
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    args = ap.parse_args()
+
+    model_dir = str(embedded_model_dir())
+    work = Path(tempfile.mkdtemp(prefix="rm-bench-"))
+    res: dict = {"machine": f"{os.cpu_count()} CPU cores, torch {__import__('torch').__version__}",
+                 "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    if not args.skip_speed:
+        ours = run_ours_speed(model_dir, work, args.pairs)
+        trl_py = Path(args.trl_venv) / "bin" / "python"
+        trl = run_trl_speed(model_dir, work, str(trl_py), args.pairs) if trl_py.exists() else {"error": f"no TRL venv at {args.trl_venv}"}
+        res["speed"] = {"ours": ours, "trl": trl}
+        if "pairs_per_s" in trl:
+            res["speed"]["ratio"] = ours["pairs_per_s"] / trl["pairs_per_s"]
+    if not args.skip_quality:
+        res["quality"] = run_quality(model_dir, work, args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "reward_model.json").write_text(json.dumps(res, indent=2))
+    write_markdown(res, out / "reward_model.md")
+    print((out / "reward_model.md").read_text())
+    shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
