@@ -19,7 +19,7 @@ from typing import Optional
 import typer
 import yaml
 
-from rlhfkit.config import STAGES, build_config, field_help
+from rlhfkit.config import STAGES, PipelineConfig, build_config, field_help
 from rlhfkit.errors import UserError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
@@ -50,6 +50,8 @@ def _runner(stage: str):
         from rlhfkit.recipes.reward import train_reward_model as run
     elif stage == "pretrain":
         from rlhfkit.recipes.pretrain import train_pretrain as run
+    elif stage == "pipeline":
+        from rlhfkit.recipes.pipeline import run_pipeline as run
     else:  # pragma: no cover
         raise ValueError(stage)
     return run
@@ -91,6 +93,17 @@ def _stage_command(stage: str, cls: type) -> None:
 
 for _stage, _cls in STAGES.items():
     _stage_command(_stage, _cls)
+_stage_command("pipeline", PipelineConfig)
+
+
+@app.command("demo")
+@friendly
+def demo(out: str = typer.Option("runs/demo", help="Run directory."),
+         overrides: Optional[list[str]] = typer.Argument(None, help="key=value overrides of the pipeline config.")):
+    """The main job: the RLHF pipeline on the embedded SmolLM2-135M-Instruct with the default settings."""
+    from rlhfkit.recipes.pipeline import run_pipeline
+
+    run_pipeline(build_config(PipelineConfig, None, overrides or [], out=out))
 
 
 @app.command("convert")

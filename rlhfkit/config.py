@@ -96,6 +96,32 @@ class RewardConfig(TrainConfig):
     normalize: bool = opt(True, "After training, set the offset so the mean score of the reference (best) answers is 0.")
 
 
+@dataclass
+class PipelineConfig:
+    """The RLHF loop on the built-in task: sample -> label -> SFT (best-of-K) -> reward model -> judge."""
+
+    model: str = opt("smollm2-135m-instruct", "Base model (any --model spec).")
+    out: str = opt("runs/demo", "Run directory: every round's samples, rankings, models and metrics stay here.")
+    train_prompts: int = opt(96, "Train prompts of the built-in task to sample and label (seeded subset).")
+    eval_prompts: int = opt(0, "Held-out prompts for judging versions (0 = all 108).")
+    k: int = opt(4, "Answers sampled per prompt for the labeler to rank (K = 2..9).")
+    max_new_tokens: int = opt(128, "Longest answer, in tokens.")
+    temperature: float = opt(1.0, "Sampling temperature for the K answers.")
+    labeler: str = opt("simulated", "Who ranks: simulated (gold rubric + human-like noise) or gold (no noise).")
+    labeler_temperature: float = opt(0.1, "Simulated labeler: Plackett-Luce noise temperature (0 = exact gold order).")
+    labeler_length_bias: float = opt(0.0, "Simulated labeler: taste for longer (> 0) or shorter (< 0) answers.")
+    labeler_random_share: float = opt(0.05, "Simulated labeler: share of careless, uniformly random rankings.")
+    min_demo_score: float = opt(0.0, "A prompt's best answer becomes a demonstration only if its gold score is above this.")
+    sft_epochs: float = opt(2.0, "SFT epochs over the demonstrations.")
+    sft_lr: float = opt(2e-5, "SFT learning rate.")
+    rm_epochs: float = opt(1.0, "Reward-model epochs over the rankings.")
+    rm_lr: float = opt(1e-5, "Reward-model learning rate.")
+    batch_size: int = opt(8, "Batch size of SFT (examples) and the reward model (prompts).")
+    max_length: int = opt(384, "Maximum prompt + answer tokens in training.")
+    precision: str = opt("auto", "auto (bf16 where the hardware has it), bf16 or fp32.")
+    seed: int = opt(0, "Seed for prompt choice, sampling, labeler noise and training.")
+
+
 STAGES: dict[str, type] = {"pretrain": PretrainConfig, "sft": SFTConfig, "rm": RewardConfig}
 
 
