@@ -21,6 +21,7 @@ import yaml
 
 from rlhfkit.config import STAGES, PipelineConfig, build_config, field_help
 from rlhfkit.errors import UserError
+from rlhfkit.evals.command import eval_command
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
                   help="rlhfkit: RLHF end to end — SFT, reward model from K-way rankings, PPO, the feedback loop.")
@@ -50,6 +51,8 @@ def _runner(stage: str):
         from rlhfkit.recipes.reward import train_reward_model as run
     elif stage == "pretrain":
         from rlhfkit.recipes.pretrain import train_pretrain as run
+    elif stage == "ppo":
+        from rlhfkit.recipes.ppo import train_ppo as run
     elif stage == "pipeline":
         from rlhfkit.recipes.pipeline import run_pipeline as run
     else:  # pragma: no cover
@@ -94,6 +97,9 @@ def _stage_command(stage: str, cls: type) -> None:
 for _stage, _cls in STAGES.items():
     _stage_command(_stage, _cls)
 _stage_command("pipeline", PipelineConfig)
+
+
+app.command("eval")(friendly(eval_command))  # its options live in rlhfkit/evals/command.py
 
 
 @app.command("demo")
