@@ -119,6 +119,7 @@ class Engine:
         ids = set([eos] if isinstance(eos, int) else [])
         ids |= set(gen_eos if isinstance(gen_eos, list) else [gen_eos] if isinstance(gen_eos, int) else [])
         self.eos_ids = frozenset(ids)
+        self._cache: KVCache | None = None
 
     @property
     def device(self) -> torch.device:
@@ -224,8 +225,8 @@ class Engine:
         gen = torch.Generator(device=dev).manual_seed(seed) if seed is not None else None
         filtering = any(sp.top_k > 0 or sp.top_p < 1 for sp in params)
         with torch.no_grad():
-            cache = run.new_cache(S, L)
-            rope = run.rope_tables(L)
+            cache = self._cache_for(S, L)
+            rope = run.rope_tables(L)  # from the model's rotary module, every call (cheap)
         rows: list[_Seq] = []  # live rows, row i <-> cache slot i
         pending: list[int] = []  # per row: the sampled token not yet in the cache
 
@@ -263,23 +264,53 @@ class Engine:
                     self._compact(cache, rows, pending)
             yield events
 
+    def _cache_for(self, slots: int, max_len: int) -> KVCache:
+        """The KV cache, kept between calls (PPO calls generate every iteration); grown as needed."""
+        c = self._cache
+        if c is None or c.slots < slots or c.max_len < max_len or c.k[0].dtype != self.runner.compute_dtype:
+            self._cache = None  # free the old one before allocating
+            c = self._cache = self.runner.new_cache(slots, max_len)
+        return c
+
+    def release(self) -> None:
+        """Free the KV cache (it is kept between calls otherwise)."""
+        self._cache = None
+
     def _prefill(self, cache: KVCache, new: list[_Seq], first_row: int, rope) -> torch.Tensor:
-        """Prefill the distinct prompts of ``new`` into rows first_row.. ; returns logits (N, V)."""
+        """Prefill the distinct prompts of ``new`` into rows first_row.. ; returns logits (N, V).
+
+        Prompts are grouped by length so right-padding wastes little compute: sorted by length,
+        a group closes when its padded size would exceed max_prefill_tokens or 1.25× its real tokens.
+        """
         dev = self.device
-        order: dict[int, int] = {}  # request -> index among the prompts of this prefill
-        prompts: list[list[int]] = []
-        for q in new:
-            if q.req not in order:
-                order[q.req] = len(prompts)
-                prompts.append(q.prompt)
-        T = max(len(p) for p in prompts)
-        ids = torch.zeros(len(prompts), T, dtype=torch.long)  # (P, T) right-padded
-        for i, p in enumerate(prompts):
-            ids[i, : len(p)] = torch.tensor(p)
-        lens = torch.tensor([len(p) for p in prompts], device=dev)  # (P,)
-        slots = torch.arange(first_row, first_row + len(new), device=dev)  # (N,)
-        src = torch.tensor([order[q.req] for q in new], device=dev)  # (N,)
-        return self.runner.prefill(cache, ids.to(dev), lens, slots, src, rope)
+        by_req: dict[int, list[int]] = {}  # request -> rows (relative to first_row) of its samples
+        for j, q in enumerate(new):
+            by_req.setdefault(q.req, []).append(j)
+        reqs = sorted(by_req, key=lambda r: len(new[by_req[r][0]].prompt))
+        groups: list[list[int]] = [[]]
+        for r in reqs:
+            g = groups[-1] + [r]
+            lens = [len(new[by_req[x][0]].prompt) for x in g]
+            padded = len(g) * max(lens)
+            if groups[-1] and (padded > self.max_prefill_tokens or padded > 1.25 * sum(lens)):
+                groups.append([r])
+            else:
+                groups[-1] = g
+        logits = [None] * len(new)
+        for g in groups:
+            prompts = [new[by_req[r][0]].prompt for r in g]
+            T = max(len(p) for p in prompts)
+            ids = torch.zeros(len(prompts), T, dtype=torch.long)  # (P, T) right-padded
+            for i, p in enumerate(prompts):
+                ids[i, : len(p)] = torch.tensor(p)
+            lens = torch.tensor([len(p) for p in prompts], device=dev)  # (P,)
+            rows = [j for r in g for j in by_req[r]]
+            slots = torch.tensor([first_row + j for j in rows], device=dev)  # (N,)
+            src = torch.tensor([i for i, r in enumerate(g) for _ in by_req[r]], device=dev)  # (N,)
+            out = self.runner.prefill(cache, ids.to(dev), lens, slots, src, rope)  # (N, V)
+            for k, j in enumerate(rows):
+                logits[j] = out[k]
+        return torch.stack(logits)  # (N, V)
 
     def _sample(self, logits, rows, pending, first, gen, filtering, events, text_events):
         """Sample for rows[first:] from logits (N, V); append tokens and check stops."""

@@ -1,0 +1,236 @@
+"""The rollout engine on tiny random models: exactness against transformers, stops, batching."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from scipy import stats
+
+from rlhfkit.rollout import Engine, SamplingParams
+
+
+@pytest.fixture(scope="module")
+def tiny_mod(tiny_path):
+    from rlhfkit.models.loading import load_causal_lm
+
+    return load_causal_lm(tiny_path)
+
+
+@pytest.fixture(scope="module")
+def sharp(tiny_path):
+    """tiny-random with logits ×25 (final norm scaled): peaked, context-dependent distributions."""
+    from rlhfkit.models.loading import load_causal_lm
+
+    loaded = load_causal_lm(tiny_path)
+    with torch.no_grad():
+        loaded.model.model.norm.weight.mul_(25.0)
+    return loaded
+
+
+def prompts_of(tok, shared_data, n=20):
+    path = shared_data / "self-instruct-seed" / "seed_tasks.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()[:n]]
+    out = []
+    for r in rows:
+        ids = tok.apply_chat_template([{"role": "user", "content": r["instruction"]}], add_generation_prompt=True)
+        out.append(list(ids["input_ids"] if hasattr(ids, "keys") else ids))
+    return out
+
+
+def hf_greedy(model, prompt, new):
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=new, do_sample=False, pad_token_id=2)
+    return out[0, len(prompt) :].tolist()
+
+
+def teacher_forced_logprobs(model, prompt, tokens, T):
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + tokens])).logits[0].float()  # (L, V)
+    logp = torch.log_softmax(logits / T, -1)[len(prompt) - 1 : -1]  # (n, V)
+    return logp.gather(-1, torch.tensor(tokens)[:, None])[:, 0]
+
+
+@pytest.mark.parametrize("which", ["tiny_mod", "sharp"])
+def test_greedy_matches_transformers_generate(which, request, shared_data):
+    """20 real prompts of different lengths, batched together (rows of different positions)."""
+    loaded = request.getfixturevalue(which)
+    model, tok = loaded.model, loaded.tokenizer
+    prompts = prompts_of(tok, shared_data)
+    assert len({len(p) for p in prompts}) > 5
+    outs = Engine(model, tok, precision="fp32").generate(prompts, SamplingParams(max_new_tokens=10, temperature=0))
+    for p, o in zip(prompts, outs):
+        assert o.token_ids == hf_greedy(model, p, 10)
+        assert o.finish_reason == "length"
+
+
+def test_logprobs_equal_teacher_forced_forward(sharp):
+    model, tok = sharp.model, sharp.tokenizer
+    prompts = [tok("Once upon a time")["input_ids"], tok("The capital of France is a city that")["input_ids"]]
+    for T in (1.0, 0.7):
+        outs = Engine(model, tok, precision="fp32", max_batch=4).generate(
+            prompts, SamplingParams(max_new_tokens=12, temperature=T, seed=3, ignore_eos=True), n=3
+        )
+        assert len(outs) == 6 and [(o.prompt_index, o.sample_index) for o in outs][:3] == [(0, 0), (0, 1), (0, 2)]
+        assert len({tuple(o.token_ids) for o in outs}) > 2  # real sampling happened
+        for o in outs:
+            ref = teacher_forced_logprobs(model, o.prompt_token_ids, o.token_ids, T)
+            assert torch.tensor(o.logprobs) == pytest.approx(ref, abs=1e-4)
+
+
+def test_first_token_distribution_chi_square(sharp):
+    """n samples of one prompt share a prefill; their first tokens follow softmax(logits / T)."""
+    model, tok = sharp.model, sharp.tokenizer
+    prompt = tok("The weather today is")["input_ids"]
+    T, n = 2.0, 3000
+    outs = Engine(model, tok, precision="fp32", max_batch=1000).generate(
+        [prompt], SamplingParams(max_new_tokens=1, temperature=T, seed=0), n=n
+    )
+    with torch.no_grad():
+        p = torch.softmax(model(torch.tensor([prompt])).logits[0, -1].double() / T, -1)
+    counts = torch.bincount(torch.tensor([o.token_ids[0] for o in outs]), minlength=p.numel()).double()
+    expected = p * n
+    big = expected >= 5
+    assert big.sum() >= 5, "the test model must put mass on several tokens"
+    obs = torch.cat([counts[big], counts[~big].sum()[None]])
+    exp = torch.cat([expected[big], expected[~big].sum()[None]])
+    assert stats.chisquare(obs.numpy(), exp.numpy()).pvalue > 1e-3
+
+
+def test_k_samples_share_one_prefill(sharp, monkeypatch):
+    model, tok = sharp.model, sharp.tokenizer
+    engine = Engine(model, tok, precision="fp32")
+    seen = []
+    orig = engine.runner.prefill
+
+    def counting(cache, ids, lens, slots, src, rope):
+        seen.append((ids.shape[0], slots.shape[0]))
+        return orig(cache, ids, lens, slots, src, rope)
+
+    monkeypatch.setattr(engine.runner, "prefill", counting)
+    prompts = [tok("a b c")["input_ids"], tok("d e f g")["input_ids"], tok("h i")["input_ids"]]
+    engine.generate(prompts, SamplingParams(max_new_tokens=3, seed=0), n=4)
+    assert sum(p for p, _ in seen) == 3  # one prefill row per prompt
+    assert sum(s for _, s in seen) == 12  # copied into 4 rows each
+
+
+def test_continuous_batching_equals_one_at_a_time(sharp, shared_data):
+    """Rows finish at different times (per-request lengths, stop ids) and are refilled."""
+    model, tok = sharp.model, sharp.tokenizer
+    prompts = prompts_of(tok, shared_data, 9)
+    params = [SamplingParams(max_new_tokens=3 + 2 * i, temperature=0) for i in range(len(prompts))]
+    alone = [Engine(model, tok, precision="fp32", max_batch=1).generate([p], sp)[0] for p, sp in zip(prompts, params)]
+    engine = Engine(model, tok, precision="fp32", max_batch=3)
+    together = engine.generate(prompts, params)
+    assert [o.token_ids for o in together] == [o.token_ids for o in alone]
+    assert [len(o.token_ids) for o in together] == [sp.max_new_tokens for sp in params]
+    # n > max_batch: samples of one prompt split over several admissions, still identical (greedy)
+    sp6 = SamplingParams(max_new_tokens=6, temperature=0)
+    many = engine.generate(prompts[:2], sp6, n=4)
+    ref = [Engine(model, tok, precision="fp32", max_batch=1).generate([p], sp6)[0].token_ids for p in prompts[:2]]
+    assert [o.token_ids for o in many] == [ref[0]] * 4 + [ref[1]] * 4
+
+
+def test_stop_token_ends_exactly(sharp):
+    model, tok = sharp.model, sharp.tokenizer
+    engine = Engine(model, tok, precision="fp32")
+    prompt = tok("Tell me a story")["input_ids"]
+    sp = dict(max_new_tokens=24, temperature=1.0, seed=11)
+    full = engine.generate([prompt], SamplingParams(**sp, ignore_eos=True))[0]
+    stop_tok = full.token_ids[6]
+    first = full.token_ids.index(stop_tok)
+    out = engine.generate([prompt], SamplingParams(**sp, stop_token_ids=[stop_tok]))[0]
+    assert out.token_ids == full.token_ids[: first + 1]  # the stop token is kept
+    assert out.logprobs == full.logprobs[: first + 1]
+    assert (out.finish_reason, out.stop_reason) == ("stop", stop_tok)
+    assert full.finish_reason == "length" and full.stop_reason is None
+    assert 2 in engine.eos_ids  # <|im_end|> stops by default
+
+
+def test_stop_string_ends_exactly(sharp):
+    model, tok = sharp.model, sharp.tokenizer
+    engine = Engine(model, tok, precision="fp32")
+    prompt = tok("Write a list")["input_ids"]
+    sp = dict(max_new_tokens=30, temperature=1.0, seed=5, ignore_eos=True)
+    full = engine.generate([prompt], SamplingParams(**sp))[0]
+    # a stop string that starts inside token 8's text and ends inside a later token
+    pieces = [tok.decode(full.token_ids[: i + 1], skip_special_tokens=True) for i in range(len(full.token_ids))]
+    start = len(pieces[7]) - 1 if len(pieces[7]) > len(pieces[6]) else len(pieces[7])
+    stop = full.text[start : start + 4]
+    assert len(stop) == 4
+    cut = full.text.index(stop)
+    ends = next(i for i, t in enumerate(pieces) if stop in t)
+    out = engine.generate([prompt], SamplingParams(**sp, stop=[stop, "\x00never"]))[0]
+    assert out.text == full.text[:cut]
+    assert out.token_ids == full.token_ids[: ends + 1]
+    assert (out.finish_reason, out.stop_reason) == ("stop", stop)
+
+
+def test_stream_matches_generate_and_hides_stop_strings(sharp):
+    model, tok = sharp.model, sharp.tokenizer
+    engine = Engine(model, tok, precision="fp32")
+    prompts = [tok("Write a list")["input_ids"], tok("Hi")["input_ids"]]
+    sp = SamplingParams(max_new_tokens=30, temperature=1.0, seed=5, ignore_eos=True)
+    ref = engine.generate(prompts, sp, n=2)
+    stop = ref[0].text[10:13]
+    sp_stop = SamplingParams(max_new_tokens=30, temperature=1.0, seed=5, ignore_eos=True, stop=[stop])
+    final = engine.generate(prompts, sp_stop, n=2)
+    texts, toks, done = {}, {}, {}
+    for ev in engine.stream(prompts, sp_stop, n=2):
+        key = (ev.prompt_index, ev.sample_index)
+        texts[key] = texts.get(key, "") + ev.text
+        toks[key] = toks.get(key, []) + ev.token_ids
+        assert stop not in texts[key]
+        if ev.finished:
+            done[key] = ev.completion
+    for c in final:
+        key = (c.prompt_index, c.sample_index)
+        assert texts[key] == c.text and toks[key] == c.token_ids and done[key].token_ids == c.token_ids
+    assert final[0].finish_reason == "stop"
+
+
+def test_seed_reproducible_and_live_weights(tiny):
+    """Same seed -> same samples; after a weight update the engine samples from the new weights."""
+    model, tok = tiny.model, tiny.tokenizer
+    engine = Engine(model, tok, precision="fp32")
+    prompt = tok("Hello there")["input_ids"]
+    sp = SamplingParams(max_new_tokens=8, seed=1, temperature=0)
+    a = engine.generate([prompt], sp)[0]
+    assert engine.generate([prompt], sp)[0].token_ids == a.token_ids
+    with torch.no_grad():  # an "optimizer step" on the live model
+        model.model.norm.weight.mul_(30.0)
+        model.model.layers[0].mlp.down_proj.weight.add_(torch.randn_like(model.model.layers[0].mlp.down_proj.weight))
+    b = engine.generate([prompt], sp)[0]
+    assert b.token_ids == hf_greedy(model, prompt, 8)
+    assert b.token_ids != a.token_ids
+
+
+def test_bf16_autocast_on_fp32_model(sharp):
+    """precision='bf16' on an fp32 model: autocast, weights untouched, log-probs close to fp32."""
+    model, tok = sharp.model, sharp.tokenizer
+    before = model.model.layers[0].self_attn.q_proj.weight.clone()
+    engine = Engine(model, tok, precision="bf16")
+    assert engine.precision == "bf16" and engine.runner.compute_dtype == torch.bfloat16
+    prompt = tok("The weather today is")["input_ids"]
+    out = engine.generate([prompt], SamplingParams(max_new_tokens=8, temperature=1.0, seed=0), n=2)
+    assert model.model.layers[0].self_attn.q_proj.weight.dtype == torch.float32
+    assert torch.equal(model.model.layers[0].self_attn.q_proj.weight, before)
+    for o in out:
+        ref = teacher_forced_logprobs(model, prompt, o.token_ids, 1.0)
+        assert (torch.tensor(o.logprobs) - ref).abs().mean() < 0.15
+
+
+def test_bad_input_errors(tiny):
+    from rlhfkit.errors import UserError
+
+    engine = Engine(tiny.model, tiny.tokenizer, precision="fp32")
+    with pytest.raises(UserError, match="empty"):
+        engine.generate([[]])
+    with pytest.raises(UserError, match="SamplingParams"):
+        engine.generate([[1], [2]], [SamplingParams()])
+    with pytest.raises(UserError, match="positions"):
+        engine.generate([[1]], SamplingParams(max_new_tokens=100_000))
+    assert engine.generate([]) == []
+    out = engine.generate(["Hello"], SamplingParams(max_new_tokens=2, temperature=0))
+    assert out[0].prompt_token_ids == tiny.tokenizer("Hello", add_special_tokens=False)["input_ids"]
