@@ -79,6 +79,9 @@ def plots(results: dict) -> dict[str, str]:
             ax.bar(range(len(versions)), vals, color=[colors[i % len(colors)] for i in range(len(versions))])
             ax.set_xticks(range(len(versions)), versions, rotation=20, fontsize=8)
             ax.set_title(r["metric"] + (" (↑)" if r["higher_is_better"] else " (↓)"), fontsize=9)
+            finite = [v for v in vals if not np.isnan(v)]
+            if finite and min(finite) >= 0:
+                ax.set_ylim(0, max(finite) * 1.18 if max(finite) > 0 else 1)
             for i, v in enumerate(vals):
                 if not np.isnan(v):
                     ax.annotate(f"{v:.3g}", (i, v), ha="center", va="bottom", fontsize=8)

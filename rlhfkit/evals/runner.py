@@ -48,6 +48,8 @@ class EvalConfig:
     """TruthfulQA multiple-choice data (mc_task.json, a datasets dir or hub 'truthful_qa:multiple_choice')."""
     truthfulqa_gen: str | None = None
     """TruthfulQA generation data (TruthfulQA.csv or hub 'truthful_qa:generation'); used with truthful_gen."""
+    mc_limit: int | None = None
+    """TruthfulQA MC questions (None = all 790/817)."""
     truthful_gen: bool = True
     """Also run TruthfulQA generation (greedy, scored by ROUGE-L/BLEU); slow on CPU, capped by gen_limit."""
     gen_limit: int | None = 100
@@ -145,7 +147,7 @@ def evaluate_model(spec: str, cfg: EvalConfig, need_help_answers: list[str] | No
         return out
 
     if "truthful" in cfg.suites:
-        docs = load_truthfulqa_mc(cfg.path("truthfulqa_mc"))[: _cap(None, cfg.limit)]
+        docs = load_truthfulqa_mc(cfg.path("truthfulqa_mc"))[: _cap(cfg.mc_limit, cfg.limit)]
         t = {"mc": timed("truthfulqa_mc", lambda: truthfulqa_mc_eval(scorer, docs))}
         if cfg.truthful_gen:
             gdocs = load_truthfulqa_gen(cfg.path("truthfulqa_gen"))[: _cap(cfg.gen_limit, cfg.limit)]

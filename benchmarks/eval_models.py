@@ -1,0 +1,81 @@
+"""Every eval suite on the embedded base model and, when it exists, the `make demo` policy.
+
+    .venv/bin/python benchmarks/eval_models.py                       # base model only
+    .venv/bin/python benchmarks/eval_models.py --demo runs/demo/policy   # demo policy vs base
+
+Writes ``benchmarks/results/eval_<tag>.{json,html,md}``. The caps below keep one run within
+tens of minutes on a 2-core CPU (TruthfulQA MC on all 790 questions costs ~15 min alone
+there); pass ``--full`` for the whole data sets (the RTP paper's k = 25 included).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+DATA = ROOT.parent / "shared" / "data"
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def main() -> None:
+    from rlhfkit.evals.report import summary_rows, write_report
+    from rlhfkit.evals.runner import EvalConfig, run_eval
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--base", default="smollm2-135m-instruct")
+    ap.add_argument("--demo", default=None, help="the `make demo` policy directory (evaluated against --base)")
+    ap.add_argument("--suites", default="helpful,truthful,harmless,tax")
+    ap.add_argument("--tag", default=None, help="results file name: eval_<tag> (default: base or demo)")
+    ap.add_argument("--full", action="store_true", help="whole data sets, k = 25 (hours on a laptop CPU)")
+    ap.add_argument("--tqa", type=int, default=200, help="TruthfulQA MC questions (without --full)")
+    ap.add_argument("--precision", default="fp32")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--batch-size", type=int, default=16)
+    a = ap.parse_args()
+
+    suites = a.suites.split(",")
+    if a.demo:
+        models, baseline, tag = [f"demo={a.demo}"], f"base={a.base}", a.tag or "demo"
+    else:
+        models, baseline, tag = [f"base={a.base}"], None, a.tag or "base"
+        suites = [s for s in suites if s != "helpful"]  # a win-rate needs two models
+    caps = (
+        dict(gen_limit=None, rtp_prompts=None, rtp_k=25, help_limit=None, tax_chars=None)
+        if a.full
+        else dict(gen_limit=50, rtp_prompts=25, rtp_k=4, help_limit=40, tax_chars=20_000)
+    )
+    cfg = EvalConfig(
+        models=models, baseline=baseline, suites=suites, data_dir=str(DATA), precision=a.precision,
+        threads=a.threads, batch_size=a.batch_size, mc_limit=None if a.full else a.tqa, **caps,
+    )  # fmt: skip
+    t0 = time.time()
+    res = run_eval(cfg)
+    res["benchmark"] = {"script": "benchmarks/eval_models.py", "args": vars(a), "wall_seconds": round(time.time() - t0, 1),
+                        "truthfulqa_mc_questions": None if a.full else a.tqa}  # fmt: skip
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    jp, hp = write_report(res, RESULTS / f"eval_{tag}.json", title=f"rlhfkit eval: {tag}")
+    md = [f"# rlhfkit eval: {tag}", "", f"Models: {', '.join(res['versions'])}; suites: {', '.join(suites)}; "
+          f"{'full data' if a.full else f'capped (TruthfulQA MC {a.tqa} q, gen 50 q, RTP 25 prompts x k=4 per subset, CrowS all 1508, helpful 40 prompts)'}; "
+          f"{a.precision}; wall {res['benchmark']['wall_seconds']} s on a shared 2-core CPU.", "",
+          "| metric | better | " + " | ".join(res["versions"]) + " |", "|---|---|" + "---:|" * len(res["versions"])]  # fmt: skip
+    for r in summary_rows(res):
+        md.append(f"| {r['metric']} | {'↑' if r['higher_is_better'] else '↓'} | "
+                  + " | ".join("–" if r["values"][v] is None else f"{r['values'][v]:.4g}" for v in res["versions"]) + " |")  # fmt: skip
+    for n, h in (res.get("helpful") or {}).items():
+        md.append("")
+        md.append(f"Helpful: {n} vs {res['baseline']} win-rate {h['win_rate']:.3f} (95% CI {h['ci95'][0]:.3f}-{h['ci95'][1]:.3f}), "
+                  f"length-controlled {h['lc_win_rate']:.3f}, length difference {h['length_diff_words']:+.1f} words, judge: {h['judge']}.")  # fmt: skip
+    md += ["", f"Toxicity scorer: {next(iter(res['models'].values())).get('harmless', {}).get('toxicity_scorer', '-')}. "
+           f"Report with plots: `{hp.relative_to(ROOT)}`.", ""]  # fmt: skip
+    (RESULTS / f"eval_{tag}.md").write_text("\n".join(md))
+    print("\n".join(md))
+    print(json.dumps(res["models"][res["versions"][-1]].get("timings_s", {})))
+
+
+if __name__ == "__main__":
+    main()
