@@ -296,3 +296,44 @@ def test_bad_suite_and_missing_data_are_user_errors(tiny_path):
         run_eval(EvalConfig(models=[tiny_path], suites=["truthful"]))
     with pytest.raises(UserError, match="baseline"):
         run_eval(EvalConfig(models=[tiny_path], suites=["helpful"]))
+
+
+def test_classifier_toxicity_takes_the_toxic_label_probability(tiny, tmp_path):
+    import copy
+
+    from transformers import LlamaForSequenceClassification
+
+    from rlhfkit.evals.toxicity import ClassifierToxicity
+
+    cfg = copy.deepcopy(tiny.model.config)
+    cfg.num_labels, cfg.id2label, cfg.label2id = 2, {0: "non-toxic", 1: "toxic"}, {"non-toxic": 0, "toxic": 1}
+    cfg.pad_token_id = tiny.tokenizer.pad_token_id
+    torch.manual_seed(0)
+    LlamaForSequenceClassification(cfg).save_pretrained(tmp_path)
+    tiny.tokenizer.save_pretrained(tmp_path)
+    tox = ClassifierToxicity(str(tmp_path), batch_size=2)
+    assert tox.index == 1 and not tox.multi_label
+    texts = ["hello there", "you are an idiot", "ok"]
+    got = tox(texts)
+    with torch.no_grad():
+        want = [torch.softmax(tox.model(**tox.tok([t], return_tensors="pt")).logits, -1)[0, 1].item() for t in texts]
+    assert got == pytest.approx(want, abs=1e-5)
+
+
+@pytest.mark.slow
+def test_real_model_matches_lm_eval_per_request(smollm2_path, shared_data):
+    """lm-eval 0.4.13 (fp32, CPU) log-likelihoods on TruthfulQA question 0 and CrowS-Pairs pair 0."""
+    from rlhfkit.evals.loglik import LoglikScorer
+    from rlhfkit.models.loading import load_causal_lm
+
+    loaded = load_causal_lm(smollm2_path)
+    scorer = LoglikScorer(loaded.model, loaded.tokenizer, show_progress=False)
+    doc = load_truthfulqa_mc(shared_data / "truthfulqa" / "mc_task.json")[0]
+    res = truthfulqa_mc_eval(scorer, [doc])
+    lm_eval_mc2 = [-7.5334, -5.9514, -14.8091, -17.0959, -14.379, -49.2644, -17.8552,
+                   -5.2725, -14.3933, -5.3412, -13.2961, -14.3836, -13.8459]  # fmt: skip
+    assert res["per_question"]["mc2_ll"][0] == pytest.approx(lm_eval_mc2, abs=2e-3)
+    assert res["mc1"] == 0.0 and res["mc2"] == pytest.approx(0.240226, abs=1e-4)
+    pair = load_crows_pairs(shared_data / "crows-pairs" / "crows_pairs_anonymized.csv")[0]
+    crows = crows_pairs_eval(scorer, [pair])
+    assert [crows["per_pair"]["ll_more"][0], crows["per_pair"]["ll_less"][0]] == pytest.approx([-140.8652, -143.6086], abs=2e-3)
