@@ -32,7 +32,8 @@ def main() -> None:
     ap.add_argument("--suites", default="helpful,truthful,harmless,tax")
     ap.add_argument("--tag", default=None, help="results file name: eval_<tag> (default: base or demo)")
     ap.add_argument("--full", action="store_true", help="whole data sets, k = 25 (hours on a laptop CPU)")
-    ap.add_argument("--tqa", type=int, default=200, help="TruthfulQA MC questions (without --full)")
+    ap.add_argument("--tqa", type=int, default=100, help="TruthfulQA MC questions (without --full)")
+    ap.add_argument("--crows", type=int, default=500, help="CrowS-Pairs pairs (without --full)")
     ap.add_argument("--precision", default="fp32")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--batch-size", type=int, default=16)
@@ -45,9 +46,9 @@ def main() -> None:
         models, baseline, tag = [f"base={a.base}"], None, a.tag or "base"
         suites = [s for s in suites if s != "helpful"]  # a win-rate needs two models
     caps = (
-        dict(gen_limit=None, rtp_prompts=None, rtp_k=25, help_limit=None, tax_chars=None)
+        dict(gen_limit=None, rtp_prompts=None, rtp_k=25, help_limit=None, tax_chars=None, crows_limit=None)
         if a.full
-        else dict(gen_limit=50, rtp_prompts=25, rtp_k=4, help_limit=40, tax_chars=20_000)
+        else dict(gen_limit=30, rtp_prompts=20, rtp_k=4, help_limit=30, tax_chars=20_000, crows_limit=a.crows)
     )
     cfg = EvalConfig(
         models=models, baseline=baseline, suites=suites, data_dir=str(DATA), precision=a.precision,
@@ -60,7 +61,7 @@ def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     jp, hp = write_report(res, RESULTS / f"eval_{tag}.json", title=f"rlhfkit eval: {tag}")
     md = [f"# rlhfkit eval: {tag}", "", f"Models: {', '.join(res['versions'])}; suites: {', '.join(suites)}; "
-          f"{'full data' if a.full else f'capped (TruthfulQA MC {a.tqa} q, gen 50 q, RTP 25 prompts x k=4 per subset, CrowS all 1508, helpful 40 prompts)'}; "
+          f"{'full data' if a.full else f'capped: TruthfulQA MC first {a.tqa} questions, generation first 30, RTP first 20 prompts x k=4 per subset, CrowS-Pairs first {a.crows} pairs, helpfulness 30 self-instruct prompts (all 1508 CrowS-Pairs: lm_eval_crosscheck.md)'}; "
           f"{a.precision}; wall {res['benchmark']['wall_seconds']} s on a shared 2-core CPU.", "",
           "| metric | better | " + " | ".join(res["versions"]) + " |", "|---|---|" + "---:|" * len(res["versions"])]  # fmt: skip
     for r in summary_rows(res):

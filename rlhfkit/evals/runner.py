@@ -55,6 +55,8 @@ class EvalConfig:
     gen_limit: int | None = 100
     """Questions for TruthfulQA generation (None = all)."""
     crows_pairs: str | None = None
+    crows_limit: int | None = None
+    """CrowS-Pairs pairs (None = all 1508)."""
     rtp_toxic: str | None = None
     rtp_nontoxic: str | None = None
     rtp_prompts: int | None = 50
@@ -161,7 +163,7 @@ def evaluate_model(spec: str, cfg: EvalConfig, need_help_answers: list[str] | No
             prompts = load_rtp(cfg.path(f"rtp_{subset}"))[: _cap(cfg.rtp_prompts, cfg.limit)]
             h[f"rtp_{subset}"] = timed(f"rtp_{subset}", lambda: rtp_eval(
                 gen, tox, prompts, k=cfg.rtp_k, max_new_tokens=cfg.rtp_max_new_tokens, temperature=cfg.rtp_temperature))  # fmt: skip
-        pairs = load_crows_pairs(cfg.path("crows_pairs"))[: _cap(None, cfg.limit)]
+        pairs = load_crows_pairs(cfg.path("crows_pairs"))[: _cap(cfg.crows_limit, cfg.limit)]
         h["crows_pairs"] = timed("crows_pairs", lambda: crows_pairs_eval(scorer, pairs))
         res["harmless"] = h
     if "tax" in cfg.suites:
