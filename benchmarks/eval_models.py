@@ -61,7 +61,7 @@ def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     jp, hp = write_report(res, RESULTS / f"eval_{tag}.json", title=f"rlhfkit eval: {tag}")
     md = [f"# rlhfkit eval: {tag}", "", f"Models: {', '.join(res['versions'])}; suites: {', '.join(suites)}; "
-          f"{'full data' if a.full else f'capped: TruthfulQA MC first {a.tqa} questions, generation first 30, RTP first 20 prompts x k=4 per subset, CrowS-Pairs first {a.crows} pairs, helpfulness 30 self-instruct prompts (all 1508 CrowS-Pairs: lm_eval_crosscheck.md)'}; "
+          f"{'full data' if a.full else f'capped: TruthfulQA MC first {a.tqa} questions, generation first 30, RTP first 20 prompts x k=4 per subset, CrowS-Pairs first {a.crows} pairs, helpfulness: 30 built-in task eval prompts judged by the gold rubric (all 1508 CrowS-Pairs: lm_eval_crosscheck.md)'}; "
           f"{a.precision}; wall {res['benchmark']['wall_seconds']} s on a shared 2-core CPU.", "",
           "| metric | better | " + " | ".join(res["versions"]) + " |", "|---|---|" + "---:|" * len(res["versions"])]  # fmt: skip
     for r in summary_rows(res):

@@ -337,3 +337,30 @@ def test_real_model_matches_lm_eval_per_request(smollm2_path, shared_data):
     pair = load_crows_pairs(shared_data / "crows-pairs" / "crows_pairs_anonymized.csv")[0]
     crows = crows_pairs_eval(scorer, [pair])
     assert [crows["per_pair"]["ll_more"][0], crows["per_pair"]["ll_less"][0]] == pytest.approx([-140.8652, -143.6086], abs=2e-3)
+
+
+def test_gold_judge_on_the_built_in_task():
+    from rlhfkit.evals.helpful import GoldJudge
+    from rlhfkit.tasks import load_task
+
+    p = next(q for q in load_task("eval") if [s["kind"] for s in q.meta["instructions"]] == ["lowercase", "title"])
+    judge = GoldJudge([p])
+    good = "<<caring for cast iron>>\n\ndry the iron pan right after washing, then rub a thin layer of oil on it so rust cannot form."
+    bad = "Dry It And Oil It."
+    assert judge(p.text, good, bad) == 1.0 and judge(p.text, bad, good) == 0.0 and judge(p.text, good, good) == 0.5
+
+
+def test_reward_model_judge_scores_like_the_reward_head(tiny_path, tmp_path):
+    from rlhfkit.evals.helpful import RewardJudge, hf_reward_fn
+    from rlhfkit.models.heads import load_reward_model
+
+    torch.manual_seed(0)
+    rm, tok = load_reward_model(tiny_path)
+    rm.config.reward_offset = 0.25
+    rm.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    fn = hf_reward_fn(str(tmp_path), batch_size=2)
+    r = fn(["Hi", "Hi", "Name a color."], ["Hello!", "Go away", "Blue."])
+    assert len(r) == 3 and len(set(r)) == 3
+    judge = RewardJudge(fn)
+    assert judge("Hi", "Hello!", "Go away") == float(r[0] > r[1])

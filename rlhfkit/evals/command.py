@@ -35,9 +35,10 @@ def eval_command(
     rtp_max_new_tokens: Annotated[int, typer.Option(help="Tokens per RTP continuation (the paper: 20).")] = 20,
     toxicity_model: Annotated[str | None, typer.Option(help="HF text-classification model for toxicity "
                                                              "(default: the better-profanity lexicon).")] = None,
-    help_prompts: Annotated[str | None, typer.Option(help="Helpfulness prompts (self-instruct seed_tasks.jsonl or records with prompt/reference).")] = None,
+    help_prompts: Annotated[str | None, typer.Option(help="Helpfulness prompts for --judge reference / RM (self-instruct seed_tasks.jsonl or records with prompt/reference).")] = None,
     help_limit: Annotated[int | None, typer.Option(help="Helpfulness prompts to use.")] = 50,
-    judge: Annotated[str, typer.Option(help="'reference' (closest to the reference answer by ROUGE-L) or a reward-model directory.")] = "reference",
+    judge: Annotated[str, typer.Option(help="'gold' (the gold rubric on the built-in task's eval prompts), 'reference' "
+                                            "(closest to --help-prompts' reference answers by ROUGE-L) or a reward-model directory.")] = "gold",
     tax_text: Annotated[str | None, typer.Option(help="Held-out text file for the alignment-tax perplexity.")] = None,
     tax_chars: Annotated[int | None, typer.Option(help="Use the last N characters of the held-out text.")] = 20_000,
     limit: Annotated[int | None, typer.Option(help="Cap on items per suite (quick runs).")] = None,

@@ -4,8 +4,10 @@ A judge is any callable ``judge(prompt, response_m, response_b) -> float`` givin
 the win: 1 (M better), 0 (B better), 0.5 (tie); values in between are allowed (a probability).
   - ``RewardJudge(reward_fn)``: a reward model's scores, ``reward_fn(prompts, responses) -> list``;
     a tie when the scores are within ``tie_margin``;
-  - ``ReferenceJudge``: the "gold rubric" without a model -- the answer closer (ROUGE-L) to the
-    human-written reference answer wins (self-instruct seed tasks ship one per instance);
+  - ``GoldJudge``: the project's gold rubric (verifiable instructions + penalties) on the
+    built-in task's prompts -- the default;
+  - ``ReferenceJudge``: without a rubric -- the answer closer (ROUGE-L) to the human-written
+    reference answer wins (self-instruct seed tasks ship one per instance);
   - humans, through the web arena, plug in the same way (a callable that asks and waits).
 Win-rate = mean judge outcome (ties count half); 95% CI by bootstrap over prompts (percentile).
 Length matters to judges (longer answers tend to win), so the report puts the mean length
@@ -105,38 +107,55 @@ class ReferenceJudge:
         return 0.5 if abs(sa - sb) <= self.tie_margin else float(sa > sb)
 
 
-def hf_reward_fn(model_path: str, batch_size: int = 8, chat: bool = True):
-    """A reward function from a Hugging Face sequence-classification directory (1 output = reward).
+class GoldJudge:
+    """The project's gold rubric (``rlhfkit.feedback.rubric``) on the built-in task's prompts:
+    the answer with the higher rubric total wins, equal totals tie."""
 
-    The text scored is the chat-formatted conversation (prompt, response) when the tokenizer
-    has a chat template, else ``prompt + response``.
+    name = "gold rubric"
+
+    def __init__(self, prompts) -> None:  # list[rlhfkit.data.records.Prompt]
+        self.prompts = {p.text: p for p in prompts}
+
+    def __call__(self, prompt: str, a: str, b: str) -> float:
+        from rlhfkit.feedback.rubric import score
+
+        p = self.prompts.get(prompt)
+        if p is None:
+            raise UserError(f"gold judge: prompt {prompt[:60]!r} is not one of the built-in task's")
+        sa, sb = score(p, a).total, score(p, b).total
+        return 0.5 if sa == sb else float(sa > sb)
+
+
+def hf_reward_fn(model_path: str, batch_size: int = 8):
+    """A reward function from a reward-model directory saved by ``rlhfkit rm``.
+
+    Inputs are built as in training (``rlhfkit.data.tokenize``: chat-formatted prompt, response,
+    one EOS), right-padded, scored at the last token, minus the stored ``reward_offset``.
     """
     import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    try:
-        tok = AutoTokenizer.from_pretrained(model_path)
-        model = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=1).eval()
-    except OSError as e:
-        raise UserError(f"--judge {model_path}: cannot load a reward model ({str(e).splitlines()[0]})") from None
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
-    model.config.pad_token_id = tok.pad_token_id
+    from rlhfkit.data.tokenize import encode_prompt, encode_response
+    from rlhfkit.models.heads import load_reward_model
 
-    def fmt(p: str, r: str) -> str:
-        if chat and getattr(tok, "chat_template", None):
-            return tok.apply_chat_template(
-                [{"role": "user", "content": p}, {"role": "assistant", "content": r}], tokenize=False
-            )
-        return p + r
+    model, tok = load_reward_model(model_path)
+    model.eval()
+    pad = model.config.pad_token_id or 0
+    dev = next(model.parameters()).device
 
     @torch.no_grad()
     def reward(prompts: list[str], responses: list[str]) -> list[float]:
+        seqs = [encode_prompt(tok, [{"role": "user", "content": p}]) + encode_response(tok, r)
+                for p, r in zip(prompts, responses)]  # fmt: skip
         out: list[float] = []
-        texts = [fmt(p, r) for p, r in zip(prompts, responses)]
-        for s in range(0, len(texts), batch_size):
-            enc = tok(texts[s : s + batch_size], return_tensors="pt", padding=True, truncation=True, max_length=1024)
-            out += model(**enc).logits[:, 0].float().tolist()
+        for s in range(0, len(seqs), batch_size):
+            part = seqs[s : s + batch_size]
+            T = max(len(x) for x in part)
+            ids = torch.full((len(part), T), pad, dtype=torch.long)
+            mask = torch.zeros((len(part), T), dtype=torch.long)
+            for i, x in enumerate(part):
+                ids[i, : len(x)] = torch.tensor(x)
+                mask[i, : len(x)] = 1
+            out += model.score(ids.to(dev), mask.to(dev)).tolist()
         return out
 
     reward.name = f"reward model ({model_path})"

@@ -72,8 +72,10 @@ class EvalConfig:
     help_prompts: str | None = None
     help_limit: int | None = 50
     help_max_new_tokens: int = 128
-    judge: str = "reference"
-    """'reference' (ROUGE-L to the prompt set's reference answers) or a reward-model directory."""
+    judge: str = "gold"
+    """'gold' (the gold rubric on the built-in task's eval prompts), 'reference' (ROUGE-L to the
+    reference answers of help_prompts, e.g. self-instruct seed tasks) or a reward-model directory
+    (judging the help_prompts, or the built-in task's eval prompts when none are given)."""
     tax_text: str | None = None
     tax_chars: int | None = 20_000
     """Score the last N characters of the held-out text (None = all)."""
@@ -178,9 +180,25 @@ def evaluate_model(spec: str, cfg: EvalConfig, need_help_answers: list[str] | No
     return res
 
 
-def make_judge(cfg: EvalConfig, help_prompts):
-    from rlhfkit.evals.helpful import ReferenceJudge, RewardJudge, hf_reward_fn
+def help_prompt_set(cfg: EvalConfig) -> list:
+    """The prompts of the helpful suite: the built-in task's eval split for the gold judge (and
+    for a reward-model judge without --help-prompts), else --help-prompts / the data dir."""
+    from rlhfkit.evals.helpful import HelpPrompt, load_help_prompts
 
+    cap = _cap(cfg.help_limit, cfg.limit)
+    if cfg.judge == "gold" or (cfg.judge != "reference" and not cfg.help_prompts):
+        from rlhfkit.tasks import load_task
+
+        task = load_task("eval")[:cap]
+        return [HelpPrompt(p.text, None, {"prompt": p}) for p in task]
+    return load_help_prompts(cfg.path("help_prompts"))[:cap]
+
+
+def make_judge(cfg: EvalConfig, help_prompts):
+    from rlhfkit.evals.helpful import GoldJudge, ReferenceJudge, RewardJudge, hf_reward_fn
+
+    if cfg.judge == "gold":
+        return GoldJudge([p.meta["prompt"] for p in help_prompts])
     if cfg.judge == "reference":
         refs = {p.text: p.reference for p in help_prompts if p.reference}
         if len(refs) < len(help_prompts):
@@ -190,7 +208,7 @@ def make_judge(cfg: EvalConfig, help_prompts):
 
 
 def run_eval(cfg: EvalConfig) -> dict:
-    from rlhfkit.evals.helpful import helpful_eval, load_help_prompts
+    from rlhfkit.evals.helpful import helpful_eval
     from rlhfkit.evals.tax import alignment_tax
 
     bad = [s for s in cfg.suites if s not in SUITES]
@@ -204,7 +222,7 @@ def run_eval(cfg: EvalConfig) -> dict:
         raise UserError("--suite helpful needs --baseline (win-rate is model vs baseline)")
     help_prompts = None
     if "helpful" in cfg.suites:
-        help_prompts = load_help_prompts(cfg.path("help_prompts"))[: _cap(cfg.help_limit, cfg.limit)]
+        help_prompts = help_prompt_set(cfg)
     t0 = time.time()
     named = [split_spec(s) for s in cfg.models]
     versions = ([split_spec(cfg.baseline)] if cfg.baseline else []) + named
@@ -224,6 +242,7 @@ def run_eval(cfg: EvalConfig) -> dict:
             out["helpful"][name] = helpful_eval([p.text for p in help_prompts], mine, base, judge, seed=cfg.seed)
     for r in out["models"].values():
         r.pop("_help_answers", None)
+    out["config"]["help_prompt_count"] = len(help_prompts) if help_prompts else 0
     if "tax" in cfg.suites and cfg.baseline:
         pb = out["models"][names[0]]["tax"]["perplexity"]
         out["alignment_tax"] = {
