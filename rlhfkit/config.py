@@ -122,7 +122,48 @@ class PipelineConfig:
     seed: int = opt(0, "Seed for prompt choice, sampling, labeler noise and training.")
 
 
-STAGES: dict[str, type] = {"pretrain": PretrainConfig, "sft": SFTConfig, "rm": RewardConfig}
+@dataclass
+class PPOConfig(TrainConfig):
+    """PPO against a reward model with a per-token KL penalty to the SFT model (InstructGPT step 3)."""
+
+    model: str = opt("smollm2-135m-instruct", "The SFT model: the policy starts from it and the frozen reference is it.")
+    data: str = opt("", "Prompts (any prompt format of the loaders). Empty: the built-in task's train split.")
+    reward_model: str = opt("", "Reward model directory (saved by `rlhfkit rm`). Empty only when a reward_fn is passed from Python.")
+    critic: str = opt("rm", "Critic: 'rm' (a copy of the reward model, its head applied per token) or 'policy_head' (a value head on the policy trunk).")
+    critic_model: str = opt("", "Initialise the critic from this model instead of `reward_model` (empty: reward_model, else the SFT model with a fresh head).")
+    batch_size: int = opt(16, "Prompts per PPO iteration (rollout batch = batch_size x samples_per_prompt).")
+    samples_per_prompt: int = opt(1, "Responses sampled per prompt in each iteration (they share one prefill).")
+    max_steps: int = opt(0, "PPO iterations (0 = from epochs over the prompts).")
+    max_new_tokens: int = opt(64, "Longest response in tokens; one that reaches it without EOS gets missing_eos_penalty.")
+    max_prompt_length: int = opt(256, "Prompts longer than this keep their last tokens (counted and reported).")
+    temperature: float = opt(0.7, "Sampling temperature; log-probs are always recomputed from logits / temperature.")
+    ignore_eos: bool = opt(False, "Always generate max_new_tokens (benchmarks, TRL's default); responses are still cut after the first EOS.")
+    ppo_epochs: int = opt(1, "Passes over each rollout batch.")
+    num_minibatches: int = opt(2, "Optimizer steps per pass over a rollout batch.")
+    lr: float = opt(3e-6, "Learning rate of policy and critic (one AdamW, one gradient-norm clip).")
+    schedule: str = opt("constant", "Learning-rate decay after warm-up: cosine, linear or constant.")
+    kl_coef: float = opt(0.05, "beta of the per-token KL penalty -beta (log pi - log pi_ref); the initial value when adaptive_kl.")
+    adaptive_kl: bool = opt(False, "Adapt beta towards target_kl (Ziegler et al. 2019).")
+    target_kl: float = opt(6.0, "Target KL per response (nats) for adaptive_kl.")
+    kl_horizon: int = opt(10000, "Horizon (episodes) of the adaptive KL controller.")
+    gamma: float = opt(1.0, "GAE discount.")
+    lam: float = opt(0.95, "GAE lambda.")
+    cliprange: float = opt(0.2, "PPO ratio clip epsilon.")
+    cliprange_value: float = opt(0.2, "Value clip epsilon (in reward units).")
+    vf_coef: float = opt(0.1, "Weight of the value loss.")
+    whiten_advantages: bool = opt(True, "Whiten advantages over the rollout batch.")
+    whiten_rewards: bool = opt(False, "Scale per-token rewards to unit variance (mean kept).")
+    score_clip: float = opt(0.0, "Clip reward-model scores to [-c, c] (0 = off).")
+    missing_eos_penalty: float | None = opt(-1.0, "Score given to a response that never produced EOS (null = keep its score).")
+    ptx_data: str = opt("", "PPO-ptx: a text corpus whose next-token loss is mixed into every minibatch (empty = off).")
+    ptx_coef: float = opt(0.0, "PPO-ptx: weight gamma of the pretraining loss.")
+    ptx_batch_size: int = opt(4, "PPO-ptx: corpus chunks per minibatch.")
+    ptx_length: int = opt(256, "PPO-ptx: tokens per corpus chunk.")
+    forward_batch_size: int = opt(16, "Sequences per no-grad forward (log-probs, reference, values, scores).")
+    save_every: int = opt(0, "Write a resumable checkpoint every N iterations (0 = only at the end).")
+
+
+STAGES: dict[str, type] = {"pretrain": PretrainConfig, "sft": SFTConfig, "rm": RewardConfig, "ppo": PPOConfig}
 
 
 # ---------------------------------------------------------------- building configs
