@@ -364,3 +364,41 @@ def test_reward_model_judge_scores_like_the_reward_head(tiny_path, tmp_path):
     assert len(r) == 3 and len(set(r)) == 3
     judge = RewardJudge(fn)
     assert judge("Hi", "Hello!", "Go away") == float(r[0] > r[1])
+
+
+def test_data_from_jsonl_and_datasets_dir(tmp_path):
+    import datasets
+
+    from rlhfkit.errors import UserError
+    from rlhfkit.evals.data import read_rows
+
+    rows = [{"sent_more": "a b", "sent_less": "a c", "bias_type": "age"}]
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "ds"))
+    assert read_rows(tmp_path / "ds") == rows
+    assert load_crows_pairs(tmp_path / "ds")[0].bias_type == "age"
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"a": 1}\n{oops\n')
+    with pytest.raises(UserError, match=r"bad.jsonl:2"):
+        read_rows(bad)
+    with pytest.raises(UserError, match="lacks field"):
+        load_truthfulqa_mc(_write(tmp_path / "q.jsonl", [{"question": "x"}]))
+
+
+def _write(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_eval_command_is_typer_compatible():
+    import typer
+    from typer.testing import CliRunner
+
+    from rlhfkit.evals.command import eval_command
+
+    app = typer.Typer()
+    app.command("eval")(eval_command)
+    app.command("other")(lambda: None)
+    res = CliRunner().invoke(app, ["eval", "--help"], env={"COLUMNS": "200"})
+    assert res.exit_code == 0, res.output
+    for opt in ("--model", "--baseline", "--suite", "--out", "--data-dir", "--judge", "--rtp-k", "--toxicity-model", "--precision"):
+        assert opt in res.output
