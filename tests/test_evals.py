@@ -402,3 +402,13 @@ def test_eval_command_is_typer_compatible():
     assert res.exit_code == 0, res.output
     for opt in ("--model", "--baseline", "--suite", "--out", "--data-dir", "--judge", "--rtp-k", "--toxicity-model", "--precision"):
         assert opt in res.output
+
+
+def test_engine_generate_fn_matches_the_interface(tiny):
+    from rlhfkit.evals.generation import engine_generate_fn, hf_generate_fn
+
+    eng = engine_generate_fn(tiny.model, tiny.tokenizer, show_progress=False)
+    out = eng(["Hello", "The sky is"], 2, 4, 0.0)
+    assert len(out) == 2 and all(len(o) == 2 and o[0] == o[1] for o in out)
+    hf = hf_generate_fn(tiny.model, tiny.tokenizer, show_progress=False)
+    assert out[1][0] == hf(["The sky is"], 1, 4, 0.0)[0][0]  # greedy: the same text either way

@@ -65,3 +65,22 @@ def hf_generate_fn(
         return [texts[i * n : (i + 1) * n] for i in range(len(prompts))]
 
     return generate
+
+
+def engine_generate_fn(model: torch.nn.Module, tokenizer, top_p: float = 1.0, seed: int = 0,
+                       show_progress: bool = True, precision: str = "fp32") -> GenerateFn:  # fmt: skip
+    """A ``GenerateFn`` on rlhfkit's rollout engine (``rlhfkit.rollout.Engine``): shared prefill
+    of the n samples of a prompt and continuous batching. Select with ``EvalConfig.generator``."""
+    from rlhfkit.rollout.engine import Engine
+    from rlhfkit.rollout.sampling import SamplingParams
+
+    engine = Engine(model, tokenizer, precision=precision)
+
+    def generate(prompts: list[str], n: int, max_new_tokens: int, temperature: float) -> list[list[str]]:
+        ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+        params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature,
+                                top_p=top_p if temperature > 0 else 1.0, seed=seed)  # fmt: skip
+        outs = engine.generate(ids, params, n=n, progress=show_progress)  # prompt-major
+        return [[c.text for c in outs[i * n : (i + 1) * n]] for i in range(len(prompts))]
+
+    return generate
