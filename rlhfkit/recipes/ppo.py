@@ -110,6 +110,27 @@ def make_batch(queries: list[list[int]], response: torch.Tensor, response_mask: 
     return Batch(input_ids, attention_mask, positions, response, response_mask, q + lengths - 1)
 
 
+def cut_responses(completions, eos_ids, pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The engine's samples as ``(response (N, R), response_mask (N, R) bool, ended (N,) bool)``.
+
+    Everything after the first EOS is cut [N-details, "EOS trick"]: with ``ignore_eos`` (or stop
+    strings) tokens may follow it, and they are not the policy's answer. ``ended`` says whether a
+    response produced EOS at all (the missing-EOS penalty applies to the others).
+    Pitfall: SmolLM2's pad id *is* its EOS, so the padding of shorter samples is first filled with
+    a non-EOS id — otherwise a sample cut at 'length' would look finished.
+    """
+    eos = sorted(eos_ids)
+    filler = next(i for i in range(len(eos) + 1) if i not in eos)
+    lengths = torch.tensor([len(c.token_ids) for c in completions])  # (N,)
+    R = int(lengths.max())
+    response = torch.full((len(completions), R), filler, dtype=torch.long)
+    for i, c in enumerate(completions):
+        response[i, : len(c.token_ids)] = torch.tensor(c.token_ids)
+    response, response_mask, ended = truncate_after_eos(response, eos, pad_id)
+    response_mask &= torch.arange(R)[None, :] < lengths[:, None]
+    return response.masked_fill(~response_mask, pad_id), response_mask, ended
+
+
 def _gather(hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """hidden (B, L, d), positions (B, R) -> (B, R, d)."""
     return hidden.gather(1, positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
@@ -369,9 +390,7 @@ def train_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None, interrupt_after
     policy.train()
     critic.train()
     engine = Engine(policy, tok, precision=precision)
-    eos_ids = sorted(engine.eos_ids)
-    filler = next(i for i in range(len(eos_ids) + 1) if i not in engine.eos_ids)
-    if not eos_ids:
+    if not engine.eos_ids:
         raise UserError(f"{cfg.model}: the tokenizer has no EOS token; responses could never end")
 
     # 2. prompts, batch plan (one batch of prompts per iteration), PPO-ptx corpus
@@ -418,23 +437,11 @@ def train_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None, interrupt_after
                                 ignore_eos=cfg.ignore_eos, seed=_seed(cfg.seed, it, 7))
         with torch.no_grad():
             completions = engine.generate([queries[i] for i in idx], params, n=cfg.samples_per_prompt)
-        R = max(len(c.token_ids) for c in completions)
-        response = torch.full((len(completions), R), pad_id, dtype=torch.long)
-        for i, c in enumerate(completions):
-            response[i, : len(c.token_ids)] = torch.tensor(c.token_ids)
         t_generate = time.perf_counter() - t0
 
-        # 3. cut after the first EOS (pitfall: with ignore_eos, or stop strings, tokens may follow
-        #    it; they are not the policy's answer), then score
+        # 3. cut after the first EOS, then score
         t0 = time.perf_counter()
-        #    (pitfall: SmolLM2's pad id *is* its EOS, so the padding of shorter samples is first
-        #    filled with a non-EOS id, or a sample cut at 'length' would look finished)
-        lengths = torch.tensor([len(c.token_ids) for c in completions])
-        real = torch.arange(R)[None, :] < lengths[:, None]  # (N, R)
-        response = response.masked_fill(~real, filler)
-        response, response_mask, ended = truncate_after_eos(response, eos_ids, pad_id)
-        response_mask &= real
-        response = response.masked_fill(~response_mask, pad_id)
+        response, response_mask, ended = cut_responses(completions, engine.eos_ids, pad_id)
         batch = make_batch(batch_queries, response, response_mask, pad_id)
         texts = [tok.decode(r[m].tolist(), skip_special_tokens=True) for r, m in zip(batch.response, batch.response_mask)]
         finished = ended.tolist()
