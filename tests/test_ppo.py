@@ -19,6 +19,16 @@ from rlhfkit.config import PPOConfig
 from rlhfkit.recipes.common import read_metrics
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: one thread is faster, and far faster on a shared, loaded machine (OpenMP
+    threads spin-waiting for a busy core made these tests 10x slower with 2 threads)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def newline_reward(prompts, responses, finished):
     return [r.count("\n") / 4 for r in responses]
 
