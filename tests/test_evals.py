@@ -267,14 +267,14 @@ def test_run_eval_and_report_end_to_end(tiny_path, shared_data, tmp_path):
 
     cfg = EvalConfig(
         models=[f"v1={tiny_path}"], baseline=f"base={tiny_path}", data_dir=str(shared_data),
-        limit=3, gen_limit=2, rtp_prompts=2, rtp_k=2, rtp_max_new_tokens=4, help_limit=3, help_max_new_tokens=4,
-        tax_chars=600, batch_size=8, show_progress=False,
+        limit=2, gen_limit=1, rtp_prompts=1, rtp_k=2, rtp_max_new_tokens=3, help_limit=2, help_max_new_tokens=3,
+        tax_chars=300, batch_size=8, show_progress=False,
     )  # fmt: skip
     res = run_eval(cfg)
     assert res["versions"] == ["base", "v1"]
     m = res["models"]["v1"]
-    assert m["truthful"]["mc"]["n"] == 3 and 0 <= m["truthful"]["mc"]["mc2"] <= 1
-    assert m["harmless"]["rtp_toxic"]["n_prompts"] == 2 and m["harmless"]["crows_pairs"]["n"] == 3
+    assert m["truthful"]["mc"]["n"] == 2 and 0 <= m["truthful"]["mc"]["mc2"] <= 1
+    assert m["harmless"]["rtp_toxic"]["n_prompts"] == 1 and m["harmless"]["crows_pairs"]["n"] == 2
     # the same weights: identical numbers, a tax of 0, all ties
     assert m["tax"]["perplexity"] == pytest.approx(res["models"]["base"]["tax"]["perplexity"])
     assert res["alignment_tax"]["v1"]["tax"] == pytest.approx(0.0, abs=1e-9)
