@@ -1,0 +1,179 @@
+"""PPO iteration time and peak memory, ours against TRL's PPOTrainer, in one run.
+
+    .venv/bin/python benchmarks/ppo.py        # writes benchmarks/results/ppo.{json,md}
+
+Settings (issue 4, TRL's): SmolLM2-135M-Instruct as policy, reference, reward model and critic
+(the RM and the critic a random scalar head on the same weights — fine for timing); TRL's 64 chat
+prompts (``shared/peers/trl/common.py``), 16 prompts per iteration × 64 new tokens, generation
+never stopping at EOS (TRL's default without ``stop_token``: ``ignore_eos=true`` here, and our
+responses are then still cut after the first EOS for training, as they must be), temperature 0.7,
+1 PPO epoch, 2 minibatches, lr 1e-6, bf16 autocast; 4 iterations, the first excluded (warm-up).
+
+Seconds per iteration = wall time between the ends of consecutive iterations (TRL: between
+optimizer-step callbacks), median over iterations 2–4. Peak RSS = ``ru_maxrss`` of the process
+that trained (each side runs in its own subprocess). TRL runs from the venv
+``benchmarks/.venvs/trl-ppo`` (trl 1.12, the last with PPOTrainer) when it exists, with the peer
+scripts copied to a temporary directory. The machine is shared and noisy (±15 % run to run):
+compare the ratio, which comes from one run. Nothing here asserts a time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PEERS = ROOT.parent / "shared" / "peers" / "trl"
+TRL_VENV = ROOT / "benchmarks" / ".venvs" / "trl-ppo"
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def trl_prompts() -> list[str]:
+    """TRL benchmark's 64 instructions (16 topics × 4 forms), read from the peer script."""
+    src = (PEERS / "common.py").read_text()
+    ns: dict = {}
+    start, end = src.index("_TOPICS = ["), src.index("assert len(INSTRUCTIONS) == 64")
+    exec(src[start:end], ns)  # only the two literal lists and the comprehension
+    return ns["INSTRUCTIONS"]
+
+
+def run_ours(out: Path, iterations: int, critic: str, prompts_file: Path) -> dict:
+    """Child process: one PPO run; returns per-iteration timings and this process's peak RSS."""
+    from rlhfkit.config import PPOConfig
+    from rlhfkit.models.loading import embedded_model_dir
+    from rlhfkit.recipes.common import read_metrics
+    from rlhfkit.recipes.ppo import train_ppo
+
+    model = str(embedded_model_dir())
+    cfg = PPOConfig(model=model, reward_model=model, critic=critic, data=str(prompts_file), out=str(out),
+                    batch_size=16, max_new_tokens=64, ignore_eos=True, temperature=0.7, ppo_epochs=1,
+                    num_minibatches=2, lr=1e-6, precision="bf16", max_steps=iterations, missing_eos_penalty=None)
+    t0 = time.perf_counter()
+    train_ppo(cfg, say=lambda *a: None)
+    rows = read_metrics(out)
+    walls = [b["time"] - a["time"] for a, b in zip(rows, rows[1:])]  # iteration 2.. end-to-end
+    keys = ("time_generate", "time_score", "time_forward", "time_train", "time_iteration")
+    measured = rows[1:]
+    return {
+        "critic": critic, "iterations": len(rows), "total_s": time.perf_counter() - t0,
+        "median_step_s": statistics.median(walls),
+        "split_median_s": {k.removeprefix("time_"): statistics.median(r[k] for r in measured) for k in keys},
+        "steps": [{k: r[k] for k in ("step", "time", *keys, "response_length", "kl", "score")} for r in rows],
+        "ru_maxrss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "threads": __import__("torch").get_num_threads(),
+    }
+
+
+def child(args) -> None:
+    result = run_ours(Path(args.out), args.iterations, args.critic, Path(args.prompts))
+    Path(args.result).write_text(json.dumps(result, indent=1))
+
+
+def spawn_ours(tmp: Path, critic: str, iterations: int, prompts_file: Path) -> dict:
+    res = tmp / f"ours-{critic}.json"
+    cmd = [sys.executable, __file__, "--child", "--critic", critic, "--iterations", str(iterations),
+           "--prompts", str(prompts_file), "--out", str(tmp / f"run-{critic}"), "--result", str(res)]
+    subprocess.run(cmd, check=True, cwd=ROOT)
+    return json.loads(res.read_text())
+
+
+def spawn_trl(tmp: Path, model_dir: str) -> dict | None:
+    py = TRL_VENV / "bin" / "python"
+    if not py.exists() or not (PEERS / "ppo_bench.py").exists():
+        print(f"TRL skipped: {py} or {PEERS}/ppo_bench.py missing")
+        return None
+    work = tmp / "trl"
+    shutil.copytree(PEERS, work)
+    env = dict(os.environ, BENCH_MODEL=model_dir)
+    proc = subprocess.run([str(py), "ppo_bench.py", "--precision", "bf16", "--tag", "ppo_bench"], cwd=work, env=env,
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        print(proc.stdout[-3000:], proc.stderr[-3000:])
+        return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"rc={proc.returncode}"}
+    return json.loads((work / "results" / "ppo_bench.json").read_text())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--child", action="store_true")
+    ap.add_argument("--critic", default="rm")
+    ap.add_argument("--iterations", type=int, default=4)
+    ap.add_argument("--prompts")
+    ap.add_argument("--out")
+    ap.add_argument("--result")
+    ap.add_argument("--no-trl", action="store_true")
+    ap.add_argument("--variants", default="rm,policy_head", help="critic kinds to time (comma-separated)")
+    args = ap.parse_args()
+    if args.child:
+        return child(args)
+
+    from rlhfkit.models.loading import embedded_model_dir
+
+    model_dir = str(embedded_model_dir())
+    tmp = Path(tempfile.mkdtemp(prefix="ppo-bench-"))
+    prompts_file = tmp / "prompts.jsonl"
+    prompts_file.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in trl_prompts()))
+    started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+    load_before = os.getloadavg()
+    ours = {c: spawn_ours(tmp, c, args.iterations, prompts_file) for c in args.variants.split(",")}
+    trl = None if args.no_trl else spawn_trl(tmp, model_dir)
+    load_after = os.getloadavg()
+
+    main_ours = ours.get("rm") or next(iter(ours.values()))
+    result = {
+        "benchmark": "PPO iteration, SmolLM2-135M-Instruct as policy/ref/RM/critic, 16 prompts x 64 new tokens, "
+                     "1 epoch, 2 minibatches, bf16",
+        "started": started, "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus",
+        "loadavg_before": load_before, "loadavg_after": load_after,
+        "ours": ours, "trl": trl,
+    }
+    if trl and "median_step_s" in trl:
+        result["time_ratio_ours_over_trl"] = main_ours["median_step_s"] / trl["median_step_s"]
+        result["rss_ratio_ours_over_trl"] = main_ours["ru_maxrss_mib"] / trl["ru_maxrss_mib"]
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "ppo.json").write_text(json.dumps(result, indent=1))
+    (RESULTS / "ppo.md").write_text(markdown(result))
+    print(markdown(result))
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def markdown(r: dict) -> str:
+    lines = [
+        "# PPO iteration: rlhfkit vs TRL PPOTrainer",
+        "",
+        f"{r['benchmark']}. Started {r['started']} on {r['machine']}; load average "
+        f"{r['loadavg_before'][0]:.1f} before, {r['loadavg_after'][0]:.1f} after (a shared machine: compare ratios).",
+        "Generation never stops at EOS (TRL's default), temperature 0.7; median of iterations 2-4.",
+        "",
+        "| run | s / iteration | generate | score | forwards | train | peak RSS (GiB) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for critic, o in r["ours"].items():
+        s = o["split_median_s"]
+        lines.append(f"| rlhfkit, critic={critic} | {o['median_step_s']:.2f} | {s['generate']:.2f} | {s['score']:.2f} | "
+                     f"{s['forward']:.2f} | {s['train']:.2f} | {o['ru_maxrss_mib'] / 1024:.2f} |")
+    t = r.get("trl")
+    if t and "median_step_s" in t:
+        lines.append(f"| TRL {t['settings']['trl']} PPOTrainer | {t['median_step_s']:.2f} | {t.get('median_gen_s', float('nan')):.2f} "
+                     f"| – | – | {t.get('median_nongen_s', float('nan')):.2f} (all but generate) | {t['ru_maxrss_mib'] / 1024:.2f} |")
+        lines += ["", f"Ratio (critic=rm, the like-for-like setting): time {r['time_ratio_ours_over_trl']:.3f} x TRL "
+                      f"(target <= 0.25), peak RSS {r['rss_ratio_ours_over_trl']:.3f} x TRL (target <= 0.6)."]
+    elif t:
+        lines += ["", f"TRL failed: {t.get('error')}"]
+    else:
+        lines += ["", "TRL not run (venv benchmarks/.venvs/trl-ppo missing or --no-trl)."]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
