@@ -120,6 +120,7 @@ class Engine:
         ids |= set(gen_eos if isinstance(gen_eos, list) else [gen_eos] if isinstance(gen_eos, int) else [])
         self.eos_ids = frozenset(ids)
         self._cache: KVCache | None = None
+        self._busy = False  # one call at a time: calls share the KV cache
 
     @property
     def device(self) -> torch.device:
@@ -216,6 +217,15 @@ class Engine:
         ids, params = self._prepare(prompts, params, n)
         if not ids:
             return
+        if self._busy:
+            raise UserError("this Engine is already generating (finish or close the other stream first)")
+        self._busy = True
+        try:
+            yield from self._loop(ids, params, n, text_events)
+        finally:
+            self._busy = False
+
+    def _loop(self, ids, params, n, text_events: bool) -> Iterator[list[StreamEvent]]:
         run = self.runner
         dev = self.device
         queue = deque((r, s) for r in range(len(ids)) for s in range(n))
@@ -232,7 +242,7 @@ class Engine:
 
         while queue or rows:
             events: list[StreamEvent] = []
-            with torch.no_grad():
+            with torch.no_grad(), run.autocast():  # per step: nothing leaks into the caller between yields
                 # 2. admit waiting samples into free rows, one prefill per prompt
                 new: list[_Seq] = []
                 budget = self.max_prefill_tokens
@@ -244,7 +254,8 @@ class Engine:
                     queue.popleft()
                     budget -= len(ids[r]) if fresh else 0
                     sp = params[r]
-                    stop_ids = frozenset() if sp.ignore_eos else frozenset(sp.stop_token_ids or self.eos_ids)
+                    stop_ids = self.eos_ids if sp.stop_token_ids is None else frozenset(sp.stop_token_ids)
+                    stop_ids = frozenset() if sp.ignore_eos else stop_ids
                     seq = _Seq(r, s, sp, stop_ids, ids[r])
                     if sp.stop or text_events:
                         seq.detok = IncrementalText(self.tokenizer)
@@ -268,6 +279,8 @@ class Engine:
         """The KV cache, kept between calls (PPO calls generate every iteration); grown as needed."""
         c = self._cache
         if c is None or c.slots < slots or c.max_len < max_len or c.k[0].dtype != self.runner.compute_dtype:
+            if c is not None and c.k[0].dtype == self.runner.compute_dtype:
+                slots, max_len = max(slots, c.slots), max(max_len, c.max_len)
             self._cache = None  # free the old one before allocating
             c = self._cache = self.runner.new_cache(slots, max_len)
         return c

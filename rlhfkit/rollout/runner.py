@@ -219,9 +219,12 @@ class Runner:
             kc, vc = cache.k[i], cache.v[i]
             kc[rows, :, pos] = k[:, :, 0]
             vc[rows, :, pos] = v[:, :, 0]
-            return F.scaled_dot_product_attention(
-                q, kc[:B, :, :span], vc[:B, :, :span], attn_mask=mask, scale=self.scaling, enable_gqa=True
-            )
+            # The G = H / Hkv query heads sharing a kv head become G query positions of that kv
+            # head: (B, Hkv, G, D) against (B, Hkv, span, D), no repeat of K/V (~20% faster than
+            # enable_gqa on CPU). Head h = kv * G + g, as in HF's repeat_kv.
+            qg = q.reshape(B, self.n_kv, self.n_heads // self.n_kv, self.head_dim)  # (B, Hkv, G, D)
+            o = F.scaled_dot_product_attention(qg, kc[:B, :, :span], vc[:B, :, :span], attn_mask=mask, scale=self.scaling)
+            return o.view(B, self.n_heads, 1, self.head_dim)
 
         h = self.dec.embed_tokens(tokens[:, None])  # (B, 1, d)
         h = self._layers(h, cos, sin, attend)
