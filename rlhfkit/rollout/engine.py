@@ -261,6 +261,9 @@ class Engine:
                         seq.detok = IncrementalText(self.tokenizer)
                     new.append(seq)
                 if new:
+                    # rows sorted by prompt length (samples of a prompt stay together): decode
+                    # attention then works on row chunks of similar lengths (runner.attention_chunks)
+                    new.sort(key=lambda q: len(q.prompt))
                     logits = self._prefill(cache, new, len(rows), rope)  # (N, V)
                     rows.extend(new)
                     pending.extend([0] * len(new))
