@@ -118,6 +118,13 @@ class PipelineConfig:
     rm_lr: float = opt(1e-5, "Reward-model learning rate.")
     batch_size: int = opt(8, "Batch size of SFT (examples) and the reward model (prompts).")
     max_length: int = opt(384, "Maximum prompt + answer tokens in training.")
+    rounds: int = opt(1, "Rounds of iterated online RLHF: each samples from the newest policy, ranks, retrains the RM, runs PPO.")
+    round_prompts: int = opt(64, "Fresh train prompts sampled and ranked in each round after the first.")
+    ppo_iterations: int = opt(40, "PPO iterations per round (0 = no PPO: SFT + reward model only).")
+    ppo_batch_size: int = opt(16, "Prompts per PPO iteration.")
+    ppo_lr: float = opt(3e-6, "PPO learning rate (policy and critic).")
+    kl_coef: float = opt(0.05, "PPO: beta of the per-token KL penalty to the SFT model.")
+    ppo_temperature: float = opt(0.7, "PPO: sampling temperature of rollouts.")
     precision: str = opt("auto", "auto (bf16 where the hardware has it), bf16 or fp32.")
     seed: int = opt(0, "Seed for prompt choice, sampling, labeler noise and training.")
 

@@ -6,9 +6,13 @@
   2. label         a labeler ranks each prompt's K answers (simulated: gold rubric + noise)
   3. SFT           best-of-K rejection sampling: the labeler's top answer of each prompt becomes
                    a demonstration, and the base model is fine-tuned on them
-  4. RM            a reward model, initialised from the SFT model, learns from the rankings
-  5. judge         every model version answers the held-out prompts; the gold rubric judges them:
-                   mean gold score, instruction-following rate, win-rates, Bradley–Terry ratings
+  4. RM            round r: a reward model, initialised from the SFT model, learns from all
+                   rankings so far (round 1: the base model's answers; round r > 1 adds fresh
+                   answers of the newest policy, ranked — iterated online RLHF, Bai et al. 2022)
+  5. PPO           round r: PPO from the SFT model (also the KL reference) against RM r
+  6. judge         every version answers the held-out prompts (greedy); the gold rubric judges:
+                   mean gold score, instruction-following rate, win-rates with 95% intervals,
+                   Elo and Bradley–Terry ratings; a self-contained HTML report with plots
 
 Everything a stage produces stays in the run directory (samples, rankings, demonstrations,
 models, metrics) and a finished stage is not redone when the pipeline is run again.
@@ -93,91 +97,155 @@ def run_pipeline(cfg: PipelineConfig, say=print) -> dict:
     (out / "pipeline.json").write_text(json.dumps(asdict(cfg), indent=2))
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
+    if cfg.labeler not in ("gold", "simulated"):
+        raise UserError(f"labeler={cfg.labeler!r}: expected simulated or gold (humans arrive with the web app)")
+    if not 2 <= cfg.k <= 9:
+        raise UserError(f"k={cfg.k}: labelers rank K = 2..9 answers per prompt")
 
-    # 0. prompts: a seeded subset of the train split; held-out prompts only for judging
+    # 0. prompts: seeded subsets of the train split; held-out prompts only for judging
     train_all, eval_all = load_task("train"), load_task("eval")
     rng = random.Random(cfg.seed)
-    train = rng.sample(train_all, min(cfg.train_prompts, len(train_all)))
+    order = rng.sample(range(len(train_all)), len(train_all))
     held_out = eval_all[: cfg.eval_prompts] if cfg.eval_prompts else eval_all
-    say(f"built-in task: {len(train)} train prompts, {len(held_out)} held-out prompts")
-
     labeler = GoldLabeler() if cfg.labeler == "gold" else SimulatedLabeler(SimulatedLabelerConfig(
         temperature=cfg.labeler_temperature, length_bias=cfg.labeler_length_bias,
         random_share=cfg.labeler_random_share, seed=cfg.seed))
-    if cfg.labeler not in ("gold", "simulated"):
-        raise UserError(f"labeler={cfg.labeler!r}: expected simulated or gold (humans arrive with the web app)")
 
-    # 1. sample K answers per train prompt from the base model
+    def prompts_of_round(r: int) -> list[Prompt]:
+        lo = 0 if r == 0 else cfg.train_prompts + (r - 1) * cfg.round_prompts
+        hi = cfg.train_prompts if r == 0 else lo + cfg.round_prompts
+        return [train_all[i % len(train_all)] for i in order[lo:hi]]
+
+    def label_round(r: int, policy: str, temperature: float) -> list[dict]:
+        """1.-2. K answers per prompt from ``policy``, ranked by the labeler; kept in round{r}/."""
+        rdir = out / f"round{r}"
+        rdir.mkdir(exist_ok=True)
+        prompts = prompts_of_round(r)
+        if not (rdir / "samples.jsonl").exists():
+            write_jsonl(rdir / "samples.jsonl", sample_answers(policy, prompts, cfg.k, cfg, temperature, say))
+        samples = read_jsonl(rdir / "samples.jsonl")
+        if not (rdir / "rankings.jsonl").exists():
+            rows = []
+            for p, row in zip(prompts, samples):
+                rk = labeler.rank(p, row["responses"], row["finished"])
+                rows.append({"prompt": p.text, "responses": rk.responses, "ranks": rk.ranks, "meta": rk.meta})
+            write_jsonl(rdir / "rankings.jsonl", rows)
+        return read_jsonl(rdir / "rankings.jsonl")
+
+    say(f"built-in task: {cfg.train_prompts} train prompts (+{cfg.round_prompts} per later round), {len(held_out)} held-out prompts")
+    # 1.-2. round 0: K answers from the base model, ranked
     t = time.perf_counter()
-    samples_path = out / "round0" / "samples.jsonl"
-    samples_path.parent.mkdir(parents=True, exist_ok=True)
-    if not samples_path.exists():
-        write_jsonl(samples_path, sample_answers(cfg.model, train, cfg.k, cfg, cfg.temperature, say))
-    samples = read_jsonl(samples_path)
-    timings["sample"] = time.perf_counter() - t
-
-    # 2. label: one ranking per prompt
-    rankings = []
-    for p, row in zip(train, samples):
-        r = labeler.rank(p, row["responses"], row["finished"])
-        rankings.append({"prompt": p.text, "responses": r.responses, "ranks": r.ranks, "meta": r.meta})
-    write_jsonl(out / "round0" / "rankings.jsonl", rankings)
+    rankings0 = label_round(0, cfg.model, cfg.temperature)
+    timings["sample_and_label"] = time.perf_counter() - t
 
     # 3. SFT on the labeler's best answer of each prompt (best-of-K rejection sampling)
-    demos = []
-    for r in rankings:
-        best = r["ranks"].index(0)
-        if max(r["meta"]["gold"]) > cfg.min_demo_score and r["responses"][best]:
-            demos.append({"prompt": r["prompt"], "response": r["responses"][best]})
+    demos = [{"prompt": r["prompt"], "response": r["responses"][r["ranks"].index(0)]} for r in rankings0
+             if max(r["meta"]["gold"]) > cfg.min_demo_score and r["responses"][r["ranks"].index(0)]]
     write_jsonl(out / "round0" / "demos.jsonl", demos)
-    say(f"{len(demos)} demonstrations (best of {cfg.k}, gold > {cfg.min_demo_score}) from {len(rankings)} prompts")
+    say(f"{len(demos)} demonstrations (best of {cfg.k}, gold > {cfg.min_demo_score}) from {len(rankings0)} prompts")
     t = time.perf_counter()
-    sft_dir = out / "sft"
-    if not (sft_dir / "model" / "config.json").exists():
+    sft = out / "sft"
+    if not (sft / "model" / "config.json").exists():
         from rlhfkit.recipes.sft import train_sft
 
-        train_sft(SFTConfig(model=cfg.model, data=str(out / "round0" / "demos.jsonl"), out=str(sft_dir),
-                            epochs=cfg.sft_epochs, lr=cfg.sft_lr, batch_size=cfg.batch_size, precision=cfg.precision,
-                            max_length=cfg.max_length, eval_fraction=0.1, seed=cfg.seed, warmup_steps=2), say=say)
+        train_sft(SFTConfig(model=cfg.model, data=str(out / "round0" / "demos.jsonl"), out=str(sft), epochs=cfg.sft_epochs,
+                            lr=cfg.sft_lr, batch_size=cfg.batch_size, precision=cfg.precision, max_length=cfg.max_length,
+                            eval_fraction=0.1, seed=cfg.seed, warmup_steps=2), say=say)
     timings["sft"] = time.perf_counter() - t
+    versions = {"base": cfg.model, "sft": str(sft / "model")}
 
-    # 4. reward model from the rankings, initialised from the SFT model
+    # 4.-5. rounds of iterated online RLHF: rank answers of the newest policy, RM on all rankings, PPO from SFT
+    all_rankings = list(rankings0)
+    policy = str(sft / "model")
+    rm_accuracy = []
+    for r in range(1, cfg.rounds + 1):
+        rdir = out / f"round{r}"
+        rdir.mkdir(exist_ok=True)
+        t = time.perf_counter()
+        if r > 1:  # fresh answers from the newest policy
+            all_rankings += label_round(r, policy, cfg.temperature)
+        timings[f"round{r}_sample_and_label"] = time.perf_counter() - t
+        t = time.perf_counter()
+        if not (rdir / "rm" / "model" / "config.json").exists():
+            from rlhfkit.recipes.reward import train_reward_model
+
+            write_jsonl(rdir / "rm_data.jsonl", all_rankings)
+            train_reward_model(RewardConfig(model=str(sft / "model"), data=str(rdir / "rm_data.jsonl"), out=str(rdir / "rm"),
+                                            epochs=cfg.rm_epochs, lr=cfg.rm_lr, batch_size=cfg.batch_size,
+                                            precision=cfg.precision, max_length=cfg.max_length, eval_fraction=0.15,
+                                            seed=cfg.seed, warmup_steps=2), say=say)
+        evals = [m for m in _metrics(rdir / "rm") if "eval_accuracy" in m]
+        rm_accuracy.append({"round": r, "rankings": len(all_rankings),
+                            "before": evals[0]["eval_accuracy"] if evals else None,
+                            "after": evals[-1]["eval_accuracy"] if evals else None})
+        timings[f"round{r}_rm"] = time.perf_counter() - t
+        if cfg.ppo_iterations <= 0:
+            continue
+        t = time.perf_counter()
+        if not (rdir / "ppo" / "model" / "config.json").exists():
+            from rlhfkit.config import PPOConfig
+            from rlhfkit.recipes.ppo import train_ppo
+
+            train_ppo(PPOConfig(model=str(sft / "model"), reward_model=str(rdir / "rm" / "model"), out=str(rdir / "ppo"),
+                                max_steps=cfg.ppo_iterations, batch_size=cfg.ppo_batch_size, lr=cfg.ppo_lr,
+                                kl_coef=cfg.kl_coef, temperature=cfg.ppo_temperature, max_new_tokens=cfg.max_new_tokens,
+                                precision=cfg.precision, seed=cfg.seed + r), say=say)
+        policy = str(rdir / "ppo" / "model")
+        versions[f"ppo{r}"] = policy
+        timings[f"round{r}_ppo"] = time.perf_counter() - t
+
+    # 6. judge every version on the held-out prompts with the gold rubric (greedy answers)
     t = time.perf_counter()
-    rm_dir = out / "rm"
-    if not (rm_dir / "model" / "config.json").exists():
-        from rlhfkit.recipes.reward import train_reward_model
-
-        train_reward_model(RewardConfig(model=str(sft_dir / "model"), data=str(out / "round0" / "rankings.jsonl"),
-                                        out=str(rm_dir), epochs=cfg.rm_epochs, lr=cfg.rm_lr, batch_size=cfg.batch_size,
-                                        precision=cfg.precision, max_length=cfg.max_length, eval_fraction=0.15,
-                                        seed=cfg.seed, warmup_steps=2), say=say)
-    rm_metrics = [m for m in _metrics(rm_dir) if "eval_accuracy" in m]
-    timings["rm"] = time.perf_counter() - t
-
-    # 5. judge every version on the held-out prompts with the gold rubric (greedy answers)
-    t = time.perf_counter()
-    versions = {"base": cfg.model, "sft": str(sft_dir / "model")}
-    judged = {}
+    (out / "eval").mkdir(exist_ok=True)
+    answers, judged = {}, {}
     for name, spec in versions.items():
         path = out / "eval" / f"{name}.jsonl"
-        path.parent.mkdir(exist_ok=True)
         if not path.exists():
             write_jsonl(path, sample_answers(spec, held_out, 1, cfg, 0.0, say))
-        judged[name] = judge(held_out, read_jsonl(path))
+        answers[name] = read_jsonl(path)
+        judged[name] = judge(held_out, answers[name])
     timings["judge"] = time.perf_counter() - t
 
+    final = list(versions)[-1]
     summary = {
-        "prompts": {"train": len(train), "held_out": len(held_out), "k": cfg.k},
+        "prompts": {"train_round0": cfg.train_prompts, "per_later_round": cfg.round_prompts, "held_out": len(held_out), "k": cfg.k},
         "demonstrations": len(demos),
         "versions": {n: {k: v for k, v in j.items() if k != "scores"} for n, j in judged.items()},
+        "final": final,
+        "final_vs_sft": compare(judged[final]["scores"], judged["sft"]["scores"]),
         "sft_vs_base": compare(judged["sft"]["scores"], judged["base"]["scores"]),
-        "rm": {"held_out_accuracy_before": rm_metrics[0].get("eval_accuracy") if rm_metrics else None,
-               "held_out_accuracy": rm_metrics[-1].get("eval_accuracy") if rm_metrics else None},
+        "ratings": ratings(judged),
+        "rm_accuracy": rm_accuracy,
+        "ppo": {n: _metrics(Path(p).parent) for n, p in versions.items() if n.startswith("ppo")},
         "seconds": {**{k: round(v, 1) for k, v in timings.items()}, "total": round(time.perf_counter() - t_start, 1)},
     }
+    if final != "sft":
+        last = summary["ppo"][final][-1] if summary["ppo"][final] else {}
+        summary["final_kl_to_sft"] = last.get("kl")
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    from rlhfkit.recipes.pipeline_report import write_report
+
+    write_report(out / "report.html", summary, held_out, answers)
     say(render_summary(summary))
+    say(f"report: {out / 'report.html'}")
     return summary
+
+
+def ratings(judged: dict[str, dict]) -> dict:
+    """Elo and Bradley–Terry (with bootstrap 95% intervals) from gold-judged comparisons: every
+    pair of versions meets on every held-out prompt; the higher gold score wins, equal is a tie."""
+    from rlhfkit.algos.ratings import bradley_terry_bootstrap, elo_ratings
+
+    names = list(judged)
+    games = []
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            for x, y in zip(judged[a]["scores"], judged[b]["scores"]):
+                games.append((a, b, 1.0 if x > y else 0.5 if x == y else 0.0))
+    random.Random(0).shuffle(games)  # online Elo depends on the order: a fixed shuffle, not version order
+    bt = bradley_terry_bootstrap(games, anchor="sft", n_boot=300, seed=0)
+    elo = elo_ratings(games)
+    return {n: {"bt": bt[n].rating, "ci95": [bt[n].lower, bt[n].upper], "elo": elo[n]} for n in names}
 
 
 def _metrics(run: Path) -> list[dict]:
@@ -186,15 +254,21 @@ def _metrics(run: Path) -> list[dict]:
 
 
 def render_summary(s: dict) -> str:
-    lines = ["", "version | gold score | instructions followed | answers following all",
-             "--- | --- | --- | ---"]
+    lines = ["", "version | gold score | instructions followed | answers following all | Bradley-Terry (95% CI)",
+             "--- | --- | --- | --- | ---"]
     for name, v in s["versions"].items():
-        lines.append(f"{name} | {v['gold_mean']:+.3f} | {v['instruction_rate']:.1%} | {v['prompt_rate']:.1%}")
-    w = s["sft_vs_base"]
-    lines.append(f"\nSFT vs base on {s['prompts']['held_out']} held-out prompts: win-rate {w['win_rate']:.1%} "
-                 f"(95% CI {w['ci95'][0]:.1%}–{w['ci95'][1]:.1%}; {w['wins']} wins, {w['ties']} ties, {w['losses']} losses)")
-    rm = s["rm"]
-    if rm["held_out_accuracy"] is not None:
-        lines.append(f"reward model held-out pairwise accuracy: {rm['held_out_accuracy_before']:.3f} -> {rm['held_out_accuracy']:.3f}")
-    lines.append(f"time: {s['seconds']}")
+        rt = s["ratings"][name]
+        lines.append(f"{name} | {v['gold_mean']:+.3f} | {v['instruction_rate']:.1%} | {v['prompt_rate']:.1%} | "
+                     f"{rt['bt']:.0f} ({rt['ci95'][0]:.0f}–{rt['ci95'][1]:.0f})")
+    for key, label in (("sft_vs_base", "SFT vs base"), ("final_vs_sft", f"{s['final']} vs SFT")):
+        w = s[key]
+        lines.append(f"{label} on {s['prompts']['held_out']} held-out prompts: win-rate {w['win_rate']:.1%} "
+                     f"(95% CI {w['ci95'][0]:.1%}–{w['ci95'][1]:.1%}; {w['wins']} wins, {w['ties']} ties, {w['losses']} losses)")
+    if s.get("final_kl_to_sft") is not None:
+        lines.append(f"KL({s['final']} || SFT) per response at the last PPO iteration: {s['final_kl_to_sft']:.3f} nats")
+    for rm in s["rm_accuracy"]:
+        if rm["after"] is not None:
+            lines.append(f"round {rm['round']} reward model ({rm['rankings']} rankings): held-out pairwise accuracy "
+                         f"{rm['before']:.3f} -> {rm['after']:.3f}")
+    lines.append(f"time (s): {s['seconds']}")
     return "\n".join(lines)
