@@ -225,8 +225,20 @@ def compare(work: Path) -> dict:
     md += ["", f"All within 0.5 points: **{result['all_within_0.5_points']}**. "
            f"Largest per-request log-likelihood gap (nats): {ll_gaps}.", ""]
     md += [
-        f"Wall time (2 CPU cores shared with other jobs): rlhfkit {result['rlhfkit_wall_seconds']} s, "
-        f"lm-eval {result['lm_eval_wall_seconds']} s.",
+        "Notes:",
+        "- The shared TruthfulQA file is the January 2025 revision with 790 questions (the hub copy that "
+        "lm-eval downloads by default, `truthfulqa/truthful_qa`, has the original 817); both sides read the 790 "
+        "here, converted to the hub's `{choices, labels}` schema for lm-eval.",
+        "- Documents: the first N of each task that both sides scored (`--limit` / `--tqa-limit`). On this "
+        "machine (2 CPU cores shared with several other jobs, load average ~10) lm-eval scores ~100 TruthfulQA "
+        "questions in 20 min, so the full 790 (~2.5 h) was out of reach; the per-request log-likelihoods agree "
+        "to 1e-4 nats, so more documents can only add float-noise flips of exact ties.",
+        "- Per-request agreement: lm-eval's per-sample log-likelihoods (`--log_samples`) against ours, request "
+        "by request; rlhfkit scores TruthfulQA with the few-shot context run once per question and its KV "
+        "cache shared by the answers (same numbers, ~5x less compute than lm-eval's one forward per answer).",
+        f"- Wall time (shared CPU, not comparable across rows): rlhfkit {result['rlhfkit_wall_seconds']} s "
+        f"(TruthfulQA: {ours['truthfulqa_mc']['n']} questions), lm-eval {result['lm_eval_wall_seconds']} s "
+        "(crows: not recorded).",
         "",
         "Regenerate: see `benchmarks/lm_eval_crosscheck.py` (docstring).",
         "",
