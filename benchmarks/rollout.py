@@ -20,10 +20,15 @@ import platform
 import time
 from pathlib import Path
 
-import torch
+# Threads that wait passively: on a shared, oversubscribed CPU, OpenMP's default spin-waiting
+# made every small op ~100x slower (13 ms for a 128x576 add under load 7 on 2 cores). Set before
+# torch loads its OpenMP runtime; applies to both sides of the comparison.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from rlhfkit.models.loading import load_causal_lm
-from rlhfkit.rollout import Engine, SamplingParams
+import torch  # noqa: E402
+
+from rlhfkit.models.loading import load_causal_lm  # noqa: E402
+from rlhfkit.rollout import Engine, SamplingParams  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SEED_TASKS = ROOT.parent / "shared" / "data" / "self-instruct-seed" / "seed_tasks.jsonl"
@@ -91,6 +96,7 @@ def main() -> None:
         "dtype": "bf16",
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "cpu": platform.processor() or platform.machine(),
         "load_avg_start": os.getloadavg(),
         "prompt_tokens_mean": sum(map(len, prompts)) / len(prompts),
@@ -129,7 +135,8 @@ def main() -> None:
     lines = [
         "# Rollout engine benchmark",
         "",
-        f"SmolLM2-135M-Instruct, bf16, {res['threads']} threads, torch {res['torch']}; prompts: self-instruct seed "
+        f"SmolLM2-135M-Instruct, bf16, {res['threads']} threads (OMP_WAIT_POLICY={res['omp_wait_policy']}), "
+        f"torch {res['torch']}, load average {res['load_avg_start'][0]:.1f} at start; prompts: self-instruct seed "
         f"instructions in the chat template (mean {res['prompt_tokens_mean']:.0f} tokens); "
         f"{args.new_tokens} new tokens per sample on both sides. One run; the machine is shared, so compare ratios.",
         "",

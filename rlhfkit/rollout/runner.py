@@ -8,8 +8,8 @@ own preallocated cache. Nothing is copied or exported: every step reads the para
 optimizer is updating, so PPO can sample right after ``optimizer.step()``. Wrapped projections
 (LoRA via PEFT) still work because we call the modules, not their ``.weight``.
 
-Supported: decoder-only models laid out like ``LlamaForCausalLM`` (LLaMA, Mistral without sliding
-window, Qwen2, SmolLM) — see ``check_supported``.
+Supported: decoder-only models laid out like ``LlamaForCausalLM`` (LLaMA, SmolLM/SmolLM2, Mistral
+without sliding window, Qwen2) — see ``check_supported``.
 
 Cache layout: one tensor per layer for keys and one for values, ``(S, Hkv, L, D)`` where S is the
 number of slots (rows of the decode batch) and L the longest prompt + max_new_tokens of the call.
@@ -28,21 +28,20 @@ import torch.nn.functional as F
 
 from rlhfkit.errors import UserError
 
-SUPPORTED_TYPES = ("llama", "mistral", "qwen2", "smollm3")
+SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
 
 
 def check_supported(model: torch.nn.Module) -> None:
-    """Raise a clear error for models whose forward we do not reproduce."""
+    """Raise a clear error for models whose forward we do not reproduce exactly."""
     cfg = getattr(model, "config", None)
     mtype = getattr(cfg, "model_type", None)
     if mtype not in SUPPORTED_TYPES:
         raise UserError(
             f"rollout engine: model_type={mtype!r} is not supported (supported: {', '.join(SUPPORTED_TYPES)})"
         )
-    if getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True) and mtype != "llama":
-        # Mistral/Qwen2 with an active sliding window attend differently beyond the window.
-        if getattr(cfg, "use_sliding_window", False) or mtype == "mistral":
-            raise UserError(f"rollout engine: sliding-window attention ({mtype}) is not supported")
+    window = getattr(cfg, "sliding_window", None)
+    if window and getattr(cfg, "use_sliding_window", mtype == "mistral"):
+        raise UserError(f"rollout engine: sliding-window attention ({mtype}, window {window}) is not supported")
 
 
 def _decoder(model: torch.nn.Module) -> torch.nn.Module:
@@ -207,7 +206,8 @@ class Runner:
         cos, sin = rope[0][:T][None, None], rope[1][:T][None, None]  # (1, 1, T, D)
         key_ok = torch.arange(T, device=ids.device)[None, :] < lens[:, None]  # (P, T)
         causal = torch.ones(T, T, dtype=torch.bool, device=ids.device).tril()  # (T, T)
-        mask = (causal[None] & key_ok[:, None, :])[:, None]  # (P, 1, T, T)
+        keep = (causal[None] & key_ok[:, None, :])[:, None]  # (P, 1, T, T)
+        mask = torch.zeros(keep.shape, dtype=self.compute_dtype, device=ids.device).masked_fill_(~keep, float("-inf"))
 
         def attend(i, q, k, v):
             cache.k[i][slots, :, :T] = k[src]
@@ -232,15 +232,22 @@ class Runner:
         pos = cache.lens[:B]  # (B,)
         chunks = attention_chunks(pos.tolist())  # [(row0, row1, span)]
         span = max(c[2] for c in chunks)
-        rows = torch.arange(B, device=tokens.device)
         cos, sin = rope[0][pos][:, None, None], rope[1][pos][:, None, None]  # (B, 1, 1, D)
-        mask = (torch.arange(span, device=tokens.device)[None, :] <= pos[:, None])[:, None, None]  # (B, 1, 1, span)
+        # additive mask built once per step (a bool mask is converted inside every SDPA call)
+        keep = torch.arange(span, device=tokens.device)[None, :] <= pos[:, None]  # (B, span)
+        mask = torch.zeros(B, 1, 1, span, dtype=self.compute_dtype, device=tokens.device)
+        mask.masked_fill_(~keep[:, None, None], float("-inf"))  # (B, 1, 1, span)
         G = self.n_heads // self.n_kv
+        # where each row's new key goes in the flattened cache (S·Hkv·L, D): one index_copy_
+        # per layer instead of an advanced-index write
+        L = cache.max_len
+        heads = torch.arange(self.n_kv, device=tokens.device)
+        dest = ((torch.arange(B, device=tokens.device)[:, None] * self.n_kv + heads) * L + pos[:, None]).reshape(-1)
 
         def attend(i, q, k, v):
             kc, vc = cache.k[i], cache.v[i]
-            kc[rows, :, pos] = k[:, :, 0]
-            vc[rows, :, pos] = v[:, :, 0]
+            kc.view(-1, self.head_dim).index_copy_(0, dest, k.reshape(B * self.n_kv, self.head_dim))
+            vc.view(-1, self.head_dim).index_copy_(0, dest, v.reshape(B * self.n_kv, self.head_dim))
             # The G = H / Hkv query heads sharing a kv head become G query positions of that kv
             # head: (B, Hkv, G, D) against (B, Hkv, span, D), no repeat of K/V. Head h = kv * G + g,
             # as in HF's repeat_kv.
