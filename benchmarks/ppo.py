@@ -79,11 +79,22 @@ def child(args) -> None:
     Path(args.result).write_text(json.dumps(result, indent=1))
 
 
+THREADS = 0
+TRL_TIMEOUT_S = 1800
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    if THREADS:
+        env["OMP_NUM_THREADS"] = str(THREADS)
+    return env
+
+
 def spawn_ours(tmp: Path, critic: str, iterations: int, prompts_file: Path) -> dict:
     res = tmp / f"ours-{critic}.json"
     cmd = [sys.executable, __file__, "--child", "--critic", critic, "--iterations", str(iterations),
            "--prompts", str(prompts_file), "--out", str(tmp / f"run-{critic}"), "--result", str(res)]
-    subprocess.run(cmd, check=True, cwd=ROOT)
+    subprocess.run(cmd, check=True, cwd=ROOT, env=_env())
     return json.loads(res.read_text())
 
 
@@ -94,9 +105,12 @@ def spawn_trl(tmp: Path, model_dir: str) -> dict | None:
         return None
     work = tmp / "trl"
     shutil.copytree(PEERS, work)
-    env = dict(os.environ, BENCH_MODEL=model_dir)
-    proc = subprocess.run([str(py), "ppo_bench.py", "--precision", "bf16", "--tag", "ppo_bench"], cwd=work, env=env,
-                          capture_output=True, text=True)
+    env = dict(_env(), BENCH_MODEL=model_dir)
+    try:
+        proc = subprocess.run([str(py), "ppo_bench.py", "--precision", "bf16", "--tag", "ppo_bench"], cwd=work,
+                              env=env, capture_output=True, text=True, timeout=TRL_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {TRL_TIMEOUT_S} s"}
     if proc.returncode != 0:
         print(proc.stdout[-3000:], proc.stderr[-3000:])
         return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"rc={proc.returncode}"}
@@ -113,9 +127,14 @@ def main() -> None:
     ap.add_argument("--result")
     ap.add_argument("--no-trl", action="store_true")
     ap.add_argument("--variants", default="rm,policy_head", help="critic kinds to time (comma-separated)")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="OMP_NUM_THREADS for both sides (0 = torch's default). On a machine loaded by other jobs, "
+                         "1 avoids OpenMP threads spin-waiting for a busy core (10x slowdowns seen here)")
     args = ap.parse_args()
     if args.child:
         return child(args)
+    global THREADS
+    THREADS = args.threads
 
     from rlhfkit.models.loading import embedded_model_dir
 
@@ -135,7 +154,7 @@ def main() -> None:
                      "1 epoch, 2 minibatches, bf16",
         "started": started, "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus",
         "loadavg_before": load_before, "loadavg_after": load_after,
-        "ours": ours, "trl": trl,
+        "omp_num_threads": args.threads or "default", "ours": ours, "trl": trl,
     }
     if trl and "median_step_s" in trl:
         result["time_ratio_ours_over_trl"] = main_ours["median_step_s"] / trl["median_step_s"]
@@ -153,7 +172,8 @@ def markdown(r: dict) -> str:
         "",
         f"{r['benchmark']}. Started {r['started']} on {r['machine']}; load average "
         f"{r['loadavg_before'][0]:.1f} before, {r['loadavg_after'][0]:.1f} after (a shared machine: compare ratios).",
-        "Generation never stops at EOS (TRL's default), temperature 0.7; median of iterations 2-4.",
+        "Generation never stops at EOS (TRL's default), temperature 0.7; median of iterations 2-4; "
+        f"OMP_NUM_THREADS={r['omp_num_threads']} on both sides.",
         "",
         "| run | s / iteration | generate | score | forwards | train | peak RSS (GiB) |",
         "|---|---|---|---|---|---|---|",
