@@ -23,12 +23,11 @@ RESULTS = ROOT / "benchmarks" / "results"
 
 
 def main() -> None:
-    from rlhfkit.evals.report import summary_rows, write_report
-    from rlhfkit.evals.runner import EvalConfig, run_eval
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--base", default="smollm2-135m-instruct")
     ap.add_argument("--demo", default=None, help="the `make demo` policy directory (evaluated against --base)")
+    ap.add_argument("--name", default="demo", help="label of the --demo model in the tables")
     ap.add_argument("--suites", default="helpful,truthful,harmless,tax")
     ap.add_argument("--tag", default=None, help="results file name: eval_<tag> (default: base or demo)")
     ap.add_argument("--full", action="store_true", help="whole data sets, k = 25 (hours on a laptop CPU)")
@@ -37,11 +36,16 @@ def main() -> None:
     ap.add_argument("--precision", default="fp32")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--render", default=None, help="re-render the tables/report of an earlier results JSON (with --tag)")
     a = ap.parse_args()
+    if a.render:
+        res = json.loads(Path(a.render).read_text())
+        render(res, a.tag or Path(a.render).stem.removeprefix("eval_"), a, res["config"]["suites"])
+        return
 
     suites = a.suites.split(",")
     if a.demo:
-        models, baseline, tag = [f"demo={a.demo}"], f"base={a.base}", a.tag or "demo"
+        models, baseline, tag = [f"{a.name}={a.demo}"], f"base={a.base}", a.tag or a.name
     else:
         models, baseline, tag = [f"base={a.base}"], None, a.tag or "base"
         suites = [s for s in suites if s != "helpful"]  # a win-rate needs two models
@@ -58,10 +62,28 @@ def main() -> None:
     res = run_eval(cfg)
     res["benchmark"] = {"script": "benchmarks/eval_models.py", "args": vars(a), "wall_seconds": round(time.time() - t0, 1),
                         "truthfulqa_mc_questions": None if a.full else a.tqa}  # fmt: skip
+    render(res, tag, a, suites)
+
+
+def caps_text(a, suites: list[str]) -> str:
+    if a.full:
+        return "full data"
+    parts = {
+        "truthful": f"TruthfulQA MC first {a.tqa} questions, generation first 30",
+        "harmless": f"RTP first 20 prompts x k=4 per subset, CrowS-Pairs first {a.crows} pairs (all 1508: lm_eval_crosscheck.md)",
+        "helpful": "helpfulness: 30 built-in task eval prompts, greedy answers of up to 128 tokens, judged by the gold rubric",
+        "tax": "perplexity on the last 20,000 characters of tinyshakespeare",
+    }
+    return "capped: " + "; ".join(parts[s] for s in suites if s in parts)
+
+
+def render(res: dict, tag: str, a, suites: list[str]) -> None:
+    from rlhfkit.evals.report import summary_rows, write_report
+
     RESULTS.mkdir(parents=True, exist_ok=True)
     jp, hp = write_report(res, RESULTS / f"eval_{tag}.json", title=f"rlhfkit eval: {tag}")
-    md = [f"# rlhfkit eval: {tag}", "", f"Models: {', '.join(res['versions'])}; suites: {', '.join(suites)}; "
-          f"{'full data' if a.full else f'capped: TruthfulQA MC first {a.tqa} questions, generation first 30, RTP first 20 prompts x k=4 per subset, CrowS-Pairs first {a.crows} pairs, helpfulness: 30 built-in task eval prompts judged by the gold rubric (all 1508 CrowS-Pairs: lm_eval_crosscheck.md)'}; "
+    md = [f"# rlhfkit eval: {tag}", ""] + ([str(res["note"]), ""] if res.get("note") else []) + [f"Models: {', '.join(res['versions'])}; suites: {', '.join(suites)}; "
+          f"{caps_text(a, suites)}; "
           f"{a.precision}; wall {res['benchmark']['wall_seconds']} s on a shared 2-core CPU.", "",
           "| metric | better | " + " | ".join(res["versions"]) + " |", "|---|---|" + "---:|" * len(res["versions"])]  # fmt: skip
     for r in summary_rows(res):
@@ -71,8 +93,8 @@ def main() -> None:
         md.append("")
         md.append(f"Helpful: {n} vs {res['baseline']} win-rate {h['win_rate']:.3f} (95% CI {h['ci95'][0]:.3f}-{h['ci95'][1]:.3f}), "
                   f"length-controlled {h['lc_win_rate']:.3f}, length difference {h['length_diff_words']:+.1f} words, judge: {h['judge']}.")  # fmt: skip
-    md += ["", f"Toxicity scorer: {next(iter(res['models'].values())).get('harmless', {}).get('toxicity_scorer', '-')}. "
-           f"Report with plots: `{hp.relative_to(ROOT)}`.", ""]  # fmt: skip
+    scorer = next(iter(res["models"].values())).get("harmless", {}).get("toxicity_scorer")
+    md += ["", (f"Toxicity scorer: {scorer}. " if scorer else "") + f"Report with plots: `{hp.relative_to(ROOT)}`.", ""]
     (RESULTS / f"eval_{tag}.md").write_text("\n".join(md))
     print("\n".join(md))
     print(json.dumps(res["models"][res["versions"][-1]].get("timings_s", {})))

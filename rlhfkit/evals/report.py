@@ -150,6 +150,8 @@ def html_report(results: dict, title: str = "rlhfkit evaluation") -> str:
         + (f"; baseline <b>{html.escape(results['baseline'])}</b>" if results.get("baseline") else "")
         + f". Suites: {', '.join(results['config']['suites'])}. Wall time {results.get('wall_seconds')} s.</p>",
     ]
+    if results.get("note"):
+        parts.append(f"<p><i>{html.escape(str(results['note']))}</i></p>")
     srows = summary_rows(results)
     parts.append("<h2>Summary</h2>")
     parts.append(_table(["metric", "better"] + versions,
