@@ -131,7 +131,7 @@ def _unused_lm_eval_results(work: Path, tag: str) -> dict:
     return res
 
 
-def run_ours(work: Path, crows_limit: int | None, tqa_limit: int | None, batch_size: int) -> dict:
+def run_ours(work: Path, crows_limit: int | None, tqa_limit: int | None, batch_size: int, skip_crows: bool = False) -> dict:
     import torch
 
     from rlhfkit.evals.crows_pairs import crows_pairs_eval, load_crows_pairs
@@ -144,14 +144,19 @@ def run_ours(work: Path, crows_limit: int | None, tqa_limit: int | None, batch_s
     scorer = LoglikScorer(loaded.model, loaded.tokenizer, batch_size=batch_size)
     out: dict = {}
     t0 = time.time()
-    crows = load_crows_pairs(DATA / "crows-pairs" / "crows_pairs_anonymized.csv")[:crows_limit]
-    out["crows_pairs"] = crows_pairs_eval(scorer, crows)
-    out["crows_pairs"]["wall_seconds"] = round(time.time() - t0, 1)
+    if skip_crows:  # keep the CrowS-Pairs result of an earlier run
+        out["crows_pairs"] = json.loads((work / "ours.json").read_text())["crows_pairs"]
+    else:
+        crows = load_crows_pairs(DATA / "crows-pairs" / "crows_pairs_anonymized.csv")[:crows_limit]
+        out["crows_pairs"] = crows_pairs_eval(scorer, crows)
+        out["crows_pairs"]["wall_seconds"] = round(time.time() - t0, 1)
     t0 = time.time()
     tqa = load_truthfulqa_mc(DATA / "truthfulqa" / "mc_task.json")[:tqa_limit]
     out["truthfulqa_mc"] = truthfulqa_mc_eval(scorer, tqa)
     out["truthfulqa_mc"]["wall_seconds"] = round(time.time() - t0, 1)
-    (work / "ours.json").write_text(json.dumps(out, indent=1))
+    tmp = work / "ours.json.tmp"
+    tmp.write_text(json.dumps(out, indent=1))
+    tmp.replace(work / "ours.json")
     return out
 
 
@@ -276,6 +281,7 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=WORK)
     ap.add_argument("--limit", type=int, default=None, help="first N documents of each task (quick check)")
     ap.add_argument("--tqa-limit", type=int, default=None, help="first N TruthfulQA questions (overrides --limit)")
+    ap.add_argument("--skip-crows", action="store_true", help="ours: keep the earlier CrowS-Pairs result")
     ap.add_argument("--tqa-range", default=None, help="A:B -- lm-eval-tqa on TruthfulQA documents A..B-1 only")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--threads", type=int, default=None, help="torch threads for our run (1 is fastest on a busy CPU)")
@@ -294,7 +300,7 @@ def main() -> None:
         tag = f"tqa_{rng[0]}_{rng[1]}" if rng else "tqa"
         run_lm_eval(a.work, TASKS_TQA, tag, tqa_limit, a.batch_size, rng)
     if a.step in ("ours", "all"):
-        run_ours(a.work, a.limit, tqa_limit, a.batch_size)
+        run_ours(a.work, a.limit, tqa_limit, a.batch_size, a.skip_crows)
     if a.step in ("compare", "all"):
         compare(a.work)
 
