@@ -227,7 +227,7 @@ def run_eval(cfg: EvalConfig) -> dict:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     if "helpful" in cfg.suites and not cfg.baseline:
-        raise UserError("--suite helpful needs --baseline (win-rate is model vs baseline)")
+        raise UserError("--suite helpful needs --baseline MODEL (a win-rate is model vs baseline), or leave helpful out of --suite")
     help_prompts = None
     if "helpful" in cfg.suites:
         help_prompts = help_prompt_set(cfg)
