@@ -3,15 +3,16 @@
     engine = Engine(model, tokenizer)                       # precision="auto": bf16 where fast
     outs = engine.generate(prompts, SamplingParams(max_new_tokens=128), n=4)
     outs[0].token_ids, outs[0].logprobs, outs[0].finish_reason   # 'stop' or 'length'
-    for ev in engine.stream([chat_ids], SamplingParams(stop=["<|im_end|>"])):
-        print(ev.text, end="")
+    for ev in engine.stream([chat_ids], SamplingParams(max_new_tokens=256, stop=["\nUser:"])):
+        print(ev.text, end="")                              # EOS (<|im_end|>) stops by default
 
 How a call runs (one loop, no HF ``generate``):
  1. every request (prompt × its n samples) waits in a queue, prompt-major;
  2. free rows of the decode batch are filled from the queue: the prompts admitted together are
     prefilled once, right-padded, and each prompt's keys/values are copied into the rows of its
     samples (the K samples of a prompt share one prefill); their first token is sampled from the
-    prefill logits;
+    prefill logits. Admitted rows are ordered by prompt length so decode attention can work on
+    row chunks of similar lengths;
  3. one decode step runs all live rows at once over the preallocated KV cache (``runner.py``),
     then each row samples its next token (``sampling.py``) and checks its stops;
  4. a finished row leaves the batch: it is refilled from the queue (continuous batching), or when
