@@ -47,8 +47,14 @@ def trl_prompts() -> list[str]:
     return ns["INSTRUCTIONS"]
 
 
-def run_ours(out: Path, iterations: int, critic: str, prompts_file: Path) -> dict:
-    """Child process: one PPO run; returns per-iteration timings and this process's peak RSS."""
+def run_ours(out: Path, iterations: int, variant: str, prompts_file: Path) -> dict:
+    """Child process: one PPO run; returns per-iteration timings and this process's peak RSS.
+
+    ``variant``: 'rm' (critic = a copy of the RM, full fine-tuning: the like-for-like setting),
+    'policy_head' (value head on the policy trunk), either with '+lora' (LoRA r=16 on all linear
+    layers of policy and critic; the reference is the policy with adapters disabled).
+    """
+    critic = variant.split("+")[0]
     from rlhfkit.config import PPOConfig
     from rlhfkit.models.loading import embedded_model_dir
     from rlhfkit.recipes.common import read_metrics
@@ -57,7 +63,8 @@ def run_ours(out: Path, iterations: int, critic: str, prompts_file: Path) -> dic
     model = str(embedded_model_dir())
     cfg = PPOConfig(model=model, reward_model=model, critic=critic, data=str(prompts_file), out=str(out),
                     batch_size=16, max_new_tokens=64, ignore_eos=True, temperature=0.7, ppo_epochs=1,
-                    num_minibatches=2, lr=1e-6, precision="bf16", max_steps=iterations, missing_eos_penalty=None)
+                    num_minibatches=2, lr=1e-6, precision="bf16", max_steps=iterations, missing_eos_penalty=None,
+                    lora="+lora" in variant)
     t0 = time.perf_counter()
     train_ppo(cfg, say=lambda *a: None)
     rows = read_metrics(out)
@@ -65,7 +72,7 @@ def run_ours(out: Path, iterations: int, critic: str, prompts_file: Path) -> dic
     keys = ("time_generate", "time_score", "time_forward", "time_train", "time_iteration")
     measured = rows[1:]
     return {
-        "critic": critic, "iterations": len(rows), "total_s": time.perf_counter() - t0,
+        "variant": variant, "critic": critic, "lora": "+lora" in variant, "iterations": len(rows), "total_s": time.perf_counter() - t0,
         "median_step_s": statistics.median(walls),
         "split_median_s": {k.removeprefix("time_"): statistics.median(r[k] for r in measured) for k in keys},
         "steps": [{k: r[k] for k in ("step", "time", *keys, "response_length", "kl", "score")} for r in rows],
@@ -91,9 +98,9 @@ def _env() -> dict:
 
 
 def spawn_ours(tmp: Path, critic: str, iterations: int, prompts_file: Path) -> dict:
-    res = tmp / f"ours-{critic}.json"
+    res = tmp / f"ours-{critic}.json".replace("+", "-")
     cmd = [sys.executable, __file__, "--child", "--critic", critic, "--iterations", str(iterations),
-           "--prompts", str(prompts_file), "--out", str(tmp / f"run-{critic}"), "--result", str(res)]
+           "--prompts", str(prompts_file), "--out", str(tmp / f"run-{critic}".replace("+", "-")), "--result", str(res)]
     subprocess.run(cmd, check=True, cwd=ROOT, env=_env())
     return json.loads(res.read_text())
 
@@ -126,7 +133,8 @@ def main() -> None:
     ap.add_argument("--out")
     ap.add_argument("--result")
     ap.add_argument("--no-trl", action="store_true")
-    ap.add_argument("--variants", default="rm,policy_head", help="critic kinds to time (comma-separated)")
+    ap.add_argument("--variants", default="rm,policy_head,rm+lora,policy_head+lora",
+                    help="settings to time (comma-separated): critic kind, optionally +lora")
     ap.add_argument("--threads", type=int, default=0,
                     help="OMP_NUM_THREADS for both sides (0 = torch's default). On a machine loaded by other jobs, "
                          "1 avoids OpenMP threads spin-waiting for a busy core (10x slowdowns seen here)")
@@ -175,17 +183,20 @@ def markdown(r: dict) -> str:
         "Generation never stops at EOS (TRL's default), temperature 0.7; median of iterations 2-4; "
         f"OMP_NUM_THREADS={r['omp_num_threads']} on both sides.",
         "",
-        "| run | s / iteration | generate | score | forwards | train | peak RSS (GiB) |",
-        "|---|---|---|---|---|---|---|",
+        "| run | s / iteration | generate | score | forwards | train | peak RSS (GiB) | time x TRL | RSS x TRL |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    for critic, o in r["ours"].items():
-        s = o["split_median_s"]
-        lines.append(f"| rlhfkit, critic={critic} | {o['median_step_s']:.2f} | {s['generate']:.2f} | {s['score']:.2f} | "
-                     f"{s['forward']:.2f} | {s['train']:.2f} | {o['ru_maxrss_mib'] / 1024:.2f} |")
     t = r.get("trl")
-    if t and "median_step_s" in t:
+    ok = bool(t and "median_step_s" in t)
+    for variant, o in r["ours"].items():
+        s = o["split_median_s"]
+        ratios = (f"{o['median_step_s'] / t['median_step_s']:.3f} | {o['ru_maxrss_mib'] / t['ru_maxrss_mib']:.3f}"
+                  if ok else "– | –")
+        lines.append(f"| rlhfkit, critic={variant} | {o['median_step_s']:.2f} | {s['generate']:.2f} | {s['score']:.2f} | "
+                     f"{s['forward']:.2f} | {s['train']:.2f} | {o['ru_maxrss_mib'] / 1024:.2f} | {ratios} |")
+    if ok:
         lines.append(f"| TRL {t['settings']['trl']} PPOTrainer | {t['median_step_s']:.2f} | {t.get('median_gen_s', float('nan')):.2f} "
-                     f"| – | – | {t.get('median_nongen_s', float('nan')):.2f} (all but generate) | {t['ru_maxrss_mib'] / 1024:.2f} |")
+                     f"| – | – | {t.get('median_nongen_s', float('nan')):.2f} (all but generate) | {t['ru_maxrss_mib'] / 1024:.2f} | 1 | 1 |")
         lines += ["", f"Ratio (critic=rm, the like-for-like setting): time {r['time_ratio_ours_over_trl']:.3f} x TRL "
                       f"(target <= 0.25), peak RSS {r['rss_ratio_ours_over_trl']:.3f} x TRL (target <= 0.6)."]
     elif t:
