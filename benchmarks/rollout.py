@@ -77,6 +77,20 @@ def forward_ceiling(model, reps: int = 3) -> float:
     return 8 * 256 * reps / (time.perf_counter() - t)
 
 
+def matmul_rows_per_s(reps: int = 20) -> dict[str, float]:
+    """bf16 x @ W.T for SmolLM2's MLP weight (1536 x 576) at M rows: how batch size bounds decode."""
+    w = torch.randn(1536, 576, dtype=torch.bfloat16)
+    out = {}
+    for m in (8, 128, 2048):
+        x = torch.randn(m, 576, dtype=torch.bfloat16)
+        torch.nn.functional.linear(x, w)
+        t = time.perf_counter()
+        for _ in range(reps):
+            torch.nn.functional.linear(x, w)
+        out[str(m)] = m * reps / (time.perf_counter() - t)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m-instruct")
@@ -127,6 +141,7 @@ def main() -> None:
         res["cases"][name] = row
         print(name, json.dumps(row, indent=1))
     res["forward_ceiling_after_tok_s"] = forward_ceiling(model)
+    res["matmul_rows_per_s"] = matmul_rows_per_s()
     res["load_avg_end"] = os.getloadavg()
 
     out = Path(args.out)
@@ -150,6 +165,17 @@ def main() -> None:
         hf = f"{row['hf_generate_tok_s']:,.0f}" if "hf_generate_tok_s" in row else "—"
         sp = f"{row['speedup_vs_hf']:.2f}×" if "speedup_vs_hf" in row else "—"
         lines.append(f"| {name} | {row['engine_tok_s']:,.0f} | {hf} | {sp} | {row['fraction_of_ceiling']:.0%} |")
+    mm = res["matmul_rows_per_s"]
+    lines += [
+        "",
+        "Why the fraction of the ceiling stays low here: a decode step multiplies every weight by only",
+        "as many rows as there are live sequences, and bf16 matmuls on this CPU are far less efficient",
+        f"at few rows — rows/s through the 1536 × 576 MLP weight: {mm['8']:,.0f} at M=8, {mm['128']:,.0f} at",
+        f"M=128, {mm['2048']:,.0f} at M=2048 (the ceiling's forward runs M=2048). At batch 8 both engines",
+        "stream all 270 MB of weights per token step and are bound by memory bandwidth, so they tie;",
+        "the engine's gain comes from decoding every sample at once (128 rows) with one prefill per prompt,",
+        "a preallocated cache and no per-step framework overhead.",
+    ]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

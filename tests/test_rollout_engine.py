@@ -66,13 +66,13 @@ def test_greedy_matches_transformers_generate(which, request, shared_data):
     """20 real prompts of different lengths, batched together (rows of different positions)."""
     loaded = request.getfixturevalue(which)
     model, tok = loaded.model, loaded.tokenizer
-    prompts = prompts_of(tok, shared_data)
+    prompts = prompts_of(tok, shared_data, 20 if which == "tiny_mod" else 10)
     assert len({len(p) for p in prompts}) > 5
     outs = Engine(model, tok, precision="fp32").generate(prompts, SamplingParams(max_new_tokens=10, temperature=0))
     assert [o.token_ids for o in outs] == hf_greedy_batch(model, tok, prompts, 10)
     assert all(o.finish_reason == "length" for o in outs)
-    for i in (0, 7, 13):  # and one prompt at a time (no padding at all on the reference side)
-        assert outs[i].token_ids == hf_greedy(model, prompts[i], 10)
+    # and one prompt alone (no padding at all on the reference side)
+    assert outs[7].token_ids == hf_greedy(model, prompts[7], 10)
 
 
 def test_logprobs_equal_teacher_forced_forward(sharp):
@@ -93,8 +93,8 @@ def test_first_token_distribution_chi_square(sharp):
     """n samples of one prompt share a prefill; their first tokens follow softmax(logits / T)."""
     model, tok = sharp.model, sharp.tokenizer
     prompt = tok("The weather today is")["input_ids"]
-    T, n = 0.75, 1200
-    outs = Engine(model, tok, precision="fp32", max_batch=600).generate(
+    T, n = 0.75, 700
+    outs = Engine(model, tok, precision="fp32", max_batch=700).generate(
         [prompt], SamplingParams(max_new_tokens=1, temperature=T, seed=0), n=n
     )
     with torch.no_grad():
@@ -128,7 +128,7 @@ def test_k_samples_share_one_prefill(sharp, monkeypatch):
 def test_continuous_batching_equals_one_at_a_time(sharp, shared_data):
     """Rows finish at different times (per-request lengths, stop ids) and are refilled."""
     model, tok = sharp.model, sharp.tokenizer
-    prompts = prompts_of(tok, shared_data, 7)
+    prompts = prompts_of(tok, shared_data, 5)
     params = [SamplingParams(max_new_tokens=3 + 2 * i, temperature=0) for i in range(len(prompts))]
     alone = [Engine(model, tok, precision="fp32", max_batch=1).generate([p], sp)[0] for p, sp in zip(prompts, params)]
     engine = Engine(model, tok, precision="fp32", max_batch=3)
@@ -181,10 +181,10 @@ def test_stream_matches_generate_and_hides_stop_strings(sharp):
     model, tok = sharp.model, sharp.tokenizer
     engine = Engine(model, tok, precision="fp32")
     prompts = [tok("Write a list")["input_ids"], tok("Hi")["input_ids"]]
-    sp = SamplingParams(max_new_tokens=30, temperature=1.0, seed=5, ignore_eos=True)
+    sp = SamplingParams(max_new_tokens=20, temperature=1.0, seed=5, ignore_eos=True)
     ref = engine.generate(prompts, sp, n=2)
     stop = ref[0].text[10:13]
-    sp_stop = SamplingParams(max_new_tokens=30, temperature=1.0, seed=5, ignore_eos=True, stop=[stop])
+    sp_stop = SamplingParams(max_new_tokens=20, temperature=1.0, seed=5, ignore_eos=True, stop=[stop])
     final = engine.generate(prompts, sp_stop, n=2)
     texts, toks, done = {}, {}, {}
     for ev in engine.stream(prompts, sp_stop, n=2):
