@@ -6,8 +6,11 @@ from pathlib import Path
 
 import os
 
-import pytest
-import torch
+# OpenMP's default busy-waiting makes small ops ~100x slower when 2 test workers share 2 cores
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # `make test` runs 2 workers on 2 cores: one thread each, no oversubscription

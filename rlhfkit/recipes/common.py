@@ -30,8 +30,15 @@ def make_accelerator(cfg: TrainConfig):
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
+    from accelerate.state import AcceleratorState, GradientState
+
     device = "cuda" if torch.cuda.is_available() else "cpu"
     precision = resolve_precision(cfg.precision, device)
+    # accelerate keeps one global state per process; the pipeline (and a test session) runs
+    # several stages in one process, each with its own precision: start each from a clean
+    # state (the process group itself, in PartialState, is kept).
+    AcceleratorState._reset_state()
+    GradientState._reset_state()
     acc = Accelerator(mixed_precision="bf16" if precision == "bf16" else "no", cpu=device == "cpu")
     set_seed(cfg.seed)
     return acc
