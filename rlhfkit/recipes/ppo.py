@@ -239,13 +239,19 @@ def rollout_forwards(policy, ref, critic: Critic, batch: Batch, temperature: flo
 
     for start in range(0, N, chunk):
         b = batch.rows(torch.arange(start, min(start + chunk, N)))
+        # one autocast context per model: its cache of bf16 weight casts is freed on exit
         with autocast():
             h = policy_hidden(policy, b)  # (b, r, d)
             logits = response_logits(policy, h)  # (b, r, V)
             out["logprobs"].append(pad(logprobs_from_logits(logits, b.response, temperature)))
             out["entropy"].append(pad(entropy_from_logits(logits, temperature)))
             del logits
-            out["values"].append(pad(critic.values(b, hidden=h)))
+            if critic.kind == "policy_head":
+                out["values"].append(pad(critic.values(b, hidden=h)))
+        if critic.kind == "rm":
+            with autocast():
+                out["values"].append(pad(critic.values(b)))
+        with autocast():
             if lora_ref:
                 with policy.disable_adapter():
                     ref_logits = response_logits(policy, policy_hidden(policy, b))
