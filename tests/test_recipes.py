@@ -196,3 +196,14 @@ def test_config_presets_and_overrides(tmp_path):
     cfg = build_config(SFTConfig, str(preset), ["lr=1e-4", "fields={prompt: q, response: a}"], batch_size=4)
     assert cfg.lr == 1e-4 and cfg.epochs == 2.0 and cfg.lora is True and cfg.batch_size == 4
     assert cfg.fields == {"prompt": "q", "response": "a"}
+
+
+def test_rm_with_lora(tiny_path, rankings, tmp_path):
+    from rlhfkit.recipes.reward import train_reward_model
+
+    cfg = RewardConfig(model=tiny_path, data=rankings, out=str(tmp_path / "rm_lora"), batch_size=4, max_steps=4, lr=1e-3,
+                       warmup_steps=0, precision="fp32", max_length=96, eval_fraction=0.0, lora=True, lora_r=4)
+    result = train_reward_model(cfg)
+    assert result["step"] == 4
+    saved = params_of(str(tmp_path / "rm_lora" / "model"))
+    assert "score.weight" in saved and not any("lora" in k for k in saved)  # merged, head kept

@@ -35,12 +35,18 @@ class RewardModel(nn.Module):
         self.config = seq_model.config
 
     @property
-    def trunk(self) -> nn.Module:
-        return getattr(self.seq_model, self.seq_model.base_model_prefix)
+    def _inner(self) -> nn.Module:
+        """The transformers model, under a PEFT wrapper if there is one (LoRA edits it in place)."""
+        m = self.seq_model
+        return m.get_base_model() if hasattr(m, "get_base_model") else m
 
     @property
-    def head(self) -> nn.Linear:
-        return self.seq_model.score
+    def trunk(self) -> nn.Module:
+        return getattr(self._inner, self._inner.base_model_prefix)
+
+    @property
+    def head(self) -> nn.Module:
+        return self._inner.score
 
     @property
     def offset(self) -> float:
@@ -52,7 +58,7 @@ class RewardModel(nn.Module):
         if last_index is None:
             last_index = attention_mask.sum(1) - 1  # right padding
         h = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_index]  # (B, d)
-        return self.head(h.to(self.head.weight.dtype)).squeeze(-1).float()  # (B,)
+        return self.head(h.to(self.head.weight.dtype if hasattr(self.head, 'weight') else h.dtype)).squeeze(-1).float()  # (B,)
 
     def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, last_index: torch.Tensor | None = None) -> torch.Tensor:
         """Normalised scores: raw score minus the stored offset."""

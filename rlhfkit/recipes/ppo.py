@@ -417,8 +417,6 @@ def train_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None, interrupt_after
     both = nn.ModuleDict({"policy": policy, "critic": critic})
     n_updates = len(plan) * cfg.ppo_epochs * cfg.num_minibatches
     optimizer, scheduler = make_optimizer(both, cfg, n_updates)
-    for group in optimizer.param_groups:  # fused AdamW: one kernel per tensor, 3x faster than foreach on CPU
-        group["fused"], group["foreach"] = True, False  # (measured: 1.2 s vs 4.0 s per step for 265M params)
     kl_ctl = (AdaptiveKLController(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon) if cfg.adaptive_kl
               else FixedKLController(cfg.kl_coef))
     start = 0
