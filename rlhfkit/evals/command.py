@@ -43,7 +43,6 @@ def eval_command(
     tax_chars: Annotated[int | None, typer.Option(help="Use the last N characters of the held-out text.")] = 20_000,
     limit: Annotated[int | None, typer.Option(help="Cap on items per suite (quick runs).")] = None,
     precision: Annotated[str, typer.Option(help="fp32, bf16 or auto.")] = "fp32",
-    generator: Annotated[str, typer.Option(help="Generation backend: hf (transformers generate) or engine (rlhfkit.rollout).")] = "hf",
     batch_size: Annotated[int, typer.Option(help="Batch size for scoring and generation.")] = 16,
     threads: Annotated[int | None, typer.Option(help="torch CPU threads.")] = None,
     device: Annotated[str | None, typer.Option(help="cpu or cuda (default: cuda when available).")] = None,
@@ -62,7 +61,7 @@ def eval_command(
         gen_limit=gen_limit, crows_pairs=crows_pairs, crows_limit=crows_limit, rtp_toxic=rtp_toxic, rtp_nontoxic=rtp_nontoxic,
         rtp_prompts=rtp_prompts, rtp_k=rtp_k, rtp_max_new_tokens=rtp_max_new_tokens, toxicity_model=toxicity_model,
         help_prompts=help_prompts, help_limit=help_limit, judge=judge, tax_text=tax_text, tax_chars=tax_chars,
-        limit=limit, precision=precision, generator=generator, batch_size=batch_size, threads=threads, device=device, seed=seed,
+        limit=limit, precision=precision, batch_size=batch_size, threads=threads, device=device, seed=seed,
         show_progress=progress,
     )  # fmt: skip
     results = run_eval(cfg)

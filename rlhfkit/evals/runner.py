@@ -84,7 +84,6 @@ class EvalConfig:
     """Cap on items of every suite (quick runs); the per-suite caps above still apply."""
     precision: str = "fp32"
     """fp32, bf16 or auto."""
-    generator: str = "hf"
     """Generation backend: 'hf' (transformers' generate) or 'engine' (rlhfkit.rollout)."""
     batch_size: int = 16
     threads: int | None = None
@@ -132,7 +131,7 @@ def load_model(spec: str, cfg: EvalConfig):
 def evaluate_model(spec: str, cfg: EvalConfig, need_help_answers: list[str] | None) -> dict:
     """All per-model suites for one model; returns its results (and its helpful answers)."""
     from rlhfkit.evals.crows_pairs import crows_pairs_eval, load_crows_pairs
-    from rlhfkit.evals.generation import chat_prompt, engine_generate_fn, hf_generate_fn
+    from rlhfkit.evals.generation import chat_prompt, engine_generate_fn
     from rlhfkit.evals.loglik import LoglikScorer
     from rlhfkit.evals.tax import load_heldout_text, perplexity_eval
     from rlhfkit.evals.toxicity import ClassifierToxicity, LexiconToxicity, load_rtp, rtp_eval
@@ -142,14 +141,8 @@ def evaluate_model(spec: str, cfg: EvalConfig, need_help_answers: list[str] | No
     model, tok = loaded.model, loaded.tokenizer
     scorer = LoglikScorer(model, tok, batch_size=cfg.batch_size, show_progress=cfg.show_progress)
     # the ONE generation function every generation suite uses (a GenerateFn, generation.py)
-    if cfg.generator == "engine":
-        gen = engine_generate_fn(model, tok, top_p=cfg.rtp_top_p, seed=cfg.seed, show_progress=cfg.show_progress,
-                                 precision=cfg.precision if cfg.precision != "auto" else "auto")  # fmt: skip
-    elif cfg.generator == "hf":
-        gen = hf_generate_fn(model, tok, batch_size=cfg.batch_size, top_p=cfg.rtp_top_p, seed=cfg.seed,
-                             show_progress=cfg.show_progress)  # fmt: skip
-    else:
-        raise UserError(f"--generator {cfg.generator!r}: expected hf or engine")
+    gen = engine_generate_fn(model, tok, top_p=cfg.rtp_top_p, seed=cfg.seed, show_progress=cfg.show_progress,
+                             precision=cfg.precision)
     res: dict = {"path": loaded.path, "timings_s": {}}
 
     def timed(name, fn):
