@@ -101,7 +101,8 @@ def run_quality(model_dir: str, work: Path, args) -> dict:
 
 
 def write_markdown(res: dict, path: Path) -> None:
-    lines = ["# Reward model benchmark", "", f"Machine: {res['machine']}. Produced by `python benchmarks/reward_model.py`.", ""]
+    lines = ["# Reward model benchmark", "", f"Machine: {res['machine']}. Produced by `python benchmarks/reward_model.py`; "
+             f"load average {res['load_average_at_start']:.1f} at start.", ""]
     if "speed" in res:
         s = res["speed"]
         lines += ["## Speed at TRL's settings (256 synthetic pairs, ~95 tokens a side, batch 8, bf16, 1 epoch)", "",
@@ -141,7 +142,8 @@ def main() -> None:
     model_dir = str(embedded_model_dir())
     work = Path(tempfile.mkdtemp(prefix="rm-bench-"))
     res: dict = {"machine": f"{os.cpu_count()} CPU cores, torch {__import__('torch').__version__}",
-                 "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+                 "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                 "load_average_at_start": os.getloadavg()[0]}
     if not args.skip_speed:
         ours = run_ours_speed(model_dir, work, args.pairs)
         trl_py = Path(args.trl_venv) / "bin" / "python"

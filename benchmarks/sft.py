@@ -42,7 +42,8 @@ def main() -> None:
     model = str(embedded_model_dir())
     work = Path(tempfile.mkdtemp(prefix="sft-bench-"))
     res: dict = {"machine": f"{os.cpu_count()} CPU cores, torch {__import__('torch').__version__}",
-                 "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "data": "self-instruct seed_tasks.jsonl (175)",
+                 "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                 "load_average_at_start": os.getloadavg()[0], "data": "self-instruct seed_tasks.jsonl (175)",
                  "throughput": {}}
     for precision in ("fp32", "bf16"):
         cfg = SFTConfig(model=model, data=str(DATA), out=str(work / f"tp_{precision}"), batch_size=8, packing=True,
@@ -61,7 +62,8 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "sft.json").write_text(json.dumps(res, indent=2))
     t, q = res["throughput"], res["quality"]
-    md = ["# SFT benchmark", "", f"Machine: {res['machine']}. Produced by `python benchmarks/sft.py`.", "",
+    md = ["# SFT benchmark", "", f"Machine: {res['machine']}. Produced by `python benchmarks/sft.py`; "
+          f"load average {res['load_average_at_start']:.1f} at start (2 cores: other jobs make tokens/s a lower bound).", "",
           "## Training throughput (SmolLM2-135M, 8 packed rows × 256 tokens, forward + backward + AdamW)", "",
           "| precision | tokens/s |", "|---|---|",
           f"| fp32 | {t['fp32']['tokens_per_second']:.0f} |", f"| bf16 autocast | {t['bf16']['tokens_per_second']:.0f} |", "",
