@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from rlhfkit.cli import app
-from rlhfkit.config import STAGES
+from rlhfkit.config import STAGES, build_config
 
 runner = CliRunner()
 
@@ -88,3 +88,12 @@ def test_resume_without_checkpoint(tmp_path, tiny_path):
     result = runner.invoke(app, ["sft", "--model", tiny_path, "--data", "x.jsonl", "--out", str(tmp_path / "o"), "resume=true"])
     assert result.exit_code == 2
     assert "no checkpoint" in _error_line(result)
+
+
+def test_bundled_presets_load():
+    from rlhfkit.config import PipelineConfig, RewardConfig
+
+    quick = build_config(PipelineConfig, "pipeline-quick")
+    assert quick.train_prompts == 16 and quick.ppo_iterations == 3
+    rm = build_config(RewardConfig, "rm-hh", ["lr=2e-5"])
+    assert rm.epochs == 1.0 and rm.lr == 2e-5 and rm.max_length == 512
