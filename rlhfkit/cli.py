@@ -112,6 +112,64 @@ def demo(out: str = typer.Option("runs/demo", help="Run directory."),
     run_pipeline(build_config(PipelineConfig, None, overrides or [], out=out))
 
 
+@app.command("serve")
+@friendly
+def serve(run: str = typer.Option("runs/demo", help="Run directory: its model versions are served; feedback.db lives there."),
+          db: str = typer.Option("", help="Database URL (postgresql://user@host/db). Empty: SQLite (WAL) in the run directory."),
+          host: str = typer.Option("127.0.0.1", help="Address to listen on."),
+          port: int = typer.Option(8000, help="Port to listen on."),
+          model: Optional[list[str]] = typer.Option(None, help="Extra model version, name=spec (repeatable)."),
+          precision: str = typer.Option("auto", help="auto, bf16 or fp32."),
+          max_new_tokens: int = typer.Option(256, help="Longest answer in chat, arena and API (tokens)."),
+          rate_limit: float = typer.Option(30.0, help="Chat, arena and API requests per minute per user (0 = off)."),
+          max_body_kb: int = typer.Option(256, help="Largest request body in KiB."),
+          public_url: str = typer.Option("", help="Base URL for invite links (empty: http://host:port).")):
+    """The web app: labeling queue, arena + leaderboard, chat, admin dashboard, OpenAI-compatible API."""
+    from rlhfkit.config import ServeConfig
+    from rlhfkit.web.app import serve as run_server
+
+    run_server(ServeConfig(run=run, db=db, host=host, port=port, models=list(model or []), precision=precision,
+                           max_new_tokens=max_new_tokens, rate_limit=rate_limit, max_body_kb=max_body_kb,
+                           public_url=public_url))
+
+
+users = typer.Typer(help="People of the web app: invite links, API keys.", no_args_is_help=True)
+app.add_typer(users, name="users")
+_RUN = typer.Option("runs/demo", help="Run directory (its feedback.db).")
+_DB = typer.Option("", help="Database URL; empty: SQLite in the run directory.")
+
+
+@users.command("add")
+@friendly
+def users_add(name: str, run: str = _RUN, db: str = _DB,
+              role: str = typer.Option("labeler", help="labeler or admin."),
+              url: str = typer.Option("http://127.0.0.1:8000", help="The server's base URL, for the invite link.")):
+    """Create a user and print their invite link (they choose a password there)."""
+    from rlhfkit.feedback.store import Store
+
+    _, invite = Store.for_run(run, db or None).create_user(name, role=role)
+    typer.echo(f"{url.rstrip('/')}/invite/{invite}")
+
+
+@users.command("invite")
+@friendly
+def users_invite(name: str, run: str = _RUN, db: str = _DB,
+                 url: str = typer.Option("http://127.0.0.1:8000", help="The server's base URL.")):
+    """A fresh invite link for an existing user (also resets a forgotten password)."""
+    from rlhfkit.feedback.store import Store
+
+    typer.echo(f"{url.rstrip('/')}/invite/{Store.for_run(run, db or None).new_invite(name)}")
+
+
+@users.command("key")
+@friendly
+def users_key(name: str, run: str = _RUN, db: str = _DB):
+    """Print a new API key of the user for the OpenAI-compatible API (Authorization: Bearer KEY)."""
+    from rlhfkit.feedback.store import Store
+
+    typer.echo(Store.for_run(run, db or None).new_api_key(name))
+
+
 @app.command("convert")
 @friendly
 def convert(model: str = typer.Argument("smollm2-135m-instruct", help="A model spec (name, .gguf file, directory, hub id)."),

@@ -170,6 +170,22 @@ class PPOConfig(TrainConfig):
     save_every: int = opt(0, "Write a resumable checkpoint every N iterations (0 = only at the end).")
 
 
+@dataclass
+class ServeConfig:
+    """The web app: labeling queue, arena and leaderboard, chat, admin dashboard, OpenAI-compatible API."""
+
+    run: str = opt("runs/demo", "Run directory: its model versions are served and feedback.db (SQLite) lives there.")
+    db: str = opt("", "Database URL (e.g. postgresql://user@host/db). Empty: sqlite in the run directory (WAL).")
+    host: str = opt("127.0.0.1", "Address to listen on.")
+    port: int = opt(8000, "Port to listen on.")
+    models: list = opt([], "Extra model versions as name=spec (any --model spec), besides those found in the run.")
+    precision: str = opt("auto", "auto (bf16 where the hardware has it), bf16 or fp32.")
+    max_new_tokens: int = opt(256, "Longest answer in chat, the arena and the API (tokens); requests may ask for less.")
+    rate_limit: float = opt(30.0, "Chat, arena and API requests per minute per user (0 = no limit).")
+    max_body_kb: int = opt(256, "Largest request body (KiB); larger requests get 413.")
+    public_url: str = opt("", "Base URL for invite links (empty: http://host:port).")
+
+
 STAGES: dict[str, type] = {"pretrain": PretrainConfig, "sft": SFTConfig, "rm": RewardConfig, "ppo": PPOConfig}
 
 

@@ -545,6 +545,17 @@ class Store:
             q = q.where(Task.batch == batch)
         return self.tx(lambda s: s.scalar(q) or 0)
 
+    def batches(self) -> list[dict]:
+        """Each batch with its task count and how many of its tasks have at least one ranking."""
+
+        def rows(s: Session) -> list[dict]:
+            tasks = dict(s.execute(select(Task.batch, func.count(Task.id)).group_by(Task.batch)).all())
+            ranked = dict(s.execute(select(Task.batch, func.count(func.distinct(RankingRow.task_id)))
+                                    .join(RankingRow, RankingRow.task_id == Task.id).group_by(Task.batch)).all())
+            return [{"batch": b, "tasks": n, "ranked": ranked.get(b, 0)} for b, n in sorted(tasks.items())]
+
+        return self.tx(rows)
+
     def per_labeler(self) -> list[dict]:
         """Rankings, skips, flags and demonstrations per user (the admin dashboard)."""
 

@@ -1,0 +1,172 @@
+"""The web app: ``create_app(config)`` builds it, ``serve(config)`` runs it under uvicorn.
+
+Routes (each module holds one area):
+
+    /login /logout /invite/{token}          sign-in (this file)
+    /label, /api/tasks/...                  labeling queue (labeling.py)
+    /arena, /arena/{id}, /leaderboard       arena and ratings (arena.py)
+    /chat, /api/chat                        chat with streamed tokens (chat.py)
+    /v1/models, /v1/chat/completions        OpenAI-compatible API (chat.py)
+    /admin/...                              dashboard, batches, export, users (admin.py)
+
+Pages are server-rendered Jinja2 templates with autoescaping: every prompt, answer and comment is
+text. Errors are one clear message: JSON ``{"error": {"message": ...}}`` for /api and /v1, a small
+page otherwise; never a traceback.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fastapi import Depends, FastAPI, Form, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse
+from fastapi.staticfiles import StaticFiles
+from fastapi.templating import Jinja2Templates
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from rlhfkit.config import ServeConfig
+from rlhfkit.errors import UserError
+from rlhfkit.feedback.store import Store
+from rlhfkit.web.models import ModelPool, discover_versions
+from rlhfkit.web.security import (SESSION_COOKIE, GuardMiddleware, NeedLogin, RateLimiter, check_csrf,
+                                  current_user)
+
+HERE = Path(__file__).parent
+templates = Jinja2Templates(directory=str(HERE / "templates"))  # autoescape on for .html
+
+
+def render(request: Request, name: str, status: int = 200, **context) -> HTMLResponse:
+    """A page, with the signed-in user and the CSRF token every form repeats."""
+    user = context.pop("user", None) or current_user(request)
+    return templates.TemplateResponse(request, name, {"user": user, "csrf": request.state.csrf, **context},
+                                      status_code=status)
+
+
+def _wants_json(request: Request) -> bool:
+    p = request.url.path
+    return p.startswith(("/api/", "/v1/")) or "application/json" in request.headers.get("accept", "")
+
+
+def _error(request: Request, status: int, message: str, headers: dict | None = None):
+    if _wants_json(request):
+        kind = {401: "authentication_error", 403: "permission_error", 404: "not_found_error",
+                413: "invalid_request_error", 429: "rate_limit_error"}.get(status, "invalid_request_error")
+        return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status, headers=headers)
+    return render(request, "error.html", status=status, message=message)
+
+
+def create_app(cfg: ServeConfig, store: Store | None = None, pool: ModelPool | None = None) -> FastAPI:
+    store = store or Store.for_run(cfg.run, cfg.db or None)
+    if pool is None:
+        pool = ModelPool(discover_versions(cfg.run, cfg.models), precision=cfg.precision)
+    store.register_models(pool.versions)
+    app = FastAPI(title="rlhfkit", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.store, app.state.pool, app.state.cfg = store, pool, cfg
+    app.state.limiter = RateLimiter(cfg.rate_limit)
+    app.add_middleware(GuardMiddleware, max_body=cfg.max_body_kb * 1024)
+    app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
+
+    @app.exception_handler(NeedLogin)
+    async def need_login(request: Request, exc: NeedLogin):
+        if _wants_json(request) or request.method != "GET":
+            return _error(request, 401, "sign in first")
+        return RedirectResponse(f"/login?next={request.url.path}", 303)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        return _error(request, exc.status_code, str(exc.detail), getattr(exc, "headers", None))
+
+    @app.exception_handler(UserError)
+    async def user_error(request: Request, exc: UserError):
+        status = 409 if "already" in str(exc) else 400
+        return _error(request, status, str(exc))
+
+    @app.exception_handler(LookupError)
+    async def not_found(request: Request, exc: LookupError):
+        return _error(request, 404, str(exc.args[0]) if exc.args else "not found")
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError):
+        parts = []
+        for e in exc.errors()[:5]:
+            where = ".".join(str(x) for x in e.get("loc", ()) if x not in ("body", "query", "path", "form"))
+            parts.append(f"{where or 'body'}: {e.get('msg', 'invalid')}")
+        return _error(request, 422, "; ".join(parts) or "invalid request")
+
+    from rlhfkit.web import admin, arena, chat, labeling
+
+    for module in (labeling, arena, chat, admin):
+        app.include_router(module.router)
+
+    @app.get("/", include_in_schema=False)
+    def home(request: Request):
+        user = current_user(request)
+        return RedirectResponse("/label" if user else "/login", 303)
+
+    @app.get("/healthz")
+    def healthz():
+        return {"ok": True, "models": pool.names()}
+
+    @app.get("/login", response_class=HTMLResponse)
+    def login_page(request: Request, next: str = "/label"):
+        return render(request, "login.html", next=_safe_next(next))
+
+    @app.post("/login", dependencies=[Depends(check_csrf)])
+    def login(request: Request, name: str = Form(..., max_length=80), password: str = Form(..., max_length=200),
+              next: str = Form("/label")):
+        uid = store.check_password(name, password)
+        if uid is None:
+            return render(request, "login.html", status=401, error="wrong name or password", next=_safe_next(next))
+        return _signed_in(store, uid, _safe_next(next))
+
+    @app.post("/logout", dependencies=[Depends(check_csrf)])
+    def logout(request: Request):
+        token = request.cookies.get(SESSION_COOKIE)
+        if token:
+            store.end_session(token)
+        resp = RedirectResponse("/login", 303)
+        resp.delete_cookie(SESSION_COOKIE, path="/")
+        return resp
+
+    @app.get("/invite/{token}", response_class=HTMLResponse)
+    def invite_page(request: Request, token: str):
+        u = store.invited_user(token)
+        if u is None:
+            raise HTTPException(404, "this invite link is not valid (used already, or replaced by a newer one)")
+        return render(request, "invite.html", invited=u.name, token=token)
+
+    @app.post("/invite/{token}", dependencies=[Depends(check_csrf)])
+    def accept_invite(request: Request, token: str, password: str = Form(..., max_length=200)):
+        uid = store.accept_invite(token, password)
+        if uid is None:
+            raise HTTPException(404, "this invite link is not valid (used already, or replaced by a newer one)")
+        return _signed_in(store, uid, "/label")
+
+    return app
+
+
+def _safe_next(url: str) -> str:
+    """Only local paths: a crafted ?next= must not send people to another site."""
+    return url if url.startswith("/") and not url.startswith("//") and "\\" not in url else "/label"
+
+
+def _signed_in(store: Store, user_id: int, to: str) -> RedirectResponse:
+    resp = RedirectResponse(to, 303)
+    resp.set_cookie(SESSION_COOKIE, store.new_session(user_id), httponly=True, samesite="lax", path="/",
+                    max_age=30 * 24 * 3600)
+    return resp
+
+
+def serve(cfg: ServeConfig, say=print) -> None:
+    """Run the app under uvicorn; with no users yet, print an admin invite link first."""
+    import uvicorn
+
+    store = Store.for_run(cfg.run, cfg.db or None)
+    base = cfg.public_url.rstrip("/") or f"http://{cfg.host}:{cfg.port}"
+    if store.count_users() == 0:
+        _, invite = store.create_user("admin", role="admin")
+        say(f"no users yet: sign in as 'admin' through {base}/invite/{invite}")
+    app = create_app(cfg, store=store)
+    say(f"serving {', '.join(app.state.pool.names()) or 'no model versions'} at {base} (store: {store.url})")
+    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning")

@@ -1,0 +1,135 @@
+"""Model versions the web app serves: found in a run directory, loaded on first use, generated
+with the rollout engine (the project's one generation path).
+
+A pipeline run directory (``rlhfkit pipeline``) holds the versions
+
+    base      pipeline.json's "model"          (only when that spec is a local directory)
+    sft       sft/model
+    ppo{r}    round{r}/ppo/model
+
+Reward models (round{r}/rm/model) are scorers, not chat models, and are not served. Extra versions
+come from ``--model name=spec``.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from rlhfkit.errors import UserError
+
+
+def discover_versions(run: str | Path, extra: list[str] = ()) -> dict[str, str]:
+    """``{name: model spec}`` of the chat models in a run directory plus ``name=spec`` extras."""
+    run = Path(run)
+    found: dict[str, str] = {}
+    meta = run / "pipeline.json"
+    if meta.exists():
+        try:
+            base = json.loads(meta.read_text()).get("model", "")
+        except json.JSONDecodeError:
+            base = ""
+        if base and (Path(base) / "config.json").exists():
+            found["base"] = base
+    if (run / "sft" / "model" / "config.json").exists():
+        found["sft"] = str(run / "sft" / "model")
+    rounds = sorted((p for p in run.glob("round*/ppo/model/config.json")),
+                    key=lambda p: int(p.parts[-4][5:]) if p.parts[-4][5:].isdigit() else 0)
+    for p in rounds:
+        found[f"ppo{p.parts[-4][5:]}"] = str(p.parent)
+    for item in extra:
+        name, sep, spec = item.partition("=")
+        if not sep or not name.strip() or not spec.strip():
+            raise UserError(f"--model {item!r}: expected name=spec (e.g. mine=runs/x/sft/model)")
+        found[name.strip()] = spec.strip()
+    return found
+
+
+@dataclass
+class Reply:
+    text: str
+    finish_reason: str  # 'stop' | 'length'
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class ModelPool:
+    """Loads versions on demand (at most ``max_loaded`` at once, least recently used evicted) and
+    generates with one lock per version: an Engine runs one call at a time."""
+
+    def __init__(self, versions: dict[str, str], precision: str = "auto", max_loaded: int = 3):
+        self.versions = dict(versions)
+        self.precision = precision
+        self.max_loaded = max_loaded
+        self._loaded: OrderedDict[str, tuple] = OrderedDict()  # name -> (engine, tokenizer, lock)
+        self._load_lock = threading.Lock()
+
+    def names(self) -> list[str]:
+        return list(self.versions)
+
+    def _get(self, name: str):
+        if name not in self.versions:
+            raise LookupError(f"no model version {name!r} (served: {', '.join(self.versions) or 'none'})")
+        with self._load_lock:
+            if name in self._loaded:
+                self._loaded.move_to_end(name)
+                return self._loaded[name]
+            from rlhfkit.models.loading import load_causal_lm
+            from rlhfkit.rollout.engine import Engine
+
+            loaded = load_causal_lm(self.versions[name])
+            loaded.model.eval()
+            entry = (Engine(loaded.model, loaded.tokenizer, precision=self.precision, max_batch=16),
+                     loaded.tokenizer, threading.Lock())
+            self._loaded[name] = entry
+            while len(self._loaded) > self.max_loaded:
+                self._loaded.popitem(last=False)
+            return entry
+
+    def _params(self, max_new_tokens: int, temperature: float, top_p: float, stop: list[str], seed: int | None):
+        from rlhfkit.rollout.sampling import SamplingParams
+
+        return SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                              stop=list(stop), seed=seed)
+
+    def _encode(self, tok, messages: list[dict]) -> list[int]:
+        from rlhfkit.data.tokenize import encode_prompt
+
+        return encode_prompt(tok, messages)
+
+    def stream(self, name: str, messages: list[dict], max_new_tokens: int = 128, temperature: float = 0.7,
+               top_p: float = 1.0, stop: list[str] = (), seed: int | None = None) -> Iterator[str | Reply]:
+        """Yields text deltas as they are made, then one final :class:`Reply`."""
+        engine, tok, lock = self._get(name)
+        params = self._params(max_new_tokens, temperature, top_p, stop, seed)
+        with lock:
+            ids = self._encode(tok, messages)
+            for ev in engine.stream([ids], params):
+                if ev.text:
+                    yield ev.text
+                if ev.finished:
+                    c = ev.completion
+                    yield Reply(c.text, c.finish_reason, len(ids), len(c.token_ids))
+
+    def reply(self, name: str, messages: list[dict], **kw) -> Reply:
+        out = None
+        for item in self.stream(name, messages, **kw):
+            if isinstance(item, Reply):
+                out = item
+        assert out is not None
+        return out
+
+    def sample(self, name: str, prompts: list[list[dict]], k: int, max_new_tokens: int, temperature: float = 1.0,
+               seed: int = 0) -> list[list[tuple[str, bool]]]:
+        """K answers per prompt (text, finished) in one engine call: labeling batches."""
+        engine, tok, lock = self._get(name)
+        params = self._params(max_new_tokens, temperature, 1.0, [], seed)
+        with lock:
+            ids = [self._encode(tok, m) for m in prompts]
+            outs = engine.generate(ids, params, n=k)
+        return [[(c.text.strip(), c.finish_reason == "stop") for c in outs[i * k:(i + 1) * k]]
+                for i in range(len(prompts))]
