@@ -92,7 +92,8 @@ def create_app(cfg: ServeConfig, store: Store | None = None, pool: ModelPool | N
         for e in exc.errors()[:5]:
             where = ".".join(str(x) for x in e.get("loc", ()) if x not in ("body", "query", "path", "form"))
             parts.append(f"{where or 'body'}: {e.get('msg', 'invalid')}")
-        return _error(request, 422, "; ".join(parts) or "invalid request")
+        status = 400 if request.url.path.startswith("/v1/") else 422  # OpenAI answers 400 to a bad body
+        return _error(request, status, "; ".join(parts) or "invalid request")
 
     from rlhfkit.web import admin, arena, chat, labeling
 
