@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | cksum | cut -d' ' -f1)
 
-.PHONY: setup demo test test-fast clean
+.PHONY: setup system-deps demo test test-fast clean
 
 setup: $(STAMP)
 
@@ -18,13 +18,23 @@ $(STAMP):
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 
+# The web tests drive Debian's Chromium and start a PostgreSQL server: install them where apt works
+# (root, Debian); elsewhere those two tests skip and say why.
+system-deps:
+	@if [ ! -x /usr/bin/chromium ] || ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then \
+	  if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver postgresql >/dev/null \
+	      || echo "apt-get could not install chromium/postgresql: the browser and PostgreSQL tests will skip"; \
+	  else echo "no root apt-get: the browser and PostgreSQL tests skip unless chromium and postgresql are installed"; fi; \
+	fi
+
 demo: setup
 	$(BIN)/rlhfkit demo --out runs/demo
 
-test: setup
+test: setup system-deps
 	$(BIN)/python -m pytest -q -n 2 tests
 
-test-fast: setup
+test-fast: setup system-deps
 	$(BIN)/python -m pytest -q -n 2 -m "not slow" tests
 
 clean:
