@@ -6,10 +6,11 @@ from rlhfkit.config import PipelineConfig
 from rlhfkit.recipes.pipeline import run_pipeline
 
 
-def test_pipeline_end_to_end_on_tiny(tiny_path, tmp_path):
+def test_pipeline_end_to_end_on_tiny(tiny_path, tmp_path, shared_data):
     cfg = PipelineConfig(model=tiny_path, out=str(tmp_path / "run"), train_prompts=8, eval_prompts=4, k=3,
                          max_new_tokens=12, batch_size=4, precision="fp32", min_demo_score=-2.0,
-                         rounds=1, ppo_iterations=1, ppo_batch_size=2)
+                         rounds=1, ppo_iterations=1, ppo_batch_size=2,
+                         eval_suites="truthful,tax", eval_data_dir=str(shared_data), eval_limit=3)
     summary = run_pipeline(cfg)
     run = tmp_path / "run"
     samples = [json.loads(x) for x in (run / "round0" / "samples.jsonl").read_text().splitlines()]
@@ -26,7 +27,27 @@ def test_pipeline_end_to_end_on_tiny(tiny_path, tmp_path):
     assert len(summary["ppo"]["ppo1"]) == 1 and "kl" in summary["ppo"]["ppo1"][0]
     page = (run / "report.html").read_text()
     assert page.count("<img") >= 2 and "ppo1" in page
+    # the eval suites ran on every version with SFT as the baseline, and the report shows them
+    suites = json.loads((run / "eval" / "suites.json").read_text())
+    assert suites["versions"] == ["sft", "base", "ppo1"] and suites["baseline"] == "sft"
+    assert suites["models"]["ppo1"]["truthful"]["mc"]["n"] == 3
+    assert set(suites["alignment_tax"]) == {"base", "ppo1"}
+    metrics = {r["metric"] for r in summary["eval_suites"]["rows"]}
+    assert any("MC1" in m for m in metrics) and any("erplexity" in m for m in metrics)
+    assert "Eval suites" in page and (run / "eval" / "suites.html").exists()
     # run again: nothing is recomputed (samples and models stay as they were)
     mtime = (run / "sft" / "model" / "model.safetensors").stat().st_mtime
     run_pipeline(cfg)
     assert (run / "sft" / "model" / "model.safetensors").stat().st_mtime == mtime
+
+
+def test_pipeline_rejects_bad_eval_suites_before_training(tiny_path, tmp_path):
+    import pytest
+
+    from rlhfkit.errors import UserError
+
+    with pytest.raises(UserError, match="unknown fluency"):
+        run_pipeline(PipelineConfig(model=tiny_path, out=str(tmp_path / "a"), eval_suites="truthful,fluency", eval_data_dir=str(tmp_path)))
+    with pytest.raises(UserError, match="needs eval_data_dir"):
+        run_pipeline(PipelineConfig(model=tiny_path, out=str(tmp_path / "b"), eval_suites="truthful"))
+    assert not (tmp_path / "b" / "round0").exists()

@@ -101,6 +101,7 @@ def run_pipeline(cfg: PipelineConfig, say=print) -> dict:
         raise UserError(f"labeler={cfg.labeler!r}: expected simulated or gold (humans arrive with the web app)")
     if not 2 <= cfg.k <= 9:
         raise UserError(f"k={cfg.k}: labelers rank K = 2..9 answers per prompt")
+    suite_list(cfg)
 
     # 0. prompts: seeded subsets of the train split; held-out prompts only for judging
     train_all, eval_all = load_task("train"), load_task("eval")
@@ -206,6 +207,13 @@ def run_pipeline(cfg: PipelineConfig, say=print) -> dict:
         judged[name] = judge(held_out, answers[name])
     timings["judge"] = time.perf_counter() - t
 
+    # 7. optional: the eval suites (TruthfulQA, toxicity, CrowS-Pairs, perplexity) on every version
+    suites = None
+    if cfg.eval_suites:
+        t = time.perf_counter()
+        suites = run_suites(cfg, versions, out / "eval")
+        timings["eval_suites"] = time.perf_counter() - t
+
     final = list(versions)[-1]
     summary = {
         "prompts": {"train_round0": cfg.train_prompts, "per_later_round": cfg.round_prompts, "held_out": len(held_out), "k": cfg.k},
@@ -219,6 +227,10 @@ def run_pipeline(cfg: PipelineConfig, say=print) -> dict:
         "ppo": {n: _metrics(Path(p).parent) for n, p in versions.items() if n.startswith("ppo")},
         "seconds": {**{k: round(v, 1) for k, v in timings.items()}, "total": round(time.perf_counter() - t_start, 1)},
     }
+    if suites is not None:
+        from rlhfkit.evals.report import summary_rows
+
+        summary["eval_suites"] = {"rows": summary_rows(suites), "report": "eval/suites.html"}
     if final != "sft":
         last = summary["ppo"][final][-1] if summary["ppo"][final] else {}
         summary["final_kl_to_sft"] = last.get("kl")
@@ -229,6 +241,40 @@ def run_pipeline(cfg: PipelineConfig, say=print) -> dict:
     say(render_summary(summary))
     say(f"report: {out / 'report.html'}")
     return summary
+
+
+def suite_list(cfg: PipelineConfig) -> list[str]:
+    """The eval suites asked for, checked before any training starts."""
+    from rlhfkit.evals.runner import SUITES
+
+    suites = [s.strip() for s in cfg.eval_suites.split(",") if s.strip()]
+    bad = [s for s in suites if s not in SUITES]
+    if bad:
+        raise UserError(f"eval_suites: unknown {', '.join(bad)} (choose from {', '.join(SUITES)})")
+    if suites and not cfg.eval_data_dir:
+        raise UserError("eval_suites needs eval_data_dir=DIR (TruthfulQA, CrowS-Pairs, RealToxicityPrompts, ... laid out as ../shared/data)")
+    if suites and not Path(cfg.eval_data_dir).is_dir():
+        raise UserError(f"eval_data_dir={cfg.eval_data_dir}: no such directory")
+    return suites
+
+
+def run_suites(cfg: PipelineConfig, versions: dict[str, str], where: Path) -> dict:
+    """``rlhfkit eval`` on every version with SFT as the baseline; kept in eval/suites.{json,html}
+    (a finished evaluation is not redone)."""
+    from rlhfkit.evals.report import write_report
+    from rlhfkit.evals.runner import EvalConfig, run_eval
+
+    suites = suite_list(cfg)
+    path = where / "suites.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    limit = cfg.eval_limit or None
+    results = run_eval(EvalConfig(
+        models=[f"{n}={spec}" for n, spec in versions.items() if n != "sft"], baseline=f"sft={versions['sft']}",
+        suites=suites, data_dir=cfg.eval_data_dir, limit=limit, mc_limit=limit, crows_limit=limit,
+        gen_limit=min(limit or 100, 100), rtp_prompts=min(limit or 50, 50), precision=cfg.precision, seed=cfg.seed))
+    write_report(results, where / "suites.json", title="rlhfkit pipeline: eval suites per version")
+    return json.loads(path.read_text())
 
 
 def ratings(judged: dict[str, dict]) -> dict:

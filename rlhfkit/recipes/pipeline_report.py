@@ -42,6 +42,10 @@ def _ppo_plot(name: str, rows: list[dict]) -> str:
     return _png(fig)
 
 
+def _fmt(x) -> str:
+    return "–" if x is None else f"{x:.4g}"
+
+
 def _bars(names: list[str], values: list[float], lows: list[float], highs: list[float], title: str, ref: float | None) -> str:
     import matplotlib
 
@@ -94,6 +98,15 @@ def write_report(path: Path, summary: dict, held_out: list[Prompt], answers: dic
         parts.append("<h2>Reward model per round</h2><table><tr><th>round</th><th>rankings</th><th>held-out accuracy before</th>"
                      "<th>after</th></tr>" + "".join(f"<tr><td>{a['round']}</td><td>{a['rankings']}</td><td>{a['before']:.3f}</td>"
                                                       f"<td>{a['after']:.3f}</td></tr>" for a in accs) + "</table>")
+    ev = summary.get("eval_suites")
+    if ev:
+        head = "".join(f"<th>{esc(n)}</th>" for n in names if n != "base")
+        body = "".join(
+            f"<tr><td>{esc(r['metric'])}</td><td>{'↑' if r['higher_is_better'] else '↓'}</td>"
+            + "".join(f"<td>{_fmt(r['values'].get(n))}</td>" for n in names if n != "base") + "</tr>"
+            for r in ev["rows"])
+        parts.append(f"<h2>Eval suites (SFT = baseline)</h2><p>Full report with plots: <a href='{esc(ev['report'])}'>"
+                     f"{esc(ev['report'])}</a>.</p><table><tr><th>metric</th><th>better</th>{head}</tr>{body}</table>")
     parts.append("<h2>Sample answers (held-out prompts)</h2><table><tr><th>prompt</th>"
                  + "".join(f"<th>{esc(n)}</th>" for n in names) + "</tr>")
     for i, p in enumerate(held_out[:n_examples]):
