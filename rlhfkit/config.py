@@ -127,6 +127,9 @@ class PipelineConfig:
     ppo_temperature: float = opt(0.7, "PPO: sampling temperature of rollouts.")
     precision: str = opt("auto", "auto (bf16 where the hardware has it), bf16 or fp32.")
     seed: int = opt(0, "Seed for prompt choice, sampling, labeler noise and training.")
+    eval_suites: str = opt("", "Also run these `rlhfkit eval` suites on every version, SFT as the baseline (comma list of truthful, harmless, tax, helpful; empty = none).")
+    eval_data_dir: str = opt("", "Data directory of eval_suites, laid out as ../shared/data (TruthfulQA, CrowS-Pairs, RealToxicityPrompts, ...).")
+    eval_limit: int = opt(100, "Cap on the items of each eval suite (0 = whole data sets; hours on a CPU).")
 
 
 @dataclass
