@@ -1,0 +1,122 @@
+"""The preference store on SQLite (the same checks run on PostgreSQL in test_store_postgres.py), and
+the inter-annotator agreement metrics on hand-computed values."""
+
+from __future__ import annotations
+
+import math
+import threading
+
+import pytest
+
+from rlhfkit.errors import UserError
+from rlhfkit.feedback.agreement import (agreement_summary, average_ranks, kendalls_w, pair_agreement,
+                                        share_agreeing_pairs)
+from rlhfkit.feedback.store import Store, TaskIn
+
+
+def exercise_store(store: Store) -> None:
+    """Users, tasks, idempotent rankings, skips, flags, demonstrations, concurrency, arena votes."""
+    ann, invite = store.create_user("ann")
+    assert store.check_password("ann", "whatever1") is None  # no password before the invite is used
+    assert store.accept_invite(invite, "ann-password") == ann and store.check_password("ann", "ann-password") == ann
+    assert store.accept_invite(invite, "again-password") is None  # an invite works once
+    bob, _ = store.create_user("bob", password="bob-password")
+    with pytest.raises(UserError, match="exists already"):
+        store.create_user("bob")
+    msgs = [{"role": "user", "content": "q"}]
+    assert store.add_tasks("b1", [TaskIn(msgs, ["x", "y", "z"], external_id=str(i)) for i in range(3)], 2) == 3
+    assert store.add_tasks("b1", [TaskIn(msgs, ["x", "y", "z"], external_id="0")]) == 0  # published once
+    t = store.next_task(ann)
+    first = store.add_ranking(ann, t.id, [0, 1, 1], "key-a-1", flags=[(2, "harmful")], better_answer="w")
+    assert store.add_ranking(ann, t.id, [0, 1, 1], "key-a-1") == type(first)(first.ranking_id, True)
+    with pytest.raises(UserError, match="already ranked"):
+        store.add_ranking(ann, t.id, [1, 0, 2], "key-a-2")
+    with pytest.raises(UserError, match="dense"):
+        store.add_ranking(bob, t.id, [0, 2, 2], "key-b-0")
+    with pytest.raises(UserError, match="another submission"):
+        store.add_ranking(bob, t.id, [0, 1, 2], "key-a-1")
+    assert store.next_task(bob).id == t.id  # labels_per_task=2: bob still gets it
+    store.add_ranking(bob, t.id, [0, 1, 2], "key-b-1")
+    assert store.next_task(bob).id != t.id
+    store.skip(ann, store.next_task(ann).id)
+    assert store.progress(ann) == {"done": 1, "left": 1}
+    assert store.ranks_by_task()[t.id] == [[0, 1, 1], [0, 1, 2]]
+    assert store.demonstrations() == [{"messages": msgs, "response": "w", "meta": {"task_id": t.id, "labeler": "ann"}}]
+    assert store.batches() == [{"batch": "b1", "tasks": 3, "ranked": 1}]
+
+    # 8 threads x 10 rankings, each sent twice: every ranking stored exactly once
+    store.add_tasks("load", [TaskIn(msgs, ["x", "y"], external_id=str(i)) for i in range(80)])
+    users = [store.create_user(f"u{i}", password="password123")[0] for i in range(8)]
+    failures = []
+
+    def work(u: int) -> None:
+        for n in range(10):
+            task = store.next_task(u, batch="load")
+            for _ in range(2):
+                try:
+                    store.add_ranking(u, task.id, [0, 1], f"load-{u}-{n}")
+                except Exception as e:  # noqa: BLE001 — any error is a failure here
+                    failures.append(repr(e))
+
+    threads = [threading.Thread(target=work, args=(u,)) for u in users]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert failures == []
+    assert store.count_rankings("load") == 80
+
+    bid = store.add_battle(ann, "p", "sft", "ppo1", "a", "b")
+    store.vote(ann, bid, "b")
+    store.vote(ann, bid, "b")  # the same vote again is a no-op
+    with pytest.raises(UserError, match="already has a vote"):
+        store.vote(ann, bid, "a")
+    with pytest.raises(LookupError):
+        store.vote(bob, bid, "a")  # not bob's battle
+    assert store.votes() == [("sft", "ppo1", "b")]
+    key = store.new_api_key("bob")
+    assert store.api_key_user(key).name == "bob" and store.api_key_user("rk-nope") is None
+    token = store.new_session(bob)
+    assert store.session_user(token).id == bob
+    store.end_session(token)
+    assert store.session_user(token) is None
+
+
+def test_store_on_sqlite(tmp_path):
+    store = Store.for_run(tmp_path)
+    exercise_store(store)
+    with store.engine.connect() as c:
+        assert c.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+        assert c.exec_driver_sql("PRAGMA busy_timeout").scalar() == 30000
+    assert (tmp_path / "feedback.db").exists()
+
+
+def test_bad_database_url_is_a_clear_error(tmp_path):
+    with pytest.raises(UserError, match="--db"):
+        Store("nosuchdb://x")
+    with pytest.raises(UserError, match="cannot open the database"):
+        Store(f"sqlite:///{tmp_path}/missing/dir/x.db")
+
+
+def test_pair_agreement_by_hand():
+    # pairs (0,1): both 0 first, agree; (0,2): both 0 first, agree; (1,2): a ties, b prefers 2 -> disagree
+    assert pair_agreement([0, 1, 1], [0, 2, 1]) == (2, 3)
+    assert pair_agreement([0, 1], [1, 0]) == (0, 1)
+    # two tasks: the first with 3 labelers (3 labeler pairs x 1 answer pair), the second with one ranking
+    tasks = [[[0, 1], [0, 1], [1, 0]], [[0, 1, 2]]]
+    assert share_agreeing_pairs(tasks) == pytest.approx(1 / 3)  # only (l1, l2) agree
+    assert math.isnan(share_agreeing_pairs([[[0, 1]]]))
+
+
+def test_kendalls_w_by_hand():
+    assert average_ranks([0, 1, 1, 2]) == [1, 2.5, 2.5, 4]
+    assert kendalls_w([[0, 1, 2], [0, 1, 2]]) == 1.0
+    assert kendalls_w([[0, 1, 2], [2, 1, 0]]) == 0.0  # R = (4, 4, 4): S = 0
+    # m=3, n=3: ranks 1..3 -> R = (1+1+2, 2+3+1, 3+2+3) = (4, 6, 8), R̄ = 6, S = 8, W = 12*8/(9*24) = 4/9
+    assert kendalls_w([[0, 1, 2], [0, 2, 1], [1, 0, 2]]) == pytest.approx(4 / 9)
+    # ties: [0,0,1] -> (1.5, 1.5, 3); [0,1,2] -> (1, 2, 3): R = (2.5, 3.5, 6), R̄ = 4, S = 2.25+0.25+4 = 6.5
+    # T = 2^3 - 2 = 6 (one tie group of two), W = 12*6.5 / (4*24 - 2*6) = 78/84
+    assert kendalls_w([[0, 0, 1], [0, 1, 2]]) == pytest.approx(78 / 84)
+    assert math.isnan(kendalls_w([[0, 1]]))
+    s = agreement_summary({1: [[0, 1, 2], [0, 1, 2]], 2: [[0, 1], [1, 0]], 3: [[0, 1]]})
+    assert s["tasks"] == 2 and s["pair_agreement"] == pytest.approx(3 / 4) and s["kendalls_w"] == pytest.approx(0.5)
