@@ -99,3 +99,32 @@ def export(store: Store, out: str | Path) -> dict[str, str]:
             datasets.Dataset.from_list(flat).save_to_disk(str(ds_dir))
             paths[f"datasets/{name}"] = str(ds_dir)
     return paths
+
+
+def rank_round_by_people(store: Store, batch: str, prompts: list[Prompt], samples: list[dict], needed: int,
+                         timeout: float, poll: float = 5.0, fallback=None, say=print) -> list[dict]:
+    """The pipeline's labeling step with people: publish the round's K answers per prompt as tasks of
+    ``batch``, wait until ``needed`` tasks are ranked, and return ranking rows in the pipeline's format
+    (``{prompt, responses, ranks, meta}``; ``meta["gold"]`` is the gold rubric of each answer, for the
+    report). With a ``fallback`` labeler (``labeler=mix``) prompts nobody ranked are ranked by it;
+    without one they are left out. A ranking that ties every answer carries no preference: left out."""
+    from rlhfkit.feedback import rubric
+
+    publish(store, batch, samples, model=batch)
+    got: dict[str, list[dict]] = {}
+    for r in wait_for_rankings(store, batch, min(needed, len(samples)), timeout, poll, say):
+        got.setdefault(r["meta"]["external_id"], []).append(r)
+    rows = []
+    for i, (p, s) in enumerate(zip(prompts, samples)):
+        gold = [rubric.score(p, a, f).total for a, f in zip(s["responses"], s["finished"])]
+        people = [r for r in got.get(str(s.get("id", i)), []) if len(set(r["ranks"])) > 1]
+        for r in people:
+            rows.append({"prompt": p.text, "responses": r["responses"], "ranks": r["ranks"],
+                         "meta": {"labeler": r["meta"]["labeler"], "gold": gold, "flags": r["meta"]["flags"],
+                                  "task_id": r["meta"]["task_id"], "prompt_id": p.meta.get("id")}})
+        if not people and fallback is not None:
+            rk = fallback.rank(p, s["responses"], s["finished"])
+            rows.append({"prompt": p.text, "responses": rk.responses, "ranks": rk.ranks, "meta": rk.meta})
+    say(f"[{batch}] {sum(r['meta']['labeler'] != getattr(fallback, 'name', None) for r in rows)} rankings by people"
+        + (f", {sum(r['meta']['labeler'] == fallback.name for r in rows)} by the {fallback.name} labeler" if fallback else ""))
+    return rows

@@ -97,8 +97,8 @@ def run_pipeline(cfg: PipelineConfig, say=print) -> dict:
     (out / "pipeline.json").write_text(json.dumps(asdict(cfg), indent=2))
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
-    if cfg.labeler not in ("gold", "simulated"):
-        raise UserError(f"labeler={cfg.labeler!r}: expected simulated or gold (humans arrive with the web app)")
+    if cfg.labeler not in ("gold", "simulated", "human", "mix"):
+        raise UserError(f"labeler={cfg.labeler!r}: expected simulated, gold, human or mix")
     if not 2 <= cfg.k <= 9:
         raise UserError(f"k={cfg.k}: labelers rank K = 2..9 answers per prompt")
     suite_list(cfg)
@@ -125,6 +125,15 @@ def run_pipeline(cfg: PipelineConfig, say=print) -> dict:
         if not (rdir / "samples.jsonl").exists():
             write_jsonl(rdir / "samples.jsonl", sample_answers(policy, prompts, cfg.k, cfg, temperature, say))
         samples = read_jsonl(rdir / "samples.jsonl")
+        if not (rdir / "rankings.jsonl").exists() and cfg.labeler in ("human", "mix"):
+            # people rank in `rlhfkit serve --run OUT`; resumable: the tasks and rankings stay in the store
+            from rlhfkit.feedback.human import rank_round_by_people
+            from rlhfkit.feedback.store import Store
+
+            rows = rank_round_by_people(Store.for_run(out, cfg.db or None), f"round{r}", prompts, samples,
+                                        cfg.human_rankings or len(samples), cfg.human_timeout, cfg.human_poll,
+                                        fallback=labeler if cfg.labeler == "mix" else None, say=say)
+            write_jsonl(rdir / "rankings.jsonl", rows)
         if not (rdir / "rankings.jsonl").exists():
             rows = []
             for p, row in zip(prompts, samples):
