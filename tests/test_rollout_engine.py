@@ -260,3 +260,94 @@ def test_stream_bf16_on_fp32_model_and_one_call_at_a_time(sharp):
     events = [first, *it]
     assert sum(len(e.token_ids) for e in events) == 5 and events[-1].finished
     assert engine.generate([[1, 2]], sp)[0].finish_reason == "length"  # free again
+
+
+# ---------------------------------------------------------------- the bf16 fast path
+
+
+def test_bf16_fast_path_logits_match_the_modules(sharp):
+    """Packed, fused weights (runner fast path) compute what the model's own modules compute."""
+    import copy
+
+    from rlhfkit.rollout.runner import FusedLinear, Runner
+
+    model = copy.deepcopy(sharp.model).to(torch.bfloat16)
+    run = Runner(model, "bf16")
+    prompts = [sharp.tokenizer("Once upon a time there")["input_ids"], sharp.tokenizer("Hi")["input_ids"]]
+    T = max(map(len, prompts))
+    ids = torch.tensor([p + [0] * (T - len(p)) for p in prompts])  # (2, T) right-padded
+    lens = torch.tensor([len(p) for p in prompts])
+    slots, src = torch.arange(4), torch.tensor([0, 0, 1, 1])  # 2 samples per prompt
+    rope = run.rope_tables(T + 4)
+    nxt = torch.tensor([5, 6, 7, 8])
+
+    def step(bound: bool):
+        cache = run.new_cache(4, T + 4)
+        run.bind(4) if bound else run.unbind()
+        first = run.prefill(cache, ids, lens, slots, src, rope).float()  # (4, V)
+        second = run.decode(cache, nxt, rope).float()  # (4, V)
+        return first, second
+
+    fast = step(True)
+    assert isinstance(run._bound[0][0].qkv, FusedLinear)  # q, k, v: one matmul
+    mod = step(False)
+    with torch.no_grad():  # HF's own forward of the first prompt, bf16
+        hf = model(torch.tensor([prompts[0]])).logits[0, -1].float()
+    run.unbind()
+    scale = mod[0].abs().max()
+    for f, m in zip(fast, mod):
+        assert (f - m).abs().max() < 0.03 * scale
+    assert (fast[0][0] - hf).abs().max() < 0.03 * scale
+    assert torch.equal(fast[0][0], fast[0][1])  # the two samples of a prompt share its prefill
+    assert not torch.equal(fast[1][0], fast[1][1])  # different next tokens, different logits
+
+
+def test_bf16_fast_path_reads_live_weights(sharp):
+    """Weights are taken from the live modules at every call: an in-place update is seen."""
+    import copy
+
+    model = copy.deepcopy(sharp.model)  # fp32: bf16 under autocast, packed once per call
+    old = copy.deepcopy(model)
+    tok = sharp.tokenizer
+    engine = Engine(model, tok, precision="bf16")
+    prompt = tok("The weather today is")["input_ids"]
+    sp = SamplingParams(max_new_tokens=8, temperature=1.0, seed=0)
+
+    def gap(m, out):
+        ref = teacher_forced_logprobs(m, prompt, out.token_ids, 1.0)
+        return (torch.tensor(out.logprobs) - ref).abs().mean()
+
+    assert gap(model, engine.generate([prompt], sp)[0]) < 0.15
+    with torch.no_grad():  # an "optimizer step" on the live model
+        for layer in model.model.layers:
+            w = layer.mlp.down_proj.weight
+            w.add_(torch.randn(w.shape, generator=torch.Generator().manual_seed(0)) * 0.2)
+    out = engine.generate([prompt], sp)[0]
+    assert engine.runner._bound is None  # nothing kept between calls
+    assert gap(model, out) < 0.15
+    assert gap(old, out) > 3 * gap(model, out)
+
+
+def test_bf16_fast_path_with_lora_adapters(tiny_path):
+    """PEFT LoRA projections are called as modules inside the fast path (adapters on and off)."""
+    from rlhfkit.config import PPOConfig
+    from rlhfkit.models.loading import load_causal_lm
+    from rlhfkit.recipes.common import apply_lora
+
+    loaded = load_causal_lm(tiny_path)
+    with torch.no_grad():
+        loaded.model.model.norm.weight.mul_(25.0)  # peaked distributions (like `sharp`)
+    policy = apply_lora(loaded.model, PPOConfig(lora=True, lora_r=4))
+    with torch.no_grad():  # trained adapters: lora_B is zero at init
+        for name, p in policy.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5, generator=torch.Generator().manual_seed(len(name)))
+    tok = loaded.tokenizer
+    engine = Engine(policy, tok, precision="bf16")
+    prompt = tok("The weather today is")["input_ids"]
+    sp = SamplingParams(max_new_tokens=8, temperature=1.0, seed=0)
+    for adapters in (True, False):
+        with policy.disable_adapter() if not adapters else torch.no_grad():
+            out = engine.generate([prompt], sp)[0]
+            ref = teacher_forced_logprobs(policy, prompt, out.token_ids, 1.0)
+        assert (torch.tensor(out.logprobs) - ref).abs().mean() < 0.15

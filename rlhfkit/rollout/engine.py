@@ -224,6 +224,7 @@ class Engine:
         try:
             yield from self._loop(ids, params, n, text_events)
         finally:
+            self.runner.unbind()
             self._busy = False
 
     def _loop(self, ids, params, n, text_events: bool) -> Iterator[list[StreamEvent]]:
@@ -238,6 +239,9 @@ class Engine:
         with torch.no_grad():
             cache = self._cache_for(S, L)
             rope = run.rope_tables(L)  # from the model's rotary module, every call (cheap)
+        # the fast path's weights are taken from the live modules now, once per call, and dropped
+        # when the call ends (_run): an optimizer step between calls is always seen
+        run.bind(rows_hint=S)
         rows: list[_Seq] = []  # live rows, row i <-> cache slot i
         pending: list[int] = []  # per row: the sampled token not yet in the cache
 

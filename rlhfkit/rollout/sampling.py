@@ -105,32 +105,42 @@ def sample_next(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Pick one token per row and return (tokens (B,) long, logprobs (B,) fp32).
 
-    logits (B, V) raw; temperature (B,) (0 = greedy); top_k (B,) long (0 = off); top_p (B,).
-    logprobs = log_softmax(logits / T)[token] before filtering (see the module docstring).
-    ``filtering=False`` skips top-k/top-p entirely (a fast path when no row uses them).
+    logits (B, V) raw, fp32 or bf16 (upcast inside); temperature (B,) (0 = greedy); top_k (B,)
+    long (0 = off); top_p (B,). logprobs = log_softmax(logits / T)[token] before filtering (see
+    the module docstring). ``filtering=False`` skips top-k/top-p entirely (a fast path when no
+    row uses them).
     Sampling is inverse-CDF: one uniform number per row against the cumulative sum of the
     probabilities (what ``torch.multinomial`` does, without its per-call overhead; the
     exponential-race/Gumbel forms need V random numbers per row, ~6× slower on a CPU).
     """
-    scaled = scale_logits(logits, temperature)  # (B, V)
-    logp = torch.log_softmax(scaled, dim=-1)  # (B, V)
     greedy = temperature == 0
     if bool(greedy.all()):
         tokens = logits.argmax(dim=-1)
-    else:
-        filt = scaled
-        if filtering:
-            if bool((top_k > 0).any()):
-                filt = top_k_filter(filt, top_k)
-            if bool((top_p < 1).any()):
-                filt = top_p_filter(filt, top_p)
-            probs = torch.softmax(filt, dim=-1)
-        else:
-            probs = logp.exp()
-        tokens = sample_from_probs(probs, generator)
-        if bool(greedy.any()):
-            tokens = torch.where(greedy, logits.argmax(dim=-1), tokens)
-    return tokens, logp.gather(-1, tokens[:, None])[:, 0]
+        scaled = logits.float()
+        return tokens, scaled.gather(-1, tokens[:, None])[:, 0] - torch.logsumexp(scaled, dim=-1)
+    if filtering and (bool((top_k > 0).any()) or bool((top_p < 1).any())):
+        scaled = scale_logits(logits, temperature)  # (B, V)
+        filt = top_k_filter(scaled, top_k) if bool((top_k > 0).any()) else scaled
+        filt = top_p_filter(filt, top_p) if bool((top_p < 1).any()) else filt
+        tokens = sample_from_probs(torch.softmax(filt, dim=-1), generator)
+        tokens = torch.where(greedy, logits.argmax(dim=-1), tokens)
+        logp = scaled.gather(-1, tokens[:, None])[:, 0] - torch.logsumexp(scaled, dim=-1)
+        return tokens, logp
+    # The RLHF case: sample from softmax(logits / T) over the whole vocabulary. The unnormalised
+    # probabilities exp((x - max) / T) take two passes over (B, V) (the upcast is fused into the
+    # subtraction), and their sum, which the inverse CDF computes anyway, is the normaliser: no
+    # separate log_softmax pass over the vocabulary. Greedy rows use T = 1 here, then argmax.
+    t = torch.where(greedy, torch.ones_like(temperature), temperature).float()[:, None]  # (B, 1)
+    m = logits.amax(dim=-1, keepdim=True).float()  # (B, 1)
+    e = torch.sub(logits, m)  # (B, V) fp32: a bf16 tensor minus an fp32 one promotes to fp32
+    if bool((t != 1).any()):
+        e.div_(t)
+    tokens, total = _inverse_cdf(e.exp_(), generator)
+    if bool(greedy.any()):
+        tokens = torch.where(greedy, logits.argmax(dim=-1), tokens)
+    # log p = (x - max) / T - log Σ exp((x - max) / T), from the exact logit of the token
+    picked = logits.gather(-1, tokens[:, None]).float()  # (B, 1)
+    return tokens, ((picked - m) / t - total.log())[:, 0]
 
 
 def sample_from_probs(
@@ -140,8 +150,18 @@ def sample_from_probs(
 
     Token i is chosen when cdf[i-1] <= u < cdf[i], u ~ U[0, total): zero-probability tokens
     (filtered out) are never chosen. Example: probs [[0.2, 0, 0.8]], u = 0.5 -> cdf [0.2, 0.2, 1.0]
-    -> token 2. Two levels, because a cumulative sum over V is the slowest pass on a CPU: pick a
-    block of ``block`` tokens from the cumulative block sums, then the token inside that block.
+    -> token 2.
+    """
+    return _inverse_cdf(probs, generator, block)[0]
+
+
+def _inverse_cdf(
+    probs: torch.Tensor, generator: torch.Generator | None = None, block: int = 256
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``sample_from_probs`` that also returns each row's total probability mass: (B,), (B, 1).
+
+    Two levels, because a cumulative sum over V is the slowest pass on a CPU: pick a block of
+    ``block`` tokens from the cumulative block sums, then the token inside that block.
     """
     B, V = probs.shape
     nb = -(-V // block)
@@ -157,4 +177,4 @@ def sample_from_probs(
     inner = blocks.gather(1, blk[:, :, None].expand(B, 1, block))[:, 0].cumsum(-1)  # (B, block)
     r = torch.minimum(u - before, inner[:, -1:] * (1 - 2**-20))  # stay inside the block's mass
     j = torch.searchsorted(inner, r, right=True).clamp_(max=block - 1)  # (B, 1)
-    return (blk * block + j)[:, 0]
+    return (blk * block + j)[:, 0], total
