@@ -346,8 +346,14 @@ def test_bf16_fast_path_with_lora_adapters(tiny_path):
     engine = Engine(policy, tok, precision="bf16")
     prompt = tok("The weather today is")["input_ids"]
     sp = SamplingParams(max_new_tokens=8, temperature=1.0, seed=0)
+    def ref(adapters: bool, out):
+        with policy.disable_adapter() if not adapters else torch.no_grad():
+            return teacher_forced_logprobs(policy, prompt, out.token_ids, 1.0)
+
     for adapters in (True, False):
         with policy.disable_adapter() if not adapters else torch.no_grad():
             out = engine.generate([prompt], sp)[0]
-            ref = teacher_forced_logprobs(policy, prompt, out.token_ids, 1.0)
-        assert (torch.tensor(out.logprobs) - ref).abs().mean() < 0.15
+        # median: large random adapters make single tokens bf16-sensitive (on both paths)
+        right = (torch.tensor(out.logprobs) - ref(adapters, out)).abs().median()
+        wrong = (torch.tensor(out.logprobs) - ref(not adapters, out)).abs().median()
+        assert right < 0.15 and wrong > 2 * right
