@@ -121,6 +121,7 @@ class PipelineConfig:
     rm_epochs: float = opt(1.0, "Reward-model epochs over the rankings.")
     rm_lr: float = opt(1e-5, "Reward-model learning rate.")
     batch_size: int = opt(8, "Batch size of SFT (examples) and the reward model (prompts).")
+    grad_accum: int = opt(4, "Micro-batches per optimizer step of SFT and the reward model (a memory knob: the loss is the same; K answers x 2 prompts per RM micro-batch keeps a step under ~4 GB).")
     max_length: int = opt(384, "Maximum prompt + answer tokens in training.")
     rounds: int = opt(1, "Rounds of iterated online RLHF: each samples from the newest policy, ranks, retrains the RM, runs PPO.")
     round_prompts: int = opt(64, "Fresh train prompts sampled and ranked in each round after the first.")

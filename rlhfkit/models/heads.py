@@ -96,7 +96,16 @@ def load_reward_model(spec: str, dtype: torch.dtype = torch.float32, new_head: b
         # always use explicit masks.
         config.pad_token_id = 0 if tok.eos_token_id != 0 else 1
     try:
-        seq_model = AutoModelForSequenceClassification.from_pretrained(path, config=config, dtype=dtype)
+        if new_head:  # the head is missing from a causal-LM checkpoint on purpose: we initialise it below
+            from transformers.utils import logging as hf_logging
+
+            verbosity = hf_logging.get_verbosity()
+            hf_logging.set_verbosity_error()
+        try:
+            seq_model = AutoModelForSequenceClassification.from_pretrained(path, config=config, dtype=dtype)
+        finally:
+            if new_head:
+                hf_logging.set_verbosity(verbosity)
     except (OSError, ValueError) as e:
         raise UserError(f"--model {spec}: cannot load as a reward model ({str(e).splitlines()[0]})") from None
     disable_dropout(seq_model)

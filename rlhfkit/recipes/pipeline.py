@@ -159,7 +159,7 @@ def run_pipeline(cfg: PipelineConfig, say=print) -> dict:
         from rlhfkit.recipes.sft import train_sft
 
         train_sft(SFTConfig(model=cfg.model, data=str(out / "round0" / "demos.jsonl"), out=str(sft), epochs=cfg.sft_epochs,
-                            lr=cfg.sft_lr, batch_size=cfg.batch_size, precision=cfg.precision, max_length=cfg.max_length,
+                            lr=cfg.sft_lr, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, precision=cfg.precision, max_length=cfg.max_length,
                             eval_fraction=0.1, seed=cfg.seed, warmup_steps=2), say=say)
     timings["sft"] = time.perf_counter() - t
     versions = {"base": cfg.model, "sft": str(sft / "model")}
@@ -181,7 +181,7 @@ def run_pipeline(cfg: PipelineConfig, say=print) -> dict:
 
             write_jsonl(rdir / "rm_data.jsonl", all_rankings)
             train_reward_model(RewardConfig(model=str(sft / "model"), data=str(rdir / "rm_data.jsonl"), out=str(rdir / "rm"),
-                                            epochs=cfg.rm_epochs, lr=cfg.rm_lr, batch_size=cfg.batch_size,
+                                            epochs=cfg.rm_epochs, lr=cfg.rm_lr, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum,
                                             precision=cfg.precision, max_length=cfg.max_length, eval_fraction=0.15,
                                             seed=cfg.seed, warmup_steps=2), say=say)
         evals = [m for m in _metrics(rdir / "rm") if "eval_accuracy" in m]
