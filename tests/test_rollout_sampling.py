@@ -136,3 +136,22 @@ def test_incremental_text_never_splits_a_character():
     assert "".join(deltas) == text
     assert all("\ufffd" not in d for d in deltas)
     assert math.isclose(len(inc.text), len(text))
+
+
+def test_sample_next_bf16_logits_and_reused_workspace():
+    """bf16 logits (the fast path's lm_head) and a workspace reused across calls of fewer rows."""
+    from rlhfkit.rollout.sampling import sampling_workspace
+
+    g = torch.Generator().manual_seed(0)
+    work = sampling_workspace(4, 300)  # V = 300 -> 512 columns, the tail stays zero probability
+    assert work.shape == (4, 512)
+    for B, T in ((4, 1.0), (3, 0.7)):
+        logits = (torch.randn(B, 300, generator=g) * 3).to(torch.bfloat16)
+        temp = torch.full((B,), T)
+        temp[0] = 0.0  # a greedy row among sampled ones
+        tok, lp = sample_next(logits, temp, torch.zeros(B, dtype=torch.long), torch.ones(B), g, False, work)
+        assert (tok < 300).all() and tok[0] == logits[0].argmax()
+        t = torch.where(temp > 0, temp, torch.ones(B))[:, None]
+        ref = torch.log_softmax(logits.float() / t, -1).gather(-1, tok[:, None])[:, 0]
+        assert lp.tolist() == pytest.approx(ref.tolist(), abs=1e-5)
+        assert work[:, 300:].eq(0).all()

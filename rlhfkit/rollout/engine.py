@@ -32,7 +32,7 @@ import torch
 from rlhfkit.errors import UserError
 from rlhfkit.models.loading import resolve_precision
 from rlhfkit.rollout.runner import KVCache, Runner
-from rlhfkit.rollout.sampling import SamplingParams, sample_next
+from rlhfkit.rollout.sampling import SamplingParams, sample_next, sampling_workspace
 from rlhfkit.rollout.text import IncrementalText, find_stop, held_back
 
 
@@ -242,6 +242,8 @@ class Engine:
         # the fast path's weights are taken from the live modules now, once per call, and dropped
         # when the call ends (_run): an optimizer step between calls is always seen
         run.bind(rows_hint=S)
+        # fp32 probabilities of every row, reused each step (sampling.sampling_workspace)
+        work = None if all(sp.greedy for sp in params) else sampling_workspace(S, run.vocab_size, dev)
         rows: list[_Seq] = []  # live rows, row i <-> cache slot i
         pending: list[int] = []  # per row: the sampled token not yet in the cache
 
@@ -272,13 +274,13 @@ class Engine:
                     logits = self._prefill(cache, new, len(rows), rope)  # (N, V)
                     rows.extend(new)
                     pending.extend([0] * len(new))
-                    self._sample(logits, rows, pending, len(rows) - len(new), gen, filtering, events, text_events)
+                    self._sample(logits, rows, pending, len(rows) - len(new), gen, filtering, work, events, text_events)
                     self._compact(cache, rows, pending)
                 # 3. one decode step for all live rows
                 if rows:
                     tok = torch.tensor(pending, dtype=torch.long, device=dev)  # (B,)
                     logits = run.decode(cache, tok, rope)  # (B, V)
-                    self._sample(logits, rows, pending, 0, gen, filtering, events, text_events)
+                    self._sample(logits, rows, pending, 0, gen, filtering, work, events, text_events)
                     # 4. finished rows leave; the last live rows move into the holes
                     self._compact(cache, rows, pending)
             yield events
@@ -333,13 +335,13 @@ class Engine:
                 logits[j] = out[k]
         return torch.stack(logits)  # (N, V)
 
-    def _sample(self, logits, rows, pending, first, gen, filtering, events, text_events):
+    def _sample(self, logits, rows, pending, first, gen, filtering, work, events, text_events):
         """Sample for rows[first:] from logits (N, V); append tokens and check stops."""
         seqs = rows[first:]
         temp = torch.tensor([q.params.temperature for q in seqs], device=logits.device)
         top_k = torch.tensor([q.params.top_k for q in seqs], device=logits.device)
         top_p = torch.tensor([q.params.top_p for q in seqs], device=logits.device)
-        tokens, logprobs = sample_next(logits, temp, top_k, top_p, gen, filtering)
+        tokens, logprobs = sample_next(logits, temp, top_k, top_p, gen, filtering, work)
         for j, (q, t, lp) in enumerate(zip(seqs, tokens.tolist(), logprobs.tolist())):
             pending[first + j] = t
             q.tokens.append(t)

@@ -219,6 +219,10 @@ class Runner:
         return contextlib.nullcontext()
 
     @property
+    def vocab_size(self) -> int:
+        return self.lm_head.weight.shape[0]
+
+    @property
     def uses_fast_path(self) -> bool:
         return self.fast and self.compute_dtype == torch.bfloat16
 
