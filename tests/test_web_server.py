@@ -113,15 +113,17 @@ def test_restart_loses_no_submitted_work(server):
         task = c.get("/api/tasks/next").json()["task"]
         body = {"ranks": [3, 2, 1, 0], "idempotency_key": f"restart-{n}-{uuid.uuid4().hex[:6]}",
                 "better_answer": f"better {n}"}
-        assert c.post(f"/api/tasks/{task['id']}/ranking", json=body, headers={"X-CSRF-Token": tok}).status_code == 201
+        r = c.post(f"/api/tasks/{task['id']}/ranking", json=body, headers={"X-CSRF-Token": tok})
+        assert r.status_code == 201, r.text
         done.append((task["id"], body))
     before = c.get("/admin/export/rankings.jsonl").text.splitlines()
     server.kill()  # SIGKILL right after the replies: no shutdown handler runs
     server.start()
     after = c.get("/admin/export/rankings.jsonl").text.splitlines()  # the session survived too
-    assert after == before and len(after) >= LABELERS * EACH + 5
+    assert len(after) == len(before) >= LABELERS * EACH + 5, (len(after), len(before))
+    assert after == before
     demos = c.get("/admin/export/demonstrations.jsonl").text
     assert all(f"better {n}" in demos for n in range(5))
     tid, body = done[-1]  # a retry of a request answered just before the crash is still recognised
     r = c.post(f"/api/tasks/{tid}/ranking", json=body, headers={"X-CSRF-Token": tok})
-    assert r.status_code == 200 and r.json()["duplicate"] is True
+    assert r.status_code == 200 and r.json()["duplicate"] is True, r.text
