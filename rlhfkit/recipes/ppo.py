@@ -50,7 +50,7 @@ from rlhfkit.errors import UserError
 from rlhfkit.models.heads import init_reward_head, load_reward_model
 from rlhfkit.models.loading import load_causal_lm, resolve_precision
 from rlhfkit.recipes.common import (MetricsLog, apply_lora, batch_plan, load_checkpoint, make_accelerator,
-                                    make_optimizer, merged, prepare_out, progress, save_checkpoint)
+                                    make_optimizer, merged, prepare_out, progress, save_checkpoint, training_attention)
 from rlhfkit.rollout import Engine, SamplingParams
 
 RewardFn = Callable[[list[Prompt], list[str], list[bool]], Sequence[float]]
@@ -502,20 +502,21 @@ def train_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None, interrupt_after
                     weight = m_mask.sum() / n_tokens  # token-weighted: micro-batching leaves the loss unchanged
                     old_lp, adv = fw["logprobs"][m, :cols], advantages[m, :cols]
                     old_v, ret = fw["values"][m, :cols], returns[m, :cols]
+                    attention = training_attention(b.input_ids.shape[1], device)  # math kernel for short rows on CPU
                     if critic.kind == "rm":
                         # separate models, separate graphs: the critic's forward + backward first,
                         # then the policy's, so only one graph (and one bf16 weight cast) is alive
-                        with autocast():
+                        with autocast(), attention:
                             values = critic.values(b)
                         vl = ppo_value_loss(values, old_v, ret, m_mask, cfg.cliprange_value)
                         (weight * cfg.vf_coef * vl.loss).backward()
-                        with autocast():
+                        with autocast(), training_attention(b.input_ids.shape[1], device):
                             h = policy_hidden(policy, b)  # (b, r, d)
                             new_logprobs = logprobs_from_logits(response_logits(policy, h), b.response, cfg.temperature)
                         pl = ppo_policy_loss(new_logprobs, old_lp, adv, m_mask, cfg.cliprange)
                         (weight * pl.loss).backward()
                     else:  # one trunk forward gives both the log-probs and the values
-                        with autocast():
+                        with autocast(), attention:
                             h = policy_hidden(policy, b)
                             new_logprobs = logprobs_from_logits(response_logits(policy, h), b.response, cfg.temperature)
                             values = critic.values(b, hidden=h)

@@ -24,7 +24,8 @@ from rlhfkit.data.tokenize import Encoded, collate, encode_ranking, length_group
 from rlhfkit.errors import UserError
 from rlhfkit.models.heads import RewardModel, load_reward_model
 from rlhfkit.recipes.common import (MetricsLog, apply_lora, batch_plan, load_checkpoint, load_split, make_accelerator,
-                                    make_optimizer, merged, prepare_out, progress, save_checkpoint, shard, world)
+                                    make_optimizer, merged, prepare_out, progress, save_checkpoint, shard, training_attention,
+                                    world)
 
 Group = tuple[list[Encoded], list[int]]  # the K sequences of one prompt and their ranks
 
@@ -37,7 +38,8 @@ def score_groups(model, groups: list[Group], pad_id: int, device) -> tuple[torch
     scores = torch.zeros(len(seqs), device=device)
     for part in length_groups([len(e.input_ids) for e in seqs]):  # similar lengths together: less padding
         batch = collate([seqs[i] for i in part], pad_id)
-        part_scores = model(batch["input_ids"].to(device), batch["attention_mask"].to(device), batch["last_index"].to(device))
+        with training_attention(batch["input_ids"].shape[1], device):
+            part_scores = model(batch["input_ids"].to(device), batch["attention_mask"].to(device), batch["last_index"].to(device))
         scores = scores.index_put((torch.tensor(part, device=device),), part_scores)
     return scores, ranks, group
 

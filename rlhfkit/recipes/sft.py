@@ -26,7 +26,8 @@ from rlhfkit.data.tokenize import Encoded, collate, collate_packed, encode_demon
 from rlhfkit.errors import UserError
 from rlhfkit.models.loading import load_causal_lm
 from rlhfkit.recipes.common import (MetricsLog, apply_lora, batch_plan, load_checkpoint, load_split, make_accelerator,
-                                    make_optimizer, merged, prepare_out, progress, save_checkpoint, shard, world)
+                                    make_optimizer, merged, prepare_out, progress, save_checkpoint, shard, training_attention,
+                                    world)
 
 
 def train_sft(cfg: SFTConfig, interrupt_after: int | None = None, say=print) -> dict:
@@ -76,7 +77,8 @@ def run_lm_training(cfg: TrainConfig, acc, model, tok, train: list[Encoded], hel
         for part in parts:
             batch = batch_inputs(part)
             kw = {k: v.to(acc.device) for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids")}
-            logits = model(**kw).logits  # (B, T, V)
+            with training_attention(kw["input_ids"].shape[1], acc.device):
+                logits = model(**kw).logits  # (B, T, V)
             nll, _ = masked_nll_sum(logits, kw["input_ids"], batch["loss_mask"].to(acc.device))
             total = total + nll
         return total
