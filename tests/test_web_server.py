@@ -120,7 +120,9 @@ def test_restart_loses_no_submitted_work(server):
     server.kill()  # SIGKILL right after the replies: no shutdown handler runs
     server.start()
     after = c.get("/admin/export/rankings.jsonl").text.splitlines()  # the session survived too
-    assert len(after) == len(before) >= LABELERS * EACH + 5, (len(after), len(before))
+    # (>= 5, not 1,005: under pytest-xdist this test may run in a worker where the concurrency
+    # test, which shares the module's server, did not)
+    assert len(after) == len(before) >= 5, (len(after), len(before))
     assert after == before
     demos = c.get("/admin/export/demonstrations.jsonl").text
     assert all(f"better {n}" in demos for n in range(5))
