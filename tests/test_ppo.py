@@ -9,10 +9,12 @@ the newline token among the frequent ones — a signal PPO can climb in a few it
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
 import pytest
+
 import torch
 
 from rlhfkit.config import PPOConfig
@@ -206,3 +208,40 @@ def test_ppo_with_reward_model_and_ptx(tiny_path, tmp_path):
     rows = read_metrics(out)
     assert len(rows) == 2 and all(math.isfinite(r["ptx_loss"]) for r in rows)
     assert rows[0]["score_raw"] != 0.0 and math.isfinite(result["score"])
+
+
+def test_critic_values_are_on_the_reward_scale(tiny_path, tmp_path):
+    """critic='rm' subtracts the RM's stored offset (rewards use normalised scores), so at the last
+    token the critic's value equals the normalised score; the policy-head critic starts at zero."""
+    from contextlib import nullcontext
+
+    from rlhfkit.models.heads import load_reward_model
+    from rlhfkit.models.loading import load_causal_lm
+    from rlhfkit.recipes.ppo import Critic, rm_scores
+
+    rm, tok = load_reward_model(tiny_path)
+    rm.seq_model.config.reward_offset = 1.25
+    rm.seq_model.save_pretrained(tmp_path / "rm")
+    tok.save_pretrained(tmp_path / "rm")
+    rm, _ = load_reward_model(str(tmp_path / "rm"))
+    critic = Critic("rm", seq_model=load_reward_model(str(tmp_path / "rm"))[0].seq_model)
+    comps, batch = _rollout(load_causal_lm(tiny_path))
+    with torch.no_grad():
+        values = critic.values(batch)  # (N, R)
+        scores = rm_scores(rm, batch, 4, nullcontext)  # (N,) normalised: raw - 1.25
+    last = batch.response_mask.long().sum(1) - 1
+    at_last = values[torch.arange(len(last)), last]
+    # the value read at position t predicts token t; the RM reads the hidden state of the last
+    # token itself, one position later: compare the RM's raw outputs at the same positions instead
+    raw_at = rm.seq_model.score(rm.trunk(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+                                .last_hidden_state[torch.arange(len(last)), batch.positions[torch.arange(len(last)), last]]).squeeze(-1)
+    assert torch.allclose(at_last, raw_at.detach() - 1.25, atol=1e-5)
+    assert scores.mean().item() < rm.forward(batch.input_ids, batch.attention_mask, batch.last_index).mean().item() - 1.2
+
+    # the policy-head critic starts at zero: the first iteration's values are exactly 0
+    from rlhfkit.recipes.ppo import train_ppo
+
+    train_ppo(ppo_cfg(tiny_path, "", tmp_path / "ppo", critic="policy_head", max_steps=1, batch_size=4),
+              reward_fn=newline_reward)
+    first = json.loads((tmp_path / "ppo" / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["value_mean"] == 0.0

@@ -245,6 +245,15 @@ def save_checkpoint(out: Path, step: int, model, optimizer, scheduler, extra: di
     return final
 
 
+def periodic_checkpoint(acc, cfg: TrainConfig, out: Path, done: int, total: int, model, optimizer, scheduler) -> None:
+    """Every ``cfg.save_every`` optimizer steps (not the last: the end of the run saves), the main
+    process writes a checkpoint while the others wait."""
+    if cfg.save_every and done % cfg.save_every == 0 and done != total:
+        if acc.is_main_process:
+            save_checkpoint(out, done, model, optimizer, scheduler)
+        acc.wait_for_everyone()
+
+
 def latest_checkpoint(out: Path) -> Path | None:
     ckpts = sorted(p for p in (out / "checkpoints").glob("step-*") if (p / "state.pt").exists())
     return ckpts[-1] if ckpts else None

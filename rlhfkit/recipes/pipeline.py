@@ -197,7 +197,7 @@ def run_pipeline(cfg: PipelineConfig, say=print) -> dict:
             from rlhfkit.recipes.ppo import train_ppo
 
             train_ppo(PPOConfig(model=str(sft / "model"), reward_model=str(rdir / "rm" / "model"), out=str(rdir / "ppo"),
-                                max_steps=cfg.ppo_iterations, batch_size=cfg.ppo_batch_size, lr=cfg.ppo_lr,
+                                max_steps=cfg.ppo_iterations, batch_size=cfg.ppo_batch_size, lr=cfg.ppo_lr, critic=cfg.ppo_critic,
                                 kl_coef=cfg.kl_coef, temperature=cfg.ppo_temperature, max_new_tokens=cfg.max_new_tokens,
                                 precision=cfg.precision, seed=cfg.seed + r), say=say)
         policy = str(rdir / "ppo" / "model")

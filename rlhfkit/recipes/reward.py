@@ -24,7 +24,7 @@ from rlhfkit.data.tokenize import Encoded, collate, encode_ranking, length_group
 from rlhfkit.errors import UserError
 from rlhfkit.models.heads import RewardModel, load_reward_model
 from rlhfkit.recipes.common import (MetricsLog, apply_lora, batch_plan, load_checkpoint, load_split, make_accelerator,
-                                    make_optimizer, merged, prepare_out, progress, save_checkpoint, shard, training_attention,
+                                    make_optimizer, merged, periodic_checkpoint, prepare_out, progress, save_checkpoint, shard, training_attention,
                                     world)
 
 Group = tuple[list[Encoded], list[int]]  # the K sequences of one prompt and their ranks
@@ -149,10 +149,7 @@ def train_reward_model(cfg: RewardConfig, interrupt_after: int | None = None, sa
             log.log(done, **last)
         bar.update(1)
         bar.set_postfix(loss=f"{last['loss']:.4f}", acc=f"{last['accuracy']:.2f}")
-        if cfg.save_every and done % cfg.save_every == 0 and done != len(plan):
-            if acc.is_main_process:
-                save_checkpoint(out, done, acc.unwrap_model(rm).seq_model, optimizer, scheduler)
-            acc.wait_for_everyone()
+        periodic_checkpoint(acc, cfg, out, done, len(plan), acc.unwrap_model(rm).seq_model, optimizer, scheduler)
         if interrupt_after is not None and done >= interrupt_after:  # tests: simulate a crash here
             bar.close()
             return {"step": done, **last}

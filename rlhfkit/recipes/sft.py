@@ -26,7 +26,7 @@ from rlhfkit.data.tokenize import Encoded, collate, collate_packed, encode_demon
 from rlhfkit.errors import UserError
 from rlhfkit.models.loading import load_causal_lm
 from rlhfkit.recipes.common import (MetricsLog, apply_lora, batch_plan, load_checkpoint, load_split, make_accelerator,
-                                    make_optimizer, merged, prepare_out, progress, save_checkpoint, shard, training_attention,
+                                    make_optimizer, merged, periodic_checkpoint, prepare_out, progress, save_checkpoint, shard, training_attention,
                                     world)
 
 
@@ -147,10 +147,7 @@ def run_lm_training(cfg: TrainConfig, acc, model, tok, train: list[Encoded], hel
         bar.update(1)
         bar.set_postfix(loss=f"{train_loss:.4f}")
         # 6. checkpoint
-        if cfg.save_every and done % cfg.save_every == 0 and done != len(plan):
-            if acc.is_main_process:
-                save_checkpoint(out, done, acc.unwrap_model(model), optimizer, scheduler)
-            acc.wait_for_everyone()
+        periodic_checkpoint(acc, cfg, out, done, len(plan), acc.unwrap_model(model), optimizer, scheduler)
         if interrupt_after is not None and done >= interrupt_after:  # tests: simulate a crash here
             bar.close()
             return {"step": done, **last}
