@@ -6,7 +6,14 @@ Settings (issue 3): SmolLM2-135M-Instruct in bf16; real prompts (self-instruct s
 in the chat template); (a) 32 prompts × K=4 samples × 128 new tokens at temperature 1.0 (no
 top-k/top-p), (b) batch 8 greedy × 128 new tokens. Both sides produce exactly 128 new tokens per
 sample (the engine with ignore_eos, generate with min_new_tokens=128), and we count the tokens
-each returned. The ceiling is a plain bf16 forward of 8 × 256 tokens (tokens/s processed).
+each returned. The forward-only ceiling is the tokens/s of a plain bf16 forward (HF ``model(x)``,
+logits included) of 2,048 tokens — 8 × 256 as the issue defines it, also tried as 4 × 512, 16 × 128
+and 32 × 64, best of 3 repetitions each, measured before and after the generation cases; the
+ceiling used is the maximum of all of these (best effort, so the fraction is conservative).
+Engine timings include everything a caller pays: the per-call weight preparation (bf16 weights
+fused and prepacked for oneDNN from the live modules), prefill, decode and sampling. No
+torch.compile is used, so there is no warm-up to hide. The engine runs each case twice, before
+and after ``transformers.generate`` (the load drifts), and its mean is what the ratios use.
 Timings are noisy on a shared 2-core machine: compare the ratios, which come from one run.
 Nothing here asserts a time.
 """
@@ -67,28 +74,102 @@ def engine_generate(engine, prompts, new, n, sample):
     return sum(len(c.token_ids) for c in engine.generate(prompts, sp, n=n))
 
 
-def forward_ceiling(model, reps: int = 3) -> float:
-    x = torch.randint(100, 40000, (8, 256))
-    with torch.no_grad():
-        model(x)
-        t = time.perf_counter()
-        for _ in range(reps):
-            model(x)
-    return 8 * 256 * reps / (time.perf_counter() - t)
+CEILING_SHAPES = ((8, 256), (4, 512), (16, 128), (32, 64))  # 8 × 256 is the issue's definition
 
 
-def matmul_rows_per_s(reps: int = 20) -> dict[str, float]:
-    """bf16 x @ W.T for SmolLM2's MLP weight (1536 x 576) at M rows: how batch size bounds decode."""
-    w = torch.randn(1536, 576, dtype=torch.bfloat16)
+def forward_ceiling(model, reps: int = 3) -> dict[str, float]:
+    """tokens/s of a bf16 forward of 2,048 tokens at a few batch shapes, best of ``reps`` each."""
     out = {}
+    with torch.no_grad():
+        for b, t in CEILING_SHAPES:
+            x = torch.randint(100, 40000, (b, t))
+            model(x)  # warm-up (kernel selection, allocations)
+            best = float("inf")
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                model(x)
+                best = min(best, time.perf_counter() - t0)
+            out[f"{b}x{t}"] = b * t / best
+    return out
+
+
+def prepare_seconds(engine, reps: int = 3) -> float:
+    """Seconds the engine spends per call taking the fast path's weights from the live modules."""
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        engine.runner.bind(128)
+        best = min(best, time.perf_counter() - t0)
+        engine.runner.unbind()
+    return best
+
+
+def matmul_rows_per_s(reps: int = 20) -> dict[str, dict[str, float]]:
+    """bf16 x @ W.T for SmolLM2's MLP weight (1536 x 576) at M rows: how batch size bounds decode.
+
+    'linear': F.linear (what HF and the ceiling's forward use); 'prepacked': the weight reordered
+    once for oneDNN (what the engine's decode uses), best of 3 × ``reps``.
+    """
+    w = torch.randn(1536, 576, dtype=torch.bfloat16)
+    packed = torch.ops.mkldnn._reorder_linear_weight(w, 128) if hasattr(torch.ops.mkldnn, "_reorder_linear_weight") else None
+    fns = {"linear": lambda x: torch.nn.functional.linear(x, w)}
+    if packed is not None:
+        fns["prepacked"] = lambda x: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+    out: dict[str, dict[str, float]] = {k: {} for k in fns}
     for m in (8, 128, 2048):
         x = torch.randn(m, 576, dtype=torch.bfloat16)
-        torch.nn.functional.linear(x, w)
-        t = time.perf_counter()
-        for _ in range(reps):
-            torch.nn.functional.linear(x, w)
-        out[str(m)] = m * reps / (time.perf_counter() - t)
+        for name, fn in fns.items():
+            fn(x)
+            best = float("inf")
+            for _ in range(3):
+                t = time.perf_counter()
+                for _ in range(reps):
+                    fn(x)
+                best = min(best, time.perf_counter() - t)
+            out[name][str(m)] = m * reps / best
     return out
+
+
+# What was measured while optimising the engine (microbenchmarks on this machine, under load;
+# best of several runs). Kept here so the results file explains itself.
+NOTES = """\
+How the engine gets there, per decode step of 128 rows (one token for each of the 128 samples):
+
+- **Weights prepared once per call** (`Runner.bind`): q/k/v and gate/up concatenated into one
+  matmul each, and every projection and the lm_head reordered into oneDNN's blocked bf16 layout.
+  `F.linear` reorders the weight inside every call; prepacked, the 1536 × 576 matmul at 128 rows
+  took 222 µs instead of 344 µs and the lm_head 6.2 ms instead of 11.7 ms (bitwise equal outputs).
+  It is redone at every `generate` call from the live modules (see `weight_prepare_s_per_call`),
+  so PPO's optimizer steps are always seen; LoRA projections (PEFT) are called as modules.
+- **Fused small ops**: RMSNorm as one `F.rms_norm`, RoPE on q and k together in 3 ops.
+- **Sampling without full-vocabulary temporaries**: the fp32 probabilities are made in place in a
+  buffer reused across steps, and the log-prob comes from the inverse CDF's total instead of a
+  `log_softmax` pass. Fresh 25 MB tensors every step cost 43 ms against 8 ms in place (page faults).
+
+Tried and not kept (they did not help here):
+
+- **Prompt-shared decode attention** (the K samples of a prompt read its keys/values once, the
+  two partial softmaxes combined through their log-sum-exps): 7–9 % slower per step (25 % before
+  the usual layout was made gather-free). The CPU
+  flash-attention kernel's cost at one query per head is dominated by per-(row, head) work, not by
+  reading keys: 32 prompts × 12 queries over 64 prompt positions took 276 µs, but each row's own
+  part (128 rows over the generated positions) still costs 700–940 µs, plus gathers and the merge.
+- **torch.compile**: a compiled attention (scores, softmax, weighted sum) was slower than SDPA
+  (2.4 vs 1.8 ms at span 136); compiling the glue ops saves ~50 µs per RMSNorm+residual
+  (≈ 3 ms per step, < 3 %) for 5–20 s of compile per shape family, so it is not used.
+- fp32 matmuls (4× slower than bf16 at 128 rows), an fp32 or fp16 KV cache (SDPA 1.5× / 3× slower),
+  SDPA's math backend (4× slower).
+
+Where the time goes now (torch.profiler over a 32 × 4 × 96-token call): decode attention (SDPA,
+one query per head over each row's cache) ≈ 40 %, the prepacked matmuls ≈ 31 %, small ops (norms,
+RoPE, SiLU, cache writes, copies) ≈ 20 %, sampling ≈ 5 %. The attention kernel runs at ~3× the
+time its memory traffic needs (15.7 MB of keys/values per layer at 96 new tokens: 0.6 ms at the
+27 GB/s this machine streams, 2.0 ms measured), and a decode matmul at 128 rows still runs at
+~70 % of the rows/s of the ceiling's 2,048-row matmuls: the two gaps to the targets.
+
+Before/after in one process (old engine from git vs this one, same model, 32 × 4 × 128, T = 1,
+load ≈ 4): 432 → 567 tok/s (1.31×); at 64 new tokens under load 7–10: 1.5–1.75×.
+"""
 
 
 def main() -> None:
@@ -99,7 +180,12 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=4)
     ap.add_argument("--skip-hf", action="store_true", help="engine and ceiling only (quick iterations)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "rollout"))
+    ap.add_argument("--render", action="store_true", help="only rewrite the .md from the existing .json")
     args = ap.parse_args()
+    if args.render:
+        out = Path(args.out)
+        write_markdown(json.loads(out.with_suffix(".json").read_text()), out)
+        return
 
     loaded = load_causal_lm(args.model, torch.bfloat16)
     model, tok = loaded.model, loaded.tokenizer
@@ -120,8 +206,13 @@ def main() -> None:
     engine_generate(engine, prompts[:8], 8, 2, True)
     if not args.skip_hf:
         hf_generate(model, tok, prompts[:8], 4, 1, True)
-    ceiling = forward_ceiling(model)
-    res["forward_ceiling_tok_s"] = ceiling
+    res["engine_path"] = {
+        "fast_path": engine.runner.uses_fast_path,
+        "onednn_prepacked": engine.runner._can_pack(),
+        "torch_compile": False,
+        "weight_prepare_s_per_call": prepare_seconds(engine),
+    }
+    ceilings = [forward_ceiling(model)]
 
     cases = [
         (f"{args.prompts} prompts x K={args.k}, T=1.0", prompts, args.k, True),
@@ -129,52 +220,106 @@ def main() -> None:
     ]
     for name, ps, n, sample in cases:
         row = {"sequences": len(ps) * n, "new_tokens_per_seq": args.new_tokens}
+        runs = []
         toks, dt = timed(lambda: engine_generate(engine, ps, args.new_tokens, n, sample))
-        row["engine_tok_s"] = toks / dt
-        row["engine_s"] = dt
+        runs.append(toks / dt)
         if not args.skip_hf:
             toks_hf, dt_hf = timed(lambda: hf_generate(model, tok, ps, args.new_tokens, n, sample))
             row["hf_generate_tok_s"] = toks_hf / dt_hf
             row["hf_generate_s"] = dt_hf
+        toks, dt = timed(lambda: engine_generate(engine, ps, args.new_tokens, n, sample))
+        runs.append(toks / dt)
+        row["engine_runs_tok_s"] = runs
+        row["engine_tok_s"] = sum(runs) / len(runs)
+        if not args.skip_hf:
             row["speedup_vs_hf"] = row["engine_tok_s"] / row["hf_generate_tok_s"]
-        row["fraction_of_ceiling"] = row["engine_tok_s"] / ceiling
         res["cases"][name] = row
         print(name, json.dumps(row, indent=1))
-    res["forward_ceiling_after_tok_s"] = forward_ceiling(model)
+    ceilings.append(forward_ceiling(model))
+    res["forward_ceiling_tok_s_by_shape"] = {"before": ceilings[0], "after": ceilings[1]}
+    ceiling = max(v for c in ceilings for v in c.values())
+    res["forward_ceiling_tok_s"] = ceiling
+    for row in res["cases"].values():
+        row["fraction_of_ceiling"] = row["engine_tok_s"] / ceiling
     res["matmul_rows_per_s"] = matmul_rows_per_s()
     res["load_avg_end"] = os.getloadavg()
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(res, indent=2) + "\n")
+    write_markdown(res, out)
+
+
+def write_markdown(res: dict, out: Path) -> None:
+    """benchmarks/results/rollout.md from the results dict (``--render`` redoes it from the JSON)."""
+    ceiling = res["forward_ceiling_tok_s"]
+    new_tokens = next(iter(res["cases"].values()))["new_tokens_per_seq"]
     lines = [
         "# Rollout engine benchmark",
         "",
         f"SmolLM2-135M-Instruct, bf16, {res['threads']} threads (OMP_WAIT_POLICY={res['omp_wait_policy']}), "
         f"torch {res['torch']}, load average {res['load_avg_start'][0]:.1f} at start; prompts: self-instruct seed "
         f"instructions in the chat template (mean {res['prompt_tokens_mean']:.0f} tokens); "
-        f"{args.new_tokens} new tokens per sample on both sides. One run; the machine is shared, so compare ratios.",
+        f"{new_tokens} new tokens per sample on both sides. One run; the machine is shared, so compare ratios.",
         "",
-        f"Forward-only ceiling (bf16 forward, 8 × 256 tokens): {ceiling:,.0f} tok/s before, "
-        f"{res['forward_ceiling_after_tok_s']:,.0f} tok/s after.",
+        f"Forward-only ceiling: {ceiling:,.0f} tok/s — the best bf16 forward of 2,048 tokens over the batch "
+        "shapes below, best of 3 each, measured before and after the generation cases (the issue defines "
+        "it as 8 × 256; the maximum over all of them is used, so the fraction is conservative):",
         "",
-        "| case | engine tok/s | transformers.generate tok/s | speedup | fraction of ceiling |",
+        "| forward shape | before | after |",
+        "|---|---:|---:|",
+    ]
+    by = res["forward_ceiling_tok_s_by_shape"]
+    for shape in by["before"]:
+        lines.append(f"| {shape} | {by['before'][shape]:,.0f} | {by['after'][shape]:,.0f} |")
+    ep = res["engine_path"]
+    lines += [
+        "",
+        f"Engine: bf16 fast path, weights prepacked for oneDNN: {ep['onednn_prepacked']}; torch.compile: "
+        f"{ep['torch_compile']} (no warm-up to count); weight preparation from the live modules "
+        f"{ep['weight_prepare_s_per_call']:.2f} s per call, included in the engine's times. Engine tok/s "
+        "is the mean of two runs, one before and one after transformers.generate.",
+        "",
+        "| case | engine tok/s (runs) | transformers.generate tok/s | speedup | fraction of ceiling |",
         "|---|---:|---:|---:|---:|",
     ]
     for name, row in res["cases"].items():
         hf = f"{row['hf_generate_tok_s']:,.0f}" if "hf_generate_tok_s" in row else "—"
         sp = f"{row['speedup_vs_hf']:.2f}×" if "speedup_vs_hf" in row else "—"
-        lines.append(f"| {name} | {row['engine_tok_s']:,.0f} | {hf} | {sp} | {row['fraction_of_ceiling']:.0%} |")
+        runs = ", ".join(f"{r:,.0f}" for r in row["engine_runs_tok_s"])
+        lines.append(
+            f"| {name} | {row['engine_tok_s']:,.0f} ({runs}) | {hf} | {sp} | {row['fraction_of_ceiling']:.0%} |"
+        )
+    main_case = next(iter(res["cases"].values()))
+    if "speedup_vs_hf" in main_case:
+        met = lambda ok: "met" if ok else "NOT met"  # noqa: E731
+        lines += [
+            "",
+            f"Issue 3 targets at 32 × 4 × 128, T = 1: ≥ 4× transformers.generate — {met(main_case['speedup_vs_hf'] >= 4)} "
+            f"({main_case['speedup_vs_hf']:.2f}×); ≥ 50 % of the forward-only ceiling — "
+            f"{met(main_case['fraction_of_ceiling'] >= 0.5)} ({main_case['fraction_of_ceiling']:.0%}).",
+        ]
     mm = res["matmul_rows_per_s"]
     lines += [
         "",
-        "Why the fraction of the ceiling stays low here: a decode step multiplies every weight by only",
-        "as many rows as there are live sequences, and bf16 matmuls on this CPU are far less efficient",
-        f"at few rows — rows/s through the 1536 × 576 MLP weight: {mm['8']:,.0f} at M=8, {mm['128']:,.0f} at",
-        f"M=128, {mm['2048']:,.0f} at M=2048 (the ceiling's forward runs M=2048). At batch 8 both engines",
-        "stream all 270 MB of weights per token step and are bound by memory bandwidth, so they tie;",
-        "the engine's gain comes from decoding every sample at once (128 rows) with one prefill per prompt,",
-        "a preallocated cache and no per-step framework overhead.",
+        f"Load average {res['load_avg_start'][0]:.1f} at start, {res['load_avg_end'][0]:.1f} at end "
+        "(other engineers' jobs share the 2 cores).",
+        "",
+        "Why a decode step stays below the ceiling: it multiplies every weight by only as many rows as",
+        "there are live sequences, and bf16 matmuls on this CPU are far less efficient at few rows —",
+        "rows/s through the 1536 × 576 MLP weight: "
+        + "; ".join(
+            f"{kind}: " + ", ".join(f"{v:,.0f} at M={m}" for m, v in d.items()) for kind, d in mm.items()
+        )
+        + " (the ceiling's forward runs M=2048). At batch 8 both engines stream all 270 MB of weights",
+        "per token step and are bound by memory bandwidth, so they are close; the engine's gain comes",
+        "from decoding every sample at once (128 rows) with one prefill per prompt, a preallocated cache,",
+        "prepacked weights and no per-step framework overhead.",
+        "",
+        NOTES,
+        "llama.cpp reference: not measured. Building llama-cpp-python compiles llama.cpp from source;",
+        "on this shared 2-core machine (load 5–30 during this work) that was estimated well over the",
+        "15-minute budget and would have disturbed the other engineers' runs, so it was skipped.",
     ]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
