@@ -167,6 +167,7 @@ class PPOConfig(TrainConfig):
     cliprange: float = opt(0.2, "PPO ratio clip epsilon.")
     cliprange_value: float = opt(0.2, "Value clip epsilon (in reward units).")
     vf_coef: float = opt(0.1, "Weight of the value loss.")
+    value_head_lr: float = opt(1e-3, "critic='policy_head': learning rate of the value head (0 = lr). The head starts at zero and must learn the value scale within a few iterations; at the trunk's lr it barely moves.")
     whiten_advantages: bool = opt(True, "Whiten advantages over the rollout batch.")
     whiten_rewards: bool = opt(False, "Scale per-token rewards to unit variance (mean kept).")
     score_clip: float = opt(0.0, "Clip reward-model scores to [-c, c] (0 = off).")

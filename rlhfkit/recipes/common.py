@@ -116,11 +116,17 @@ def split_eval(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]
 # ---------------------------------------------------------------- optimizer
 
 
-def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, total_steps: int):
-    params = [p for p in model.parameters() if p.requires_grad]
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, total_steps: int, lr_of: dict | None = None):
+    """AdamW over the trainable parameters of ``model`` and its learning-rate schedule.
+
+    ``lr_of`` maps parameters to their own peak learning rate (a group of their own); the
+    schedule scales every group alike."""
+    lr_of = lr_of or {}
+    params = [p for p in model.parameters() if p.requires_grad and p not in lr_of]
+    groups = [{"params": params, "lr": cfg.lr}] + [{"params": [p], "lr": lr} for p, lr in lr_of.items() if p.requires_grad]
     # fused AdamW: one kernel per tensor; on this CPU 3x faster than the default foreach path
     # (1.2 s vs 4.0 s per step for 265M parameters), and it exists on CUDA too
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95), eps=1e-8, fused=True)
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95), eps=1e-8, fused=True)
 
     def factor(step: int) -> float:
         if cfg.warmup_steps and step < cfg.warmup_steps:

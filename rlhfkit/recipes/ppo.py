@@ -422,7 +422,8 @@ def train_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None, interrupt_after
     # 3. optimizer over policy and critic (one AdamW, one gradient clip), KL controller, resume
     both = nn.ModuleDict({"policy": policy, "critic": critic})
     n_updates = len(plan) * cfg.ppo_epochs * cfg.num_minibatches
-    optimizer, scheduler = make_optimizer(both, cfg, n_updates)
+    head_lr = {critic.head.weight: cfg.value_head_lr} if critic.kind == "policy_head" and cfg.value_head_lr > 0 else None
+    optimizer, scheduler = make_optimizer(both, cfg, n_updates, lr_of=head_lr)
     kl_ctl = (AdaptiveKLController(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon) if cfg.adaptive_kl
               else FixedKLController(cfg.kl_coef))
     start = 0
