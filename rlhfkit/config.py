@@ -104,7 +104,7 @@ class PipelineConfig:
     out: str = opt("runs/demo", "Run directory: every round's samples, rankings, models and metrics stay here.")
     train_prompts: int = opt(96, "Train prompts of the built-in task to sample and label (seeded subset).")
     eval_prompts: int = opt(0, "Held-out prompts for judging versions (0 = all 108).")
-    k: int = opt(4, "Answers sampled per prompt for the labeler to rank (K = 2..9).")
+    k: int = opt(6, "Answers sampled per prompt for the labeler to rank (K = 2..9); a ranking of K gives K(K-1)/2 pairs.")
     max_new_tokens: int = opt(128, "Longest answer, in tokens.")
     temperature: float = opt(1.0, "Sampling temperature for the K answers.")
     labeler: str = opt("simulated", "Who ranks: simulated (gold rubric + human-like noise), gold (no noise), human (people in `rlhfkit serve`), or mix (people, the simulated labeler for the rest).")
