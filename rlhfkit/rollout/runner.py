@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from rlhfkit.errors import UserError
+from rlhfkit.rollout import attention_cpu
 
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
 
@@ -194,6 +195,8 @@ class Runner:
         self.lm_head = model.get_output_embeddings()
         self.precision = precision
         self.fast = True  # use the fast path in bf16 (tests turn it off to compare with modules)
+        self.decode_kernel = True  # the fast path's decode attention in C++ where it builds (attention_cpu)
+        self.last_decode_kernel = False  # whether the last decode step used it
         self._bound: tuple[list[FastLayer], Callable] | None = None
 
     # ------------------------------------------------------------------ precision, device
@@ -396,12 +399,18 @@ class Runner:
         """
         B = tokens.shape[0]
         pos = cache.lens[:B]  # (B,)
-        chunks = attention_chunks(pos.tolist())  # [(row0, row1, span)]
-        span = max(c[2] for c in chunks)
-        # additive mask built once per step (a bool mask is converted inside every SDPA call)
-        keep = torch.arange(span, device=tokens.device)[None, :] <= pos[:, None]  # (B, span)
-        mask = torch.zeros(B, 1, 1, span, dtype=self.compute_dtype, device=tokens.device)
-        mask.masked_fill_(~keep[:, None, None], float("-inf"))  # (B, 1, 1, span)
+        # bf16 fast path on a CPU: the C++ decode-attention kernel (attention_cpu.py) reads each
+        # row's pos + 1 valid positions, no mask; SDPA over row chunks otherwise (and as fallback)
+        n_valid = pos + 1  # (B,) keys per row once this step's key is written
+        kernel = self.decode_kernel and self._bound is not None and attention_cpu.ready(cache.k[0], self.n_heads)
+        self.last_decode_kernel = kernel
+        if not kernel:
+            chunks = attention_chunks(pos.tolist())  # [(row0, row1, span)]
+            span = max(c[2] for c in chunks)
+            # additive mask built once per step (a bool mask is converted inside every SDPA call)
+            keep = torch.arange(span, device=tokens.device)[None, :] <= pos[:, None]  # (B, span)
+            mask = torch.zeros(B, 1, 1, span, dtype=self.compute_dtype, device=tokens.device)
+            mask.masked_fill_(~keep[:, None, None], float("-inf"))  # (B, 1, 1, span)
         # where each row's new key goes in the flattened cache (S·Hkv·L, D): one index_copy_
         # per layer instead of an advanced-index write
         L = cache.max_len
@@ -412,6 +421,8 @@ class Runner:
             kc, vc = cache.k[i], cache.v[i]
             kc.view(-1, self.head_dim).index_copy_(0, dest, k.reshape(B * self.n_kv, self.head_dim))
             vc.view(-1, self.head_dim).index_copy_(0, dest, v.reshape(B * self.n_kv, self.head_dim))
+            if kernel:
+                return attention_cpu.decode_attention(q, kc, vc, n_valid, self.scaling)  # (B, H, 1, D)
             # one query position per head against the kv head it shares (enable_gqa: no repeat
             # of K/V; head h uses kv head h // (H / Hkv), as in HF's repeat_kv)
             outs = [

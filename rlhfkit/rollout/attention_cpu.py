@@ -1,0 +1,400 @@
+"""A C++ decode-attention kernel for the bf16 CPU fast path, compiled on first use.
+
+What it computes, for every decode row b and query head h (one new query per row):
+
+    out[b, h] = softmax(q[b, h] · K[b, g]ᵀ · scale)[: n[b]] · V[b, g][: n[b]]      g = h // (H / Hkv)
+
+with K, V the preallocated cache ``(S, Hkv, L, D)`` in bf16, ``n[b]`` the number of valid
+positions of row b (its length including the token just written), scores, softmax (max-subtracted)
+and the weighted sum in fp32, the output rounded once to bf16. This is SDPA with one query per head,
+grouped-query heads sharing a kv head (``enable_gqa``) and a per-row key-length mask, without the
+mask: each row only reads its own ``n[b]`` positions.
+
+Why it exists: the profile of a 32 prompts × K=4 decode step put ~40 % of the time in SDPA at one
+query per head — ~2.0 ms per layer per step where its key/value traffic needs ~0.6 ms. ATen's CPU
+flash-attention kernel pays a per-(row, head) setup and blocks the queries for matrices with many
+rows; here each task (row, kv head) streams that row's keys once for its H/Hkv query heads (the
+scores of all of them from one read of each key), then its values once. See
+``benchmarks/results/rollout.md`` for the measured numbers.
+
+How it is built and when it is used: the source below is compiled with
+``torch.utils.cpp_extension.load_inline`` (g++ -O3 -march=native; AVX-512 intrinsics when the
+compiler targets them, a plain loop otherwise) into ``$RLHFKIT_CACHE/torch_extensions/``, in a
+directory named after a hash of the source, the flags, the CPU's model and flags and the torch and
+Python versions — so a build is reused by every later process on the same machine and rebuilt on
+another CPU. Nothing depends on it: ``decode_attention`` returns ``None`` (and the caller uses SDPA)
+when the tensors are not CPU bf16 of the supported shapes, when ``RLHFKIT_DECODE_KERNEL=0``, or
+when the build failed (no compiler, no ninja, a compile error) — logged once, never raised.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+_SOURCE = r"""
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+// bf16 -> fp32 is a 16-bit left shift of the bits; fp32 -> bf16 rounds to nearest even (as torch).
+static inline float bf2f(uint16_t b) {
+    uint32_t u = uint32_t(b) << 16;
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+}
+static inline uint16_t f2bf(float f) {
+    uint32_t u;
+    std::memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return uint16_t((u >> 16) | 0x40);  // NaN stays NaN
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return uint16_t(u >> 16);
+}
+
+#if defined(__AVX512F__)
+// 16 bf16 (256 bits) -> 16 fp32
+static inline __m512 load16(const uint16_t* p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(
+        _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+}
+// exp(x) for x <= 0 (max-subtracted scores): 2^n · P(r), n = round(x·log2 e), |r| <= ln2/2,
+// P the degree-6 Taylor polynomial (relative error < 2e-7); x < -87 gives 0.
+static inline __m512 exp512(__m512 x) {
+    const __m512 lo = _mm512_set1_ps(-87.0f);
+    __mmask16 under = _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ);
+    x = _mm512_max_ps(x, lo);
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.0f / 720);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    return _mm512_maskz_mov_ps(~under, _mm512_scalef_ps(p, n));
+}
+#endif
+
+#if defined(__AVX512F__)
+// Dot products of one query head with one key, as a vector of partial sums (16 fp32 lanes).
+// fp32 FMAs on keys widened from bf16 (any D multiple of 16) ...
+template <int D>
+struct DotF32 {
+    __m512 q[D / 16];
+    void set(const uint16_t* qbf) {
+        for (int c = 0; c < D / 16; ++c) q[c] = load16(qbf + c * 16);
+    }
+    inline __m512 operator()(const uint16_t* kt) const {
+        __m512 acc = _mm512_setzero_ps();
+        for (int c = 0; c < D / 16; ++c) acc = _mm512_fmadd_ps(q[c], load16(kt + c * 16), acc);
+        return acc;
+    }
+};
+#if defined(__AVX512BF16__)
+// ... or, with AVX512-BF16 and D a multiple of 32, bf16 pairs multiplied (exactly) and summed in
+// fp32 by one instruction, on the keys as stored.
+template <int D>
+struct DotBF16 {
+    __m512bh q[D / 32];
+    void set(const uint16_t* qbf) {
+        for (int c = 0; c < D / 32; ++c) q[c] = (__m512bh)_mm512_loadu_si512(qbf + c * 32);
+    }
+    inline __m512 operator()(const uint16_t* kt) const {
+        __m512 acc = _mm512_setzero_ps();
+        for (int c = 0; c < D / 32; ++c) acc = _mm512_dpbf16_ps(acc, q[c], (__m512bh)_mm512_loadu_si512(kt + c * 32));
+        return acc;
+    }
+};
+template <int D>
+using Dot = typename std::conditional<D % 32 == 0, DotBF16<D>, DotF32<D>>::type;
+#else
+template <int D>
+using Dot = DotF32<D>;
+#endif
+
+// The 16 lane-sums of a[0..15] as one vector (r[i] = sum of a[i]'s lanes): a transpose-and-add
+// tree, ~3 instructions per pair instead of a full horizontal reduction per vector.
+static inline __m512 sum16(__m512* a) {
+    __m512 b[8], c[4], d[2];
+    for (int i = 0; i < 8; ++i)  // [x.L0+x.L2, x.L1+x.L3, y.L0+y.L2, y.L1+y.L3] (128-bit lanes)
+        b[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0x44),
+                             _mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0xEE));
+    for (int i = 0; i < 4; ++i)  // lane k: 4 floats summing to vector 4i + k
+        c[i] = _mm512_add_ps(_mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], 0x88),
+                             _mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], 0xDD));
+    for (int i = 0; i < 2; ++i)
+        d[i] = _mm512_add_ps(_mm512_unpacklo_ps(c[2 * i], c[2 * i + 1]), _mm512_unpackhi_ps(c[2 * i], c[2 * i + 1]));
+    // position 4k + m holds vector 4m + k: permute back
+    __m512 e = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(d[0]), _mm512_castps_pd(d[1]))),
+                             _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(d[0]), _mm512_castps_pd(d[1]))));
+    const __m512i idx = _mm512_set_epi32(15, 11, 7, 3, 14, 10, 6, 2, 13, 9, 5, 1, 12, 8, 4, 0);
+    return _mm512_permutexvar_ps(idx, e);
+}
+#endif
+
+// scores s[j·ld + t] = scale · q_j · k_t for the G query heads of one kv head, t < n.
+// q: G rows of D bf16 (row stride qs), k: n rows of D bf16.
+template <int D>
+static void scores(const uint16_t* q, int64_t qs, int G, const uint16_t* k, int64_t n, float scale, float* s,
+                   int64_t ld) {
+#if defined(__AVX512F__)
+    const __m512 sc = _mm512_set1_ps(scale);
+    for (int j = 0; j < G; ++j) {
+        Dot<D> dot;
+        dot.set(q + j * qs);
+        float* sj = s + j * ld;
+        int64_t t = 0;
+        for (; t + 16 <= n; t += 16) {  // 16 keys (2 KB at D = 64, in L1 for the next heads)
+            __m512 acc[16];
+            for (int i = 0; i < 16; ++i) acc[i] = dot(k + (t + i) * D);
+            _mm512_storeu_ps(sj + t, _mm512_mul_ps(sum16(acc), sc));
+        }
+        for (; t < n; ++t) sj[t] = _mm512_reduce_add_ps(dot(k + t * D)) * scale;
+    }
+#else
+    for (int64_t t = 0; t < n; ++t) {
+        float kt[D];
+        for (int d = 0; d < D; ++d) kt[d] = bf2f(k[t * D + d]);
+        for (int j = 0; j < G; ++j) {
+            float a = 0.f;
+            for (int d = 0; d < D; ++d) a += bf2f(q[j * qs + d]) * kt[d];
+            s[j * ld + t] = a * scale;
+        }
+    }
+#endif
+}
+
+// s[0..n) <- exp(s - max s) in place; returns the sum.
+static float softmax_unnormalised(float* s, int64_t n) {
+#if defined(__AVX512F__)
+    __m512 mx = _mm512_set1_ps(-INFINITY);
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) mx = _mm512_max_ps(mx, _mm512_loadu_ps(s + i));
+    float m = _mm512_reduce_max_ps(mx);
+    for (; i < n; ++i) m = s[i] > m ? s[i] : m;
+    __m512 mv = _mm512_set1_ps(m), sum = _mm512_setzero_ps();
+    int64_t t = 0;
+    for (; t + 16 <= n; t += 16) {
+        __m512 e = exp512(_mm512_sub_ps(_mm512_loadu_ps(s + t), mv));
+        _mm512_storeu_ps(s + t, e);
+        sum = _mm512_add_ps(sum, e);
+    }
+    if (t < n) {
+        __mmask16 mk = (__mmask16)((1u << (n - t)) - 1);
+        __m512 e = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(mk, s + t), mv));
+        _mm512_mask_storeu_ps(s + t, mk, e);
+        sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(mk, e));
+    }
+    return _mm512_reduce_add_ps(sum);
+#else
+    float m = -INFINITY;
+    for (int64_t t = 0; t < n; ++t) m = s[t] > m ? s[t] : m;
+    float sum = 0.f;
+    for (int64_t t = 0; t < n; ++t) { s[t] = std::exp(s[t] - m); sum += s[t]; }
+    return sum;
+#endif
+}
+
+// o[j] = sum_t p[j][t] · v_t for the G heads (fp32, D floats each), t < n.
+template <int D>
+static void weighted_sum(const float* p, int64_t ld, int G, const uint16_t* v, int64_t n, float* o) {
+#if defined(__AVX512F__)
+    constexpr int C = D / 16;
+    for (int j0 = 0; j0 < G; j0 += 4) {
+        const int g = G - j0 < 4 ? G - j0 : 4;
+        __m512 acc[4][C];
+        for (int j = 0; j < g; ++j)
+            for (int c = 0; c < C; ++c) acc[j][c] = _mm512_setzero_ps();
+        for (int64_t t = 0; t < n; ++t) {
+            const uint16_t* vt = v + t * D;
+            __m512 pj[4];
+            for (int j = 0; j < g; ++j) pj[j] = _mm512_set1_ps(p[(j0 + j) * ld + t]);
+            for (int c = 0; c < C; ++c) {
+                __m512 vc = load16(vt + c * 16);
+                for (int j = 0; j < g; ++j) acc[j][c] = _mm512_fmadd_ps(pj[j], vc, acc[j][c]);
+            }
+        }
+        for (int j = 0; j < g; ++j)
+            for (int c = 0; c < C; ++c) _mm512_storeu_ps(o + (j0 + j) * D + c * 16, acc[j][c]);
+    }
+#else
+    for (int j = 0; j < G * D; ++j) o[j] = 0.f;
+    for (int64_t t = 0; t < n; ++t)
+        for (int j = 0; j < G; ++j) {
+            const float pt = p[j * ld + t];
+            for (int d = 0; d < D; ++d) o[j * D + d] += pt * bf2f(v[t * D + d]);
+        }
+#endif
+}
+
+template <int D>
+static void run(const uint16_t* q, int64_t qsb, int64_t qsh, const uint16_t* k, const uint16_t* v,
+                const int64_t* n, uint16_t* out, int64_t B, int64_t H, int64_t Hkv, int64_t L, float scale) {
+    const int G = int(H / Hkv);
+    const int64_t tasks = B * Hkv;
+    at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+        std::vector<float> o(G * D), s(G * L);
+        for (int64_t i = begin; i < end; ++i) {
+            // rows are sorted by length: interleave both ends so each thread's range is balanced
+            const int64_t task = (i % 2 == 0) ? i / 2 : tasks - 1 - i / 2;
+            const int64_t b = task / Hkv, kvh = task % Hkv;
+            const int64_t nb = n[b] < L ? n[b] : L;
+            if (nb <= 0) {
+                for (int j = 0; j < G; ++j) std::memset(out + (b * H + kvh * G + j) * D, 0, D * 2);
+                continue;
+            }
+            const int64_t base = (b * Hkv + kvh) * L * D;
+            scores<D>(q + b * qsb + kvh * G * qsh, qsh, G, k + base, nb, scale, s.data(), L);
+            float inv[64];
+            for (int j = 0; j < G; ++j) inv[j] = 1.0f / softmax_unnormalised(s.data() + j * L, nb);
+            weighted_sum<D>(s.data(), L, G, v + base, nb, o.data());
+            for (int j = 0; j < G; ++j) {
+                uint16_t* oj = out + (b * H + kvh * G + j) * D;
+                for (int d = 0; d < D; ++d) oj[d] = f2bf(o[j * D + d] * inv[j]);
+            }
+        }
+    });
+}
+
+// q (B, H, 1, D) bf16, last dim contiguous; k, v (S, Hkv, L, D) bf16 contiguous, S >= B;
+// n (B,) int64 valid positions per row. Returns (B, H, 1, D): a view of a (B, 1, H, D) buffer,
+// so that transpose(1, 2).reshape(B, 1, H * D) is free.
+torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor n, double scale) {
+    TORCH_CHECK(q.dim() == 4 && q.size(2) == 1 && q.stride(3) == 1, "q must be (B, H, 1, D), last dim contiguous");
+    TORCH_CHECK(k.dim() == 4 && k.is_contiguous() && v.is_contiguous() && k.sizes() == v.sizes(), "bad cache");
+    TORCH_CHECK(q.scalar_type() == at::kBFloat16 && k.scalar_type() == at::kBFloat16 && v.scalar_type() == at::kBFloat16,
+                "bf16 only");
+    TORCH_CHECK(n.scalar_type() == at::kLong && n.is_contiguous(), "n must be int64");
+    const int64_t B = q.size(0), H = q.size(1), D = q.size(3), Hkv = k.size(1), L = k.size(2);
+    TORCH_CHECK(k.size(0) >= B && k.size(3) == D && n.numel() == B && H % Hkv == 0 && H / Hkv <= 64, "shapes");
+    auto out = torch::empty({B, 1, H, D}, q.options());
+    auto qp = reinterpret_cast<const uint16_t*>(q.data_ptr<at::BFloat16>());
+    auto kp = reinterpret_cast<const uint16_t*>(k.data_ptr<at::BFloat16>());
+    auto vp = reinterpret_cast<const uint16_t*>(v.data_ptr<at::BFloat16>());
+    auto op = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
+    const int64_t* np = n.data_ptr<int64_t>();
+    const float sc = float(scale);
+    if (D == 64) run<64>(qp, q.stride(0), q.stride(1), kp, vp, np, op, B, H, Hkv, L, sc);
+    else if (D == 128) run<128>(qp, q.stride(0), q.stride(1), kp, vp, np, op, B, H, Hkv, L, sc);
+    else if (D == 32) run<32>(qp, q.stride(0), q.stride(1), kp, vp, np, op, B, H, Hkv, L, sc);
+    else if (D == 16) run<16>(qp, q.stride(0), q.stride(1), kp, vp, np, op, B, H, Hkv, L, sc);
+    else TORCH_CHECK(false, "head_dim must be 16, 32, 64 or 128");
+    return out.transpose(1, 2);
+}
+"""
+
+_FLAGS = ["-O3", "-march=native", "-std=c++17"]
+SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
+
+_lock = threading.Lock()
+_module = None  # the loaded extension, False once a build failed
+build_seconds: float | None = None  # wall time of the build (or of loading a cached one) in this process
+built_now: bool = False  # True when this process compiled it (not found in the cache)
+
+
+def _cpu_signature() -> str:
+    """The CPU's model name and feature flags (a -march=native build only runs where it was built)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        keep = [x for x in lines if x.startswith(("model name", "flags"))][:2]
+        return "\n".join(keep)
+    except OSError:
+        return platform.processor() or platform.machine()
+
+
+def build_dir() -> Path:
+    from rlhfkit.models.loading import cache_dir
+
+    key = "\n".join([_SOURCE, " ".join(_FLAGS), _cpu_signature(), torch.__version__, sys.version])
+    return cache_dir() / "torch_extensions" / f"decode_attention_{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+
+
+def enabled() -> bool:
+    return os.environ.get("RLHFKIT_DECODE_KERNEL", "1") != "0"
+
+
+def load():
+    """The compiled extension (building it the first time on this machine), or None if unavailable."""
+    global _module, build_seconds, built_now
+    if _module is not None:
+        return _module or None
+    with _lock:
+        if _module is not None:
+            return _module or None
+        if not enabled():
+            log.info("decode-attention kernel disabled (RLHFKIT_DECODE_KERNEL=0): using SDPA")
+            _module = False
+            return None
+        t0 = time.perf_counter()
+        try:
+            from torch.utils.cpp_extension import load_inline
+
+            d = build_dir()
+            d.mkdir(parents=True, exist_ok=True)
+            built_now = not any(d.glob("*.so"))
+            if built_now:
+                log.info("compiling the decode-attention kernel once into %s (about a minute)", d)
+            _module = load_inline(
+                name="rlhfkit_decode_attention",
+                cpp_sources=[_SOURCE],
+                functions=["decode_attention"],
+                extra_cflags=_FLAGS,
+                build_directory=str(d),
+                verbose=False,
+            )
+        except Exception as e:  # no compiler, no ninja, a compile error: SDPA it is
+            log.warning("decode-attention kernel unavailable, using SDPA: %s", str(e).strip().splitlines()[-1:])
+            _module = False
+        build_seconds = time.perf_counter() - t0
+        return _module or None
+
+
+def ready(k_cache: torch.Tensor, n_heads: int) -> bool:
+    """Whether the kernel runs for this cache (CPU, bf16, a supported head dim, not disabled),
+    building or loading it on the first call of the process."""
+    ok = (
+        enabled()
+        and _module is not False
+        and k_cache.device.type == "cpu"
+        and k_cache.dtype == torch.bfloat16
+        and k_cache.shape[-1] in SUPPORTED_HEAD_DIMS
+        and n_heads % k_cache.shape[1] == 0
+    )
+    return ok and load() is not None
+
+
+def decode_attention(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, n_valid: torch.Tensor, scale: float
+) -> torch.Tensor | None:
+    """Attention of one query per head over each row's first ``n_valid[b]`` cached positions.
+
+    q (B, H, 1, D) bf16 (last dim contiguous), k_cache/v_cache (S, Hkv, L, D) bf16 contiguous with
+    S >= B, n_valid (B,) int64. Returns (B, H, 1, D) bf16 — the values of
+    ``F.scaled_dot_product_attention(q, K, V, mask, scale=scale, enable_gqa=True)`` with keys at
+    offsets ``>= n_valid[b]`` masked — or None when the kernel is not available (see ``ready``;
+    the caller then runs SDPA). Never raises because of the kernel's build.
+    """
+    if q.dtype != torch.bfloat16 or not ready(k_cache, q.shape[1]):
+        return None
+    return _module.decode_attention(q, k_cache, v_cache, n_valid, scale)

@@ -1,0 +1,116 @@
+"""The C++ decode-attention kernel (rollout/attention_cpu.py) against fp32 reference attention,
+and its fallback to SDPA. The first test in a session builds the kernel if this machine's cache
+lacks it (about a minute, once); the others reuse it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from rlhfkit.rollout import attention_cpu
+
+
+@pytest.fixture(scope="module")
+def sharp(tiny_path):
+    """tiny-random (head dim 16) with logits ×25: peaked, context-dependent distributions."""
+    from rlhfkit.models.loading import load_causal_lm
+
+    loaded = load_causal_lm(tiny_path)
+    with torch.no_grad():
+        loaded.model.model.norm.weight.mul_(25.0)
+    return loaded
+
+
+def _kernel_or_skip():
+    probe = torch.zeros(1, 1, 1, 64, dtype=torch.bfloat16)
+    if not attention_cpu.ready(probe, 1):
+        pytest.skip("decode-attention kernel not available here (the engine uses SDPA)")
+
+
+def _reference(q, kc, vc, n, scale):
+    """fp32 attention of (B, H, 1, D) queries over each row's first n[b] keys, GQA by repeat."""
+    B, H, _, D = q.shape
+    G = H // kc.shape[1]
+    span = int(n.max())
+    k = kc[:B, :, :span].float().repeat_interleave(G, 1)
+    v = vc[:B, :, :span].float().repeat_interleave(G, 1)
+    s = (q.float() @ k.transpose(-1, -2)) * scale  # (B, H, 1, span)
+    s = s.masked_fill(~(torch.arange(span)[None, :] < n[:, None])[:, None, None], float("-inf"))
+    return s.softmax(-1) @ v
+
+
+@pytest.mark.parametrize("H,Hkv,D", [(9, 3, 64), (4, 2, 16), (8, 1, 128), (4, 4, 32)])
+def test_kernel_matches_reference_attention(H, Hkv, D):
+    _kernel_or_skip()
+    g = torch.Generator().manual_seed(0)
+    B, S, L = 13, 16, 90
+    n = torch.tensor([1, 2, 15, 16, 17, 31, 32, 33, 47, 64, 65, 89, 90])  # ragged, around 16-key blocks
+    qk = torch.randn(B, 1, H + Hkv, D, generator=g).bfloat16()
+    q = qk[:, :, :H].transpose(1, 2)  # (B, H, 1, D), strided as in the runner
+    kc = (3 * torch.randn(S, Hkv, L, D, generator=g)).bfloat16()  # peaked softmaxes too
+    vc = torch.randn(S, Hkv, L, D, generator=g).bfloat16()
+    scale = D**-0.5
+    out = attention_cpu.decode_attention(q, kc, vc, n, scale)
+    assert out.shape == (B, H, 1, D) and out.dtype == torch.bfloat16
+    ref = _reference(q, kc, vc, n, scale)
+    assert (out.float() - ref).abs().max() < 1e-2  # bf16 output rounding (values ~1)
+    # as close to the fp32 reference as bf16 SDPA is
+    keep = torch.arange(L)[None, :] < n[:, None]
+    mask = torch.zeros(B, 1, 1, L, dtype=torch.bfloat16).masked_fill_(~keep[:, None, None], float("-inf"))
+    sdpa = F.scaled_dot_product_attention(q, kc[:B], vc[:B], attn_mask=mask, scale=scale, enable_gqa=True)
+    assert (out.float() - ref).abs().mean() <= 1.5 * (sdpa.float() - ref).abs().mean() + 1e-4
+    # the runner reshapes o.transpose(1, 2) to (B, 1, H·D): a free view of the kernel's buffer
+    assert out.transpose(1, 2).is_contiguous()
+
+
+def test_runner_decode_kernel_vs_sdpa(sharp):
+    """A bf16 fast-path decode step gives the same logits with the kernel as with SDPA."""
+    import copy
+
+    from rlhfkit.rollout.runner import Runner
+
+    _kernel_or_skip()
+    model = copy.deepcopy(sharp.model).to(torch.bfloat16)
+    run = Runner(model, "bf16")
+    prompts = [sharp.tokenizer(t)["input_ids"] for t in ("Once upon a time there", "Hi", "The cat sat on the")]
+    T = max(map(len, prompts))
+    ids = torch.tensor([p + [0] * (T - len(p)) for p in prompts])
+    lens = torch.tensor([len(p) for p in prompts])
+    slots, src = torch.arange(6), torch.tensor([0, 0, 1, 1, 2, 2])
+    rope = run.rope_tables(T + 8)
+    run.bind(6)
+
+    def steps(kernel: bool):
+        run.decode_kernel = kernel
+        cache = run.new_cache(6, T + 8)
+        run.prefill(cache, ids, lens, slots, src, rope)
+        out = [run.decode(cache, torch.tensor([5, 6, 7, 8, 9, 10]) + i, rope).float() for i in range(3)]
+        return out, run.last_decode_kernel
+
+    with_kernel, used = steps(True)
+    with_sdpa, used_sdpa = steps(False)
+    run.unbind()
+    assert used and not used_sdpa
+    scale = with_sdpa[0].abs().max()
+    for a, b in zip(with_kernel, with_sdpa):
+        assert (a - b).abs().max() < 0.03 * scale
+
+
+def test_fallback_when_the_kernel_is_unavailable(sharp, monkeypatch):
+    """A failed build (or RLHFKIT_DECODE_KERNEL=0) means SDPA, silently: generation still works."""
+    import copy
+
+    from rlhfkit.rollout import Engine, SamplingParams
+
+    monkeypatch.setattr(attention_cpu, "_module", False)  # as after a compile error
+    probe = torch.zeros(1, 1, 1, 64, dtype=torch.bfloat16)
+    assert not attention_cpu.ready(probe, 1)
+    assert attention_cpu.decode_attention(probe, probe, probe, torch.ones(1, dtype=torch.long), 0.125) is None
+    model = copy.deepcopy(sharp.model).to(torch.bfloat16)
+    engine = Engine(model, sharp.tokenizer)
+    out = engine.generate([sharp.tokenizer("Hi")["input_ids"]], SamplingParams(max_new_tokens=4, temperature=0.0))
+    assert len(out[0].token_ids) == 4 and not engine.runner.last_decode_kernel
+    monkeypatch.setenv("RLHFKIT_DECODE_KERNEL", "0")
+    monkeypatch.setattr(attention_cpu, "_module", None)
+    assert not attention_cpu.ready(probe, 1)
