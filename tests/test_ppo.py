@@ -139,6 +139,33 @@ def test_logprob_recomputation_matches_engine_with_temperature(sharp_path):
     assert (unscaled["logprobs"] - engine_lp).abs().max() > 0.1  # forgetting T is visibly wrong
 
 
+def test_bf16_reference_keeps_kl_zero_at_step_0(sharp_path):
+    """The bf16 reference (Linear weights stored in bf16, embedding and norms fp32) gives bitwise
+    the policy's log-probs under bf16 autocast: KL exactly 0 at step 0, entropy as before."""
+    from rlhfkit.algos.ppo import entropy_from_logits, logprobs_from_logits
+    from rlhfkit.models.loading import load_causal_lm
+    from rlhfkit.recipes.ppo import Critic, bf16_matmul_weights, logprobs_and_entropy, rollout_forwards
+
+    policy = load_causal_lm(sharp_path)
+    ref = load_causal_lm(sharp_path).model.requires_grad_(False)
+    bf16_matmul_weights(ref)
+    assert ref.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
+    assert ref.get_input_embeddings().weight.dtype == torch.float32  # the residual stream stays fp32
+    _, batch = _rollout(policy, temperature=0.7)
+    critic = Critic("policy_head", head=torch.nn.Linear(policy.model.config.hidden_size, 1, bias=False))
+
+    def autocast():
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+
+    fw = rollout_forwards(policy.model, ref, critic, batch, 0.7, 3, autocast, lora_ref=False)
+    assert torch.equal(fw["logprobs"], fw["ref_logprobs"])
+    logits = torch.randn(2, 5, 50) * 3
+    tokens = torch.randint(0, 50, (2, 5))
+    lp, ent = logprobs_and_entropy(logits, tokens, 0.7)
+    assert torch.equal(lp, logprobs_from_logits(logits, tokens, 0.7))
+    assert torch.allclose(ent, entropy_from_logits(logits, 0.7), atol=1e-5)
+
+
 def test_lora_reference_is_the_base_model(tiny_path):
     """With LoRA the reference is the policy with adapters disabled: the base model's log-probs."""
     from contextlib import nullcontext

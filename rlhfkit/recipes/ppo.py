@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from rlhfkit.algos.ppo import (AdaptiveKLController, FixedKLController, apply_missing_eos_penalty, clip_scores,
-                               compute_gae, compute_rewards, entropy_from_logits, explained_variance, kl_k3,
+                               compute_gae, compute_rewards, explained_variance, kl_k3,
                                logprobs_from_logits, masked_mean, masked_whiten, ppo_policy_loss, ppo_value_loss,
                                truncate_after_eos, whiten_rewards)
 from rlhfkit.config import PPOConfig
@@ -64,6 +64,25 @@ RewardFn = Callable[[list[Prompt], list[str], list[bool]], Sequence[float]]
 def _unwrap(model: nn.Module) -> nn.Module:
     """The transformers model inside a peft wrapper (LoRA layers stay injected in its modules)."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def bf16_matmul_weights(model: nn.Module) -> None:
+    """Store a frozen model's Linear weights in bf16: exactly the values bf16 autocast casts them
+    to at every forward, so its forwards under autocast give bitwise the same results, with half
+    the memory for those weights and no per-forward cast.
+
+    For the reference: with SmolLM2-135M, 214 MB less and ~0.15 s less per iteration. The
+    embedding and the norms stay fp32 (the residual stream stays fp32 as in the policy's forward),
+    and so does a head tied to the embedding (converting it would convert the embedding too), so
+    the reference's log-probs equal the policy's at step 0 — KL exactly 0. Casting the whole model
+    to bf16 instead would put the residual stream in bf16: a KL of ±0.9 nats per sequence at step 0.
+    """
+    tied = model.get_input_embeddings().weight
+    for m in model.modules():
+        if type(m) is nn.Linear and m.weight is not tied:
+            m.weight.data = m.weight.data.to(torch.bfloat16)
+            if m.bias is not None:
+                m.bias.data = m.bias.data.to(torch.bfloat16)
 
 
 @dataclass
@@ -246,8 +265,9 @@ def rollout_forwards(policy, ref, critic: Critic, batch: Batch, temperature: flo
         with autocast():
             h = policy_hidden(policy, b)  # (b, r, d)
             logits = response_logits(policy, h)  # (b, r, V)
-            out["logprobs"].append(pad(logprobs_from_logits(logits, b.response, temperature)))
-            out["entropy"].append(pad(entropy_from_logits(logits, temperature)))
+            logprobs, entropy = logprobs_and_entropy(logits, b.response, temperature)
+            out["logprobs"].append(pad(logprobs))
+            out["entropy"].append(pad(entropy))
             del logits
             if critic.kind == "policy_head":
                 out["values"].append(pad(critic.values(b, hidden=h)))
@@ -263,6 +283,26 @@ def rollout_forwards(policy, ref, critic: Critic, batch: Batch, temperature: flo
             out["ref_logprobs"].append(pad(logprobs_from_logits(ref_logits, b.response, temperature)))
             del ref_logits
     return {k: torch.cat(v) * batch.response_mask for k, v in out.items()}
+
+
+@torch.no_grad()
+def logprobs_and_entropy(logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``logprobs_from_logits`` and ``entropy_from_logits`` in one pass over the vocabulary.
+
+    logits (B, R, V), tokens (B, R) -> two (B, R) float32. The log-probs are computed with the
+    same ops as ``logprobs_from_logits`` (bitwise equal: the reference's log-probs come from that
+    function, and equal weights must give a KL of exactly 0); the entropy reuses their logsumexp,
+    H = lse − Σ_v softmax(z)_v z_v. Row by row: one (R, V) float32 slice at a time. The two
+    separate functions cost 0.31 s per 16 × 64 tokens of SmolLM2 (V = 49152), this one 0.2 s.
+    """
+    lps, ents = [], []
+    for row_logits, row_tokens in zip(logits, tokens):  # (R, V), (R,)
+        z = row_logits.float() / temperature  # (R, V)
+        lse = torch.logsumexp(z, dim=-1)  # (R,)
+        lps.append(z.gather(-1, row_tokens.unsqueeze(-1)).squeeze(-1) - lse)
+        p = torch.exp(z - lse.unsqueeze(-1))  # softmax(z)
+        ents.append(lse - (p * z).sum(-1))
+    return torch.stack(lps), torch.stack(ents)
 
 
 @torch.no_grad()
@@ -380,6 +420,8 @@ def train_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None, interrupt_after
     ref = None
     if not lora_ref:  # the frozen SFT model; with LoRA it is the policy with adapters disabled
         ref = load_causal_lm(cfg.model).model.to(device).requires_grad_(False).eval()
+        if bf16:
+            bf16_matmul_weights(ref)
     if cfg.critic == "policy_head":
         d = _unwrap(policy).config.hidden_size
         head = nn.Linear(d, 1, bias=False)
