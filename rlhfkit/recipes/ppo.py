@@ -78,11 +78,19 @@ def bf16_matmul_weights(model: nn.Module) -> None:
     to bf16 instead would put the residual stream in bf16: a KL of ±0.9 nats per sequence at step 0.
     """
     tied = model.get_input_embeddings().weight
+    converted = set()
     for m in model.modules():
         if type(m) is nn.Linear and m.weight is not tied:
-            m.weight.data = m.weight.data.to(torch.bfloat16)
-            if m.bias is not None:
-                m.bias.data = m.bias.data.to(torch.bfloat16)
+            for p in (m.weight, m.bias):
+                if p is not None:
+                    p.data = p.data.to(torch.bfloat16)
+                    converted.add(id(p))
+    # The rest gets memory of its own: the checkpoint is memory-mapped, and while any tensor still
+    # views the file, every page of it that was read (all of them, by the conversion) stays in
+    # RSS — the 540 MB fp32 file next to the 214 MB of bf16 copies.
+    for t in [*model.parameters(), *model.buffers()]:
+        if id(t) not in converted:
+            t.data = t.data.clone()
 
 
 @dataclass
