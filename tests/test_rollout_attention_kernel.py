@@ -114,3 +114,48 @@ def test_fallback_when_the_kernel_is_unavailable(sharp, monkeypatch):
     monkeypatch.setenv("RLHFKIT_DECODE_KERNEL", "0")
     monkeypatch.setattr(attention_cpu, "_module", None)
     assert not attention_cpu.ready(probe, 1)
+
+
+def test_fused_decode_ops_match_pytorch():
+    """RoPE + cache write + attention, residual add + RMSNorm, SiLU·up: the C++ ops of the fused
+    decode step against the PyTorch ops they replace (HF's LLaMA roundings)."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from rlhfkit.rollout.runner import apply_rope
+
+    _kernel_or_skip()
+    g = torch.Generator().manual_seed(1)
+    # residual add + RMSNorm
+    h = torch.randn(7, 576, generator=g).bfloat16()
+    r = torch.randn(7, 576, generator=g).bfloat16()
+    norm = LlamaRMSNorm(576, eps=1e-5).bfloat16()
+    norm.weight.data = (1 + 0.1 * torch.randn(576, generator=g)).bfloat16()
+    expect_h = h + r
+    with torch.no_grad():
+        expect_x = norm(expect_h)
+    x = attention_cpu.add_rms_norm(h, r, norm.weight.data, 1e-5)
+    assert torch.equal(h, expect_h)  # updated in place, bf16 add
+    assert (x.float() - expect_x.float()).abs().max() <= 0.01 * expect_x.float().abs().max()
+    # SiLU·up
+    gu = (3 * torch.randn(5, 2 * 40, generator=g)).bfloat16()
+    y = attention_cpu.silu_mul(gu)
+    expect_y = F.silu(gu[:, :40]) * gu[:, 40:]
+    assert ((y.float() - expect_y.float()).abs() <= 0.01 * expect_y.float().abs() + 1e-3).all()
+    # RoPE + cache write + attention
+    B, H, Hkv, D, L = 5, 9, 3, 64, 40
+    pos = torch.tensor([0, 3, 17, 32, 39])
+    qkv = torch.randn(B, (H + 2 * Hkv) * D, generator=g).bfloat16()
+    kc = torch.randn(B, Hkv, L, D, generator=g).bfloat16()
+    vc = torch.randn(B, Hkv, L, D, generator=g).bfloat16()
+    ang = torch.arange(L)[:, None] * (1e4 ** (-torch.arange(D // 2) / (D // 2)))[None]
+    cos, sin = torch.cat([ang.cos()] * 2, -1).bfloat16(), torch.cat([ang.sin()] * 2, -1).bfloat16()
+    sin_signed = torch.cat((-sin[:, : D // 2], sin[:, D // 2 :]), -1)
+    x4 = qkv.view(B, H + 2 * Hkv, 1, D).float()
+    rot = apply_rope(x4[:, : H + Hkv], cos[pos][:, None, None].float(), sin[pos][:, None, None].float())
+    kc2, vc2 = kc.clone(), vc.clone()
+    kc2[torch.arange(B), :, pos] = rot[:, H:, 0].bfloat16()
+    vc2[torch.arange(B), :, pos] = qkv.view(B, H + 2 * Hkv, D)[:, H + Hkv :]
+    ref = _reference(rot[:, :H].bfloat16(), kc2, vc2, pos + 1, D**-0.5)  # (B, H, 1, D)
+    out = attention_cpu.rope_cache_attention(qkv, cos, sin_signed, pos, kc, vc, H, D**-0.5)
+    assert torch.equal(kc, kc2) and torch.equal(vc, vc2)  # written at pos, nothing else touched
+    assert (out.view(B, H, 1, D).float() - ref).abs().max() < 1e-2

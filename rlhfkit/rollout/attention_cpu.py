@@ -75,12 +75,12 @@ static inline __m512 load16(const uint16_t* p) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(
         _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
 }
-// exp(x) for x <= 0 (max-subtracted scores): 2^n · P(r), n = round(x·log2 e), |r| <= ln2/2,
-// P the degree-6 Taylor polynomial (relative error < 2e-7); x < -87 gives 0.
+// exp(x): 2^n · P(r), n = round(x·log2 e), |r| <= ln2/2, P the degree-6 Taylor polynomial
+// (relative error < 2e-7); x < -87 gives 0, x > 88 gives inf.
 static inline __m512 exp512(__m512 x) {
     const __m512 lo = _mm512_set1_ps(-87.0f);
     __mmask16 under = _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ);
-    x = _mm512_max_ps(x, lo);
+    x = _mm512_min_ps(_mm512_max_ps(x, lo), _mm512_set1_ps(88.5f));
     __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
@@ -248,6 +248,27 @@ static void weighted_sum(const float* p, int64_t ld, int G, const uint16_t* v, i
 #endif
 }
 
+// Attention of G query heads (bf16, row stride qs) over n keys/values of one kv head -> out
+// (G rows of D bf16, contiguous). s: G·ld floats of scratch, o: G·D floats.
+template <int D>
+static void attend_one(const uint16_t* q, int64_t qs, int G, const uint16_t* k, const uint16_t* v, int64_t n,
+                       float scale, float* s, int64_t ld, float* o, uint16_t* out) {
+    if (n <= 0) {
+        std::memset(out, 0, size_t(G) * D * 2);
+        return;
+    }
+    scores<D>(q, qs, G, k, n, scale, s, ld);
+    float inv[64];
+    for (int j = 0; j < G; ++j) inv[j] = 1.0f / softmax_unnormalised(s + j * ld, n);
+    weighted_sum<D>(s, ld, G, v, n, o);
+    for (int j = 0; j < G; ++j)
+        for (int d = 0; d < D; ++d) out[j * D + d] = f2bf(o[j * D + d] * inv[j]);
+}
+
+// Tasks (row, kv head) in an order that balances threads: rows are sorted by length, so each
+// contiguous range of task indices takes rows from both ends.
+static inline int64_t balanced(int64_t i, int64_t tasks) { return (i % 2 == 0) ? i / 2 : tasks - 1 - i / 2; }
+
 template <int D>
 static void run(const uint16_t* q, int64_t qsb, int64_t qsh, const uint16_t* k, const uint16_t* v,
                 const int64_t* n, uint16_t* out, int64_t B, int64_t H, int64_t Hkv, int64_t L, float scale) {
@@ -256,26 +277,61 @@ static void run(const uint16_t* q, int64_t qsb, int64_t qsh, const uint16_t* k, 
     at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
         std::vector<float> o(G * D), s(G * L);
         for (int64_t i = begin; i < end; ++i) {
-            // rows are sorted by length: interleave both ends so each thread's range is balanced
-            const int64_t task = (i % 2 == 0) ? i / 2 : tasks - 1 - i / 2;
-            const int64_t b = task / Hkv, kvh = task % Hkv;
+            const int64_t task = balanced(i, tasks), b = task / Hkv, kvh = task % Hkv;
             const int64_t nb = n[b] < L ? n[b] : L;
-            if (nb <= 0) {
-                for (int j = 0; j < G; ++j) std::memset(out + (b * H + kvh * G + j) * D, 0, D * 2);
-                continue;
-            }
             const int64_t base = (b * Hkv + kvh) * L * D;
-            scores<D>(q + b * qsb + kvh * G * qsh, qsh, G, k + base, nb, scale, s.data(), L);
-            float inv[64];
-            for (int j = 0; j < G; ++j) inv[j] = 1.0f / softmax_unnormalised(s.data() + j * L, nb);
-            weighted_sum<D>(s.data(), L, G, v + base, nb, o.data());
-            for (int j = 0; j < G; ++j) {
-                uint16_t* oj = out + (b * H + kvh * G + j) * D;
-                for (int d = 0; d < D; ++d) oj[d] = f2bf(o[j * D + d] * inv[j]);
-            }
+            attend_one<D>(q + b * qsb + kvh * G * qsh, qsh, G, k + base, v + base, nb, scale, s.data(), L, o.data(),
+                          out + (b * H + kvh * G) * D);
         }
     });
 }
+
+// RoPE of one head as the runner does it: x·cos + roll(x, D/2)·sin_signed, in fp32, rounded once.
+template <int D>
+static inline void rope(const uint16_t* x, const uint16_t* cos, const uint16_t* sin_signed, uint16_t* y) {
+    for (int d = 0; d < D; ++d)
+        y[d] = f2bf(bf2f(x[d]) * bf2f(cos[d]) + bf2f(x[(d + D / 2) % D]) * bf2f(sin_signed[d]));
+}
+
+// The decode step's attention block after the qkv matmul: RoPE on q and k, the new key and value
+// written into the cache at offset pos[b], attention over the pos[b] + 1 valid positions.
+template <int D>
+static void run_fused(const uint16_t* qkv, const uint16_t* cos, const uint16_t* sin_signed, const int64_t* pos,
+                      uint16_t* k, uint16_t* v, uint16_t* out, int64_t B, int64_t H, int64_t Hkv, int64_t L,
+                      int64_t Lr, float scale) {
+    const int G = int(H / Hkv);
+    const int64_t tasks = B * Hkv, W = (H + 2 * Hkv) * D;
+    at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+        std::vector<float> o(G * D), s(G * L);
+        std::vector<uint16_t> qr(G * D);
+        for (int64_t i = begin; i < end; ++i) {
+            const int64_t task = balanced(i, tasks), b = task / Hkv, kvh = task % Hkv;
+            const int64_t p = pos[b];
+            if (p < 0 || p >= L || p >= Lr) {  // no room: nothing written, zeros out (the caller checks lengths)
+                std::memset(out + (b * H + kvh * G) * D, 0, size_t(G) * D * 2);
+                continue;
+            }
+            const uint16_t* row = qkv + b * W;
+            const uint16_t *c = cos + p * D, *sn = sin_signed + p * D;
+            const int64_t base = (b * Hkv + kvh) * L * D;
+            rope<D>(row + (H + kvh) * D, c, sn, k + base + p * D);
+            std::memcpy(v + base + p * D, row + (H + Hkv + kvh) * D, D * 2);
+            for (int j = 0; j < G; ++j) rope<D>(row + (kvh * G + j) * D, c, sn, qr.data() + j * D);
+            attend_one<D>(qr.data(), D, G, k + base, v + base, p + 1, scale, s.data(), L, o.data(),
+                          out + (b * H + kvh * G) * D);
+        }
+    });
+}
+
+#define DISPATCH_D(D, ...)                                   \
+    if (D == 64) { constexpr int DD = 64; __VA_ARGS__; }       \
+    else if (D == 128) { constexpr int DD = 128; __VA_ARGS__; } \
+    else if (D == 32) { constexpr int DD = 32; __VA_ARGS__; }  \
+    else if (D == 16) { constexpr int DD = 16; __VA_ARGS__; }  \
+    else TORCH_CHECK(false, "head_dim must be 16, 32, 64 or 128");
+
+static inline const uint16_t* cbf(const torch::Tensor& t) { return reinterpret_cast<const uint16_t*>(t.data_ptr<at::BFloat16>()); }
+static inline uint16_t* mbf(torch::Tensor& t) { return reinterpret_cast<uint16_t*>(t.data_ptr<at::BFloat16>()); }
 
 // q (B, H, 1, D) bf16, last dim contiguous; k, v (S, Hkv, L, D) bf16 contiguous, S >= B;
 // n (B,) int64 valid positions per row. Returns (B, H, 1, D): a view of a (B, 1, H, D) buffer,
@@ -289,18 +345,88 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
     const int64_t B = q.size(0), H = q.size(1), D = q.size(3), Hkv = k.size(1), L = k.size(2);
     TORCH_CHECK(k.size(0) >= B && k.size(3) == D && n.numel() == B && H % Hkv == 0 && H / Hkv <= 64, "shapes");
     auto out = torch::empty({B, 1, H, D}, q.options());
-    auto qp = reinterpret_cast<const uint16_t*>(q.data_ptr<at::BFloat16>());
-    auto kp = reinterpret_cast<const uint16_t*>(k.data_ptr<at::BFloat16>());
-    auto vp = reinterpret_cast<const uint16_t*>(v.data_ptr<at::BFloat16>());
-    auto op = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
     const int64_t* np = n.data_ptr<int64_t>();
-    const float sc = float(scale);
-    if (D == 64) run<64>(qp, q.stride(0), q.stride(1), kp, vp, np, op, B, H, Hkv, L, sc);
-    else if (D == 128) run<128>(qp, q.stride(0), q.stride(1), kp, vp, np, op, B, H, Hkv, L, sc);
-    else if (D == 32) run<32>(qp, q.stride(0), q.stride(1), kp, vp, np, op, B, H, Hkv, L, sc);
-    else if (D == 16) run<16>(qp, q.stride(0), q.stride(1), kp, vp, np, op, B, H, Hkv, L, sc);
-    else TORCH_CHECK(false, "head_dim must be 16, 32, 64 or 128");
+    DISPATCH_D(D, run<DD>(cbf(q), q.stride(0), q.stride(1), cbf(k), cbf(v), np, mbf(out), B, H, Hkv, L, float(scale)))
     return out.transpose(1, 2);
+}
+
+// qkv (B, (H + 2 Hkv)·D) bf16 contiguous: the fused projection's output, q heads then k then v;
+// cos, sin_signed (>= L, D) bf16 (runner.rope_tables); pos (B,) int64 offsets of the new tokens;
+// k, v (S, Hkv, L, D) bf16 caches, written at pos. Returns the attention output (B, H·D) bf16.
+torch::Tensor rope_cache_attention(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin_signed, torch::Tensor pos,
+                                   torch::Tensor k, torch::Tensor v, int64_t H, double scale) {
+    TORCH_CHECK(qkv.dim() == 2 && qkv.is_contiguous() && cos.is_contiguous() && sin_signed.is_contiguous(), "layout");
+    TORCH_CHECK(k.dim() == 4 && k.is_contiguous() && v.is_contiguous() && k.sizes() == v.sizes(), "bad cache");
+    for (auto* t : {&qkv, &cos, &sin_signed, &k, &v}) TORCH_CHECK(t->scalar_type() == at::kBFloat16, "bf16 only");
+    TORCH_CHECK(pos.scalar_type() == at::kLong && pos.is_contiguous(), "pos must be int64");
+    const int64_t B = qkv.size(0), Hkv = k.size(1), L = k.size(2), D = k.size(3);
+    TORCH_CHECK(qkv.size(1) == (H + 2 * Hkv) * D && H % Hkv == 0 && H / Hkv <= 64 && k.size(0) >= B, "shapes");
+    TORCH_CHECK(pos.numel() == B && cos.size(1) == D && sin_signed.sizes() == cos.sizes(), "rope shapes");
+    auto out = torch::empty({B, H * D}, qkv.options());
+    DISPATCH_D(D, run_fused<DD>(cbf(qkv), cbf(cos), cbf(sin_signed), pos.data_ptr<int64_t>(), mbf(k), mbf(v),
+                                mbf(out), B, H, Hkv, L, cos.size(0), float(scale)))
+    return out;
+}
+
+// h += r (rounded to bf16, as a bf16 add), then x = w · bf16(h / rms(h)) as LLaMA's RMSNorm does
+// it in bf16 (fp32 statistics, two roundings). h (N, d) is updated in place; returns x (N, d).
+torch::Tensor add_rms_norm(torch::Tensor h, torch::Tensor r, torch::Tensor w, double eps) {
+    TORCH_CHECK(h.is_contiguous() && r.is_contiguous() && w.is_contiguous() && h.sizes() == r.sizes(), "layout");
+    for (auto* t : {&h, &r, &w}) TORCH_CHECK(t->scalar_type() == at::kBFloat16, "bf16 only");
+    const int64_t d = h.size(-1), N = h.numel() / d;
+    TORCH_CHECK(w.numel() == d, "weight");
+    auto x = torch::empty_like(h);
+    uint16_t* hp = mbf(h);
+    const uint16_t *rp = cbf(r), *wp = cbf(w);
+    uint16_t* xp = mbf(x);
+    at::parallel_for(0, N, std::max<int64_t>(1, 32768 / d), [&](int64_t begin, int64_t end) {
+        std::vector<float> f(d);
+        for (int64_t i = begin; i < end; ++i) {
+            uint16_t* hi = hp + i * d;
+            const uint16_t* ri = rp + i * d;
+            float ss = 0.f;
+            for (int64_t j = 0; j < d; ++j) {
+                const uint16_t sb = f2bf(bf2f(hi[j]) + bf2f(ri[j]));
+                hi[j] = sb;
+                f[j] = bf2f(sb);
+                ss += f[j] * f[j];
+            }
+            const float inv = 1.0f / std::sqrt(ss / float(d) + float(eps));
+            uint16_t* xi = xp + i * d;
+            for (int64_t j = 0; j < d; ++j) xi[j] = f2bf(bf2f(wp[j]) * bf2f(f2bf(f[j] * inv)));
+        }
+    });
+    return x;
+}
+
+// LLaMA's MLP activation: bf16(silu(g)) · u rounded to bf16, for gu (N, 2·I) = [g | u] -> (N, I).
+torch::Tensor silu_mul(torch::Tensor gu) {
+    TORCH_CHECK(gu.dim() == 2 && gu.is_contiguous() && gu.scalar_type() == at::kBFloat16, "gu (N, 2I) bf16");
+    const int64_t N = gu.size(0), I = gu.size(1) / 2;
+    auto y = torch::empty({N, I}, gu.options());
+    const uint16_t* gp = cbf(gu);
+    uint16_t* yp = mbf(y);
+    at::parallel_for(0, N, std::max<int64_t>(1, 32768 / I), [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i) {
+            const uint16_t *g = gp + i * 2 * I, *u = g + I;
+            uint16_t* yi = yp + i * I;
+            int64_t j = 0;
+#if defined(__AVX512F__)
+            for (; j + 16 <= I; j += 16) {
+                __m512 x = load16(g + j);
+                __m512 sv = _mm512_div_ps(x, _mm512_add_ps(_mm512_set1_ps(1.0f), exp512(_mm512_sub_ps(_mm512_setzero_ps(), x))));
+                alignas(64) float tmp[16];
+                _mm512_store_ps(tmp, sv);
+                for (int t = 0; t < 16; ++t) yi[j + t] = f2bf(bf2f(f2bf(tmp[t])) * bf2f(u[j + t]));
+            }
+#endif
+            for (; j < I; ++j) {
+                const float x = bf2f(g[j]);
+                yi[j] = f2bf(bf2f(f2bf(x / (1.0f + std::exp(-x)))) * bf2f(u[j]));
+            }
+        }
+    });
+    return y;
 }
 """
 
@@ -358,7 +484,7 @@ def load():
             _module = load_inline(
                 name="rlhfkit_decode_attention",
                 cpp_sources=[_SOURCE],
-                functions=["decode_attention"],
+                functions=["decode_attention", "rope_cache_attention", "add_rms_norm", "silu_mul"],
                 extra_cflags=_FLAGS,
                 build_directory=str(d),
                 verbose=False,
@@ -398,3 +524,32 @@ def decode_attention(
     if q.dtype != torch.bfloat16 or not ready(k_cache, q.shape[1]):
         return None
     return _module.decode_attention(q, k_cache, v_cache, n_valid, scale)
+
+
+# The rest of a fused decode step (runner._decode_fused); callers check ``ready`` first.
+
+
+def rope_cache_attention(
+    qkv: torch.Tensor,
+    cos: torch.Tensor,
+    sin_signed: torch.Tensor,
+    pos: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    n_heads: int,
+    scale: float,
+) -> torch.Tensor:
+    """RoPE on q and k, the new key/value written into the caches at ``pos``, then the attention
+    above over ``pos + 1`` positions. qkv (B, (H + 2·Hkv)·D) bf16: the fused projection's output;
+    cos/sin_signed (L', D) bf16 (``Runner.rope_tables``); pos (B,) int64. Returns (B, H·D) bf16."""
+    return _module.rope_cache_attention(qkv, cos, sin_signed, pos, k_cache, v_cache, n_heads, scale)
+
+
+def add_rms_norm(h: torch.Tensor, r: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """``h += r`` in place (bf16), then LLaMA's RMSNorm of h with HF's bf16 roundings: (N, d) bf16."""
+    return _module.add_rms_norm(h, r, weight, eps)
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(g)·u for gate_up = [g | u] (N, 2·I) bf16 -> (N, I), rounded as HF's bf16 MLP does."""
+    return _module.silu_mul(gate_up)

@@ -148,6 +148,10 @@ class FastLayer:
     o: Callable  # (…, H·D) -> (…, d)
     post_norm: Callable
     mlp: Callable  # (…, d) -> (…, d)
+    # for the fused C++ decode step (attention_cpu): RMSNorm (weight, eps) of in/post norm, and
+    # the SwiGLU MLP's (gate_up, down) matmuls; None where the layer is not laid out that way
+    norms: tuple | None = None
+    swiglu: tuple | None = None
 
 
 @dataclass
@@ -266,8 +270,11 @@ class Runner:
         for layer in self.dec.layers[: self.n_layers]:
             attn, mlp = layer.self_attn, layer.mlp
             gate, up, down = (getattr(mlp, n, None) for n in ("gate_proj", "up_proj", "down_proj"))
+            swiglu = None
             if act_silu and gate is not None and up is not None and down is not None:
-                mlp = _swiglu(linear([gate, up]), linear([down]), gate.out_features)
+                swiglu = (linear([gate, up]), linear([down]))
+                mlp = _swiglu(*swiglu, gate.out_features)
+            norms = (_rms_params(layer.input_layernorm), _rms_params(layer.post_attention_layernorm))
             layers.append(
                 FastLayer(
                     in_norm=self._norm(layer.input_layernorm),
@@ -275,6 +282,8 @@ class Runner:
                     o=linear([attn.o_proj]),
                     post_norm=self._norm(layer.post_attention_layernorm),
                     mlp=mlp,
+                    norms=norms if None not in norms else None,
+                    swiglu=swiglu,
                 )
             )
         self._bound = (layers, linear([self.lm_head]))
@@ -434,13 +443,56 @@ class Runner:
             ]
             return outs[0] if len(outs) == 1 else torch.cat(outs)  # (B, H, 1, D)
 
+        if kernel and self._fusable():
+            h = self._decode_fused(self.dec.embed_tokens(tokens), pos, cache, rope)  # (B, d)
+            cache.lens[:B] += 1
+            return self._logits(h)
         h = self.dec.embed_tokens(tokens[:, None])  # (B, 1, d)
         h = self._layers(h, tuple(t[pos][:, None] for t in rope), attend)  # rope (B, 1, D)
         cache.lens[:B] += 1
         return self._logits(h[:, 0])  # (B, V)
 
+    def _fusable(self) -> bool:
+        """Whether the whole decode step can take the fused C++ ops: a bf16 model (residual stream
+        in bf16) whose layers are RMSNorm + SwiGLU and whose final norm is an RMSNorm."""
+        layers, _ = self._bound
+        return (
+            self.param_dtype == torch.bfloat16
+            and all(layer.norms is not None and layer.swiglu is not None for layer in layers)
+            and _rms_params(self.dec.norm) is not None
+        )
+
+    def _decode_fused(self, h: torch.Tensor, pos: torch.Tensor, cache: KVCache, rope) -> torch.Tensor:
+        """The decode step's layers with the C++ ops of ``attention_cpu``: per layer, the qkv matmul,
+        then RoPE + cache write + attention in one call, the o matmul, residual add + RMSNorm in one
+        call, gate/up matmul, SiLU·up in one call, down matmul. Same math as ``_layers_fast`` with
+        HF's bf16 roundings (the RoPE'd q/k round once instead of twice). h (B, d) bf16 embeddings
+        -> (B, d) final hidden states."""
+        layers, _ = self._bound
+        cos, sin_signed = rope[0], rope[2]
+        x = layers[0].in_norm(h)
+        for i, layer in enumerate(layers):
+            qkv = layer.qkv(x).contiguous()  # (B, (H + 2·Hkv)·D)
+            o = attention_cpu.rope_cache_attention(qkv, cos, sin_signed, pos, cache.k[i], cache.v[i], self.n_heads, self.scaling)
+            x = attention_cpu.add_rms_norm(h, layer.o(o).contiguous(), *layer.norms[1])  # h += o(attn)
+            gate_up, down = layer.swiglu
+            m = down(attention_cpu.silu_mul(gate_up(x).contiguous())).contiguous()
+            nxt = layers[i + 1].norms[0] if i + 1 < len(layers) else _rms_params(self.dec.norm)
+            x = attention_cpu.add_rms_norm(h, m, *nxt)  # h += mlp(…), then the next norm
+        return x
+
 
 _RMS_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm")
+
+
+def _rms_params(mod: torch.nn.Module) -> tuple[torch.Tensor, float] | None:
+    """(weight, eps) of a LLaMA-style RMSNorm in bf16, None for any other norm."""
+    w, eps = getattr(mod, "weight", None), getattr(mod, "variance_epsilon", None)
+    if type(mod).__name__ not in _RMS_NORMS or not isinstance(w, torch.Tensor) or eps is None:
+        return None
+    if w.dtype != torch.bfloat16:
+        return None
+    return w.detach(), float(eps)
 
 
 def _swiglu(gate_up: Callable, down: Callable, inter: int) -> Callable:
