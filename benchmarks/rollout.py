@@ -35,7 +35,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 
 from rlhfkit.models.loading import load_causal_lm  # noqa: E402
-from rlhfkit.rollout import Engine, SamplingParams  # noqa: E402
+from rlhfkit.rollout import Engine, SamplingParams, attention_cpu  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SEED_TASKS = ROOT.parent / "shared" / "data" / "self-instruct-seed" / "seed_tasks.jsonl"
@@ -90,6 +90,40 @@ def forward_ceiling(model, reps: int = 3) -> dict[str, float]:
                 model(x)
                 best = min(best, time.perf_counter() - t0)
             out[f"{b}x{t}"] = b * t / best
+    return out
+
+
+def decode_attention_ms(reps: int = 15) -> dict[str, dict[str, float]]:
+    """One layer's decode attention at the benchmark's shapes (128 rows, 9 heads over 3 kv heads,
+    head dim 64, row lengths uniform in a range, sorted as the engine admits them): the C++ kernel
+    vs SDPA with the engine's additive mask, alternated in one process; ms, best and median."""
+    g = torch.Generator().manual_seed(0)
+    B, H, Hkv, D, L = 128, 9, 3, 64, 320
+    out: dict[str, dict[str, float]] = {}
+    for lo, hi in ((64, 128), (64, 192), (128, 256)):
+        n = torch.sort(torch.randint(lo, hi, (B,), generator=g))[0]
+        q = torch.randn(B, 1, H + Hkv, D, generator=g).bfloat16()[:, :, :H].transpose(1, 2)
+        kc, vc = (torch.randn(B, Hkv, L, D, generator=g).bfloat16() for _ in range(2))
+        span = int(n.max())
+        mask = torch.zeros(B, 1, 1, span, dtype=torch.bfloat16)
+        mask.masked_fill_(~(torch.arange(span)[None] < n[:, None])[:, None, None], float("-inf"))
+        fns = {
+            "sdpa": lambda: torch.nn.functional.scaled_dot_product_attention(
+                q, kc[:, :, :span], vc[:, :, :span], attn_mask=mask, scale=D**-0.5, enable_gqa=True
+            ),
+            "kernel": lambda: attention_cpu.decode_attention(q, kc, vc, n, D**-0.5),
+        }
+        times: dict[str, list[float]] = {k: [] for k in fns}
+        for _ in range(reps):
+            for name, fn in fns.items():
+                t = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - t)
+        row = {"kv_mb": n.sum().item() * Hkv * D * 2 * 2 / 1e6}
+        for name, ts in times.items():
+            ts.sort()
+            row[f"{name}_best_ms"], row[f"{name}_median_ms"] = ts[0] * 1e3, ts[len(ts) // 2] * 1e3
+        out[f"{lo}..{hi}"] = row
     return out
 
 
@@ -206,12 +240,20 @@ def main() -> None:
     engine_generate(engine, prompts[:8], 8, 2, True)
     if not args.skip_hf:
         hf_generate(model, tok, prompts[:8], 4, 1, True)
+    run = engine.runner
     res["engine_path"] = {
-        "fast_path": engine.runner.uses_fast_path,
-        "onednn_prepacked": engine.runner._can_pack(),
+        "fast_path": run.uses_fast_path,
+        "onednn_prepacked": run._can_pack(),
         "torch_compile": False,
         "weight_prepare_s_per_call": prepare_seconds(engine),
+        # the C++ decode step (rollout/attention_cpu.py): built on first use, cached on disk
+        "decode_kernel": run.last_decode_kernel,
+        "decode_kernel_fused_step": run.last_decode_fused,
+        "decode_kernel_build_s": attention_cpu.build_seconds,
+        "decode_kernel_compiled_in_this_run": attention_cpu.built_now,
     }
+    if run.last_decode_kernel:
+        res["decode_attention_ms_per_layer"] = decode_attention_ms()
     ceilings = [forward_ceiling(model)]
 
     cases = [
@@ -231,6 +273,12 @@ def main() -> None:
         runs.append(toks / dt)
         row["engine_runs_tok_s"] = runs
         row["engine_tok_s"] = sum(runs) / len(runs)
+        if sample and run.last_decode_kernel:
+            # the same engine with the C++ decode step off (the SDPA path it falls back to)
+            run.decode_kernel = False
+            toks, dt = timed(lambda: engine_generate(engine, ps, args.new_tokens, n, sample))
+            run.decode_kernel = True
+            row["engine_sdpa_path_tok_s"] = toks / dt
         if not args.skip_hf:
             row["speedup_vs_hf"] = row["engine_tok_s"] / row["hf_generate_tok_s"]
         res["cases"][name] = row
@@ -280,6 +328,24 @@ def write_markdown(res: dict, out: Path) -> None:
         f"{ep['weight_prepare_s_per_call']:.2f} s per call, included in the engine's times. Engine tok/s "
         "is the mean of two runs, one before and one after transformers.generate.",
         "",
+    ]
+    if "decode_kernel" in ep:
+        kernel = "used" if ep["decode_kernel"] else "NOT used (SDPA fallback)"
+        fused = " (the fused decode step: RoPE + cache write + attention, add + RMSNorm, SiLU·up)" if ep.get(
+            "decode_kernel_fused_step"
+        ) else ""
+        build = ep["decode_kernel_build_s"] or 0.0
+        how = (
+            f"compiled in this run in {build:.0f} s (once per machine; later runs load it from the cache)"
+            if ep["decode_kernel_compiled_in_this_run"]
+            else f"loaded from the build cache in {build:.1f} s (the one-time compile took ~40 s on this machine)"
+        )
+        lines += [
+            f"C++ decode kernel (`rlhfkit/rollout/attention_cpu.py`): {kernel}{fused}; {how}. The build happens "
+            "in the warm-up call and is not inside the timed runs.",
+            "",
+        ]
+    lines += [
         "| case | engine tok/s (runs) | transformers.generate tok/s | speedup | fraction of ceiling |",
         "|---|---:|---:|---:|---:|",
     ]
@@ -291,6 +357,26 @@ def write_markdown(res: dict, out: Path) -> None:
             f"| {name} | {row['engine_tok_s']:,.0f} ({runs}) | {hf} | {sp} | {row['fraction_of_ceiling']:.0%} |"
         )
     main_case = next(iter(res["cases"].values()))
+    if "engine_sdpa_path_tok_s" in main_case:
+        lines += [
+            "",
+            f"Same run, first case with the C++ decode step switched off (the SDPA path it falls back to): "
+            f"{main_case['engine_sdpa_path_tok_s']:,.0f} tok/s (one run, after the others).",
+        ]
+    if "decode_attention_ms_per_layer" in res:
+        lines += [
+            "",
+            "Decode attention of one layer (128 rows, 9 heads / 3 kv heads, head dim 64, row lengths uniform "
+            "in the range, sorted), kernel and SDPA alternated in one process, ms (best / median of 15):",
+            "",
+            "| row lengths | K+V read | SDPA | kernel | speedup (best) |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        for rng, r in res["decode_attention_ms_per_layer"].items():
+            lines.append(
+                f"| {rng} | {r['kv_mb']:.1f} MB | {r['sdpa_best_ms']:.2f} / {r['sdpa_median_ms']:.2f} | "
+                f"{r['kernel_best_ms']:.2f} / {r['kernel_median_ms']:.2f} | {r['sdpa_best_ms'] / r['kernel_best_ms']:.2f}× |"
+            )
     if "speedup_vs_hf" in main_case:
         met = lambda ok: "met" if ok else "NOT met"  # noqa: E731
         lines += [

@@ -28,6 +28,12 @@ Two paths through a layer, the same math:
   every call (~0.2 s for 135M parameters; a 128 × 128-token call takes ~20 s), so the engine never
   reads a stale copy: PPO's ``optimizer.step()`` between calls is always seen. Projections that are
   not a plain ``nn.Linear`` (LoRA via PEFT) are called as modules inside the fast path.
+
+Decode on a CPU in bf16 also uses the small C++ extension of ``attention_cpu.py`` (built on first
+use, cached on disk): its attention reads each row's own valid positions (no mask), and for a bf16
+model the whole step between the matmuls is fused (RoPE + cache write + attention, residual add +
+RMSNorm, SiLU·up). When it cannot be built, or on another device or dtype, decode uses SDPA as
+before (``Runner.decode_kernel = False`` forces that).
 """
 
 from __future__ import annotations
@@ -201,6 +207,7 @@ class Runner:
         self.fast = True  # use the fast path in bf16 (tests turn it off to compare with modules)
         self.decode_kernel = True  # the fast path's decode attention in C++ where it builds (attention_cpu)
         self.last_decode_kernel = False  # whether the last decode step used it
+        self.last_decode_fused = False  # ... and the fused C++ decode step (bf16 models)
         self._bound: tuple[list[FastLayer], Callable] | None = None
 
     # ------------------------------------------------------------------ precision, device
@@ -443,7 +450,8 @@ class Runner:
             ]
             return outs[0] if len(outs) == 1 else torch.cat(outs)  # (B, H, 1, D)
 
-        if kernel and self._fusable():
+        self.last_decode_fused = kernel and self._fusable()
+        if self.last_decode_fused:
             h = self._decode_fused(self.dec.embed_tokens(tokens), pos, cache, rope)  # (B, d)
             cache.lens[:B] += 1
             return self._logits(h)
