@@ -159,11 +159,13 @@ def test_bf16_reference_keeps_kl_zero_at_step_0(sharp_path):
 
     fw = rollout_forwards(policy.model, ref, critic, batch, 0.7, 3, autocast, lora_ref=False)
     assert torch.equal(fw["logprobs"], fw["ref_logprobs"])
-    logits = torch.randn(2, 5, 50) * 3
-    tokens = torch.randint(0, 50, (2, 5))
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 5, 50, generator=gen) * 3
+    tokens = torch.randint(0, 50, (2, 5), generator=gen)
     lp, ent = logprobs_and_entropy(logits, tokens, 0.7)
     assert torch.equal(lp, logprobs_from_logits(logits, tokens, 0.7))
-    assert torch.allclose(ent, entropy_from_logits(logits, 0.7), atol=1e-5)
+    # softmax as exp(z - lse) instead of torch.softmax: fp32 rounding, ~1e-5 on peaked rows
+    assert torch.allclose(ent, entropy_from_logits(logits, 0.7), atol=1e-4, rtol=1e-4)
 
 
 def test_lora_reference_is_the_base_model(tiny_path):
