@@ -154,18 +154,31 @@ static inline __m512 sum16(__m512* a) {
 #endif
 
 // scores s[j·ld + t] = scale · q_j · k_t for the G query heads of one kv head, t < n.
-// q: G rows of D bf16 (row stride qs), k: n rows of D bf16.
+// q: G rows of D bf16 (row stride qs), k: n rows of D bf16 (v: the values, and next_k: the
+// next task's keys or null, only prefetched here).
 template <int D>
-static void scores(const uint16_t* q, int64_t qs, int G, const uint16_t* k, int64_t n, float scale, float* s,
-                   int64_t ld) {
+static void scores(const uint16_t* q, int64_t qs, int G, const uint16_t* k, const uint16_t* v, int64_t n, float scale,
+                   float* s, int64_t ld, const uint16_t* next_k) {
 #if defined(__AVX512F__)
     const __m512 sc = _mm512_set1_ps(scale);
+    constexpr int64_t AHEAD = 64;  // keys (4 blocks)
     for (int j = 0; j < G; ++j) {
         Dot<D> dot;
         dot.set(q + j * qs);
         float* sj = s + j * ld;
         int64_t t = 0;
         for (; t + 16 <= n; t += 16) {  // 16 keys (2 KB at D = 64, in L1 for the next heads)
+            if (j == 0) {
+                // the cache streams from DRAM (every layer has its own) and one core alone does not
+                // keep enough reads in flight: ask for the keys AHEAD ahead (past the end: the
+                // next task's first keys) and this block's values now (measured ~20 % faster)
+                const char* ka = t + AHEAD < n ? reinterpret_cast<const char*>(k + (t + AHEAD) * D)
+                                 : next_k ? reinterpret_cast<const char*>(next_k + (t + AHEAD - n) * D) : nullptr;
+                for (int64_t c = 0; c < 16 * D * 2; c += 64) {
+                    if (ka) _mm_prefetch(ka + c, _MM_HINT_T0);
+                    _mm_prefetch(reinterpret_cast<const char*>(v + t * D) + c, _MM_HINT_T0);
+                }
+            }
             __m512 acc[16];
             for (int i = 0; i < 16; ++i) acc[i] = dot(k + (t + i) * D);
             _mm512_storeu_ps(sj + t, _mm512_mul_ps(sum16(acc), sc));
@@ -252,12 +265,12 @@ static void weighted_sum(const float* p, int64_t ld, int G, const uint16_t* v, i
 // (G rows of D bf16, contiguous). s: G·ld floats of scratch, o: G·D floats.
 template <int D>
 static void attend_one(const uint16_t* q, int64_t qs, int G, const uint16_t* k, const uint16_t* v, int64_t n,
-                       float scale, float* s, int64_t ld, float* o, uint16_t* out) {
+                       float scale, float* s, int64_t ld, float* o, uint16_t* out, const uint16_t* next_k) {
     if (n <= 0) {
         std::memset(out, 0, size_t(G) * D * 2);
         return;
     }
-    scores<D>(q, qs, G, k, n, scale, s, ld);
+    scores<D>(q, qs, G, k, v, n, scale, s, ld, next_k);
     float inv[64];
     for (int j = 0; j < G; ++j) inv[j] = 1.0f / softmax_unnormalised(s + j * ld, n);
     weighted_sum<D>(s, ld, G, v, n, o);
@@ -268,6 +281,11 @@ static void attend_one(const uint16_t* q, int64_t qs, int G, const uint16_t* k, 
 // Tasks (row, kv head) in an order that balances threads: rows are sorted by length, so each
 // contiguous range of task indices takes rows from both ends.
 static inline int64_t balanced(int64_t i, int64_t tasks) { return (i % 2 == 0) ? i / 2 : tasks - 1 - i / 2; }
+
+// The keys of this thread's next task (i < end), to prefetch; task t's block is at t · stride.
+static inline const uint16_t* next_keys(const uint16_t* k, int64_t i, int64_t end, int64_t tasks, int64_t stride) {
+    return i < end ? k + balanced(i, tasks) * stride : nullptr;
+}
 
 template <int D>
 static void run(const uint16_t* q, int64_t qsb, int64_t qsh, const uint16_t* k, const uint16_t* v,
@@ -281,7 +299,7 @@ static void run(const uint16_t* q, int64_t qsb, int64_t qsh, const uint16_t* k, 
             const int64_t nb = n[b] < L ? n[b] : L;
             const int64_t base = (b * Hkv + kvh) * L * D;
             attend_one<D>(q + b * qsb + kvh * G * qsh, qsh, G, k + base, v + base, nb, scale, s.data(), L, o.data(),
-                          out + (b * H + kvh * G) * D);
+                          out + (b * H + kvh * G) * D, next_keys(k, i + 1, end, tasks, L * D));
         }
     });
 }
@@ -318,7 +336,7 @@ static void run_fused(const uint16_t* qkv, const uint16_t* cos, const uint16_t* 
             std::memcpy(v + base + p * D, row + (H + Hkv + kvh) * D, D * 2);
             for (int j = 0; j < G; ++j) rope<D>(row + (kvh * G + j) * D, c, sn, qr.data() + j * D);
             attend_one<D>(qr.data(), D, G, k + base, v + base, p + 1, scale, s.data(), L, o.data(),
-                          out + (b * H + kvh * G) * D);
+                          out + (b * H + kvh * G) * D, next_keys(k, i + 1, end, tasks, L * D));
         }
     });
 }
