@@ -54,6 +54,8 @@ def main() -> None:
         if a.full
         else dict(gen_limit=30, rtp_prompts=20, rtp_k=4, help_limit=30, tax_chars=20_000, crows_limit=a.crows)
     )
+    from rlhfkit.evals.runner import EvalConfig, run_eval
+
     cfg = EvalConfig(
         models=models, baseline=baseline, suites=suites, data_dir=str(DATA), precision=a.precision,
         threads=a.threads, batch_size=a.batch_size, mc_limit=None if a.full else a.tqa, **caps,
