@@ -159,3 +159,25 @@ def test_fused_decode_ops_match_pytorch():
     out = attention_cpu.rope_cache_attention(qkv, cos, sin_signed, pos, kc, vc, H, D**-0.5)
     assert torch.equal(kc, kc2) and torch.equal(vc, vc2)  # written at pos, nothing else touched
     assert (out.view(B, H, 1, D).float() - ref).abs().max() < 1e-2
+
+
+def test_sampling_pass_matches_pytorch(monkeypatch):
+    """bf16 logits: the C++ exp + block-sum pass samples what the PyTorch ops sample."""
+    from rlhfkit.rollout import sampling
+
+    _kernel_or_skip()
+    g = torch.Generator().manual_seed(2)
+    logits = (4 * torch.randn(64, 1000, generator=g)).bfloat16()
+    temp = torch.tensor([1.0, 0.7, 0.0, 1.3] * 16)
+    off = torch.zeros(64, dtype=torch.long), torch.ones(64)
+
+    def run():
+        gen = torch.Generator().manual_seed(3)
+        return sampling.sample_next(logits, temp, *off, gen, filtering=False)
+
+    assert sampling._fused_exp(logits, sampling.sampling_workspace(64, 1000))
+    tok_c, lp_c = run()
+    monkeypatch.setattr(sampling, "_fused_exp", lambda *a: False)
+    tok_t, lp_t = run()
+    assert torch.equal(tok_c, tok_t)
+    assert (lp_c - lp_t).abs().max() < 1e-4

@@ -455,6 +455,60 @@ torch::Tensor silu_mul(torch::Tensor gu) {
     });
     return y;
 }
+
+// Sampling's one pass over the vocabulary (sampling.sample_next, bf16 logits): for each row b,
+// m = max x, e = exp((x - m) / t[b]) written as fp32 into work[b, :V] (columns V.. stay as they
+// are: zero), and the sums of e over blocks of `block` columns. logits (B, V) bf16, t (B,) fp32,
+// work (>= B, nb·block) fp32. Returns (m (B, 1), block sums (B, nb)).
+std::vector<torch::Tensor> exp_block_sums(torch::Tensor logits, torch::Tensor t, torch::Tensor work, int64_t block) {
+    TORCH_CHECK(logits.dim() == 2 && logits.is_contiguous() && logits.scalar_type() == at::kBFloat16, "logits");
+    TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous() && work.is_contiguous() &&
+                work.scalar_type() == at::kFloat, "t, work fp32");
+    const int64_t B = logits.size(0), V = logits.size(1), W = work.size(1), nb = W / block;
+    TORCH_CHECK(t.numel() == B && work.size(0) >= B && nb * block == W && W >= V && block % 16 == 0, "shapes");
+    auto m = torch::empty({B, 1}, t.options());
+    auto bs = torch::empty({B, nb}, t.options());
+    const uint16_t* xp = cbf(logits);
+    const float* tp = t.data_ptr<float>();
+    float *wp = work.data_ptr<float>(), *mp = m.data_ptr<float>(), *bp = bs.data_ptr<float>();
+    at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t b = begin; b < end; ++b) {
+            const uint16_t* x = xp + b * V;
+            float* e = wp + b * W;
+            float mx = -INFINITY;
+            int64_t i = 0;
+#if defined(__AVX512F__)
+            __m512 mv = _mm512_set1_ps(-INFINITY);
+            for (; i + 16 <= V; i += 16) mv = _mm512_max_ps(mv, load16(x + i));
+            mx = _mm512_reduce_max_ps(mv);
+#endif
+            for (; i < V; ++i) mx = std::max(mx, bf2f(x[i]));
+            mp[b] = mx;
+            const float inv_t = 1.0f / tp[b];
+            for (int64_t k = 0; k < nb; ++k) {
+                const int64_t lo = k * block, hi = std::min(V, lo + block);
+                float sum = 0.f;
+                int64_t j = lo;
+#if defined(__AVX512F__)
+                __m512 acc = _mm512_setzero_ps();
+                const __m512 mvv = _mm512_set1_ps(mx), it = _mm512_set1_ps(inv_t);
+                for (; j + 16 <= hi; j += 16) {
+                    __m512 ev = exp512(_mm512_mul_ps(_mm512_sub_ps(load16(x + j), mvv), it));
+                    _mm512_storeu_ps(e + j, ev);
+                    acc = _mm512_add_ps(acc, ev);
+                }
+                sum = _mm512_reduce_add_ps(acc);
+#endif
+                for (; j < hi; ++j) {
+                    e[j] = std::exp((bf2f(x[j]) - mx) * inv_t);
+                    sum += e[j];
+                }
+                bp[b * nb + k] = sum;
+            }
+        }
+    });
+    return {m, bs};
+}
 """
 
 _FLAGS = ["-O3", "-march=native", "-std=c++17"]
@@ -511,7 +565,7 @@ def load():
             _module = load_inline(
                 name="rlhfkit_decode_attention",
                 cpp_sources=[_SOURCE],
-                functions=["decode_attention", "rope_cache_attention", "add_rms_norm", "silu_mul"],
+                functions=["decode_attention", "rope_cache_attention", "add_rms_norm", "silu_mul", "exp_block_sums"],
                 extra_cflags=_FLAGS,
                 build_directory=str(d),
                 verbose=False,
@@ -580,3 +634,14 @@ def add_rms_norm(h: torch.Tensor, r: torch.Tensor, weight: torch.Tensor, eps: fl
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """silu(g)·u for gate_up = [g | u] (N, 2·I) bf16 -> (N, I), rounded as HF's bf16 MLP does."""
     return _module.silu_mul(gate_up)
+
+
+def available() -> bool:
+    """Whether the extension is built (building or loading it now if needed) and not disabled."""
+    return enabled() and _module is not False and load() is not None
+
+
+def exp_block_sums(logits: torch.Tensor, t: torch.Tensor, work: torch.Tensor, block: int):
+    """exp((x - max) / t) of bf16 logits (B, V) into the fp32 ``work`` buffer, in one pass per row,
+    with its sums over blocks of ``block`` columns: returns (max (B, 1), block sums (B, nb))."""
+    return _module.exp_block_sums(logits, t, work, block)

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from rlhfkit.errors import UserError
+from rlhfkit.rollout import attention_cpu
 
 
 @dataclass
@@ -98,6 +99,19 @@ def top_p_filter(logits: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
 CDF_BLOCK = 256  # tokens per block of the two-level inverse CDF (see _inverse_cdf)
 
 
+def _fused_exp(logits: torch.Tensor, padded: torch.Tensor) -> bool:
+    """Whether the C++ pass of ``attention_cpu.exp_block_sums`` can make the probabilities."""
+    return (
+        logits.dtype == torch.bfloat16
+        and logits.device.type == "cpu"
+        and logits.is_contiguous()
+        and padded.is_contiguous()
+        and padded.shape[1] % CDF_BLOCK == 0
+        and CDF_BLOCK % 16 == 0
+        and attention_cpu.available()
+    )
+
+
 def sampling_workspace(rows: int, vocab: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """A reusable fp32 buffer for ``sample_next``: (rows, vocab rounded up to CDF_BLOCK), tail zero.
 
@@ -148,14 +162,19 @@ def sample_next(
     if workspace is None:
         workspace = sampling_workspace(B, V, logits.device)
     padded = workspace[:B]  # (B, Vpad), columns V.. stay 0 (zero probability)
-    e = padded[:, :V].copy_(logits)  # (B, V) fp32 view
     t = torch.where(greedy, torch.ones_like(temperature), temperature).float()[:, None]  # (B, 1)
-    m = e.amax(dim=-1, keepdim=True)  # (B, 1)
-    e.sub_(m)
-    if bool((t != 1).any()):
-        e.div_(t)
-    e.exp_()
-    tokens, total = _inverse_cdf(padded, generator)
+    if _fused_exp(logits, padded):
+        # bf16 on a CPU: upcast, max, subtract, divide, exp and the block sums in one C++ pass
+        m, block_sums = attention_cpu.exp_block_sums(logits, t[:, 0].contiguous(), padded, CDF_BLOCK)
+        tokens, total = _inverse_cdf(padded, generator, block_sums=block_sums)
+    else:
+        e = padded[:, :V].copy_(logits)  # (B, V) fp32 view
+        m = e.amax(dim=-1, keepdim=True)  # (B, 1)
+        e.sub_(m)
+        if bool((t != 1).any()):
+            e.div_(t)
+        e.exp_()
+        tokens, total = _inverse_cdf(padded, generator)
     if bool(greedy.any()):
         tokens = torch.where(greedy, logits.argmax(dim=-1), tokens)
     # log p = (x - max) / T - log Σ exp((x - max) / T), from the exact logit of the token
@@ -176,19 +195,23 @@ def sample_from_probs(
 
 
 def _inverse_cdf(
-    probs: torch.Tensor, generator: torch.Generator | None = None, block: int = CDF_BLOCK
+    probs: torch.Tensor,
+    generator: torch.Generator | None = None,
+    block: int = CDF_BLOCK,
+    block_sums: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``sample_from_probs`` that also returns each row's total probability mass: (B,), (B, 1).
 
     Two levels, because a cumulative sum over V is the slowest pass on a CPU: pick a block of
     ``block`` tokens from the cumulative block sums, then the token inside that block.
+    ``block_sums`` (B, nb): the blocks' sums when already computed.
     """
     B, V = probs.shape
     nb = -(-V // block)
     if nb * block != V:
         probs = torch.nn.functional.pad(probs, (0, nb * block - V))
     blocks = probs.view(B, nb, block)  # (B, nb, block)
-    bcdf = blocks.sum(-1).cumsum(-1)  # (B, nb)
+    bcdf = (blocks.sum(-1) if block_sums is None else block_sums).cumsum(-1)  # (B, nb)
     total = bcdf[:, -1:]  # (B, 1)
     u = torch.rand(B, 1, generator=generator, device=probs.device, dtype=bcdf.dtype) * total
     u = torch.minimum(u, total * (1 - 2**-20))  # rand * total may round up to total
