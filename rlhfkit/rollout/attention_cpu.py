@@ -17,8 +17,8 @@ rows; here each task (row, kv head) streams that row's keys once for its H/Hkv q
 scores of all of them from one read of each key, AVX512-BF16 dot products reduced 16 keys at a
 time), then its values once, prefetching ahead. Measured at 128 rows over lengths 64..192: 0.95 ms
 per layer vs SDPA's 2.05 ms with one hot cache; when each of 30 layers' caches streams from memory,
-as in a real step, both are bound by the reads and the kernel is only 1.1–1.2× faster
-(``benchmarks/results/rollout.md``) — most of the step's gain comes from the fused ops below.
+as in a real step, both are bound by the reads and the kernel is 1.1–2.0× faster depending on
+the load (``benchmarks/results/rollout.md``) — much of the step's gain comes from the fused ops below.
 
 The same extension holds the rest of a fused bf16 decode step (``Runner._decode_fused``): RoPE +
 cache write + attention in one call (``rope_cache_attention``), residual add + RMSNorm
