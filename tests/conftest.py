@@ -48,3 +48,15 @@ def smollm2_path() -> str:
     from rlhfkit.models.loading import embedded_model_dir
 
     return str(embedded_model_dir())
+
+
+@pytest.fixture(scope="module")
+def sharp(tiny_path):
+    """tiny-random with logits ×25 (final norm scaled): peaked, context-dependent distributions
+    (greedy and sampling tests need them; the plain random model's are nearly flat)."""
+    from rlhfkit.models.loading import load_causal_lm
+
+    loaded = load_causal_lm(tiny_path)
+    with torch.no_grad():
+        loaded.model.model.norm.weight.mul_(25.0)
+    return loaded

@@ -11,17 +11,6 @@ import torch.nn.functional as F
 from rlhfkit.rollout import attention_cpu
 
 
-@pytest.fixture(scope="module")
-def sharp(tiny_path):
-    """tiny-random (head dim 16) with logits ×25: peaked, context-dependent distributions."""
-    from rlhfkit.models.loading import load_causal_lm
-
-    loaded = load_causal_lm(tiny_path)
-    with torch.no_grad():
-        loaded.model.model.norm.weight.mul_(25.0)
-    return loaded
-
-
 def _kernel_or_skip():
     probe = torch.zeros(1, 1, 1, 64, dtype=torch.bfloat16)
     if not attention_cpu.ready(probe, 1):

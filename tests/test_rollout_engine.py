@@ -18,17 +18,6 @@ def tiny_mod(tiny_path):
     return load_causal_lm(tiny_path)
 
 
-@pytest.fixture(scope="module")
-def sharp(tiny_path):
-    """tiny-random with logits ×25 (final norm scaled): peaked, context-dependent distributions."""
-    from rlhfkit.models.loading import load_causal_lm
-
-    loaded = load_causal_lm(tiny_path)
-    with torch.no_grad():
-        loaded.model.model.norm.weight.mul_(25.0)
-    return loaded
-
-
 def prompts_of(tok, shared_data, n=20):
     path = shared_data / "self-instruct-seed" / "seed_tasks.jsonl"
     rows = [json.loads(line) for line in path.read_text().splitlines()[:n]]
