@@ -79,6 +79,9 @@ def batch_plan(n_examples: int, cfg: TrainConfig) -> list[list[int]]:
     return plan
 
 
+SHORT_ROWS = 160  # tokens: up to here the math kernel is faster on CPU (training_attention)
+
+
 def training_attention(seq_len: int, device: torch.device):
     """The attention kernel for a training forward of rows ``seq_len`` tokens long.
 
@@ -93,9 +96,6 @@ def training_attention(seq_len: int, device: torch.device):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     return sdpa_kernel([SDPBackend.MATH])
-
-
-SHORT_ROWS = 160  # tokens: up to here the math kernel is faster on CPU (training_attention)
 
 
 def shard(batch: list[int], rank: int, world_size: int, grad_accum: int) -> list[list[int]]:

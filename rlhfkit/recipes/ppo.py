@@ -559,21 +559,21 @@ def train_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None, interrupt_after
                     weight = m_mask.sum() / n_tokens  # token-weighted: micro-batching leaves the loss unchanged
                     old_lp, adv = fw["logprobs"][m, :cols], advantages[m, :cols]
                     old_v, ret = fw["values"][m, :cols], returns[m, :cols]
-                    attention = training_attention(b.input_ids.shape[1], device)  # math kernel for short rows on CPU
+                    T = b.input_ids.shape[1]  # training_attention: the math kernel for short rows on CPU
                     if critic.kind == "rm":
                         # separate models, separate graphs: the critic's forward + backward first,
                         # then the policy's, so only one graph (and one bf16 weight cast) is alive
-                        with autocast(), attention:
+                        with autocast(), training_attention(T, device):
                             values = critic.values(b)
                         vl = ppo_value_loss(values, old_v, ret, m_mask, cfg.cliprange_value)
                         (weight * cfg.vf_coef * vl.loss).backward()
-                        with autocast(), training_attention(b.input_ids.shape[1], device):
+                        with autocast(), training_attention(T, device):
                             h = policy_hidden(policy, b)  # (b, r, d)
                             new_logprobs = logprobs_from_logits(response_logits(policy, h), b.response, cfg.temperature)
                         pl = ppo_policy_loss(new_logprobs, old_lp, adv, m_mask, cfg.cliprange)
                         (weight * pl.loss).backward()
                     else:  # one trunk forward gives both the log-probs and the values
-                        with autocast(), attention:
+                        with autocast(), training_attention(T, device):
                             h = policy_hidden(policy, b)
                             new_logprobs = logprobs_from_logits(response_logits(policy, h), b.response, cfg.temperature)
                             values = critic.values(b, hidden=h)
