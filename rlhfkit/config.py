@@ -66,6 +66,7 @@ class TrainConfig:
     lora_dropout: float = opt(0.0, "LoRA dropout (0 keeps log-probs deterministic).")
     lora_targets: list = opt(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], "Module names LoRA adapts.")
     gradient_checkpointing: bool = opt(False, "Recompute activations in the backward pass (less memory, ~30% slower).")
+    compile: str = opt("auto", "torch.compile each transformer block for training: auto (bf16 full fine-tuning with a C++ compiler), on or off.")
 
 
 @dataclass

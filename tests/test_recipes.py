@@ -207,3 +207,41 @@ def test_rm_with_lora(tiny_path, rankings, tmp_path):
     assert result["step"] == 4
     saved = params_of(str(tmp_path / "rm_lora" / "model"))
     assert "score.weight" in saved and not any("lora" in k for k in saved)  # merged, head kept
+
+
+def test_compile_blocks_rules(tiny_path):
+    from rlhfkit.errors import UserError
+    from rlhfkit.models.loading import load_causal_lm
+    from rlhfkit.recipes.common import compile_blocks, transformer_blocks
+
+    model = load_causal_lm(tiny_path).model
+    blocks = transformer_blocks(model)
+    assert blocks is model.model.layers and len(blocks) == model.config.num_hidden_layers
+    assert not compile_blocks(model, RewardConfig(precision="fp32"), "cpu")  # auto: only bf16 training
+    assert not compile_blocks(model, RewardConfig(precision="bf16", lora=True), "cpu")  # nor LoRA
+    assert not compile_blocks(model, RewardConfig(precision="bf16", compile="off"), "cpu")
+    with pytest.raises(UserError, match="compile="):
+        compile_blocks(model, RewardConfig(compile="maybe"), "cpu")
+
+
+def test_rm_compiled_blocks_train_like_eager(tiny_path, rankings, tmp_path):
+    """compile=on (torch.compile per block) gives the eager losses (fp32) and a plain HF checkpoint."""
+    from transformers import AutoModelForSequenceClassification
+
+    from rlhfkit.recipes.reward import train_reward_model
+
+    common = dict(model=tiny_path, data=rankings, batch_size=4, max_steps=3, lr=1e-3, warmup_steps=0, precision="fp32",
+                  max_length=96, eval_fraction=0.0)
+    train_reward_model(RewardConfig(out=str(tmp_path / "eager"), compile="off", **common))
+    from torch._dynamo.utils import counters
+
+    graphs = counters["stats"]["unique_graphs"]
+    train_reward_model(RewardConfig(out=str(tmp_path / "compiled"), compile="on", **common))
+    assert counters["stats"]["unique_graphs"] > graphs  # it did compile (errors would fall back to eager)
+    a, b = losses(tmp_path / "eager"), losses(tmp_path / "compiled")
+    assert len(a) == len(b) == 3
+    assert max(abs(x - y) for x, y in zip(a, b)) < 1e-4, (a, b)
+    pa, pb = params_of(str(tmp_path / "eager" / "model")), params_of(str(tmp_path / "compiled" / "model"))
+    assert pa.keys() == pb.keys()
+    assert max((pa[k] - pb[k]).abs().max().item() for k in pa) < 1e-4
+    AutoModelForSequenceClassification.from_pretrained(tmp_path / "compiled" / "model")

@@ -54,7 +54,7 @@ class RewardModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, last_index: torch.Tensor | None = None) -> torch.Tensor:
         """Raw scores (B,) read at ``last_index`` (B,) — by default the last attended token."""
-        hidden = self.trunk(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, d)
+        hidden = self.trunk(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state  # (B, T, d)
         if last_index is None:
             last_index = attention_mask.sum(1) - 1  # right padding
         h = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_index]  # (B, d)

@@ -98,6 +98,62 @@ def training_attention(seq_len: int, device: torch.device):
     return sdpa_kernel([SDPBackend.MATH])
 
 
+def transformer_blocks(model: torch.nn.Module) -> torch.nn.ModuleList | None:
+    """The model's stack of identical transformer blocks (``model.layers`` for LLaMA-likes,
+    ``transformer.h`` for GPT-2 ...): the ModuleList of ``config.num_hidden_layers`` modules of one class."""
+    n = None
+    for m in model.modules():
+        n = getattr(getattr(m, "config", None), "num_hidden_layers", None)
+        if n:
+            break
+    for m in model.modules():
+        if isinstance(m, torch.nn.ModuleList) and n and len(m) == n and len({type(b) for b in m}) == 1:
+            return m
+    return None
+
+
+def compile_blocks(model: torch.nn.Module, cfg: TrainConfig, device, say=print) -> bool:
+    """``torch.compile`` each transformer block of ``model`` in place, for training speed.
+
+    Why: in an eager bf16 step most of the time outside the matmuls goes to small elementwise
+    kernels and dtype casts (RMSNorm in fp32, RoPE, SiLU·up, residual adds, autocast's casts).
+    Inductor fuses them; measured on this 2-core CPU (SmolLM2-135M, 16 rows × 104 tokens,
+    forward + backward + AdamW): 4.7 s → 3.4 s per step under load. One block's graph serves
+    all blocks (parameters are graph inputs), with dynamic shapes, so the one-time compile is
+    ~10–30 s; Inductor's cache lives under ``$RLHFKIT_CACHE/torchinductor`` and later runs
+    reuse it. Parameter names, checkpoints and ``save_pretrained`` are unchanged.
+
+    ``cfg.compile``: ``auto`` compiles for bf16 training of all weights (not LoRA, not gradient
+    checkpointing) where a C++ compiler exists; ``on`` / ``off`` force it. Returns whether it did.
+    """
+    choice = str(cfg.compile).lower()
+    if choice not in ("auto", "on", "off", "true", "false"):
+        raise UserError(f"compile={cfg.compile!r}: expected auto, on or off")
+    if choice in ("off", "false"):
+        return False
+    if choice == "auto":
+        if resolve_precision(cfg.precision, device) != "bf16" or cfg.lora or cfg.gradient_checkpointing:
+            return False
+        if torch.device(device).type == "cpu" and not (shutil.which("g++") or shutil.which("c++")):
+            say("compile=auto: no C++ compiler found, training runs eagerly")
+            return False
+    blocks = transformer_blocks(model)
+    if blocks is None:
+        if choice == "auto":
+            return False
+        raise UserError("compile=on: could not find the model's transformer blocks")
+    from rlhfkit.models.loading import cache_dir
+
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir() / "torchinductor"))
+    import torch._dynamo
+
+    torch._dynamo.config.suppress_errors = True  # a block that fails to compile runs eagerly
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 16)
+    for b in blocks:
+        b.compile(dynamic=True)
+    return True
+
+
 def shard(batch: list[int], rank: int, world_size: int, grad_accum: int) -> list[list[int]]:
     """This process's micro-batches of one global batch: a contiguous slice split ``grad_accum`` ways."""
     per = math.ceil(len(batch) / world_size)

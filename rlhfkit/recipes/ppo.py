@@ -49,7 +49,7 @@ from rlhfkit.data.tokenize import encode_prompt
 from rlhfkit.errors import UserError
 from rlhfkit.models.heads import load_reward_model
 from rlhfkit.models.loading import load_causal_lm, resolve_precision
-from rlhfkit.recipes.common import (MetricsLog, apply_lora, batch_plan, load_checkpoint, make_accelerator,
+from rlhfkit.recipes.common import (compile_blocks, MetricsLog, apply_lora, batch_plan, load_checkpoint, make_accelerator,
                                     make_optimizer, merged, prepare_out, progress, save_checkpoint, training_attention)
 from rlhfkit.rollout import Engine, SamplingParams
 
@@ -166,7 +166,7 @@ def _gather(hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
 def policy_hidden(model: nn.Module, b: Batch) -> torch.Tensor:
     """The policy trunk's last hidden states at the response positions: (B, R, d)."""
     trunk = _unwrap(model).model
-    hidden = trunk(input_ids=b.input_ids, attention_mask=b.attention_mask).last_hidden_state  # (B, L, d)
+    hidden = trunk(input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False).last_hidden_state  # (B, L, d)
     return _gather(hidden, b.positions)
 
 
@@ -194,7 +194,7 @@ class Critic(nn.Module):
             return self.head(hidden).squeeze(-1).float()
         base = _unwrap(self.seq_model)
         trunk = getattr(base, base.base_model_prefix)
-        h = trunk(input_ids=b.input_ids, attention_mask=b.attention_mask).last_hidden_state  # (B, L, d)
+        h = trunk(input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False).last_hidden_state  # (B, L, d)
         # on the scale of the rewards: the RM's scores are normalised by its stored offset, so its
         # raw head output would overestimate every value by that offset (see policy_head's init)
         offset = float(getattr(base.config, "reward_offset", 0.0) or 0.0)
@@ -364,7 +364,7 @@ def ptx_loss(policy, chunks: list[list[int]], pad_id: int) -> torch.Tensor:
     for i, c in enumerate(chunks):
         ids[i, : len(c)] = torch.tensor(c)
         mask[i, : len(c)] = 1
-    hidden = _unwrap(policy).model(input_ids=ids, attention_mask=mask).last_hidden_state[:, :-1]  # (B, T-1, d)
+    hidden = _unwrap(policy).model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state[:, :-1]  # (B, T-1, d)
     logits = _unwrap(policy).lm_head(hidden).float()  # (B, T-1, V)
     target_mask = mask[:, 1:].bool()
     nll = torch.nn.functional.cross_entropy(logits[target_mask], ids[:, 1:][target_mask])
@@ -424,6 +424,8 @@ def train_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None, interrupt_after
     if cfg.gradient_checkpointing:
         policy.gradient_checkpointing_enable()
     policy = apply_lora(policy, cfg)
+    if compile_blocks(policy, cfg, device, say):
+        say("compiling the policy's transformer blocks (torch.compile; once per machine, cached)")
     lora_ref = cfg.lora
     ref = None
     if not lora_ref:  # the frozen SFT model; with LoRA it is the policy with adapters disabled
@@ -443,6 +445,7 @@ def train_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None, interrupt_after
         if cfg.gradient_checkpointing:
             seq_model.gradient_checkpointing_enable()
         critic = Critic("rm", seq_model=apply_lora(seq_model, cfg, task_type="SEQ_CLS").to(device))
+        compile_blocks(critic.seq_model, cfg, device, say)
     rm = None
     if reward_fn is None:
         rm, rm_tok = load_reward_model(cfg.reward_model, dtype=torch.bfloat16 if bf16 else torch.float32)

@@ -23,7 +23,7 @@ from rlhfkit.config import RewardConfig
 from rlhfkit.data.tokenize import Encoded, collate, encode_ranking, length_groups
 from rlhfkit.errors import UserError
 from rlhfkit.models.heads import RewardModel, load_reward_model
-from rlhfkit.recipes.common import (MetricsLog, apply_lora, batch_plan, load_checkpoint, load_split, make_accelerator,
+from rlhfkit.recipes.common import (MetricsLog, apply_lora, batch_plan, compile_blocks, load_checkpoint, load_split, make_accelerator,
                                     make_optimizer, merged, periodic_checkpoint, prepare_out, progress, save_checkpoint, shard, training_attention,
                                     world)
 
@@ -84,6 +84,9 @@ def train_reward_model(cfg: RewardConfig, interrupt_after: int | None = None, sa
     if cfg.gradient_checkpointing:
         rm.seq_model.gradient_checkpointing_enable()
     rm.seq_model = apply_lora(rm.seq_model, cfg, task_type="SEQ_CLS")
+    compiled = compile_blocks(rm.seq_model, cfg, acc.device, say)
+    if compiled:
+        say("compiling the transformer blocks (torch.compile; once per machine, cached)")
 
     # 2. data: K tokenised sequences per ranking
     train_recs, eval_recs = load_split(cfg, "ranking", say)
@@ -113,6 +116,7 @@ def train_reward_model(cfg: RewardConfig, interrupt_after: int | None = None, sa
     bar = progress(len(plan), start, acc.is_main_process, "rm")
     rm.train()
     last: dict = {}
+    first_step_seconds = None
     for step in range(start, len(plan)):
         batch = plan[step]
         n_prompts = len(batch)  # every prompt weighs the same: divide by the global prompt count
@@ -137,6 +141,8 @@ def train_reward_model(cfg: RewardConfig, interrupt_after: int | None = None, sa
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         done = step + 1
+        if step == start:
+            first_step_seconds = time.perf_counter() - t_train  # includes torch.compile's one-time work
         last = {"loss": (acc.reduce(loss_sum, "sum") / n_prompts).item(),
                 "accuracy": (acc.reduce(correct, "sum") / acc.reduce(n_pairs, "sum").clamp(min=1)).item(),
                 "lr": scheduler.get_last_lr()[0]}
@@ -159,7 +165,8 @@ def train_reward_model(cfg: RewardConfig, interrupt_after: int | None = None, sa
     final = evaluate_rm(rm, held_out, pad_id, acc.device) if held_out else {}
     n_seen = sum(len(b) for b in plan[start:])
     result = {"step": len(plan), **last, **{f"eval_{k}": v for k, v in final.items()},
-              "train_seconds": train_seconds, "prompts_per_second": n_seen / max(train_seconds, 1e-9)}
+              "train_seconds": train_seconds, "prompts_per_second": n_seen / max(train_seconds, 1e-9),
+              "compiled": compiled, "first_step_seconds": first_step_seconds}
     if before:
         result["eval_accuracy_before"] = before["accuracy"]
 

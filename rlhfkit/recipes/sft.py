@@ -25,7 +25,7 @@ from rlhfkit.config import SFTConfig, TrainConfig
 from rlhfkit.data.tokenize import Encoded, collate, collate_packed, encode_demonstration, length_groups
 from rlhfkit.errors import UserError
 from rlhfkit.models.loading import load_causal_lm
-from rlhfkit.recipes.common import (MetricsLog, apply_lora, batch_plan, load_checkpoint, load_split, make_accelerator,
+from rlhfkit.recipes.common import (compile_blocks, MetricsLog, apply_lora, batch_plan, load_checkpoint, load_split, make_accelerator,
                                     make_optimizer, merged, periodic_checkpoint, prepare_out, progress, save_checkpoint, shard, training_attention,
                                     world)
 
@@ -64,6 +64,8 @@ def run_lm_training(cfg: TrainConfig, acc, model, tok, train: list[Encoded], hel
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     model = apply_lora(model, cfg)
+    if compile_blocks(model, cfg, acc.device, say):
+        say("compiling the transformer blocks (torch.compile; once per machine, cached)")
 
     def batch_inputs(examples: list[Encoded]) -> dict[str, torch.Tensor]:
         if packing:
@@ -78,7 +80,7 @@ def run_lm_training(cfg: TrainConfig, acc, model, tok, train: list[Encoded], hel
             batch = batch_inputs(part)
             kw = {k: v.to(acc.device) for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids")}
             with training_attention(kw["input_ids"].shape[1], acc.device):
-                logits = model(**kw).logits  # (B, T, V)
+                logits = model(**kw, use_cache=False).logits  # (B, T, V)
             nll, _ = masked_nll_sum(logits, kw["input_ids"], batch["loss_mask"].to(acc.device))
             total = total + nll
         return total
