@@ -13,12 +13,31 @@ mask: each row only reads its own ``n[b]`` positions.
 Why it exists: the profile of a 32 prompts × K=4 decode step put ~40 % of the time in SDPA at one
 query per head — ~2.0 ms per layer per step where its key/value traffic needs ~0.6 ms. ATen's CPU
 flash-attention kernel pays a per-(row, head) setup and blocks the queries for matrices with many
-rows; here each task (row, kv head) streams that row's keys once for its H/Hkv query heads (the
-scores of all of them from one read of each key, AVX512-BF16 dot products reduced 16 keys at a
-time), then its values once, prefetching ahead. Measured at 128 rows over lengths 64..192: 0.95 ms
+rows; here each task (row — or group of rows, below — and kv head) streams that row's keys once
+for its H/Hkv query heads (the scores of all of them from one read of each key, AVX512-BF16 dot
+products reduced 16 keys at a time), then its values once, prefetching ahead. Measured at 128 rows over lengths 64..192: 0.95 ms
 per layer vs SDPA's 2.05 ms with one hot cache; when each of 30 layers' caches streams from memory,
 as in a real step, both are bound by the reads and the kernel is 1.1–2.0× faster depending on
 the load (``benchmarks/results/rollout.md``) — much of the step's gain comes from the fused ops below.
+
+Prompt prefixes read once per group (``PrefixGroups``): the K samples of a prompt are K decode
+rows whose slots hold identical copies of the prompt's keys/values (one prefill, copied). Both
+entry points take the groups of rows that share their first ``plen`` positions; one task per
+(group, kv head) reads the shared positions once, from the group's first row, scoring all the
+group's R·G query heads against them, then each row's own positions from its own slot, with the
+softmax over the union (``attend_group``). The shared length is rounded down to the 16-key blocks
+of the score loop, so every score, sum and rounding is the one the row would get alone: the
+output is bitwise that of unshared decoding (tested), only the reads change. The engine keeps a
+full copy of the prompt in every slot (SDPA, compaction and refills need nothing new), so sharing
+is only a reading plan; a row's refill with a new prompt starts a new group and cannot touch a
+prefix the rest of its old group still reads from another slot. Measured (128 rows = 32 prompts
+× 4, the benchmark's prompt lengths 36..203, 30 layers' caches streaming from memory, under load,
+one effective core): 1.31 → 1.05 ms per layer with 32 generated tokens per row, 1.99 → 1.72 ms
+with 96, i.e. 13–20 % less — less than the 38–50 % fewer bytes, because at one core per step the
+kernel is about half compute (scores and weighted sums of every (head, position) pair, which
+sharing does not reduce) and half memory stalls. End to end (32 × 4, T = 1, 2 threads, alternated
+in one process): 845 → 924 and 751 → 954 new tok/s at 64 new tokens, 846 → 892 at 128
+(1.05–1.27×, the spread being the shared machine's load).
 
 The same extension holds the rest of a fused bf16 decode step (``Runner._decode_fused``): RoPE +
 cache write + attention in one call (``rope_cache_attention``), residual add + RMSNorm
@@ -46,6 +65,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -238,16 +258,19 @@ static float softmax_unnormalised(float* s, int64_t n) {
 #endif
 }
 
-// o[j] = sum_t p[j][t] · v_t for the G heads (fp32, D floats each), t < n.
+// o[j] = sum_t p[j][t] · v_t for the G heads (fp32, D floats each), t < n. With `accumulate` the
+// sums continue from the values already in o (the next positions of the same heads: the result is
+// the same as one call over all the positions, the additions made in the same order).
 template <int D>
-static void weighted_sum(const float* p, int64_t ld, int G, const uint16_t* v, int64_t n, float* o) {
+static void weighted_sum(const float* p, int64_t ld, int G, const uint16_t* v, int64_t n, float* o, bool accumulate) {
 #if defined(__AVX512F__)
     constexpr int C = D / 16;
     for (int j0 = 0; j0 < G; j0 += 4) {
         const int g = G - j0 < 4 ? G - j0 : 4;
         __m512 acc[4][C];
         for (int j = 0; j < g; ++j)
-            for (int c = 0; c < C; ++c) acc[j][c] = _mm512_setzero_ps();
+            for (int c = 0; c < C; ++c)
+                acc[j][c] = accumulate ? _mm512_loadu_ps(o + (j0 + j) * D + c * 16) : _mm512_setzero_ps();
         for (int64_t t = 0; t < n; ++t) {
             const uint16_t* vt = v + t * D;
             __m512 pj[4];
@@ -261,7 +284,8 @@ static void weighted_sum(const float* p, int64_t ld, int G, const uint16_t* v, i
             for (int c = 0; c < C; ++c) _mm512_storeu_ps(o + (j0 + j) * D + c * 16, acc[j][c]);
     }
 #else
-    for (int j = 0; j < G * D; ++j) o[j] = 0.f;
+    if (!accumulate)
+        for (int j = 0; j < G * D; ++j) o[j] = 0.f;
     for (int64_t t = 0; t < n; ++t)
         for (int j = 0; j < G; ++j) {
             const float pt = p[j * ld + t];
@@ -270,45 +294,95 @@ static void weighted_sum(const float* p, int64_t ld, int G, const uint16_t* v, i
 #endif
 }
 
-// Attention of G query heads (bf16, row stride qs) over n keys/values of one kv head -> out
-// (G rows of D bf16, contiguous). s: G·ld floats of scratch, o: G·D floats.
+// Attention for one kv head of a group of R decode rows whose first P cached positions hold the
+// same keys and values (the K samples of one prompt, copied from one prefill), P a multiple of 16.
+// The prefix is read once, from the first row's slot, for all R·G query heads; then each row reads
+// its own positions [P, n[r]) from its slot; the softmax is over the union. Every score, sum and
+// product is computed exactly as for each row alone over its own slot (P a multiple of 16 keeps
+// the 16-key blocks of `scores` where they were; the weighted sums continue in order), so the
+// output is bitwise the same: sharing only removes reads.
+// q: R·G query heads of D bf16, contiguous (row r's G heads at r·G·D); k[r], v[r]: position 0 of
+// row r's slot for this kv head; n[r] >= P its valid positions; out[r]: its G output heads (bf16).
+// s: R·G·ld floats, o: R·G·D floats of scratch; next_k: keys to prefetch after the last row's.
 template <int D>
-static void attend_one(const uint16_t* q, int64_t qs, int G, const uint16_t* k, const uint16_t* v, int64_t n,
-                       float scale, float* s, int64_t ld, float* o, uint16_t* out, const uint16_t* next_k) {
-    if (n <= 0) {
-        std::memset(out, 0, size_t(G) * D * 2);
-        return;
-    }
-    scores<D>(q, qs, G, k, v, n, scale, s, ld, next_k);
-    float inv[64];
-    for (int j = 0; j < G; ++j) inv[j] = 1.0f / softmax_unnormalised(s + j * ld, n);
-    weighted_sum<D>(s, ld, G, v, n, o);
-    for (int j = 0; j < G; ++j)
-        for (int d = 0; d < D; ++d) out[j * D + d] = f2bf(o[j * D + d] * inv[j]);
+static void attend_group(const uint16_t* q, int R, int G, const uint16_t* const* k, const uint16_t* const* v,
+                         const int64_t* n, int64_t P, float scale, float* s, int64_t ld, float* o,
+                         uint16_t* const* out, const uint16_t* next_k) {
+    // 1. scores: the shared prefix for all R·G heads (its keys stream once, then stay in L1/L2),
+    //    then each row's own keys
+    scores<D>(q, D, R * G, k[0], v[0], P, scale, s, ld, k[0] + P * D);
+    for (int r = 0; r < R; ++r)
+        scores<D>(q + r * G * D, D, G, k[r] + P * D, v[r] + P * D, n[r] - P, scale, s + r * G * ld + P, ld,
+                  r + 1 < R ? k[r + 1] + P * D : next_k);
+    // 2. softmax of each head over its row's n[r] positions
+    for (int r = 0; r < R; ++r)
+        for (int j = r * G; j < (r + 1) * G; ++j) {
+            const float inv = 1.0f / softmax_unnormalised(s + j * ld, n[r]);
+            s[j * ld + ld - 1] = inv;  // ld > n[r]: the column past the last position is free
+        }
+    // 3. values the same way: the prefix's once for all heads, then each row's own
+    weighted_sum<D>(s, ld, R * G, v[0], P, o, false);
+    for (int r = 0; r < R; ++r)
+        weighted_sum<D>(s + r * G * ld + P, ld, G, v[r] + P * D, n[r] - P, o + r * G * D, true);
+    for (int r = 0; r < R; ++r)
+        for (int j = 0; j < G; ++j) {
+            const float inv = s[(r * G + j) * ld + ld - 1];
+            for (int d = 0; d < D; ++d) out[r][j * D + d] = f2bf(o[(r * G + j) * D + d] * inv);
+        }
 }
 
-// Tasks (row, kv head) in an order that balances threads: rows are sorted by length, so each
-// contiguous range of task indices takes rows from both ends.
+// Tasks (group, kv head) in an order that balances threads: rows are sorted by length, so each
+// contiguous range of task indices takes groups from both ends.
 static inline int64_t balanced(int64_t i, int64_t tasks) { return (i % 2 == 0) ? i / 2 : tasks - 1 - i / 2; }
 
-// The keys of this thread's next task (i < end), to prefetch; task t's block is at t · stride.
-static inline const uint16_t* next_keys(const uint16_t* k, int64_t i, int64_t end, int64_t tasks, int64_t stride) {
-    return i < end ? k + balanced(i, tasks) * stride : nullptr;
-}
-
-template <int D>
-static void run(const uint16_t* q, int64_t qsb, int64_t qsh, const uint16_t* k, const uint16_t* v,
-                const int64_t* n, uint16_t* out, int64_t B, int64_t H, int64_t Hkv, int64_t L, float scale) {
+// Decode attention of B rows over the caches k, v (S, Hkv, L, D), one task per (group, kv head),
+// in parallel. Group g is rows order[starts[g] .. starts[g+1]), whose first plen[g] positions are
+// the same (at most each row's valid positions - 1, rounded down to 16 here); a row alone is a
+// group of one (plen 0: nothing shared).
+// prep(b, kvh, qdst) puts row b's G query heads of kv head kvh into qdst (G·D bf16, contiguous),
+// writing the cache first where the caller fuses that in, and returns the row's number of valid
+// positions (<= 0: nothing to attend, zeros out). out (B, H, D).
+template <int D, class Prep>
+static void run_groups(const uint16_t* k, const uint16_t* v, uint16_t* out, int64_t H, int64_t Hkv, int64_t L,
+                       const int64_t* order, const int64_t* starts, const int64_t* plen, int64_t groups, float scale,
+                       Prep prep) {
     const int G = int(H / Hkv);
-    const int64_t tasks = B * Hkv;
+    int64_t rmax = 1;
+    for (int64_t g = 0; g < groups; ++g) rmax = std::max(rmax, starts[g + 1] - starts[g]);
+    const int64_t tasks = groups * Hkv, ld = L + 1;  // + 1: a free column for 1/sum (attend_group)
     at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
-        std::vector<float> o(G * D), s(G * L);
+        std::vector<float> o(rmax * G * D), s(rmax * G * ld);
+        std::vector<uint16_t> qg(rmax * G * D);
+        std::vector<const uint16_t*> kr(rmax), vr(rmax);
+        std::vector<uint16_t*> outr(rmax);
+        std::vector<int64_t> nr(rmax);
         for (int64_t i = begin; i < end; ++i) {
-            const int64_t task = balanced(i, tasks), b = task / Hkv, kvh = task % Hkv;
-            const int64_t nb = n[b] < L ? n[b] : L;
-            const int64_t base = (b * Hkv + kvh) * L * D;
-            attend_one<D>(q + b * qsb + kvh * G * qsh, qsh, G, k + base, v + base, nb, scale, s.data(), L, o.data(),
-                          out + (b * H + kvh * G) * D, next_keys(k, i + 1, end, tasks, L * D));
+            const int64_t task = balanced(i, tasks), g = task / Hkv, kvh = task % Hkv;
+            int R = 0;
+            int64_t P = plen[g];
+            for (int64_t x = starts[g]; x < starts[g + 1]; ++x) {
+                const int64_t b = order[x];
+                uint16_t* ob = out + (b * H + kvh * G) * D;
+                int64_t nb = prep(b, kvh, qg.data() + R * G * D);
+                if (nb <= 0) {
+                    std::memset(ob, 0, size_t(G) * D * 2);
+                    continue;
+                }
+                nb = nb < L ? nb : L;
+                const int64_t base = (b * Hkv + kvh) * L * D;
+                kr[R] = k + base, vr[R] = v + base, outr[R] = ob, nr[R] = nb;
+                P = std::min(P, nb - 1);  // a row's last position is its own newest key: never shared
+                ++R;
+            }
+            if (R == 0) continue;
+            P = std::max<int64_t>(P, 0) / 16 * 16;
+            const uint16_t* next_k = nullptr;  // the next task's first keys, to prefetch
+            if (i + 1 < end) {
+                const int64_t t2 = balanced(i + 1, tasks), b2 = order[starts[t2 / Hkv]];
+                next_k = k + (b2 * Hkv + t2 % Hkv) * L * D;
+            }
+            attend_group<D>(qg.data(), R, G, kr.data(), vr.data(), nr.data(), P, scale, s.data(), ld, o.data(),
+                            outr.data(), next_k);
         }
     });
 }
@@ -320,34 +394,37 @@ static inline void rope(const uint16_t* x, const uint16_t* cos, const uint16_t* 
         y[d] = f2bf(bf2f(x[d]) * bf2f(cos[d]) + bf2f(x[(d + D / 2) % D]) * bf2f(sin_signed[d]));
 }
 
-// The decode step's attention block after the qkv matmul: RoPE on q and k, the new key and value
-// written into the cache at offset pos[b], attention over the pos[b] + 1 valid positions.
+// decode_attention: the queries q (strides qsb per row, qsh per head) over n[b] cached positions.
+template <int D>
+static void run(const uint16_t* q, int64_t qsb, int64_t qsh, const uint16_t* k, const uint16_t* v, const int64_t* n,
+                uint16_t* out, int64_t H, int64_t Hkv, int64_t L, const int64_t* order, const int64_t* starts,
+                const int64_t* plen, int64_t groups, float scale) {
+    const int64_t G = H / Hkv;
+    run_groups<D>(k, v, out, H, Hkv, L, order, starts, plen, groups, scale, [&](int64_t b, int64_t kvh, uint16_t* qg) {
+        for (int64_t j = 0; j < G; ++j) std::memcpy(qg + j * D, q + b * qsb + (kvh * G + j) * qsh, D * 2);
+        return n[b];
+    });
+}
+
+// rope_cache_attention: the decode step's attention block after the qkv matmul. Per row, RoPE on
+// q and k, the new key and value written into the cache at offset pos[b], then attention over
+// the pos[b] + 1 valid positions.
 template <int D>
 static void run_fused(const uint16_t* qkv, const uint16_t* cos, const uint16_t* sin_signed, const int64_t* pos,
-                      uint16_t* k, uint16_t* v, uint16_t* out, int64_t B, int64_t H, int64_t Hkv, int64_t L,
-                      int64_t Lr, float scale) {
-    const int G = int(H / Hkv);
-    const int64_t tasks = B * Hkv, W = (H + 2 * Hkv) * D;
-    at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
-        std::vector<float> o(G * D), s(G * L);
-        std::vector<uint16_t> qr(G * D);
-        for (int64_t i = begin; i < end; ++i) {
-            const int64_t task = balanced(i, tasks), b = task / Hkv, kvh = task % Hkv;
-            const int64_t p = pos[b];
-            if (p < 0 || p >= L || p >= Lr) {  // no room: nothing written, zeros out (the caller checks lengths)
-                std::memset(out + (b * H + kvh * G) * D, 0, size_t(G) * D * 2);
-                continue;
-            }
-            const uint16_t* row = qkv + b * W;
-            const uint16_t *c = cos + p * D, *sn = sin_signed + p * D;
-            const int64_t base = (b * Hkv + kvh) * L * D;
-            rope<D>(row + (H + kvh) * D, c, sn, k + base + p * D);
-            std::memcpy(v + base + p * D, row + (H + Hkv + kvh) * D, D * 2);
-            for (int j = 0; j < G; ++j) rope<D>(row + (kvh * G + j) * D, c, sn, qr.data() + j * D);
-            attend_one<D>(qr.data(), D, G, k + base, v + base, p + 1, scale, s.data(), L, o.data(),
-                          out + (b * H + kvh * G) * D, next_keys(k, i + 1, end, tasks, L * D));
-        }
-    });
+                      uint16_t* k, uint16_t* v, uint16_t* out, int64_t H, int64_t Hkv, int64_t L, int64_t Lr,
+                      const int64_t* order, const int64_t* starts, const int64_t* plen, int64_t groups, float scale) {
+    const int64_t G = H / Hkv, W = (H + 2 * Hkv) * D;
+    run_groups<D>(k, v, out, H, Hkv, L, order, starts, plen, groups, scale,
+                  [&](int64_t b, int64_t kvh, uint16_t* qg) -> int64_t {
+                      const int64_t p = pos[b];
+                      if (p < 0 || p >= L || p >= Lr) return 0;  // no room: nothing written, zeros out
+                      const uint16_t *row = qkv + b * W, *c = cos + p * D, *sn = sin_signed + p * D;
+                      const int64_t at = ((b * Hkv + kvh) * L + p) * D;
+                      rope<D>(row + (H + kvh) * D, c, sn, k + at);
+                      std::memcpy(v + at, row + (H + Hkv + kvh) * D, D * 2);
+                      for (int64_t j = 0; j < G; ++j) rope<D>(row + (kvh * G + j) * D, c, sn, qg + j * D);
+                      return p + 1;
+                  });
 }
 
 #define DISPATCH_D(D, ...)                                   \
@@ -360,10 +437,32 @@ static void run_fused(const uint16_t* qkv, const uint16_t* cos, const uint16_t* 
 static inline const uint16_t* cbf(const torch::Tensor& t) { return reinterpret_cast<const uint16_t*>(t.data_ptr<at::BFloat16>()); }
 static inline uint16_t* mbf(torch::Tensor& t) { return reinterpret_cast<uint16_t*>(t.data_ptr<at::BFloat16>()); }
 
+// The row groups of run_groups as three int64 tensors: order (B,) a permutation of 0..B-1,
+// starts (groups + 1,) with starts[0] = 0 and starts[groups] = B, plen (groups,). Checked here:
+// each row must belong to exactly one group (a task writes its rows' outputs and cache entries).
+static int64_t check_groups(const torch::Tensor& order, const torch::Tensor& starts, const torch::Tensor& plen,
+                            int64_t B) {
+    for (auto* t : {&order, &starts, &plen})
+        TORCH_CHECK(t->scalar_type() == at::kLong && t->is_contiguous() && t->dim() == 1, "groups: int64 vectors");
+    const int64_t groups = plen.numel();
+    TORCH_CHECK(order.numel() == B && starts.numel() == groups + 1, "groups: order (B,), starts (groups + 1,)");
+    const int64_t *o = order.data_ptr<int64_t>(), *st = starts.data_ptr<int64_t>();
+    TORCH_CHECK(st[0] == 0 && st[groups] == B, "groups: starts must go from 0 to B");
+    std::vector<char> seen(B, 0);
+    for (int64_t g = 0; g < groups; ++g) TORCH_CHECK(st[g] < st[g + 1], "groups: starts must increase");
+    for (int64_t x = 0; x < B; ++x) {
+        TORCH_CHECK(o[x] >= 0 && o[x] < B && !seen[o[x]], "groups: order must be a permutation of the rows");
+        seen[o[x]] = 1;
+    }
+    return groups;
+}
+
 // q (B, H, 1, D) bf16, last dim contiguous; k, v (S, Hkv, L, D) bf16 contiguous, S >= B;
-// n (B,) int64 valid positions per row. Returns (B, H, 1, D): a view of a (B, 1, H, D) buffer,
-// so that transpose(1, 2).reshape(B, 1, H * D) is free.
-torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor n, double scale) {
+// n (B,) int64 valid positions per row; order/starts/plen: the rows sharing a prefix (run_groups).
+// Returns (B, H, 1, D): a view of a (B, 1, H, D) buffer, so that transpose(1, 2).reshape(B, 1, H * D)
+// is free.
+torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor n, double scale,
+                               torch::Tensor order, torch::Tensor starts, torch::Tensor plen) {
     TORCH_CHECK(q.dim() == 4 && q.size(2) == 1 && q.stride(3) == 1, "q must be (B, H, 1, D), last dim contiguous");
     TORCH_CHECK(k.dim() == 4 && k.is_contiguous() && v.is_contiguous() && k.sizes() == v.sizes(), "bad cache");
     TORCH_CHECK(q.scalar_type() == at::kBFloat16 && k.scalar_type() == at::kBFloat16 && v.scalar_type() == at::kBFloat16,
@@ -371,17 +470,23 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
     TORCH_CHECK(n.scalar_type() == at::kLong && n.is_contiguous(), "n must be int64");
     const int64_t B = q.size(0), H = q.size(1), D = q.size(3), Hkv = k.size(1), L = k.size(2);
     TORCH_CHECK(k.size(0) >= B && k.size(3) == D && n.numel() == B && H % Hkv == 0 && H / Hkv <= 64, "shapes");
+    const int64_t groups = check_groups(order, starts, plen, B);
     auto out = torch::empty({B, 1, H, D}, q.options());
-    const int64_t* np = n.data_ptr<int64_t>();
-    DISPATCH_D(D, run<DD>(cbf(q), q.stride(0), q.stride(1), cbf(k), cbf(v), np, mbf(out), B, H, Hkv, L, float(scale)))
+    DISPATCH_D(D, run<DD>(cbf(q), q.stride(0), q.stride(1), cbf(k), cbf(v), n.data_ptr<int64_t>(), mbf(out), H, Hkv, L,
+                          order.data_ptr<int64_t>(), starts.data_ptr<int64_t>(), plen.data_ptr<int64_t>(), groups,
+                          float(scale)))
     return out.transpose(1, 2);
 }
 
 // qkv (B, (H + 2 Hkv)·D) bf16 contiguous: the fused projection's output, q heads then k then v;
 // cos, sin_signed (>= L, D) bf16 (runner.rope_tables); pos (B,) int64 offsets of the new tokens;
-// k, v (S, Hkv, L, D) bf16 caches, written at pos. Returns the attention output (B, H·D) bf16.
+// k, v (S, Hkv, L, D) bf16 caches, written at pos; order/starts/plen: the rows sharing a prefix
+// (run_groups). Per task, each row's new key (RoPE'd) and value go into its slot at pos[b], its
+// RoPE'd queries into the group's buffer, then attention over pos[b] + 1 positions.
+// Returns the attention output (B, H·D) bf16.
 torch::Tensor rope_cache_attention(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin_signed, torch::Tensor pos,
-                                   torch::Tensor k, torch::Tensor v, int64_t H, double scale) {
+                                   torch::Tensor k, torch::Tensor v, int64_t H, double scale, torch::Tensor order,
+                                   torch::Tensor starts, torch::Tensor plen) {
     TORCH_CHECK(qkv.dim() == 2 && qkv.is_contiguous() && cos.is_contiguous() && sin_signed.is_contiguous(), "layout");
     TORCH_CHECK(k.dim() == 4 && k.is_contiguous() && v.is_contiguous() && k.sizes() == v.sizes(), "bad cache");
     for (auto* t : {&qkv, &cos, &sin_signed, &k, &v}) TORCH_CHECK(t->scalar_type() == at::kBFloat16, "bf16 only");
@@ -389,9 +494,11 @@ torch::Tensor rope_cache_attention(torch::Tensor qkv, torch::Tensor cos, torch::
     const int64_t B = qkv.size(0), Hkv = k.size(1), L = k.size(2), D = k.size(3);
     TORCH_CHECK(qkv.size(1) == (H + 2 * Hkv) * D && H % Hkv == 0 && H / Hkv <= 64 && k.size(0) >= B, "shapes");
     TORCH_CHECK(pos.numel() == B && cos.size(1) == D && sin_signed.sizes() == cos.sizes(), "rope shapes");
+    const int64_t groups = check_groups(order, starts, plen, B);
     auto out = torch::empty({B, H * D}, qkv.options());
-    DISPATCH_D(D, run_fused<DD>(cbf(qkv), cbf(cos), cbf(sin_signed), pos.data_ptr<int64_t>(), mbf(k), mbf(v),
-                                mbf(out), B, H, Hkv, L, cos.size(0), float(scale)))
+    DISPATCH_D(D, run_fused<DD>(cbf(qkv), cbf(cos), cbf(sin_signed), pos.data_ptr<int64_t>(), mbf(k), mbf(v), mbf(out),
+                                H, Hkv, L, cos.size(0), order.data_ptr<int64_t>(), starts.data_ptr<int64_t>(),
+                                plen.data_ptr<int64_t>(), groups, float(scale)))
     return out;
 }
 
@@ -591,20 +698,63 @@ def ready(k_cache: torch.Tensor, n_heads: int) -> bool:
     return ok and load() is not None
 
 
+class PrefixGroups(NamedTuple):
+    """Decode rows that share their first positions (the K samples of one prompt), for the kernel.
+
+    Group g is the rows ``order[starts[g]:starts[g + 1]]``; their cache slots hold the same keys
+    and values at positions ``0 .. plen[g] - 1`` (one prefill copied into each). The kernel reads
+    those positions once per group, from the group's first row, rounded down to its 16-key blocks.
+    Every row is in exactly one group; a row alone is a group of one. All int64 on the CPU.
+    """
+
+    order: torch.Tensor  # (B,) the rows, group by group
+    starts: torch.Tensor  # (groups + 1,) where each group starts in order; starts[-1] = B
+    plen: torch.Tensor  # (groups,) shared positions of each group
+
+    @staticmethod
+    def build(keys: list, plens: list[int]) -> PrefixGroups:
+        """From each row's group key (rows with equal keys share) and its shared length.
+
+        Example: keys ['a', 'b', 'a'], plens [40, 7, 40] -> order [0, 2, 1], starts [0, 2, 3],
+        plen [40, 7].
+        """
+        members: dict = {}
+        for b, key in enumerate(keys):
+            members.setdefault(key, []).append(b)
+        order = [b for rows in members.values() for b in rows]
+        starts = [0]
+        for rows in members.values():
+            starts.append(starts[-1] + len(rows))
+        plen = [plens[rows[0]] for rows in members.values()]
+        return PrefixGroups(torch.tensor(order), torch.tensor(starts), torch.tensor(plen))
+
+    @staticmethod
+    def none(rows: int) -> PrefixGroups:
+        """Every row alone: nothing shared (what the kernel did before prefix sharing)."""
+        return PrefixGroups(torch.arange(rows), torch.arange(rows + 1), torch.zeros(rows, dtype=torch.long))
+
+
 def decode_attention(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, n_valid: torch.Tensor, scale: float
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    n_valid: torch.Tensor,
+    scale: float,
+    groups: PrefixGroups | None = None,
 ) -> torch.Tensor | None:
     """Attention of one query per head over each row's first ``n_valid[b]`` cached positions.
 
     q (B, H, 1, D) bf16 (last dim contiguous), k_cache/v_cache (S, Hkv, L, D) bf16 contiguous with
-    S >= B, n_valid (B,) int64. Returns (B, H, 1, D) bf16 — the values of
-    ``F.scaled_dot_product_attention(q, K, V, mask, scale=scale, enable_gqa=True)`` with keys at
-    offsets ``>= n_valid[b]`` masked — or None when the kernel is not available (see ``ready``;
-    the caller then runs SDPA). Never raises because of the kernel's build.
+    S >= B, n_valid (B,) int64; ``groups``: rows whose slots hold the same first positions, read
+    once per group (None: nothing shared; the result is bitwise the same either way). Returns
+    (B, H, 1, D) bf16 — the values of ``F.scaled_dot_product_attention(q, K, V, mask, scale=scale,
+    enable_gqa=True)`` with keys at offsets ``>= n_valid[b]`` masked — or None when the kernel is
+    not available (see ``ready``; the caller then runs SDPA). Never raises because of the kernel's build.
     """
     if q.dtype != torch.bfloat16 or not ready(k_cache, q.shape[1]):
         return None
-    return _module.decode_attention(q, k_cache, v_cache, n_valid, scale)
+    g = groups if groups is not None else PrefixGroups.none(q.shape[0])
+    return _module.decode_attention(q, k_cache, v_cache, n_valid, scale, *g)
 
 
 # The rest of a fused decode step (runner._decode_fused); callers check ``ready`` first.
@@ -619,11 +769,14 @@ def rope_cache_attention(
     v_cache: torch.Tensor,
     n_heads: int,
     scale: float,
+    groups: PrefixGroups | None = None,
 ) -> torch.Tensor:
     """RoPE on q and k, the new key/value written into the caches at ``pos``, then the attention
     above over ``pos + 1`` positions. qkv (B, (H + 2·Hkv)·D) bf16: the fused projection's output;
-    cos/sin_signed (L', D) bf16 (``Runner.rope_tables``); pos (B,) int64. Returns (B, H·D) bf16."""
-    return _module.rope_cache_attention(qkv, cos, sin_signed, pos, k_cache, v_cache, n_heads, scale)
+    cos/sin_signed (L', D) bf16 (``Runner.rope_tables``); pos (B,) int64; ``groups`` as in
+    ``decode_attention``. Returns (B, H·D) bf16."""
+    g = groups if groups is not None else PrefixGroups.none(qkv.shape[0])
+    return _module.rope_cache_attention(qkv, cos, sin_signed, pos, k_cache, v_cache, n_heads, scale, *g)
 
 
 def add_rms_norm(h: torch.Tensor, r: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

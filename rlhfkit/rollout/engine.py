@@ -14,7 +14,10 @@ How a call runs (one loop, no HF ``generate``):
     prefill logits. Admitted rows are ordered by prompt length so decode attention can work on
     row chunks of similar lengths;
  3. one decode step runs all live rows at once over the preallocated KV cache (``runner.py``),
-    then each row samples its next token (``sampling.py``) and checks its stops;
+    then each row samples its next token (``sampling.py``) and checks its stops. The samples of a
+    prompt admitted together form a group: their rows hold identical copies of the prompt's keys
+    and values, which the C++ decode kernel reads once per group (``attention_cpu.PrefixGroups``);
+    groups follow rows through compaction and refills (a refilled row starts a new group);
  4. a finished row leaves the batch: it is refilled from the queue (continuous batching), or when
     the queue is empty the last live row moves into its place so the batch shrinks.
 Positions are per row (each sequence starts at offset 0 of its row), so prompts of any lengths
@@ -31,6 +34,7 @@ import torch
 
 from rlhfkit.errors import UserError
 from rlhfkit.models.loading import resolve_precision
+from rlhfkit.rollout.attention_cpu import PrefixGroups
 from rlhfkit.rollout.runner import KVCache, Runner
 from rlhfkit.rollout.sampling import SamplingParams, sample_next, sampling_workspace
 from rlhfkit.rollout.text import IncrementalText, find_stop, held_back
@@ -84,6 +88,7 @@ class _Seq:
     detok: IncrementalText | None = None
     streamed: int = 0  # characters of detok.text already streamed
     done: Completion | None = None
+    group: int = -1  # samples of one prompt admitted together (one prefill): same prompt keys/values
 
 
 class Engine:
@@ -246,6 +251,8 @@ class Engine:
         work = None if all(sp.greedy for sp in params) else sampling_workspace(S, run.vocab_size, dev)
         rows: list[_Seq] = []  # live rows, row i <-> cache slot i
         pending: list[int] = []  # per row: the sampled token not yet in the cache
+        groups: PrefixGroups | None = None  # rows sharing a prompt prefix, rebuilt when rows change
+        n_groups = 0  # prefill groups made so far (_Seq.group)
 
         while queue or rows:
             events: list[StreamEvent] = []
@@ -263,11 +270,13 @@ class Engine:
                     sp = params[r]
                     stop_ids = self.eos_ids if sp.stop_token_ids is None else frozenset(sp.stop_token_ids)
                     stop_ids = frozenset() if sp.ignore_eos else stop_ids
-                    seq = _Seq(r, s, sp, stop_ids, ids[r])
+                    seq = _Seq(r, s, sp, stop_ids, ids[r], group=n_groups + r)
                     if sp.stop or text_events:
                         seq.detok = IncrementalText(self.tokenizer)
                     new.append(seq)
                 if new:
+                    n_groups += len(ids)  # group ids of the next admission never meet these
+                    groups = None
                     # rows sorted by prompt length (samples of a prompt stay together): decode
                     # attention then works on row chunks of similar lengths (runner.attention_chunks)
                     new.sort(key=lambda q: len(q.prompt))
@@ -276,13 +285,17 @@ class Engine:
                     pending.extend([0] * len(new))
                     self._sample(logits, rows, pending, len(rows) - len(new), gen, filtering, work, events, text_events)
                     self._compact(cache, rows, pending)
-                # 3. one decode step for all live rows
+                # 3. one decode step for all live rows; the samples of a prompt admitted together
+                # hold identical copies of its keys/values, which the kernel reads once per group
                 if rows:
+                    if groups is None:
+                        groups = PrefixGroups.build([q.group for q in rows], [len(q.prompt) for q in rows])
                     tok = torch.tensor(pending, dtype=torch.long, device=dev)  # (B,)
-                    logits = run.decode(cache, tok, rope)  # (B, V)
+                    logits = run.decode(cache, tok, rope, groups)  # (B, V)
                     self._sample(logits, rows, pending, 0, gen, filtering, work, events, text_events)
                     # 4. finished rows leave; the last live rows move into the holes
-                    self._compact(cache, rows, pending)
+                    if self._compact(cache, rows, pending):
+                        groups = None
             yield events
 
     def _cache_for(self, slots: int, max_len: int) -> KVCache:
@@ -381,9 +394,11 @@ class Engine:
         return StreamEvent(q.req, q.sample, [t], delta)
 
     @staticmethod
-    def _compact(cache: KVCache, rows: list[_Seq], pending: list[int]) -> None:
-        """Remove finished rows, moving the last live rows into their holes (rows stay packed)."""
+    def _compact(cache: KVCache, rows: list[_Seq], pending: list[int]) -> bool:
+        """Remove finished rows, moving the last live rows into their holes (rows stay packed).
+        Returns whether any row left."""
         src, dst = [], []
+        before = len(rows)
         i = 0
         while i < len(rows):
             if rows[i].done is None:
@@ -404,6 +419,7 @@ class Engine:
             dev = cache.lens.device
             src_t, dst_t = torch.tensor(src, device=dev), torch.tensor(dst, device=dev)
             cache.move_rows(src_t, dst_t, int(cache.lens[src_t].max()))
+        return len(rows) != before
 
 
 __all__ = ["Completion", "Engine", "SamplingParams", "StreamEvent"]
