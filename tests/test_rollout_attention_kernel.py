@@ -170,3 +170,46 @@ def test_sampling_pass_matches_pytorch(monkeypatch):
     tok_t, lp_t = run()
     assert torch.equal(tok_c, tok_t)
     assert (lp_c - lp_t).abs().max() < 1e-4
+
+
+def _fp32_fma_sum_of_squares(row: list[float]) -> float:
+    """ss = fma(x, x, ss) over the row in order, in fp32 with one rounding per step (exact rationals)."""
+    import numpy as np
+    from fractions import Fraction
+
+    def round_f32(exact: Fraction) -> np.float32:
+        x = np.float32(float(exact))  # within one fp32 step of the exact value: pick the nearest (ties to even)
+        cands = [x, np.nextafter(x, np.float32(np.inf)), np.nextafter(x, np.float32(-np.inf))]
+        best = min(cands, key=lambda c: (abs(Fraction(float(c)) - exact), int(c.view(np.uint32)) & 1))
+        return best
+
+    ss = np.float32(0)
+    for x in row:
+        ss = round_f32(Fraction(float(ss)) + Fraction(x) * Fraction(x))
+    return float(ss)
+
+
+def test_add_rms_norm_bitwise_as_the_scalar_loop():
+    """The vectorised add + RMSNorm (16 rows in the lanes of one vector) rounds exactly as the
+    scalar loop it replaced: bf16 add, then one fp32 fused multiply-add per element in column order
+    for the sum of squares, then HF's two bf16 roundings. Rows in full and partial 16-row blocks,
+    and columns in and past the 16-wide vector part (d = 40)."""
+    _kernel_or_skip()
+    g = torch.Generator().manual_seed(3)
+    N, d, eps = 19, 40, 1e-5
+    h = (torch.randn(N, d, generator=g) * torch.logspace(-2, 2, d)).bfloat16()
+    r = torch.randn(N, d, generator=g).bfloat16()
+    w = (1 + 0.3 * torch.randn(d, generator=g)).bfloat16()
+    hh = h.clone()
+    x = attention_cpu.add_rms_norm(hh, r, w, eps)
+    expect_h = (h.float() + r.float()).bfloat16()
+    assert torch.equal(hh, expect_h)
+    f = expect_h.float()
+    for i in range(N):
+        ss = torch.tensor(_fp32_fma_sum_of_squares(f[i].tolist()), dtype=torch.float32)
+        inv = 1.0 / torch.sqrt(ss / d + torch.tensor(eps, dtype=torch.float32))
+        expect_x = (w.float() * (f[i] * inv).bfloat16().float()).bfloat16()
+        assert torch.equal(x[i], expect_x), i
+    # each row's result is independent of its place in the 16-row blocks
+    alone = torch.cat([attention_cpu.add_rms_norm(h[i : i + 1].clone(), r[i : i + 1], w, eps) for i in range(N)])
+    assert torch.equal(alone, x)
