@@ -145,10 +145,10 @@ def compile_blocks(model: torch.nn.Module, cfg: TrainConfig, device, say=print) 
     from rlhfkit.models.loading import cache_dir
 
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir() / "torchinductor"))
-    import torch._dynamo
+    from torch import _dynamo  # not `import torch._dynamo`: that would make `torch` local to this function
 
-    torch._dynamo.config.suppress_errors = True  # a block that fails to compile runs eagerly
-    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 16)
+    _dynamo.config.suppress_errors = True  # a block that fails to compile runs eagerly
+    _dynamo.config.cache_size_limit = max(_dynamo.config.cache_size_limit, 16)
     for b in blocks:
         b.compile(dynamic=True)
     return True
