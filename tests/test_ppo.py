@@ -106,7 +106,7 @@ def test_ppo_exact_resume(sharp_path, tiny_path, tmp_path):
 
 def _rollout(loaded, n_prompts: int = 4, new: int = 8, temperature: float = 1.0, seed: int = 0):
     from rlhfkit.data.tokenize import encode_prompt
-    from rlhfkit.recipes.ppo import cut_responses, make_batch
+    from rlhfkit.recipes.ppo_models import cut_responses, make_batch
     from rlhfkit.rollout import Engine, SamplingParams
     from rlhfkit.tasks import load_task
 
@@ -123,7 +123,7 @@ def test_logprob_recomputation_matches_engine_with_temperature(sharp_path):
     from contextlib import nullcontext
 
     from rlhfkit.models.loading import load_causal_lm
-    from rlhfkit.recipes.ppo import Critic, rollout_forwards
+    from rlhfkit.recipes.ppo_models import Critic, rollout_forwards
 
     loaded = load_causal_lm(sharp_path)
     critic = Critic("policy_head", head=torch.nn.Linear(loaded.model.config.hidden_size, 1, bias=False))
@@ -144,7 +144,7 @@ def test_bf16_reference_keeps_kl_zero_at_step_0(sharp_path):
     the policy's log-probs under bf16 autocast: KL exactly 0 at step 0, entropy as before."""
     from rlhfkit.algos.ppo import entropy_from_logits, logprobs_from_logits
     from rlhfkit.models.loading import load_causal_lm
-    from rlhfkit.recipes.ppo import Critic, bf16_matmul_weights, logprobs_and_entropy, rollout_forwards
+    from rlhfkit.recipes.ppo_models import Critic, bf16_matmul_weights, logprobs_and_entropy, rollout_forwards
 
     policy = load_causal_lm(sharp_path)
     ref = load_causal_lm(sharp_path).model.requires_grad_(False)
@@ -174,7 +174,7 @@ def test_lora_reference_is_the_base_model(tiny_path):
 
     from rlhfkit.models.loading import load_causal_lm
     from rlhfkit.recipes.common import apply_lora
-    from rlhfkit.recipes.ppo import Critic, rollout_forwards
+    from rlhfkit.recipes.ppo_models import Critic, rollout_forwards
 
     base = load_causal_lm(tiny_path)
     comps, batch = _rollout(base)
@@ -195,7 +195,7 @@ def test_lora_reference_is_the_base_model(tiny_path):
 
 def test_cut_responses_eos_and_padding():
     """Cut after the first EOS; a 'length' sample shorter than the batch is not 'ended' even when pad == EOS."""
-    from rlhfkit.recipes.ppo import cut_responses
+    from rlhfkit.recipes.ppo_models import cut_responses
     from rlhfkit.rollout.engine import Completion
 
     EOS = PAD = 2
@@ -246,7 +246,7 @@ def test_critic_values_are_on_the_reward_scale(tiny_path, tmp_path):
 
     from rlhfkit.models.heads import load_reward_model
     from rlhfkit.models.loading import load_causal_lm
-    from rlhfkit.recipes.ppo import Critic, rm_scores
+    from rlhfkit.recipes.ppo_models import Critic, rm_scores
 
     rm, tok = load_reward_model(tiny_path)
     rm.seq_model.config.reward_offset = 1.25

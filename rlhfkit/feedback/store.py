@@ -5,10 +5,9 @@
     task = store.next_task(user_id)                            # what a labeler sees next
     store.add_ranking(user_id, task.id, ranks, key="uuid…")   # idempotent by key
 
-Tables: users (invite token or argon2 password hash, role), sessions, api_keys (hashed),
-model_versions, tasks (a prompt and K answers, the model of each answer kept for analysis but never
-shown), rankings (one per labeler and task; ``idempotency_key`` unique), skips, flags,
-demonstrations, battles (arena: two anonymous versions, one vote).
+Tables (``schema.py``): users, sessions, api_keys, model_versions, tasks (a prompt and K answers),
+rankings (one per labeler and task; ``idempotency_key`` unique), skips, flags, demonstrations,
+battles (arena).
 
 Concurrency. SQLite (the default, a file in the run directory) runs in WAL mode with a 30 s
 busy timeout and every transaction starts with ``BEGIN IMMEDIATE``: a writer takes the write lock
@@ -20,136 +19,26 @@ PostgreSQL needs none of that; the same code runs on it.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, TypeVar
 
-from sqlalchemy import (JSON, Boolean, DateTime, Float, ForeignKey, Integer, String, Text, UniqueConstraint,
-                        create_engine, event, func, select)
+from sqlalchemy import create_engine, event, func, select
 from sqlalchemy.exc import IntegrityError, OperationalError
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+from sqlalchemy.orm import Session, sessionmaker
 
 from rlhfkit.errors import UserError
+from rlhfkit.feedback.schema import (ApiKey, Base, Battle, DemonstrationRow, Flag, ModelVersion, RankingRow, SessionRow,
+                                     Skip, Task, User, utc_now, token_hash)
 
 T = TypeVar("T")
 FLAG_KINDS = ("harmful", "untruthful", "off-topic")
 OUTCOMES = ("a", "b", "tie", "both_bad")
-
-
-def _now() -> datetime:
-    return datetime.now(timezone.utc)
-
-
-def token_hash(token: str) -> str:
-    """Session tokens, invite tokens and API keys are stored as SHA-256 hashes, never in clear."""
-    return hashlib.sha256(token.encode()).hexdigest()
-
-
-class Base(DeclarativeBase):
-    pass
-
-
-class User(Base):
-    __tablename__ = "users"
-    id: Mapped[int] = mapped_column(primary_key=True)
-    name: Mapped[str] = mapped_column(String(80), unique=True)
-    role: Mapped[str] = mapped_column(String(16), default="labeler")  # labeler | admin
-    password_hash: Mapped[str | None] = mapped_column(String(200), nullable=True)
-    invite_hash: Mapped[str | None] = mapped_column(String(64), unique=True, nullable=True)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
-
-
-class SessionRow(Base):
-    __tablename__ = "sessions"
-    token_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
-    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"))
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
-
-
-class ApiKey(Base):
-    __tablename__ = "api_keys"
-    key_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
-    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"))
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
-
-
-class ModelVersion(Base):
-    __tablename__ = "model_versions"
-    name: Mapped[str] = mapped_column(String(120), primary_key=True)
-    path: Mapped[str] = mapped_column(Text)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
-
-
-class Task(Base):
-    __tablename__ = "tasks"
-    __table_args__ = (UniqueConstraint("batch", "external_id"),)
-    id: Mapped[int] = mapped_column(primary_key=True)
-    batch: Mapped[str] = mapped_column(String(120), index=True)
-    external_id: Mapped[str] = mapped_column(String(120))  # e.g. the prompt id: publishing twice adds nothing
-    messages: Mapped[list] = mapped_column(JSON)
-    responses: Mapped[list] = mapped_column(JSON)  # list[str]
-    models: Mapped[list] = mapped_column(JSON)  # the version that wrote each response (never shown)
-    meta: Mapped[dict] = mapped_column(JSON, default=dict)
-    labels_per_task: Mapped[int] = mapped_column(Integer, default=1)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
-
-
-class RankingRow(Base):
-    __tablename__ = "rankings"
-    __table_args__ = (UniqueConstraint("task_id", "user_id"),)
-    id: Mapped[int] = mapped_column(primary_key=True)
-    task_id: Mapped[int] = mapped_column(ForeignKey("tasks.id"), index=True)
-    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
-    ranks: Mapped[list] = mapped_column(JSON)  # ranks[i] of tasks.responses[i]; 0 = best, equal = tie
-    idempotency_key: Mapped[str] = mapped_column(String(80), unique=True)
-    seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
-
-
-class Skip(Base):
-    __tablename__ = "skips"
-    task_id: Mapped[int] = mapped_column(ForeignKey("tasks.id"), primary_key=True)
-    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), primary_key=True)
-
-
-class Flag(Base):
-    __tablename__ = "flags"
-    id: Mapped[int] = mapped_column(primary_key=True)
-    task_id: Mapped[int] = mapped_column(ForeignKey("tasks.id"), index=True)
-    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"))
-    response: Mapped[int] = mapped_column(Integer)
-    kind: Mapped[str] = mapped_column(String(16))
-
-
-class DemonstrationRow(Base):
-    __tablename__ = "demonstrations"
-    id: Mapped[int] = mapped_column(primary_key=True)
-    task_id: Mapped[int | None] = mapped_column(ForeignKey("tasks.id"), nullable=True)
-    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"))
-    messages: Mapped[list] = mapped_column(JSON)
-    response: Mapped[str] = mapped_column(Text)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
-
-
-class Battle(Base):
-    __tablename__ = "battles"
-    id: Mapped[int] = mapped_column(primary_key=True)
-    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"))
-    prompt: Mapped[str] = mapped_column(Text)
-    model_a: Mapped[str] = mapped_column(String(120))
-    model_b: Mapped[str] = mapped_column(String(120))
-    answer_a: Mapped[str] = mapped_column(Text)
-    answer_b: Mapped[str] = mapped_column(Text)
-    outcome: Mapped[str | None] = mapped_column(String(16), nullable=True)  # a | b | tie | both_bad
-    voted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
-    revealed: Mapped[bool] = mapped_column(Boolean, default=False)
 
 
 # ---------------------------------------------------------------- plain results
@@ -610,7 +499,7 @@ class Store:
             if b.outcome is not None and b.outcome != outcome:
                 raise UserError(f"battle {battle_id} already has a vote ({b.outcome})")
             if b.outcome is None:
-                b.outcome, b.voted_at, b.revealed = outcome, _now(), True
+                b.outcome, b.voted_at, b.revealed = outcome, utc_now(), True
             return b
 
         return self.tx(v)
