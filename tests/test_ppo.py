@@ -70,8 +70,10 @@ def test_ppo_smoke_reward_rises_kl_bounded(sharp_path, tiny_path, tmp_path):
     assert kls[0] == pytest.approx(0.0, abs=1e-5)  # the policy starts as the reference
     assert all(abs(k) < 10 for k in kls), kls
     for key in ("score", "kl", "kl_k3", "entropy", "clipfrac", "approx_kl", "value_loss", "explained_variance",
-                "response_length", "beta", "time_generate", "time_score", "time_forward", "time_train", "gold_score"):
+                "response_length", "beta", "time_generate", "time_score", "time_forward", "time_train", "gold_score",
+                "rss_mb", "peak_rss_mb"):
         assert key in rows[-1] and rows[-1][key] is not None and math.isfinite(rows[-1][key]), key
+    assert 0 < rows[-1]["rss_mb"] <= rows[-1]["peak_rss_mb"]
     # the policy is a plain HF directory; the critic a sequence-classification one
     model = AutoModelForCausalLM.from_pretrained(out / "model")
     assert model.config.vocab_size > 0
@@ -93,7 +95,7 @@ def test_ppo_exact_resume(sharp_path, tiny_path, tmp_path):
     a, b = read_metrics(straight), read_metrics(crashed)
     assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3, 4]
     assert len({r["beta"] for r in a}) > 1  # the adaptive controller moved (so its state was restored)
-    skip = {"time", "time_generate", "time_score", "time_forward", "time_train", "time_iteration"}
+    skip = {"time", "time_generate", "time_score", "time_forward", "time_train", "time_iteration", "rss_mb", "peak_rss_mb"}
     for ra, rb in zip(a, b):
         for k in ra:
             if k not in skip and ra[k] is not None:

@@ -35,6 +35,7 @@ from rlhfkit.errors import UserError
 from rlhfkit.feedback import rubric
 from rlhfkit.feedback.labelers import GoldLabeler, SimulatedLabeler, SimulatedLabelerConfig
 from rlhfkit.models.loading import load_causal_lm
+from rlhfkit.recipes.common import release_memory
 from rlhfkit.rollout.engine import Engine
 from rlhfkit.rollout.sampling import SamplingParams
 from rlhfkit.tasks import load_task
@@ -63,6 +64,8 @@ def sample_answers(model_spec: str, prompts: list[Prompt], k: int, cfg: Pipeline
     with torch.no_grad():
         outs = engine.generate(ids, params, n=k, progress=True)
     seconds = time.perf_counter() - t0
+    del engine, loaded
+    release_memory()
     new_tokens = sum(len(c.token_ids) for c in outs)
     say(f"sampled {len(outs)} answers from {model_spec} in {seconds:.0f} s ({new_tokens / seconds:.0f} new tokens/s)")
     rows = []
@@ -161,6 +164,7 @@ def run_pipeline(cfg: PipelineConfig, say=print) -> dict:
         train_sft(SFTConfig(model=cfg.model, data=str(out / "round0" / "demos.jsonl"), out=str(sft), epochs=cfg.sft_epochs,
                             lr=cfg.sft_lr, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, precision=cfg.precision, max_length=cfg.max_length,
                             eval_fraction=0.1, seed=cfg.seed, warmup_steps=2), say=say)
+        release_memory()  # the stages share this process: each starts from what the last one freed
     timings["sft"] = time.perf_counter() - t
     versions = {"base": cfg.model, "sft": str(sft / "model")}
 
@@ -184,6 +188,7 @@ def run_pipeline(cfg: PipelineConfig, say=print) -> dict:
                                             epochs=cfg.rm_epochs, lr=cfg.rm_lr, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum,
                                             precision=cfg.precision, max_length=cfg.max_length, eval_fraction=0.15,
                                             seed=cfg.seed, warmup_steps=2), say=say)
+            release_memory()
         evals = [m for m in _metrics(rdir / "rm") if "eval_accuracy" in m]
         rm_accuracy.append({"round": r, "rankings": len(all_rankings),
                             "before": evals[0]["eval_accuracy"] if evals else None,
@@ -200,6 +205,7 @@ def run_pipeline(cfg: PipelineConfig, say=print) -> dict:
                                 max_steps=cfg.ppo_iterations, batch_size=cfg.ppo_batch_size, lr=cfg.ppo_lr, critic=cfg.ppo_critic,
                                 kl_coef=cfg.kl_coef, temperature=cfg.ppo_temperature, max_new_tokens=cfg.max_new_tokens,
                                 precision=cfg.precision, seed=cfg.seed + r), say=say)
+            release_memory()
         policy = str(rdir / "ppo" / "model")
         versions[f"ppo{r}"] = policy
         timings[f"round{r}_ppo"] = time.perf_counter() - t

@@ -49,7 +49,8 @@ from rlhfkit.errors import UserError
 from rlhfkit.models.heads import load_reward_model
 from rlhfkit.models.loading import load_causal_lm, resolve_precision
 from rlhfkit.recipes.common import (compile_blocks, MetricsLog, apply_lora, batch_plan, load_checkpoint, make_accelerator,
-                                    make_optimizer, merged, prepare_out, progress, save_checkpoint, training_attention)
+                                    make_optimizer, merged, prepare_out, progress, release_memory, rss_mb, save_checkpoint,
+                                    training_attention)
 from rlhfkit.recipes.ppo_models import (Critic, _Checkpoint, _unwrap, bf16_matmul_weights, cut_responses, make_batch,
                                         policy_hidden, response_logits, rm_scores, rollout_forwards)
 from rlhfkit.rollout import Engine, SamplingParams
@@ -353,6 +354,8 @@ def train_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None, interrupt_after
             "time_generate": t_generate, "time_score": t_score, "time_forward": t_forward, "time_train": t_train,
             "time_iteration": t_generate + t_score + t_forward + t_train,
         }
+        release_memory()  # this iteration's rollout and activations, before the next one's
+        last["rss_mb"], last["peak_rss_mb"] = rss_mb()
         # per-step means (token-weighted over micro-batches, then averaged over the optimizer steps)
         last |= {name: sum(v) / n_steps if name not in ("ptx_loss", "grad_norm") else sum(v) / len(v)
                  for name, v in stats.items()}
