@@ -12,14 +12,16 @@ Acceptance: every metric within 0.5 points. Results go to
 Steps (each resumable; the lm-eval outputs are cached in --work)::
 
     python -m venv benchmarks/.venvs/lm-eval
-    benchmarks/.venvs/lm-eval/bin/pip install torch==2.13.0 lm-eval==0.4.13
+    benchmarks/.venvs/lm-eval/bin/pip install torch==2.13.0 "lm-eval[hf]==0.4.13" transformers==5.24.0
     .venv/bin/python benchmarks/lm_eval_crosscheck.py prepare   # task YAMLs + converted data
-    .venv/bin/python benchmarks/lm_eval_crosscheck.py lm-eval   # minutes to an hour on a laptop CPU
+    .venv/bin/python benchmarks/lm_eval_crosscheck.py lm-eval   # ~1.5 h on one busy CPU core
     .venv/bin/python benchmarks/lm_eval_crosscheck.py ours
     .venv/bin/python benchmarks/lm_eval_crosscheck.py compare
     # or all of them: .venv/bin/python benchmarks/lm_eval_crosscheck.py all
 
 ``--limit N`` evaluates the first N documents of each task in both (a quick check).
+To redo TruthfulQA only, run ``lm-eval-tqa`` and ``ours --skip-crows``: ``compare`` then keeps the
+CrowS-Pairs rows of the committed results JSON (dated by the run that measured them).
 Both sides run in fp32 with right padding, so they agree to float noise; in bf16 near-ties can
 flip and the numbers drift by a few tenths of a point.
 """
@@ -31,9 +33,11 @@ import csv
 import glob
 import json
 import os
+import resource
 import subprocess
 import sys
 import time
+from datetime import date
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,6 +49,7 @@ WORK = ROOT / "benchmarks" / ".venvs" / "lm-eval-work"  # git-ignored
 
 TASKS_TQA = ["rlhfkit_truthfulqa_mc1", "rlhfkit_truthfulqa_mc2"]
 TASKS_CROWS = ["rlhfkit_crows_pairs_english"]
+UNDATED_RUN = "2026-11-22"  # the run behind result rows written before rows carried a "measured" date
 
 
 def harness_task_dir() -> Path:
@@ -117,9 +122,11 @@ def run_lm_eval(work: Path, tasks: list[str], tag: str, limit: int | None, batch
         cmd += ["--limit", str(limit)]
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     print("+", " ".join(cmd), flush=True)
-    t0 = time.time()
+    t0, r0 = time.time(), resource.getrusage(resource.RUSAGE_CHILDREN)
     subprocess.run(cmd, check=True, env=env)
+    r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     (out / "wall_seconds.txt").write_text(f"{time.time() - t0:.1f}\n")
+    (out / "cpu_seconds.txt").write_text(f"{r1.ru_utime + r1.ru_stime - r0.ru_utime - r0.ru_stime:.1f}\n")
     return out
 
 
@@ -143,17 +150,23 @@ def run_ours(work: Path, crows_limit: int | None, tqa_limit: int | None, batch_s
     loaded = load_causal_lm(model_dir(), dtype=torch.float32)
     scorer = LoglikScorer(loaded.model, loaded.tokenizer, batch_size=batch_size)
     out: dict = {}
-    t0 = time.time()
-    if skip_crows:  # keep the CrowS-Pairs result of an earlier run
-        out["crows_pairs"] = json.loads((work / "ours.json").read_text())["crows_pairs"]
+    t0, c0 = time.time(), time.process_time()
+    if skip_crows:  # keep an earlier run's CrowS-Pairs result in --work; without one, compare keeps the committed rows
+        prev = json.loads((work / "ours.json").read_text()) if (work / "ours.json").exists() else {}
+        if "crows_pairs" in prev:
+            out["crows_pairs"] = prev["crows_pairs"]
     else:
         crows = load_crows_pairs(DATA / "crows-pairs" / "crows_pairs_anonymized.csv")[:crows_limit]
         out["crows_pairs"] = crows_pairs_eval(scorer, crows)
         out["crows_pairs"]["wall_seconds"] = round(time.time() - t0, 1)
-    t0 = time.time()
+        out["crows_pairs"]["cpu_seconds"] = round(time.process_time() - c0, 1)
+        out["crows_pairs"]["threads"] = torch.get_num_threads()
+    t0, c0 = time.time(), time.process_time()
     tqa = load_truthfulqa_mc(DATA / "truthfulqa" / "mc_task.json")[:tqa_limit]
     out["truthfulqa_mc"] = truthfulqa_mc_eval(scorer, tqa)
     out["truthfulqa_mc"]["wall_seconds"] = round(time.time() - t0, 1)
+    out["truthfulqa_mc"]["cpu_seconds"] = round(time.process_time() - c0, 1)
+    out["truthfulqa_mc"]["threads"] = torch.get_num_threads()
     tmp = work / "ours.json.tmp"
     tmp.write_text(json.dumps(out, indent=1))
     tmp.replace(work / "ours.json")
@@ -181,16 +194,25 @@ def compare(work: Path) -> dict:
 
     ours = json.loads((work / "ours.json").read_text())
     table, ll_gaps = [], {}
-    # CrowS-Pairs
+    ran = date.fromtimestamp((work / "ours.json").stat().st_mtime).isoformat()  # date of our run
+    # CrowS-Pairs: measured when both sides have it in --work, else the committed rows are kept
     s = lm_eval_samples(work, "crows", "rlhfkit_crows_pairs_english")
-    n = min(len(s), ours["crows_pairs"]["n"])
-    theirs = np.array([[float(x[0]) for x in r["filtered_resps"]] for r in s[:n]])  # (n, 2)
-    mine = np.stack([ours["crows_pairs"]["per_pair"]["ll_more"][:n], ours["crows_pairs"]["per_pair"]["ll_less"][:n]], 1)
-    ll_gaps["crows_pairs"] = float(np.abs(theirs - mine).max())
-    table.append(("CrowS-Pairs English pct_stereotype", n, float((mine[:, 0] > mine[:, 1]).mean()),
-                  float(np.mean([r["pct_stereotype"] for r in s[:n]])), True))
-    table.append(("CrowS-Pairs English likelihood_diff", n, float(np.abs(mine[:, 0] - mine[:, 1]).mean()),
-                  float(np.mean([r["likelihood_diff"] for r in s[:n]])), False))
+    kept = None
+    if s and "crows_pairs" in ours:
+        n = min(len(s), ours["crows_pairs"]["n"])
+        theirs = np.array([[float(x[0]) for x in r["filtered_resps"]] for r in s[:n]])  # (n, 2)
+        mine = np.stack([ours["crows_pairs"]["per_pair"]["ll_more"][:n], ours["crows_pairs"]["per_pair"]["ll_less"][:n]], 1)
+        ll_gaps["crows_pairs"] = float(np.abs(theirs - mine).max())
+        table.append(("CrowS-Pairs English pct_stereotype", n, float((mine[:, 0] > mine[:, 1]).mean()),
+                      float(np.mean([r["pct_stereotype"] for r in s[:n]])), True))
+        table.append(("CrowS-Pairs English likelihood_diff", n, float(np.abs(mine[:, 0] - mine[:, 1]).mean()),
+                      float(np.mean([r["likelihood_diff"] for r in s[:n]])), False))
+    else:
+        kept = json.loads((RESULTS / "lm_eval_crosscheck.json").read_text())
+        kept["rows"] = [dict(r, measured=r.get("measured", UNDATED_RUN)) for r in kept["rows"] if r["metric"].startswith("CrowS")]
+        if not kept["rows"]:
+            raise SystemExit("no CrowS-Pairs rows in --work nor in the committed results: run the CrowS steps")
+        ll_gaps["crows_pairs"] = kept["max_abs_loglik_gap_per_request"]["crows_pairs"]
     # TruthfulQA
     pq = ours["truthfulqa_mc"]["per_question"]
     for key in ("mc1", "mc2"):
@@ -201,11 +223,13 @@ def compare(work: Path) -> dict:
         ll_gaps[f"truthfulqa_{key}"] = float(max(gaps))
         table.append((f"TruthfulQA {key.upper()} acc", n, float(np.mean(pq[key][:n])),
                       float(np.mean([r["acc"] for r in s[:n]])), True))
-    rows = []
+    rows = kept["rows"] if kept else []
     for name, n, mine_v, theirs_v, pct in table:
         d = (mine_v - theirs_v) * (100 if pct else 1)
         rows.append({"metric": name, "n_docs": n, "rlhfkit": mine_v, "lm_eval": theirs_v,
-                     "diff_points" if pct else "diff": d, "within_0.5_points": abs(d) <= 0.5 if pct else None})
+                     "diff_points" if pct else "diff": d, "within_0.5_points": abs(d) <= 0.5 if pct else None,
+                     "measured": ran})
+    crows_date = rows[0]["measured"]
     result = {
         "model": "SmolLM2-135M-Instruct (embedded GGUF Q4_1, de-quantised to fp32)",
         "dtype": "float32",
@@ -217,10 +241,15 @@ def compare(work: Path) -> dict:
         "rows": rows,
         "all_within_0.5_points": all(r["within_0.5_points"] for r in rows if r["within_0.5_points"] is not None),
         "max_abs_loglik_gap_per_request": ll_gaps,
-        "rlhfkit_wall_seconds": {k: ours[k].get("wall_seconds") for k in ("truthfulqa_mc", "crows_pairs")},
-        "lm_eval_wall_seconds": {t: _wall(work, t) for t in ("tqa", "crows")},
-        "crows_pairs_by_bias_type_rlhfkit": ours["crows_pairs"]["by_bias_type"],
     }
+    for kind in ("wall_seconds", "cpu_seconds", "threads"):  # CrowS-Pairs ones from the kept run (None: not recorded)
+        result[f"rlhfkit_{kind}"] = {"truthfulqa_mc": ours["truthfulqa_mc"].get(kind), "crows_pairs":
+                                     kept.get(f"rlhfkit_{kind}", {}).get("crows_pairs") if kept else ours["crows_pairs"].get(kind)}
+        if kind != "threads":
+            result[f"lm_eval_{kind}"] = {"tqa": _seconds(work, "tqa", kind), "crows":
+                                         kept.get(f"lm_eval_{kind}", {}).get("crows") if kept else _seconds(work, "crows", kind)}
+    result["crows_pairs_by_bias_type_rlhfkit"] = (kept["crows_pairs_by_bias_type_rlhfkit"] if kept
+                                                  else ours["crows_pairs"]["by_bias_type"])
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "lm_eval_crosscheck.json").write_text(json.dumps(result, indent=1) + "\n")
     md = [
@@ -230,15 +259,16 @@ def compare(work: Path) -> dict:
         "`truthfulqa_mc1`, `truthfulqa_mc2`, `crows_pairs_english` task definitions, pointed at the same local "
         f"data ({result['data']['truthfulqa_mc']}; {result['data']['crows_pairs']}).",
         "",
-        "| metric | documents | rlhfkit | lm-eval | difference |",
-        "|---|---:|---:|---:|---:|",
+        "| metric | documents | rlhfkit | lm-eval | difference | measured |",
+        "|---|---:|---:|---:|---:|---|",
     ]
     for r in rows:
         if r["within_0.5_points"] is None:
-            md.append(f"| {r['metric']} | {r['n_docs']} | {r['rlhfkit']:.4f} | {r['lm_eval']:.4f} | {r['diff']:+.4f} |")
+            md.append(f"| {r['metric']} | {r['n_docs']} | {r['rlhfkit']:.4f} | {r['lm_eval']:.4f} | {r['diff']:+.4f} "
+                      f"| {r['measured']} |")
         else:
             md.append(f"| {r['metric']} | {r['n_docs']} | {100 * r['rlhfkit']:.2f} | {100 * r['lm_eval']:.2f} "
-                      f"| {r['diff_points']:+.2f} pts |")
+                      f"| {r['diff_points']:+.2f} pts | {r['measured']} |")
     md += ["", f"All within 0.5 points: **{result['all_within_0.5_points']}**. "
            f"Largest per-request log-likelihood gap (nats): {ll_gaps}.", ""]
     md += [
@@ -246,16 +276,18 @@ def compare(work: Path) -> dict:
         "- The shared TruthfulQA file is the January 2025 revision with 790 questions (the hub copy that "
         "lm-eval downloads by default, `truthfulqa/truthful_qa`, has the original 817); both sides read the 790 "
         "here, converted to the hub's `{choices, labels}` schema for lm-eval.",
-        "- Documents: the first N of each task that both sides scored (`--limit` / `--tqa-limit`). On this "
-        "machine (2 CPU cores shared with several other jobs, load average ~10) lm-eval scores ~100 TruthfulQA "
-        "questions in 20 min, so the full 790 (~2.5 h) was out of reach; the per-request log-likelihoods agree "
-        "to 5e-4 nats, so more documents can only add float-noise flips of exact ties.",
+        "- Documents: those both sides scored, the first N of each task (all of them unless `--limit` / "
+        f"`--tqa-limit`). TruthfulQA rows: measured {ran}."
+        + (f" CrowS-Pairs rows: kept from the {crows_date} run (same script, same lm-eval version), not rerun "
+           "in this one." if kept else f" CrowS-Pairs rows: measured {crows_date}."),
         "- Per-request agreement: lm-eval's per-sample log-likelihoods (`--log_samples`) against ours, request "
         "by request; rlhfkit scores TruthfulQA with the few-shot context run once per question and its KV "
         "cache shared by the answers (same numbers, fewer FLOPs than lm-eval's one forward per answer).",
-        f"- Wall time (shared CPU, not comparable across rows): rlhfkit {result['rlhfkit_wall_seconds']} s "
-        f"(TruthfulQA: {ours['truthfulqa_mc']['n']} questions), lm-eval {result['lm_eval_wall_seconds']} s "
-        "(crows: not recorded).",
+        f"- Time: TruthfulQA rlhfkit {_secs(result, 'rlhfkit', 'truthfulqa_mc')}, lm-eval {_secs(result, 'lm_eval', 'tqa')}; "
+        f"CrowS-Pairs rlhfkit {_secs(result, 'rlhfkit', 'crows_pairs')}, lm-eval {_secs(result, 'lm_eval', 'crows')}. "
+        "The machine has 2 cores shared with other jobs: wall time well above CPU time means the process waited "
+        "for a core or was paused while other benchmarks ran. lm-eval's time includes loading the model; its "
+        "threads come from OMP_NUM_THREADS (which `--threads` sets).",
         "",
         "Regenerate: see `benchmarks/lm_eval_crosscheck.py` (docstring).",
         "",
@@ -265,8 +297,17 @@ def compare(work: Path) -> dict:
     return result
 
 
-def _wall(work: Path, tag: str) -> float | None:
-    p = work / f"lm_eval_{tag}" / "wall_seconds.txt"
+def _secs(result: dict, side: str, key: str) -> str:
+    wall, cpu = result[f"{side}_wall_seconds"][key], result[f"{side}_cpu_seconds"][key]
+    threads = result.get(f"{side}_threads", {}).get(key)
+    if wall is None:
+        return "not recorded"
+    extra = ([f"{cpu:.0f} s CPU"] if cpu is not None else []) + ([f"{threads} thread{'s' * (threads > 1)}"] if threads else [])
+    return f"{wall:.0f} s wall" + (f" ({', '.join(extra)})" if extra else "")
+
+
+def _seconds(work: Path, tag: str, kind: str) -> float | None:
+    p = work / f"lm_eval_{tag}" / f"{kind}.txt"
     return float(p.read_text()) if p.exists() else None
 
 
@@ -290,6 +331,7 @@ def main() -> None:
     if a.threads:
         import torch
 
+        os.environ["OMP_NUM_THREADS"] = str(a.threads)  # for the lm-eval subprocess
         torch.set_num_threads(a.threads)
     if a.step in ("prepare", "all"):
         prepare(a.work)
