@@ -9,6 +9,11 @@
 Writes benchmarks/results/reward_model.json and .md. Never asserts a time.
 
 usage: python benchmarks/reward_model.py [--trl-venv benchmarks/.venvs/trl] [--skip-quality] [--skip-speed]
+       [--precision auto|bf16|fp32]
+
+``--precision auto`` (default): bf16 where the CPU has bf16 instructions (the issue's setting), fp32
+elsewhere (on an AVX2-only CPU bf16 is emulated, slower than fp32), on both sides alike; fp32 results
+go to ``reward_model_fp32.{json,md}`` so the two machines' numbers never overwrite each other.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 
 from rlhfkit.config import RewardConfig  # noqa: E402
 from rlhfkit.data.loaders import load_records  # noqa: E402
-from rlhfkit.models.loading import embedded_model_dir  # noqa: E402
+from rlhfkit.models.loading import embedded_model_dir, resolve_precision  # noqa: E402
 from rlhfkit.recipes.reward import train_reward_model  # noqa: E402
 
 # the word list and lengths of TRL's reward_bench.py synthetic pairs (the same generator, seed 0)
@@ -49,13 +54,13 @@ def synthetic_pairs(n: int) -> list[tuple[str, str]]:
     return [(text(rng.randint(88, 100)), text(rng.randint(88, 100))) for _ in range(n)]
 
 
-def run_ours_speed(model_dir: str, work: Path, pairs: int) -> dict:
+def run_ours_speed(model_dir: str, work: Path, pairs: int, precision: str) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     data = work / "synthetic.jsonl"
     # no chat template, a 3-token prompt: the same tokens as TRL's implicit-prompt text format (+3)
     data.write_text("".join(json.dumps({"prompt": "Text:", "chosen": c, "rejected": r}) + "\n" for c, r in synthetic_pairs(pairs)))
     cfg = RewardConfig(model=model_dir, data=str(data), out=str(work / "ours_speed"), batch_size=8, epochs=1, lr=1e-5,
-                       warmup_steps=0, precision="bf16", eval_fraction=0.0, normalize=False, chat_template=False,
+                       warmup_steps=0, precision=precision, eval_fraction=0.0, normalize=False, chat_template=False,
                        max_length=1024)
     t0 = time.perf_counter()
     res = train_reward_model(cfg)
@@ -64,16 +69,16 @@ def run_ours_speed(model_dir: str, work: Path, pairs: int) -> dict:
             "first_step_seconds": res["first_step_seconds"]}
 
 
-def run_trl_speed(model_dir: str, work: Path, trl_python: str, pairs: int) -> dict:
+def run_trl_speed(model_dir: str, work: Path, trl_python: str, pairs: int, precision: str) -> dict:
     peer = work / "trl_peer"
-    shutil.copytree(SHARED / "peers" / "trl", peer)
-    env = {**os.environ, "BENCH_MODEL": model_dir, "ACCELERATE_MIXED_PRECISION": "bf16"}
+    shutil.copytree(SHARED / "peers" / "trl", peer, dirs_exist_ok=True)
+    env = {**os.environ, "BENCH_MODEL": model_dir, "ACCELERATE_MIXED_PRECISION": "bf16" if precision == "bf16" else "no"}
     t0 = time.perf_counter()
-    proc = subprocess.run([trl_python, str(peer / "reward_bench.py"), "--precision", "bf16", "--pairs", str(pairs),
-                           "--tag", "trl_reward_bf16"], env=env, capture_output=True, text=True)
+    proc = subprocess.run([trl_python, str(peer / "reward_bench.py"), "--precision", precision, "--pairs", str(pairs),
+                           "--tag", f"trl_reward_{precision}"], env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         return {"error": proc.stderr[-1500:]}
-    res = json.loads((peer / "results" / "trl_reward_bf16.json").read_text())
+    res = json.loads((peer / "results" / f"trl_reward_{precision}.json").read_text())
     return {"pairs": pairs, "pairs_per_s": res["pairs_per_s_overall"], "pairs_per_s_median_step": res["pairs_per_s_median_step"],
             "train_seconds": res["train_total_s"], "wall_seconds": time.perf_counter() - t0,
             "peak_rss_mib": res["ru_maxrss_mib"], "trl": res["settings"]["trl"]}
@@ -90,7 +95,7 @@ def length_baseline(path: Path) -> dict:
 def run_quality(model_dir: str, work: Path, args) -> dict:
     hh = SHARED / "data" / "hh-rlhf-harmless"
     cfg = RewardConfig(model=model_dir, data=str(hh / "train.jsonl"), eval_data=str(hh / "test.jsonl"), out=str(work / "ours_hh"),
-                       batch_size=args.batch_size, epochs=args.epochs, lr=args.lr, warmup_steps=10, precision="bf16",
+                       batch_size=args.batch_size, epochs=args.epochs, lr=args.lr, warmup_steps=10, precision=args.precision,
                        max_length=args.max_length, eval_every=0)
     t0 = time.perf_counter()
     res = train_reward_model(cfg)
@@ -98,16 +103,17 @@ def run_quality(model_dir: str, work: Path, args) -> dict:
             "accuracy_before": res.get("eval_accuracy_before"), "train_seconds": res["train_seconds"],
             "pairs_per_s": res["prompts_per_second"], "wall_seconds": time.perf_counter() - t0,
             "settings": {"batch_size": args.batch_size, "epochs": args.epochs, "lr": args.lr, "max_length": args.max_length,
-                         "precision": "bf16 autocast"},
+                         "precision": "bf16 autocast" if args.precision == "bf16" else args.precision},
             "length_baseline": length_baseline(hh / "test.jsonl")}
 
 
 def write_markdown(res: dict, path: Path) -> None:
-    lines = ["# Reward model benchmark", "", f"Machine: {res['machine']}. Produced by `python benchmarks/reward_model.py`; "
-             f"load average {res['load_average_at_start']:.1f} at start.", ""]
+    lines = ["# Reward model benchmark", "", f"Machine: {res['machine']}" + (f", {res['cpu_model']}" if res.get("cpu_model") else "")
+             + (f", {res['threads']} thread(s) per side" if res.get("threads") else "")
+             + f". Produced by `python benchmarks/reward_model.py`; load average {res['load_average_at_start']:.1f} at start.", ""]
     if "speed" in res:
         s = res["speed"]
-        lines += ["## Speed at TRL's settings (256 synthetic pairs, ~95 tokens a side, batch 8, bf16, 1 epoch)", "",
+        lines += [f"## Speed at TRL's settings ({s['ours']['pairs']} synthetic pairs, ~95 tokens a side, batch 8, {res.get('precision', 'bf16')}, 1 epoch)", "",
                   "| trainer | pairs/s | train s |", "|---|---|---|",
                   f"| rlhfkit rm | {s['ours']['pairs_per_s']:.2f} | {s['ours']['train_seconds']:.0f} |"]
         if "pairs_per_s" in s.get("trl", {}):
@@ -147,7 +153,10 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-5)
     ap.add_argument("--max-length", type=int, default=512)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    ap.add_argument("--precision", default="auto", help="auto (bf16 where the CPU has bf16 instructions, else fp32), bf16 or fp32")
     args = ap.parse_args()
+    args.precision = resolve_precision(args.precision)
+    name = "reward_model" if args.precision == "bf16" else "reward_model_fp32"
 
     model_dir = str(embedded_model_dir())
     work = Path(tempfile.mkdtemp(prefix="rm-bench-"))
@@ -155,17 +164,19 @@ def main() -> None:
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(work / "torchinductor")
     res: dict = {"machine": f"{os.cpu_count()} CPU cores, torch {__import__('torch').__version__}",
                  "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                 "load_average_at_start": os.getloadavg()[0]}
+                 "load_average_at_start": os.getloadavg()[0], "precision": args.precision,
+                 "cpu_model": next((x.split(":", 1)[1].strip() for x in open("/proc/cpuinfo") if x.startswith("model name")), ""),
+                 "threads": int(os.environ.get("OMP_NUM_THREADS", "0")) or os.cpu_count()}
     out = Path(args.out)
-    earlier = json.loads((out / "reward_model.json").read_text()) if (out / "reward_model.json").exists() else {}
+    earlier = json.loads((out / f"{name}.json").read_text()) if (out / f"{name}.json").exists() else {}
     if not args.skip_speed:
         # ours and TRL alternate (ours, TRL, ours, TRL, ...): on a noisy machine each ratio is taken
         # between neighbours, and the median over repeats is reported
         trl_py = Path(args.trl_venv) / "bin" / "python"
         runs = []
         for r in range(args.repeats):
-            ours = run_ours_speed(model_dir, work / f"r{r}", args.pairs)
-            trl = (run_trl_speed(model_dir, work / f"r{r}", str(trl_py), args.pairs) if trl_py.exists()
+            ours = run_ours_speed(model_dir, work / f"r{r}", args.pairs, args.precision)
+            trl = (run_trl_speed(model_dir, work / f"r{r}", str(trl_py), args.pairs, args.precision) if trl_py.exists()
                    else {"error": f"no TRL venv at {args.trl_venv}"})
             runs.append({"ours": ours, "trl": trl, "load_average": os.getloadavg()[0]})
             print(f"repeat {r}: ours {ours['pairs_per_s']:.2f} pairs/s, TRL {trl.get('pairs_per_s', float('nan')):.2f}", flush=True)
@@ -183,9 +194,9 @@ def main() -> None:
     elif "quality" in earlier:  # keep the earlier quality run (it takes ~40 min)
         res["quality"] = earlier["quality"]
     out.mkdir(parents=True, exist_ok=True)
-    (out / "reward_model.json").write_text(json.dumps(res, indent=2))
-    write_markdown(res, out / "reward_model.md")
-    print((out / "reward_model.md").read_text())
+    (out / f"{name}.json").write_text(json.dumps(res, indent=2))
+    write_markdown(res, out / f"{name}.md")
+    print((out / f"{name}.md").read_text())
     shutil.rmtree(work, ignore_errors=True)
 
 
