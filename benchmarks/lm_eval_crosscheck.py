@@ -14,7 +14,7 @@ Steps (each resumable; the lm-eval outputs are cached in --work)::
     python -m venv benchmarks/.venvs/lm-eval
     benchmarks/.venvs/lm-eval/bin/pip install torch==2.13.0 "lm-eval[hf]==0.4.13" transformers==5.24.0
     .venv/bin/python benchmarks/lm_eval_crosscheck.py prepare   # task YAMLs + converted data
-    .venv/bin/python benchmarks/lm_eval_crosscheck.py lm-eval   # ~1.5 h on one busy CPU core
+    .venv/bin/python benchmarks/lm_eval_crosscheck.py lm-eval   # TruthfulQA: ~80 min of one CPU core
     .venv/bin/python benchmarks/lm_eval_crosscheck.py ours
     .venv/bin/python benchmarks/lm_eval_crosscheck.py compare
     # or all of them: .venv/bin/python benchmarks/lm_eval_crosscheck.py all
