@@ -77,7 +77,9 @@ def main() -> None:
             subprocess.run([sys.executable, __file__, "--iterations", str(a.iterations), "--child", variant,
                             str(Path(tmp) / variant), str(res)], check=True, env=env, cwd=ROOT)
             runs[variant] = json.loads(res.read_text())
-    cpu = next((x.split(":", 1)[1].strip() for x in open("/proc/cpuinfo") if x.startswith("model name")), "")
+    from rlhfkit.models.loading import cpu_model
+
+    cpu = cpu_model()
     out = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpu": cpu, "runs": runs}
     path = Path(a.out)
     path.parent.mkdir(parents=True, exist_ok=True)

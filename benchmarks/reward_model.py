@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 
 from rlhfkit.config import RewardConfig  # noqa: E402
 from rlhfkit.data.loaders import load_records  # noqa: E402
-from rlhfkit.models.loading import embedded_model_dir, resolve_precision  # noqa: E402
+from rlhfkit.models.loading import cpu_model, embedded_model_dir, resolve_precision  # noqa: E402
 from rlhfkit.recipes.reward import train_reward_model  # noqa: E402
 
 # the word list and lengths of TRL's reward_bench.py synthetic pairs (the same generator, seed 0)
@@ -165,7 +165,7 @@ def main() -> None:
     res: dict = {"machine": f"{os.cpu_count()} CPU cores, torch {__import__('torch').__version__}",
                  "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                  "load_average_at_start": os.getloadavg()[0], "precision": args.precision,
-                 "cpu_model": next((x.split(":", 1)[1].strip() for x in open("/proc/cpuinfo") if x.startswith("model name")), ""),
+                 "cpu_model": cpu_model(),
                  "threads": int(os.environ.get("OMP_NUM_THREADS", "0")) or os.cpu_count()}
     out = Path(args.out)
     earlier = json.loads((out / f"{name}.json").read_text()) if (out / f"{name}.json").exists() else {}

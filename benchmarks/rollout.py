@@ -39,18 +39,11 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 
-from rlhfkit.models.loading import load_causal_lm, resolve_precision  # noqa: E402
+from rlhfkit.models.loading import cpu_model, load_causal_lm, resolve_precision  # noqa: E402
 from rlhfkit.rollout import Engine, SamplingParams, attention_cpu  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SEED_TASKS = ROOT.parent / "shared" / "data" / "self-instruct-seed" / "seed_tasks.jsonl"
-
-
-def _cpu_model() -> str:
-    try:
-        return next(x.split(":", 1)[1].strip() for x in open("/proc/cpuinfo") if x.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
 
 
 def chat_prompts(tok, n: int) -> list[list[int]]:
@@ -287,7 +280,7 @@ def main() -> None:
     res: dict = {
         "model": args.model,
         "dtype": precision,
-        "cpu_model": _cpu_model(),
+        "cpu_model": cpu_model(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
@@ -470,7 +463,7 @@ def write_markdown(res: dict, out: Path) -> None:
         + " (the ceiling's forward runs M=2048). At batch 8 both engines stream all 270 MB of weights",
         "per token step and are bound by memory bandwidth, so they are close; the engine's gain comes",
         "from decoding every sample at once (128 rows) with one prefill per prompt, a preallocated cache,",
-        "prepacked weights and no per-step framework overhead.",
+        ("prepacked weights and " if dt == "bf16" else "") + "no per-step framework overhead.",
         "",
         NOTES if dt == "bf16" else FP32_NOTES,
         "llama.cpp reference: not measured. Building llama-cpp-python compiles llama.cpp from source;",

@@ -175,6 +175,16 @@ def bf16_supported(device: torch.device | str = "cpu") -> bool:
     return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
+def cpu_model() -> str:
+    """The CPU's model name ("AMD EPYC", "Intel(R) Xeon(R) ..."), for benchmark records."""
+    try:
+        return next(x.split(":", 1)[1].strip() for x in open("/proc/cpuinfo") if x.startswith("model name"))
+    except (OSError, StopIteration):
+        import platform
+
+        return platform.processor() or platform.machine()
+
+
 def resolve_precision(precision: str, device: torch.device | str = "cpu") -> str:
     """``auto`` -> ``bf16`` where the hardware has it, else ``fp32``. Returns 'bf16' or 'fp32'."""
     if precision not in ("auto", "bf16", "fp32"):
