@@ -95,6 +95,7 @@ class RewardConfig(TrainConfig):
     lr: float = opt(1e-5, "Peak learning rate (AdamW).")
     warmup_steps: int = opt(5, "Linear warm-up steps from 0 to `lr`.")
     normalize: bool = opt(True, "After training, set the offset so the mean score of the reference (best) answers is 0.")
+    share_prompt: bool = opt(True, "Put the K responses of a prompt in one row after a single copy of the prompt (same scores, fewer tokens; used when it saves >= 10% of them).")
 
 
 @dataclass

@@ -245,3 +245,16 @@ def test_rm_compiled_blocks_train_like_eager(tiny_path, rankings, tmp_path):
     assert pa.keys() == pb.keys()
     assert max((pa[k] - pb[k]).abs().max().item() for k in pa) < 1e-4
     AutoModelForSequenceClassification.from_pretrained(tmp_path / "compiled" / "model")
+
+
+def test_rm_shared_prompt_rows_train_like_separate_rows(tiny_path, rankings, tmp_path):
+    """share_prompt (the K responses after one copy of the prompt) changes the cost, not the losses."""
+    from rlhfkit.recipes.reward import train_reward_model
+
+    common = dict(model=tiny_path, data=rankings, batch_size=4, max_steps=3, lr=1e-3, warmup_steps=0, precision="fp32",
+                  max_length=96, eval_fraction=0.0)
+    train_reward_model(RewardConfig(out=str(tmp_path / "shared"), share_prompt=True, **common))
+    train_reward_model(RewardConfig(out=str(tmp_path / "separate"), share_prompt=False, **common))
+    a, b = losses(tmp_path / "shared"), losses(tmp_path / "separate")
+    assert len(a) == len(b) == 3
+    assert max(abs(x - y) for x, y in zip(a, b)) < 1e-5, (a, b)

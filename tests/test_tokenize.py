@@ -80,3 +80,27 @@ def test_collate_pads_right_with_pad_id():
     batch = collate([Encoded([5, 6, 7], 1), Encoded([8], 0)], pad_id=2)
     assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 2, 2]]
     assert batch["loss_mask"].tolist() == [[0, 1, 1], [1, 0, 0]]
+
+
+def test_shared_prompt_rows_score_like_separate_rows(tiny):
+    """K responses after one copy of their prompt give the same last-token hidden states as K rows."""
+    from rlhfkit.data.tokenize import collate_shared_prompt
+
+    tok, model = tiny.tokenizer, tiny.model
+    g1 = encode_ranking(tok, Ranking(as_messages("Name a colour of the sea."), ["Blue.", "It is a deep green today", "Grey"], [0, 1, 2]), 64)
+    g2 = encode_ranking(tok, Ranking(as_messages("Two plus two?"), ["Four, of course.", "5"], [0, 1]), 64)
+    # a prompt cut differently for one response (fit keeps >= max_length // 2 prompt tokens) gets a row of its own
+    g3 = encode_ranking(tok, Ranking(as_messages("Tell me about the moon " * 6), ["Short.", "A much longer answer " * 4], [0, 1]), 48)
+    assert g3[0].input_ids[: g3[0].prompt_len] != g3[1].input_ids[: g3[1].prompt_len]
+    batch, where = collate_shared_prompt([g1, g2, g3], tok.pad_token_id)
+    assert batch["input_ids"].shape[0] == 4 and len(where) == 7
+    row0 = batch["input_ids"][0].tolist()
+    assert row0[: g1[0].prompt_len] == g1[0].input_ids[: g1[0].prompt_len]
+    assert row0.count(tok.eos_token_id) >= 3  # each of the 3 responses ends in its EOS in the one row
+    with torch.no_grad():
+        hidden = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                             position_ids=batch["position_ids"]).last_hidden_state
+        for (row, col), e in zip(where, [*g1, *g2, *g3]):
+            alone = model.model(input_ids=torch.tensor([e.input_ids])).last_hidden_state[0, -1]
+            assert batch["input_ids"][row, col] == e.input_ids[-1]
+            assert torch.allclose(hidden[row, col], alone, atol=1e-5)

@@ -130,6 +130,61 @@ def collate_packed(examples: list[Encoded], pad_id: int, max_length: int) -> dic
     return {"input_ids": ids, "attention_mask": mask4d[:, None], "position_ids": pos, "loss_mask": loss}
 
 
+def collate_shared_prompt(groups: list[list[Encoded]], pad_id: int) -> tuple[dict[str, torch.Tensor], list[tuple[int, int]]]:
+    """One row per prompt: the prompt once, then each of its responses (the reward model's K answers).
+
+    Row layout and attention (``P`` = prompt, ``a``/``b`` = two responses)::
+
+        tokens   P P P a a a b b        response tokens see the prompt and their own
+        a sees   x x x x x x . .        earlier tokens, never another response; each
+        b sees   x x x . . . x x        response's positions continue from the prompt's
+
+    so every response computes exactly what it computes after its own copy of the prompt, while
+    the prompt's tokens go through the model once instead of K times. Responses of one group whose
+    prompts were truncated differently (``fit``) get rows of their own. (Capping the row length,
+    so that attention spans shorter rows at the price of more prompt copies, measured no faster
+    for K = 6 answers of ~90 tokens after a ~55-token prompt.)
+
+    Returns (batch, where): batch has input_ids (R, T), attention_mask (R, 1, T, T) bool,
+    position_ids (R, T); ``where[i]`` = (row, column) of the last token (the EOS) of the i-th
+    sequence of ``groups``, flattened in order.
+    """
+    rows: list[tuple[list[int], list[tuple[int, list[int]]]]] = []  # (prompt ids, [(seq index, response ids)])
+    seq = 0
+    for group in groups:
+        by_prompt: dict[tuple[int, ...], int] = {}
+        for e in group:
+            prompt = tuple(e.input_ids[: e.prompt_len])
+            if prompt not in by_prompt:
+                by_prompt[prompt] = len(rows)
+                rows.append((list(prompt), []))
+            rows[by_prompt[prompt]][1].append((seq, e.input_ids[e.prompt_len:]))
+            seq += 1
+    width = max(len(p) + sum(len(r) for _, r in rs) for p, rs in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    pos = torch.zeros((len(rows), width), dtype=torch.long)
+    seg = torch.full((len(rows), width), -2, dtype=torch.long)  # -2 padding, -1 prompt, s = response s
+    where: list[tuple[int, int]] = [(0, 0)] * seq
+    for b, (prompt, responses) in enumerate(rows):
+        n = len(prompt)
+        ids[b, :n] = torch.tensor(prompt, dtype=torch.long)
+        pos[b, :n] = torch.arange(n)
+        seg[b, :n] = -1
+        at = n
+        for s, (i, resp) in enumerate(responses):
+            m = len(resp)
+            ids[b, at : at + m] = torch.tensor(resp, dtype=torch.long)
+            pos[b, at : at + m] = torch.arange(n, n + m)
+            seg[b, at : at + m] = s
+            where[i] = (b, at + m - 1)
+            at += m
+    causal = torch.tril(torch.ones(width, width, dtype=torch.bool))
+    q, k = seg[:, :, None], seg[:, None, :]
+    visible = ((k == -1) | (k == q)) & (q != -2)
+    mask4d = (causal & visible) | torch.eye(width, dtype=torch.bool)  # padding attends to itself only
+    return {"input_ids": ids, "attention_mask": mask4d[:, None], "position_ids": pos}, where
+
+
 def length_groups(lengths: list[int], slack: float = 1.25) -> list[list[int]]:
     """Split a batch into forward passes of similar lengths, to cut padding.
 

@@ -52,12 +52,18 @@ class RewardModel(nn.Module):
     def offset(self) -> float:
         return float(getattr(self.config, "reward_offset", 0.0))
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, last_index: torch.Tensor | None = None) -> torch.Tensor:
-        """Raw scores (B,) read at ``last_index`` (B,) — by default the last attended token."""
-        hidden = self.trunk(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state  # (B, T, d)
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, last_index: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, row_index: torch.Tensor | None = None) -> torch.Tensor:
+        """Raw scores (N,) read at (``row_index``, ``last_index``) — by default one per row (N = B), at
+        the last attended token of a right-padded 2-D mask. Several scores per row (a prompt shared by
+        its K responses, ``collate_shared_prompt``): a 4-D mask, ``position_ids`` and ``row_index``."""
+        hidden = self.trunk(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                            use_cache=False).last_hidden_state  # (B, T, d)
         if last_index is None:
             last_index = attention_mask.sum(1) - 1  # right padding
-        h = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_index]  # (B, d)
+        if row_index is None:
+            row_index = torch.arange(hidden.shape[0], device=hidden.device)
+        h = hidden[row_index, last_index]  # (N, d)
         return self.head(h.to(self.head.weight.dtype if hasattr(self.head, 'weight') else h.dtype)).squeeze(-1).float()  # (B,)
 
     def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, last_index: torch.Tensor | None = None) -> torch.Tensor:

@@ -20,7 +20,7 @@ import torch
 
 from rlhfkit.algos.losses import ranking_loss, ranking_metrics
 from rlhfkit.config import RewardConfig
-from rlhfkit.data.tokenize import Encoded, collate, encode_ranking, length_groups
+from rlhfkit.data.tokenize import Encoded, collate, collate_shared_prompt, encode_ranking, length_groups
 from rlhfkit.errors import UserError
 from rlhfkit.models.heads import RewardModel, load_reward_model
 from rlhfkit.recipes.common import (MetricsLog, apply_lora, batch_plan, compile_blocks, load_checkpoint, load_split, make_accelerator,
@@ -28,15 +28,39 @@ from rlhfkit.recipes.common import (MetricsLog, apply_lora, batch_plan, compile_
                                     world)
 
 Group = tuple[list[Encoded], list[int]]  # the K sequences of one prompt and their ranks
+SHARE_MIN_SAVING = 0.1  # share a prompt across its K responses when that saves >= 10 % of the tokens
 
 
-def score_groups(model, groups: list[Group], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Score every response of ``groups`` in one forward. Returns scores (N,), ranks (N,), group (N,)."""
+def score_groups(model, groups: list[Group], pad_id: int, device, share_prompt: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Score every response of ``groups``. Returns scores (N,), ranks (N,), group (N,).
+
+    ``share_prompt``: the K responses of a prompt sit in one row after a single copy of the prompt
+    (``collate_shared_prompt``): the same scores as K separate rows, with the prompt's tokens
+    computed once instead of K times — used when that saves at least ``SHARE_MIN_SAVING`` of the
+    tokens (a near-empty prompt saves nothing and the longer rows cost more attention). Otherwise
+    one row per response. Either way, rows of similar length share a forward (less padding).
+    """
     seqs = [e for g, _ in groups for e in g]
     ranks = torch.tensor([r for _, rs in groups for r in rs], device=device)
     group = torch.tensor([gi for gi, (g, _) in enumerate(groups) for _ in g], device=device)
     scores = torch.zeros(len(seqs), device=device)
-    for part in length_groups([len(e.input_ids) for e in seqs]):  # similar lengths together: less padding
+    saved = sum((len(g) - 1) * g[0].prompt_len for g, _ in groups)
+    if share_prompt and saved >= SHARE_MIN_SAVING * sum(len(e.input_ids) for e in seqs):
+        first = [0]
+        for g, _ in groups:
+            first.append(first[-1] + len(g))
+        lengths = [g[0].prompt_len + sum(len(e.input_ids) - e.prompt_len for e in g) for g, _ in groups]
+        for part in length_groups(lengths):
+            batch, where = collate_shared_prompt([groups[gi][0] for gi in part], pad_id)
+            rows = torch.tensor([r for r, _ in where], device=device)
+            cols = torch.tensor([c for _, c in where], device=device)
+            with training_attention(batch["input_ids"].shape[1], device):
+                part_scores = model(batch["input_ids"].to(device), batch["attention_mask"].to(device), cols,
+                                    position_ids=batch["position_ids"].to(device), row_index=rows)
+            index = torch.tensor([i for gi in part for i in range(first[gi], first[gi + 1])], device=device)
+            scores = scores.index_put((index,), part_scores)
+        return scores, ranks, group
+    for part in length_groups([len(e.input_ids) for e in seqs]):
         batch = collate([seqs[i] for i in part], pad_id)
         with training_attention(batch["input_ids"].shape[1], device):
             part_scores = model(batch["input_ids"].to(device), batch["attention_mask"].to(device), batch["last_index"].to(device))
@@ -128,7 +152,7 @@ def train_reward_model(cfg: RewardConfig, interrupt_after: int | None = None, sa
         for j, mb in enumerate(micro):
             sync = nullcontext() if j == len(micro) - 1 else acc.no_sync(rm)
             with sync:
-                scores, ranks, group = score_groups(rm, [train[i] for i in mb], pad_id, acc.device)
+                scores, ranks, group = score_groups(rm, [train[i] for i in mb], pad_id, acc.device, cfg.share_prompt)
                 per_prompt, _ = ranking_loss(scores, ranks, group)
                 acc.backward(per_prompt.sum() / n_prompts * n_proc)
             loss_sum += per_prompt.detach().sum()
