@@ -9,7 +9,10 @@
 Writes benchmarks/results/reward_model.json and .md. Never asserts a time.
 
 usage: python benchmarks/reward_model.py [--trl-venv benchmarks/.venvs/trl] [--skip-quality] [--skip-speed]
-       [--precision auto|bf16|fp32]
+       [--precision auto|bf16|fp32] [--shared-prompt-pairs N]
+
+3. shared prompt (``--shared-prompt-pairs N``) — N real HH pairs trained with the conversation once
+            per pair and with one row per answer: what sharing the prompt is worth on real data.
 
 ``--precision auto`` (default): bf16 where the CPU has bf16 instructions (the issue's setting), fp32
 elsewhere (on an AVX2-only CPU bf16 is emulated, slower than fp32), on both sides alike; fp32 results
@@ -107,6 +110,22 @@ def run_quality(model_dir: str, work: Path, args) -> dict:
             "length_baseline": length_baseline(hh / "test.jsonl")}
 
 
+def run_shared_prompt(model_dir: str, work: Path, pairs: int, precision: str) -> dict:
+    """The first ``pairs`` HH-harmless training pairs, trained twice with the same settings: the two
+    answers after one copy of their conversation (``share_prompt``, the default) and one row each."""
+    hh = SHARED / "data" / "hh-rlhf-harmless" / "train.jsonl"
+    runs = {}
+    for share in (True, False, True, False):  # alternate: on a noisy machine compare neighbours
+        cfg = RewardConfig(model=model_dir, data=str(hh), limit=pairs, out=str(work / f"share_{share}_{len(runs)}"), batch_size=8,
+                           epochs=1, lr=1e-5, warmup_steps=0, precision=precision, eval_fraction=0.0, normalize=False,
+                           max_length=512, share_prompt=share)
+        res = train_reward_model(cfg)
+        runs.setdefault(share, []).append(res["prompts_per_second"])
+        print(f"HH pairs, share_prompt={share}: {res['prompts_per_second']:.3f} pairs/s", flush=True)
+    on, off = max(runs[True]), max(runs[False])
+    return {"pairs": pairs, "shared_pairs_per_s": on, "separate_pairs_per_s": off, "ratio": on / off, "runs": runs}
+
+
 def write_markdown(res: dict, path: Path) -> None:
     lines = ["# Reward model benchmark", "", f"Machine: {res['machine']}" + (f", {res['cpu_model']}" if res.get("cpu_model") else "")
              + (f", {res['threads']} thread(s) per side" if res.get("threads") else "")
@@ -129,6 +148,16 @@ def write_markdown(res: dict, path: Path) -> None:
                       f"run compiles from an empty cache (its first step took {o['first_step_seconds']:.1f} s, inside its "
                       f"train time: {o['pairs_per_s']:.2f} pairs/s)" + (f"; later runs reuse the cache ({', '.join(f'{w:.2f}' for w in warm)} pairs/s)." if warm else ".")]
         lines.append("")
+    if "shared_prompt" in res:
+        sp = res["shared_prompt"]
+        lines += [f"## One copy of the conversation per pair: {sp['pairs']} HH-harmless training pairs, batch 8, {res.get('precision', 'bf16')}", "",
+                  "Real preference data shares its prompt: both answers of an HH pair follow the same conversation, "
+                  "which is most of the tokens. `share_prompt=true` puts the conversation once in a row, then both "
+                  "answers (each attends to the conversation and to itself; the same scores as separate rows).", "",
+                  "| layout | pairs/s (best of 2) |", "|---|---|",
+                  f"| conversation once, both answers after it (`share_prompt=true`, default) | {sp['shared_pairs_per_s']:.3f} |",
+                  f"| one row per answer (`share_prompt=false`, what TRL does) | {sp['separate_pairs_per_s']:.3f} |", "",
+                  f"Speed-up from sharing: **{sp['ratio']:.2f}×** (runs: {sp['runs']}).", ""]
     if "quality" in res:
         q = res["quality"]
         lines += ["## Quality: HH-RLHF harmless, train 1,850 pairs -> test 462 pairs", "",
@@ -148,6 +177,8 @@ def main() -> None:
     ap.add_argument("--skip-speed", action="store_true")
     ap.add_argument("--skip-quality", action="store_true")
     ap.add_argument("--repeats", type=int, default=2, help="speed: alternate ours/TRL this many times (median ratio)")
+    ap.add_argument("--shared-prompt-pairs", type=int, default=0,
+                    help="also train this many HH pairs with and without share_prompt (0 = skip)")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--epochs", type=float, default=1.0)
     ap.add_argument("--lr", type=float, default=1e-5)
@@ -189,6 +220,10 @@ def main() -> None:
             res["speed"]["ratios"] = ratios
     elif "speed" in earlier:
         res["speed"] = earlier["speed"]
+    if args.shared_prompt_pairs:
+        res["shared_prompt"] = run_shared_prompt(model_dir, work, args.shared_prompt_pairs, args.precision)
+    elif "shared_prompt" in earlier:
+        res["shared_prompt"] = earlier["shared_prompt"]
     if not args.skip_quality:
         res["quality"] = run_quality(model_dir, work, args)
     elif "quality" in earlier:  # keep the earlier quality run (it takes ~40 min)

@@ -185,7 +185,7 @@ def run_pipeline(cfg: PipelineConfig, say=print) -> dict:
 
             write_jsonl(rdir / "rm_data.jsonl", all_rankings)
             train_reward_model(RewardConfig(model=str(sft / "model"), data=str(rdir / "rm_data.jsonl"), out=str(rdir / "rm"),
-                                            epochs=cfg.rm_epochs, lr=cfg.rm_lr, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum,
+                                            epochs=cfg.rm_epochs, lr=cfg.rm_lr, batch_size=cfg.rm_batch_size, grad_accum=min(cfg.grad_accum, cfg.rm_batch_size),
                                             precision=cfg.precision, max_length=cfg.max_length, eval_fraction=0.15,
                                             seed=cfg.seed, warmup_steps=2), say=say)
             release_memory()
