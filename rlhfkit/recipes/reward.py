@@ -69,14 +69,14 @@ def score_groups(model, groups: list[Group], pad_id: int, device, share_prompt: 
 
 
 @torch.no_grad()
-def evaluate_rm(model, groups: list[Group], pad_id: int, device, batch_prompts: int = 8) -> dict[str, float]:
+def evaluate_rm(model, groups: list[Group], pad_id: int, device, batch_prompts: int = 8, share_prompt: bool = True) -> dict[str, float]:
     """Pairwise accuracy over all untied pairs; top-1 accuracy and Kendall τ over prompts with K > 2."""
     was_training = model.training
     model.eval()
     correct = pairs = top1 = taus = n_big = 0.0
     for i in range(0, len(groups), batch_prompts):
         chunk = groups[i : i + batch_prompts]
-        scores, _, group = score_groups(model, chunk, pad_id, device)
+        scores, _, group = score_groups(model, chunk, pad_id, device, share_prompt)
         for gi, (_, ranks) in enumerate(chunk):
             m = ranking_metrics(scores[group == gi].tolist(), ranks)
             correct += m["pair_correct"]
@@ -131,7 +131,7 @@ def train_reward_model(cfg: RewardConfig, interrupt_after: int | None = None, sa
         start, _ = load_checkpoint(ckpt, acc.unwrap_model(rm).seq_model, optimizer, scheduler)
         say(f"resumed from {ckpt} at step {start}")
     log = MetricsLog(out, acc.is_main_process, resume_step=start if ckpt else None)
-    before = evaluate_rm(rm, held_out, pad_id, acc.device) if held_out and start == 0 else None
+    before = evaluate_rm(rm, held_out, pad_id, acc.device, share_prompt=cfg.share_prompt) if held_out and start == 0 else None
     if before:
         log.log(0, **{f"eval_{k}": v for k, v in before.items()})
         say(f"held-out accuracy before training: {before['accuracy']:.3f}")
@@ -174,7 +174,7 @@ def train_reward_model(cfg: RewardConfig, interrupt_after: int | None = None, sa
             last["grad_norm"] = float(grad_norm)
         # 5. evaluate
         if cfg.eval_every and done % cfg.eval_every == 0 and held_out and done != len(plan):
-            last |= {f"eval_{k}": v for k, v in evaluate_rm(rm, held_out, pad_id, acc.device).items()}
+            last |= {f"eval_{k}": v for k, v in evaluate_rm(rm, held_out, pad_id, acc.device, share_prompt=cfg.share_prompt).items()}
         if done % cfg.log_every == 0 or "eval_accuracy" in last:
             log.log(done, **last)
         bar.update(1)
@@ -186,7 +186,7 @@ def train_reward_model(cfg: RewardConfig, interrupt_after: int | None = None, sa
     bar.close()
     train_seconds = time.perf_counter() - t_train
 
-    final = evaluate_rm(rm, held_out, pad_id, acc.device) if held_out else {}
+    final = evaluate_rm(rm, held_out, pad_id, acc.device, share_prompt=cfg.share_prompt) if held_out else {}
     n_seen = sum(len(b) for b in plan[start:])
     result = {"step": len(plan), **last, **{f"eval_{k}": v for k, v in final.items()},
               "train_seconds": train_seconds, "prompts_per_second": n_seen / max(train_seconds, 1e-9),
