@@ -9,7 +9,7 @@ from rlhfkit.recipes.pipeline import run_pipeline
 def test_pipeline_end_to_end_on_tiny(tiny_path, tmp_path, shared_data):
     cfg = PipelineConfig(model=tiny_path, out=str(tmp_path / "run"), train_prompts=8, eval_prompts=4, k=3,
                          max_new_tokens=12, batch_size=4, precision="fp32", min_demo_score=-2.0,
-                         rounds=1, ppo_iterations=1, ppo_batch_size=2,
+                         rounds=1, round_prompts=4, ppo_iterations=1, ppo_batch_size=2,
                          eval_suites="truthful,tax", eval_data_dir=str(shared_data), eval_limit=3)
     summary = run_pipeline(cfg)
     run = tmp_path / "run"
@@ -19,6 +19,12 @@ def test_pipeline_end_to_end_on_tiny(tiny_path, tmp_path, shared_data):
     assert all(len(s["responses"]) == 3 for s in samples)
     assert all(sorted(set(r["ranks"]))[0] == 0 for r in rankings)
     assert summary["demonstrations"] == 8  # every prompt's best answer passes min_demo_score=-2
+    demos = [json.loads(x) for x in (run / "round0" / "demos.jsonl").read_text().splitlines()]
+    assert all(d["gold"] >= d["gold_before"] and "original" in d for d in demos)  # revised by rule, never worse
+    # round 1: K fresh answers of the SFT model on 4 new prompts, ranked; the RM learns from all 12 rankings
+    fresh = [json.loads(x) for x in (run / "round1" / "rankings.jsonl").read_text().splitlines()]
+    assert len(fresh) == 4 and not {r["prompt"] for r in fresh} & {r["prompt"] for r in rankings}
+    assert summary["rm_accuracy"][0]["rankings"] == 12
     for d in ("sft", "round1/rm", "round1/ppo"):
         assert (run / d / "model" / "config.json").exists()
     assert set(summary["versions"]) == {"base", "sft", "ppo1"} and summary["final"] == "ppo1"

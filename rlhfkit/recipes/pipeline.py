@@ -4,11 +4,14 @@
                    prompts only for judging
   1. sample        K answers per train prompt from the base model (the rollout engine)
   2. label         a labeler ranks each prompt's K answers (simulated: gold rubric + noise)
-  3. SFT           best-of-K rejection sampling: the labeler's top answer of each prompt becomes
-                   a demonstration, and the base model is fine-tuned on them
-  4. RM            round r: a reward model, initialised from the SFT model, learns from all
-                   rankings so far (round 1: the base model's answers; round r > 1 adds fresh
-                   answers of the newest policy, ranked — iterated online RLHF, Bai et al. 2022)
+  3. SFT           best-of-K rejection sampling: the labeler's top answer of each prompt, edited
+                   by rule where an edit satisfies an instruction it missed (lowercase, end
+                   phrase, no commas, …: rlhfkit/feedback/revise.py), becomes a demonstration,
+                   and the base model is fine-tuned on them
+  4. RM            round r: K fresh answers of the newest policy (round 1: the SFT model, as in
+                   InstructGPT) on new train prompts are ranked, and a reward model, initialised
+                   from the SFT model, learns from all rankings so far, the base model's included
+                   (iterated online RLHF, Bai et al. 2022)
   5. PPO           round r: PPO from the SFT model (also the KL reference) against RM r
   6. judge         every version answers the held-out prompts (greedy); the gold rubric judges:
                    mean gold score, instruction-following rate, win-rates with 95% intervals,
@@ -74,6 +77,27 @@ def sample_answers(model_spec: str, prompts: list[Prompt], k: int, cfg: Pipeline
         rows.append({"id": p.meta.get("id", i), "prompt": p.text, "responses": [c.text.strip() for c in mine],
                      "finished": [c.finish_reason == "stop" for c in mine]})
     return rows
+
+
+def demonstrations(rankings: list[dict], samples: list[dict], prompts: list[Prompt], cfg: PipelineConfig) -> list[dict]:
+    """The labeler's best answer of each prompt (best-of-K rejection sampling); with
+    ``cfg.revise_demos`` edited by rule where an edit satisfies a missed instruction
+    (:mod:`rlhfkit.feedback.revise`). Prompts whose best gold score is not above
+    ``cfg.min_demo_score`` give none."""
+    from rlhfkit.feedback.revise import revise
+
+    demos = []
+    for p, rk, row in zip(prompts, rankings, samples):
+        best = rk["responses"][rk["ranks"].index(0)]
+        if not best or max(rk["meta"]["gold"]) <= cfg.min_demo_score:
+            continue
+        finished = dict(zip(row["responses"], row["finished"])).get(best, True)
+        demo = {"prompt": rk["prompt"], "response": best}
+        if cfg.revise_demos:
+            rv = revise(p, best, finished)
+            demo.update(response=rv.text, original=best, edits=rv.edits, gold_before=rv.gold_before, gold=rv.gold_after)
+        demos.append(demo)
+    return demos
 
 
 def judge(prompts: list[Prompt], rows: list[dict]) -> dict:
@@ -151,11 +175,13 @@ def run_pipeline(cfg: PipelineConfig, say=print) -> dict:
     rankings0 = label_round(0, cfg.model, cfg.temperature)
     timings["sample_and_label"] = time.perf_counter() - t
 
-    # 3. SFT on the labeler's best answer of each prompt (best-of-K rejection sampling)
-    demos = [{"prompt": r["prompt"], "response": r["responses"][r["ranks"].index(0)]} for r in rankings0
-             if max(r["meta"]["gold"]) > cfg.min_demo_score and r["responses"][r["ranks"].index(0)]]
+    # 3. SFT on the labeler's best answer of each prompt (best-of-K rejection sampling), revised
+    demos = demonstrations(rankings0, read_jsonl(out / "round0" / "samples.jsonl"), prompts_of_round(0), cfg)
     write_jsonl(out / "round0" / "demos.jsonl", demos)
-    say(f"{len(demos)} demonstrations (best of {cfg.k}, gold > {cfg.min_demo_score}) from {len(rankings0)} prompts")
+    edited = sum(bool(d.get("edits")) for d in demos)
+    say(f"{len(demos)} demonstrations (best of {cfg.k}, gold > {cfg.min_demo_score}) from {len(rankings0)} prompts"
+        + (f"; {edited} revised by rule (mean gold {sum(d['gold_before'] for d in demos) / max(1, len(demos)):+.3f} -> "
+           f"{sum(d['gold'] for d in demos) / max(1, len(demos)):+.3f})" if cfg.revise_demos else ""))
     t = time.perf_counter()
     sft = out / "sft"
     if not (sft / "model" / "config.json").exists():
@@ -176,7 +202,7 @@ def run_pipeline(cfg: PipelineConfig, say=print) -> dict:
         rdir = out / f"round{r}"
         rdir.mkdir(exist_ok=True)
         t = time.perf_counter()
-        if r > 1:  # fresh answers from the newest policy
+        if cfg.round_prompts > 0:  # fresh answers from the newest policy (round 1: the SFT model)
             all_rankings += label_round(r, policy, cfg.temperature)
         timings[f"round{r}_sample_and_label"] = time.perf_counter() - t
         t = time.perf_counter()
