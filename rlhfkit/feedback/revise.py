@@ -65,7 +65,10 @@ def add_postscript(text: str, marker: str = "P.S.") -> str:
 
 
 def drop_commas(text: str) -> str:
-    return re.sub(r"[ \t]*[,，]", "", text)
+    """"1,000" -> "1000", "rice, beans" -> "rice beans", a comma before a line end goes."""
+    text = re.sub(r"(?<=\d)[,，](?=\d)", "", text)
+    text = re.sub(r"[ \t]*[,，][ \t]*(?=\S)", " ", text)
+    return re.sub(r"[ \t]*[,，][ \t]*", "", text)
 
 
 def quote(text: str) -> str:

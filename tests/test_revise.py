@@ -1,0 +1,64 @@
+"""Rule-based revision of demonstrations: each edit does exactly what its docstring says, and
+revise() keeps an edit only when the gold score rises."""
+
+from rlhfkit.data.records import Prompt
+from rlhfkit.feedback import revise as rv
+from rlhfkit.feedback import rubric
+
+
+def prompt(*instructions: dict) -> Prompt:
+    return Prompt(messages=[{"role": "user", "content": "Tell me about rice."}],
+                  meta={"instructions": list(instructions)})
+
+
+ANSWER = "Rice is a grain, eaten all over the world. It grows in paddies, mostly in Asia."
+
+
+def test_edits_by_hand():
+    assert rv.add_start_phrase("  Rice grows.", "Great question!") == "Great question! Rice grows."
+    assert rv.add_end_phrase("Rice grows. ", "Any other questions?") == "Rice grows. Any other questions?"
+    assert rv.add_end_phrase("- rice\n- beans", "That is all.") == "- rice\n- beans\n\nThat is all."
+    assert rv.add_postscript("Rice grows.", "P.P.S.") == "Rice grows.\n\nP.P.S. I hope this helps!"
+    assert rv.drop_commas("Rice, beans , and 1,000 peas，too,\nend,") == "Rice beans and 1000 peas too\nend"
+    assert rv.quote('"Rice grows."') == '"Rice grows."' and rv.quote("Rice grows.") == '"Rice grows."'
+
+
+def test_finish_cuts_back_to_the_last_sentence_or_gives_up():
+    long = "Rice is a grain that people eat all over the world every day. It grows in wet fields and"
+    assert rv.finish(long) == "Rice is a grain that people eat all over the world every day."
+    assert rv.finish("Rice is good. It grows in") == ""  # 3 words left < MIN_KEPT_WORDS
+    assert rv.finish("no sentence end at all") == ""
+
+
+def test_revise_fixes_case_end_phrase_and_commas_and_scores_higher():
+    p = prompt({"kind": "lowercase"}, {"kind": "end_phrase", "phrase": "Is there anything else?"},
+               {"kind": "no_commas"})
+    before = rubric.score(p, ANSWER)
+    assert before.passed == [False, False, False]
+    out = rv.revise(p, ANSWER)
+    assert out.edits == ["end_phrase", "no_commas", "lowercase"]
+    assert out.text == "rice is a grain eaten all over the world. it grows in paddies mostly in asia. is there anything else?"
+    assert rubric.score(p, out.text).passed == [True, True, True]
+    assert out.gold_before == before.total and out.gold_after == 1.0 > out.gold_before
+
+
+def test_revise_finishes_a_cut_off_answer_then_edits_it():
+    p = prompt({"kind": "uppercase"})
+    cut = "Rice is a grain that people eat all over the world every day. It grows in wet fields and"
+    out = rv.revise(p, cut, finished=False)
+    assert out.edits == ["finish", "uppercase"] and out.finished
+    assert out.text == "RICE IS A GRAIN THAT PEOPLE EAT ALL OVER THE WORLD EVERY DAY."
+    assert out.gold_before == 0.0 - 0.3 and out.gold_after == 1.0
+
+
+def test_revise_leaves_followed_and_unfixable_instructions_alone():
+    p = prompt({"kind": "start_phrase", "phrase": "Rice"}, {"kind": "word_count", "relation": "at_most", "n": 5})
+    out = rv.revise(p, ANSWER)  # starts as asked; the word count needs rewriting, not an edit
+    assert out.text == ANSWER and out.edits == [] and out.gold_after == out.gold_before == 0.5
+
+
+def test_revise_drops_an_edit_that_breaks_another_instruction():
+    # uppercasing would break "lowercase"; both asked (a contradictory prompt): nothing can gain
+    p = prompt({"kind": "lowercase"}, {"kind": "uppercase"})
+    out = rv.revise(p, ANSWER)
+    assert out.edits == ["lowercase"] and out.text == ANSWER.lower()  # 0.0 -> 0.5, then upper would be 0.5 again
