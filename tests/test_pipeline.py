@@ -9,7 +9,7 @@ from rlhfkit.recipes.pipeline import run_pipeline
 def test_pipeline_end_to_end_on_tiny(tiny_path, tmp_path, shared_data):
     cfg = PipelineConfig(model=tiny_path, out=str(tmp_path / "run"), train_prompts=8, eval_prompts=4, k=3,
                          max_new_tokens=12, batch_size=4, precision="fp32", min_demo_score=-2.0,
-                         rounds=1, round_prompts=4, ppo_iterations=1, ppo_batch_size=2,
+                         rounds=1, round_prompts=4, rank_sft=True, revise_demos=True, ppo_iterations=1, ppo_batch_size=2,
                          eval_suites="truthful,tax", eval_data_dir=str(shared_data), eval_limit=3)
     summary = run_pipeline(cfg)
     run = tmp_path / "run"

@@ -19,7 +19,7 @@ def test_pipeline_waits_for_people_and_trains_on_their_rankings(tiny_path, tmp_p
     out = tmp_path / "run"
     cfg = PipelineConfig(model=tiny_path, out=str(out), train_prompts=3, eval_prompts=2, k=2, max_new_tokens=6,
                          batch_size=2, precision="fp32", min_demo_score=-2.0, rounds=1, ppo_iterations=0,
-                         round_prompts=0, labeler="human", human_timeout=0.3, human_poll=0.1)
+                         labeler="human", human_timeout=0.3, human_poll=0.1)
     lines: list[str] = []
     with pytest.raises(UserError, match=r"timed out .*\(0/3 ranked\).*run the same command again"):
         run_pipeline(cfg, say=lines.append)

@@ -4,14 +4,14 @@
                    prompts only for judging
   1. sample        K answers per train prompt from the base model (the rollout engine)
   2. label         a labeler ranks each prompt's K answers (simulated: gold rubric + noise)
-  3. SFT           best-of-K rejection sampling: the labeler's top answer of each prompt, edited
-                   by rule where an edit satisfies an instruction it missed (lowercase, end
-                   phrase, no commas, …: rlhfkit/feedback/revise.py), becomes a demonstration,
-                   and the base model is fine-tuned on them
-  4. RM            round r: K fresh answers of the newest policy (round 1: the SFT model, as in
-                   InstructGPT) on new train prompts are ranked, and a reward model, initialised
-                   from the SFT model, learns from all rankings so far, the base model's included
-                   (iterated online RLHF, Bai et al. 2022)
+  3. SFT           best-of-K rejection sampling: the labeler's top answer of each prompt becomes
+                   a demonstration (with revise_demos, edited by rule where an edit satisfies an
+                   instruction it missed: rlhfkit/feedback/revise.py), and the base model is
+                   fine-tuned on them
+  4. RM            round r: a reward model, initialised from the SFT model, learns from all
+                   rankings so far (round 1: the base model's answers, with rank_sft also the SFT
+                   model's answers to fresh prompts, as InstructGPT; round r > 1 adds fresh
+                   answers of the newest policy, ranked — iterated online RLHF, Bai et al. 2022)
   5. PPO           round r: PPO from the SFT model (also the KL reference) against RM r
   6. judge         every version answers the held-out prompts (greedy); the gold rubric judges:
                    mean gold score, instruction-following rate, win-rates with 95% intervals,
@@ -202,7 +202,7 @@ def run_pipeline(cfg: PipelineConfig, say=print) -> dict:
         rdir = out / f"round{r}"
         rdir.mkdir(exist_ok=True)
         t = time.perf_counter()
-        if cfg.round_prompts > 0:  # fresh answers from the newest policy (round 1: the SFT model)
+        if cfg.round_prompts > 0 and (r > 1 or cfg.rank_sft):  # fresh answers from the newest policy (round 1: SFT)
             all_rankings += label_round(r, policy, cfg.temperature)
         timings[f"round{r}_sample_and_label"] = time.perf_counter() - t
         t = time.perf_counter()
