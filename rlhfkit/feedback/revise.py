@@ -2,8 +2,8 @@
 anyone could make by hand satisfies an instruction the answer missed.
 
 Best-of-K rejection sampling can only teach what the base model already does now and then, and
-a 135M model asked to "answer in lowercase" or to "end with the phrase …" almost never does (on
-the built-in task: 0 of 84 sampled answers in lowercase, 12 % with the asked end phrase). People
+a 135M model asked to "answer in lowercase" or to "end with the phrase …" almost never does (in
+the K = 6 base-model samples of one demo run: 0 of 84 answers in lowercase when asked, 12 % with the asked end phrase). People
 writing demonstrations would fix those answers before handing them in — the critique-and-revise
 step of Constitutional AI (Bai et al. 2022, "SL-CAI"), done here by rules, because the rules of
 the task are verifiable. Without it neither the SFT model nor the reward model ever sees such an
