@@ -80,10 +80,10 @@ EDITS: dict[str, Callable[..., str]] = {
     "start_phrase": add_start_phrase,
     "postscript": add_postscript,
     "end_phrase": add_end_phrase,
-    "no_commas": lambda text: drop_commas(text),
-    "quotation": lambda text: quote(text),
-    "lowercase": lambda text: text.lower(),
-    "uppercase": lambda text: text.upper(),
+    "no_commas": drop_commas,
+    "quotation": quote,
+    "lowercase": str.lower,
+    "uppercase": str.upper,
 }
 
 
@@ -99,23 +99,22 @@ class Revision:
 def revise(prompt: Prompt, response: str, finished: bool = True) -> Revision:
     """Edit ``response`` towards the instructions of ``prompt``; see the module docstring."""
     text, done = response, finished
-    best = rubric.score(prompt, text, done).total
-    out = Revision(text=text, finished=done, gold_before=best, gold_after=best)
+    before = best = rubric.score(prompt, text, done).total
+    edits: list[str] = []
     if not done or rubric.looks_unfinished(text):
         cut = finish(text)
-        if cut and rubric.score(prompt, cut, True).total > best:
-            text, done, best = cut, True, rubric.score(prompt, cut, True).total
-            out.edits.append("finish")
+        got = rubric.score(prompt, cut, True).total if cut else best
+        if got > best:
+            text, done, best = cut, True, got
+            edits.append("finish")
     specs = {s["kind"]: s for s in rubric.instructions_of(prompt)}  # EDITS sets the order, not the prompt
     for kind, edit in EDITS.items():
         spec = specs.get(kind)
         if spec is None or rubric.check_instruction(spec, text):
             continue
-        params = {k: v for k, v in spec.items() if k != "kind"}
-        candidate = edit(text, **params)
+        candidate = edit(text, **{k: v for k, v in spec.items() if k != "kind"})
         got = rubric.score(prompt, candidate, done).total
         if got > best:
             text, best = candidate, got
-            out.edits.append(kind)
-    out.text, out.finished, out.gold_after = text, done, best
-    return out
+            edits.append(kind)
+    return Revision(text=text, finished=done, edits=edits, gold_before=before, gold_after=best)

@@ -175,13 +175,13 @@ def run_pipeline(cfg: PipelineConfig, say=print) -> dict:
     rankings0 = label_round(0, cfg.model, cfg.temperature)
     timings["sample_and_label"] = time.perf_counter() - t
 
-    # 3. SFT on the labeler's best answer of each prompt (best-of-K rejection sampling), revised
+    # 3. SFT on the labeler's best answer of each prompt (best-of-K rejection sampling)
     demos = demonstrations(rankings0, read_jsonl(out / "round0" / "samples.jsonl"), prompts_of_round(0), cfg)
     write_jsonl(out / "round0" / "demos.jsonl", demos)
-    edited = sum(bool(d.get("edits")) for d in demos)
-    say(f"{len(demos)} demonstrations (best of {cfg.k}, gold > {cfg.min_demo_score}) from {len(rankings0)} prompts"
-        + (f"; {edited} revised by rule (mean gold {sum(d['gold_before'] for d in demos) / max(1, len(demos)):+.3f} -> "
-           f"{sum(d['gold'] for d in demos) / max(1, len(demos)):+.3f})" if cfg.revise_demos else ""))
+    say(f"{len(demos)} demonstrations (best of {cfg.k}, gold > {cfg.min_demo_score}) from {len(rankings0)} prompts")
+    if cfg.revise_demos and demos:
+        mean = lambda key: sum(d[key] for d in demos) / len(demos)  # noqa: E731
+        say(f"{sum(bool(d['edits']) for d in demos)} of them revised by rule: mean gold {mean('gold_before'):+.3f} -> {mean('gold'):+.3f}")
     t = time.perf_counter()
     sft = out / "sft"
     if not (sft / "model" / "config.json").exists():
