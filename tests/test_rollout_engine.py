@@ -346,3 +346,17 @@ def test_bf16_fast_path_with_lora_adapters(tiny_path):
         right = (torch.tensor(out.logprobs) - ref(adapters, out)).abs().median()
         wrong = (torch.tensor(out.logprobs) - ref(not adapters, out)).abs().median()
         assert right < 0.15 and wrong > 2 * right
+
+
+def test_lm_head_in_chunks_is_bitwise_the_plain_head():
+    """The fp32 decode step's LM head runs over vocabulary chunks: the same values, bit for bit,
+    for a vocabulary that is not a multiple of the chunk, with and without a bias."""
+    from rlhfkit.rollout.runner import HEAD_CHUNK, head_in_chunks
+
+    g = torch.Generator().manual_seed(0)
+    V, d = 2 * HEAD_CHUNK + 37, 64
+    w, b = torch.randn(V, d, generator=g), torch.randn(V, generator=g)
+    for rows in (1, 5, 16):
+        h = torch.randn(rows, d, generator=g)
+        assert torch.equal(head_in_chunks(h, w), torch.nn.functional.linear(h, w))
+        assert torch.equal(head_in_chunks(h, w, b), torch.nn.functional.linear(h, w, b))

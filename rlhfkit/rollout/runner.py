@@ -377,6 +377,10 @@ class Runner:
         """lm_head on final hidden states (…, d) -> (…, V) in the compute dtype (fp32 on the module path)."""
         if self._bound is not None:
             return self._bound[1](h.to(self.compute_dtype))
+        w = self.lm_head.weight
+        if (_is_plain_linear(self.lm_head) and w.device.type == "cpu" and w.dtype == torch.float32
+                and h.dim() == 2 and h.shape[0] <= HEAD_CHUNK_MAX_ROWS and h.dtype == w.dtype):
+            return head_in_chunks(h, w, self.lm_head.bias)
         return self.lm_head(h).float()
 
     @torch.no_grad()
@@ -512,6 +516,25 @@ class Runner:
 
 
 _RMS_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm")
+
+HEAD_CHUNK = 1024  # vocabulary rows per matmul of ``head_in_chunks`` (2.4 MB of fp32 weights at d = 576)
+HEAD_CHUNK_MAX_ROWS = 128  # above this many rows one matmul is as fast (measured, see head_in_chunks)
+
+
+def head_in_chunks(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(h, weight, bias)`` for the LM head of a decode step, over vocabulary chunks.
+
+    h (B, d) with few rows, weight (V, d) -> (B, V). Bitwise the same values: each output is the
+    same dot product over d, only the vocabulary is split. Why: for few rows MKL's fp32 GEMM
+    streams a large weight (SmolLM2: 49,152 x 576, 113 MB) far below memory bandwidth; in chunks
+    that fit in L2 it runs ~1.7x faster (2-core AVX2 EPYC, d = 576: 42 -> 25 ms at 16 rows, 80 -> 50 ms
+    at 64, no gain from 256 rows on), i.e. ~15 % of a fp32 decode step at 16 rows.
+    """
+    out = torch.empty(h.shape[0], weight.shape[0], dtype=h.dtype, device=h.device)
+    for start in range(0, weight.shape[0], HEAD_CHUNK):
+        stop = min(start + HEAD_CHUNK, weight.shape[0])
+        out[:, start:stop] = F.linear(h, weight[start:stop], None if bias is None else bias[start:stop])
+    return out
 
 
 def _rms_params(mod: torch.nn.Module) -> tuple[torch.Tensor, float] | None:
