@@ -181,7 +181,8 @@ class PPOConfig(TrainConfig):
     ptx_coef: float = opt(0.0, "PPO-ptx: weight gamma of the pretraining loss.")
     ptx_batch_size: int = opt(4, "PPO-ptx: corpus chunks per minibatch.")
     ptx_length: int = opt(256, "PPO-ptx: tokens per corpus chunk.")
-    forward_batch_size: int = opt(16, "Sequences per no-grad forward (log-probs, reference, values, scores).")
+    grad_accum: int = opt(2, "Micro-batches per minibatch, each of rows of similar length (less padding, less memory; the loss does not change). 1 suits a GPU.")
+    forward_batch_size: int = opt(4, "Sequences per no-grad forward (log-probs, reference, values, scores), rows sorted by length so each chunk pads little; larger suits a GPU.")
     save_every: int = opt(0, "Write a resumable checkpoint every N iterations (0 = only at the end).")
 
 

@@ -106,6 +106,34 @@ def test_ppo_exact_resume(sharp_path, tiny_path, tmp_path):
     assert all(torch.allclose(ca[k], cb[k], atol=1e-6) for k in ca)
 
 
+@pytest.mark.parametrize("critic", ["rm", "policy_head"])
+def test_chunk_layout_leaves_ppo_unchanged(sharp_path, tiny_path, tmp_path, critic):
+    """Sorted no-grad chunks and length-sorted micro-batches are a speed layout only: one forward
+    of all 8 rows and whole minibatches give the same iteration (fp32: metrics and updated
+    weights) as chunks of 3 rows and 3 micro-batches per minibatch. (One iteration: a later one
+    samples from weights that differ in the last bits, which can flip a sampled token.)"""
+    from safetensors.torch import load_file
+
+    from rlhfkit.recipes.ppo import train_ppo
+
+    kw = dict(max_steps=1, batch_size=8, max_new_tokens=12, num_minibatches=2, ppo_epochs=2, critic=critic,
+              missing_eos_penalty=-1.0)
+    one, split = tmp_path / "one", tmp_path / "split"
+    train_ppo(ppo_cfg(sharp_path, tiny_path, one, grad_accum=1, forward_batch_size=8, **kw), reward_fn=newline_reward,
+              say=lambda *a: None)
+    train_ppo(ppo_cfg(sharp_path, tiny_path, split, grad_accum=3, forward_batch_size=3, **kw), reward_fn=newline_reward,
+              say=lambda *a: None)
+    (a,), (b,) = read_metrics(one), read_metrics(split)
+    assert a["policy_loss"] != 0 and a["grad_norm"] > 0
+    for k in ("score", "kl", "kl_k3", "entropy", "reward", "explained_variance", "value_mean", "return_mean",
+              "response_length", "policy_loss", "clipfrac", "approx_kl", "value_loss", "ratio_mean", "grad_norm"):
+        assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6), k
+    wa, wb = load_file(one / "model" / "model.safetensors"), load_file(split / "model" / "model.safetensors")
+    before = load_file(Path(sharp_path) / "model.safetensors")
+    assert any(not torch.equal(wa[k], before[k]) for k in wa)  # the update happened
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
+
+
 def _rollout(loaded, n_prompts: int = 4, new: int = 8, temperature: float = 1.0, seed: int = 0):
     from rlhfkit.data.tokenize import encode_prompt
     from rlhfkit.recipes.ppo_models import cut_responses, make_batch
@@ -276,3 +304,38 @@ def test_critic_values_are_on_the_reward_scale(tiny_path, tmp_path):
               reward_fn=newline_reward)
     first = json.loads((tmp_path / "ppo" / "metrics.jsonl").read_text().splitlines()[0])
     assert first["value_mean"] == 0.0
+
+
+def test_no_grad_forwards_in_sorted_chunks_keep_the_batch_order(tiny_path):
+    """rollout_forwards and rm_scores sort rows by length into chunks and must hand every result
+    back to its own row: chunks of 2 rows give the same tensors as one forward of all rows, for a
+    batch built so that sorting reverses it (longest prompt + answer first)."""
+    from contextlib import nullcontext
+
+    from rlhfkit.models.heads import load_reward_model
+    from rlhfkit.models.loading import load_causal_lm
+    from rlhfkit.recipes.ppo_models import Critic, length_chunks, make_batch, rm_scores, rollout_forwards
+
+    loaded = load_causal_lm(tiny_path)
+    policy, ref = loaded.model.eval(), load_causal_lm(tiny_path).model.eval()
+    g = torch.Generator().manual_seed(0)
+    n = 6
+    queries = [torch.randint(5, 1000, (14 - 2 * i,), generator=g).tolist() for i in range(n)]
+    response = torch.randint(5, 1000, (n, 9), generator=g)
+    mask = torch.arange(9)[None, :] < torch.tensor([9, 8, 6, 5, 3, 2])[:, None]
+    batch = make_batch(queries, response.masked_fill(~mask, 0), mask, 0)
+    assert [c.tolist() for c in length_chunks(batch, torch.arange(n), 2)] == [[5, 4], [3, 2], [1, 0]]
+    head = torch.nn.Linear(policy.config.hidden_size, 1, bias=False)
+    torch.nn.init.normal_(head.weight, std=0.5)
+    critic = Critic("policy_head", head=head)
+    whole = rollout_forwards(policy, ref, critic, batch, 0.7, n, nullcontext, False)
+    chunked = rollout_forwards(policy, ref, critic, batch, 0.7, 2, nullcontext, False)
+    for k in ("logprobs", "entropy", "values", "ref_logprobs"):
+        assert (whole[k] != 0).any(), k
+        assert torch.allclose(whole[k], chunked[k], atol=1e-5), k
+    rm, _ = load_reward_model(tiny_path)
+    with torch.no_grad():
+        s_whole, s_chunked = rm_scores(rm, batch, n, nullcontext), rm_scores(rm, batch, 2, nullcontext)
+        s_rows = torch.cat([rm_scores(rm, batch.rows(torch.tensor([i])), 1, nullcontext) for i in range(n)])
+    assert torch.allclose(s_whole, s_chunked, atol=1e-5) and torch.allclose(s_rows, s_chunked, atol=1e-5)
+    assert s_chunked.std() > 0

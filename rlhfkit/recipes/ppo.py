@@ -51,8 +51,8 @@ from rlhfkit.models.loading import load_causal_lm, resolve_precision
 from rlhfkit.recipes.common import (compile_blocks, MetricsLog, apply_lora, batch_plan, load_checkpoint, make_accelerator,
                                     make_optimizer, merged, prepare_out, progress, release_memory, rss_mb, save_checkpoint,
                                     training_attention)
-from rlhfkit.recipes.ppo_models import (Critic, _Checkpoint, _unwrap, bf16_matmul_weights, cut_responses, make_batch,
-                                        policy_hidden, response_logits, rm_scores, rollout_forwards)
+from rlhfkit.recipes.ppo_models import (Critic, _Checkpoint, _unwrap, bf16_matmul_weights, cut_responses, length_chunks,
+                                        make_batch, policy_hidden, response_logits, rm_scores, rollout_forwards)
 from rlhfkit.rollout import Engine, SamplingParams
 
 RewardFn = Callable[[list[Prompt], list[str], list[bool]], Sequence[float]]
@@ -288,7 +288,8 @@ def train_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None, interrupt_after
             for k, mb_start in enumerate(range(0, N, mb_size)):
                 mb = perm[mb_start : mb_start + mb_size]
                 n_tokens = mask[mb].sum()
-                micro = [m for m in mb.chunk(max(1, min(cfg.grad_accum, len(mb))))]
+                # micro-batches of rows of similar length (length_chunks): less padding, same loss
+                micro = length_chunks(batch, mb, math.ceil(len(mb) / max(1, min(cfg.grad_accum, len(mb)))))
                 for m in micro:
                     b = batch.rows(m)
                     cols = b.response.shape[1]

@@ -229,8 +229,9 @@ def rollout_forwards(policy, ref, critic: Critic, batch: Batch, temperature: flo
     def pad(x: torch.Tensor) -> torch.Tensor:  # (b, r) -> (b, R): chunks are trimmed to their own length
         return torch.nn.functional.pad(x, (0, R - x.shape[1]))
 
-    for start in range(0, N, chunk):
-        b = batch.rows(torch.arange(start, min(start + chunk, N)))
+    chunks = length_chunks(batch, torch.arange(N), chunk)
+    for rows in chunks:
+        b = batch.rows(rows)
         # one autocast context per model: its cache of bf16 weight casts is freed on exit
         with autocast():
             h = policy_hidden(policy, b)  # (b, r, d)
@@ -252,7 +253,21 @@ def rollout_forwards(policy, ref, critic: Critic, batch: Batch, temperature: flo
                 ref_logits = response_logits(ref, policy_hidden(ref, b))
             out["ref_logprobs"].append(pad(logprobs_from_logits(ref_logits, b.response, temperature)))
             del ref_logits
-    return {k: torch.cat(v) * batch.response_mask for k, v in out.items()}
+    back = torch.argsort(torch.cat(chunks))  # rows back into batch order
+    return {k: torch.cat(v)[back] * batch.response_mask for k, v in out.items()}
+
+
+def length_chunks(batch: Batch, rows: torch.Tensor, size: int) -> list[torch.Tensor]:
+    """``rows`` sorted by sequence length, cut into chunks of ``size``: each chunk pads little.
+
+    Each forward pads its rows to the chunk's longest sequence; in rollout order a batch of the
+    demo's PPO (prompts of 44-102 tokens, answers of up to 128) holds ~40 % padding, sorted chunks
+    of 4 rows ~10 %. Measured on the 2-core AVX2 EPYC, 16 rollouts of SmolLM2-135M in fp32:
+    policy forward 9.4-10.3 s as one chunk of 16, 7.0 s as 4 sorted chunks of 4; a training
+    forward + backward of 8 rows 13.1 s as one chunk, 9.7 s as 2 sorted chunks of 4.
+    """
+    order = rows[torch.argsort(batch.last_index[rows], stable=True)]
+    return list(order.split(max(1, size)))
 
 
 @torch.no_grad()
@@ -279,8 +294,9 @@ def logprobs_and_entropy(logits: torch.Tensor, tokens: torch.Tensor, temperature
 def rm_scores(rm, batch: Batch, chunk: int, autocast) -> torch.Tensor:
     """Normalised reward-model scores (N,), read at each response's last token (its EOS)."""
     scores = []
-    for start in range(0, len(batch.response), chunk):
-        b = batch.rows(torch.arange(start, min(start + chunk, len(batch.response))))
+    chunks = length_chunks(batch, torch.arange(len(batch.response)), chunk)
+    for rows in chunks:
+        b = batch.rows(rows)
         with autocast():
             scores.append(rm.score(b.input_ids, b.attention_mask, b.last_index).float())
-    return torch.cat(scores)
+    return torch.cat(scores)[torch.argsort(torch.cat(chunks))]
