@@ -52,7 +52,7 @@ def trl_prompts() -> list[str]:
     return ns["INSTRUCTIONS"]
 
 
-def run_ours(out: Path, iterations: int, variant: str, prompts_file: Path) -> dict:
+def run_ours(out: Path, iterations: int, variant: str, prompts_file: Path, precision: str = "bf16") -> dict:
     """Child process: one PPO run; returns per-iteration timings and this process's peak RSS.
 
     ``variant``: 'rm' (critic = a copy of the RM, full fine-tuning: the like-for-like setting),
@@ -68,7 +68,7 @@ def run_ours(out: Path, iterations: int, variant: str, prompts_file: Path) -> di
     model = str(embedded_model_dir())
     cfg = PPOConfig(model=model, reward_model=model, critic=critic, data=str(prompts_file), out=str(out),
                     batch_size=16, max_new_tokens=64, ignore_eos=True, temperature=0.7, ppo_epochs=1,
-                    num_minibatches=2, lr=1e-6, precision="bf16", max_steps=iterations, missing_eos_penalty=None,
+                    num_minibatches=2, lr=1e-6, precision=precision, max_steps=iterations, missing_eos_penalty=None,
                     lora="+lora" in variant)
     t0 = time.perf_counter()
     train_ppo(cfg, say=lambda *a: None)
@@ -87,7 +87,7 @@ def run_ours(out: Path, iterations: int, variant: str, prompts_file: Path) -> di
 
 
 def child(args) -> None:
-    result = run_ours(Path(args.out), args.iterations, args.critic, Path(args.prompts))
+    result = run_ours(Path(args.out), args.iterations, args.critic, Path(args.prompts), args.precision)
     Path(args.result).write_text(json.dumps(result, indent=1))
 
 
@@ -126,19 +126,19 @@ def _env() -> dict:
     return env
 
 
-def spawn_ours(tmp: Path, critic: str, iterations: int, prompts_file: Path, tag: str = "") -> dict:
+def spawn_ours(tmp: Path, critic: str, iterations: int, prompts_file: Path, tag: str = "", precision: str = "bf16") -> dict:
     name = f"{critic}{tag}".replace("+", "-")
     res = tmp / f"ours-{name}.json"
     need = OURS_NEEDS_GIB[critic.split("+")[0]]
     if not wait_for_memory(need):
         raise SystemExit(f"{critic}: less than {need} GiB available for 15 minutes (a shared machine); try later")
     cmd = [sys.executable, __file__, "--child", "--critic", critic, "--iterations", str(iterations),
-           "--prompts", str(prompts_file), "--out", str(tmp / f"run-{name}"), "--result", str(res)]
+           "--prompts", str(prompts_file), "--out", str(tmp / f"run-{name}"), "--result", str(res), "--precision", precision]
     subprocess.run(cmd, check=True, cwd=ROOT, env=_env(), preexec_fn=_expendable)
     return json.loads(res.read_text())
 
 
-def spawn_trl(tmp: Path, model_dir: str, tag: str = "") -> dict | None:
+def spawn_trl(tmp: Path, model_dir: str, tag: str = "", precision: str = "bf16") -> dict | None:
     py = TRL_VENV / "bin" / "python"
     if not py.exists() or not (PEERS / "ppo_bench.py").exists():
         print(f"TRL skipped: {py} or {PEERS}/ppo_bench.py missing")
@@ -149,7 +149,7 @@ def spawn_trl(tmp: Path, model_dir: str, tag: str = "") -> dict | None:
     shutil.copytree(PEERS, work)
     env = dict(_env(), BENCH_MODEL=model_dir)
     try:
-        proc = subprocess.run([str(py), "ppo_bench.py", "--precision", "bf16", "--tag", "ppo_bench"], cwd=work,
+        proc = subprocess.run([str(py), "ppo_bench.py", "--precision", precision, "--tag", "ppo_bench"], cwd=work,
                               env=env, capture_output=True, text=True, timeout=TRL_TIMEOUT_S, preexec_fn=_expendable)
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {TRL_TIMEOUT_S} s"}
@@ -175,6 +175,8 @@ def main() -> None:
                     help="OMP_NUM_THREADS for both sides (0 = torch's default: 2 here). 1 by default: this "
                          "2-core machine is shared with other jobs that keep one core busy, and a second "
                          "thread then waits for it (2 threads measured no faster, 13.4 vs 12.6 s per iteration)")
+    ap.add_argument("--precision", default="bf16", choices=["bf16", "fp32"],
+                    help="both sides (issue 4 asks bf16; fp32 for a CPU without bf16 instructions: writes ppo_fp32.*)")
     args = ap.parse_args()
     if args.child:
         return child(args)
@@ -192,15 +194,15 @@ def main() -> None:
     rounds = []
     for k in range(args.rounds):
         load = os.getloadavg()[0]
-        ours = {c: spawn_ours(tmp, c, args.iterations, prompts_file, tag=f"-r{k}") for c in variants}
-        trl = None if args.no_trl else spawn_trl(tmp, model_dir, tag=f"-r{k}")
+        ours = {c: spawn_ours(tmp, c, args.iterations, prompts_file, tag=f"-r{k}", precision=args.precision) for c in variants}
+        trl = None if args.no_trl else spawn_trl(tmp, model_dir, tag=f"-r{k}", precision=args.precision)
         rounds.append({"loadavg_start": load, "loadavg_end": os.getloadavg()[0], "ours": ours, "trl": trl})
         print(f"round {k + 1}: " + ", ".join(f"{c} {o['median_step_s']:.1f} s" for c, o in ours.items())
               + (f", TRL {trl['median_step_s']:.1f} s" if trl and "median_step_s" in trl else ""), flush=True)
 
     result = {
         "benchmark": "PPO iteration, SmolLM2-135M-Instruct as policy/ref/RM/critic, 16 prompts x 64 new tokens, "
-                     "1 epoch, 2 minibatches, bf16",
+                     f"1 epoch, 2 minibatches, {args.precision}",
         "started": started, "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus",
         "omp_num_threads": args.threads or "default", "omp_wait_policy": "PASSIVE", "rounds": rounds,
     }
@@ -210,9 +212,11 @@ def main() -> None:
         result["ratios"] = {c: {"time": statistics.median(r["ours"][c]["median_step_s"] / r["trl"]["median_step_s"] for r in ok),
                                 "rss": statistics.median(r["ours"][c]["ru_maxrss_mib"] / r["trl"]["ru_maxrss_mib"] for r in ok)}
                             for c in variants}
+    name = "ppo" if args.precision == "bf16" else f"ppo_{args.precision}"
+    result["name"] = name
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "ppo.json").write_text(json.dumps(result, indent=1))
-    (RESULTS / "ppo.md").write_text(markdown(result))
+    (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=1))
+    (RESULTS / f"{name}.md").write_text(markdown(result))
     print(markdown(result))
     shutil.rmtree(tmp, ignore_errors=True)
 
@@ -250,7 +254,7 @@ def markdown(r: dict) -> str:
         lines += [f"- critic={c}: time {x['time']:.3f} x TRL, peak RSS {x['rss']:.3f} x TRL" for c, x in r["ratios"].items()]
     else:
         lines += ["", "TRL not run (venv benchmarks/.venvs/trl-ppo missing or --no-trl)."]
-    notes = RESULTS / "ppo.notes.md"  # written by hand after a run: what the numbers mean, what was tried
+    notes = RESULTS / f"{r.get('name', 'ppo')}.notes.md"  # written by hand after a run: what the numbers mean, what was tried
     if notes.exists():
         lines += ["", notes.read_text().rstrip()]
     return "\n".join(lines) + "\n"
