@@ -118,6 +118,7 @@ class PipelineConfig:
     labeler_length_bias: float = opt(0.0, "Simulated labeler: taste for longer (> 0) or shorter (< 0) answers.")
     labeler_random_share: float = opt(0.05, "Simulated labeler: share of careless, uniformly random rankings.")
     revise_demos: bool = opt(False, "Edit each demonstration by rule where that satisfies an instruction it missed (lowercase, end phrase, no commas, ...; rlhfkit/feedback/revise.py). Tried with rank_sft: a better SFT model, a smaller PPO gain (benchmarks/results/demo_revise.md).")
+    rank_revisions: bool = opt(False, "The labeler also ranks rule-revised versions of the sampled answers (up to 9 answers per prompt; rlhfkit/feedback/revise.py: with_revisions), so the reward model sees the same answer with and without a missed instruction met.")
     min_demo_score: float = opt(0.0, "A prompt's best answer becomes a demonstration only if its gold score is above this.")
     sft_epochs: float = opt(2.0, "SFT epochs over the demonstrations.")
     sft_lr: float = opt(2e-5, "SFT learning rate.")

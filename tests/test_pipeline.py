@@ -9,7 +9,7 @@ from rlhfkit.recipes.pipeline import run_pipeline
 def test_pipeline_end_to_end_on_tiny(tiny_path, tmp_path, shared_data):
     cfg = PipelineConfig(model=tiny_path, out=str(tmp_path / "run"), train_prompts=8, eval_prompts=4, k=3,
                          max_new_tokens=12, batch_size=4, precision="fp32", min_demo_score=-2.0,
-                         rounds=1, round_prompts=4, rank_sft=True, revise_demos=True, ppo_iterations=1, ppo_batch_size=2,
+                         rounds=1, round_prompts=4, rank_sft=True, revise_demos=True, rank_revisions=True, ppo_iterations=1, ppo_batch_size=2,
                          eval_suites="truthful,tax", eval_data_dir=str(shared_data), eval_limit=3)
     summary = run_pipeline(cfg)
     run = tmp_path / "run"
@@ -18,6 +18,11 @@ def test_pipeline_end_to_end_on_tiny(tiny_path, tmp_path, shared_data):
     assert len(samples) == len(rankings) == 8
     assert all(len(s["responses"]) == 3 for s in samples)
     assert all(sorted(set(r["ranks"]))[0] == 0 for r in rankings)
+    # rank_revisions: the labeler ranked the 3 samples plus rule-revised versions of them (<= 9 in all)
+    for s, r in zip(samples, rankings):
+        assert r["responses"][:3] == s["responses"] and 3 <= len(r["responses"]) <= 9
+        assert r["meta"]["revised_from"][:3] == [None] * 3 and all(i in range(3) for i in r["meta"]["revised_from"][3:])
+    assert any(len(r["responses"]) > 3 for r in rankings)  # tiny-random's answers miss case, commas, phrases
     assert summary["demonstrations"] == 8  # every prompt's best answer passes min_demo_score=-2
     demos = [json.loads(x) for x in (run / "round0" / "demos.jsonl").read_text().splitlines()]
     assert all(d["gold"] >= d["gold_before"] and "original" in d for d in demos)  # revised by rule, never worse

@@ -62,3 +62,29 @@ def test_revise_drops_an_edit_that_breaks_another_instruction():
     p = prompt({"kind": "lowercase"}, {"kind": "uppercase"})
     out = rv.revise(p, ANSWER)
     assert out.edits == ["lowercase"] and out.text == ANSWER.lower()  # 0.0 -> 0.5, then upper would be 0.5 again
+
+
+def test_with_revisions_adds_revised_answers_after_the_samples_largest_gain_first():
+    p = prompt({"kind": "lowercase"}, {"kind": "no_commas"})
+    a = "rice grows in water, mostly in asia."                    # lowercase already: 0.5 -> 1.0
+    b = "Rice, beans and peas grow well here. They need water."   # both fixable: 0.0 -> 1.0
+    c = "peas grow in water too."                                 # follows both: nothing to revise
+    responses, finished, revised_from = rv.with_revisions(p, [a, b, c], [True, True, True])
+    assert responses == [a, b, c, "rice beans and peas grow well here. they need water.",
+                         "rice grows in water mostly in asia."]
+    assert revised_from == [None, None, None, 1, 0] and finished == [True] * 5
+    # a revision that equals a sampled answer is not added twice
+    responses, _, revised_from = rv.with_revisions(p, [a, "rice grows in water mostly in asia."], [True, True])
+    assert len(responses) == 2 and revised_from == [None, None]
+
+
+def test_with_revisions_caps_the_ranking_at_max_k_and_keeps_finished_flags():
+    p = prompt({"kind": "uppercase"})
+    cut = "Rice is a grain that people eat all over the world every day. It grows in wet fields and"
+    others = [f"Answer number {i} about rice." for i in range(4)]
+    responses, finished, revised_from = rv.with_revisions(p, [cut, *others], [False, True, True, True, True], max_k=6)
+    assert len(responses) == 6 and revised_from[:5] == [None] * 5
+    # every revision gains 0.5 or more; the cut-off one gains most (-0.3 -> 1.0) and comes first
+    assert revised_from[5] == 0 and responses[5] == "RICE IS A GRAIN THAT PEOPLE EAT ALL OVER THE WORLD EVERY DAY."
+    assert finished == [False, True, True, True, True, True]
+    assert rv.with_revisions(p, others, [True] * 4, max_k=4) == (others, [True] * 4, [None] * 4)

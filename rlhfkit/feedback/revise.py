@@ -118,3 +118,31 @@ def revise(prompt: Prompt, response: str, finished: bool = True) -> Revision:
             text, best = candidate, got
             edits.append(kind)
     return Revision(text=text, finished=done, edits=edits, gold_before=before, gold_after=best)
+
+
+def with_revisions(prompt: Prompt, responses: list[str], finished: list[bool], max_k: int = 9
+                   ) -> tuple[list[str], list[bool], list[int | None]]:
+    """The K sampled answers plus rule-revised versions of some of them, for the labeler to rank.
+
+    The reward model can only learn what its rankings contrast. A 135M policy almost never
+    answers in lowercase or ends with the asked phrase, so no sampled ranking shows such an
+    answer, and the RM cannot tell PPO that it would be better. A revised answer beside its
+    original (the same text, the instruction now met) is the cleanest contrast there is — the
+    "labeler edits the answer" step of data collection (compare the human-edited demonstrations
+    of InstructGPT and the revisions of Constitutional AI). The labeler still ranks all of them.
+
+    Returns ``(responses, finished, revised_from)``: the K originals first, then up to
+    ``max_k - K`` revisions, largest gold gain first (distinct texts only, none already sampled);
+    ``revised_from[i]`` is the index of the original that response i revises (``None`` for samples).
+    """
+    seen = {r.strip() for r in responses}
+    found: list[tuple[float, int, Revision]] = []
+    for i, (r, f) in enumerate(zip(responses, finished)):
+        rv = revise(prompt, r, f)
+        if rv.edits and rv.text.strip() not in seen:
+            seen.add(rv.text.strip())
+            found.append((rv.gold_after - rv.gold_before, i, rv))
+    found.sort(key=lambda t: (-t[0], t[1]))
+    extra = found[: max(0, max_k - len(responses))]
+    return ([*responses, *(rv.text for _, _, rv in extra)], [*finished, *(rv.finished for _, _, rv in extra)],
+            [*([None] * len(responses)), *(i for _, i, _ in extra)])

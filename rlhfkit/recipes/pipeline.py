@@ -3,7 +3,9 @@
   0. prompts       the built-in task (rlhfkit/tasks): train prompts for learning, held-out eval
                    prompts only for judging
   1. sample        K answers per train prompt from the base model (the rollout engine)
-  2. label         a labeler ranks each prompt's K answers (simulated: gold rubric + noise)
+  2. label         a labeler ranks each prompt's K answers (simulated: gold rubric + noise); with
+                   rank_revisions also rule-revised versions of them, so the RM sees answers that
+                   meet instructions the policy hardly ever meets by itself
   3. SFT           best-of-K rejection sampling: the labeler's top answer of each prompt becomes
                    a demonstration (with revise_demos, edited by rule where an edit satisfies an
                    instruction it missed: rlhfkit/feedback/revise.py), and the base model is
@@ -79,6 +81,20 @@ def sample_answers(model_spec: str, prompts: list[Prompt], k: int, cfg: Pipeline
     return rows
 
 
+def candidates(prompts: list[Prompt], samples: list[dict], cfg: PipelineConfig) -> list[dict]:
+    """What the labeler ranks: each prompt's K sampled answers, with ``cfg.rank_revisions`` also
+    rule-revised versions of them up to 9 in all (:func:`rlhfkit.feedback.revise.with_revisions`)."""
+    if not cfg.rank_revisions:
+        return samples
+    from rlhfkit.feedback.revise import with_revisions
+
+    rows = []
+    for p, row in zip(prompts, samples):
+        responses, finished, revised_from = with_revisions(p, row["responses"], row["finished"])
+        rows.append({**row, "responses": responses, "finished": finished, "revised_from": revised_from})
+    return rows
+
+
 def demonstrations(rankings: list[dict], samples: list[dict], prompts: list[Prompt], cfg: PipelineConfig) -> list[dict]:
     """The labeler's best answer of each prompt (best-of-K rejection sampling); with
     ``cfg.revise_demos`` edited by rule where an edit satisfies a missed instruction
@@ -151,7 +167,7 @@ def run_pipeline(cfg: PipelineConfig, say=print) -> dict:
         prompts = prompts_of_round(r)
         if not (rdir / "samples.jsonl").exists():
             write_jsonl(rdir / "samples.jsonl", sample_answers(policy, prompts, cfg.k, cfg, temperature, say))
-        samples = read_jsonl(rdir / "samples.jsonl")
+        samples = candidates(prompts, read_jsonl(rdir / "samples.jsonl"), cfg)
         if not (rdir / "rankings.jsonl").exists() and cfg.labeler in ("human", "mix"):
             # people rank in `rlhfkit serve --run OUT`; resumable: the tasks and rankings stay in the store
             from rlhfkit.feedback.human import rank_round_by_people
@@ -165,7 +181,8 @@ def run_pipeline(cfg: PipelineConfig, say=print) -> dict:
             rows = []
             for p, row in zip(prompts, samples):
                 rk = labeler.rank(p, row["responses"], row["finished"])
-                rows.append({"prompt": p.text, "responses": rk.responses, "ranks": rk.ranks, "meta": rk.meta})
+                meta = {**rk.meta, "revised_from": row["revised_from"]} if "revised_from" in row else rk.meta
+                rows.append({"prompt": p.text, "responses": rk.responses, "ranks": rk.ranks, "meta": meta})
             write_jsonl(rdir / "rankings.jsonl", rows)
         return read_jsonl(rdir / "rankings.jsonl")
 
@@ -176,7 +193,8 @@ def run_pipeline(cfg: PipelineConfig, say=print) -> dict:
     timings["sample_and_label"] = time.perf_counter() - t
 
     # 3. SFT on the labeler's best answer of each prompt (best-of-K rejection sampling)
-    demos = demonstrations(rankings0, read_jsonl(out / "round0" / "samples.jsonl"), prompts_of_round(0), cfg)
+    demos = demonstrations(rankings0, candidates(prompts_of_round(0), read_jsonl(out / "round0" / "samples.jsonl"), cfg),
+                           prompts_of_round(0), cfg)
     write_jsonl(out / "round0" / "demos.jsonl", demos)
     say(f"{len(demos)} demonstrations (best of {cfg.k}, gold > {cfg.min_demo_score}) from {len(rankings0)} prompts")
     if cfg.revise_demos and demos:
@@ -348,6 +366,8 @@ def render_summary(s: dict) -> str:
         lines.append(f"{name} | {v['gold_mean']:+.3f} | {v['instruction_rate']:.1%} | {v['prompt_rate']:.1%} | "
                      f"{rt['bt']:.0f} ({rt['ci95'][0]:.0f}–{rt['ci95'][1]:.0f})")
     for key, label in (("sft_vs_base", "SFT vs base"), ("final_vs_sft", f"{s['final']} vs SFT")):
+        if key == "final_vs_sft" and s["final"] == "sft":
+            continue  # no PPO (ppo_iterations=0): SFT against itself says nothing
         w = s[key]
         lines.append(f"{label} on {s['prompts']['held_out']} held-out prompts: win-rate {w['win_rate']:.1%} "
                      f"(95% CI {w['ci95'][0]:.1%}–{w['ci95'][1]:.1%}; {w['wins']} wins, {w['ties']} ties, {w['losses']} losses)")
