@@ -4,6 +4,7 @@ and the same run's PPO repeated with beta = 0 to show reward over-optimisation.
     .venv/bin/python benchmarks/demo.py                    # runs the demo into runs/demo-bench
     .venv/bin/python benchmarks/demo.py --run runs/demo    # or reads a finished `make demo` run
     .venv/bin/python benchmarks/demo.py --beta0            # + PPO with kl_coef = 0 from the same SFT and RM
+    .venv/bin/python benchmarks/demo.py --run runs/x --tag demo_x   # an experiment's run -> demo_x.{json,md,html}
 
 Writes benchmarks/results/demo.{json,md,html} (summary, the exact config, the pipeline's report)
 and, with --beta0, demo_beta0.{json,md,html}: RM score against gold score per PPO iteration. The
@@ -85,11 +86,22 @@ def write_results(tag: str, run: Path, wall: float | None, title: str, notes: li
     return res
 
 
+def overrides_of(config: dict) -> dict:
+    """The fields of a run's pipeline.json that differ from today's PipelineConfig defaults."""
+    from dataclasses import asdict
+
+    from rlhfkit.config import PipelineConfig
+
+    defaults = asdict(PipelineConfig())
+    return {k: v for k, v in config.items() if k in defaults and k != "out" and defaults[k] != v}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", default=None, help="a finished pipeline run to report (default: run the demo into runs/demo-bench)")
     ap.add_argument("--beta0", action="store_true", help="also PPO with kl_coef = 0 from the same SFT and reward model")
     ap.add_argument("--beta0-only", action="store_true", help="only the beta = 0 run (the demo run must exist)")
+    ap.add_argument("--tag", default="demo", help="results name: benchmarks/results/TAG.{json,md,html} (e.g. an experiment's run)")
     ap.add_argument("overrides", nargs="*", help="key=value overrides of the pipeline config (both runs)")
     a = ap.parse_args()
     run = Path(a.run or ROOT / "runs" / "demo-bench")
@@ -97,8 +109,15 @@ def main() -> None:
     if not a.beta0_only:
         if not (run / "summary.json").exists():
             wall = run_pipeline(run, a.overrides)
-        write_results("demo", run, wall, "make demo: the RLHF pipeline on SmolLM2-135M-Instruct",
-                      ["Produced by `python benchmarks/demo.py` (the default `PipelineConfig`, i.e. `make demo`)."])
+        if a.tag == "demo":
+            write_results("demo", run, wall, "make demo: the RLHF pipeline on SmolLM2-135M-Instruct",
+                          ["Produced by `python benchmarks/demo.py` (the default `PipelineConfig`, i.e. `make demo`)."])
+        else:
+            config = json.loads((run / "pipeline.json").read_text()) if (run / "pipeline.json").exists() else {}
+            write_results(a.tag, run, wall, f"Experiment: {a.tag}",
+                          [f"Produced by `python benchmarks/demo.py --run {run.relative_to(ROOT) if run.is_relative_to(ROOT) else run} "
+                           f"--tag {a.tag}`; the pipeline's config is in `{a.tag}.json` → `config` "
+                           f"({', '.join(f'{k}={v}' for k, v in overrides_of(config).items()) or 'the defaults'})."])
     if a.beta0 or a.beta0_only:
         b0 = run.parent / (run.name + "-beta0")
         if not (b0 / "summary.json").exists():
