@@ -24,6 +24,9 @@ The edits (each a small pure function, ``text -> text``):
 edit only if the gold score rises (so an edit that breaks another instruction is dropped). The
 other instruction kinds (word counts, keywords, JSON, sections …) need rewriting, not editing,
 and are left to the model.
+
+:func:`with_revisions` puts revised answers beside their originals in what the labeler ranks, so
+the reward model learns the same contrasts (the pipeline's ``rank_revisions``).
 """
 
 from __future__ import annotations

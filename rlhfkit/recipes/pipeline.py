@@ -82,9 +82,10 @@ def sample_answers(model_spec: str, prompts: list[Prompt], k: int, cfg: Pipeline
 
 
 def candidates(prompts: list[Prompt], samples: list[dict], cfg: PipelineConfig) -> list[dict]:
-    """What the labeler ranks: each prompt's K sampled answers, with ``cfg.rank_revisions`` also
-    rule-revised versions of them up to 9 in all (:func:`rlhfkit.feedback.revise.with_revisions`)."""
-    if not cfg.rank_revisions:
+    """What the labeler ranks: each prompt's K sampled answers, with ``cfg.rank_revisions`` (and a
+    simulated or gold labeler) also rule-revised versions of them, up to 9 in all
+    (:func:`rlhfkit.feedback.revise.with_revisions`). People rank only what the model wrote."""
+    if not cfg.rank_revisions or cfg.labeler not in ("simulated", "gold"):
         return samples
     from rlhfkit.feedback.revise import with_revisions
 
