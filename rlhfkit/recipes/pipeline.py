@@ -161,8 +161,9 @@ def run_pipeline(cfg: PipelineConfig, say=print) -> dict:
         hi = cfg.train_prompts if r == 0 else lo + cfg.round_prompts
         return [train_all[i % len(train_all)] for i in order[lo:hi]]
 
-    def label_round(r: int, policy: str, temperature: float) -> list[dict]:
-        """1.-2. K answers per prompt from ``policy``, ranked by the labeler; kept in round{r}/."""
+    def label_round(r: int, policy: str, temperature: float) -> tuple[list[dict], list[dict]]:
+        """1.-2. K answers per prompt from ``policy``, ranked by the labeler; kept in round{r}/.
+        Returns (rankings, what was ranked: the samples, with rank_revisions plus revisions)."""
         rdir = out / f"round{r}"
         rdir.mkdir(exist_ok=True)
         prompts = prompts_of_round(r)
@@ -185,19 +186,18 @@ def run_pipeline(cfg: PipelineConfig, say=print) -> dict:
                 meta = {**rk.meta, "revised_from": row["revised_from"]} if "revised_from" in row else rk.meta
                 rows.append({"prompt": p.text, "responses": rk.responses, "ranks": rk.ranks, "meta": meta})
             write_jsonl(rdir / "rankings.jsonl", rows)
-        return read_jsonl(rdir / "rankings.jsonl")
+        return read_jsonl(rdir / "rankings.jsonl"), samples
 
     say(f"built-in task: {cfg.train_prompts} train prompts (+{cfg.round_prompts} per later round), {len(held_out)} held-out prompts")
     # 1.-2. round 0: K answers from the base model, ranked
     t = time.perf_counter()
-    rankings0 = label_round(0, cfg.model, cfg.temperature)
+    rankings0, candidates0 = label_round(0, cfg.model, cfg.temperature)
     timings["sample_and_label"] = time.perf_counter() - t
 
     # 3. SFT on the labeler's best answer of each prompt (best-of-K rejection sampling)
-    demos = demonstrations(rankings0, candidates(prompts_of_round(0), read_jsonl(out / "round0" / "samples.jsonl"), cfg),
-                           prompts_of_round(0), cfg)
+    demos = demonstrations(rankings0, candidates0, prompts_of_round(0), cfg)
     write_jsonl(out / "round0" / "demos.jsonl", demos)
-    say(f"{len(demos)} demonstrations (best of {cfg.k}, gold > {cfg.min_demo_score}) from {len(rankings0)} prompts")
+    say(f"{len(demos)} demonstrations (the top-ranked answer, gold > {cfg.min_demo_score}) from {len(rankings0)} prompts")
     if cfg.revise_demos and demos:
         mean = lambda key: sum(d[key] for d in demos) / len(demos)  # noqa: E731
         say(f"{sum(bool(d['edits']) for d in demos)} of them revised by rule: mean gold {mean('gold_before'):+.3f} -> {mean('gold'):+.3f}")
@@ -222,7 +222,7 @@ def run_pipeline(cfg: PipelineConfig, say=print) -> dict:
         rdir.mkdir(exist_ok=True)
         t = time.perf_counter()
         if cfg.round_prompts > 0 and (r > 1 or cfg.rank_sft):  # fresh answers from the newest policy (round 1: SFT)
-            all_rankings += label_round(r, policy, cfg.temperature)
+            all_rankings += label_round(r, policy, cfg.temperature)[0]
         timings[f"round{r}_sample_and_label"] = time.perf_counter() - t
         t = time.perf_counter()
         if not (rdir / "rm" / "model" / "config.json").exists():
