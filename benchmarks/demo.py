@@ -122,9 +122,9 @@ def main() -> None:
         b0 = run.parent / (run.name + "-beta0")
         if not (b0 / "summary.json").exists():
             b0.mkdir(parents=True, exist_ok=True)
-            for part in ("round0", "sft", "round1/rm", "round1/rm_data.jsonl"):
-                src, dst = run / part, b0 / part
-                if not dst.exists():
+            for part in ("round0", "sft", "round1/rm", "round1/rm_data.jsonl", "round1/samples.jsonl", "round1/rankings.jsonl"):
+                src, dst = run / part, b0 / part  # round 1's SFT answers too (rank_sft): nothing is sampled again
+                if src.exists() and not dst.exists():
                     dst.parent.mkdir(parents=True, exist_ok=True)
                     (shutil.copytree if src.is_dir() else shutil.copyfile)(src, dst)
             (b0 / "eval").mkdir(exist_ok=True)
