@@ -30,6 +30,8 @@ def test_pipeline_end_to_end_on_tiny(tiny_path, tmp_path, shared_data):
     fresh = [json.loads(x) for x in (run / "round1" / "rankings.jsonl").read_text().splitlines()]
     assert len(fresh) == 4 and not {r["prompt"] for r in fresh} & {r["prompt"] for r in rankings}
     assert summary["rm_accuracy"][0]["rankings"] == 12
+    gold = summary["rm_accuracy"][0]["gold_after"]  # the simulated labeler's gold scores reach the RM's eval
+    assert gold is None or 0.0 <= gold <= 1.0
     for d in ("sft", "round1/rm", "round1/ppo"):
         assert (run / d / "model" / "config.json").exists()
     assert set(summary["versions"]) == {"base", "sft", "ppo1"} and summary["final"] == "ppo1"
@@ -37,7 +39,7 @@ def test_pipeline_end_to_end_on_tiny(tiny_path, tmp_path, shared_data):
     assert summary["ratings"]["sft"]["bt"] == 1000.0  # anchored
     assert len(summary["ppo"]["ppo1"]) == 1 and "kl" in summary["ppo"]["ppo1"][0]
     page = (run / "report.html").read_text()
-    assert page.count("<img") >= 2 and "ppo1" in page
+    assert page.count("<img") >= 2 and "ppo1" in page and "against the gold rubric" in page
     # the eval suites ran on every version with SFT as the baseline, and the report shows them
     suites = json.loads((run / "eval" / "suites.json").read_text())
     assert suites["versions"] == ["sft", "base", "ppo1"] and suites["baseline"] == "sft"

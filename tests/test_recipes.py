@@ -258,3 +258,33 @@ def test_rm_shared_prompt_rows_train_like_separate_rows(tiny_path, rankings, tmp
     a, b = losses(tmp_path / "shared"), losses(tmp_path / "separate")
     assert len(a) == len(b) == 3
     assert max(abs(x - y) for x, y in zip(a, b)) < 1e-5, (a, b)
+
+
+def test_rm_gold_accuracy_against_the_rubric_behind_the_labeler(tiny_path, tmp_path):
+    """Our rankings carry the gold scores (meta.gold) through the loader; evaluate_rm reports the
+    RM's agreement with them: gold equal to the labeler's order gives the same number as the
+    labeler accuracy, gold reversing it gives 1 - accuracy, tied gold pairs do not count."""
+    from rlhfkit.data.loaders import load_records
+    from rlhfkit.data.tokenize import encode_ranking
+    from rlhfkit.models.heads import load_reward_model
+    from rlhfkit.recipes.reward import evaluate_rm, gold_of
+
+    rows = [{"prompt": f"Name a colour, please ({i}).", "responses": ["Red.", "Blue, I think.", "green", "I do not know."],
+             "ranks": [0, 1, 2, 3], "meta": {"labeler": "simulated", "gold": [0.9, 0.5, 0.1, -0.2]}} for i in range(6)]
+    path = tmp_path / "rankings.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    records = load_records(str(path), "ranking").records
+    assert records[0].meta["labeler"] == "simulated" and records[0].meta["gold"] == [0.9, 0.5, 0.1, -0.2]
+    assert gold_of(records[0], 4) == [0.9, 0.5, 0.1, -0.2] and gold_of(records[0], 3) is None
+
+    rm, tok = load_reward_model(tiny_path)
+    groups = [(encode_ranking(tok, r, 64), list(r.ranks)) for r in records]
+    same = evaluate_rm(rm, groups, tok.pad_token_id, "cpu", gold=[gold_of(r, 4) for r in records])
+    reverse = evaluate_rm(rm, groups, tok.pad_token_id, "cpu", gold=[[-0.2, 0.1, 0.5, 0.9]] * 6)
+    tied = evaluate_rm(rm, groups, tok.pad_token_id, "cpu", gold=[[0.5, 0.5, 0.1, 0.1]] * 6)
+    none = evaluate_rm(rm, groups, tok.pad_token_id, "cpu", gold=[None] * 6)
+    assert same["pairs"] == 36 and same["gold_pairs"] == 36
+    assert same["gold_accuracy"] == pytest.approx(same["accuracy"])
+    assert reverse["gold_accuracy"] == pytest.approx(1 - same["accuracy"])
+    assert tied["gold_pairs"] == 6 * 4  # only the 4 pairs across the two gold levels, per ranking
+    assert "gold_accuracy" not in none

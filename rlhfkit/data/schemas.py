@@ -149,7 +149,13 @@ class _Row:
         return InvalidRecord(f"cannot tell the record type: expected fields {expected} (found: {found})")
 
     def meta(self) -> dict[str, Any]:
-        return {k: v for k, v in self.raw.items() if k not in self.used and isinstance(v, (str, int, float, bool))}
+        """Unused scalar columns, plus the contents of a ``meta`` object column (what our own
+        rankings carry: the labeler, gold scores, ...), so nothing a record says is dropped."""
+        out = {k: v for k, v in self.raw.items() if k not in self.used and isinstance(v, (str, int, float, bool))}
+        nested = self.raw.get("meta")
+        if "meta" not in self.used and isinstance(nested, dict):
+            out = {**nested, **out}
+        return out
 
 
 # -- prompts and messages

@@ -237,7 +237,9 @@ def run_pipeline(cfg: PipelineConfig, say=print) -> dict:
         evals = [m for m in _metrics(rdir / "rm") if "eval_accuracy" in m]
         rm_accuracy.append({"round": r, "rankings": len(all_rankings),
                             "before": evals[0]["eval_accuracy"] if evals else None,
-                            "after": evals[-1]["eval_accuracy"] if evals else None})
+                            "after": evals[-1]["eval_accuracy"] if evals else None,
+                            "gold_before": evals[0].get("eval_gold_accuracy") if evals else None,
+                            "gold_after": evals[-1].get("eval_gold_accuracy") if evals else None})
         timings[f"round{r}_rm"] = time.perf_counter() - t
         if cfg.ppo_iterations <= 0:
             continue
@@ -376,7 +378,9 @@ def render_summary(s: dict) -> str:
         lines.append(f"KL({s['final']} || SFT) per response at the last PPO iteration: {s['final_kl_to_sft']:.3f} nats")
     for rm in s["rm_accuracy"]:
         if rm["after"] is not None:
+            gold = (f" (against the gold rubric {rm['gold_before']:.3f} -> {rm['gold_after']:.3f})"
+                    if rm.get("gold_before") is not None and rm.get("gold_after") is not None else "")
             lines.append(f"round {rm['round']} reward model ({rm['rankings']} rankings): held-out pairwise accuracy "
-                         f"{rm['before']:.3f} -> {rm['after']:.3f}")
+                         f"{rm['before']:.3f} -> {rm['after']:.3f}{gold}")
     lines.append(f"time (s): {s['seconds']}")
     return "\n".join(lines)

@@ -95,9 +95,12 @@ def write_report(path: Path, summary: dict, held_out: list[Prompt], answers: dic
             parts.append(f"<h2>PPO {esc(n)}</h2>" + _ppo_plot(n, [r for r in rows_ if "score" in r]))
     accs = [a for a in summary.get("rm_accuracy", []) if a.get("after") is not None]
     if accs:
-        parts.append("<h2>Reward model per round</h2><table><tr><th>round</th><th>rankings</th><th>held-out accuracy before</th>"
-                     "<th>after</th></tr>" + "".join(f"<tr><td>{a['round']}</td><td>{a['rankings']}</td><td>{a['before']:.3f}</td>"
-                                                      f"<td>{a['after']:.3f}</td></tr>" for a in accs) + "</table>")
+        fmt = lambda x: "–" if x is None else f"{x:.3f}"  # noqa: E731
+        parts.append("<h2>Reward model per round</h2><p>Held-out rankings: accuracy against the labeler's order, and against "
+                     "the gold rubric behind it (pairs the rubric scores differently).</p><table><tr><th>round</th><th>rankings</th>"
+                     "<th>accuracy before</th><th>after</th><th>gold before</th><th>gold after</th></tr>"
+                     + "".join(f"<tr><td>{a['round']}</td><td>{a['rankings']}</td><td>{fmt(a['before'])}</td><td>{fmt(a['after'])}</td>"
+                               f"<td>{fmt(a.get('gold_before'))}</td><td>{fmt(a.get('gold_after'))}</td></tr>" for a in accs) + "</table>")
     ev = summary.get("eval_suites")
     if ev:
         head = "".join(f"<th>{esc(n)}</th>" for n in names if n != "base")

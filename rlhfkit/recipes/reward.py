@@ -22,6 +22,7 @@ from rlhfkit.algos.losses import ranking_loss, ranking_metrics
 from rlhfkit.config import RewardConfig
 from rlhfkit.data.tokenize import Encoded, collate, collate_shared_prompt, encode_ranking, length_groups
 from rlhfkit.errors import UserError
+from rlhfkit.feedback.labelers import ranks_from_scores
 from rlhfkit.models.heads import RewardModel, load_reward_model
 from rlhfkit.recipes.common import (MetricsLog, apply_lora, batch_plan, compile_blocks, load_checkpoint, load_split, make_accelerator,
                                     make_optimizer, merged, periodic_checkpoint, prepare_out, progress, save_checkpoint, shard, training_attention,
@@ -68,27 +69,50 @@ def score_groups(model, groups: list[Group], pad_id: int, device, share_prompt: 
     return scores, ranks, group
 
 
+def gold_of(record, k: int) -> list[float] | None:
+    """The gold-rubric scores a simulated or gold labeler stored with a ranking
+    (``meta["gold"]``, one per response), or None (people's rankings have none)."""
+    gold = record.meta.get("gold")
+    if isinstance(gold, list) and len(gold) == k and all(isinstance(g, (int, float)) for g in gold):
+        return [float(g) for g in gold]
+    return None
+
+
 @torch.no_grad()
-def evaluate_rm(model, groups: list[Group], pad_id: int, device, batch_prompts: int = 8, share_prompt: bool = True) -> dict[str, float]:
-    """Pairwise accuracy over all untied pairs; top-1 accuracy and Kendall τ over prompts with K > 2."""
+def evaluate_rm(model, groups: list[Group], pad_id: int, device, batch_prompts: int = 8, share_prompt: bool = True,
+                gold: list[list[float] | None] | None = None) -> dict[str, float]:
+    """Pairwise accuracy over all untied pairs; top-1 accuracy and Kendall τ over prompts with K > 2.
+
+    With ``gold`` (per group: the gold-rubric scores of its responses, or None): also
+    ``gold_accuracy``, the share of pairs with different gold scores that the RM orders like the
+    rubric. The labeler's own noise caps ``accuracy``; this measures what the RM learned of the
+    rubric behind it (a simulated labeler's rankings only)."""
     was_training = model.training
     model.eval()
-    correct = pairs = top1 = taus = n_big = 0.0
+    correct = pairs = top1 = taus = n_big = gold_correct = gold_pairs = 0.0
     for i in range(0, len(groups), batch_prompts):
         chunk = groups[i : i + batch_prompts]
         scores, _, group = score_groups(model, chunk, pad_id, device, share_prompt)
         for gi, (_, ranks) in enumerate(chunk):
-            m = ranking_metrics(scores[group == gi].tolist(), ranks)
+            mine = scores[group == gi].tolist()
+            m = ranking_metrics(mine, ranks)
             correct += m["pair_correct"]
             pairs += m["pairs"]
             if len(ranks) > 2:
                 n_big += 1
                 top1 += m["top1"]
                 taus += 0.0 if m["kendall_tau"] != m["kendall_tau"] else m["kendall_tau"]
+            g = gold[i + gi] if gold else None
+            if g is not None:
+                gm = ranking_metrics(mine, ranks_from_scores(g))
+                gold_correct += gm["pair_correct"]
+                gold_pairs += gm["pairs"]
     model.train(was_training)
     out = {"accuracy": correct / max(pairs, 1), "pairs": pairs}
     if n_big:
         out |= {"top1_accuracy": top1 / n_big, "kendall_tau": taus / n_big}
+    if gold_pairs:
+        out |= {"gold_accuracy": gold_correct / gold_pairs, "gold_pairs": gold_pairs}
     return out
 
 
@@ -116,6 +140,7 @@ def train_reward_model(cfg: RewardConfig, interrupt_after: int | None = None, sa
     train_recs, eval_recs = load_split(cfg, "ranking", say)
     train: list[Group] = [(encode_ranking(tok, r, cfg.max_length), list(r.ranks)) for r in train_recs]
     held_out: list[Group] = [(encode_ranking(tok, r, cfg.max_length), list(r.ranks)) for r in eval_recs]
+    held_gold = [gold_of(r, r.k) for r in eval_recs]
     cut = sum(e.truncated for g, _ in train + held_out for e in g)
     if cut:
         say(f"truncated {cut} responses to max_length={cfg.max_length} (prompt cut from the left first; the EOS is kept)")
@@ -131,10 +156,10 @@ def train_reward_model(cfg: RewardConfig, interrupt_after: int | None = None, sa
         start, _ = load_checkpoint(ckpt, acc.unwrap_model(rm).seq_model, optimizer, scheduler)
         say(f"resumed from {ckpt} at step {start}")
     log = MetricsLog(out, acc.is_main_process, resume_step=start if ckpt else None)
-    before = evaluate_rm(rm, held_out, pad_id, acc.device, share_prompt=cfg.share_prompt) if held_out and start == 0 else None
+    before = evaluate_rm(rm, held_out, pad_id, acc.device, share_prompt=cfg.share_prompt, gold=held_gold) if held_out and start == 0 else None
     if before:
         log.log(0, **{f"eval_{k}": v for k, v in before.items()})
-        say(f"held-out accuracy before training: {before['accuracy']:.3f}")
+        say(f"held-out accuracy before training: {before['accuracy']:.3f}" + _gold_note(before))
 
     t_train = time.perf_counter()
     bar = progress(len(plan), start, acc.is_main_process, "rm")
@@ -174,7 +199,7 @@ def train_reward_model(cfg: RewardConfig, interrupt_after: int | None = None, sa
             last["grad_norm"] = float(grad_norm)
         # 5. evaluate
         if cfg.eval_every and done % cfg.eval_every == 0 and held_out and done != len(plan):
-            last |= {f"eval_{k}": v for k, v in evaluate_rm(rm, held_out, pad_id, acc.device, share_prompt=cfg.share_prompt).items()}
+            last |= {f"eval_{k}": v for k, v in evaluate_rm(rm, held_out, pad_id, acc.device, share_prompt=cfg.share_prompt, gold=held_gold).items()}
         if done % cfg.log_every == 0 or "eval_accuracy" in last:
             log.log(done, **last)
         bar.update(1)
@@ -186,13 +211,15 @@ def train_reward_model(cfg: RewardConfig, interrupt_after: int | None = None, sa
     bar.close()
     train_seconds = time.perf_counter() - t_train
 
-    final = evaluate_rm(rm, held_out, pad_id, acc.device, share_prompt=cfg.share_prompt) if held_out else {}
+    final = evaluate_rm(rm, held_out, pad_id, acc.device, share_prompt=cfg.share_prompt, gold=held_gold) if held_out else {}
     n_seen = sum(len(b) for b in plan[start:])
     result = {"step": len(plan), **last, **{f"eval_{k}": v for k, v in final.items()},
               "train_seconds": train_seconds, "prompts_per_second": n_seen / max(train_seconds, 1e-9),
               "compiled": compiled, "first_step_seconds": first_step_seconds}
     if before:
         result["eval_accuracy_before"] = before["accuracy"]
+        if "gold_accuracy" in before:
+            result["eval_gold_accuracy_before"] = before["gold_accuracy"]
 
     # 6. normalise: the mean score of the reference (best-ranked) answers becomes 0
     model: RewardModel = acc.unwrap_model(rm)
@@ -210,9 +237,13 @@ def train_reward_model(cfg: RewardConfig, interrupt_after: int | None = None, sa
         seq.config.reward_offset = model.offset
         seq.save_pretrained(out / "model", safe_serialization=True)
         tok.save_pretrained(out / "model")
-        say(f"saved {out / 'model'}; held-out accuracy {final.get('accuracy', float('nan')):.3f}; offset {model.offset:+.4f}")
+        say(f"saved {out / 'model'}; held-out accuracy {final.get('accuracy', float('nan')):.3f}{_gold_note(final)}; offset {model.offset:+.4f}")
     acc.wait_for_everyone()
     return result
+
+
+def _gold_note(metrics: dict) -> str:
+    return f" (against the gold rubric: {metrics['gold_accuracy']:.3f})" if "gold_accuracy" in metrics else ""
 
 
 @torch.no_grad()
