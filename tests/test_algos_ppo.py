@@ -300,3 +300,22 @@ def test_kl_controllers_resume_exactly():
     other = FixedKLController(0.0)
     other.load_state_dict(fixed.state_dict())
     assert other.value == 0.2
+
+
+def test_group_baseline_leave_one_out_by_hand():
+    from rlhfkit.algos.ppo import group_baseline
+
+    # two prompts x 3 samples, prompt-major
+    scores = torch.tensor([1.0, 2.0, 6.0, -1.0, -1.0, 2.0])
+    # prompt 1: 1 - (2+6)/2 = -3, 2 - (1+6)/2 = -1.5, 6 - (1+2)/2 = 4.5
+    # prompt 2: -1 - (-1+2)/2 = -1.5, -1.5, 2 - (-1-1)/2 = 3
+    assert group_baseline(scores, 3).tolist() == pytest.approx([-3.0, -1.5, 4.5, -1.5, -1.5, 3.0])
+    # a per-prompt offset leaves it unchanged: that is the point
+    offset = torch.tensor([10.0] * 3 + [-4.0] * 3)
+    assert group_baseline(scores + offset, 3).tolist() == pytest.approx(group_baseline(scores, 3).tolist())
+    # k = 2: the difference of the pair, antisymmetric
+    assert group_baseline(torch.tensor([0.5, -0.25]), 2).tolist() == pytest.approx([0.75, -0.75])
+    with pytest.raises(ValueError):
+        group_baseline(scores, 4)
+    with pytest.raises(ValueError):
+        group_baseline(scores, 1)

@@ -80,6 +80,37 @@ def test_ppo_smoke_reward_rises_kl_bounded(sharp_path, tiny_path, tmp_path):
     assert (out / "critic" / "config.json").exists()
 
 
+def test_group_baseline_climbs_despite_per_prompt_offsets(sharp_path, tiny_path, tmp_path):
+    """A reward with large per-prompt offsets (what a pairwise-trained RM has, arbitrarily): with
+    4 samples per prompt and score_baseline=group the offsets cancel and the newline count rises."""
+    from rlhfkit.recipes.ppo import train_ppo
+
+    seen: list[float] = []
+
+    def offset_reward(prompts, responses, finished):
+        lines = [r.count("\n") / 4 for r in responses]
+        seen.append(sum(lines) / len(lines))
+        return [l + 5.0 * ((sum(map(ord, p.messages[-1]["content"])) % 5) - 2) for l, p in zip(lines, prompts)]
+
+    out = tmp_path / "group"
+    cfg = ppo_cfg(sharp_path, tiny_path, out, max_steps=6, batch_size=4, samples_per_prompt=4, score_baseline="group")
+    train_ppo(cfg, reward_fn=offset_reward, say=lambda *a: None)
+    print("newlines", [round(s, 3) for s in seen])
+    assert len(seen) == 6
+    assert seen[-1] > seen[0] + 0.5, seen
+    rows = read_metrics(out)
+    assert all(math.isfinite(r["score"]) for r in rows)
+
+
+def test_group_baseline_needs_several_samples(tiny_path, tmp_path):
+    from rlhfkit.errors import UserError
+    from rlhfkit.recipes.ppo import train_ppo
+
+    for kw, msg in ((dict(score_baseline="group"), "samples_per_prompt >= 2"), (dict(score_baseline="mean"), "expected")):
+        with pytest.raises(UserError, match=msg):
+            train_ppo(ppo_cfg(tiny_path, tiny_path, tmp_path / "x", **kw), reward_fn=newline_reward, say=lambda *a: None)
+
+
 def test_ppo_exact_resume(sharp_path, tiny_path, tmp_path):
     """2 iterations + crash + resume for 2 more == 4 straight (fp32, adaptive β, all metrics)."""
     from safetensors.torch import load_file

@@ -13,6 +13,9 @@ Sources, cited where each piece is used:
   vwxyzjn/summarize_from_feedback_details `ppo.py`): unbiased whitening, EOS truncation and the
   no-EOS penalty, temperature-scaled log-probs, value clipping.
 - [KL-approx] http://joschu.net/blog/kl-approx.html (k1, k2, k3 estimators).
+- [RLOO] Ahmadian et al. 2024, "Back to Basics: Revisiting REINFORCE Style Optimization for
+  Learning from Human Feedback in LLMs", §3.2 (leave-one-out baseline over k samples of a prompt);
+  Kool et al. 2019, "Buy 4 REINFORCE Samples, Get a Baseline for Free!".
 
 Conventions. B = batch (sequences), T = response length (right-padded), V = vocabulary.
 `response_mask` is 1 on real response tokens (including the EOS token that ended the response)
@@ -38,6 +41,7 @@ __all__ = [
     "truncate_after_eos",
     "apply_missing_eos_penalty",
     "clip_scores",
+    "group_baseline",
     "whiten_rewards",
     "compute_rewards",
     "compute_gae",
@@ -288,6 +292,26 @@ def clip_scores(scores: torch.Tensor, clip: float) -> torch.Tensor:
     Shapes: ``(B,)`` → ``(B,)``.
     """
     return scores.clamp(-clip, clip)
+
+
+def group_baseline(scores: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Subtract from each score the mean score of the other samples of the same prompt.
+
+    A reward model trained with the pairwise loss (InstructGPT eq. 1) only learns differences
+    between answers to one prompt: any per-prompt offset leaves the loss unchanged, so the offset
+    it ends up with is arbitrary and, to PPO, noise the critic must first learn away. With
+    k = ``group_size`` samples per prompt the leave-one-out mean of the others is a baseline that
+    does not depend on the sample itself, so the policy gradient stays unbiased [RLOO] §3.2:
+
+        s'_i = s_i − 1/(k−1) · Σ_{j≠i} s_j            (j over the samples of i's prompt)
+
+    Shapes: ``(B,)`` prompt-major (the k samples of a prompt are adjacent), B divisible by k → ``(B,)``.
+    """
+    if group_size < 2 or scores.shape[0] % group_size:
+        raise ValueError(f"group_baseline needs group_size >= 2 dividing the batch, got {group_size} for {scores.shape[0]}")
+    g = scores.view(-1, group_size)
+    others = (g.sum(dim=1, keepdim=True) - g) / (group_size - 1)
+    return (g - others).reshape(scores.shape)
 
 
 def whiten_rewards(rewards: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,8 @@ The models (one process; all forwards in the training precision, bf16 autocast b
 Each iteration, numbered as in the algorithm:
   1. prompts       a seeded batch of prompts (the batch plan of the run, so resume is exact)
   2. generate      responses from the live policy weights with the rollout engine (never HF generate)
-  3. score         cut after the first EOS; RM score or reward_fn; score clipping; missing-EOS penalty
+  3. score         cut after the first EOS; RM score or reward_fn; score clipping; missing-EOS penalty;
+                   optionally minus the leave-one-out mean of the prompt's other samples (score_baseline)
   4. forwards      log-probs of policy and reference and the critic's values, without grad, in
                    the training precision (the engine's log-probs are NOT reused for the ratio)
   5. rewards       r_t = −β (log π − log π_ref), plus the score on the last response token
@@ -39,7 +40,7 @@ import torch
 from torch import nn
 
 from rlhfkit.algos.ppo import (AdaptiveKLController, FixedKLController, apply_missing_eos_penalty, clip_scores,
-                               compute_gae, compute_rewards, explained_variance, kl_k3,
+                               compute_gae, group_baseline, compute_rewards, explained_variance, kl_k3,
                                logprobs_from_logits, masked_mean, masked_whiten, ppo_policy_loss, ppo_value_loss,
                                whiten_rewards)
 from rlhfkit.config import PPOConfig
@@ -135,6 +136,10 @@ def train_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None, interrupt_after
         raise UserError(f"critic={cfg.critic!r}: expected 'rm' or 'policy_head'")
     if reward_fn is None and not cfg.reward_model:
         raise UserError("reward_model=…: PPO needs a reward model directory (or a reward_fn from Python)")
+    if cfg.score_baseline not in ("none", "group"):
+        raise UserError(f"score_baseline={cfg.score_baseline!r}: expected 'none' or 'group'")
+    if cfg.score_baseline == "group" and cfg.samples_per_prompt < 2:
+        raise UserError("score_baseline=group compares the samples of one prompt: set samples_per_prompt >= 2")
     if cfg.num_minibatches < 1 or cfg.ppo_epochs < 1:
         raise UserError("num_minibatches and ppo_epochs must be >= 1")
     acc = make_accelerator(cfg)
@@ -254,6 +259,9 @@ def train_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None, interrupt_after
         scores = clip_scores(raw, cfg.score_clip) if cfg.score_clip > 0 else raw
         if cfg.missing_eos_penalty is not None:
             scores = apply_missing_eos_penalty(scores, ended, cfg.missing_eos_penalty)
+        penalised = scores  # what is logged as "score": the baseline only centres it per prompt
+        if cfg.score_baseline == "group":
+            scores = group_baseline(scores, cfg.samples_per_prompt)
         t_score = time.perf_counter() - t0
         gold_mean = None
         if gold:
@@ -343,7 +351,7 @@ def train_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None, interrupt_after
         kl_ctl.update(kl_mean, N)
         done = it + 1
         last = {
-            "score": float(scores.mean()), "score_raw": float(raw.mean()),
+            "score": float(penalised.mean()), "score_raw": float(raw.mean()),
             "kl": kl_mean, "kl_k3": float((kl_k3(fw["logprobs"], fw["ref_logprobs"]) * mask).sum(1).mean()),
             "entropy": float(masked_mean(fw["entropy"], mask)),
             "non_score_reward": float((-beta * kl).sum(1).mean()), "reward": float(rewards.sum(1).mean()),
