@@ -1,6 +1,9 @@
 """The main job's loop on tiny-random: every stage runs, writes its files, and is not redone."""
 
 import json
+import math
+
+import pytest
 
 from rlhfkit.config import PipelineConfig
 from rlhfkit.recipes.pipeline import run_pipeline
@@ -38,8 +41,18 @@ def test_pipeline_end_to_end_on_tiny(tiny_path, tmp_path, shared_data):
     assert 0.0 <= summary["sft_vs_base"]["win_rate"] <= 1.0
     assert summary["ratings"]["sft"]["bt"] == 1000.0  # anchored
     assert len(summary["ppo"]["ppo1"]) == 1 and "kl" in summary["ppo"]["ppo1"][0]
+    # the proxy beside the gold: round 1's RM on each version's held-out answers
+    from rlhfkit.evals.helpful import hf_reward_fn
+    from rlhfkit.tasks import load_task
+
+    sft_rows = [json.loads(x) for x in (run / "eval" / "sft.jsonl").read_text().splitlines()]
+    want = hf_reward_fn(str(run / "round1" / "rm" / "model"))([p.messages for p in load_task("eval")[:4]],
+                                                             [r["responses"][0] for r in sft_rows])
+    assert summary["versions"]["sft"]["rm_mean"] == pytest.approx(sum(want) / 4, abs=1e-4)
+    assert all(v["rm_round"] == 1 and math.isfinite(v["rm_mean"]) for v in summary["versions"].values())
     page = (run / "report.html").read_text()
     assert page.count("<img") >= 2 and "ppo1" in page and "against the gold rubric" in page
+    assert "newest RM&#x27;s score" in page or "newest RM's score" in page
     # the eval suites ran on every version with SFT as the baseline, and the report shows them
     suites = json.loads((run / "eval" / "suites.json").read_text())
     assert suites["versions"] == ["sft", "base", "ppo1"] and suites["baseline"] == "sft"

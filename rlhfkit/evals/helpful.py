@@ -143,8 +143,9 @@ def hf_reward_fn(model_path: str, batch_size: int = 8):
     dev = next(model.parameters()).device
 
     @torch.no_grad()
-    def reward(prompts: list[str], responses: list[str]) -> list[float]:
-        seqs = [encode_prompt(tok, [{"role": "user", "content": p}]) + encode_response(tok, r)
+    def reward(prompts: list[str] | list[list[dict]], responses: list[str]) -> list[float]:
+        """Prompts as text (one user turn) or as chat messages."""
+        seqs = [encode_prompt(tok, [{"role": "user", "content": p}] if isinstance(p, str) else p) + encode_response(tok, r)
                 for p, r in zip(prompts, responses)]  # fmt: skip
         out: list[float] = []
         for s in range(0, len(seqs), batch_size):

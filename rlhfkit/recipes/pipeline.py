@@ -269,6 +269,18 @@ def run_pipeline(cfg: PipelineConfig, say=print) -> dict:
             write_jsonl(path, sample_answers(spec, held_out, 1, cfg, 0.0, say))
         answers[name] = read_jsonl(path)
         judged[name] = judge(held_out, answers[name])
+    # the proxy beside the gold: the newest reward model's mean score on every version's answers
+    # (a policy that climbs it while the gold score stalls or falls is over-optimising it)
+    rm_rounds = [r for r in range(1, cfg.rounds + 1) if (out / f"round{r}" / "rm" / "model" / "config.json").exists()]
+    if rm_rounds:
+        from rlhfkit.evals.helpful import hf_reward_fn
+
+        reward = hf_reward_fn(str(out / f"round{rm_rounds[-1]}" / "rm" / "model"))
+        for name, rows in answers.items():
+            scores = reward([p.messages for p in held_out], [r["responses"][0] for r in rows])
+            judged[name] |= {"rm_mean": sum(scores) / len(scores), "rm_round": rm_rounds[-1]}
+        del reward
+        release_memory()
     timings["judge"] = time.perf_counter() - t
 
     # 7. optional: the eval suites (TruthfulQA, toxicity, CrowS-Pairs, perplexity) on every version
@@ -364,12 +376,14 @@ def _metrics(run: Path) -> list[dict]:
 
 
 def render_summary(s: dict) -> str:
-    lines = ["", "version | gold score | instructions followed | answers following all | Bradley-Terry (95% CI)",
-             "--- | --- | --- | --- | ---"]
+    rm = next((v["rm_round"] for v in s["versions"].values() if v.get("rm_mean") is not None), None)
+    lines = ["", "version | gold score | instructions followed | answers following all | Bradley-Terry (95% CI)"
+             + (f" | round {rm} RM score" if rm else ""), "--- | --- | --- | --- | ---" + (" | ---" if rm else "")]
     for name, v in s["versions"].items():
         rt = s["ratings"][name]
         lines.append(f"{name} | {v['gold_mean']:+.3f} | {v['instruction_rate']:.1%} | {v['prompt_rate']:.1%} | "
-                     f"{rt['bt']:.0f} ({rt['ci95'][0]:.0f}–{rt['ci95'][1]:.0f})")
+                     f"{rt['bt']:.0f} ({rt['ci95'][0]:.0f}–{rt['ci95'][1]:.0f})"
+                     + (f" | {v['rm_mean']:+.3f}" if rm and v.get("rm_mean") is not None else " | –" if rm else ""))
     for key, label in (("sft_vs_base", "SFT vs base"), ("final_vs_sft", f"{s['final']} vs SFT")):
         if key == "final_vs_sft" and s["final"] == "sft":
             continue  # no PPO (ppo_iterations=0): SFT against itself says nothing

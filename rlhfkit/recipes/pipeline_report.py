@@ -68,7 +68,8 @@ def write_report(path: Path, summary: dict, held_out: list[Prompt], answers: dic
     rows = "".join(
         f"<tr><td>{esc(n)}</td><td>{v['gold_mean']:+.3f}</td><td>{v['instruction_rate']:.1%}</td><td>{v['prompt_rate']:.1%}</td>"
         f"<td>{summary['ratings'][n]['bt']:.0f} ({summary['ratings'][n]['ci95'][0]:.0f}–{summary['ratings'][n]['ci95'][1]:.0f})</td>"
-        f"<td>{summary['ratings'][n]['elo']:.0f}</td></tr>"
+        f"<td>{summary['ratings'][n]['elo']:.0f}</td>"
+        f"<td>{'–' if v.get('rm_mean') is None else format(v['rm_mean'], '+.3f')}</td></tr>"
         for n, v in summary["versions"].items())
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'><title>rlhfkit pipeline report</title>",
@@ -78,7 +79,7 @@ def write_report(path: Path, summary: dict, held_out: list[Prompt], answers: dic
         f"<p>{summary['prompts']['held_out']} held-out prompts of the built-in task, answered greedily by every version "
         "and judged by the gold rubric (verifiable instructions minus penalties).</p>",
         "<h2>Versions</h2><table><tr><th>version</th><th>gold score</th><th>instructions followed</th>"
-        "<th>answers following all</th><th>Bradley–Terry (95% CI)</th><th>Elo</th></tr>", rows, "</table>",
+        "<th>answers following all</th><th>Bradley–Terry (95% CI)</th><th>Elo</th><th>newest RM's score</th></tr>", rows, "</table>",
     ]
     for key, label in (("sft_vs_base", "SFT vs base"), ("final_vs_sft", f"{summary['final']} vs SFT")):
         w = summary[key]
