@@ -25,12 +25,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from rlhfkit.evals.helpful import hf_reward_fn  # noqa: E402
-from rlhfkit.recipes.pipeline import judge  # noqa: E402
+from rlhfkit.recipes.pipeline import judge, read_jsonl  # noqa: E402
 from rlhfkit.tasks import load_task  # noqa: E402
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def kl_of(run: Path) -> dict:
