@@ -24,8 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from rlhfkit.evals.helpful import hf_reward_fn  # noqa: E402
-from rlhfkit.recipes.pipeline import judge, read_jsonl  # noqa: E402
+from rlhfkit.recipes.pipeline import judge, read_jsonl, rm_means  # noqa: E402
 from rlhfkit.tasks import load_task  # noqa: E402
 
 
@@ -61,12 +60,11 @@ def main() -> None:
         answers[name] = read_jsonl(run / "eval" / "ppo1.jsonl")[:n]
 
     t0 = time.perf_counter()
-    reward = hf_reward_fn(rm)
+    means = rm_means(rm, held, answers)
     rows = []
     for name, ans in answers.items():
-        scores = reward([p.messages for p in held], [r["responses"][0] for r in ans])
         j = judge(held, ans)
-        rows.append({"version": name, "run": str(runs.get(name, first)), "rm_mean": sum(scores) / n,
+        rows.append({"version": name, "run": str(runs.get(name, first)), "rm_mean": means[name],
                      "gold_mean": j["gold_mean"], "instruction_rate": j["instruction_rate"],
                      "finished": sum(bool(r["finished"][0]) for r in ans),
                      **(kl_of(runs[name]) if name in runs else {})})

@@ -126,6 +126,20 @@ def judge(prompts: list[Prompt], rows: list[dict]) -> dict:
             "scores": [s.total for s in scores]}
 
 
+def rm_means(rm_dir: str, prompts: list[Prompt], answers: dict[str, list[dict]]) -> dict[str, float]:
+    """A reward model's mean score on each version's answers (one answer per prompt)."""
+    from rlhfkit.evals.helpful import hf_reward_fn
+
+    reward = hf_reward_fn(rm_dir)
+    means = {}
+    for name, rows in answers.items():
+        scores = reward([p.messages for p in prompts], [r["responses"][0] for r in rows])
+        means[name] = sum(scores) / len(scores)
+    del reward
+    release_memory()
+    return means
+
+
 def compare(a: list[float], b: list[float]) -> dict:
     """Win-rate of version a over version b on the same prompts (ties count half), with a 95% CI."""
     from rlhfkit.algos.ratings import win_rate
@@ -273,14 +287,9 @@ def run_pipeline(cfg: PipelineConfig, say=print) -> dict:
     # (a policy that climbs it while the gold score stalls or falls is over-optimising it)
     rm_rounds = [r for r in range(1, cfg.rounds + 1) if (out / f"round{r}" / "rm" / "model" / "config.json").exists()]
     if rm_rounds:
-        from rlhfkit.evals.helpful import hf_reward_fn
-
-        reward = hf_reward_fn(str(out / f"round{rm_rounds[-1]}" / "rm" / "model"))
-        for name, rows in answers.items():
-            scores = reward([p.messages for p in held_out], [r["responses"][0] for r in rows])
-            judged[name] |= {"rm_mean": sum(scores) / len(scores), "rm_round": rm_rounds[-1]}
-        del reward
-        release_memory()
+        means = rm_means(str(out / f"round{rm_rounds[-1]}" / "rm" / "model"), held_out, answers)
+        for name, mean in means.items():
+            judged[name] |= {"rm_mean": mean, "rm_round": rm_rounds[-1]}
     timings["judge"] = time.perf_counter() - t
 
     # 7. optional: the eval suites (TruthfulQA, toxicity, CrowS-Pairs, perplexity) on every version
