@@ -160,6 +160,22 @@ def test_ranking_schemas_and_ties(tmp_path):
     assert (r[5].messages, r[5].responses) == ([U("Q")], ["good", "bad"])  # continuations of an HH prompt, stripped
 
 
+def test_ranking_meta_lists_follow_the_reordered_responses(tmp_path):
+    """A row's meta object may describe each response (our labelers write ``gold``, one score per
+    response, in the sampled order); after the best-first re-ordering entry i still belongs to
+    response i. Lists of another length and scalars are left as they are."""
+    src = write_jsonl(tmp_path / "r.jsonl", [
+        {"prompt": "Q", "responses": ["w", "x", "y", "z"], "ranks": [3, 1, 1, 2],
+         "meta": {"gold": [-1.0, 0.9, 0.8, 0.1], "finished": [False, True, True, True], "tags": ["a", "b"], "seed": 3}},
+        {"prompt": "Q", "responses": ["a", "b"], "meta": {"gold": [0.5, 0.2]}},
+    ])  # fmt: skip
+    r = load_records(src, "ranking").records
+    assert r[0].responses == ["x", "y", "z", "w"]
+    assert r[0].meta["gold"] == [0.9, 0.8, 0.1, -1.0] and r[0].meta["finished"] == [True, True, True, False]
+    assert r[0].meta["tags"] == ["a", "b"] and r[0].meta["seed"] == 3
+    assert r[1].meta["gold"] == [0.5, 0.2]
+
+
 def test_prompt_schemas(tmp_path):
     src = write_jsonl(tmp_path / "p.jsonl", [
         {"prompt": "plain"},

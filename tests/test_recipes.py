@@ -269,11 +269,14 @@ def test_rm_gold_accuracy_against_the_rubric_behind_the_labeler(tiny_path, tmp_p
     from rlhfkit.models.heads import load_reward_model
     from rlhfkit.recipes.reward import evaluate_rm, gold_of
 
-    rows = [{"prompt": f"Name a colour, please ({i}).", "responses": ["Red.", "Blue, I think.", "green", "I do not know."],
-             "ranks": [0, 1, 2, 3], "meta": {"labeler": "simulated", "gold": [0.9, 0.5, 0.1, -0.2]}} for i in range(6)]
+    # written as the pipeline writes them: responses in sampled order, ranks and gold per response;
+    # the loader puts the responses best first, and the gold scores must follow them
+    rows = [{"prompt": f"Name a colour, please ({i}).", "responses": ["green", "Red.", "I do not know.", "Blue, I think."],
+             "ranks": [2, 0, 3, 1], "meta": {"labeler": "simulated", "gold": [0.1, 0.9, -0.2, 0.5]}} for i in range(6)]
     path = tmp_path / "rankings.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     records = load_records(str(path), "ranking").records
+    assert records[0].responses == ["Red.", "Blue, I think.", "green", "I do not know."] and records[0].ranks == [0, 1, 2, 3]
     assert records[0].meta["labeler"] == "simulated" and records[0].meta["gold"] == [0.9, 0.5, 0.1, -0.2]
     assert gold_of(records[0], 4) == [0.9, 0.5, 0.1, -0.2] and gold_of(records[0], 3) is None
 

@@ -20,7 +20,8 @@ demonstration
 ranking
   1. ``{prompt | messages, responses: [best, …, worst], ranks?}`` — ``ranks[i]`` is the rank of
      ``responses[i]``, lower is better, equal = tied; responses are re-ordered best first and ranks
-     renumbered 0, 1, 2 … (dense). All tied (no pair) is invalid.
+     renumbered 0, 1, 2 … (dense); lists in the row's ``meta`` object with one entry per response
+     (the gold scores our labelers write) are re-ordered with them. All tied (no pair) is invalid.
   2. ``{prompt | messages, chosen, rejected}`` -> K = 2
   3. ``{chosen, rejected}`` as two full conversations (HH transcripts, or message lists) sharing a
      prompt -> messages = the shared conversation, responses = the two final assistant turns.
@@ -67,7 +68,8 @@ def parse_record(row: dict[str, Any], kind: Kind, *, fields: dict[str, str] | No
     if kind == "demonstration":
         out = _demonstrations(r)
     elif kind == "ranking":
-        out = [_ranking(r)]
+        ranking, order = _ranking(r)
+        out = [ranking]
     elif kind == "prompt":
         out = _prompts(r)
     elif kind == "text":
@@ -77,9 +79,21 @@ def parse_record(row: dict[str, Any], kind: Kind, *, fields: dict[str, str] | No
     else:
         raise InvalidRecord(f"unknown record kind {kind!r}")
     meta = r.meta()
+    if kind == "ranking":
+        meta = _per_response_reordered(meta, order)
     for rec in out:
         rec.meta = {**meta, **rec.meta}
     return out
+
+
+def _per_response_reordered(meta: dict[str, Any], order: list[int]) -> dict[str, Any]:
+    """``meta`` with every list of one entry per response (our rankings' ``gold`` scores, ...)
+    put in the order the responses were re-ordered to, so entry i still describes response i.
+    (Values are not renumbered: ``revised_from`` keeps naming positions of the original row.)"""
+    k = len(order)
+    if order == list(range(k)):
+        return meta
+    return {key: [v[i] for i in order] if isinstance(v, list) and len(v) == k else v for key, v in meta.items()}
 
 
 class _Row:
@@ -317,7 +331,8 @@ def _demonstrations(r: _Row) -> list[Demonstration]:
     raise r.unknown(_DEMO_SCHEMAS)
 
 
-def _ranking(r: _Row) -> Ranking:
+def _ranking(r: _Row) -> tuple[Ranking, list[int]]:
+    """The ranking, and ``order``: its i-th response is the row's ``order[i]``-th (best first)."""
     for has in (r.has, r.present):
         if has("responses"):
             msgs = _prompt(r, _prompt_key(r))
@@ -329,12 +344,12 @@ def _ranking(r: _Row) -> Ranking:
             ranks = _ranks(r, len(responses)) if r.has("ranks") else list(range(len(responses)))
             order = sorted(range(len(responses)), key=lambda i: ranks[i])
             dense = {v: i for i, v in enumerate(sorted(set(ranks)))}
-            return Ranking(messages=msgs, responses=[responses[i] for i in order], ranks=[dense[ranks[i]] for i in order])
+            return Ranking(messages=msgs, responses=[responses[i] for i in order], ranks=[dense[ranks[i]] for i in order]), order
         if has("chosen") and has("rejected"):
             if has("prompt") or has("messages"):
                 msgs = _prompt(r, _prompt_key(r))
                 key = _prompt_key(r)
-                return Ranking.from_pair(msgs, _hh_strip(r, key, _answer(r, "chosen")), _hh_strip(r, key, _answer(r, "rejected")))
+                return Ranking.from_pair(msgs, _hh_strip(r, key, _answer(r, "chosen")), _hh_strip(r, key, _answer(r, "rejected"))), [0, 1]
             a = _conversation(r, "chosen", allow_empty_last=True)
             b = _conversation(r, "rejected", allow_empty_last=True)
             try:
@@ -342,7 +357,7 @@ def _ranking(r: _Row) -> Ranking:
             except HHFormatError as e:
                 raise InvalidRecord(f"fields {r.name('chosen')!r}/{r.name('rejected')!r}: {e}") from None
             _ends_with_user(msgs, r.name("chosen"))
-            return Ranking.from_pair(msgs, chosen, rejected)
+            return Ranking.from_pair(msgs, chosen, rejected), [0, 1]
     raise r.unknown(_RANK_SCHEMAS)
 
 
@@ -374,7 +389,7 @@ def _prompts(r: _Row) -> list[Prompt]:
             inp = r.get("input") if r.has("input") else ""
             return [Prompt(messages=_instruction_prompt(r.text("instruction"), inp, r.name("input")))]
         if has("chosen") and has("rejected"):
-            return [Prompt(messages=_ranking(r).messages)]
+            return [Prompt(messages=_ranking(r)[0].messages)]
         for key in ("chosen", "text"):
             if has(key):
                 msgs = _conversation(r, key, allow_empty_last=True)
