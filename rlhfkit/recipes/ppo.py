@@ -56,6 +56,7 @@ from rlhfkit.recipes.ppo_models import (Critic, _Checkpoint, _unwrap, bf16_matmu
                                         make_batch, policy_hidden, response_logits, rm_scores, rollout_forwards)
 from rlhfkit.rollout import Engine, SamplingParams
 
+RSS_SLACK = 1.25  # hand freed memory back to the OS when the resident size grew by this factor
 RewardFn = Callable[[list[Prompt], list[str], list[bool]], Sequence[float]]
 
 
@@ -229,6 +230,7 @@ def train_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None, interrupt_after
 
     bar = progress(len(plan), start, True, "ppo")
     last: dict = {}
+    rss_base = 0.0
     t_run = time.perf_counter()
     for it in range(start, len(plan)):
         # 1. prompts of this iteration (each repeated samples_per_prompt times, prompt-major)
@@ -363,8 +365,15 @@ def train_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None, interrupt_after
             "time_generate": t_generate, "time_score": t_score, "time_forward": t_forward, "time_train": t_train,
             "time_iteration": t_generate + t_score + t_forward + t_train,
         }
-        release_memory()  # this iteration's rollout and activations, before the next one's
+        # Freed memory is kept for the next iteration's tensors (reuse_freed_memory): handing it back
+        # every iteration made each one page-fault its GBs afresh (14.7 vs 10.2 s per iteration at
+        # the PPO benchmark's settings, same peak RSS). It is handed back only if the resident size
+        # grew by a quarter over the first iteration's, so fragmentation cannot make it creep.
         last["rss_mb"], last["peak_rss_mb"] = rss_mb()
+        rss_base = rss_base or last["rss_mb"]
+        if last["rss_mb"] > RSS_SLACK * rss_base:
+            release_memory()
+            last["rss_mb"] = rss_mb()[0]
         # per-step means (token-weighted over micro-batches, then averaged over the optimizer steps)
         last |= {name: sum(v) / n_steps if name not in ("ptx_loss", "grad_norm") else sum(v) / len(v)
                  for name, v in stats.items()}
