@@ -197,7 +197,8 @@ def release_memory() -> None:
     resident memory until it is asked to give them back, so between iterations PPO held ~6.3 GB
     growing by ~130 MB per iteration instead of a flat ~3.1 GB (benchmarks/ppo_memory.py; the peak
     inside an iteration is the same either way). Called between the pipeline's stages (which share
-    one process) and by PPO when its resident size grew (see ``reuse_freed_memory``). Costs milliseconds; a no-op without glibc.
+    one process) and by PPO when its resident size grew (see ``reuse_freed_memory``). Costs
+    milliseconds; a no-op without glibc.
     """
     gc.collect()
     if _LIBC is not None:
@@ -219,7 +220,8 @@ def reuse_freed_memory() -> bool:
     blocks are reused: measured on the 2-core Zen 5 EPYC, SmolLM2-135M, 8 rows × 100 tokens,
     bf16, forward + LM head + backward + AdamW: 2.06–2.57 → 1.51–1.65 s per step (two runs each),
     peak RSS +2–4 %; a PPO iteration at the benchmark's settings 14.7 → 10.2 s (same peak RSS) once
-    it also stopped trimming after every iteration. ``release_memory`` (``malloc_trim``) still
+    it also stopped trimming after every iteration; at the demo's settings 0.83× the time per
+    iteration (benchmarks/results/ppo_allocator_ab.md). ``release_memory`` (``malloc_trim``) still
     hands the free pages back between pipeline stages, and in PPO when the resident size grew.
 
     Process-wide and idempotent; called by every training stage on CPU (``make_accelerator``).
