@@ -1,0 +1,148 @@
+"""What did the reward model learn of the gold rubric? Its pairwise accuracy, split by what makes
+the two answers of a pair differ under the rubric (rlhfkit/feedback/rubric.py):
+
+- ``instructions``  the share of instructions followed differs, the penalties are equal
+                    (e.g. both finished, one uses the asked end phrase);
+- ``penalties``     the same instructions followed, the penalties differ (unfinished,
+                    degenerate, too short, off topic, toxic);
+- ``both``          both differ.
+
+Per instruction kind: the pairs whose two answers differ in that kind only (all else equal).
+An RM that scores well on ``penalties`` and near 50 % on ``instructions`` has learned to reward
+finishing, not following instructions: PPO against it cannot raise the instruction rate.
+
+Usage (after `make demo`):
+    python benchmarks/rm_probe.py --rm runs/demo/round1/rm/model --data runs/demo/round1/rm_data.jsonl
+
+Held-out rankings are the RM's own held-out split (the pipeline's eval_fraction 0.15, seed 0);
+``--train`` also reports the training rankings (fit against generalisation). Writes
+benchmarks/results/<tag>.json and .md. The finished flag of each answer is recovered from the
+stored gold score (the rubric with finished=True or False, whichever matches).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+from rlhfkit.data.loaders import load_records
+from rlhfkit.data.tokenize import encode_ranking
+from rlhfkit.feedback import rubric
+from rlhfkit.models.heads import load_reward_model
+from rlhfkit.recipes.common import split_eval
+from rlhfkit.recipes.reward import score_groups
+from rlhfkit.tasks import load_task
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def components(prompt, response: str, gold_total: float | None) -> rubric.GoldScore:
+    """The rubric's score of one answer, with the finished flag that reproduces the stored total."""
+    done = rubric.score(prompt, response, True)
+    if gold_total is None or abs(done.total - gold_total) < 1e-9:
+        return done
+    cut = rubric.score(prompt, response, False)
+    return cut if abs(cut.total - gold_total) < 1e-9 else done
+
+
+def pair_class(a: rubric.GoldScore, b: rubric.GoldScore) -> str | None:
+    """How two answers differ under the rubric; None when their totals are equal (no gold order)."""
+    if abs(a.total - b.total) < 1e-9:
+        return None
+    pen_a, pen_b = sum(a.penalties.values()), sum(b.penalties.values())
+    inst = abs(a.followed - b.followed) > 1e-9
+    pen = abs(pen_a - pen_b) > 1e-9
+    return "both" if inst and pen else "instructions" if inst else "penalties"
+
+
+def probe(rm, tok, records, prompts_by_id, batch_prompts: int = 8) -> dict:
+    counts: dict[str, list[int]] = defaultdict(lambda: [0, 0])  # class -> [correct, pairs]
+    for i in range(0, len(records), batch_prompts):
+        chunk = records[i : i + batch_prompts]
+        groups = [(encode_ranking(tok, r, 512), list(r.ranks)) for r in chunk]
+        with torch.no_grad():
+            scores, _, group = score_groups(rm, groups, tok.pad_token_id, torch.device("cpu"))
+        for gi, rec in enumerate(chunk):
+            prompt = prompts_by_id.get(rec.meta.get("prompt_id"))
+            gold = rec.meta.get("gold")
+            if prompt is None or not isinstance(gold, list):
+                continue
+            s = scores[group == gi].tolist()
+            comp = [components(prompt, r, g) for r, g in zip(rec.responses, gold)]
+            for x in range(len(comp)):
+                for y in range(x + 1, len(comp)):
+                    cls = pair_class(comp[x], comp[y])
+                    if cls is None:
+                        continue
+                    better, worse = (x, y) if comp[x].total > comp[y].total else (y, x)
+                    right = int(s[better] > s[worse])
+                    for key in ("all", cls):
+                        counts[key][0] += right
+                        counts[key][1] += 1
+                    if cls == "instructions":
+                        differ = [a.kind for a, b in zip(comp[x].instructions, comp[y].instructions) if a.passed != b.passed]
+                        if len(differ) == 1:
+                            counts[f"kind:{differ[0]}"][0] += right
+                            counts[f"kind:{differ[0]}"][1] += 1
+                    if cls == "penalties":
+                        kinds = sorted(set(comp[x].penalties) ^ set(comp[y].penalties))
+                        if len(kinds) == 1:
+                            counts[f"penalty:{kinds[0]}"][0] += right
+                            counts[f"penalty:{kinds[0]}"][1] += 1
+    return {k: {"accuracy": c / n if n else float("nan"), "pairs": n} for k, (c, n) in sorted(counts.items())}
+
+
+def markdown(result: dict) -> str:
+    splits = [s for s in ("held_out", "train") if s in result]
+    lines = [f"# Reward model probe: what it learned of the gold rubric", "",
+             f"Produced by `python benchmarks/rm_probe.py {result['args']}` on {result['date']}. "
+             f"RM `{result['rm']}`, rankings `{result['data']}` ({result['rankings']['held_out']} held-out, "
+             f"{result['rankings']['train']} training). Accuracy = share of pairs with different gold scores that the RM "
+             "orders like the rubric (50 % = chance).", "",
+             "pairs differing in | " + " | ".join(f"{s.replace('_', '-')} accuracy (pairs)" for s in splits),
+             "--- | " + " | ".join("---" for _ in splits)]
+    keys = sorted({k for s in splits for k in result[s]}, key=lambda k: (k.count(":"), k))
+    for k in keys:
+        cells = []
+        for s in splits:
+            v = result[s].get(k)
+            cells.append(f"{v['accuracy']:.1%} ({v['pairs']})" if v else "–")
+        lines.append(f"{k} | " + " | ".join(cells))
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rm", required=True, help="reward model directory (rlhfkit rm / the pipeline's roundN/rm/model)")
+    ap.add_argument("--data", required=True, help="the rankings it was trained on (the pipeline's roundN/rm_data.jsonl)")
+    ap.add_argument("--eval-fraction", type=float, default=0.15)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--train", action="store_true", help="also probe the training rankings")
+    ap.add_argument("--tag", default="rm_probe")
+    args = ap.parse_args()
+
+    records = load_records(args.data, "ranking").records
+    tr, ev = split_eval(len(records), args.eval_fraction, args.seed)
+    prompts = {p.meta["id"]: p for split in ("train", "eval") for p in load_task(split)}
+    rm, tok = load_reward_model(args.rm)
+    rm.eval()
+    result = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "rm": args.rm, "data": args.data,
+              "args": " ".join(f"--{k.replace('_', '-')} {v}" if not isinstance(v, bool) else f"--{k}" for k, v in vars(args).items() if v is not False),
+              "rankings": {"held_out": len(ev), "train": len(tr)}}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        result["held_out"] = probe(rm, tok, [records[i] for i in ev], prompts)
+        if args.train:
+            result["train"] = probe(rm, tok, [records[i] for i in tr], prompts)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{args.tag}.json").write_text(json.dumps(result, indent=1))
+    (RESULTS / f"{args.tag}.md").write_text(markdown(result))
+    print(markdown(result))
+
+
+if __name__ == "__main__":
+    main()
