@@ -60,11 +60,11 @@ def pair_class(a: rubric.GoldScore, b: rubric.GoldScore) -> str | None:
     return "both" if inst and pen else "instructions" if inst else "penalties"
 
 
-def probe(rm, tok, records, prompts_by_id, batch_prompts: int = 8) -> dict:
+def probe(rm, tok, records, prompts_by_id, max_length: int, batch_prompts: int = 8) -> dict:
     counts: dict[str, list[int]] = defaultdict(lambda: [0, 0])  # class -> [correct, pairs]
     for i in range(0, len(records), batch_prompts):
         chunk = records[i : i + batch_prompts]
-        groups = [(encode_ranking(tok, r, 512), list(r.ranks)) for r in chunk]
+        groups = [(encode_ranking(tok, r, max_length), list(r.ranks)) for r in chunk]
         with torch.no_grad():
             scores, _, group = score_groups(rm, groups, tok.pad_token_id, torch.device("cpu"))
         for gi, rec in enumerate(chunk):
@@ -122,6 +122,7 @@ def main() -> None:
     ap.add_argument("--data", required=True, help="the rankings it was trained on (the pipeline's roundN/rm_data.jsonl)")
     ap.add_argument("--eval-fraction", type=float, default=0.15)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--max-length", type=int, default=384, help="truncation of prompt + answer, as the RM was trained (the pipeline's max_length)")
     ap.add_argument("--train", action="store_true", help="also probe the training rankings")
     ap.add_argument("--tag", default="rm_probe")
     args = ap.parse_args()
@@ -135,9 +136,9 @@ def main() -> None:
               "args": " ".join(f"--{k.replace('_', '-')} {v}" if not isinstance(v, bool) else f"--{k}" for k, v in vars(args).items() if v is not False),
               "rankings": {"held_out": len(ev), "train": len(tr)}}
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        result["held_out"] = probe(rm, tok, [records[i] for i in ev], prompts)
+        result["held_out"] = probe(rm, tok, [records[i] for i in ev], prompts, args.max_length)
         if args.train:
-            result["train"] = probe(rm, tok, [records[i] for i in tr], prompts)
+            result["train"] = probe(rm, tok, [records[i] for i in tr], prompts, args.max_length)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{args.tag}.json").write_text(json.dumps(result, indent=1))
     (RESULTS / f"{args.tag}.md").write_text(markdown(result))
