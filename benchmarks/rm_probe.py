@@ -15,7 +15,11 @@ Usage (after `make demo`):
     python benchmarks/rm_probe.py --rm runs/demo/round1/rm/model --data runs/demo/round1/rm_data.jsonl
 
 Held-out rankings are the RM's own held-out split (the pipeline's eval_fraction 0.15, seed 0);
-``--train`` also reports the training rankings (fit against generalisation). Writes
+``--train`` also reports the training rankings (fit against generalisation). ``--probe-set FILE``
+also probes a fixed set that no RM variant trains on, the same for all of them: K answers of a
+policy (``--policy``, e.g. the SFT model; sampled once at ``--probe-temperature``, PPO's rollout
+temperature, and kept in FILE) to the built-in task's held-out eval prompts, gold-ranked. That
+is what PPO's reward model has to judge: the policy's own answers to prompts it never saw. Writes
 benchmarks/results/<tag>.json and .md. The finished flag of each answer is recovered from the
 stored gold score (the rubric with finished=True or False, whichever matches).
 """
@@ -97,12 +101,35 @@ def probe(rm, tok, records, prompts_by_id, max_length: int, batch_prompts: int =
     return {k: {"accuracy": c / n if n else float("nan"), "pairs": n} for k, (c, n) in sorted(counts.items())}
 
 
+def make_probe_set(path: Path, policy: str, k: int, temperature: float, max_length: int) -> None:
+    """K answers of ``policy`` to every held-out eval prompt, ranked by the gold rubric (no noise;
+    prompts whose answers all score the same are left out)."""
+    from rlhfkit.config import PipelineConfig
+    from rlhfkit.feedback.labelers import GoldLabeler
+    from rlhfkit.recipes.pipeline import sample_answers, write_jsonl
+
+    if not policy:
+        raise SystemExit(f"--probe-set {path} does not exist: give --policy MODEL to sample it")
+    prompts = load_task("eval")
+    rows = sample_answers(policy, prompts, k, PipelineConfig(), temperature)
+    out = []
+    for p, row in zip(prompts, rows):
+        rk = GoldLabeler().rank(p, row["responses"], row["finished"])
+        if len(set(rk.ranks)) < 2:
+            continue  # all K answers score the same: no pair to probe
+        out.append({"prompt": p.text, "responses": rk.responses, "ranks": rk.ranks, "meta": rk.meta})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_jsonl(path, out)
+
+
 def markdown(result: dict) -> str:
-    splits = [s for s in ("held_out", "train") if s in result]
+    splits = [s for s in ("held_out", "train", "probe_set") if s in result]
     lines = [f"# Reward model probe: what it learned of the gold rubric", "",
              f"Produced by `python benchmarks/rm_probe.py {result['args']}` on {result['date']}. "
              f"RM `{result['rm']}`, rankings `{result['data']}` ({result['rankings']['held_out']} held-out, "
-             f"{result['rankings']['train']} training). Accuracy = share of pairs with different gold scores that the RM "
+             f"{result['rankings']['train']} training"
+             + (f"; probe set `{result['probe_set_file']}`, {result['rankings']['probe_set']} rankings" if "probe_set" in result else "")
+             + "). Accuracy = share of pairs with different gold scores that the RM "
              "orders like the rubric (50 % = chance).", "",
              "pairs differing in | " + " | ".join(f"{s.replace('_', '-')} accuracy (pairs)" for s in splits),
              "--- | " + " | ".join("---" for _ in splits)]
@@ -124,8 +151,14 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-length", type=int, default=384, help="truncation of prompt + answer, as the RM was trained (the pipeline's max_length)")
     ap.add_argument("--train", action="store_true", help="also probe the training rankings")
+    ap.add_argument("--probe-set", default="", help="rankings file of the fixed probe set (made with --policy when missing)")
+    ap.add_argument("--policy", default="", help="with --probe-set: the model whose answers to the held-out eval prompts form it")
+    ap.add_argument("--probe-k", type=int, default=4)
+    ap.add_argument("--probe-temperature", type=float, default=0.7)
     ap.add_argument("--tag", default="rm_probe")
     args = ap.parse_args()
+    if args.probe_set and not Path(args.probe_set).exists():
+        make_probe_set(Path(args.probe_set), args.policy, args.probe_k, args.probe_temperature, args.max_length)
 
     records = load_records(args.data, "ranking").records
     tr, ev = split_eval(len(records), args.eval_fraction, args.seed)
@@ -139,6 +172,11 @@ def main() -> None:
         result["held_out"] = probe(rm, tok, [records[i] for i in ev], prompts, args.max_length)
         if args.train:
             result["train"] = probe(rm, tok, [records[i] for i in tr], prompts, args.max_length)
+        if args.probe_set:
+            fixed = load_records(args.probe_set, "ranking").records
+            result["probe_set"] = probe(rm, tok, fixed, prompts, args.max_length)
+            result["rankings"]["probe_set"] = len(fixed)
+            result["probe_set_file"] = args.probe_set
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{args.tag}.json").write_text(json.dumps(result, indent=1))
     (RESULTS / f"{args.tag}.md").write_text(markdown(result))

@@ -119,6 +119,7 @@ class PipelineConfig:
     labeler_random_share: float = opt(0.05, "Simulated labeler: share of careless, uniformly random rankings.")
     revise_demos: bool = opt(True, "Edit each demonstration by rule where that satisfies an instruction it missed (lowercase, end phrase, no commas, ...; rlhfkit/feedback/revise.py).")
     rank_revisions: bool = opt(True, "The simulated or gold labeler also ranks rule-revised versions of the sampled answers (up to 9 answers per prompt; rlhfkit/feedback/revise.py: with_revisions), so the reward model sees the same answer with and without a missed instruction met (people rank only what the model wrote). With the stronger SFT below: final policy 55.3 % of held-out instructions vs 41.3 % without (benchmarks/results/demo_rank_revisions.md).")
+    rank_edit_sets: bool = opt(True, "The simulated or gold labeler also ranks, per prompt, one sampled answer beside rule edits of it that each fix one missed instruction (rlhfkit/feedback/revise.py: edit_set): rankings that differ only in instructions, which the reward model otherwise hardly learns (benchmarks/results/rm_probe_edit_sets.md).")
     min_demo_score: float = opt(0.0, "A prompt's best answer becomes a demonstration only if its gold score is above this.")
     sft_epochs: float = opt(3.0, "SFT epochs over the demonstrations.")
     sft_lr: float = opt(1e-4, "SFT learning rate (2e-5 x 2 epochs, ~18 steps on ~80 demonstrations, barely moved the model: benchmarks/results/demo_revise.md).")

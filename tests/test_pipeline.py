@@ -32,7 +32,10 @@ def test_pipeline_end_to_end_on_tiny(tiny_path, tmp_path, shared_data):
     # round 1: K fresh answers of the SFT model on 4 new prompts, ranked; the RM learns from all 12 rankings
     fresh = [json.loads(x) for x in (run / "round1" / "rankings.jsonl").read_text().splitlines()]
     assert len(fresh) == 4 and not {r["prompt"] for r in fresh} & {r["prompt"] for r in rankings}
-    assert summary["rm_accuracy"][0]["rankings"] == 12
+    # rank_edit_sets: per prompt at most one more ranking, of an answer and its single-instruction edits
+    edit_sets = [json.loads(x) for r in (0, 1) for x in (run / f"round{r}" / "edit_rankings.jsonl").read_text().splitlines()]
+    assert len(edit_sets) <= 12 and all(e["meta"]["edit_set"] and 2 <= len(e["responses"]) <= 9 for e in edit_sets)
+    assert summary["rm_accuracy"][0]["rankings"] == 12 + len(edit_sets)
     gold = summary["rm_accuracy"][0]["gold_after"]  # the simulated labeler's gold scores reach the RM's eval
     assert gold is None or 0.0 <= gold <= 1.0
     for d in ("sft", "round1/rm", "round1/ppo"):

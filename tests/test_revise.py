@@ -88,3 +88,57 @@ def test_with_revisions_caps_the_ranking_at_max_k_and_keeps_finished_flags():
     assert revised_from[5] == 0 and responses[5] == "RICE IS A GRAIN THAT PEOPLE EAT ALL OVER THE WORLD EVERY DAY."
     assert finished == [False, True, True, True, True, True]
     assert rv.with_revisions(p, others, [True] * 4, max_k=4) == (others, [True] * 4, [None] * 4)
+
+
+def test_the_rewriting_edits_by_hand():
+    text = "Rice is a grain, eaten all over the world. It grows in paddies. People cook it. Some steam it."
+    assert rv.cut_words(text, "at_most", 13) == "Rice is a grain, eaten all over the world. It grows in paddies."  # 9 + 4 words
+    assert rv.cut_words(text, "at_most", 12) == "Rice is a grain, eaten all over the world."
+    assert rv.cut_words(text, "at_most", 3) == text  # no leading sentence is short enough: unchanged
+    assert rv.cut_words(text, "at_least", 3) == text
+    assert rv.cut_sentences(text, "exactly", 1) == "Rice is a grain, eaten all over the world."
+    assert rv.delete_words("Rice is a grain, a GRAIN indeed.", ["grain"]) == "Rice is a, a indeed."
+    assert rv.regroup(text, 2, "paragraphs") == ("Rice is a grain, eaten all over the world. It grows in paddies."
+                                                  "\n\nPeople cook it. Some steam it.")
+    assert rv.regroup(text, 3, "bullets") == ("* Rice is a grain, eaten all over the world. It grows in paddies."
+                                               "\n* People cook it.\n* Some steam it.")
+    assert rv.regroup(text, 2, "sections", "Part").startswith("Part 1\nRice is") and "\n\nPart 2\nPeople" in text.join(
+        ["", rv.regroup(text, 2, "sections", "Part")])
+    assert rv.regroup(text, 5, "lines") == text  # 4 sentences cannot make 5 lines
+    assert rv.name_keywords(text, ["rice", "water", "soil"]) == text + " This is about water and soil."
+    assert rv.add_title("rice grows. It is good.") == "<<Rice grows It is>>\n\nrice grows. It is good."
+    assert rv.highlight(text, 2) == "*Rice* is a *grain*, eaten all over the world. It grows in paddies. People cook it. Some steam it."
+    assert rv.add_placeholders("Dear [who],", 3) == "Dear [who],\n\n[name] [date]"
+    assert rv.as_json('Say "hi".') == '{"answer": "Say \\"hi\\"."}'
+
+
+def test_every_rewriting_edit_makes_its_instruction_pass():
+    text = "Rice is a grain, eaten all over the world. It grows in paddies. People cook it. Some steam it."
+    specs = [{"kind": "word_count", "relation": "at_most", "n": 12}, {"kind": "sentence_count", "relation": "exactly", "n": 2},
+             {"kind": "forbidden_words", "words": ["grain", "world"]}, {"kind": "paragraph_count", "n": 3},
+             {"kind": "line_count", "n": 2}, {"kind": "numbered_sections", "n": 2}, {"kind": "bullet_count", "n": 4},
+             {"kind": "include_keywords", "keywords": ["water"]}, {"kind": "title"}, {"kind": "highlights", "n": 3},
+             {"kind": "placeholders", "n": 2}, {"kind": "json_format"}]
+    for spec in specs:
+        assert not rubric.check_instruction(spec, text)
+        out = rv.revise(prompt(spec), text)
+        assert out.edits == [spec["kind"]] and rubric.check_instruction(spec, out.text), spec
+        assert out.gold_after == 1.0
+
+
+def test_edit_set_differs_only_in_instructions():
+    p = prompt({"kind": "lowercase"}, {"kind": "end_phrase", "phrase": "Any questions?"}, {"kind": "word_count", "relation": "at_least", "n": 300})
+    cut = "Rice is a grain that people eat all over the world every day. It grows in wet fields and"
+    done = "Rice grows in water. It is eaten in Asia."
+    texts = rv.edit_set(p, [done, cut], [True, False])
+    # the base with the most fixable misses (both have two: the first wins), one text per single
+    # fix, then both fixes together; the unfixable word count is left alone
+    assert texts == [done, done.lower(), done + " Any questions?", (done + " Any questions?").lower()]
+    scores = [rubric.score(p, t, True) for t in texts]
+    assert [s.followed for s in scores] == [0.0, 1 / 3, 1 / 3, 2 / 3]
+    assert all(s.penalties == {} for s in scores)  # nothing else differs
+    # an answer that was cut off is cut back to its last sentence first (finished, no penalty)
+    texts = rv.edit_set(p, [cut], [False])
+    assert texts[0] == "Rice is a grain that people eat all over the world every day." and len(texts) == 4
+    # nothing fixable: no set
+    assert rv.edit_set(prompt({"kind": "word_count", "relation": "at_least", "n": 300}), [done], [True]) == []

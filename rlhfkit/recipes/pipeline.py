@@ -96,6 +96,21 @@ def candidates(prompts: list[Prompt], samples: list[dict], cfg: PipelineConfig) 
     return rows
 
 
+def edit_set_rankings(prompts: list[Prompt], samples: list[dict], labeler) -> list[dict]:
+    """With ``cfg.rank_edit_sets``: for each prompt, one of its sampled answers with rule edits that
+    each fix one missed instruction (:func:`rlhfkit.feedback.revise.edit_set`), ranked by the
+    labeler — rankings whose answers differ only in the instructions they follow."""
+    from rlhfkit.feedback.revise import edit_set
+
+    rows = []
+    for p, row in zip(prompts, samples):
+        texts = edit_set(p, row["responses"], row["finished"])
+        if len(texts) >= 2:
+            rk = labeler.rank(p, texts, [True] * len(texts))
+            rows.append({"prompt": p.text, "responses": rk.responses, "ranks": rk.ranks, "meta": {**rk.meta, "edit_set": True}})
+    return rows
+
+
 def demonstrations(rankings: list[dict], samples: list[dict], prompts: list[Prompt], cfg: PipelineConfig) -> list[dict]:
     """The labeler's best answer of each prompt (best-of-K rejection sampling); with
     ``cfg.revise_demos`` edited by rule where an edit satisfies a missed instruction
@@ -175,9 +190,10 @@ def run_pipeline(cfg: PipelineConfig, say=print) -> dict:
         hi = cfg.train_prompts if r == 0 else lo + cfg.round_prompts
         return [train_all[i % len(train_all)] for i in order[lo:hi]]
 
-    def label_round(r: int, policy: str, temperature: float) -> tuple[list[dict], list[dict]]:
+    def label_round(r: int, policy: str, temperature: float) -> tuple[list[dict], list[dict], list[dict]]:
         """1.-2. K answers per prompt from ``policy``, ranked by the labeler; kept in round{r}/.
-        Returns (rankings, what was ranked: the samples, with rank_revisions plus revisions)."""
+        Returns (rankings, what was ranked: the samples, with rank_revisions plus revisions,
+        and with rank_edit_sets the rankings of edit sets, one per prompt that has one)."""
         rdir = out / f"round{r}"
         rdir.mkdir(exist_ok=True)
         prompts = prompts_of_round(r)
@@ -200,12 +216,15 @@ def run_pipeline(cfg: PipelineConfig, say=print) -> dict:
                 meta = {**rk.meta, "revised_from": row["revised_from"]} if "revised_from" in row else rk.meta
                 rows.append({"prompt": p.text, "responses": rk.responses, "ranks": rk.ranks, "meta": meta})
             write_jsonl(rdir / "rankings.jsonl", rows)
-        return read_jsonl(rdir / "rankings.jsonl"), samples
+        edits = rdir / "edit_rankings.jsonl"
+        if cfg.rank_edit_sets and cfg.labeler in ("simulated", "gold") and not edits.exists():
+            write_jsonl(edits, edit_set_rankings(prompts, read_jsonl(rdir / "samples.jsonl"), labeler))
+        return read_jsonl(rdir / "rankings.jsonl"), samples, read_jsonl(edits) if cfg.rank_edit_sets and edits.exists() else []
 
     say(f"built-in task: {cfg.train_prompts} train prompts (+{cfg.round_prompts} per later round), {len(held_out)} held-out prompts")
     # 1.-2. round 0: K answers from the base model, ranked
     t = time.perf_counter()
-    rankings0, candidates0 = label_round(0, cfg.model, cfg.temperature)
+    rankings0, candidates0, edit_rankings0 = label_round(0, cfg.model, cfg.temperature)
     timings["sample_and_label"] = time.perf_counter() - t
 
     # 3. SFT on the labeler's best answer of each prompt (best-of-K rejection sampling)
@@ -228,7 +247,7 @@ def run_pipeline(cfg: PipelineConfig, say=print) -> dict:
     versions = {"base": cfg.model, "sft": str(sft / "model")}
 
     # 4.-5. rounds of iterated online RLHF: rank answers of the newest policy, RM on all rankings, PPO from SFT
-    all_rankings = list(rankings0)
+    all_rankings = rankings0 + edit_rankings0
     policy = str(sft / "model")
     rm_accuracy = []
     for r in range(1, cfg.rounds + 1):
@@ -236,7 +255,8 @@ def run_pipeline(cfg: PipelineConfig, say=print) -> dict:
         rdir.mkdir(exist_ok=True)
         t = time.perf_counter()
         if cfg.round_prompts > 0 and (r > 1 or cfg.rank_sft):  # fresh answers from the newest policy (round 1: SFT)
-            all_rankings += label_round(r, policy, cfg.temperature)[0]
+            rankings, _, edit_rankings = label_round(r, policy, cfg.temperature)
+            all_rankings += rankings + edit_rankings
         timings[f"round{r}_sample_and_label"] = time.perf_counter() - t
         t = time.perf_counter()
         if not (rdir / "rm" / "model" / "config.json").exists():
