@@ -4,12 +4,14 @@
                    prompts only for judging
   1. sample        K answers per train prompt from the base model (the rollout engine)
   2. label         a labeler ranks each prompt's K answers (simulated: gold rubric + noise); with
-                   rank_revisions also rule-revised versions of them, so the RM sees answers that
-                   meet instructions the policy hardly ever meets by itself
+                   rank_revisions also versions of them revised by the edits that keep their
+                   words, so the RM sees answers that meet instructions the policy hardly ever
+                   meets by itself, and with rank_edit_sets a second ranking of one answer beside
+                   edits (all 19 kinds) that each fix one missed instruction
   3. SFT           best-of-K rejection sampling: the labeler's top answer of each prompt becomes
-                   a demonstration (with revise_demos, edited by rule where an edit satisfies an
-                   instruction it missed: rlhfkit/feedback/revise.py), and the base model is
-                   fine-tuned on them
+                   a demonstration (with revise_demos, edited by rule where an edit that keeps its
+                   words satisfies an instruction it missed: rlhfkit/feedback/revise.py), and the
+                   base model is fine-tuned on them
   4. RM            round r: a reward model, initialised from the SFT model, learns from all
                    rankings so far (round 1: the base model's answers, with rank_sft also the SFT
                    model's answers to fresh prompts, as InstructGPT; round r > 1 adds fresh
@@ -112,11 +114,12 @@ def edit_set_rankings(prompts: list[Prompt], samples: list[dict], labeler) -> li
 
 
 def demonstrations(rankings: list[dict], samples: list[dict], prompts: list[Prompt], cfg: PipelineConfig) -> list[dict]:
-    """The labeler's best answer of each prompt (best-of-K rejection sampling); with
-    ``cfg.revise_demos`` edited by rule where an edit satisfies a missed instruction
-    (:mod:`rlhfkit.feedback.revise`). Prompts whose best gold score is not above
+    """The labeler's best answer of each prompt (best-of-K rejection sampling; with
+    ``cfg.rank_revisions`` it may be a revised one); with ``cfg.revise_demos`` edited by rule where
+    an edit that keeps the answer's words satisfies a missed instruction
+    (:data:`rlhfkit.feedback.revise.SURFACE_EDITS`). Prompts whose best gold score is not above
     ``cfg.min_demo_score`` give none."""
-    from rlhfkit.feedback.revise import revise
+    from rlhfkit.feedback.revise import SURFACE_EDITS, revise
 
     demos = []
     for p, rk, row in zip(prompts, rankings, samples):
@@ -126,7 +129,7 @@ def demonstrations(rankings: list[dict], samples: list[dict], prompts: list[Prom
         finished = dict(zip(row["responses"], row["finished"])).get(best, True)
         demo = {"prompt": rk["prompt"], "response": best}
         if cfg.revise_demos:
-            rv = revise(p, best, finished)
+            rv = revise(p, best, finished, kinds=SURFACE_EDITS)
             demo.update(response=rv.text, original=best, edits=rv.edits, gold_before=rv.gold_before, gold=rv.gold_after)
         demos.append(demo)
     return demos
