@@ -101,12 +101,12 @@ def probe(rm, tok, records, prompts_by_id, max_length: int, batch_prompts: int =
     return {k: {"accuracy": c / n if n else float("nan"), "pairs": n} for k, (c, n) in sorted(counts.items())}
 
 
-def make_probe_set(path: Path, policy: str, k: int, temperature: float, max_length: int) -> None:
+def make_probe_set(path: Path, policy: str, k: int, temperature: float) -> None:
     """K answers of ``policy`` to every held-out eval prompt, ranked by the gold rubric (no noise;
     prompts whose answers all score the same are left out)."""
     from rlhfkit.config import PipelineConfig
     from rlhfkit.feedback.labelers import GoldLabeler
-    from rlhfkit.recipes.pipeline import sample_answers, write_jsonl
+    from rlhfkit.recipes.pipeline import ranking_row, sample_answers, write_jsonl
 
     if not policy:
         raise SystemExit(f"--probe-set {path} does not exist: give --policy MODEL to sample it")
@@ -117,7 +117,7 @@ def make_probe_set(path: Path, policy: str, k: int, temperature: float, max_leng
         rk = GoldLabeler().rank(p, row["responses"], row["finished"])
         if len(set(rk.ranks)) < 2:
             continue  # all K answers score the same: no pair to probe
-        out.append({"prompt": p.text, "responses": rk.responses, "ranks": rk.ranks, "meta": rk.meta})
+        out.append(ranking_row(p, rk))
     path.parent.mkdir(parents=True, exist_ok=True)
     write_jsonl(path, out)
 
@@ -158,7 +158,7 @@ def main() -> None:
     ap.add_argument("--tag", default="rm_probe")
     args = ap.parse_args()
     if args.probe_set and not Path(args.probe_set).exists():
-        make_probe_set(Path(args.probe_set), args.policy, args.probe_k, args.probe_temperature, args.max_length)
+        make_probe_set(Path(args.probe_set), args.policy, args.probe_k, args.probe_temperature)
 
     records = load_records(args.data, "ranking").records
     tr, ev = split_eval(len(records), args.eval_fraction, args.seed)

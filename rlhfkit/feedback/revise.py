@@ -206,6 +206,11 @@ EDITS: dict[str, Callable[..., str]] = {
 }
 
 
+def apply_edit(spec: dict, text: str) -> str:
+    """The edit of the instruction ``spec``'s kind, applied to ``text`` with its parameters."""
+    return EDITS[spec["kind"]](text, **{k: v for k, v in spec.items() if k != "kind"})
+
+
 SURFACE_EDITS: tuple[str, ...] = ("start_phrase", "postscript", "end_phrase", "no_commas", "quotation", "lowercase", "uppercase")
 """The edits that keep every word of the answer in place (plus ``finish``): what demonstrations
 and the revisions among the K ranked answers (:func:`with_revisions`) get — the labeler's top
@@ -238,11 +243,11 @@ def revise(prompt: Prompt, response: str, finished: bool = True, kinds: tuple[st
             text, done, best = cut, True, got
             edits.append("finish")
     specs = {s["kind"]: s for s in rubric.instructions_of(prompt)}  # EDITS sets the order, not the prompt
-    for kind, edit in EDITS.items():
+    for kind in EDITS:
         spec = specs.get(kind)
         if spec is None or (kinds is not None and kind not in kinds) or rubric.check_instruction(spec, text):
             continue
-        candidate = edit(text, **{k: v for k, v in spec.items() if k != "kind"})
+        candidate = apply_edit(spec, text)
         got = rubric.score(prompt, candidate, done).total
         if got > best:
             text, best = candidate, got
@@ -287,8 +292,8 @@ def edit_set(prompt: Prompt, responses: list[str], finished: list[bool], max_k: 
 
     In a ranking of sampled answers nearly every pair also differs in length, finish and topic,
     and a small reward model learns those easy features first (the demo's round-1 RM ordered
-    pairs differing only in instructions no better than chance: benchmarks/results/rm_probe_demo.md).
-    Here there is nothing else to learn. The base is the answer (cut back to its last sentence
+    revised-against-sampled pairs that differ only in instructions no better than chance:
+    benchmarks/results/rm_probe_demo.md). Here there is nothing else to learn. The base is the answer (cut back to its last sentence
     when it was cut off) with the most misses that an edit fixes; an edit counts only if it
     raises the gold score."""
     best: tuple[int, list[str]] = (0, [])
@@ -299,10 +304,9 @@ def edit_set(prompt: Prompt, responses: list[str], finished: list[bool], max_k: 
         gold = rubric.score(prompt, base, True).total
         variants = [base]
         for spec in rubric.instructions_of(prompt):
-            edit = EDITS.get(spec["kind"])
-            if edit is None or rubric.check_instruction(spec, base):
+            if spec["kind"] not in EDITS or rubric.check_instruction(spec, base):
                 continue
-            text = edit(base, **{k: v for k, v in spec.items() if k != "kind"})
+            text = apply_edit(spec, base)
             if text not in variants and rubric.score(prompt, text, True).total > gold:
                 variants.append(text)
         if len(variants) > 2:  # two or more single fixes: also all of them together

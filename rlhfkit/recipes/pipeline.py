@@ -59,6 +59,11 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def ranking_row(prompt: Prompt, rk, **meta) -> dict:
+    """A labeler's ranking as one line of a rankings file (extra ``meta`` merged in)."""
+    return {"prompt": prompt.text, "responses": rk.responses, "ranks": rk.ranks, "meta": {**rk.meta, **meta}}
+
+
 def sample_answers(model_spec: str, prompts: list[Prompt], k: int, cfg: PipelineConfig, temperature: float,
                    say=print) -> list[dict]:
     """K answers per prompt from ``model_spec`` with the rollout engine; one row per prompt."""
@@ -109,7 +114,7 @@ def edit_set_rankings(prompts: list[Prompt], samples: list[dict], labeler) -> li
         texts = edit_set(p, row["responses"], row["finished"])
         if len(texts) >= 2:
             rk = labeler.rank(p, texts, [True] * len(texts))
-            rows.append({"prompt": p.text, "responses": rk.responses, "ranks": rk.ranks, "meta": {**rk.meta, "edit_set": True}})
+            rows.append(ranking_row(p, rk, edit_set=True))
     return rows
 
 
@@ -216,8 +221,7 @@ def run_pipeline(cfg: PipelineConfig, say=print) -> dict:
             rows = []
             for p, row in zip(prompts, samples):
                 rk = labeler.rank(p, row["responses"], row["finished"])
-                meta = {**rk.meta, "revised_from": row["revised_from"]} if "revised_from" in row else rk.meta
-                rows.append({"prompt": p.text, "responses": rk.responses, "ranks": rk.ranks, "meta": meta})
+                rows.append(ranking_row(p, rk, **({"revised_from": row["revised_from"]} if "revised_from" in row else {})))
             write_jsonl(rdir / "rankings.jsonl", rows)
         edits = rdir / "edit_rankings.jsonl"
         if cfg.rank_edit_sets and cfg.labeler in ("simulated", "gold") and not edits.exists():
