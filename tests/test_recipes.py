@@ -224,6 +224,74 @@ def test_compile_blocks_rules(tiny_path):
         compile_blocks(model, RewardConfig(compile="maybe"), "cpu")
 
 
+def test_short_row_attention_matches_sdpa():
+    """The CPU training attention gives SDPA's outputs and gradients for every mask form it gets:
+    None (causal), boolean 4-D (the shared-prompt layout, a fully masked padding row included),
+    additive float; grouped-query heads; and hands long rows to SDPA."""
+    from types import SimpleNamespace
+
+    import torch.nn.functional as F
+
+    from rlhfkit.recipes.common import SHORT_ROWS, short_row_attention
+
+    g = torch.Generator().manual_seed(0)
+    B, H, KV, T, D = 2, 4, 2, 7, 8
+    module = SimpleNamespace(training=True, is_causal=True, num_key_value_groups=H // KV)  # as a LlamaAttention
+
+    def qkv():
+        return [torch.randn(B, n, T, D, generator=g, requires_grad=True) for n in (H, KV, KV)]
+
+    def reference(q, k, v, mask):
+        k, v = k.repeat_interleave(H // KV, 1), v.repeat_interleave(H // KV, 1)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None).transpose(1, 2)
+
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    shared = causal.clone().expand(B, 1, T, T).clone()
+    shared[1, 0, 4:, 2] = False  # a later answer does not see an earlier one
+    additive = torch.zeros(B, 1, T, T).masked_fill(~causal, torch.finfo(torch.float32).min)
+    for mask in (None, shared, additive):
+        q, k, v = qkv()
+        out, weights = short_row_attention(module, q, k, v, mask, scaling=D ** -0.5)
+        assert weights is None and out.shape == (B, T, H, D)
+        ref_inputs = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
+        ref = reference(*ref_inputs, mask)
+        assert torch.allclose(out, ref, atol=1e-5)
+        out.square().sum().backward()
+        ref.square().sum().backward()
+        for a, b in zip((q, k, v), ref_inputs):
+            assert torch.allclose(a.grad, b.grad, atol=1e-4)
+    # right padding: the last row of batch 1 attends to nothing, and stays finite
+    padded = shared.clone()
+    padded[1, 0, -1, :] = False
+    q, k, v = qkv()
+    out, _ = short_row_attention(module, q, k, v, padded, scaling=D ** -0.5)
+    assert torch.isfinite(out).all()
+    assert torch.allclose(out[1, :-1], reference(q, k, v, shared)[1, :-1], atol=1e-5)
+    # rows longer than SHORT_ROWS go to SDPA (same result either way)
+    L = SHORT_ROWS + 1
+    q, k, v = (torch.randn(1, n, L, D, generator=g) for n in (H, KV, KV))
+    out, _ = short_row_attention(module, q, k, v, None, scaling=D ** -0.5, is_causal=True)
+    assert torch.allclose(out, reference(q, k, v, None), atol=1e-5)
+
+
+def test_training_attention_is_installed_and_not_saved(tiny_path, tmp_path):
+    from rlhfkit.models.loading import load_causal_lm
+    from rlhfkit.recipes.common import ATTENTION_NAME, use_training_attention
+
+    loaded = load_causal_lm(tiny_path)
+    model = loaded.model
+    ids = torch.tensor([[1, 5, 9, 13, 2], [1, 7, 3, 0, 0]])
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    with torch.no_grad():
+        before = model(input_ids=ids, attention_mask=mask).logits
+        assert use_training_attention(model, "cpu") and model.config._attn_implementation == ATTENTION_NAME
+        after = model(input_ids=ids, attention_mask=mask).logits
+    assert torch.allclose(before[0], after[0], atol=1e-4) and torch.allclose(before[1, :3], after[1, :3], atol=1e-4)
+    model.save_pretrained(tmp_path / "m")
+    assert ATTENTION_NAME not in (tmp_path / "m" / "config.json").read_text()
+    assert not use_training_attention(model, "meta")  # GPUs (any non-CPU device) keep their default
+
+
 def test_rm_compiled_blocks_train_like_eager(tiny_path, rankings, tmp_path):
     """compile=on (torch.compile per block) gives the eager losses (fp32) and a plain HF checkpoint."""
     from transformers import AutoModelForSequenceClassification

@@ -15,7 +15,6 @@ import os
 import random
 import shutil
 import time
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -84,23 +83,66 @@ def batch_plan(n_examples: int, cfg: TrainConfig) -> list[list[int]]:
     return plan
 
 
-SHORT_ROWS = 160  # tokens: up to here the math kernel is faster on CPU (training_attention)
+SHORT_ROWS = 384  # tokens: up to here training on CPU uses short_row_attention's plain attention
+ATTENTION_NAME = "rlhfkit_cpu"
 
 
-def training_attention(seq_len: int, device: torch.device):
-    """The attention kernel for a training forward of rows ``seq_len`` tokens long.
+def short_row_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                        attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
+                        **kwargs) -> tuple[torch.Tensor, None]:
+    """Attention for training on CPU: plain ``softmax(q kᵀ · scale + mask) v`` for rows of up to
+    ``SHORT_ROWS`` tokens, PyTorch's SDPA (flash kernel) beyond; GPUs always take SDPA.
 
-    On CPU, short rows use PyTorch's math SDPA kernel instead of its flash kernel, whose backward
-    is slow for short rows. Measured on a 2-core AMX CPU (SmolLM2-135M, forward + backward +
-    AdamW, bf16 autocast, CPU seconds per step of 16 rows): T = 100: flash 5.3, math 4.1 (eager
-    attention 3.9); T = 200: 8.7 vs 8.9; T = 400: 8.5 vs 13.2 — math materialises the (T, T)
-    scores, so it loses beyond ~200 tokens. GPUs keep the default choice.
+    Why: the training stages ``torch.compile`` each block (``compile_blocks``). Inside a compiled
+    block, plain attention becomes two batched matmuls and one fused softmax kernel, while SDPA's
+    CPU kernels are slow for short rows (flash's backward) or compile to a slow masked
+    ``_safe_softmax`` (math). Measured on a 2-core AMX Xeon (SmolLM2-135M, forward + backward +
+    AdamW, bf16 autocast, compiled blocks), seconds per step: 16 rows × 100 tokens 1.28 vs 1.40
+    (math SDPA); 8 × 200: 1.47 vs 1.73 (flash); 8 × 320: 2.20 vs 2.51; 4 × 512: 2.12 vs 2.20 but
+    +1.3 GB resident (the (T, T) scores of every layer are kept for the backward), hence the limit.
+
+    Masks come from transformers' SDPA mask builder (``sdpa_mask``): None (plain causal), a
+    boolean (B, 1, T, S) mask (True = attend, as ``collate_shared_prompt`` builds) or an additive
+    float mask. Masked scores get the dtype's lowest value, not -inf, so a fully masked padding
+    row gives finite (ignored) values instead of NaN. Registered with transformers'
+    ``AttentionInterface`` (``use_training_attention``); the model's saved config is unchanged.
     """
-    if torch.device(device).type != "cpu" or seq_len > SHORT_ROWS:
-        return nullcontext()
-    from torch.nn.attention import SDPBackend, sdpa_kernel
+    if query.device.type != "cpu" or key.shape[2] > SHORT_ROWS:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    return sdpa_kernel([SDPBackend.MATH])
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    groups = query.shape[1] // key.shape[1]  # grouped-query attention: each k/v head serves `groups` q heads
+    if groups > 1:
+        key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    scores = torch.matmul(query, key.transpose(2, 3)).float() * scale  # (B, H, T, S)
+    lowest = torch.finfo(scores.dtype).min
+    if attention_mask is None:
+        t, s = scores.shape[-2:]
+        causal = torch.ones(t, s, dtype=torch.bool, device=scores.device).tril(s - t)
+        scores = scores.masked_fill(~causal, lowest)
+    elif attention_mask.dtype == torch.bool:
+        scores = scores.masked_fill(~attention_mask, lowest)
+    else:
+        scores = scores + attention_mask[..., : key.shape[2]]
+    probs = torch.softmax(scores, dim=-1).to(value.dtype)
+    if dropout > 0.0:
+        probs = torch.nn.functional.dropout(probs, p=dropout, training=module.training)
+    return torch.matmul(probs, value).transpose(1, 2).contiguous(), None
+
+
+def use_training_attention(model: torch.nn.Module, device) -> bool:
+    """Route ``model``'s attention through ``short_row_attention`` when training on CPU (GPUs keep
+    their default). Call before LoRA wraps the model. Returns whether it did."""
+    if torch.device(device).type != "cpu" or not hasattr(model, "set_attn_implementation"):
+        return False
+    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.masking_utils import sdpa_mask
+
+    AttentionInterface.register(ATTENTION_NAME, short_row_attention)
+    AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
+    model.set_attn_implementation(ATTENTION_NAME)
+    return model.config._attn_implementation == ATTENTION_NAME
 
 
 def transformer_blocks(model: torch.nn.Module) -> torch.nn.ModuleList | None:

@@ -51,7 +51,7 @@ from rlhfkit.models.heads import load_reward_model
 from rlhfkit.models.loading import load_causal_lm, resolve_precision
 from rlhfkit.recipes.common import (compile_blocks, MetricsLog, apply_lora, batch_plan, load_checkpoint, make_accelerator,
                                     make_optimizer, merged, prepare_out, progress, release_memory, rss_mb, save_checkpoint,
-                                    training_attention)
+                                    use_training_attention)
 from rlhfkit.recipes.ppo_models import (Critic, _Checkpoint, _unwrap, bf16_matmul_weights, cut_responses, length_chunks,
                                         make_batch, policy_hidden, response_logits, rm_scores, rollout_forwards)
 from rlhfkit.rollout import Engine, SamplingParams
@@ -163,6 +163,7 @@ def train_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None, interrupt_after
     policy = loaded.model.to(device)
     if cfg.gradient_checkpointing:
         policy.gradient_checkpointing_enable()
+    use_training_attention(policy, device)
     policy = apply_lora(policy, cfg)
     if compile_blocks(policy, cfg, device, say):
         say("compiling the policy's transformer blocks (torch.compile; once per machine, cached)")
@@ -170,6 +171,7 @@ def train_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None, interrupt_after
     ref = None
     if not lora_ref:  # the frozen SFT model; with LoRA it is the policy with adapters disabled
         ref = load_causal_lm(cfg.model).model.to(device).requires_grad_(False).eval()
+        use_training_attention(ref, device)  # the policy's attention: at step 0 their log-probs agree
         if bf16:
             bf16_matmul_weights(ref)
     if cfg.critic == "policy_head":
@@ -184,6 +186,7 @@ def train_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None, interrupt_after
         seq_model = load_reward_model(cfg.critic_model or cfg.reward_model or cfg.model)[0].seq_model
         if cfg.gradient_checkpointing:
             seq_model.gradient_checkpointing_enable()
+        use_training_attention(seq_model, device)
         critic = Critic("rm", seq_model=apply_lora(seq_model, cfg, task_type="SEQ_CLS").to(device))
         compile_blocks(critic.seq_model, cfg, device, say)
     rm = None
@@ -307,21 +310,20 @@ def train_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None, interrupt_after
                     weight = m_mask.sum() / n_tokens  # token-weighted: micro-batching leaves the loss unchanged
                     old_lp, adv = fw["logprobs"][m, :cols], advantages[m, :cols]
                     old_v, ret = fw["values"][m, :cols], returns[m, :cols]
-                    T = b.input_ids.shape[1]  # training_attention: the math kernel for short rows on CPU
                     if critic.kind == "rm":
                         # separate models, separate graphs: the critic's forward + backward first,
                         # then the policy's, so only one graph (and one bf16 weight cast) is alive
-                        with autocast(), training_attention(T, device):
+                        with autocast():
                             values = critic.values(b)
                         vl = ppo_value_loss(values, old_v, ret, m_mask, cfg.cliprange_value)
                         (weight * cfg.vf_coef * vl.loss).backward()
-                        with autocast(), training_attention(T, device):
+                        with autocast():
                             h = policy_hidden(policy, b)  # (b, r, d)
                             new_logprobs = logprobs_from_logits(response_logits(policy, h), b.response, cfg.temperature)
                         pl = ppo_policy_loss(new_logprobs, old_lp, adv, m_mask, cfg.cliprange)
                         (weight * pl.loss).backward()
                     else:  # one trunk forward gives both the log-probs and the values
-                        with autocast(), training_attention(T, device):
+                        with autocast():
                             h = policy_hidden(policy, b)
                             new_logprobs = logprobs_from_logits(response_logits(policy, h), b.response, cfg.temperature)
                             values = critic.values(b, hidden=h)

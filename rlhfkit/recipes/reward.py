@@ -25,7 +25,7 @@ from rlhfkit.errors import UserError
 from rlhfkit.feedback.labelers import ranks_from_scores
 from rlhfkit.models.heads import RewardModel, load_reward_model
 from rlhfkit.recipes.common import (MetricsLog, apply_lora, batch_plan, compile_blocks, load_checkpoint, load_split, make_accelerator,
-                                    make_optimizer, merged, periodic_checkpoint, prepare_out, progress, save_checkpoint, shard, training_attention,
+                                    make_optimizer, merged, periodic_checkpoint, prepare_out, progress, save_checkpoint, shard, use_training_attention,
                                     world)
 
 Group = tuple[list[Encoded], list[int]]  # the K sequences of one prompt and their ranks
@@ -55,16 +55,14 @@ def score_groups(model, groups: list[Group], pad_id: int, device, share_prompt: 
             batch, where = collate_shared_prompt([groups[gi][0] for gi in part], pad_id)
             rows = torch.tensor([r for r, _ in where], device=device)
             cols = torch.tensor([c for _, c in where], device=device)
-            with training_attention(batch["input_ids"].shape[1], device):
-                part_scores = model(batch["input_ids"].to(device), batch["attention_mask"].to(device), cols,
-                                    position_ids=batch["position_ids"].to(device), row_index=rows)
+            part_scores = model(batch["input_ids"].to(device), batch["attention_mask"].to(device), cols,
+                                position_ids=batch["position_ids"].to(device), row_index=rows)
             index = torch.tensor([i for gi in part for i in range(first[gi], first[gi + 1])], device=device)
             scores = scores.index_put((index,), part_scores)
         return scores, ranks, group
     for part in length_groups([len(e.input_ids) for e in seqs]):
         batch = collate([seqs[i] for i in part], pad_id)
-        with training_attention(batch["input_ids"].shape[1], device):
-            part_scores = model(batch["input_ids"].to(device), batch["attention_mask"].to(device), batch["last_index"].to(device))
+        part_scores = model(batch["input_ids"].to(device), batch["attention_mask"].to(device), batch["last_index"].to(device))
         scores = scores.index_put((torch.tensor(part, device=device),), part_scores)
     return scores, ranks, group
 
@@ -131,6 +129,7 @@ def train_reward_model(cfg: RewardConfig, interrupt_after: int | None = None, sa
         tok.chat_template = None
     if cfg.gradient_checkpointing:
         rm.seq_model.gradient_checkpointing_enable()
+    use_training_attention(rm.seq_model, acc.device)
     rm.seq_model = apply_lora(rm.seq_model, cfg, task_type="SEQ_CLS")
     compiled = compile_blocks(rm.seq_model, cfg, acc.device, say)
     if compiled:

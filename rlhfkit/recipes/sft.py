@@ -26,7 +26,7 @@ from rlhfkit.data.tokenize import Encoded, collate, collate_packed, encode_demon
 from rlhfkit.errors import UserError
 from rlhfkit.models.loading import load_causal_lm
 from rlhfkit.recipes.common import (compile_blocks, MetricsLog, apply_lora, batch_plan, load_checkpoint, load_split, make_accelerator,
-                                    make_optimizer, merged, periodic_checkpoint, prepare_out, progress, save_checkpoint, shard, training_attention,
+                                    make_optimizer, merged, periodic_checkpoint, prepare_out, progress, save_checkpoint, shard, use_training_attention,
                                     world)
 
 
@@ -63,6 +63,7 @@ def run_lm_training(cfg: TrainConfig, acc, model, tok, train: list[Encoded], hel
         raise UserError(f"batch_size={cfg.batch_size} is smaller than the {n_proc} processes")
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
+    use_training_attention(model, acc.device)
     model = apply_lora(model, cfg)
     if compile_blocks(model, cfg, acc.device, say):
         say("compiling the transformer blocks (torch.compile; once per machine, cached)")
@@ -79,8 +80,7 @@ def run_lm_training(cfg: TrainConfig, acc, model, tok, train: list[Encoded], hel
         for part in parts:
             batch = batch_inputs(part)
             kw = {k: v.to(acc.device) for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids")}
-            with training_attention(kw["input_ids"].shape[1], acc.device):
-                logits = model(**kw, use_cache=False).logits  # (B, T, V)
+            logits = model(**kw, use_cache=False).logits  # (B, T, V)
             nll, _ = masked_nll_sum(logits, kw["input_ids"], batch["loss_mask"].to(acc.device))
             total = total + nll
         return total
