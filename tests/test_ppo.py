@@ -233,6 +233,19 @@ def test_bf16_reference_keeps_kl_zero_at_step_0(sharp_path):
     assert torch.allclose(ent, entropy_from_logits(logits, 0.7), atol=1e-4, rtol=1e-4)
 
 
+def test_compiled_policy_and_reference_start_at_kl_zero(sharp_path, tiny_path, tmp_path):
+    """bf16 with compiled blocks (the CPU default): the reference runs the policy's compiled
+    kernels, so the first iteration's KL is exactly 0 (an eager reference beside a compiled policy
+    differs by bf16 rounding on every token)."""
+    from rlhfkit.recipes.ppo import train_ppo
+
+    out = tmp_path / "ppo"
+    train_ppo(ppo_cfg(sharp_path, tiny_path, out, max_steps=1, precision="bf16", compile="on", critic="policy_head"),
+              reward_fn=newline_reward, say=lambda *a: None)
+    first = read_metrics(out)[0]
+    assert first["kl"] == 0.0 and first["kl_k3"] == 0.0, first
+
+
 def test_lora_reference_is_the_base_model(tiny_path):
     """With LoRA the reference is the policy with adapters disabled: the base model's log-probs."""
     from contextlib import nullcontext
