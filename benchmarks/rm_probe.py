@@ -65,7 +65,12 @@ def pair_class(a: rubric.GoldScore, b: rubric.GoldScore) -> str | None:
 
 
 def probe(rm, tok, records, prompts_by_id, max_length: int, batch_prompts: int = 8) -> dict:
+    """Pairwise accuracy by class and kind, and the best-of-K picks: the instruction rate (share of
+    all instructions followed) of the answer the RM scores highest, against the average answer
+    (a random pick) and the rubric's best — how much of the policy's own spread the RM can reach,
+    which bounds what PPO against it can gain at this KL."""
     counts: dict[str, list[int]] = defaultdict(lambda: [0, 0])  # class -> [correct, pairs]
+    picks = {"rm_pick": 0.0, "random_pick": 0.0, "gold_pick": 0.0, "instructions": 0}
     for i in range(0, len(records), batch_prompts):
         chunk = records[i : i + batch_prompts]
         groups = [(encode_ranking(tok, r, max_length), list(r.ranks)) for r in chunk]
@@ -78,6 +83,13 @@ def probe(rm, tok, records, prompts_by_id, max_length: int, batch_prompts: int =
                 continue
             s = scores[group == gi].tolist()
             comp = [components(prompt, r, g) for r, g in zip(rec.responses, gold)]
+            n_inst = len(comp[0].instructions)
+            if n_inst:
+                followed = [sum(c.passed) for c in comp]
+                picks["rm_pick"] += followed[max(range(len(s)), key=s.__getitem__)]
+                picks["random_pick"] += sum(followed) / len(followed)
+                picks["gold_pick"] += followed[max(range(len(comp)), key=lambda j: comp[j].total)]
+                picks["instructions"] += n_inst
             for x in range(len(comp)):
                 for y in range(x + 1, len(comp)):
                     cls = pair_class(comp[x], comp[y])
@@ -98,7 +110,10 @@ def probe(rm, tok, records, prompts_by_id, max_length: int, batch_prompts: int =
                         if len(kinds) == 1:
                             counts[f"penalty:{kinds[0]}"][0] += right
                             counts[f"penalty:{kinds[0]}"][1] += 1
-    return {k: {"accuracy": c / n if n else float("nan"), "pairs": n} for k, (c, n) in sorted(counts.items())}
+    out = {k: {"accuracy": c / n if n else float("nan"), "pairs": n} for k, (c, n) in sorted(counts.items())}
+    n = max(1, picks["instructions"])
+    out["best_of_k"] = {k: picks[k] / n for k in ("rm_pick", "random_pick", "gold_pick")} | {"instructions": picks["instructions"]}
+    return out
 
 
 def make_probe_set(path: Path, policy: str, k: int, temperature: float) -> None:
@@ -133,13 +148,20 @@ def markdown(result: dict) -> str:
              "orders like the rubric (50 % = chance).", "",
              "pairs differing in | " + " | ".join(f"{s.replace('_', '-')} accuracy (pairs)" for s in splits),
              "--- | " + " | ".join("---" for _ in splits)]
-    keys = sorted({k for s in splits for k in result[s]}, key=lambda k: (k.count(":"), k))
+    keys = sorted({k for s in splits for k in result[s] if k != "best_of_k"}, key=lambda k: (k.count(":"), k))
     for k in keys:
         cells = []
         for s in splits:
             v = result[s].get(k)
             cells.append(f"{v['accuracy']:.1%} ({v['pairs']})" if v else "–")
         lines.append(f"{k} | " + " | ".join(cells))
+    lines += ["", "Best of K: the instruction rate (share of all instructions followed) of one answer per prompt, "
+              "picked by the RM (its top score), at random (the mean over the K) or by the rubric (its best total).", "",
+              "split | RM pick | random pick | rubric pick | instructions", "--- | --- | --- | --- | ---"]
+    for s in splits:
+        b = result[s].get("best_of_k")
+        if b:
+            lines.append(f"{s.replace('_', '-')} | {b['rm_pick']:.1%} | {b['random_pick']:.1%} | {b['gold_pick']:.1%} | {b['instructions']}")
     return "\n".join(lines) + "\n"
 
 
