@@ -121,7 +121,8 @@ def make_probe_set(path: Path, policy: str, k: int, temperature: float) -> None:
     prompts whose answers all score the same are left out)."""
     from rlhfkit.config import PipelineConfig
     from rlhfkit.feedback.labelers import GoldLabeler
-    from rlhfkit.recipes.pipeline import ranking_row, sample_answers, write_jsonl
+    from rlhfkit.data.records import ranking_row
+    from rlhfkit.recipes.pipeline import sample_answers, write_jsonl
 
     if not policy:
         raise SystemExit(f"--probe-set {path} does not exist: give --policy MODEL to sample it")

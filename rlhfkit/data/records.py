@@ -84,4 +84,10 @@ class Ranking:
         return out
 
 
+def ranking_row(prompt: Prompt, rk: Ranking, **meta: Any) -> dict[str, Any]:
+    """A labeler's ranking of ``prompt``'s answers as one line of a rankings file (JSONL, the
+    loaders' ranking format; extra ``meta`` merged into the ranking's own)."""
+    return {"prompt": prompt.text, "responses": rk.responses, "ranks": rk.ranks, "meta": {**rk.meta, **meta}}
+
+
 Pair = Ranking  # a Pair is a Ranking with K = 2: Ranking.from_pair(messages, chosen, rejected)

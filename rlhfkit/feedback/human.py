@@ -16,7 +16,7 @@ import json
 import time
 from pathlib import Path
 
-from rlhfkit.data.records import Prompt, Ranking
+from rlhfkit.data.records import Prompt, Ranking, ranking_row
 from rlhfkit.errors import UserError
 from rlhfkit.feedback.store import Store, TaskIn
 
@@ -124,7 +124,7 @@ def rank_round_by_people(store: Store, batch: str, prompts: list[Prompt], sample
                                   "task_id": r["meta"]["task_id"], "prompt_id": p.meta.get("id")}})
         if not people and fallback is not None:
             rk = fallback.rank(p, s["responses"], s["finished"])
-            rows.append({"prompt": p.text, "responses": rk.responses, "ranks": rk.ranks, "meta": rk.meta})
+            rows.append(ranking_row(p, rk))
     say(f"[{batch}] {sum(r['meta']['labeler'] != getattr(fallback, 'name', None) for r in rows)} rankings by people"
         + (f", {sum(r['meta']['labeler'] == fallback.name for r in rows)} by the {fallback.name} labeler" if fallback else ""))
     return rows

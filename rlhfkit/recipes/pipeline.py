@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 from rlhfkit.config import PipelineConfig, RewardConfig, SFTConfig
-from rlhfkit.data.records import Prompt
+from rlhfkit.data.records import Prompt, ranking_row
 from rlhfkit.data.tokenize import encode_prompt
 from rlhfkit.errors import UserError
 from rlhfkit.feedback import rubric
@@ -57,11 +57,6 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
 
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def ranking_row(prompt: Prompt, rk, **meta) -> dict:
-    """A labeler's ranking as one line of a rankings file (extra ``meta`` merged in)."""
-    return {"prompt": prompt.text, "responses": rk.responses, "ranks": rk.ranks, "meta": {**rk.meta, **meta}}
 
 
 def sample_answers(model_spec: str, prompts: list[Prompt], k: int, cfg: PipelineConfig, temperature: float,
