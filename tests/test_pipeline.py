@@ -44,6 +44,11 @@ def test_pipeline_end_to_end_on_tiny(tiny_path, tmp_path, shared_data):
     assert 0.0 <= summary["sft_vs_base"]["win_rate"] <= 1.0
     assert summary["ratings"]["sft"]["bt"] == 1000.0  # anchored
     assert len(summary["ppo"]["ppo1"]) == 1 and "kl" in summary["ppo"]["ppo1"][0]
+    # PPO got the pipeline's settings: 4 samples per prompt, centred on the prompt's others, GAE lambda 1
+    import yaml
+
+    ppo_cfg = yaml.safe_load((run / "round1" / "ppo" / "config.yaml").read_text())
+    assert (ppo_cfg["samples_per_prompt"], ppo_cfg["score_baseline"], ppo_cfg["lam"], ppo_cfg["batch_size"]) == (4, "group", 1.0, 2)
     # the proxy beside the gold: round 1's RM on each version's held-out answers
     from rlhfkit.evals.helpful import hf_reward_fn
     from rlhfkit.tasks import load_task

@@ -287,7 +287,7 @@ def run_pipeline(cfg: PipelineConfig, say=print) -> dict:
             train_ppo(PPOConfig(model=str(sft / "model"), reward_model=str(rdir / "rm" / "model"), out=str(rdir / "ppo"),
                                 max_steps=cfg.ppo_iterations, batch_size=cfg.ppo_batch_size,
                                 samples_per_prompt=cfg.ppo_samples_per_prompt, score_baseline=cfg.ppo_score_baseline,
-                                lr=cfg.ppo_lr, critic=cfg.ppo_critic,
+                                lr=cfg.ppo_lr, critic=cfg.ppo_critic, lam=cfg.ppo_lam,
                                 kl_coef=cfg.kl_coef, temperature=cfg.ppo_temperature, max_new_tokens=cfg.max_new_tokens,
                                 precision=cfg.precision, seed=cfg.seed + r), say=say)
             release_memory()
