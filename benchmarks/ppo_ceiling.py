@@ -13,7 +13,7 @@ Usage (after `make demo`):
         samples_per_prompt=4 batch_size=4 score_baseline=group
 
 Each call adds (or replaces) its tag's row in benchmarks/results/ppo_ceiling.json and rewrites
-ppo_ceiling.md with all rows. A finished variant directory is reused (its PPO is not rerun).
+ppo_ceiling.md with all rows (a hand-written "## Notes" section at its end is kept). A finished variant directory is reused (its PPO is not rerun).
 Never asserts anything.
 """
 
@@ -123,7 +123,9 @@ def main() -> None:
     rows = json.loads(path.read_text()) if path.exists() else {}
     rows[args.tag] = row
     path.write_text(json.dumps(rows, indent=1))
-    (RESULTS / "ppo_ceiling.md").write_text(render(rows))
+    md = RESULTS / "ppo_ceiling.md"
+    notes = md.read_text().partition("\n## Notes")[2] if md.exists() else ""  # hand-written notes stay
+    md.write_text(render(rows) + (f"\n## Notes{notes}" if notes else ""))
     print(render({args.tag: row}))
 
 

@@ -183,6 +183,19 @@ def test_gae_three_steps_by_hand():
     close(advantages, [[1.75, 1.5, 1.0]])
 
 
+def test_gae_credit_of_the_first_token_with_a_zero_critic():
+    """Why the pipeline runs λ = 1: with values still 0 (a fresh value head) and the score on the
+    last of 60 tokens, λ = 0.95 gives the first token 0.95^59 ≈ 4.9 % of the score, λ = 1 all of it."""
+    T = 60
+    rewards = torch.zeros(1, T, dtype=torch.float64)
+    rewards[0, -1] = 1.0
+    zero, ones = torch.zeros(1, T, dtype=torch.float64), torch.ones(1, T)
+    a95, _ = compute_gae(rewards, zero, ones, gamma=1.0, lam=0.95)
+    a1, _ = compute_gae(rewards, zero, ones, gamma=1.0, lam=1.0)
+    assert a95[0, 0].item() == pytest.approx(0.95**59) and a95[0, 0].item() < 0.05
+    close(a1, torch.ones(1, T, dtype=torch.float64))
+
+
 def gae_plain_loop(rewards, values, length, gamma, lam):
     advantages = [0.0] * len(rewards)
     last = 0.0
