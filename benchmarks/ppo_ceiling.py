@@ -20,6 +20,7 @@ Never asserts anything.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import time
@@ -29,7 +30,7 @@ import yaml
 
 from rlhfkit.config import PipelineConfig, PPOConfig
 from rlhfkit.feedback import rubric
-from rlhfkit.recipes.pipeline import compare, judge, read_jsonl, sample_answers, write_jsonl
+from rlhfkit.recipes.pipeline import compare, judge, ppo_config, read_jsonl, sample_answers, write_jsonl
 from rlhfkit.recipes.ppo import train_ppo
 from rlhfkit.tasks import load_task
 
@@ -53,19 +54,15 @@ def parse_overrides(items: list[str]) -> dict:
     return out
 
 
-def ppo_config(run: Path, out: Path, reward: str, overrides: dict) -> PPOConfig:
-    """The pipeline's round-1 PPO settings of ``run`` (as in recipes/pipeline.py), then overrides."""
+def round1_ppo_config(run: Path, out: Path, reward: str, overrides: dict) -> PPOConfig:
+    """The pipeline's round-1 PPO settings of ``run`` (recipes/pipeline.py: ppo_config), then overrides."""
     raw = json.loads((run / "pipeline.json").read_text())
     pc = PipelineConfig(**raw)
-    kw = dict(model=str(run / "sft" / "model"), out=str(out / "ppo"), max_steps=pc.ppo_iterations,
-              batch_size=pc.ppo_batch_size, samples_per_prompt=pc.ppo_samples_per_prompt,
-              score_baseline=pc.ppo_score_baseline, lr=pc.ppo_lr, critic=pc.ppo_critic, kl_coef=pc.kl_coef,
-              temperature=pc.ppo_temperature, max_new_tokens=pc.max_new_tokens, precision=pc.precision, seed=pc.seed + 1)
-    if "ppo_lam" in raw:  # runs from before the field used PPOConfig's default
-        kw["lam"] = raw["ppo_lam"]
-    if reward == "rm":
-        kw["reward_model"] = str(run / "round1" / "rm" / "model")
-    return PPOConfig(**(kw | overrides))
+    if "ppo_lam" not in raw:  # runs from before the field used PPOConfig's default
+        pc.ppo_lam = PPOConfig().lam
+    rm = str(run / "round1" / "rm" / "model") if reward == "rm" else ""
+    cfg = ppo_config(pc, str(run / "sft" / "model"), rm, str(out / "ppo"), 1)
+    return dataclasses.replace(cfg, **overrides)
 
 
 def quarter_means(metrics: list[dict], key: str) -> tuple[float, float]:
@@ -103,7 +100,7 @@ def main() -> None:
     args = ap.parse_args()
     run, out = Path(args.run), Path(args.out)
     overrides = parse_overrides(args.overrides)
-    cfg = ppo_config(run, out, args.reward, overrides)
+    cfg = round1_ppo_config(run, out, args.reward, overrides)
     if not (out / "ppo" / "model" / "config.json").exists():
         train_ppo(cfg, reward_fn=gold_reward if args.reward == "gold" else None)
     metrics = [json.loads(line) for line in (out / "ppo" / "metrics.jsonl").read_text().splitlines() if line.strip()]

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from rlhfkit.config import PipelineConfig, RewardConfig, SFTConfig
+from rlhfkit.config import PipelineConfig, PPOConfig, RewardConfig, SFTConfig
 from rlhfkit.data.records import Prompt, ranking_row
 from rlhfkit.data.tokenize import encode_prompt
 from rlhfkit.errors import UserError
@@ -167,6 +167,15 @@ def compare(a: list[float], b: list[float]) -> dict:
     return {"win_rate": wr.rate, "ci95": [wr.lower, wr.upper], "wins": wr.wins, "ties": wr.ties, "losses": wr.losses}
 
 
+def ppo_config(cfg: PipelineConfig, sft_model: str, reward_model: str, out: str, round_: int) -> PPOConfig:
+    """Round ``round_``'s PPOConfig: the pipeline's ppo_* settings on the SFT model."""
+    return PPOConfig(model=sft_model, reward_model=reward_model, out=out, max_steps=cfg.ppo_iterations,
+                     batch_size=cfg.ppo_batch_size, samples_per_prompt=cfg.ppo_samples_per_prompt,
+                     score_baseline=cfg.ppo_score_baseline, lr=cfg.ppo_lr, critic=cfg.ppo_critic, lam=cfg.ppo_lam,
+                     kl_coef=cfg.kl_coef, temperature=cfg.ppo_temperature, max_new_tokens=cfg.max_new_tokens,
+                     precision=cfg.precision, seed=cfg.seed + round_)
+
+
 def run_pipeline(cfg: PipelineConfig, say=print) -> dict:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -281,15 +290,9 @@ def run_pipeline(cfg: PipelineConfig, say=print) -> dict:
             continue
         t = time.perf_counter()
         if not (rdir / "ppo" / "model" / "config.json").exists():
-            from rlhfkit.config import PPOConfig
             from rlhfkit.recipes.ppo import train_ppo
 
-            train_ppo(PPOConfig(model=str(sft / "model"), reward_model=str(rdir / "rm" / "model"), out=str(rdir / "ppo"),
-                                max_steps=cfg.ppo_iterations, batch_size=cfg.ppo_batch_size,
-                                samples_per_prompt=cfg.ppo_samples_per_prompt, score_baseline=cfg.ppo_score_baseline,
-                                lr=cfg.ppo_lr, critic=cfg.ppo_critic, lam=cfg.ppo_lam,
-                                kl_coef=cfg.kl_coef, temperature=cfg.ppo_temperature, max_new_tokens=cfg.max_new_tokens,
-                                precision=cfg.precision, seed=cfg.seed + r), say=say)
+            train_ppo(ppo_config(cfg, str(sft / "model"), str(rdir / "rm" / "model"), str(rdir / "ppo"), r), say=say)
             release_memory()
         policy = str(rdir / "ppo" / "model")
         versions[f"ppo{r}"] = policy
