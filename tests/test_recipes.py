@@ -315,6 +315,34 @@ def test_rm_compiled_blocks_train_like_eager(tiny_path, rankings, tmp_path):
     AutoModelForSequenceClassification.from_pretrained(tmp_path / "compiled" / "model")
 
 
+def test_each_stage_starts_with_a_fresh_compile_cache(tiny_path, demos, rankings, tmp_path):
+    """The stages of `rlhfkit pipeline` share a process, and dynamo keeps at most 16 compiled
+    variants for the one `forward` code that every transformer block runs: SFT's and the RM's
+    variants must not stay there for PPO (a variant beyond the limit runs eagerly). Here: SFT,
+    then the RM, then SFT again holds only SFT's variants, as it did the first time."""
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+    from rlhfkit.models.loading import load_causal_lm
+    from rlhfkit.recipes.common import transformer_blocks
+    from rlhfkit.recipes.reward import train_reward_model
+    from rlhfkit.recipes.sft import train_sft
+
+    code = type(transformer_blocks(load_causal_lm(tiny_path).model)[0]).forward.__code__
+
+    def variants() -> int:
+        return len(_debug_get_cache_entry_list(code))
+
+    common = dict(model=tiny_path, batch_size=4, max_steps=1, lr=1e-3, warmup_steps=0, precision="fp32", max_length=96,
+                  eval_fraction=0.0, compile="on")
+    train_sft(SFTConfig(out=str(tmp_path / "sft1"), data=demos, **common), say=lambda *a: None)
+    sft_variants = variants()
+    train_reward_model(RewardConfig(out=str(tmp_path / "rm"), data=rankings, **common), say=lambda *a: None)
+    rm_variants = variants()
+    train_sft(SFTConfig(out=str(tmp_path / "sft2"), data=demos, **common), say=lambda *a: None)
+    assert sft_variants >= 1 and rm_variants >= 1  # each stage compiled its blocks
+    assert variants() == sft_variants  # without the reset: SFT's + the RM's
+
+
 def test_rm_shared_prompt_rows_train_like_separate_rows(tiny_path, rankings, tmp_path):
     """share_prompt (the K responses after one copy of the prompt) changes the cost, not the losses."""
     from rlhfkit.recipes.reward import train_reward_model

@@ -49,7 +49,7 @@ from rlhfkit.data.tokenize import encode_prompt
 from rlhfkit.errors import UserError
 from rlhfkit.models.heads import load_reward_model
 from rlhfkit.models.loading import load_causal_lm, resolve_precision
-from rlhfkit.recipes.common import (compile_blocks, MetricsLog, apply_lora, batch_plan, load_checkpoint, make_accelerator,
+from rlhfkit.recipes.common import (compile_blocks, fresh_compile_cache, MetricsLog, apply_lora, batch_plan, load_checkpoint, make_accelerator,
                                     make_optimizer, merged, prepare_out, progress, release_memory, rss_mb, save_checkpoint,
                                     use_training_attention)
 from rlhfkit.recipes.ppo_models import (Critic, _Checkpoint, _unwrap, bf16_matmul_weights, cut_responses, length_chunks,
@@ -165,6 +165,7 @@ def train_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None, interrupt_after
         policy.gradient_checkpointing_enable()
     use_training_attention(policy, device)
     policy = apply_lora(policy, cfg)
+    fresh_compile_cache()  # the variants of an earlier stage in this process would crowd out PPO's
     compiled = compile_blocks(policy, cfg, device, say)
     if compiled:
         say("compiling the policy's transformer blocks (torch.compile; once per machine, cached)")

@@ -24,7 +24,7 @@ from rlhfkit.data.tokenize import Encoded, collate, collate_shared_prompt, encod
 from rlhfkit.errors import UserError
 from rlhfkit.feedback.labelers import ranks_from_scores
 from rlhfkit.models.heads import RewardModel, load_reward_model
-from rlhfkit.recipes.common import (MetricsLog, apply_lora, batch_plan, compile_blocks, load_checkpoint, load_split, make_accelerator,
+from rlhfkit.recipes.common import (MetricsLog, apply_lora, batch_plan, compile_blocks, fresh_compile_cache, load_checkpoint, load_split, make_accelerator,
                                     make_optimizer, merged, periodic_checkpoint, prepare_out, progress, save_checkpoint, shard, use_training_attention,
                                     world)
 
@@ -131,6 +131,7 @@ def train_reward_model(cfg: RewardConfig, interrupt_after: int | None = None, sa
         rm.seq_model.gradient_checkpointing_enable()
     use_training_attention(rm.seq_model, acc.device)
     rm.seq_model = apply_lora(rm.seq_model, cfg, task_type="SEQ_CLS")
+    fresh_compile_cache()
     compiled = compile_blocks(rm.seq_model, cfg, acc.device, say)
     if compiled:
         say("compiling the transformer blocks (torch.compile; once per machine, cached)")

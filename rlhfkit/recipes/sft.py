@@ -25,7 +25,8 @@ from rlhfkit.config import SFTConfig, TrainConfig
 from rlhfkit.data.tokenize import Encoded, collate, collate_packed, encode_demonstration, length_groups
 from rlhfkit.errors import UserError
 from rlhfkit.models.loading import load_causal_lm
-from rlhfkit.recipes.common import (compile_blocks, MetricsLog, apply_lora, batch_plan, load_checkpoint, load_split, make_accelerator,
+from rlhfkit.recipes.common import (compile_blocks, fresh_compile_cache, MetricsLog, apply_lora, batch_plan, load_checkpoint, load_split,
+                                    make_accelerator,
                                     make_optimizer, merged, periodic_checkpoint, prepare_out, progress, save_checkpoint, shard, use_training_attention,
                                     world)
 
@@ -65,6 +66,7 @@ def run_lm_training(cfg: TrainConfig, acc, model, tok, train: list[Encoded], hel
         model.gradient_checkpointing_enable()
     use_training_attention(model, acc.device)
     model = apply_lora(model, cfg)
+    fresh_compile_cache()
     if compile_blocks(model, cfg, acc.device, say):
         say("compiling the transformer blocks (torch.compile; once per machine, cached)")
 
