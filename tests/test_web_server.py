@@ -77,7 +77,13 @@ def test_concurrent_labelers_lose_and_duplicate_nothing(server):
         mine = keys.setdefault(name, [])
         start.wait()
         for n in range(EACH):
-            task = c.get("/api/tasks/next").json()["task"]
+            for attempt in range(3):  # a reset connection is retried, as a browser would (a GET changes nothing)
+                try:
+                    task = c.get("/api/tasks/next").json()["task"]
+                    break
+                except httpx.TransportError:
+                    if attempt == 2:
+                        raise
             key = f"{name}-{n}-{uuid.uuid4().hex[:8]}"
             body = {"ranks": [0, 1, 2, 2], "idempotency_key": key}
             for attempt in range(2):  # every submission is sent twice, as a retry after a lost reply would
@@ -87,8 +93,15 @@ def test_concurrent_labelers_lose_and_duplicate_nothing(server):
             mine.append(key)
         c.close()
 
+    def guarded(i: int) -> None:  # a labeler that dies says why, instead of leaving a count short
+        try:
+            labeler(i)
+        except Exception as e:  # noqa: BLE001
+            errors.append(f"labeler{i:02d}: {e!r}")
+            start.abort()  # the others must not wait at the barrier for it
+
     t0 = time.perf_counter()
-    threads = [threading.Thread(target=labeler, args=(i,)) for i in range(LABELERS)]
+    threads = [threading.Thread(target=guarded, args=(i,)) for i in range(LABELERS)]
     for t in threads:
         t.start()
     for t in threads:

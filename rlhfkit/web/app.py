@@ -170,4 +170,6 @@ def serve(cfg: ServeConfig, say=print) -> None:
         say(f"no users yet: sign in as 'admin' through {base}/invite/{invite}")
     app = create_app(cfg, store=store)
     say(f"serving {', '.join(app.state.pool.names()) or 'no model versions'} at {base} (store: {store.url})")
-    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning")
+    # keep idle connections 75 s (uvicorn: 5 s): a browser or proxy reusing a connection the server
+    # is closing gets a reset; with 50 labelers on a loaded 2-core CI machine that happened within 5 s
+    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning", timeout_keep_alive=75)
