@@ -26,9 +26,8 @@ from rlhfkit.data.tokenize import Encoded, collate, collate_packed, encode_demon
 from rlhfkit.errors import UserError
 from rlhfkit.models.loading import load_causal_lm
 from rlhfkit.recipes.common import (compile_blocks, fresh_compile_cache, MetricsLog, apply_lora, batch_plan, load_checkpoint, load_split,
-                                    make_accelerator,
-                                    make_optimizer, merged, periodic_checkpoint, prepare_out, progress, save_checkpoint, shard, use_training_attention,
-                                    world)
+                                    make_accelerator, make_optimizer, merged, periodic_checkpoint, prepare_out, progress, save_checkpoint,
+                                    shard, use_training_attention, world)
 
 
 def train_sft(cfg: SFTConfig, interrupt_after: int | None = None, say=print) -> dict:
