@@ -55,3 +55,57 @@ def test_reuse_freed_memory_serves_a_big_tensor_again_without_page_faults():
 def test_reuse_freed_memory_can_be_turned_off(monkeypatch):
     monkeypatch.setenv("RLHFKIT_MALLOC", "default")
     assert common.reuse_freed_memory() is False
+
+
+def test_own_memory_takes_parameters_out_of_the_checkpoint_file_mapping(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    save_file({"w": torch.arange(6, dtype=torch.float32).reshape(2, 3)}, str(tmp_path / "m.safetensors"))
+    loaded = load_file(str(tmp_path / "m.safetensors"))["w"]  # zero-copy: a view of the mapped file
+    p = torch.nn.Parameter(loaded)
+    tied = torch.nn.ModuleDict({"a": torch.nn.Linear(3, 2, bias=False), "b": torch.nn.Linear(3, 2, bias=False)})
+    tied.a.weight = p
+    tied.b.weight = p  # tied weights are one Parameter object
+    before = p.data_ptr()
+    common.own_memory([p])
+    assert p.data_ptr() != before
+    assert torch.equal(p.detach(), torch.arange(6, dtype=torch.float32).reshape(2, 3))
+    assert tied.a.weight is tied.b.weight is p
+    with torch.no_grad():
+        p.add_(1.0)  # writing it leaves the file alone
+    assert torch.equal(load_file(str(tmp_path / "m.safetensors"))["w"], torch.arange(6, dtype=torch.float32).reshape(2, 3))
+
+
+def test_allocated_adamw_state_gives_the_same_steps_and_state_as_lazy_state():
+    torch.manual_seed(0)
+    shapes = [(4, 3), (5,), (2, 2, 2)]
+    init = [torch.randn(s) for s in shapes]
+    grads = [[torch.randn(s) for s in shapes] for _ in range(3)]
+    runs = []
+    for eager in (False, True):
+        params = [torch.nn.Parameter(t.clone()) for t in init]
+        frozen = torch.nn.Parameter(torch.ones(3))  # in the optimizer, never gets a gradient
+        opt = torch.optim.AdamW([{"params": params + [frozen], "lr": 1e-2}], weight_decay=0.1, betas=(0.9, 0.95), fused=True)
+        if eager:
+            common.allocate_adamw_state(opt)
+            assert opt.state[params[0]]["exp_avg"].shape == shapes[0]
+        for g in grads:
+            for p, gi in zip(params, g):
+                p.grad = gi.clone()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        assert torch.equal(frozen.detach(), torch.ones(3))
+        runs.append((params, opt))
+    (lazy, lazy_opt), (eager, eager_opt) = runs
+    for a, b in zip(lazy, eager):
+        assert torch.equal(a, b)
+        for key in ("step", "exp_avg", "exp_avg_sq"):
+            sa, sb = lazy_opt.state[a][key], eager_opt.state[b][key]
+            assert sa.dtype == sb.dtype and sa.device == sb.device and torch.equal(sa, sb), key
+    # a resumed run loads the saved state over the allocated one
+    fresh = [torch.nn.Parameter(t.clone()) for t in init] + [torch.nn.Parameter(torch.ones(3))]
+    again = torch.optim.AdamW([{"params": fresh, "lr": 1e-2}], weight_decay=0.1, betas=(0.9, 0.95), fused=True)
+    common.allocate_adamw_state(again)
+    again.load_state_dict(eager_opt.state_dict())
+    assert torch.equal(again.state[fresh[0]]["exp_avg"], eager_opt.state[eager[0]]["exp_avg"])
+    assert float(again.state[fresh[0]]["step"]) == 3.0

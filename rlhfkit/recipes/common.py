@@ -317,9 +317,14 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, total_steps: int, l
     lr_of = lr_of or {}
     params = [p for p in model.parameters() if p.requires_grad and p not in lr_of]
     groups = [{"params": params, "lr": cfg.lr}] + [{"params": [p], "lr": lr} for p, lr in lr_of.items() if p.requires_grad]
+    on_cpu = not torch.cuda.is_available()  # else accelerate moves the model to the GPU next (make_accelerator)
+    if on_cpu:
+        own_memory([p for g in groups for p in g["params"]])
     # fused AdamW: one kernel per tensor; on this CPU 3x faster than the default foreach path
     # (1.2 s vs 4.0 s per step for 265M parameters), and it exists on CUDA too
     opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95), eps=1e-8, fused=True)
+    if on_cpu:
+        allocate_adamw_state(opt)
 
     def factor(step: int) -> float:
         if cfg.warmup_steps and step < cfg.warmup_steps:
@@ -335,6 +340,38 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, total_steps: int, l
         raise UserError(f"schedule={cfg.schedule!r}: expected cosine, linear or constant")
 
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def own_memory(params: list[torch.nn.Parameter]) -> None:
+    """Copy each trained parameter into memory of its own, out of the file it was loaded from.
+
+    Why: transformers loads safetensors zero-copy, so a parameter's data is a private mapping of
+    the checkpoint file. The first optimizer step then writes every page of it and the kernel
+    copies each 4 KiB page on write: 2.0 s for SmolLM2-135M on a 2-core VM, against 0.16 s for
+    one ``clone`` (the first RM step at TRL's settings: 2.6 s of AdamW -> 0.3 s). Frozen models
+    (the PPO reference, a judge) keep the mapping: it costs nothing until written.
+    """
+    with torch.no_grad():
+        for p in params:
+            p.data = p.data.clone()
+
+
+def allocate_adamw_state(opt: torch.optim.AdamW) -> None:
+    """Allocate AdamW's moments now, exactly as its first ``step`` would (``torch/optim/adam.py:
+    _init_group``, fused: a float32 ``step`` tensor on the parameter's device, zero moments).
+
+    Why: allocated lazily, the moments (8 bytes per parameter) take the memory that the first
+    step's activations just freed, so the second step's activations fault in fresh pages: 1.1 GB
+    and ~2 s on the second RM step at TRL's settings on a 2-core VM. Allocated first, the
+    activations' memory is reused from the second step on. Same numbers either way (test).
+    """
+    for group in opt.param_groups:
+        assert group["fused"] and not group["amsgrad"], "allocate_adamw_state mirrors fused AdamW without amsgrad"
+        for p in group["params"]:
+            if not opt.state[p]:
+                opt.state[p] = {"step": torch.zeros((), dtype=torch.float32, device=p.device),
+                                "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+                                "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format)}
 
 
 def apply_lora(model: torch.nn.Module, cfg: TrainConfig, task_type: str = "CAUSAL_LM") -> torch.nn.Module:
