@@ -85,3 +85,28 @@ def test_pipeline_rejects_bad_eval_suites_before_training(tiny_path, tmp_path):
     with pytest.raises(UserError, match="needs eval_data_dir"):
         run_pipeline(PipelineConfig(model=tiny_path, out=str(tmp_path / "b"), eval_suites="truthful"))
     assert not (tmp_path / "b" / "round0").exists()
+
+
+def test_a_stage_in_a_child_process_trains_the_same_model_and_reports_errors(tiny_path, tmp_path):
+    from safetensors.torch import load_file
+
+    from rlhfkit.config import SFTConfig
+    from rlhfkit.errors import UserError
+    from rlhfkit.recipes.pipeline import run_stage
+    from rlhfkit.recipes.sft import train_sft
+
+    data = tmp_path / "demos.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Say {w}.", "response": f"{w} {w} {w}."}) + "\n"
+                            for w in ("red", "blue", "green", "gold", "gray", "pink")))
+    weights = {}
+    for fresh in (True, False):
+        out = tmp_path / f"sft_{fresh}"
+        res = run_stage(PipelineConfig(fresh_process=fresh), train_sft,
+                        SFTConfig(model=tiny_path, data=str(data), out=str(out), epochs=2, batch_size=2, lr=1e-3, precision="fp32"))
+        assert res["step"] > 0 and math.isfinite(res["loss"])
+        weights[fresh] = load_file(str(out / "model" / "model.safetensors"))
+    assert weights[True].keys() == weights[False].keys()
+    assert all((weights[True][k] == weights[False][k]).all() for k in weights[True])  # seeded: bit for bit
+    # a user's error inside the child reaches the parent as the same one-line error
+    with pytest.raises(UserError, match="missing.jsonl"):
+        run_stage(PipelineConfig(), train_sft, SFTConfig(model=tiny_path, data=str(tmp_path / "missing.jsonl"), out=str(tmp_path / "x")))
