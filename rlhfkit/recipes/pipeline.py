@@ -199,8 +199,8 @@ def run_stage(cfg: PipelineConfig, train, stage_cfg, say=print) -> dict:
         try:
             return pool.submit(train, stage_cfg).result()
         except BrokenProcessPool:
-            raise UserError(f"the process training {stage_cfg.out} died (out of memory?); finished stages are kept: "
-                            "run the same command again to continue (resume=true picks up its last checkpoint)") from None
+            raise UserError(f"the process training {stage_cfg.out} died (out of memory?); the finished stages are kept: "
+                            "run the same command again to continue from them") from None
 
 
 def run_pipeline(cfg: PipelineConfig, say=print) -> dict:
