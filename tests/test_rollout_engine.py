@@ -342,15 +342,18 @@ def test_bf16_fast_path_with_lora_adapters(tiny_path):
     for adapters in (True, False):
         with policy.disable_adapter() if not adapters else torch.no_grad():
             out = engine.generate([prompt], sp)[0]
-        # median: large random adapters make single tokens bf16-sensitive (on both paths)
+        # median: large random adapters make single tokens bf16-sensitive (on both paths), and the
+        # fused decode step keeps the residual stream in bf16 (0.07-0.19 here vs 0.02 in fp32)
         right = (torch.tensor(out.logprobs) - ref(adapters, out)).abs().median()
         wrong = (torch.tensor(out.logprobs) - ref(not adapters, out)).abs().median()
-        assert right < 0.15 and wrong > 2 * right
+        assert right < 0.3 and wrong > 10 * right
 
 
 def test_lm_head_in_chunks_is_bitwise_the_plain_head():
-    """The fp32 decode step's LM head runs over vocabulary chunks: the same values, bit for bit,
-    for a vocabulary that is not a multiple of the chunk, with and without a bias."""
+    """The fp32 decode step's LM head runs over vocabulary chunks: the same values for a vocabulary
+    that is not a multiple of the chunk, with and without a bias — bit for bit where MKL takes the
+    same kernel for a chunk as for the whole head; for one row on an AMX Xeon it takes a GEMV whose
+    sums differ in the last bit (seen: 1 ulp), so the check allows 2 ulp."""
     from rlhfkit.rollout.runner import HEAD_CHUNK, head_in_chunks
 
     g = torch.Generator().manual_seed(0)
@@ -358,5 +361,6 @@ def test_lm_head_in_chunks_is_bitwise_the_plain_head():
     w, b = torch.randn(V, d, generator=g), torch.randn(V, generator=g)
     for rows in (1, 5, 16):
         h = torch.randn(rows, d, generator=g)
-        assert torch.equal(head_in_chunks(h, w), torch.nn.functional.linear(h, w))
-        assert torch.equal(head_in_chunks(h, w, b), torch.nn.functional.linear(h, w, b))
+        for bias in (None, b):
+            chunked, plain = head_in_chunks(h, w, bias), torch.nn.functional.linear(h, w, bias)
+            assert (chunked - plain).abs().max() <= 2 * torch.finfo(torch.float32).eps * plain.abs().max()

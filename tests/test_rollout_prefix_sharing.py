@@ -106,20 +106,23 @@ def _prompts(tok):
     return [tok(" ".join(words[: 6 + 3 * i] * 3))["input_ids"] for i in range(4)]
 
 
-@pytest.mark.parametrize("fused", [True, False], ids=["bf16-model-fused-step", "fp32-model-bf16-autocast"])
-def test_engine_outputs_identical_with_and_without_sharing(sharp, fused):
+@pytest.mark.parametrize("model_dtype, fused", [(torch.bfloat16, True), (torch.float32, True), (torch.float32, False)],
+                         ids=["bf16-model-fused-step", "fp32-model-autocast-fused-step", "fp32-model-autocast-kernel-only"])
+def test_engine_outputs_identical_with_and_without_sharing(sharp, model_dtype, fused):
     """Sampled and greedy generation in bf16: the same tokens and log-probs with the prompt prefix
-    shared as without, in the fused C++ step (bf16 model) and with the attention kernel alone (fp32
-    model under bf16 autocast). Rows of one group stop at different steps (stop ids), their slots
-    are refilled with other prompts while the rest of the group decodes on (continuous batching),
-    and max_batch < n·prompts splits a prompt's samples over several admissions (separate prefills)."""
+    shared as without, in the fused C++ step (bf16 model; fp32 model under bf16 autocast) and with
+    the attention kernel alone (fp32 model, ``fuse_autocast`` off). Rows of one group stop at
+    different steps (stop ids), their slots are refilled with other prompts while the rest of the
+    group decodes on (continuous batching), and max_batch < n·prompts splits a prompt's samples over
+    several admissions (separate prefills)."""
     _kernel_or_skip()
-    model = copy.deepcopy(sharp.model).to(torch.bfloat16) if fused else sharp.model
+    model = copy.deepcopy(sharp.model).to(model_dtype)
     tok = sharp.tokenizer
     prompts = _prompts(tok)
     assert len({len(p) for p in prompts}) == 4 and min(map(len, prompts)) > 16
     engine = Engine(model, tok, precision="bf16", max_batch=6)
     run = engine.runner
+    run.fuse_autocast = fused
     # T = 2: the samples of a prompt differ (this model's logits are peaked); stop ids that some
     # samples (not all) hit early: each prompt's first sample's second token
     pilot = engine.generate(prompts, SamplingParams(max_new_tokens=12, temperature=2.0, seed=3, ignore_eos=True), n=4)
