@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -267,6 +268,15 @@ def test_short_row_attention_matches_sdpa():
     out, _ = short_row_attention(module, q, k, v, padded, scaling=D ** -0.5)
     assert torch.isfinite(out).all()
     assert torch.allclose(out[1, :-1], reference(q, k, v, shared)[1, :-1], atol=1e-5)
+    # a ready boolean 4-D mask (the reward model's shared-prompt rows) turned additive for it
+    from rlhfkit.recipes.common import ATTENTION_NAME, additive_attention_mask
+
+    ours, other = (SimpleNamespace(config=SimpleNamespace(_attn_implementation=n)) for n in (ATTENTION_NAME, "sdpa"))
+    assert additive_attention_mask(other, padded) is padded
+    add = additive_attention_mask(ours, padded)
+    assert add.dtype == torch.float32 and torch.equal(add == 0, padded)
+    out_add, _ = short_row_attention(module, q, k, v, add, scaling=D ** -0.5)
+    assert torch.isfinite(out_add).all() and torch.allclose(out_add[1, :-1], out[1, :-1], atol=1e-6)
     # rows longer than SHORT_ROWS go to SDPA (same result either way)
     L = SHORT_ROWS + 1
     q, k, v = (torch.randn(1, n, L, D, generator=g) for n in (H, KV, KV))
@@ -282,10 +292,24 @@ def test_training_attention_is_installed_and_not_saved(tiny_path, tmp_path):
     model = loaded.model
     ids = torch.tensor([[1, 5, 9, 13, 2], [1, 7, 3, 0, 0]])
     mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    import rlhfkit.recipes.common as common
+
+    seen = []
+    real = common.short_row_attention
+
+    def spy(module, q, k, v, attention_mask, **kw):
+        seen.append(attention_mask)
+        return real(module, q, k, v, attention_mask, **kw)
+
     with torch.no_grad():
         before = model(input_ids=ids, attention_mask=mask).logits
-        assert use_training_attention(model, "cpu") and model.config._attn_implementation == ATTENTION_NAME
+        with mock.patch.object(common, "short_row_attention", spy):
+            assert use_training_attention(model, "cpu") and model.config._attn_implementation == ATTENTION_NAME
         after = model(input_ids=ids, attention_mask=mask).logits
+    # transformers builds additive float masks for it (0 = attend), the fast form in compiled blocks
+    assert seen and all(m.dtype == torch.float32 and m.shape == (2, 1, 5, 5) for m in seen)
+    assert (seen[0][1, 0, 4, :3] == 0).all() and (seen[0][1, 0, :, 3:] < -1e38).all()
+    use_training_attention(model, "cpu")  # the real function registered again, for later tests
     assert torch.allclose(before[0], after[0], atol=1e-4) and torch.allclose(before[1, :3], after[1, :3], atol=1e-4)
     model.save_pretrained(tmp_path / "m")
     assert ATTENTION_NAME not in (tmp_path / "m" / "config.json").read_text()

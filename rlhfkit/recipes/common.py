@@ -101,11 +101,14 @@ def short_row_attention(module, query: torch.Tensor, key: torch.Tensor, value: t
     (math SDPA); 8 × 200: 1.47 vs 1.73 (flash); 8 × 320: 2.20 vs 2.51; 4 × 512: 2.12 vs 2.20 but
     +1.3 GB resident (the (T, T) scores of every layer are kept for the backward), hence the limit.
 
-    Masks come from transformers' SDPA mask builder (``sdpa_mask``): None (plain causal), a
-    boolean (B, 1, T, S) mask (True = attend, as ``collate_shared_prompt`` builds) or an additive
-    float mask. Masked scores get the dtype's lowest value, not -inf, so a fully masked padding
-    row gives finite (ignored) values instead of NaN. Registered with transformers'
-    ``AttentionInterface`` (``use_training_attention``); the model's saved config is unchanged.
+    Masks are additive: transformers builds them with its eager-attention builder (``eager_mask``:
+    0 where a query attends, the dtype's lowest value elsewhere, not -inf, so a fully masked padding
+    row gives finite, ignored values instead of NaN). Inductor's softmax kernel adds a float mask
+    far faster than it applies a boolean one (per-lane mask conversions): 16 rows × 9 heads × 104
+    tokens, attention fwd + bwd 9.7 → 7.0 ms per layer, no-grad forward 2.8 → 2.1 ms (2-core AMX
+    Xeon). A boolean (B, 1, T, S) mask (True = attend) or None (plain causal) still works.
+    Registered with transformers' ``AttentionInterface`` (``use_training_attention``); the model's
+    saved config is unchanged.
     """
     if query.device.type != "cpu" or key.shape[2] > SHORT_ROWS:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -131,16 +134,25 @@ def short_row_attention(module, query: torch.Tensor, key: torch.Tensor, value: t
     return torch.matmul(probs, value).transpose(1, 2).contiguous(), None
 
 
+def additive_attention_mask(model: torch.nn.Module, mask: torch.Tensor) -> torch.Tensor:
+    """A ready 4-D boolean mask (True = attend; transformers passes such masks on unchanged) as
+    the additive float mask ``short_row_attention`` is fast with, when ``model`` attends with it;
+    otherwise ``mask`` itself."""
+    if mask.dim() != 4 or mask.dtype != torch.bool or getattr(model.config, "_attn_implementation", None) != ATTENTION_NAME:
+        return mask
+    return torch.zeros(mask.shape, device=mask.device).masked_fill_(~mask, torch.finfo(torch.float32).min)
+
+
 def use_training_attention(model: torch.nn.Module, device) -> bool:
     """Route ``model``'s attention through ``short_row_attention`` when training on CPU (GPUs keep
     their default). Call before LoRA wraps the model. Returns whether it did."""
     if torch.device(device).type != "cpu" or not hasattr(model, "set_attn_implementation"):
         return False
     from transformers import AttentionInterface, AttentionMaskInterface
-    from transformers.masking_utils import sdpa_mask
+    from transformers.masking_utils import eager_mask
 
     AttentionInterface.register(ATTENTION_NAME, short_row_attention)
-    AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
+    AttentionMaskInterface.register(ATTENTION_NAME, eager_mask)  # additive masks (see short_row_attention)
     model.set_attn_implementation(ATTENTION_NAME)
     return model.config._attn_implementation == ATTENTION_NAME
 

@@ -203,6 +203,9 @@ def train_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None, interrupt_after
         if rm_tok.get_vocab() != tok.get_vocab():
             raise UserError(f"reward_model={cfg.reward_model}: its tokenizer differs from the policy's ({cfg.model})")
         rm = rm.to(device).requires_grad_(False).eval()
+        if compiled:  # inference only: Inductor fuses its elementwise work as for the policy
+            use_training_attention(rm.seq_model, device)
+            compile_blocks(rm.seq_model, cfg, device, say)
     policy.train()
     critic.train()
     engine = Engine(policy, tok, precision=precision)
