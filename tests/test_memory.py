@@ -109,3 +109,42 @@ def test_allocated_adamw_state_gives_the_same_steps_and_state_as_lazy_state():
     again.load_state_dict(eager_opt.state_dict())
     assert torch.equal(again.state[fresh[0]]["exp_avg"], eager_opt.state[eager[0]]["exp_avg"])
     assert float(again.state[fresh[0]]["step"]) == 3.0
+
+
+@pytest.mark.parametrize("max_norm", [0.05, 100.0, 0.0], ids=["clipped", "below-the-norm", "no-clipping"])
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-adamw", "foreach-adamw"])
+def test_clip_and_step_is_clip_grad_norm_then_step(max_norm, fused):
+    """clip_and_step (norm from dot products, clip factor as fused AdamW's grad_scale) gives the
+    parameters, optimizer state and pre-clip norm of clip_grad_norm_ + step, over three steps."""
+    from rlhfkit.recipes.common import clip_and_step
+
+    def run(ours: bool):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Embedding(50, 8), torch.nn.Linear(8, 8), torch.nn.Linear(8, 3))
+        model[1].weight.requires_grad_(False)  # a frozen parameter has no gradient
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1, fused=fused, foreach=None if fused else True)
+        norms = []
+        for step in range(3):
+            x = torch.randint(0, 50, (6, 4), generator=torch.Generator().manual_seed(step))
+            model(x).square().mean().mul(10.0).backward()
+            if ours:
+                norms.append(clip_and_step(opt, params, max_norm))
+            else:
+                norms.append(torch.nn.utils.clip_grad_norm_(params, max_norm) if max_norm > 0 else None)
+                opt.step()
+            opt.zero_grad(set_to_none=True)
+        assert not hasattr(opt, "grad_scale")  # nothing left behind for the next step
+        return params, opt, norms
+
+    (p_ours, o_ours, n_ours), (p_ref, o_ref, n_ref) = run(True), run(False)
+    for a, b in zip(p_ours, p_ref):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert torch.allclose(o_ours.state[a][key], o_ref.state[b][key], rtol=1e-5, atol=1e-9)
+    if max_norm > 0:
+        assert torch.allclose(torch.stack(n_ours), torch.stack(n_ref), rtol=1e-5)
+        clipped = [float(n) > max_norm for n in n_ref]
+        assert all(clipped) if max_norm < 1 else not any(clipped)  # both branches really ran
+    else:
+        assert n_ours == n_ref == [None] * 3

@@ -354,6 +354,42 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, total_steps: int, l
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
+def clip_and_step(optimizer, params, max_norm: float) -> torch.Tensor | None:
+    """Clip the gradients of ``params`` to a total L2 norm of ``max_norm``, as
+    ``torch.nn.utils.clip_grad_norm_`` does (``max_norm <= 0``: no clipping), then take the
+    optimizer step. Returns the total norm before clipping (None without clipping).
+
+    Why not ``clip_grad_norm_``: it reads every gradient twice besides the step, once for the norm
+    (``_foreach_norm``, at a third of this CPU's memory bandwidth) and once to scale it in place.
+    Here the norm is a sum of BLAS dot products, and the clip factor goes to fused AdamW as its
+    ``grad_scale`` (the hook PyTorch's GradScaler uses: the kernel divides each gradient by it as it
+    reads it), so clipping costs no pass of its own. SmolLM2-135M's 135M fp32 gradients, 2-core AMX
+    Xeon: norm 47 -> 23 ms, scaling 29 -> 0 ms, a few percent of a reward-model step. The same
+    update up to float rounding (tested). A non-fused optimizer gets the gradients scaled in place.
+    """
+    if max_norm <= 0:
+        optimizer.step()
+        return None
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        optimizer.step()
+        return torch.zeros(())
+    flat = [g.reshape(-1).float() for g in grads]
+    norm = torch.stack([torch.dot(g, g) for g in flat]).sum().sqrt()
+    coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps the torch optimizer
+    if isinstance(inner, torch.optim.Adam | torch.optim.AdamW) and inner.defaults.get("fused"):
+        inner.grad_scale = (1.0 / coef).to(torch.float32)
+        try:
+            optimizer.step()
+        finally:
+            del inner.grad_scale
+    else:
+        torch._foreach_mul_(grads, coef.to(grads[0].device))
+        optimizer.step()
+    return norm
+
+
 def own_memory(params: list[torch.nn.Parameter]) -> None:
     """Copy each trained parameter into memory of its own, out of the file it was loaded from.
 

@@ -49,7 +49,7 @@ from rlhfkit.data.tokenize import encode_prompt
 from rlhfkit.errors import UserError
 from rlhfkit.models.heads import load_reward_model
 from rlhfkit.models.loading import load_causal_lm, resolve_precision
-from rlhfkit.recipes.common import (compile_blocks, fresh_compile_cache, MetricsLog, apply_lora, batch_plan, load_checkpoint, make_accelerator,
+from rlhfkit.recipes.common import (clip_and_step, compile_blocks, fresh_compile_cache, MetricsLog, apply_lora, batch_plan, load_checkpoint, make_accelerator,
                                     make_optimizer, merged, prepare_out, progress, release_memory, rss_mb, save_checkpoint,
                                     use_training_attention)
 from rlhfkit.recipes.ppo_models import (Critic, _Checkpoint, _unwrap, bf16_matmul_weights, cut_responses, length_chunks,
@@ -351,8 +351,7 @@ def train_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None, interrupt_after
                         nll = ptx_loss(policy, [ptx[i] for i in order.tolist()], pad_id)
                     (cfg.ptx_coef * nll).backward()
                     stats.setdefault("ptx_loss", []).append(nll.item())
-                grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
-                optimizer.step()
+                grad_norm = clip_and_step(optimizer, trainable, cfg.max_grad_norm)
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 if grad_norm is not None:

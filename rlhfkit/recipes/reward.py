@@ -24,7 +24,7 @@ from rlhfkit.data.tokenize import Encoded, collate, collate_shared_prompt, encod
 from rlhfkit.errors import UserError
 from rlhfkit.feedback.labelers import ranks_from_scores
 from rlhfkit.models.heads import RewardModel, load_reward_model
-from rlhfkit.recipes.common import (MetricsLog, apply_lora, batch_plan, compile_blocks, fresh_compile_cache, load_checkpoint, load_split, make_accelerator,
+from rlhfkit.recipes.common import (MetricsLog, apply_lora, batch_plan, clip_and_step, compile_blocks, fresh_compile_cache, load_checkpoint, load_split, make_accelerator,
                                     make_optimizer, merged, periodic_checkpoint, prepare_out, progress, save_checkpoint, shard, use_training_attention,
                                     world)
 
@@ -185,8 +185,7 @@ def train_reward_model(cfg: RewardConfig, interrupt_after: int | None = None, sa
             better = (group[:, None] == group[None, :]) & (ranks[:, None] < ranks[None, :])
             correct += ((s[:, None] > s[None, :]) & better).sum()
             n_pairs += better.sum()
-        grad_norm = acc.clip_grad_norm_(rm.parameters(), cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
-        optimizer.step()
+        grad_norm = clip_and_step(optimizer, rm.parameters(), cfg.max_grad_norm)
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         done = step + 1

@@ -25,7 +25,7 @@ from rlhfkit.config import SFTConfig, TrainConfig
 from rlhfkit.data.tokenize import Encoded, collate, collate_packed, encode_demonstration, length_groups
 from rlhfkit.errors import UserError
 from rlhfkit.models.loading import load_causal_lm
-from rlhfkit.recipes.common import (compile_blocks, fresh_compile_cache, MetricsLog, apply_lora, batch_plan, load_checkpoint, load_split,
+from rlhfkit.recipes.common import (clip_and_step, compile_blocks, fresh_compile_cache, MetricsLog, apply_lora, batch_plan, load_checkpoint, load_split,
                                     make_accelerator, make_optimizer, merged, periodic_checkpoint, prepare_out, progress, save_checkpoint,
                                     shard, use_training_attention, world)
 
@@ -133,8 +133,7 @@ def run_lm_training(cfg: TrainConfig, acc, model, tok, train: list[Encoded], hel
                 nll = forward_nll([train[i] for i in mb])
                 acc.backward(nll / n_targets * n_proc)
             loss_sum += nll.detach()
-        grad_norm = acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
-        optimizer.step()
+        grad_norm = clip_and_step(optimizer, model.parameters(), cfg.max_grad_norm)
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         train_loss = (acc.reduce(loss_sum, "sum") / n_targets).item()
