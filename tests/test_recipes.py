@@ -411,3 +411,37 @@ def test_rm_gold_accuracy_against_the_rubric_behind_the_labeler(tiny_path, tmp_p
     assert reverse["gold_accuracy"] == pytest.approx(1 - same["accuracy"])
     assert tied["gold_pairs"] == 6 * 4  # only the 4 pairs across the two gold levels, per ranking
     assert "gold_accuracy" not in none
+
+
+def test_swiglu_function_gives_autograds_gradients(tiny_path):
+    """use_swiglu_function routes LLaMA's MLPs through SwiGLU (hand-written backward, weight
+    gradients from transposed copies): the same output and gradients as the module's own forward,
+    to fp32 rounding; in bf16 autocast within bf16 rounding. LoRA-wrapped projections are left alone."""
+    import copy
+
+    from rlhfkit.config import PPOConfig
+    from rlhfkit.models.loading import load_causal_lm
+    from rlhfkit.recipes.common import apply_lora, use_swiglu_function
+
+    model = load_causal_lm(tiny_path).model
+    mlp = model.model.layers[0].mlp
+    ours = copy.deepcopy(mlp)
+    assert use_swiglu_function(ours) == 1 and "forward" not in vars(mlp)
+    assert use_swiglu_function(copy.deepcopy(model)) == model.config.num_hidden_layers
+    x = torch.randn(3, 5, mlp.gate_proj.in_features, generator=torch.Generator().manual_seed(0))
+    dy = torch.randn(3, 5, mlp.down_proj.out_features, generator=torch.Generator().manual_seed(1))
+
+    def grads(module, autocast: bool):
+        xi = x.clone().requires_grad_(True)
+        module.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            y = module(xi)
+        y.float().backward(dy)
+        return [y.float(), xi.grad] + [m.weight.grad for m in (module.gate_proj, module.up_proj, module.down_proj)]
+
+    for autocast, tol in ((False, 1e-5), (True, 2e-2)):
+        for a, b in zip(grads(ours, autocast), grads(mlp, autocast)):
+            assert a.shape == b.shape and a.is_contiguous()
+            assert (a - b).abs().max() <= tol * b.abs().max(), (autocast, (a - b).abs().max(), b.abs().max())
+    lora = apply_lora(load_causal_lm(tiny_path).model, PPOConfig(lora=True, lora_r=4))
+    assert use_swiglu_function(lora) == 0
