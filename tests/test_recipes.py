@@ -421,7 +421,8 @@ def test_swiglu_function_gives_autograds_gradients(tiny_path):
 
     from rlhfkit.config import PPOConfig
     from rlhfkit.models.loading import load_causal_lm
-    from rlhfkit.recipes.common import apply_lora, use_swiglu_function
+    from rlhfkit.recipes.common import apply_lora
+    from rlhfkit.recipes.swiglu import use_swiglu_function
 
     model = load_causal_lm(tiny_path).model
     mlp = model.model.layers[0].mlp
