@@ -7,11 +7,11 @@ import gc
 import pytest
 import torch
 
-from rlhfkit.recipes import common
-from rlhfkit.recipes.common import release_memory, rss_mb
+from rlhfkit.recipes import common, memory
+from rlhfkit.recipes.memory import release_memory, rss_mb
 
 
-@pytest.mark.skipif(common._LIBC is None, reason="malloc_trim is glibc's; this C library has none")
+@pytest.mark.skipif(memory._LIBC is None, reason="malloc_trim is glibc's; this C library has none")
 def test_release_memory_returns_freed_heap_pages():
     # 100 KB tensors come from the heap (below glibc's mmap threshold); keeping every other one
     # alive leaves the freed ones as holes that glibc keeps resident until malloc_trim
@@ -28,11 +28,11 @@ def test_release_memory_returns_freed_heap_pages():
     assert all(float(t[0]) == 1.0 for t in keep[:10])  # live tensors are untouched
 
 
-@pytest.mark.skipif(common._LIBC is None, reason="mallopt is glibc's; this C library has none")
+@pytest.mark.skipif(memory._LIBC is None, reason="mallopt is glibc's; this C library has none")
 def test_reuse_freed_memory_serves_a_big_tensor_again_without_page_faults():
     import resource
 
-    assert common.reuse_freed_memory()
+    assert memory.reuse_freed_memory()
 
     def faults_of_one_allocation() -> int:
         before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -54,7 +54,7 @@ def test_reuse_freed_memory_serves_a_big_tensor_again_without_page_faults():
 
 def test_reuse_freed_memory_can_be_turned_off(monkeypatch):
     monkeypatch.setenv("RLHFKIT_MALLOC", "default")
-    assert common.reuse_freed_memory() is False
+    assert memory.reuse_freed_memory() is False
 
 
 def test_own_memory_takes_parameters_out_of_the_checkpoint_file_mapping(tmp_path):

@@ -213,7 +213,7 @@ def test_rm_with_lora(tiny_path, rankings, tmp_path):
 def test_compile_blocks_rules(tiny_path):
     from rlhfkit.errors import UserError
     from rlhfkit.models.loading import load_causal_lm
-    from rlhfkit.recipes.common import compile_blocks, transformer_blocks
+    from rlhfkit.recipes.blocks import compile_blocks, transformer_blocks
 
     model = load_causal_lm(tiny_path).model
     blocks = transformer_blocks(model)
@@ -233,7 +233,7 @@ def test_short_row_attention_matches_sdpa():
 
     import torch.nn.functional as F
 
-    from rlhfkit.recipes.common import SHORT_ROWS, short_row_attention
+    from rlhfkit.recipes.blocks import SHORT_ROWS, short_row_attention
 
     g = torch.Generator().manual_seed(0)
     B, H, KV, T, D = 2, 4, 2, 7, 8
@@ -269,7 +269,7 @@ def test_short_row_attention_matches_sdpa():
     assert torch.isfinite(out).all()
     assert torch.allclose(out[1, :-1], reference(q, k, v, shared)[1, :-1], atol=1e-5)
     # a ready boolean 4-D mask (the reward model's shared-prompt rows) turned additive for it
-    from rlhfkit.recipes.common import ATTENTION_NAME, additive_attention_mask
+    from rlhfkit.recipes.blocks import ATTENTION_NAME, additive_attention_mask
 
     ours, other = (SimpleNamespace(config=SimpleNamespace(_attn_implementation=n)) for n in (ATTENTION_NAME, "sdpa"))
     assert additive_attention_mask(other, padded) is padded
@@ -286,16 +286,16 @@ def test_short_row_attention_matches_sdpa():
 
 def test_training_attention_is_installed_and_not_saved(tiny_path, tmp_path):
     from rlhfkit.models.loading import load_causal_lm
-    from rlhfkit.recipes.common import ATTENTION_NAME, use_training_attention
+    from rlhfkit.recipes.blocks import ATTENTION_NAME, use_training_attention
 
     loaded = load_causal_lm(tiny_path)
     model = loaded.model
     ids = torch.tensor([[1, 5, 9, 13, 2], [1, 7, 3, 0, 0]])
     mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
-    import rlhfkit.recipes.common as common
+    from rlhfkit.recipes import blocks
 
     seen = []
-    real = common.short_row_attention
+    real = blocks.short_row_attention
 
     def spy(module, q, k, v, attention_mask, **kw):
         seen.append(attention_mask)
@@ -303,7 +303,7 @@ def test_training_attention_is_installed_and_not_saved(tiny_path, tmp_path):
 
     with torch.no_grad():
         before = model(input_ids=ids, attention_mask=mask).logits
-        with mock.patch.object(common, "short_row_attention", spy):
+        with mock.patch.object(blocks, "short_row_attention", spy):
             assert use_training_attention(model, "cpu") and model.config._attn_implementation == ATTENTION_NAME
         after = model(input_ids=ids, attention_mask=mask).logits
     # transformers builds additive float masks for it (0 = attend), the fast form in compiled blocks
@@ -347,7 +347,7 @@ def test_each_stage_starts_with_a_fresh_compile_cache(tiny_path, demos, rankings
     from torch._dynamo.eval_frame import _debug_get_cache_entry_list
 
     from rlhfkit.models.loading import load_causal_lm
-    from rlhfkit.recipes.common import transformer_blocks
+    from rlhfkit.recipes.blocks import transformer_blocks
     from rlhfkit.recipes.reward import train_reward_model
     from rlhfkit.recipes.sft import train_sft
 

@@ -58,7 +58,7 @@ class RewardModel(nn.Module):
         the last attended token of a right-padded 2-D mask. Several scores per row (a prompt shared by
         its K responses, ``collate_shared_prompt``): a 4-D mask, ``position_ids`` and ``row_index``."""
         if attention_mask.dim() == 4:
-            from rlhfkit.recipes.common import additive_attention_mask
+            from rlhfkit.recipes.blocks import additive_attention_mask
 
             attention_mask = additive_attention_mask(self.trunk, attention_mask)
         hidden = self.trunk(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,

@@ -42,7 +42,7 @@ from rlhfkit.errors import UserError
 from rlhfkit.feedback import rubric
 from rlhfkit.feedback.labelers import GoldLabeler, SimulatedLabeler, SimulatedLabelerConfig
 from rlhfkit.models.loading import load_causal_lm
-from rlhfkit.recipes.common import release_memory
+from rlhfkit.recipes.memory import release_memory
 from rlhfkit.rollout.engine import Engine
 from rlhfkit.rollout.sampling import SamplingParams
 from rlhfkit.tasks import load_task

@@ -49,9 +49,10 @@ from rlhfkit.data.tokenize import encode_prompt
 from rlhfkit.errors import UserError
 from rlhfkit.models.heads import load_reward_model
 from rlhfkit.models.loading import load_causal_lm, resolve_precision
-from rlhfkit.recipes.common import (clip_and_step, compile_blocks, fresh_compile_cache, MetricsLog, apply_lora, batch_plan, load_checkpoint, make_accelerator,
-                                    make_optimizer, merged, prepare_out, progress, release_memory, rss_mb, save_checkpoint,
-                                    use_training_attention)
+from rlhfkit.recipes.common import (clip_and_step, MetricsLog, apply_lora, batch_plan, load_checkpoint, make_accelerator,
+                                    make_optimizer, merged, prepare_out, progress, save_checkpoint)
+from rlhfkit.recipes.blocks import compile_blocks, fresh_compile_cache, use_training_attention
+from rlhfkit.recipes.memory import release_memory, rss_mb
 from rlhfkit.recipes.ppo_models import (Critic, _Checkpoint, _unwrap, bf16_matmul_weights, cut_responses, length_chunks,
                                         make_batch, policy_hidden, response_logits, rm_scores, rollout_forwards)
 from rlhfkit.rollout import Engine, SamplingParams

@@ -24,9 +24,10 @@ from rlhfkit.data.tokenize import Encoded, collate, collate_shared_prompt, encod
 from rlhfkit.errors import UserError
 from rlhfkit.feedback.labelers import ranks_from_scores
 from rlhfkit.models.heads import RewardModel, load_reward_model
-from rlhfkit.recipes.common import (MetricsLog, apply_lora, batch_plan, clip_and_step, compile_blocks, fresh_compile_cache, load_checkpoint, load_split, make_accelerator,
-                                    make_optimizer, merged, periodic_checkpoint, prepare_out, progress, save_checkpoint, shard, use_training_attention,
-                                    world)
+from rlhfkit.recipes.common import (MetricsLog, apply_lora, batch_plan, clip_and_step, load_checkpoint, load_split,
+                                    make_accelerator, make_optimizer, merged, periodic_checkpoint, prepare_out, progress,
+                                    save_checkpoint, shard, world)
+from rlhfkit.recipes.blocks import compile_blocks, fresh_compile_cache, use_training_attention
 
 Group = tuple[list[Encoded], list[int]]  # the K sequences of one prompt and their ranks
 SHARE_MIN_SAVING = 0.1  # share a prompt across its K responses when that saves >= 10 % of the tokens

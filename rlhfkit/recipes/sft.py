@@ -25,9 +25,10 @@ from rlhfkit.config import SFTConfig, TrainConfig
 from rlhfkit.data.tokenize import Encoded, collate, collate_packed, encode_demonstration, length_groups
 from rlhfkit.errors import UserError
 from rlhfkit.models.loading import load_causal_lm
-from rlhfkit.recipes.common import (clip_and_step, compile_blocks, fresh_compile_cache, MetricsLog, apply_lora, batch_plan, load_checkpoint, load_split,
-                                    make_accelerator, make_optimizer, merged, periodic_checkpoint, prepare_out, progress, save_checkpoint,
-                                    shard, use_training_attention, world)
+from rlhfkit.recipes.common import (clip_and_step, MetricsLog, apply_lora, batch_plan, load_checkpoint, load_split,
+                                    make_accelerator, make_optimizer, merged, periodic_checkpoint, prepare_out, progress,
+                                    save_checkpoint, shard, world)
+from rlhfkit.recipes.blocks import compile_blocks, fresh_compile_cache, use_training_attention
 
 
 def train_sft(cfg: SFTConfig, interrupt_after: int | None = None, say=print) -> dict:
