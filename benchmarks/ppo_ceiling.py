@@ -90,6 +90,19 @@ def render(rows: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def save_row(name: str, tag: str, row: dict, render) -> None:
+    """Add (or replace) ``tag``'s row in results/<name>.json and rewrite <name>.md from all rows with
+    ``render``, keeping a hand-written "## Notes" section at its end; print the new row."""
+    path = RESULTS / f"{name}.json"
+    rows = json.loads(path.read_text()) if path.exists() else {}
+    rows[tag] = row
+    path.write_text(json.dumps(rows, indent=1))
+    md = RESULTS / f"{name}.md"
+    notes = md.read_text().partition("\n## Notes")[2] if md.exists() else ""  # hand-written notes stay
+    md.write_text(render(rows) + (f"\n## Notes{notes}" if notes else ""))
+    print(render({tag: row}))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", required=True, help="a finished pipeline run directory (pipeline.json, sft/, round1/rm/)")
@@ -116,14 +129,7 @@ def main() -> None:
            "train_gold": quarter_means(metrics, "gold_score"), "kl_last_quarter": quarter_means(metrics, "kl")[1],
            "ppo_seconds": sum(m["time_iteration"] for m in metrics),
            "machine": platform.processor() or platform.machine(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
-    path = RESULTS / "ppo_ceiling.json"
-    rows = json.loads(path.read_text()) if path.exists() else {}
-    rows[args.tag] = row
-    path.write_text(json.dumps(rows, indent=1))
-    md = RESULTS / "ppo_ceiling.md"
-    notes = md.read_text().partition("\n## Notes")[2] if md.exists() else ""  # hand-written notes stay
-    md.write_text(render(rows) + (f"\n## Notes{notes}" if notes else ""))
-    print(render({args.tag: row}))
+    save_row("ppo_ceiling", args.tag, row, render)
 
 
 if __name__ == "__main__":
