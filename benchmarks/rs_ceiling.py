@@ -40,25 +40,21 @@ from rlhfkit.tasks import load_task
 from ppo_ceiling import save_row  # benchmarks/ is on sys.path when this runs as a script
 
 
-def pick_best(prompts, rows: list[dict], pick: str, rm_dir: str) -> tuple[list[int], list[float]]:
-    """Index of each prompt's best answer (by the gold rubric or the RM) and that answer's share of
-    instructions followed."""
-    if pick == "rm":
-        from rlhfkit.evals.helpful import hf_reward_fn
+def pick_best(prompts, rows: list[dict], gold: list[list], pick: str, rm_dir: str) -> list[int]:
+    """Index of each prompt's best answer: the highest gold-rubric total (``gold``: each prompt's
+    GoldScores) or the highest reward-model score."""
+    if pick == "gold":
+        return [max(range(len(g)), key=lambda j: g[j].total) for g in gold]
+    from rlhfkit.evals.helpful import hf_reward_fn
 
-        reward = hf_reward_fn(rm_dir)
-        flat = reward([p.messages for p, r in zip(prompts, rows) for _ in r["responses"]],
-                      [x for r in rows for x in r["responses"]])
-    best, rates, i = [], [], 0
-    for p, r in zip(prompts, rows):
+    reward = hf_reward_fn(rm_dir)
+    flat = reward([p.messages for p, r in zip(prompts, rows) for _ in r["responses"]], [x for r in rows for x in r["responses"]])
+    best, i = [], 0
+    for r in rows:
         k = len(r["responses"])
-        gold = [rubric.score(p, x, f) for x, f in zip(r["responses"], r["finished"])]
-        key = (lambda j: flat[i + j]) if pick == "rm" else (lambda j: gold[j].total)
-        b = max(range(k), key=key)
+        best.append(max(range(k), key=lambda j: flat[i + j]))
         i += k
-        best.append(b)
-        rates.append(sum(gold[b].passed) / len(gold[b].passed))
-    return best, rates
+    return best
 
 
 def render(rows: dict) -> str:
@@ -108,9 +104,10 @@ def main() -> None:
         seconds["sample"] = time.perf_counter() - t
         timing_path.write_text(json.dumps(seconds))
     rows = read_jsonl(samples)
-    best, rates = pick_best(train, rows, args.pick, str(run / "round1" / "rm" / "model"))
-    all_rates = [sum(s.passed) / len(s.passed) for p, r in zip(train, rows)
-                 for s in (rubric.score(p, x, f) for x, f in zip(r["responses"], r["finished"]))]
+    if len(rows) != len(train) or any(len(r["responses"]) != args.k for r in rows):
+        raise SystemExit(f"{samples} holds other samples than --prompts {args.prompts} --k {args.k}: use another --out")
+    gold = [[rubric.score(p, x, f) for x, f in zip(r["responses"], r["finished"])] for p, r in zip(train, rows)]
+    best = pick_best(train, rows, gold, args.pick, str(run / "round1" / "rm" / "model"))
     write_jsonl(out / "demos.jsonl", [{"prompt": p.text, "response": r["responses"][b]} for p, r, b in zip(train, rows, best)])
 
     if not (out / "model" / "model" / "config.json").exists():
@@ -125,11 +122,13 @@ def main() -> None:
         write_jsonl(answers, sample_answers(str(out / "model" / "model"), held, 1, pc, 0.0))
     mine, base = judge(held, read_jsonl(answers)), judge(held, read_jsonl(run / "eval" / "sft.jsonl"))
     row = {"run": str(run), "pick": args.pick, "k": args.k, "prompts": len(train), "temperature": args.temperature,
-           "lr": args.lr, "epochs": args.epochs, "picked_rate": sum(rates) / len(rates), "sample_rate": sum(all_rates) / len(all_rates),
+           "lr": args.lr, "epochs": args.epochs, "picked_rate": rubric.instruction_following_rate(g[b] for g, b in zip(gold, best)),
+           "sample_rate": rubric.instruction_following_rate(s for g in gold for s in g),
            "tuned": {k: v for k, v in mine.items() if k != "scores"}, "sft": {k: v for k, v in base.items() if k != "scores"},
            "vs_sft": compare(mine["scores"], base["scores"]), "sample_seconds": seconds.get("sample"), "tune_seconds": seconds.get("tune"),
            "machine": platform.processor() or platform.machine(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     save_row("rs_ceiling", args.tag, row, render)
+
 
 if __name__ == "__main__":
     main()
