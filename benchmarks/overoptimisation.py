@@ -24,7 +24,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from rlhfkit.recipes.pipeline import judge, read_jsonl, rm_means  # noqa: E402
+from rlhfkit.data.jsonl import read_jsonl  # noqa: E402
+from rlhfkit.recipes.pipeline import judge, rm_means  # noqa: E402
 from rlhfkit.tasks import load_task  # noqa: E402
 
 

@@ -30,7 +30,8 @@ import yaml
 
 from rlhfkit.config import PipelineConfig, PPOConfig
 from rlhfkit.feedback import rubric
-from rlhfkit.recipes.pipeline import compare, judge, ppo_config, read_jsonl, sample_answers, write_jsonl
+from rlhfkit.data.jsonl import read_jsonl, write_jsonl
+from rlhfkit.recipes.pipeline import compare, judge, ppo_config, sample_answers
 from rlhfkit.recipes.ppo import train_ppo
 from rlhfkit.tasks import load_task
 
@@ -116,7 +117,7 @@ def main() -> None:
     cfg = round1_ppo_config(run, out, args.reward, overrides)
     if not (out / "ppo" / "model" / "config.json").exists():
         train_ppo(cfg, reward_fn=gold_reward if args.reward == "gold" else None)
-    metrics = [json.loads(line) for line in (out / "ppo" / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    metrics = read_jsonl(out / "ppo" / "metrics.jsonl")
     held = load_task("eval")
     answers = out / "eval.jsonl"
     if not answers.exists():

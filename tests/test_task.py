@@ -75,9 +75,11 @@ def test_every_instruction_checkable_and_compatible(train, evals):
 
 
 def test_generator_reproduces_committed_files():
+    from rlhfkit.data.jsonl import dumps_line
+
     train, evals = task_build.build()
-    assert task_build.to_jsonl(train) == task_path("train").read_text(encoding="utf-8")
-    assert task_build.to_jsonl(evals) == task_path("eval").read_text(encoding="utf-8")
+    assert "".join(dumps_line(r) + "\n" for r in train) == task_path("train").read_text(encoding="utf-8")
+    assert "".join(dumps_line(r) + "\n" for r in evals) == task_path("eval").read_text(encoding="utf-8")
 
 
 def test_bad_split_is_a_user_error():

@@ -56,6 +56,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rlhfkit.data.jsonl import JSONLineError, json_error, loads_line, raw_lines
 from rlhfkit.data.schemas import FIELDS, InvalidRecord, Kind, describe_value, parse_record
 from rlhfkit.errors import UserError
 
@@ -219,23 +220,17 @@ def _json_object(obj: Any) -> dict[str, Any] | InvalidRecord:
 
 
 def _jsonl_rows(path: Path, disp: str) -> Rows:
-    with _open_binary(path) as f:
-        for n, raw in enumerate(f, start=1):
-            try:
-                line = raw.decode("utf-8-sig" if n == 1 else "utf-8")
-            except UnicodeDecodeError as e:
-                yield f"{disp}:{n}", InvalidRecord(f"not UTF-8 text ({e.reason} at column {e.start + 1})")
-                continue
-            yield from _jsonl_line(line, f"{disp}:{n}")
+    for n, raw in raw_lines(path):
+        yield from _jsonl_line(raw, f"{disp}:{n}", first=n == 1)
 
 
-def _jsonl_line(line: str, loc: str) -> Rows:
+def _jsonl_line(line: bytes | str, loc: str, first: bool = False) -> Rows:
     if not line.strip():
         return
     try:
-        obj = json.loads(line)
-    except json.JSONDecodeError as e:
-        yield loc, InvalidRecord(f"not valid JSON ({e.msg} at column {e.colno})")
+        obj = loads_line(line, loc, first)
+    except JSONLineError as e:
+        yield loc, InvalidRecord(e.reason)
         return
     yield loc, _json_object(obj)
 
@@ -258,7 +253,7 @@ def _json_rows(path: Path, disp: str) -> Rows:
         try:
             json.loads(text)
         except json.JSONDecodeError as e:
-            raise UserError(f"{disp}:{e.lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+            raise UserError(f"{disp}:{e.lineno}: {json_error(e)}") from None
         raise UserError(f"{disp}: expected a JSON list of objects (or JSON Lines), got {describe_value(json.loads(text))}")
     # walk the list element by element to know the line each record starts on
     dec = json.JSONDecoder()
@@ -276,7 +271,7 @@ def _json_rows(path: Path, disp: str) -> Rows:
             try:
                 obj, end = dec.raw_decode(text, i)
             except json.JSONDecodeError as e:
-                raise UserError(f"{disp}:{e.lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+                raise UserError(f"{disp}:{e.lineno}: {json_error(e)}") from None
             line += text.count("\n", counted, i)
             counted = i
             yield f"{disp}:{line}", _json_object(obj)

@@ -47,6 +47,7 @@ import json
 from typing import Any, Literal
 
 from rlhfkit.data.hh import HHFormatError, parse_hh, shared_prefix, split_last_response
+from rlhfkit.data.jsonl import json_error
 from rlhfkit.data.records import ROLES, Demonstration, Message, Prompt, Ranking
 
 Kind = Literal["demonstration", "ranking", "prompt", "text"]
@@ -153,7 +154,7 @@ class _Row:
             try:
                 v = json.loads(v)
             except json.JSONDecodeError as e:
-                raise InvalidRecord(f"field {label!r}: not valid JSON ({e.msg} at column {e.colno})") from None
+                raise InvalidRecord(f"field {label!r}: {json_error(e)}") from None
         if not isinstance(v, list) or not v:
             raise InvalidRecord(f"field {label!r}: expected a non-empty list, got {describe_value(v)}")
         return v

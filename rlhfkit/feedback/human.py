@@ -16,6 +16,7 @@ import json
 import time
 from pathlib import Path
 
+from rlhfkit.data.jsonl import write_jsonl
 from rlhfkit.data.records import Prompt, Ranking, ranking_row
 from rlhfkit.errors import UserError
 from rlhfkit.feedback.store import Store, TaskIn
@@ -87,9 +88,7 @@ def export(store: Store, out: str | Path) -> dict[str, str]:
     paths = {}
     for name, rows in (("rankings", store.rankings()), ("demonstrations", store.demonstrations())):
         path = out / f"{name}.jsonl"
-        tmp = path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-        tmp.replace(path)
+        write_jsonl(path, rows)
         paths[name] = str(path)
         flat = [{**r, "meta": json.dumps(r["meta"], ensure_ascii=False)} for r in rows]  # Arrow needs one schema
         if name == "rankings":

@@ -6,7 +6,6 @@ These are plain functions that the recipes call; there is no trainer base class.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import random
@@ -19,6 +18,7 @@ import numpy as np
 import torch
 
 from rlhfkit.config import TrainConfig, save_config
+from rlhfkit.data.jsonl import append_jsonl, read_jsonl, write_jsonl
 from rlhfkit.errors import UserError
 from rlhfkit.models.loading import resolve_precision
 from rlhfkit.recipes.memory import reuse_freed_memory
@@ -235,8 +235,7 @@ class MetricsLog:
         if not enabled:
             return
         if resume_step is not None and self.path.exists():  # drop lines past the checkpoint
-            keep = [line for line in self.path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= resume_step]
-            self.path.write_text("".join(line + "\n" for line in keep))
+            write_jsonl(self.path, [row for row in read_jsonl(self.path) if row.get("step", 0) <= resume_step])
         elif resume_step is None and self.path.exists():
             self.path.unlink()
         try:
@@ -250,8 +249,7 @@ class MetricsLog:
         if not self.enabled:
             return
         row = {"step": step, "time": round(time.time(), 3), **{k: _plain(v) for k, v in metrics.items()}}
-        with self.path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
+        append_jsonl(self.path, row)
         if self.tb is not None:
             for k, v in row.items():
                 if isinstance(v, (int, float)) and k not in ("step", "time"):
@@ -268,7 +266,7 @@ def _plain(v: Any) -> Any:
 
 def read_metrics(out: str | Path) -> list[dict]:
     path = Path(out) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line] if path.exists() else []
+    return read_jsonl(path) if path.exists() else []
 
 
 # ---------------------------------------------------------------- checkpoints

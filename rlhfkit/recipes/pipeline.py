@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 
 from rlhfkit.config import PipelineConfig, PPOConfig, RewardConfig, SFTConfig
+from rlhfkit.data.jsonl import read_jsonl, write_jsonl
 from rlhfkit.data.records import Prompt, ranking_row
 from rlhfkit.data.tokenize import encode_prompt
 from rlhfkit.errors import UserError
@@ -46,17 +47,6 @@ from rlhfkit.recipes.memory import release_memory
 from rlhfkit.rollout.engine import Engine
 from rlhfkit.rollout.sampling import SamplingParams
 from rlhfkit.tasks import load_task
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> None:
-    """Atomic: a crash never leaves half a file where a finished one is expected."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    tmp.replace(path)
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def sample_answers(model_spec: str, prompts: list[Prompt], k: int, cfg: PipelineConfig, temperature: float,
@@ -429,8 +419,9 @@ def ratings(judged: dict[str, dict]) -> dict:
 
 
 def _metrics(run: Path) -> list[dict]:
-    path = run / "metrics.jsonl"
-    return read_jsonl(path) if path.exists() else []
+    from rlhfkit.recipes.common import read_metrics
+
+    return read_metrics(run)
 
 
 def render_summary(s: dict) -> str:

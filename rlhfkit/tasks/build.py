@@ -30,11 +30,11 @@ score 0.22 — far from 0 and from 1, so rankings by the gold rubric carry signa
 
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 from typing import Any
 
+from rlhfkit.data.jsonl import write_jsonl
 from rlhfkit.feedback.rubric import validate_instruction
 
 SEED = 20261121
@@ -533,14 +533,12 @@ def build(seed: int = SEED) -> tuple[list[dict], list[dict]]:
     return train, evals
 
 
-def to_jsonl(records: list[dict]) -> str:
-    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
 
 
 def main() -> None:
     train, evals = build()
-    (HERE / "train.jsonl").write_text(to_jsonl(train), encoding="utf-8")
-    (HERE / "eval.jsonl").write_text(to_jsonl(evals), encoding="utf-8")
+    write_jsonl(HERE / "train.jsonl", train)
+    write_jsonl(HERE / "eval.jsonl", evals)
     print(f"wrote {len(train)} train and {len(evals)} eval prompts to {HERE}")
 
 

@@ -4,13 +4,13 @@ tasks ranked twice or more, labeling batches made from the served model versions
 
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 
 from fastapi import APIRouter, Depends, Form, HTTPException, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
+from rlhfkit.data.jsonl import dumps_line
 from rlhfkit.feedback.agreement import agreement_summary
 from rlhfkit.web.security import check_csrf, require_admin
 
@@ -95,5 +95,5 @@ def download(request: Request, kind: str, user=Depends(require_admin)):
     if kind not in ("rankings", "demonstrations"):
         raise HTTPException(404, f"nothing to export as {kind!r}: rankings or demonstrations")
     rows = store.rankings() if kind == "rankings" else store.demonstrations()
-    return Response("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), media_type="application/jsonl",
+    return Response("".join(dumps_line(r) + "\n" for r in rows), media_type="application/jsonl",
                     headers={"Content-Disposition": f'attachment; filename="{kind}.jsonl"'})
