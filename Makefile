@@ -32,10 +32,10 @@ demo: setup
 	$(BIN)/rlhfkit demo --out runs/demo
 
 test: setup system-deps
-	$(BIN)/python -m pytest -q -n 2 tests
+	$(BIN)/python -m pytest -q -rs -n 2 tests
 
 test-fast: setup system-deps
-	$(BIN)/python -m pytest -q -n 2 -m "not slow" tests
+	$(BIN)/python -m pytest -q -rs -n 2 -m "not slow" tests
 
 clean:
 	rm -rf $(VENV) runs

@@ -18,13 +18,29 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+DATA_SETS = ("hh-rlhf-harmless", "truthfulqa", "crows-pairs", "realtoxicityprompts", "self-instruct-seed", "tinyshakespeare")
+
+
+@pytest.fixture(scope="session")
+def fixtures() -> Path:
+    """Small data files written by us for the tests (tests/fixtures)."""
+    return FIXTURES
 
 
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
-    assert SHARED_DATA.exists(), f"tests read real data from {SHARED_DATA} (../shared/data beside the checkout)"
-    return SHARED_DATA
+    """The third-party data sets (HH-RLHF, TruthfulQA, CrowS-Pairs, ...) for the real-data tests:
+    the directory named by RLHFKIT_TEST_DATA. Unset: those tests skip and say how to run them;
+    set to a directory that lacks them: they fail (CI sets it, so they never silently stop running)."""
+    where = os.environ.get("RLHFKIT_TEST_DATA")
+    if not where:
+        pytest.skip("real-data test: set RLHFKIT_TEST_DATA=DIR, a directory holding " + ", ".join(DATA_SETS))
+    path = Path(where).expanduser().resolve()
+    missing = [d for d in DATA_SETS if not (path / d).is_dir()]
+    if missing:
+        pytest.fail(f"RLHFKIT_TEST_DATA={where}: {', '.join(missing)} missing", pytrace=False)
+    return path
 
 
 @pytest.fixture(scope="session")

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from rlhfkit.config import PretrainConfig, RewardConfig, SFTConfig, build_config
+from rlhfkit.data.jsonl import read_jsonl
 from rlhfkit.recipes.common import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,24 +25,15 @@ def losses(out) -> list[float]:
 
 
 @pytest.fixture(scope="module")
-def demos(tmp_path_factory, shared_data) -> str:
-    """24 self-instruct demonstrations (short ones) as a JSONL file."""
-    rows = []
-    for line in (shared_data / "self-instruct-seed" / "seed_tasks.jsonl").read_text().splitlines():
-        task = json.loads(line)
-        inst = task["instances"][0]
-        if len(inst["output"]) < 200 and not inst["input"]:
-            rows.append({"prompt": task["instruction"], "response": inst["output"]})
-    path = tmp_path_factory.mktemp("data") / "demos.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows[:24]))
-    return str(path)
+def demos(fixtures) -> str:
+    """24 short demonstrations (tests/fixtures/demos.jsonl)."""
+    return str(fixtures / "demos.jsonl")
 
 
 @pytest.fixture(scope="module")
-def rankings(tmp_path_factory, shared_data) -> str:
-    """16 HH pairs plus 4 hand-made K = 4 rankings with a tie."""
-    lines = (shared_data / "hh-rlhf-harmless" / "train.jsonl").read_text().splitlines()[:16]
-    rows = [json.loads(x) for x in lines]
+def rankings(tmp_path_factory, fixtures) -> str:
+    """16 pairs in HH-RLHF's format (tests/fixtures/hh_pairs.jsonl) plus 4 hand-made K = 4 rankings with a tie."""
+    rows = read_jsonl(fixtures / "hh_pairs.jsonl")
     for i in range(4):
         rows.append({"prompt": f"Say something kind about number {i}.",
                      "responses": [f"{i} is a lovely number.", f"{i} is fine.", f"{i}.", "no"], "ranks": [0, 1, 1, 2]})
@@ -90,11 +82,12 @@ def test_sft_lora_trains_adapters_and_saves_merged(tiny_path, demos, tmp_path):
     assert torch.equal(before["model.embed_tokens.weight"], after["model.embed_tokens.weight"])  # not a LoRA target
 
 
-def test_pretrain_smoke(tiny_path, shared_data, tmp_path):
+def test_pretrain_smoke(tiny_path, tmp_path):
     from rlhfkit.recipes.pretrain import train_pretrain
+    from rlhfkit.tasks import load_task
 
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text((shared_data / "tinyshakespeare" / "input.txt").read_text()[:6000])
+    corpus = tmp_path / "corpus.txt"  # the built-in task's requests as plain text
+    corpus.write_text("\n\n".join(p.text for p in load_task("train"))[:6000])
     cfg = PretrainConfig(model=tiny_path, data=str(corpus), out=str(tmp_path / "pt"), batch_size=4, max_steps=8,
                          lr=3e-3, precision="fp32", max_length=64, eval_fraction=0.1)
     result = train_pretrain(cfg)

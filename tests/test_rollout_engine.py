@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 
 import pytest
 import torch
@@ -18,14 +17,12 @@ def tiny_mod(tiny_path):
     return load_causal_lm(tiny_path)
 
 
-def prompts_of(tok, shared_data, n=20):
-    path = shared_data / "self-instruct-seed" / "seed_tasks.jsonl"
-    rows = [json.loads(line) for line in path.read_text().splitlines()[:n]]
-    out = []
-    for r in rows:
-        ids = tok.apply_chat_template([{"role": "user", "content": r["instruction"]}], add_generation_prompt=True)
-        out.append(list(ids["input_ids"] if hasattr(ids, "keys") else ids))
-    return out
+def prompts_of(tok, n=20):
+    """The first ``n`` requests of the built-in task's eval split, chat-formatted."""
+    from rlhfkit.data.tokenize import encode_prompt
+    from rlhfkit.tasks import load_task
+
+    return [encode_prompt(tok, p.messages) for p in load_task("eval")[:n]]
 
 
 def hf_greedy(model, prompt, new):
@@ -51,11 +48,11 @@ def teacher_forced_logprobs(model, prompt, tokens, T):
 
 
 @pytest.mark.parametrize("which", ["tiny_mod", "sharp"])
-def test_greedy_matches_transformers_generate(which, request, shared_data):
+def test_greedy_matches_transformers_generate(which, request):
     """20 real prompts of different lengths, batched together (rows of different positions)."""
     loaded = request.getfixturevalue(which)
     model, tok = loaded.model, loaded.tokenizer
-    prompts = prompts_of(tok, shared_data, 20 if which == "tiny_mod" else 10)
+    prompts = prompts_of(tok, 20 if which == "tiny_mod" else 10)
     assert len({len(p) for p in prompts}) > 5
     outs = Engine(model, tok, precision="fp32").generate(prompts, SamplingParams(max_new_tokens=10, temperature=0))
     assert [o.token_ids for o in outs] == hf_greedy_batch(model, tok, prompts, 10)
@@ -114,10 +111,10 @@ def test_k_samples_share_one_prefill(sharp, monkeypatch):
     assert sum(s for _, s in seen) == 12  # copied into 4 rows each
 
 
-def test_continuous_batching_equals_one_at_a_time(sharp, shared_data):
+def test_continuous_batching_equals_one_at_a_time(sharp):
     """Rows finish at different times (per-request lengths, stop ids) and are refilled."""
     model, tok = sharp.model, sharp.tokenizer
-    prompts = prompts_of(tok, shared_data, 5)
+    prompts = prompts_of(tok, 5)
     params = [SamplingParams(max_new_tokens=3 + 2 * i, temperature=0) for i in range(len(prompts))]
     alone = [Engine(model, tok, precision="fp32", max_batch=1).generate([p], sp)[0] for p, sp in zip(prompts, params)]
     engine = Engine(model, tok, precision="fp32", max_batch=3)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 
 import pytest
 import torch
@@ -22,15 +21,12 @@ def smol(smollm2_path):
 
 
 @pytest.fixture(scope="module")
-def chat(smol, shared_data):
-    tok = smol.tokenizer
-    path = shared_data / "self-instruct-seed" / "seed_tasks.jsonl"
-    rows = [json.loads(line) for line in path.read_text().splitlines()[:20]]
-    out = []
-    for r in rows:
-        ids = tok.apply_chat_template([{"role": "user", "content": r["instruction"]}], add_generation_prompt=True)
-        out.append(list(ids["input_ids"] if hasattr(ids, "keys") else ids))
-    return out
+def chat(smol):
+    """The first 20 requests of the built-in task's eval split, chat-formatted."""
+    from rlhfkit.data.tokenize import encode_prompt
+    from rlhfkit.tasks import load_task
+
+    return [encode_prompt(smol.tokenizer, p.messages) for p in load_task("eval")[:20]]
 
 
 def until_eos(ids: list[int]) -> list[int]:
