@@ -4,6 +4,7 @@ import json
 import math
 
 import pytest
+import torch
 
 from rlhfkit.config import PipelineConfig
 from rlhfkit.recipes.pipeline import run_pipeline
@@ -110,3 +111,138 @@ def test_a_stage_in_a_child_process_trains_the_same_model_and_reports_errors(tin
     # a user's error inside the child reaches the parent as the same one-line error
     with pytest.raises(UserError, match="missing.jsonl"):
         run_stage(PipelineConfig(), train_sft, SFTConfig(model=tiny_path, data=str(tmp_path / "missing.jsonl"), out=str(tmp_path / "x")))
+
+
+CRASH = """
+import os, signal, sys
+from pathlib import Path
+
+import rlhfkit.recipes.common as common
+import rlhfkit.recipes.ppo as ppo
+from rlhfkit.config import PipelineConfig
+from rlhfkit.recipes.pipeline import run_pipeline
+
+stage, at = sys.argv[2], int(sys.argv[3])
+save = common.save_checkpoint
+
+
+def save_then_die(out, step, *args, **kw):  # a real SIGKILL right after the checkpoint of `step`
+    path = save(out, step, *args, **kw)
+    if Path(out).name == stage and step == at:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return path
+
+
+common.save_checkpoint = ppo.save_checkpoint = save_then_die
+run_pipeline(PipelineConfig(**__import__("json").loads(sys.argv[1])))
+"""
+
+
+def test_a_killed_pipeline_resumes_each_stage_from_its_checkpoint(tiny_path, tmp_path):
+    """SIGKILL the main job in the middle of SFT, then of the RM, then of PPO; each rerun continues
+    the stage from its last checkpoint, and the final models are bit for bit an uninterrupted run's."""
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    settings = dict(model=tiny_path, train_prompts=8, eval_prompts=3, k=3, max_new_tokens=10, batch_size=4,
+                    precision="fp32", min_demo_score=-2.0, round_prompts=4, ppo_iterations=4, ppo_batch_size=2,
+                    rm_batch_size=4, save_every=1, fresh_process=False)
+    from rlhfkit.recipes.common import read_metrics
+
+    def assert_continued(stage_dir, at, before):
+        """The steps up to the checkpoint were not redone: their metrics lines, timestamps
+        included, are those the killed run wrote."""
+        assert before and [m for m in read_metrics(stage_dir) if m["step"] <= at] == before
+
+    whole = run_pipeline(PipelineConfig(out=str(tmp_path / "whole"), **settings))
+    run = tmp_path / "killed"
+    script = tmp_path / "crash.py"
+    script.write_text(CRASH)
+    resumed = None  # the stage the previous kill interrupted, and its checkpoint
+    for stage, at in (("sft", 2), ("rm", 1), ("ppo", 2)):
+        proc = subprocess.run([sys.executable, str(script), json.dumps({**settings, "out": str(run)}), stage, str(at)],
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == -9, proc.stderr[-2000:]  # killed, as planned, mid-stage
+        stage_dir = run / ("sft" if stage == "sft" else f"round1/{stage}")
+        assert (stage_dir / "checkpoints" / f"step-{at:06d}").is_dir() and not (stage_dir / "model").exists()
+        if resumed:
+            assert f"{resumed[0]}: resuming from step-{resumed[1]:06d}" in proc.stdout
+            assert_continued(*resumed)
+        resumed = (stage_dir, at, [m for m in read_metrics(stage_dir) if m["step"] <= at])
+    said = []
+    summary = run_pipeline(PipelineConfig(out=str(run), **settings), say=said.append)
+    assert f"{run / 'round1' / 'ppo'}: resuming from step-000002" in said
+    assert_continued(*resumed)
+    for d in ("sft", "round1/rm", "round1/ppo"):
+        a, b = load_file(str(tmp_path / "whole" / d / "model" / "model.safetensors")), load_file(str(run / d / "model" / "model.safetensors"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), d
+        assert not (run / d / "checkpoints").exists()  # a finished stage keeps only its model
+    assert summary["versions"] == whole["versions"]
+    # the resumed stages' metrics logs hold each step once, as the uninterrupted run's do
+    for d in ("sft", "round1/rm", "round1/ppo"):
+        steps = lambda where: [m["step"] for m in read_metrics(where / d)]  # noqa: E731
+        assert steps(run) == steps(tmp_path / "whole"), d
+
+
+def _lines(path) -> int:
+    return path.read_text().count("\n") if path.exists() else 0
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def _children(pid: int) -> list[int]:
+    from pathlib import Path
+
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                kids.append(int(stat.parent.name))
+        except (OSError, ValueError, IndexError):
+            pass
+    return kids
+
+
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_stage_child_dies_with_the_pipeline(tiny_path, tmp_path, fixtures):
+    """SIGKILL the pipeline's process while a stage trains in its child: the child dies too, so
+    running the command again never races an orphan writing the same directory."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "sft"
+    script = (f"from rlhfkit.config import PipelineConfig, SFTConfig\n"
+              f"from rlhfkit.recipes.pipeline import run_stage\nfrom rlhfkit.recipes.sft import train_sft\n"
+              f"run_stage(PipelineConfig(), train_sft, SFTConfig(model={tiny_path!r}, data={str(fixtures / 'demos.jsonl')!r}, "
+              f"out={str(out)!r}, max_steps=100000, batch_size=2, precision='fp32'))\n")
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 180
+        while _lines(out / "metrics.jsonl") < 3:  # training in the child
+            assert parent.poll() is None and time.monotonic() < deadline, "the stage did not start training"
+            time.sleep(0.2)
+        kids = _children(parent.pid)
+        assert kids  # the stage runs in a child process
+    finally:
+        parent.kill()
+        parent.wait()
+    deadline = time.monotonic() + 30
+    while any(_alive(k) for k in kids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    orphans = [k for k in kids if _alive(k)]
+    for k in orphans:  # leave nothing running whatever the outcome
+        os.kill(k, signal.SIGKILL)
+    assert not orphans
+    lines = _lines(out / "metrics.jsonl")
+    time.sleep(1.0)
+    assert _lines(out / "metrics.jsonl") == lines  # nobody trains on

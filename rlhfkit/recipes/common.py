@@ -305,6 +305,19 @@ def save_checkpoint(out: Path, step: int, model, optimizer, scheduler, extra: di
     return final
 
 
+def save_model_dir(model, tok, path: Path) -> None:
+    """Save ``model`` (and ``tok``) as a Hugging Face directory atomically: written beside ``path``
+    and renamed into place, so a ``path/config.json`` always belongs to a complete model — the
+    pipeline takes it to mean "this stage has finished"."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    if tok is not None:
+        tok.save_pretrained(tmp)
+    shutil.rmtree(path, ignore_errors=True)
+    os.rename(tmp, path)
+
+
 def periodic_checkpoint(acc, cfg: TrainConfig, out: Path, done: int, total: int, model, optimizer, scheduler) -> None:
     """Every ``cfg.save_every`` optimizer steps (not the last: the end of the run saves), the main
     process writes a checkpoint while the others wait."""

@@ -27,8 +27,12 @@ models, metrics) and a finished stage is not redone when the pipeline is run aga
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 import random
+import shutil
+import signal
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -177,20 +181,43 @@ def run_stage(cfg: PipelineConfig, train, stage_cfg, say=print) -> dict:
     and bit-identical). A child starts clean and gives everything back when it exits. Its output
     goes to this process's stdout/stderr (``say`` cannot cross processes: the child prints).
     """
+    from rlhfkit.recipes.common import latest_checkpoint
+
+    # a run killed mid-stage left checkpoints (every cfg.save_every steps): continue from the last
+    ckpt = latest_checkpoint(Path(stage_cfg.out))
+    stage_cfg = dataclasses.replace(stage_cfg, save_every=cfg.save_every, resume=ckpt is not None)
+    if ckpt is not None:
+        say(f"{stage_cfg.out}: resuming from {ckpt.name}")
     if not cfg.fresh_process:
         result = train(stage_cfg, say=say)
         release_memory()  # the stages share this process: each starts from what the last one freed
-        return result
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-    from concurrent.futures.process import BrokenProcessPool
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+        from concurrent.futures.process import BrokenProcessPool
 
-    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        try:
-            return pool.submit(train, stage_cfg).result()
-        except BrokenProcessPool:
-            raise UserError(f"the process training {stage_cfg.out} died (out of memory?); the finished stages are kept: "
-                            "run the same command again to continue from them") from None
+        with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
+                                 initializer=die_with_parent, initargs=(os.getpid(),)) as pool:
+            try:
+                result = pool.submit(train, stage_cfg).result()
+            except BrokenProcessPool:
+                raise UserError(f"the process training {stage_cfg.out} died (out of memory?); the finished stages are kept: "
+                                "run the same command again to continue from them") from None
+    shutil.rmtree(Path(stage_cfg.out) / "checkpoints", ignore_errors=True)  # finished: out/model is what stays
+    return result
+
+
+def die_with_parent(parent: int) -> None:
+    """In a stage's child process: die when the pipeline's process dies, even by SIGKILL (Linux's
+    PR_SET_PDEATHSIG), so that running the command again never races an orphaned stage."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: the child finishes its stage on its own
+        return
+    if os.getppid() != parent:  # the parent died before the call above
+        os._exit(1)
 
 
 def run_pipeline(cfg: PipelineConfig, say=print) -> dict:

@@ -50,7 +50,7 @@ from rlhfkit.errors import UserError
 from rlhfkit.models.heads import load_reward_model
 from rlhfkit.models.loading import load_causal_lm, resolve_precision
 from rlhfkit.recipes.common import (clip_and_step, MetricsLog, apply_lora, batch_plan, load_checkpoint, make_accelerator,
-                                    make_optimizer, merged, prepare_out, progress, save_checkpoint)
+                                    make_optimizer, merged, prepare_out, progress, save_checkpoint, save_model_dir)
 from rlhfkit.recipes.blocks import compile_blocks, fresh_compile_cache, use_training_attention
 from rlhfkit.recipes.memory import release_memory, rss_mb
 from rlhfkit.recipes.ppo_models import (Critic, _Checkpoint, _unwrap, bf16_matmul_weights, cut_responses, length_chunks,
@@ -81,12 +81,19 @@ def load_prompts(cfg: PPOConfig, say=print) -> list[Prompt]:
     return prompts[: cfg.limit] if cfg.limit else prompts
 
 
-def load_ptx(cfg: PPOConfig, tok) -> list[list[int]]:
-    """PPO-ptx corpus chunks (token ids), cut like ``rlhfkit pretrain`` does."""
+def load_ptx(cfg: PPOConfig) -> list[str] | None:
+    """PPO-ptx corpus documents (None when PPO-ptx is off)."""
     from rlhfkit.data.loaders import load_records
+
+    if not (cfg.ptx_data and cfg.ptx_coef > 0):
+        return None
+    return load_records(cfg.ptx_data, "text", fields=cfg.fields or None).records
+
+
+def ptx_chunks(cfg: PPOConfig, docs: list[str], tok) -> list[list[int]]:
+    """PPO-ptx corpus chunks (token ids), cut like ``rlhfkit pretrain`` does."""
     from rlhfkit.recipes.pretrain import chunk_corpus
 
-    docs = load_records(cfg.ptx_data, "text", fields=cfg.fields or None).records
     chunks = [e.input_ids for e in chunk_corpus(tok, docs, cfg.ptx_length)]
     if not chunks:
         raise UserError(f"ptx_data={cfg.ptx_data}: no chunk of >= 2 tokens")
@@ -155,6 +162,10 @@ def train_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None, interrupt_after
     def autocast():
         return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
 
+    # 0. data first: a bad file is reported before minutes of model loading
+    prompts = load_prompts(cfg, say)
+    ptx_docs = load_ptx(cfg)
+
     # 1. models: policy (+ LoRA), reference, critic, reward model
     loaded = load_causal_lm(cfg.model)
     tok = loaded.tokenizer
@@ -214,7 +225,6 @@ def train_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None, interrupt_after
         raise UserError(f"{cfg.model}: the tokenizer has no EOS token; responses could never end")
 
     # 2. prompts, batch plan (one batch of prompts per iteration), PPO-ptx corpus
-    prompts = load_prompts(cfg, say)
     queries = [encode_prompt(tok, p.messages) for p in prompts]
     cut = sum(len(q) > cfg.max_prompt_length for q in queries)
     if cut:
@@ -222,7 +232,7 @@ def train_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None, interrupt_after
     queries = [q[-cfg.max_prompt_length :] for q in queries]
     gold = all(p.meta.get("instructions") for p in prompts)
     plan = batch_plan(len(prompts), cfg)
-    ptx = load_ptx(cfg, tok) if cfg.ptx_data and cfg.ptx_coef > 0 else None
+    ptx = ptx_chunks(cfg, ptx_docs, tok) if ptx_docs is not None else None
     say(f"PPO: {len(plan)} iterations x {min(cfg.batch_size, len(prompts))} prompts x {cfg.samples_per_prompt} "
         f"samples, critic={cfg.critic}, reward={'reward_fn' if reward_fn else cfg.reward_model}, {precision}"
         + (f", ptx {len(ptx)} chunks" if ptx else ""))
@@ -416,6 +426,7 @@ def train_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None, interrupt_after
     critic.save(out / "critic", merge=True)
     if critic.kind == "rm":
         tok.save_pretrained(out / "critic")
+    save_model_dir(merged(policy), tok, out / "model")  # last: out/model marks a finished run
     say(f"saved {out / 'model'} and {out / 'critic'}; last score {last.get('score', float('nan')):.4f}, "
         f"KL {last.get('kl', float('nan')):.4f}")
     return result

@@ -26,8 +26,8 @@ def train_pretrain(cfg: PretrainConfig, interrupt_after: int | None = None, say=
     acc = make_accelerator(cfg)
     out, ckpt = prepare_out(cfg, acc)
     say = say if acc.is_main_process else (lambda *a, **k: None)
+    train_docs, eval_docs = load_split(cfg, "text", say)  # a bad file is reported before the model loads
     loaded = load_causal_lm(cfg.model)
-    train_docs, eval_docs = load_split(cfg, "text", say)
     if not eval_docs and len(train_docs) == 1 and cfg.eval_fraction > 0:
         # One document (a .txt corpus): hold out its tail instead.
         text = train_docs[0]

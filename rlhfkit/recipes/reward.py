@@ -26,7 +26,7 @@ from rlhfkit.feedback.labelers import ranks_from_scores
 from rlhfkit.models.heads import RewardModel, load_reward_model
 from rlhfkit.recipes.common import (MetricsLog, apply_lora, batch_plan, clip_and_step, load_checkpoint, load_split,
                                     make_accelerator, make_optimizer, merged, periodic_checkpoint, prepare_out, progress,
-                                    save_checkpoint, shard, world)
+                                    save_checkpoint, save_model_dir, shard, world)
 from rlhfkit.recipes.blocks import compile_blocks, fresh_compile_cache, use_training_attention
 
 Group = tuple[list[Encoded], list[int]]  # the K sequences of one prompt and their ranks
@@ -123,7 +123,9 @@ def train_reward_model(cfg: RewardConfig, interrupt_after: int | None = None, sa
     if cfg.batch_size < n_proc:
         raise UserError(f"batch_size={cfg.batch_size} is smaller than the {n_proc} processes")
 
-    # 1. model: trunk + fresh head (or a saved RM's head, to continue training it)
+    # 1. data (a bad file is reported before the model loads), then the model: trunk + fresh
+    #    head (or a saved RM's head, to continue training it)
+    train_recs, eval_recs = load_split(cfg, "ranking", say)
     rm, tok = load_reward_model(cfg.model)
     pad_id = tok.pad_token_id
     if not cfg.chat_template:
@@ -138,7 +140,6 @@ def train_reward_model(cfg: RewardConfig, interrupt_after: int | None = None, sa
         say("compiling the transformer blocks (torch.compile; once per machine, cached)")
 
     # 2. data: K tokenised sequences per ranking
-    train_recs, eval_recs = load_split(cfg, "ranking", say)
     train: list[Group] = [(encode_ranking(tok, r, cfg.max_length), list(r.ranks)) for r in train_recs]
     held_out: list[Group] = [(encode_ranking(tok, r, cfg.max_length), list(r.ranks)) for r in eval_recs]
     held_gold = [gold_of(r, r.k) for r in eval_recs]
@@ -235,8 +236,7 @@ def train_reward_model(cfg: RewardConfig, interrupt_after: int | None = None, sa
             save_checkpoint(out, len(plan), model.seq_model, optimizer, scheduler)
         seq = merged(model.seq_model)
         seq.config.reward_offset = model.offset
-        seq.save_pretrained(out / "model", safe_serialization=True)
-        tok.save_pretrained(out / "model")
+        save_model_dir(seq, tok, out / "model")
         say(f"saved {out / 'model'}; held-out accuracy {final.get('accuracy', float('nan')):.3f}{_gold_note(final)}; offset {model.offset:+.4f}")
     acc.wait_for_everyone()
     return result

@@ -27,7 +27,7 @@ from rlhfkit.errors import UserError
 from rlhfkit.models.loading import load_causal_lm
 from rlhfkit.recipes.common import (clip_and_step, MetricsLog, apply_lora, batch_plan, load_checkpoint, load_split,
                                     make_accelerator, make_optimizer, merged, periodic_checkpoint, prepare_out, progress,
-                                    save_checkpoint, shard, world)
+                                    save_checkpoint, save_model_dir, shard, world)
 from rlhfkit.recipes.blocks import compile_blocks, fresh_compile_cache, use_training_attention
 
 
@@ -37,11 +37,11 @@ def train_sft(cfg: SFTConfig, interrupt_after: int | None = None, say=print) -> 
     out, ckpt = prepare_out(cfg, acc)
     say = say if acc.is_main_process else (lambda *a, **k: None)
 
+    train_recs, eval_recs = load_split(cfg, "demonstration", say)  # a bad file is reported before the model loads
     loaded = load_causal_lm(cfg.model)
     tok = loaded.tokenizer
     if not cfg.chat_template:
         tok.chat_template = None
-    train_recs, eval_recs = load_split(cfg, "demonstration", say)
     train = [encode_demonstration(tok, d, cfg.max_length) for d in train_recs]
     held_out = [encode_demonstration(tok, d, cfg.max_length) for d in eval_recs]
     cut = sum(e.truncated for e in train + held_out)
@@ -165,9 +165,7 @@ def run_lm_training(cfg: TrainConfig, acc, model, tok, train: list[Encoded], hel
     if acc.is_main_process:
         if cfg.save_every:
             save_checkpoint(out, len(plan), acc.unwrap_model(model), optimizer, scheduler)
-        final = merged(acc.unwrap_model(model))
-        final.save_pretrained(out / "model", safe_serialization=True)
-        tok.save_pretrained(out / "model")
+        save_model_dir(merged(acc.unwrap_model(model)), tok, out / "model")
         say(f"saved {out / 'model'}" + (f"; held-out loss {first_eval:.4f} -> {final_eval:.4f}" if final_eval is not None and first_eval is not None else ""))
     acc.wait_for_everyone()
     return result
