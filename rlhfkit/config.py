@@ -59,6 +59,7 @@ class TrainConfig:
     eval_every: int = opt(0, "Evaluate on held-out data every N steps (0 = only before and after training).")
     save_every: int = opt(0, "Write a resumable checkpoint every N steps (0 = only at the end).")
     log_every: int = opt(1, "Write a metrics line every N steps.")
+    report_to: str = opt("none", "Experiment trackers fed the metrics.jsonl numbers: none, tensorboard, wandb, mlflow, all (those installed), or a comma list; files under `out` (W&B: set WANDB_MODE=offline or log in).")
     resume: bool = opt(False, "Continue from the latest checkpoint in `out` on exactly the same trajectory.")
     lora: bool = opt(False, "Train LoRA adapters (peft) instead of all weights; the final model is saved merged.")
     lora_r: int = opt(16, "LoRA rank.")

@@ -229,7 +229,7 @@ def test_ranks_validation(tmp_path):
         "field 'ranks': all responses are tied, so there is no pair to learn from",
         "field 'ranks': expected 2 integers (one rank per response), got [0]",
         "field 'responses': expected at least 2 responses, got 1",
-        "field 'responses[1]': expected a non-empty string, got null",
+        "field 'responses[1]': expected a string, got null",
     ]
 
 

@@ -22,6 +22,7 @@ ranking
      ``responses[i]``, lower is better, equal = tied; responses are re-ordered best first and ranks
      renumbered 0, 1, 2 … (dense); lists in the row's ``meta`` object with one entry per response
      (the gold scores our labelers write) are re-ordered with them. All tied (no pair) is invalid.
+     A response may be "" (a model that answered nothing gave a real answer, ranked like any other).
   2. ``{prompt | messages, chosen, rejected}`` -> K = 2
   3. ``{chosen, rejected}`` as two full conversations (HH transcripts, or message lists) sharing a
      prompt -> messages = the shared conversation, responses = the two final assistant turns.
@@ -339,7 +340,7 @@ def _ranking(r: _Row) -> tuple[Ranking, list[int]]:
             msgs = _prompt(r, _prompt_key(r))
             label = r.name("responses")
             items = r.list("responses")
-            responses = [_hh_strip(r, _prompt_key(r), r.text("", value=v, label=f"{label}[{i}]")) for i, v in enumerate(items)]
+            responses = [_hh_strip(r, _prompt_key(r), r.text("", value=v, label=f"{label}[{i}]", allow_empty=True)) for i, v in enumerate(items)]
             if len(responses) < 2:
                 raise InvalidRecord(f"field {label!r}: expected at least 2 responses, got {len(responses)}")
             ranks = _ranks(r, len(responses)) if r.has("ranks") else list(range(len(responses)))

@@ -6,6 +6,9 @@ These are plain functions that the recipes call; there is no trainer base class.
 
 from __future__ import annotations
 
+import dataclasses
+import importlib.util
+import json
 import math
 import os
 import random
@@ -27,12 +30,16 @@ from rlhfkit.recipes.memory import reuse_freed_memory
 
 
 def make_accelerator(cfg: TrainConfig):
-    """One process by default; ``accelerate launch --num_processes N`` gives N (gloo on CPU)."""
+    """One process by default; ``accelerate launch --num_processes N`` gives N (gloo on CPU).
+
+    The experiment trackers of ``cfg.report_to`` become accelerate's ``log_with``; each stage
+    calls this first, so a tracker that is not installed stops the run before any model loads."""
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
+    from accelerate.utils import ProjectConfiguration, set_seed
 
     from accelerate.state import AcceleratorState, GradientState
 
+    trackers = report_to_trackers(cfg.report_to)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     precision = resolve_precision(cfg.precision, device)
     if device == "cpu":
@@ -42,9 +49,42 @@ def make_accelerator(cfg: TrainConfig):
     # state (the process group itself, in PartialState, is kept).
     AcceleratorState._reset_state()
     GradientState._reset_state()
-    acc = Accelerator(mixed_precision="bf16" if precision == "bf16" else "no", cpu=device == "cpu")
+    # TensorBoard writes to logging_dir/<project name>: out/tensorboard/rlhfkit
+    where = ProjectConfiguration(project_dir=cfg.out, logging_dir=str(Path(cfg.out) / "tensorboard"))
+    acc = Accelerator(mixed_precision="bf16" if precision == "bf16" else "no", cpu=device == "cpu",
+                      log_with=trackers or None, project_config=where)
     set_seed(cfg.seed)
     return acc
+
+
+TRACKERS = ("tensorboard", "wandb", "mlflow")
+
+
+def report_to_trackers(report_to: str) -> list[str]:
+    """The trackers that ``report_to`` names: ``none``, ``all`` (those of TRACKERS that are
+    installed, as in accelerate and transformers) or a comma list of TRACKERS. A named tracker
+    whose package is missing is a UserError that gives the pip command."""
+    names = [n.strip().lower() for n in report_to.split(",") if n.strip()]
+    if names in ([], ["none"]):
+        return []
+    if names == ["all"]:
+        found = [t for t in TRACKERS if _missing_package(t) is None]
+        if not found:
+            raise UserError("report_to=all: none of tensorboard, wandb, mlflow is installed (pip install tensorboard)")
+        return found
+    for n in names:
+        if n not in TRACKERS:
+            raise UserError(f"report_to={report_to}: expected none, all, or a comma list of {', '.join(TRACKERS)}")
+        if (package := _missing_package(n)) is not None:
+            raise UserError(f"report_to={n} needs the {package} package: pip install {package}")
+    return list(dict.fromkeys(names))
+
+
+def _missing_package(tracker: str) -> str | None:
+    needs = [tracker]
+    if tracker == "mlflow" and not os.environ.get("MLFLOW_TRACKING_URI"):
+        needs.append("alembic")  # our local default is MLflow's SQLite store, whose schema alembic creates
+    return next((p for p in needs if importlib.util.find_spec(p) is None), None)
 
 
 def world(acc) -> tuple[int, int]:
@@ -226,34 +266,76 @@ def merged(model: torch.nn.Module) -> torch.nn.Module:
 
 
 class MetricsLog:
-    """Appends one JSON object per line to ``out/metrics.jsonl`` (and TensorBoard when installed)."""
+    """Appends one JSON object per line to ``out/metrics.jsonl``, the run's record whatever
+    ``report_to`` says, and sends the same numbers under the same names and steps to the
+    trackers that ``make_accelerator`` set up (``acc.log``). Only the main process writes.
 
-    def __init__(self, out: Path, enabled: bool = True, resume_step: int | None = None):
+    Trackers keep their files under ``out``: ``tensorboard/``, ``wandb/`` and MLflow's
+    ``mlflow.db`` (unless MLFLOW_TRACKING_URI points elsewhere); project "rlhfkit", the run named
+    after ``out``, the config as hyperparameters. ``close()`` ends the trackers' runs.
+    """
+
+    def __init__(self, out: Path, acc, cfg: TrainConfig, resume_step: int | None = None):
         self.path = out / "metrics.jsonl"
-        self.enabled = enabled
-        self.tb = None
-        if not enabled:
+        self.acc = acc
+        self.enabled = acc.is_main_process
+        if not self.enabled:
             return
         if resume_step is not None and self.path.exists():  # drop lines past the checkpoint
             write_jsonl(self.path, [row for row in read_jsonl(self.path) if row.get("step", 0) <= resume_step])
         elif resume_step is None and self.path.exists():
             self.path.unlink()
-        try:
-            from torch.utils.tensorboard import SummaryWriter
+        if acc.log_with:
+            self._start_trackers(out.resolve(), cfg, resume_step)
 
-            self.tb = SummaryWriter(str(out / "tensorboard"))
-        except Exception:  # tensorboard is optional
-            self.tb = None
+    def _start_trackers(self, out: Path, cfg: TrainConfig, resume_step: int | None) -> None:
+        name = "/".join(out.parts[-2:])  # e.g. "demo/sft"
+        kwargs: dict[str, dict] = {"wandb": {"name": name, "dir": str(out)}, "mlflow": {"run_name": name}}
+        if resume_step is not None:
+            # TensorBoard hides what the killed run logged after the checkpoint, as metrics.jsonl drops it
+            kwargs["tensorboard"] = {"purge_step": resume_step + 1}
+        if "mlflow" in [str(t) for t in self.acc.log_with] and not os.environ.get("MLFLOW_TRACKING_URI"):
+            import mlflow
+
+            # MLflow 3 refuses its file store ('./mlruns', "maintenance mode"); SQLite is its default now
+            mlflow.set_tracking_uri(f"sqlite:///{out / 'mlflow.db'}")
+            kwargs["mlflow"]["logging_dir"] = str(out / "mlartifacts")  # artifacts: beside it, not in the cwd
+        self.acc.init_trackers("rlhfkit", config=hyperparameters(cfg), init_kwargs=kwargs)
 
     def log(self, step: int, **metrics: Any) -> None:
         if not self.enabled:
             return
         row = {"step": step, "time": round(time.time(), 3), **{k: _plain(v) for k, v in metrics.items()}}
         append_jsonl(self.path, row)
-        if self.tb is not None:
-            for k, v in row.items():
-                if isinstance(v, (int, float)) and k not in ("step", "time"):
-                    self.tb.add_scalar(k, v, step)
+        if self.acc.trackers:
+            self.acc.log({k: v for k, v in row.items() if k not in ("step", "time") and isinstance(v, (int, float))}, step=step)
+
+    def close(self) -> None:
+        """End the trackers' runs (files flushed, the W&B and MLflow runs finished). Not
+        ``acc.end_training()``: it also destroys the process group, which the pipeline's next
+        stage in this process still uses."""
+        for tracker in self.acc.trackers:
+            tracker.finish()
+        self.acc.trackers.clear()
+
+
+def hyperparameters(cfg: TrainConfig) -> dict[str, bool | int | float | str]:
+    """``cfg`` as the flat hyperparameters trackers accept (TensorBoard's hparams take only
+    bool/int/float/str): a dict becomes ``fields.prompt``-style keys, a list or None its JSON text."""
+    flat: dict[str, bool | int | float | str] = {}
+
+    def put(key: str, value: Any) -> None:
+        if isinstance(value, dict) and value:
+            for k, v in value.items():
+                put(f"{key}.{k}", v)
+        elif isinstance(value, (bool, int, float, str)):
+            flat[key] = value
+        else:
+            flat[key] = json.dumps(value, default=str)
+
+    for key, value in dataclasses.asdict(cfg).items():
+        put(key, value)
+    return flat
 
 
 def _plain(v: Any) -> Any:

@@ -250,7 +250,7 @@ def train_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None, interrupt_after
         critic.load(ckpt / "model" / "critic")
         kl_ctl.load_state_dict(extra["kl_ctl"])
         say(f"resumed from {ckpt} at iteration {start}")
-    log = MetricsLog(out, acc.is_main_process, resume_step=start if ckpt else None)
+    log = MetricsLog(out, acc, cfg, resume_step=start if ckpt else None)
     trainable = [p for p in both.parameters() if p.requires_grad]
 
     bar = progress(len(plan), start, True, "ppo")
@@ -413,6 +413,7 @@ def train_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None, interrupt_after
             bar.close()
             return {"step": done, **last}
     bar.close()
+    log.close()
     seconds = time.perf_counter() - t_run
 
     # save: checkpoint (resumable), then the policy merged as a plain HF directory, and the critic

@@ -157,7 +157,7 @@ def train_reward_model(cfg: RewardConfig, interrupt_after: int | None = None, sa
     if ckpt is not None:
         start, _ = load_checkpoint(ckpt, acc.unwrap_model(rm).seq_model, optimizer, scheduler)
         say(f"resumed from {ckpt} at step {start}")
-    log = MetricsLog(out, acc.is_main_process, resume_step=start if ckpt else None)
+    log = MetricsLog(out, acc, cfg, resume_step=start if ckpt else None)
     before = evaluate_rm(rm, held_out, pad_id, acc.device, share_prompt=cfg.share_prompt, gold=held_gold) if held_out and start == 0 else None
     if before:
         log.log(0, **{f"eval_{k}": v for k, v in before.items()})
@@ -229,6 +229,7 @@ def train_reward_model(cfg: RewardConfig, interrupt_after: int | None = None, sa
         model.config.reward_offset = offset
         result["reward_offset"] = offset
     log.log(len(plan), **{f"eval_{k}": v for k, v in final.items()}, reward_offset=model.offset)
+    log.close()
 
     # 7. save a plain Hugging Face directory
     if acc.is_main_process:

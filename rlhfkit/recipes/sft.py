@@ -110,7 +110,7 @@ def run_lm_training(cfg: TrainConfig, acc, model, tok, train: list[Encoded], hel
     if ckpt is not None:
         start, _ = load_checkpoint(ckpt, acc.unwrap_model(model), optimizer, scheduler)
         say(f"resumed from {ckpt} at step {start}")
-    log = MetricsLog(out, acc.is_main_process, resume_step=start if ckpt else None)
+    log = MetricsLog(out, acc, cfg, resume_step=start if ckpt else None)
     first_eval = evaluate() if start == 0 else None
     if first_eval is not None:
         log.log(0, eval_loss=first_eval)
@@ -162,6 +162,7 @@ def run_lm_training(cfg: TrainConfig, acc, model, tok, train: list[Encoded], hel
     result = {"step": len(plan), **last, "eval_loss_before": first_eval, "eval_loss": final_eval,
               "train_seconds": train_seconds, "tokens_per_second": seen / max(train_seconds, 1e-9)}
     log.log(len(plan), eval_loss=final_eval)
+    log.close()
     if acc.is_main_process:
         if cfg.save_every:
             save_checkpoint(out, len(plan), acc.unwrap_model(model), optimizer, scheduler)
