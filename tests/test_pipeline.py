@@ -246,3 +246,63 @@ def test_a_stage_child_dies_with_the_pipeline(tiny_path, tmp_path, fixtures):
     lines = _lines(out / "metrics.jsonl")
     time.sleep(1.0)
     assert _lines(out / "metrics.jsonl") == lines  # nobody trains on
+
+
+ODD_TEXT = "a\u2028b\u2029c\x85d\x0be\x0cf\x1cg\x1ei\x00 世界 🎉 \"quoted\" \\ back"  # (the tokenizer drops \x1d)
+
+
+def odd_answers(tok) -> list[tuple[list[int], str]]:
+    """What a model may write, as (token ids, finish reason): nothing, only whitespace, only special
+    tokens, every line-break character, no EOS at all, and a plain answer."""
+    eos = tok.eos_token_id
+    ids = lambda s: tok(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    return [([eos], "stop"), (ids("   \n\t \n") + [eos], "stop"), ([1, 0, 1, 0] + [eos], "stop"),
+            (ids(ODD_TEXT) + [eos], "stop"), (ids(ODD_TEXT * 4), "length"), (ids("Sure, here it is.") + [eos], "stop")]
+
+
+def stub_generate(self, prompts, params=None, n=1, progress=False):
+    """Engine.generate's contract (prompt-major samples, max_new_tokens, text without special
+    tokens) with the answers of odd_answers, in turn."""
+    from rlhfkit.rollout.engine import Completion
+
+    answers, out = odd_answers(self.tokenizer), []
+    for i, p in enumerate(prompts):
+        prm = params[i] if isinstance(params, list) else params
+        for s in range(n):
+            ids, reason = answers[(i * n + s + stub_generate.calls) % len(answers)]
+            ids = ids[: prm.max_new_tokens]
+            reason = reason if len(ids) < prm.max_new_tokens or reason == "stop" and ids[-1] == self.tokenizer.eos_token_id else "length"
+            out.append(Completion(i, s, list(p), ids, [-1.0] * len(ids), self.tokenizer.decode(ids, skip_special_tokens=True),
+                                  reason, ids[-1] if reason == "stop" else None))
+    stub_generate.calls += 1
+    return out
+
+
+def test_the_main_job_survives_what_a_model_writes(tiny_path, tmp_path, monkeypatch):
+    """Answers that are empty, only whitespace, only special tokens, full of U+2028/U+2029/U+0085
+    and controls, or never ended go through labeling, SFT, the RM, PPO, judging and the report."""
+    from rlhfkit.data.jsonl import read_jsonl
+    from rlhfkit.rollout.engine import Engine
+
+    stub_generate.calls = 0
+    monkeypatch.setattr(Engine, "generate", stub_generate)
+    cfg = PipelineConfig(model=tiny_path, out=str(tmp_path / "run"), train_prompts=6, eval_prompts=6, k=6, max_new_tokens=40,
+                         batch_size=4, precision="fp32", min_demo_score=-9.0, round_prompts=3, ppo_iterations=2,
+                         ppo_batch_size=2, fresh_process=False)
+    summary = run_pipeline(cfg)
+    run = tmp_path / "run"
+    samples = read_jsonl(run / "round0" / "samples.jsonl")
+    texts = {t for s in samples for t in s["responses"]}
+    assert "" in texts and any(ODD_TEXT in t for t in texts)  # what was sampled was kept, whole
+    rankings = read_jsonl(run / "round0" / "rankings.jsonl")
+    assert len(rankings) == 6 and all(len(r["responses"]) >= 6 for r in rankings)
+    for d in ("sft", "round1/rm", "round1/ppo"):
+        assert (run / d / "model" / "config.json").exists()
+    ppo = read_jsonl(run / "round1" / "ppo" / "metrics.jsonl")
+    assert len(ppo) == 2 and all(math.isfinite(m["policy_loss"]) and math.isfinite(m["kl"]) for m in ppo)
+    assert 0 < ppo[0]["no_eos_fraction"] < 1  # the answer that never ended was scored as one
+    assert set(summary["versions"]) == {"base", "sft", "ppo1"}
+    assert all(math.isfinite(v["gold_mean"]) for v in summary["versions"].values())
+    held = read_jsonl(run / "eval" / "ppo1.jsonl")
+    assert {r["responses"][0] for r in held} >= {"", ODD_TEXT}
+    assert "ppo1" in (run / "report.html").read_text(encoding="utf-8")

@@ -421,9 +421,6 @@ def train_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None, interrupt_after
     if cfg.save_every:
         save_checkpoint(out, len(plan), _Checkpoint(policy, critic), optimizer, scheduler,
                         extra={"kl_ctl": kl_ctl.state_dict()})
-    final = merged(policy)
-    final.save_pretrained(out / "model", safe_serialization=True)
-    tok.save_pretrained(out / "model")
     critic.save(out / "critic", merge=True)
     if critic.kind == "rm":
         tok.save_pretrained(out / "critic")
