@@ -69,8 +69,8 @@ def test_malformed_record_names_file_line_and_field(tmp_path, tiny_path):
     assert f"{data}:2" in line and "chosen" in line
 
 
-def test_unknown_model_spec(tmp_path):
-    result = runner.invoke(app, ["sft", "--model", "no-such-model", "--data", "x.jsonl", "--out", str(tmp_path / "o")])
+def test_unknown_model_spec(tmp_path, fixtures):
+    result = runner.invoke(app, ["sft", "--model", "no-such-model", "--data", str(fixtures / "demos.jsonl"), "--out", str(tmp_path / "o")])
     assert result.exit_code == 2
     assert "--model no-such-model" in _error_line(result)
 
