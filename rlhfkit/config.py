@@ -145,6 +145,7 @@ class PipelineConfig:
     precision: str = opt("auto", "auto (bf16 where the hardware has it), bf16 or fp32.")
     seed: int = opt(0, "Seed for prompt choice, sampling, labeler noise and training.")
     save_every: int = opt(10, "SFT, the reward model and PPO each write a resumable checkpoint every N steps (0 = only at the end); a killed pipeline, run again, continues each stage from its last one.")
+    report_to: str = opt("none", "Experiment trackers of SFT, the reward model and PPO (as each stage's report_to): none, tensorboard, wandb, mlflow, all, or a comma list.")
     fresh_process: bool = opt(True, "Run SFT, the reward model and PPO each in a child process of its own (the same results): in one process the earlier stages' leftover memory made the demo's PPO ~1.5x slower (18-23 vs 12-15 s per iteration on a 2-core Xeon).")
     eval_suites: str = opt("", "Also run these `rlhfkit eval` suites on every version, SFT as the baseline (comma list of truthful, harmless, tax, helpful; empty = none).")
     eval_data_dir: str = opt("", "Local copies of the eval_suites data sets, laid out as truthfulqa/mc_task.json, truthfulqa/TruthfulQA.csv, crows-pairs/crows_pairs_anonymized.csv, realtoxicityprompts/toxic.jsonl, realtoxicityprompts/nontoxic.jsonl, self-instruct-seed/seed_tasks.jsonl, tinyshakespeare/input.txt (only those of the asked suites). Empty = their public Hugging Face hub datasets (a network once, then the `datasets` cache).")

@@ -288,7 +288,7 @@ def test_the_main_job_survives_what_a_model_writes(tiny_path, tmp_path, monkeypa
     monkeypatch.setattr(Engine, "generate", stub_generate)
     cfg = PipelineConfig(model=tiny_path, out=str(tmp_path / "run"), train_prompts=6, eval_prompts=6, k=6, max_new_tokens=40,
                          batch_size=4, precision="fp32", min_demo_score=-9.0, round_prompts=3, ppo_iterations=2,
-                         ppo_batch_size=2, fresh_process=False)
+                         ppo_batch_size=2, fresh_process=False, report_to="tensorboard")
     summary = run_pipeline(cfg)
     run = tmp_path / "run"
     samples = read_jsonl(run / "round0" / "samples.jsonl")
@@ -306,3 +306,5 @@ def test_the_main_job_survives_what_a_model_writes(tiny_path, tmp_path, monkeypa
     held = read_jsonl(run / "eval" / "ppo1.jsonl")
     assert {r["responses"][0] for r in held} >= {"", ODD_TEXT}
     assert "ppo1" in (run / "report.html").read_text(encoding="utf-8")
+    for d in ("sft", "round1/rm", "round1/ppo"):  # the pipeline's report_to reached every stage
+        assert list((run / d / "tensorboard").rglob("events.out.tfevents.*")), d

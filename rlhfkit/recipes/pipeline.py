@@ -185,7 +185,7 @@ def run_stage(cfg: PipelineConfig, train, stage_cfg, say=print) -> dict:
 
     # a run killed mid-stage left checkpoints (every cfg.save_every steps): continue from the last
     ckpt = latest_checkpoint(Path(stage_cfg.out))
-    stage_cfg = dataclasses.replace(stage_cfg, save_every=cfg.save_every, resume=ckpt is not None)
+    stage_cfg = dataclasses.replace(stage_cfg, save_every=cfg.save_every, report_to=cfg.report_to, resume=ckpt is not None)
     if ckpt is not None:
         say(f"{stage_cfg.out}: resuming from {ckpt.name}")
     if not cfg.fresh_process:
@@ -231,6 +231,9 @@ def run_pipeline(cfg: PipelineConfig, say=print) -> dict:
     if not 2 <= cfg.k <= 9:
         raise UserError(f"k={cfg.k}: labelers rank K = 2..9 answers per prompt")
     suite_list(cfg)
+    from rlhfkit.recipes.common import report_to_trackers
+
+    report_to_trackers(cfg.report_to)  # a tracker that is not installed stops the run now, not after sampling
 
     # 0. prompts: seeded subsets of the train split; held-out prompts only for judging
     train_all, eval_all = load_task("train"), load_task("eval")
