@@ -1,7 +1,13 @@
 """Run the eval suites on one or more model versions and a baseline -> one results dict.
 
     results = run_eval(EvalConfig(models=["v1=runs/ppo/final"], baseline="smollm2-135m-instruct",
-                                  suites=["truthful", "harmless", "helpful", "tax"], data_dir="../shared/data"))
+                                  suites=["truthful", "harmless", "helpful", "tax"]))
+
+Data: each data set comes from its own option (``truthfulqa_mc``, ``crows_pairs``, ...), else
+from ``data_dir`` laid out as DEFAULT_FILES, else from its public Hugging Face hub dataset
+(HUB_DEFAULTS, needs a network once; ``datasets`` caches it). All of it is loaded before any
+model, so a missing file or an unreachable hub fails in seconds with one message naming the
+option to pass.
 
 Models are evaluated one at a time (loaded, scored, freed). Per-model suites: ``truthful``
 (TruthfulQA MC1/MC2, optional generation), ``harmless`` (RealToxicityPrompts toxic and
@@ -12,6 +18,7 @@ answers with the baseline's under the judge; ``tax`` also reports ppl_M / ppl_B 
 from __future__ import annotations
 
 import gc
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -19,10 +26,12 @@ from pathlib import Path
 import torch
 
 from rlhfkit.errors import UserError
+from rlhfkit.evals.data import HubDataset, HubUnavailable
+from rlhfkit.evals.toxicity import challenging_prompts, nontoxic_prompts
 
 SUITES = ("helpful", "truthful", "harmless", "tax")
 
-# where each data set sits inside --data-dir (the layout of ../shared/data)
+# where each data set sits inside --data-dir: the file names of the data sets' own releases
 DEFAULT_FILES = {
     "truthfulqa_mc": "truthfulqa/mc_task.json",
     "truthfulqa_gen": "truthfulqa/TruthfulQA.csv",
@@ -31,6 +40,17 @@ DEFAULT_FILES = {
     "rtp_nontoxic": "realtoxicityprompts/nontoxic.jsonl",
     "help_prompts": "self-instruct-seed/seed_tasks.jsonl",
     "tax_text": "tinyshakespeare/input.txt",
+}
+
+# where each data set comes from when neither its option nor --data-dir gives it
+HUB_DEFAULTS = {
+    "truthfulqa_mc": HubDataset("truthfulqa/truthful_qa", "multiple_choice", "validation"),
+    "truthfulqa_gen": HubDataset("truthfulqa/truthful_qa", "generation", "validation"),
+    "crows_pairs": HubDataset("nyu-mll/crows_pairs", None, "test"),
+    "rtp_toxic": HubDataset("allenai/real-toxicity-prompts", None, "train", challenging_prompts),
+    "rtp_nontoxic": HubDataset("allenai/real-toxicity-prompts", None, "train", nontoxic_prompts),
+    "help_prompts": HubDataset("HuggingFaceH4/self-instruct-seed", None, "train"),
+    "tax_text": HubDataset("karpathy/tiny_shakespeare", None, "test"),
 }
 
 
@@ -43,11 +63,12 @@ class EvalConfig:
     suites: list[str] = field(default_factory=lambda: list(SUITES))
     """Any of helpful, truthful, harmless, tax."""
     data_dir: str | None = None
-    """A directory with the standard layout (see DEFAULT_FILES); per-data paths below override it."""
+    """Local copies of the data sets laid out as DEFAULT_FILES (None = the HUB_DEFAULTS datasets);
+    the per-data options below override it."""
     truthfulqa_mc: str | None = None
-    """TruthfulQA multiple-choice data (mc_task.json, a datasets dir or hub 'truthful_qa:multiple_choice')."""
+    """TruthfulQA multiple-choice data (mc_task.json, a datasets dir or a hub name owner/name[:config])."""
     truthfulqa_gen: str | None = None
-    """TruthfulQA generation data (TruthfulQA.csv or hub 'truthful_qa:generation'); used with truthful_gen."""
+    """TruthfulQA generation data (TruthfulQA.csv, a datasets dir or a hub name); used with truthful_gen."""
     mc_limit: int | None = None
     """TruthfulQA MC questions (None = all 790/817)."""
     truthful_gen: bool = True
@@ -93,16 +114,23 @@ class EvalConfig:
     """cpu, cuda, ... (default: cuda when available)."""
     show_progress: bool = True
 
-    def path(self, key: str) -> str:
+    def source(self, key: str) -> str | HubDataset:
+        """Where data set ``key`` comes from: its option, else ``data_dir``, else the hub."""
         explicit = getattr(self, key)
         if explicit:
             return explicit
         if self.data_dir:
-            p = Path(self.data_dir) / DEFAULT_FILES[key]
+            p = Path(self.data_dir).expanduser() / DEFAULT_FILES[key]
             if p.exists():
                 return str(p)
-            raise UserError(f"--data-dir {self.data_dir}: {DEFAULT_FILES[key]} is missing (or pass --{key.replace('_', '-')})")
-        raise UserError(f"no data for {key}: pass --{key.replace('_', '-')} PATH or --data-dir DIR")
+            raise UserError(f"--data-dir {self.data_dir}: {DEFAULT_FILES[key]} is missing (add it, pass "
+                            f"{option(key)} PATH, or leave --data-dir out to load {HUB_DEFAULTS[key]} from the hub)")
+        return HUB_DEFAULTS[key]
+
+
+def option(key: str) -> str:
+    """The ``rlhfkit eval`` option of data set ``key``: 'truthfulqa_mc' -> '--truthfulqa-mc'."""
+    return "--" + key.replace("_", "-")
 
 
 def _cap(n: int | None, limit: int | None) -> int | None:
@@ -128,14 +156,97 @@ def load_model(spec: str, cfg: EvalConfig):
     return loaded
 
 
-def evaluate_model(spec: str, cfg: EvalConfig, need_help_answers: list[str] | None) -> dict:
-    """All per-model suites for one model; returns its results (and its helpful answers)."""
-    from rlhfkit.evals.crows_pairs import crows_pairs_eval, load_crows_pairs
+def data_keys(cfg: EvalConfig) -> list[str]:
+    """The data sets the asked suites read (help_prompts only where the judge needs them)."""
+    keys = []
+    if "truthful" in cfg.suites:
+        keys += ["truthfulqa_mc"] + (["truthfulqa_gen"] if cfg.truthful_gen else [])
+    if "harmless" in cfg.suites:
+        keys += ["rtp_toxic", "rtp_nontoxic", "crows_pairs"]
+    if "tax" in cfg.suites:
+        keys += ["tax_text"]
+    if "helpful" in cfg.suites and not _help_from_task(cfg):
+        keys += ["help_prompts"]
+    return keys
+
+
+def _help_from_task(cfg: EvalConfig) -> bool:
+    """The gold judge (and a reward-model judge without --help-prompts) uses the built-in task's prompts."""
+    return cfg.judge == "gold" or (cfg.judge != "reference" and not cfg.help_prompts)
+
+
+def _load_one(key: str, src, cfg: EvalConfig):
+    from rlhfkit.evals.crows_pairs import load_crows_pairs
+    from rlhfkit.evals.helpful import load_help_prompts
+    from rlhfkit.evals.tax import load_heldout_text
+    from rlhfkit.evals.toxicity import load_rtp
+    from rlhfkit.evals.truthfulqa import load_truthfulqa_gen, load_truthfulqa_mc
+
+    if key == "truthfulqa_mc":
+        return load_truthfulqa_mc(src)[: _cap(cfg.mc_limit, cfg.limit)]
+    if key == "truthfulqa_gen":
+        return load_truthfulqa_gen(src)[: _cap(cfg.gen_limit, cfg.limit)]
+    if key in ("rtp_toxic", "rtp_nontoxic"):
+        return load_rtp(src, limit=_cap(cfg.rtp_prompts, cfg.limit))
+    if key == "crows_pairs":
+        return load_crows_pairs(src)[: _cap(cfg.crows_limit, cfg.limit)]
+    if key == "tax_text":
+        return load_heldout_text(src, cfg.tax_chars)
+    return load_help_prompts(src)[: _cap(cfg.help_limit, cfg.limit)]
+
+
+def load_eval_data(cfg: EvalConfig) -> dict:
+    """Every data set of the asked suites, loaded before any model is: a missing file or an
+    unreachable hub then fails in seconds with one message, not after minutes of scoring.
+
+    Once the hub proves unreachable the remaining hub data sets are not tried (each try waits
+    ~20 s of retries without a network); the message lists every option that needs a local copy.
+    """
+    data: dict = {"sources": {}}
+    failed: list[tuple[str, HubUnavailable]] = []
+    offline: HubUnavailable | None = None
+    for key in data_keys(cfg):
+        src = cfg.source(key)
+        data["sources"][key] = str(src)
+        if offline and (isinstance(src, HubDataset) or _is_hub_name(src)):
+            failed.append((key, offline))
+            continue
+        if cfg.show_progress and isinstance(src, HubDataset):
+            print(f"eval data: {key} from the Hugging Face hub, {src} (cached after the first time)", file=sys.stderr)
+        try:
+            data[key] = _load_one(key, src, cfg)
+        except HubUnavailable as e:
+            failed.append((key, e))
+            offline = offline or (e if e.offline else None)
+    if failed:
+        raise UserError(_hub_failure_message(failed, offline))
+    return data
+
+
+def _is_hub_name(src) -> bool:
+    from rlhfkit.evals.data import looks_like_hub_name
+
+    return looks_like_hub_name(str(src))
+
+
+def _hub_failure_message(failed: list[tuple[str, HubUnavailable]], offline: HubUnavailable | None) -> str:
+    """One message: why the hub failed, and the options (or --data-dir files) to give instead."""
+    keys = [k for k, _ in failed]
+    why = (f"the Hugging Face hub cannot be reached ({offline.reason})" if offline
+           else "; ".join(f"{e.source}: {e.reason}" for _, e in failed))
+    return (f"eval data: {why}. Pass local copies (a file or a saved `datasets` directory): "
+            f"{', '.join(option(k) + ' PATH' for k in keys)}; or --data-dir DIR (the pipeline's eval_data_dir=DIR) "
+            f"holding {', '.join(DEFAULT_FILES[k] for k in keys)}.")
+
+
+def evaluate_model(spec: str, cfg: EvalConfig, data: dict, need_help_answers: list[str] | None) -> dict:
+    """All per-model suites for one model on the loaded ``data``; returns its results (and its helpful answers)."""
+    from rlhfkit.evals.crows_pairs import crows_pairs_eval
     from rlhfkit.evals.generation import chat_prompt, engine_generate_fn
     from rlhfkit.evals.loglik import LoglikScorer
-    from rlhfkit.evals.tax import load_heldout_text, perplexity_eval
-    from rlhfkit.evals.toxicity import ClassifierToxicity, LexiconToxicity, load_rtp, rtp_eval
-    from rlhfkit.evals.truthfulqa import load_truthfulqa_gen, load_truthfulqa_mc, truthfulqa_gen_eval, truthfulqa_mc_eval
+    from rlhfkit.evals.tax import perplexity_eval
+    from rlhfkit.evals.toxicity import ClassifierToxicity, LexiconToxicity, rtp_eval
+    from rlhfkit.evals.truthfulqa import truthfulqa_gen_eval, truthfulqa_mc_eval
 
     loaded = load_model(spec, cfg)
     model, tok = loaded.model, loaded.tokenizer
@@ -152,26 +263,22 @@ def evaluate_model(spec: str, cfg: EvalConfig, need_help_answers: list[str] | No
         return out
 
     if "truthful" in cfg.suites:
-        docs = load_truthfulqa_mc(cfg.path("truthfulqa_mc"))[: _cap(cfg.mc_limit, cfg.limit)]
-        t = {"mc": timed("truthfulqa_mc", lambda: truthfulqa_mc_eval(scorer, docs))}
+        t = {"mc": timed("truthfulqa_mc", lambda: truthfulqa_mc_eval(scorer, data["truthfulqa_mc"]))}
         if cfg.truthful_gen:
-            gdocs = load_truthfulqa_gen(cfg.path("truthfulqa_gen"))[: _cap(cfg.gen_limit, cfg.limit)]
-            t["gen"] = timed("truthfulqa_gen", lambda: truthfulqa_gen_eval(gen, gdocs))
+            t["gen"] = timed("truthfulqa_gen", lambda: truthfulqa_gen_eval(gen, data["truthfulqa_gen"]))
         res["truthful"] = t
     if "harmless" in cfg.suites:
         torch.manual_seed(cfg.seed)
         tox = (ClassifierToxicity(cfg.toxicity_model, cfg.toxicity_label) if cfg.toxicity_model else LexiconToxicity())
         h: dict = {"toxicity_scorer": tox.name}
         for subset in ("toxic", "nontoxic"):
-            prompts = load_rtp(cfg.path(f"rtp_{subset}"))[: _cap(cfg.rtp_prompts, cfg.limit)]
+            prompts = data[f"rtp_{subset}"]
             h[f"rtp_{subset}"] = timed(f"rtp_{subset}", lambda: rtp_eval(
                 gen, tox, prompts, k=cfg.rtp_k, max_new_tokens=cfg.rtp_max_new_tokens, temperature=cfg.rtp_temperature))  # fmt: skip
-        pairs = load_crows_pairs(cfg.path("crows_pairs"))[: _cap(cfg.crows_limit, cfg.limit)]
-        h["crows_pairs"] = timed("crows_pairs", lambda: crows_pairs_eval(scorer, pairs))
+        h["crows_pairs"] = timed("crows_pairs", lambda: crows_pairs_eval(scorer, data["crows_pairs"]))
         res["harmless"] = h
     if "tax" in cfg.suites:
-        text = load_heldout_text(cfg.path("tax_text"), cfg.tax_chars)
-        res["tax"] = timed("perplexity", lambda: perplexity_eval(scorer, text, window=cfg.tax_window))
+        res["tax"] = timed("perplexity", lambda: perplexity_eval(scorer, data["tax_text"], window=cfg.tax_window))
     if need_help_answers is not None:
         prompts = [chat_prompt(tok, p) for p in need_help_answers]
         outs = timed("helpful_answers", lambda: gen(prompts, 1, cfg.help_max_new_tokens, 0.0))
@@ -181,18 +288,17 @@ def evaluate_model(spec: str, cfg: EvalConfig, need_help_answers: list[str] | No
     return res
 
 
-def help_prompt_set(cfg: EvalConfig) -> list:
+def help_prompt_set(cfg: EvalConfig, data: dict) -> list:
     """The prompts of the helpful suite: the built-in task's eval split for the gold judge (and
-    for a reward-model judge without --help-prompts), else --help-prompts / the data dir."""
-    from rlhfkit.evals.helpful import HelpPrompt, load_help_prompts
+    for a reward-model judge without --help-prompts), else the loaded help_prompts."""
+    from rlhfkit.evals.helpful import HelpPrompt
 
-    cap = _cap(cfg.help_limit, cfg.limit)
-    if cfg.judge == "gold" or (cfg.judge != "reference" and not cfg.help_prompts):
+    if _help_from_task(cfg):
         from rlhfkit.tasks import load_task
 
-        task = load_task("eval")[:cap]
+        task = load_task("eval")[: _cap(cfg.help_limit, cfg.limit)]
         return [HelpPrompt(p.text, None, {"prompt": p}) for p in task]
-    return load_help_prompts(cfg.path("help_prompts"))[:cap]
+    return data["help_prompts"]
 
 
 def make_judge(cfg: EvalConfig, help_prompts):
@@ -221,21 +327,25 @@ def run_eval(cfg: EvalConfig) -> dict:
         torch.set_num_threads(cfg.threads)
     if "helpful" in cfg.suites and not cfg.baseline:
         raise UserError("--suite helpful needs --baseline MODEL (a win-rate is model vs baseline), or leave helpful out of --suite")
-    help_prompts = None
-    if "helpful" in cfg.suites:
-        help_prompts = help_prompt_set(cfg)
     t0 = time.time()
     named = [split_spec(s) for s in cfg.models]
     versions = ([split_spec(cfg.baseline)] if cfg.baseline else []) + named
     names = [n for n, _ in versions]
     if len(set(names)) != len(names):
         raise UserError(f"two models share the name {names}: label them name=spec")
+    # 1. all data (and a judge that needs no model) before the first model is loaded
+    data = load_eval_data(cfg)
+    help_prompts = help_prompt_set(cfg, data) if "helpful" in cfg.suites else None
+    judge = make_judge(cfg, help_prompts) if help_prompts is not None and cfg.judge in ("gold", "reference") else None
     out: dict = {"config": asdict(cfg), "versions": names, "baseline": names[0] if cfg.baseline else None, "models": {}}
+    out["config"]["data_sources"] = data["sources"]
+    # 2. each model in turn
     for name, spec in versions:
         torch.manual_seed(cfg.seed)
-        out["models"][name] = evaluate_model(spec, cfg, [p.text for p in help_prompts] if help_prompts else None)
+        out["models"][name] = evaluate_model(spec, cfg, data, [p.text for p in help_prompts] if help_prompts else None)
+    # 3. comparisons with the baseline
     if help_prompts is not None:
-        judge = make_judge(cfg, help_prompts)
+        judge = judge or make_judge(cfg, help_prompts)
         base = out["models"][names[0]]["_help_answers"]
         out["helpful"] = {}
         for name, _ in named:

@@ -15,21 +15,24 @@ from rlhfkit.errors import UserError
 from rlhfkit.evals.loglik import LoglikScorer, perplexity
 
 
-def load_heldout_text(source: str | Path, tail_chars: int | None = 20_000) -> str:
-    """A text file (or .jsonl with ``text`` fields); by default its last ``tail_chars`` characters."""
-    path = Path(str(source)).expanduser()
-    if not path.is_file():
-        raise UserError(f"--tax-data {source}: no such file")
-    if path.suffix == ".jsonl":
-        from rlhfkit.evals.data import read_rows
+def load_heldout_text(source, tail_chars: int | None = 20_000) -> str:
+    """The held-out text: a text file, or the ``text`` fields of records (a .jsonl, a saved
+    ``datasets`` directory, a hub dataset: tiny_shakespeare's test split is one record), joined
+    by blank lines; by default only its last ``tail_chars`` characters."""
+    from rlhfkit.evals.data import read_rows
 
-        text = "\n\n".join(str(r.get("text", "")) for r in read_rows(path))
-    else:
+    path = Path(str(source)).expanduser()
+    if path.is_file() and path.suffix not in (".jsonl", ".json", ".csv", ".tsv"):
         text = path.read_text(encoding="utf-8", errors="replace")
+    else:
+        rows = read_rows(source, "test")
+        if rows and "text" not in rows[0]:
+            raise UserError(f"--tax-text {source}: records need a `text` field (has {', '.join(map(str, rows[0]))})")
+        text = "\n\n".join(str(r.get("text") or "") for r in rows)
     if tail_chars:
         text = text[-tail_chars:]
     if not text.strip():
-        raise UserError(f"--tax-data {source}: empty text")
+        raise UserError(f"--tax-text {source}: empty text")
     return text
 
 

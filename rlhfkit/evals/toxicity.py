@@ -23,8 +23,6 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
-
 import numpy as np
 
 from rlhfkit.errors import UserError
@@ -114,9 +112,23 @@ class RTPPrompt:
     challenging: bool | None = None
 
 
-def load_rtp(source: str | Path) -> list[RTPPrompt]:
-    """RealToxicityPrompts records ({"prompt": {"text", "toxicity"}, "challenging"}) or {"text"}."""
-    rows = read_rows(source, "train")
+def challenging_prompts(ds):
+    """The paper's "challenging" subset of the hub's 99k prompts (``challenging`` is true: the
+    prompts that made every model it tried toxic) -- the ``toxic`` set of the harmless suite."""
+    return ds.select([i for i, c in enumerate(ds["challenging"]) if c])
+
+
+def nontoxic_prompts(ds):
+    """Prompts whose own Perspective toxicity is below 0.5 (the paper's "non-toxic" prompts;
+    those without a score are left out)."""
+    tox = ds.flatten()["prompt.toxicity"]
+    return ds.select([i for i, t in enumerate(tox) if t is not None and t < TOXIC_THRESHOLD])
+
+
+def load_rtp(source, limit: int | None = None) -> list[RTPPrompt]:
+    """RealToxicityPrompts records ({"prompt": {"text", "toxicity"}, "challenging"}) or {"text"};
+    the first ``limit`` of them."""
+    rows = read_rows(source, "train", limit)
     out = []
     for i, r in enumerate(rows):
         if isinstance(r.get("prompt"), dict):

@@ -405,10 +405,14 @@ def suite_list(cfg: PipelineConfig) -> list[str]:
     bad = [s for s in suites if s not in SUITES]
     if bad:
         raise UserError(f"eval_suites: unknown {', '.join(bad)} (choose from {', '.join(SUITES)})")
-    if suites and not cfg.eval_data_dir:
-        raise UserError("eval_suites needs eval_data_dir=DIR (TruthfulQA, CrowS-Pairs, RealToxicityPrompts, ... laid out as ../shared/data)")
-    if suites and not Path(cfg.eval_data_dir).is_dir():
-        raise UserError(f"eval_data_dir={cfg.eval_data_dir}: no such directory")
+    if suites and cfg.eval_data_dir and not Path(cfg.eval_data_dir).is_dir():
+        raise UserError(f"eval_data_dir={cfg.eval_data_dir}: no such directory (leave it empty to load the "
+                        "eval data sets from the Hugging Face hub)")
+    if suites:  # the data is read now (from the hub once, then its cache), not found missing after training
+        from rlhfkit.evals.runner import EvalConfig, load_eval_data
+
+        load_eval_data(EvalConfig(models=[], suites=suites, data_dir=cfg.eval_data_dir or None,
+                                  limit=cfg.eval_limit or None, show_progress=False))
     return suites
 
 
