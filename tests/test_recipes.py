@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from rlhfkit.config import PretrainConfig, RewardConfig, SFTConfig, build_config
-from rlhfkit.data.jsonl import read_jsonl
+from rlhfkit.data.jsonl import read_jsonl, write_jsonl
 from rlhfkit.recipes.common import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -137,51 +137,137 @@ def test_reward_head_init_variance(tiny_path):
     assert abs(std - 1 / (d + 1) ** 0.5) < 0.03
 
 
+@pytest.fixture(scope="module")
+def varied(tmp_path_factory) -> dict[str, str]:
+    """Demonstrations and K = 2..4 rankings of very different lengths (1 to 60 words): a batch
+    splits into several forwards of similar lengths (length_groups), a different number on each
+    process of a 2-process run."""
+    import random
+
+    rng = random.Random(0)
+    where = tmp_path_factory.mktemp("varied")
+    words = lambda n, tag: " ".join(["word"] * n) + f" {tag}"  # noqa: E731
+    demos = [{"prompt": f"Say word {i}." + " Please." * rng.choice([0, 12]), "response": words(rng.choice([1, 2, 30, 60]), i)}
+             for i in range(48)]
+    rankings = []
+    for i in range(40):
+        k = rng.choice([2, 3, 4])
+        rankings.append({"prompt": "Say things " * rng.choice([1, 10]) + str(i),
+                         "responses": [words(rng.choice([1, 3, 25, 50]), j) for j in range(k)], "ranks": list(range(k))})
+    write_jsonl(where / "demos.jsonl", demos)
+    write_jsonl(where / "rankings.jsonl", rankings)
+    return {"sft": str(where / "demos.jsonl"), "rm": str(where / "rankings.jsonl")}
+
+
+def lrs(out) -> list[float]:
+    return [m["lr"] for m in read_metrics(out) if "lr" in m]
+
+
+def grad_norms(out) -> list[float]:
+    return [m["grad_norm"] for m in read_metrics(out) if "grad_norm" in m]
+
+
+def assert_same_weights(a_dir, b_dir, atol: float) -> None:
+    a, b = params_of(str(a_dir)), params_of(str(b_dir))
+    assert a.keys() == b.keys()
+    worst = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert worst <= atol, worst
+
+
 @pytest.mark.parametrize("stage", ["sft", "rm"])
-def test_resume_is_exact(stage, tiny_path, demos, rankings, tmp_path):
-    """2 steps, crash, resume 2 more == 4 steps straight (fp32, within 1e-6)."""
+def test_resume_is_exact(stage, tiny_path, varied, tmp_path):
+    """2 steps, crash, resume 2 more == 4 steps straight: the same losses, learning rates,
+    optimizer state and final weights (fp32)."""
     from rlhfkit.recipes.reward import train_reward_model
     from rlhfkit.recipes.sft import train_sft
 
-    run, cls, data = (train_sft, SFTConfig, demos) if stage == "sft" else (train_reward_model, RewardConfig, rankings)
-    common = dict(model=tiny_path, data=data, batch_size=4, max_steps=4, lr=1e-3, warmup_steps=1, precision="fp32",
-                  max_length=96, eval_fraction=0.0, save_every=2)
+    run, cls = (train_sft, SFTConfig) if stage == "sft" else (train_reward_model, RewardConfig)
+    common = dict(model=tiny_path, data=varied[stage], batch_size=4, max_steps=4, lr=1e-3, warmup_steps=1, precision="fp32",
+                  max_length=96, eval_fraction=0.0, save_every=2, schedule="linear")
     run(cls(out=str(tmp_path / "straight"), **common))
     run(cls(out=str(tmp_path / "resumed"), **common), interrupt_after=3)  # dies after step 3; checkpoint at 2
     run(cls(out=str(tmp_path / "resumed"), resume=True, **common))
     a, b = losses(tmp_path / "straight"), losses(tmp_path / "resumed")
     assert len(a) == len(b) == 4
     assert max(abs(x - y) for x, y in zip(a, b)) < 1e-6, (a, b)
-
-
-def test_grad_accumulation_gives_the_same_losses(tiny_path, demos, tmp_path):
-    from rlhfkit.recipes.sft import train_sft
-
-    common = dict(model=tiny_path, data=demos, batch_size=8, max_steps=3, lr=1e-3, warmup_steps=0, precision="fp32",
-                  max_length=96, eval_fraction=0.0)
-    train_sft(SFTConfig(out=str(tmp_path / "a1"), grad_accum=1, **common))
-    train_sft(SFTConfig(out=str(tmp_path / "a4"), grad_accum=4, **common))
-    a, b = losses(tmp_path / "a1"), losses(tmp_path / "a4")
-    assert max(abs(x - y) for x, y in zip(a, b)) < 1e-5, (a, b)
+    assert lrs(tmp_path / "straight") == lrs(tmp_path / "resumed") == pytest.approx([1e-3, 2 / 3 * 1e-3, 1 / 3 * 1e-3, 0.0])
+    assert_same_weights(tmp_path / "straight" / "model", tmp_path / "resumed" / "model", atol=1e-6)
+    states = [torch.load(tmp_path / r / "checkpoints" / "step-000004" / "state.pt", weights_only=False) for r in ("straight", "resumed")]
+    assert states[0]["scheduler"] == states[1]["scheduler"]
+    (sa, sb) = (s["optimizer"]["state"] for s in states)
+    assert sa.keys() == sb.keys() and all(
+        torch.allclose(sa[i][k], sb[i][k], atol=1e-6, rtol=1e-5) for i in sa for k in ("step", "exp_avg", "exp_avg_sq"))
 
 
 @pytest.mark.parametrize("stage", ["sft", "rm"])
-def test_two_processes_equal_one_process(stage, tiny_path, demos, rankings, tmp_path):
-    """accelerate launch --num_processes 2 (gloo on CPU) x batch b == 1 process x batch 2b."""
-    data = demos if stage == "sft" else rankings
-    args = [stage, "--model", tiny_path, "--data", data, "batch_size=8", "max_steps=3", "lr=1e-3", "warmup_steps=0",
-            "precision=fp32", "max_length=96", "eval_fraction=0.0"]
+def test_grad_accumulation_gives_the_same_losses_and_gradients(stage, tiny_path, varied, tmp_path):
+    """grad_accum=4 splits each batch into 4 micro-batches: the same losses, gradient norms
+    (a constant factor on the loss would show here, AdamW hides it in the weights) and weights."""
+    from rlhfkit.recipes.reward import train_reward_model
+    from rlhfkit.recipes.sft import train_sft
+
+    run, cls = (train_sft, SFTConfig) if stage == "sft" else (train_reward_model, RewardConfig)
+    common = dict(model=tiny_path, data=varied[stage], batch_size=8, max_steps=3, lr=1e-3, warmup_steps=0, precision="fp32",
+                  max_length=96, eval_fraction=0.0, max_grad_norm=1e6)
+    run(cls(out=str(tmp_path / "a1"), grad_accum=1, **common))
+    run(cls(out=str(tmp_path / "a4"), grad_accum=4, **common))
+    a, b = losses(tmp_path / "a1"), losses(tmp_path / "a4")
+    assert len(a) == 3 and max(abs(x - y) for x, y in zip(a, b)) < 1e-5, (a, b)
+    # max_grad_norm=1e6: never clipped, so the logged norm is that of the summed micro-batch gradients
+    ga, gb = grad_norms(tmp_path / "a1"), grad_norms(tmp_path / "a4")
+    assert len(ga) == len(gb) == 3 and all(abs(x - y) <= 1e-5 * x for x, y in zip(ga, gb)), (ga, gb)
+    assert_same_weights(tmp_path / "a1" / "model", tmp_path / "a4" / "model", atol=1e-5)
+
+
+WORKER = """
+import os, sys
+from pathlib import Path
+
+import rlhfkit.recipes.common as common
+import rlhfkit.recipes.reward as reward
+import rlhfkit.recipes.sft as sft
+
+make, marks = common.make_accelerator, sys.argv[1]
+
+
+def checked(cfg):  # inside each worker: there really are 2 processes, and this is one of them
+    acc = make(cfg)
+    assert acc.num_processes == int(os.environ["WORLD_SIZE"]) == 2, (acc.num_processes, os.environ.get("WORLD_SIZE"))
+    assert acc.distributed_type.value == "MULTI_CPU", acc.distributed_type
+    Path(marks, f"rank{acc.process_index}").write_text(str(acc.num_processes))
+    return acc
+
+
+sft.make_accelerator = reward.make_accelerator = checked
+sys.argv = ["rlhfkit", *sys.argv[2:]]
+from rlhfkit.cli import main
+
+main()
+"""
+
+
+@pytest.mark.parametrize("stage", ["sft", "rm"])
+def test_two_processes_equal_one_process(stage, tiny_path, varied, tmp_path):
+    """torchrun --nproc_per_node 2 (DDP over gloo) x batch b == 1 process x batch b: the same losses
+    and weights, with length-grouped micro-batches that give each rank its own number of forwards
+    (the case that once deadlocked). Each worker asserts there are 2 of them."""
+    args = [stage, "--model", tiny_path, "--data", varied[stage], "batch_size=8", "max_steps=6", "lr=1e-3", "warmup_steps=0",
+            "precision=fp32", "max_length=96", "eval_fraction=0.0", "grad_accum=2"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    accel = [str(Path(sys.executable).parent / "accelerate"), "launch", "--num_processes", "2", "--cpu",
-             "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "rlhfkit.cli"]
     one = subprocess.run([sys.executable, "-m", "rlhfkit.cli", *args, "--out", str(tmp_path / "one")],
                          env=env, capture_output=True, text=True, timeout=300)
     assert one.returncode == 0, one.stderr[-2000:]
-    two = subprocess.run([*accel, *args, "--out", str(tmp_path / "two")], env=env, capture_output=True, text=True, timeout=300)
-    assert two.returncode == 0, two.stderr[-2000:]
+    worker = tmp_path / "worker.py"
+    worker.write_text(WORKER)
+    torchrun = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node", "2"]
+    two = subprocess.run([*torchrun, str(worker), str(tmp_path), *args, "--out", str(tmp_path / "two")],
+                         env=env, capture_output=True, text=True, timeout=180)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert sorted(p.name for p in tmp_path.glob("rank*")) == ["rank0", "rank1"]
     a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
-    assert len(a) == len(b) == 3
+    assert len(a) == len(b) == 6
     assert max(abs(x - y) for x, y in zip(a, b)) < 1e-5, (a, b)
+    assert_same_weights(tmp_path / "one" / "model", tmp_path / "two" / "model", atol=1e-5)
 
 
 def test_config_presets_and_overrides(tmp_path):

@@ -30,12 +30,19 @@ from rlhfkit.recipes.memory import reuse_freed_memory
 
 
 def make_accelerator(cfg: TrainConfig):
-    """One process by default; ``accelerate launch --num_processes N`` gives N (gloo on CPU).
+    """One process by default; ``torchrun --nproc_per_node N -m rlhfkit.cli …`` (or an accelerate
+    config with N processes) gives N, DDP over gloo on CPU or NCCL on GPUs.
+
+    DDP is told not to broadcast buffers: by default it broadcasts them at every forward after a
+    synchronised one, a collective that each rank must reach the same number of times. Our
+    micro-batches split into forwards of similar lengths (``length_groups``), so ranks run
+    different numbers of forwards per step and hung, one in its backward's all-reduce, the other
+    in that broadcast. The buffers are RoPE frequencies, computed alike on every rank.
 
     The experiment trackers of ``cfg.report_to`` become accelerate's ``log_with``; each stage
     calls this first, so a tracker that is not installed stops the run before any model loads."""
     from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration, set_seed
+    from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
 
     from accelerate.state import AcceleratorState, GradientState
 
@@ -52,7 +59,8 @@ def make_accelerator(cfg: TrainConfig):
     # TensorBoard writes to logging_dir/<project name>: out/tensorboard/rlhfkit
     where = ProjectConfiguration(project_dir=cfg.out, logging_dir=str(Path(cfg.out) / "tensorboard"))
     acc = Accelerator(mixed_precision="bf16" if precision == "bf16" else "no", cpu=device == "cpu",
-                      log_with=trackers or None, project_config=where)
+                      log_with=trackers or None, project_config=where,
+                      kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
     set_seed(cfg.seed)
     return acc
 
