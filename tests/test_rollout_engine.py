@@ -17,6 +17,22 @@ def tiny_mod(tiny_path):
     return load_causal_lm(tiny_path)
 
 
+@pytest.fixture(scope="module")
+def lively(tiny_path):
+    """tiny-random with its matrices redrawn at std 0.2 (seeded): its greedy answers change with
+    every prompt and token by token, so a position off by one, a dropped key or a short cache
+    changes them (the plain tiny model answers the same few tokens to everything)."""
+    from rlhfkit.models.loading import load_causal_lm
+
+    loaded = load_causal_lm(tiny_path)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in loaded.model.parameters():
+            if p.dim() == 2:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    return loaded
+
+
 def prompts_of(tok, n=20):
     """The first ``n`` requests of the built-in task's eval split, chat-formatted."""
     from rlhfkit.data.tokenize import encode_prompt
@@ -47,7 +63,7 @@ def teacher_forced_logprobs(model, prompt, tokens, T):
     return logp.gather(-1, torch.tensor(tokens)[:, None])[:, 0]
 
 
-@pytest.mark.parametrize("which", ["tiny_mod", "sharp"])
+@pytest.mark.parametrize("which", ["tiny_mod", "sharp", "lively"])
 def test_greedy_matches_transformers_generate(which, request):
     """20 real prompts of different lengths, batched together (rows of different positions)."""
     loaded = request.getfixturevalue(which)
@@ -56,6 +72,8 @@ def test_greedy_matches_transformers_generate(which, request):
     assert len({len(p) for p in prompts}) > 5
     outs = Engine(model, tok, precision="fp32").generate(prompts, SamplingParams(max_new_tokens=10, temperature=0))
     assert [o.token_ids for o in outs] == hf_greedy_batch(model, tok, prompts, 10)
+    if which == "lively":  # answers that depend on the prompt and on every token before them
+        assert len({tuple(o.token_ids) for o in outs}) == len(outs) and all(len(set(o.token_ids)) >= 5 for o in outs)
     assert all(o.finish_reason == "length" for o in outs)
     # and one prompt alone (no padding at all on the reference side)
     assert outs[7].token_ids == hf_greedy(model, prompts[7], 10)
