@@ -10,11 +10,11 @@ from rlhfkit.config import PipelineConfig
 from rlhfkit.recipes.pipeline import run_pipeline
 
 
-def test_pipeline_end_to_end_on_tiny(tiny_path, tmp_path, shared_data):
+def test_pipeline_end_to_end_on_tiny(tiny_path, tmp_path, fixtures):
     cfg = PipelineConfig(model=tiny_path, out=str(tmp_path / "run"), train_prompts=8, eval_prompts=4, k=3,
                          max_new_tokens=12, batch_size=4, precision="fp32", min_demo_score=-2.0,
                          rounds=1, round_prompts=4, rank_sft=True, revise_demos=True, rank_revisions=True, ppo_iterations=1, ppo_batch_size=2,
-                         eval_suites="truthful,tax", eval_data_dir=str(shared_data), eval_limit=3)
+                         eval_suites="truthful,tax", eval_data_dir=str(fixtures / "evals"), eval_limit=3)
     summary = run_pipeline(cfg)
     run = tmp_path / "run"
     samples = [json.loads(x) for x in (run / "round0" / "samples.jsonl").read_text().splitlines()]
@@ -83,8 +83,8 @@ def test_pipeline_rejects_bad_eval_suites_before_training(tiny_path, tmp_path):
 
     with pytest.raises(UserError, match="unknown fluency"):
         run_pipeline(PipelineConfig(model=tiny_path, out=str(tmp_path / "a"), eval_suites="truthful,fluency", eval_data_dir=str(tmp_path)))
-    with pytest.raises(UserError, match="needs eval_data_dir"):
-        run_pipeline(PipelineConfig(model=tiny_path, out=str(tmp_path / "b"), eval_suites="truthful"))
+    with pytest.raises(UserError, match="eval_data_dir=.*none: no such directory"):
+        run_pipeline(PipelineConfig(model=tiny_path, out=str(tmp_path / "b"), eval_suites="truthful", eval_data_dir=str(tmp_path / "none")))
     assert not (tmp_path / "b" / "round0").exists()
 
 

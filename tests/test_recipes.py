@@ -287,6 +287,12 @@ def test_rm_with_lora(tiny_path, rankings, tmp_path):
     assert result["step"] == 4
     saved = params_of(str(tmp_path / "rm_lora" / "model"))
     assert "score.weight" in saved and not any("lora" in k for k in saved)  # merged, head kept
+    base = params_of(tiny_path)
+    for name in ("model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.down_proj.weight"):
+        assert (saved[name] - base[name]).abs().max() > 1e-4, name  # the adapters trained and were merged in
+    assert torch.equal(saved["model.embed_tokens.weight"], base["model.embed_tokens.weight"])  # not a LoRA target
+    ls = losses(tmp_path / "rm_lora")
+    assert len(ls) == 4 and ls[-1] < ls[0], ls
 
 
 def test_compile_blocks_rules(tiny_path):
