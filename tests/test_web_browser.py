@@ -133,6 +133,15 @@ def test_person_in_a_browser(tiny_path, tmp_path):
             expect(reply).to_have_count(1)
             assert reply.inner_text().strip()
             shot(page, tmp_path, "chat")
+            # a message with markup is shown as the text typed (chat.js builds bubbles with textContent)
+            typed = '<b>bold?</b> "><img src=x onerror=alert(1)> <script>alert(2)</script>'
+            page.fill("#message", typed)
+            page.keyboard.press("Enter")
+            expect(reply).to_have_count(2)
+            mine = page.locator(".msg.user .text").nth(1)
+            assert mine.text_content() == typed
+            assert page.locator("#log img, #log b, #log script").count() == 0
+            assert page.locator(".msg.assistant .role").nth(1).text_content() == "ppo1"
 
             # the admin dashboard sees the work
             page.click("nav >> text=Admin")
