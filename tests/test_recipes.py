@@ -216,7 +216,7 @@ def test_grad_accumulation_gives_the_same_losses_and_gradients(stage, tiny_path,
     # max_grad_norm=1e6: never clipped, so the logged norm is that of the summed micro-batch gradients
     ga, gb = grad_norms(tmp_path / "a1"), grad_norms(tmp_path / "a4")
     assert len(ga) == len(gb) == 3 and all(abs(x - y) <= 1e-5 * x for x, y in zip(ga, gb)), (ga, gb)
-    assert_same_weights(tmp_path / "a1" / "model", tmp_path / "a4" / "model", atol=1e-5)
+    assert_same_weights(tmp_path / "a1" / "model", tmp_path / "a4" / "model", atol=1e-4)  # a tenth of one AdamW step
 
 
 WORKER = """
@@ -267,7 +267,7 @@ def test_two_processes_equal_one_process(stage, tiny_path, varied, tmp_path):
     a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert len(a) == len(b) == 6
     assert max(abs(x - y) for x, y in zip(a, b)) < 1e-5, (a, b)
-    assert_same_weights(tmp_path / "one" / "model", tmp_path / "two" / "model", atol=1e-5)
+    assert_same_weights(tmp_path / "one" / "model", tmp_path / "two" / "model", atol=1e-4)  # a tenth of one AdamW step
 
 
 def test_config_presets_and_overrides(tmp_path):
