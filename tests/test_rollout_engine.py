@@ -93,6 +93,56 @@ def test_logprobs_equal_teacher_forced_forward(sharp):
             assert torch.tensor(o.logprobs) == pytest.approx(ref, abs=1e-4)
 
 
+def test_top_logprobs_are_the_likeliest_tokens_of_the_same_distribution(sharp):
+    """SamplingParams(logprobs=k): per token, the k likeliest (id, log-prob) of log_softmax(logits / T),
+    as a teacher-forced forward gives them; the sampled token's log-prob is its entry there; a prompt
+    that did not ask gets None; stream events carry the same numbers as the completion."""
+    model, tok = sharp.model, sharp.tokenizer
+    engine = Engine(model, tok, precision="fp32", max_batch=4)
+    prompts = [tok("Once upon a time")["input_ids"], tok("The capital of France is")["input_ids"]]
+    T = 0.7
+    params = [SamplingParams(max_new_tokens=8, temperature=T, seed=3, ignore_eos=True, logprobs=5),
+              SamplingParams(max_new_tokens=8, temperature=T, seed=3, ignore_eos=True)]
+    outs = engine.generate(prompts, params, n=2)
+    for o in outs[2:]:
+        assert o.top_logprobs is None
+    for o in outs[:2]:
+        with torch.no_grad():
+            logits = model(torch.tensor([o.prompt_token_ids + o.token_ids])).logits[0].float()
+        logp = torch.log_softmax(logits / T, -1)[len(o.prompt_token_ids) - 1 : -1]  # (n, V)
+        ref_lp, ref_ids = torch.topk(logp, 5, dim=-1)
+        assert len(o.top_logprobs) == len(o.token_ids) == 8
+        assert [[t for t, _ in step] for step in o.top_logprobs] == ref_ids.tolist()
+        assert torch.tensor([[lp for _, lp in step] for step in o.top_logprobs]) == pytest.approx(ref_lp, abs=1e-4)
+        for t, lp, step in zip(o.token_ids, o.logprobs, o.top_logprobs):
+            assert dict(step).get(t, lp) == pytest.approx(lp, abs=1e-5)
+        assert sum(t in dict(step) for t, step in zip(o.token_ids, o.top_logprobs)) >= 4  # peaked: mostly in the top 5
+    streamed: dict = {}
+    for ev in engine.stream(prompts, params, n=2):  # the same call, streamed
+        assert len(ev.logprobs) == len(ev.token_ids) and (ev.top_logprobs is None) == (ev.prompt_index == 1)
+        key = (ev.prompt_index, ev.sample_index)
+        streamed.setdefault(key, []).extend(ev.top_logprobs or ev.logprobs)
+    assert [streamed[0, 0], streamed[0, 1]] == [outs[0].top_logprobs, outs[1].top_logprobs]
+    assert [streamed[1, 0], streamed[1, 1]] == [outs[2].logprobs, outs[3].logprobs]
+    greedy = engine.generate(prompts[:1], SamplingParams(max_new_tokens=4, temperature=0, logprobs=1))[0]
+    assert [step[0][0] for step in greedy.top_logprobs] == greedy.token_ids  # greedy picks the top token
+
+
+def test_seed_range_is_torchs(tiny):
+    """Seeds torch.Generator takes work at both ends; one past them is a clear UserError (the web
+    API's seed 2**70 gave a 500 from manual_seed's overflow)."""
+    from rlhfkit.errors import UserError
+    from rlhfkit.rollout.sampling import SEED_MAX, SEED_MIN
+
+    engine = Engine(tiny.model, tiny.tokenizer, precision="fp32")
+    for seed in (SEED_MIN, SEED_MAX):
+        out = engine.generate([[1, 2]], SamplingParams(max_new_tokens=2, seed=seed))
+        assert len(out[0].token_ids) == 2
+    for seed in (SEED_MIN - 1, SEED_MAX + 1, 2**70):
+        with pytest.raises(UserError, match="seed"):
+            SamplingParams(seed=seed)
+
+
 def test_first_token_distribution_chi_square(sharp):
     """n samples of one prompt share a prefill; their first tokens follow softmax(logits / T)."""
     model, tok = sharp.model, sharp.tokenizer

@@ -232,7 +232,7 @@ def test_openai_routes_auth_and_errors(app):
     for body, status, needle in [({**ok, "model": "gpt-9"}, 404, "does not exist"),
                                  ({**ok, "messages": []}, 400, "messages"),
                                  ({**ok, "temperature": 9}, 400, "temperature"),
-                                 ({**ok, "n": 2}, 400, "n:"),
+                                 ({**ok, "n": 17}, 400, "n:"),
                                  ({**ok, "messages": [{"role": "wizard", "content": "x"}]}, 400, "role"),
                                  ({**ok, "messages": [{"role": "assistant", "content": "x"}]}, 400, "last message")]:
         r = c.post("/v1/chat/completions", json=body, headers=h)

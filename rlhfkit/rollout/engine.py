@@ -3,6 +3,7 @@
     engine = Engine(model, tokenizer)                       # precision="auto": bf16 where fast
     outs = engine.generate(prompts, SamplingParams(max_new_tokens=128), n=4)
     outs[0].token_ids, outs[0].logprobs, outs[0].finish_reason   # 'stop' or 'length'
+    outs[0].top_logprobs    # with SamplingParams(logprobs=5): the 5 likeliest tokens at each step
     for ev in engine.stream([chat_ids], SamplingParams(max_new_tokens=256, stop=["\nUser:"])):
         print(ev.text, end="")                              # EOS (<|im_end|>) stops by default
 
@@ -36,7 +37,7 @@ from rlhfkit.errors import UserError
 from rlhfkit.models.loading import resolve_precision
 from rlhfkit.rollout.attention_cpu import PrefixGroups
 from rlhfkit.rollout.runner import KVCache, Runner
-from rlhfkit.rollout.sampling import SamplingParams, sample_next, sampling_workspace
+from rlhfkit.rollout.sampling import SamplingParams, sample_next, sampling_workspace, top_logprobs
 from rlhfkit.rollout.text import IncrementalText, find_stop, held_back
 
 
@@ -57,6 +58,9 @@ class Completion:
     """'stop' (stop token or stop string) or 'length' (max_new_tokens reached)."""
     stop_reason: int | str | None = None
     """The stop token id or stop string that ended the sample, None for 'length'."""
+    top_logprobs: list[list[tuple[int, float]]] | None = None
+    """With ``SamplingParams.logprobs = k > 0``: per generated token, the k most likely
+    (token id, log-prob) under the same distribution as ``logprobs``, most likely first."""
 
 
 @dataclass
@@ -72,6 +76,10 @@ class StreamEvent:
     finished: bool = False
     completion: Completion | None = None
     """The whole sample, on its last event."""
+    logprobs: list[float] = field(default_factory=list)
+    """The log-probs of ``token_ids``."""
+    top_logprobs: list[list[tuple[int, float]]] | None = None
+    """With ``SamplingParams.logprobs > 0``: the alternatives of each of ``token_ids``."""
 
 
 @dataclass
@@ -85,6 +93,7 @@ class _Seq:
     prompt: list[int]
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
+    top: list[list[tuple[int, float]]] | None = None  # SamplingParams.logprobs > 0
     detok: IncrementalText | None = None
     streamed: int = 0  # characters of detok.text already streamed
     done: Completion | None = None
@@ -270,7 +279,7 @@ class Engine:
                     sp = params[r]
                     stop_ids = self.eos_ids if sp.stop_token_ids is None else frozenset(sp.stop_token_ids)
                     stop_ids = frozenset() if sp.ignore_eos else stop_ids
-                    seq = _Seq(r, s, sp, stop_ids, ids[r], group=n_groups + r)
+                    seq = _Seq(r, s, sp, stop_ids, ids[r], group=n_groups + r, top=[] if sp.logprobs else None)
                     if sp.stop or text_events:
                         seq.detok = IncrementalText(self.tokenizer)
                     new.append(seq)
@@ -355,10 +364,15 @@ class Engine:
         top_k = torch.tensor([q.params.top_k for q in seqs], device=logits.device)
         top_p = torch.tensor([q.params.top_p for q in seqs], device=logits.device)
         tokens, logprobs = sample_next(logits, temp, top_k, top_p, gen, filtering, work)
+        k = min(max(q.params.logprobs for q in seqs), logits.shape[-1])
+        if k:  # only when asked (the API's top_logprobs): one more pass over the vocabulary
+            top_ids, top_lps = (x.tolist() for x in top_logprobs(logits, temp, k))
         for j, (q, t, lp) in enumerate(zip(seqs, tokens.tolist(), logprobs.tolist())):
             pending[first + j] = t
             q.tokens.append(t)
             q.logprobs.append(lp)
+            if q.top is not None:
+                q.top.append(list(zip(top_ids[j], top_lps[j]))[: q.params.logprobs])
             ev = self._check(q, t, text_events)
             if ev is not None:
                 events.append(ev)
@@ -383,15 +397,15 @@ class Engine:
                 text = q.detok.text[:cut]
             else:
                 text = self.tokenizer.decode(q.tokens, skip_special_tokens=True, clean_up_tokenization_spaces=False)
-            q.done = Completion(q.req, q.sample, q.prompt, q.tokens, q.logprobs, text, reason, stop)
+            q.done = Completion(q.req, q.sample, q.prompt, q.tokens, q.logprobs, text, reason, stop, q.top)
             delta = text[q.streamed :] if text_events else ""
-            return StreamEvent(q.req, q.sample, [t], delta, True, q.done)
+            return StreamEvent(q.req, q.sample, [t], delta, True, q.done, q.logprobs[-1:], _last(q.top))
         if not text_events:
             return None
         safe = len(q.detok.text) - held_back(q.detok.text, q.params.stop)
         delta = q.detok.text[q.streamed : safe] if safe > q.streamed else ""
         q.streamed = max(q.streamed, safe)
-        return StreamEvent(q.req, q.sample, [t], delta)
+        return StreamEvent(q.req, q.sample, [t], delta, logprobs=q.logprobs[-1:], top_logprobs=_last(q.top))
 
     @staticmethod
     def _compact(cache: KVCache, rows: list[_Seq], pending: list[int]) -> bool:
@@ -420,6 +434,10 @@ class Engine:
             src_t, dst_t = torch.tensor(src, device=dev), torch.tensor(dst, device=dev)
             cache.move_rows(src_t, dst_t, int(cache.lens[src_t].max()))
         return len(rows) != before
+
+
+def _last(top: list | None) -> list | None:
+    return None if top is None else top[-1:]
 
 
 __all__ = ["Completion", "Engine", "SamplingParams", "StreamEvent"]

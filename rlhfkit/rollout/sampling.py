@@ -19,6 +19,9 @@ from rlhfkit.errors import UserError
 from rlhfkit.rollout import attention_cpu
 
 
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # torch.Generator.manual_seed's range (signed or unsigned 64-bit)
+
+
 @dataclass
 class SamplingParams:
     """How to sample one request (one prompt, possibly ``n`` samples of it)."""
@@ -38,7 +41,11 @@ class SamplingParams:
     ignore_eos: bool = False
     """Never stop at stop_token_ids (benchmarks: always produce max_new_tokens)."""
     seed: int | None = None
-    """Seed of the sampling generator for the call (the first request's seed is used)."""
+    """Seed of the sampling generator for the call (the first request's seed is used);
+    SEED_MIN <= seed <= SEED_MAX (what ``torch.Generator.manual_seed`` takes)."""
+    logprobs: int = 0
+    """Also return the ``logprobs`` most likely tokens at each step with their log-probs
+    (``Completion.top_logprobs``, the OpenAI API's ``top_logprobs``); 0 = off."""
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -53,6 +60,10 @@ class SamplingParams:
             raise UserError(f"top_k={self.top_k}: expected >= 0 (0 = off)")
         if any(not s for s in self.stop):
             raise UserError("stop strings must be non-empty")
+        if self.seed is not None and not SEED_MIN <= self.seed <= SEED_MAX:
+            raise UserError(f"seed={self.seed}: expected {SEED_MIN} <= seed <= {SEED_MAX}")
+        if self.logprobs < 0:
+            raise UserError(f"logprobs={self.logprobs}: expected >= 0 (0 = off)")
 
     @property
     def greedy(self) -> bool:
@@ -180,6 +191,19 @@ def sample_next(
     # log p = (x - max) / T - log Σ exp((x - max) / T), from the exact logit of the token
     picked = logits.gather(-1, tokens[:, None]).float()  # (B, 1)
     return tokens, ((picked - m) / t - total.log())[:, 0]
+
+
+def top_logprobs(logits: torch.Tensor, temperature: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k most likely tokens of each row and their log-probs: (B, k) long, (B, k) fp32.
+
+    The same distribution as ``sample_next``'s log-probs, log_softmax(logits / T) over the full
+    vocabulary before top-k/top-p (T = 0 counts as 1), so the sampled token's log-prob equals its
+    entry here whenever it is among the k. Example: logits [[2, 0, 1]], T = 1, k = 2 ->
+    tokens [[0, 2]], log-probs [[-0.408, -1.408]].
+    """
+    logp = torch.log_softmax(scale_logits(logits, temperature), dim=-1)  # (B, V)
+    values, tokens = torch.topk(logp, k, dim=-1)  # sorted, most likely first
+    return tokens, values
 
 
 def sample_from_probs(

@@ -17,7 +17,7 @@ import json
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from rlhfkit.errors import UserError
@@ -50,11 +50,36 @@ def discover_versions(run: str | Path, extra: list[str] = ()) -> dict[str, str]:
 
 
 @dataclass
+class TokenLogprob:
+    """One generated token with its log-prob and, when asked, the likeliest tokens at its place."""
+
+    token: str
+    logprob: float
+    top: list[tuple[str, float]] = field(default_factory=list)
+
+
+@dataclass
+class Delta:
+    """New text of one sample (``index``) and the log-probs of the tokens made meanwhile (when asked).
+
+    The text is what became safe to show (never part of a possible stop string), so it need not
+    match the tokens one to one."""
+
+    text: str
+    index: int = 0
+    logprobs: list[TokenLogprob] | None = None
+
+
+@dataclass
 class Reply:
+    """The end of one sample: the whole text, why it ended, token counts."""
+
     text: str
     finish_reason: str  # 'stop' | 'length'
     prompt_tokens: int
     completion_tokens: int
+    index: int = 0  # prompt_index * n + sample_index (OpenAI's choice index)
+    logprobs: list[TokenLogprob] | None = None  # every generated token's, when asked
 
 
 class ModelPool:
@@ -90,11 +115,12 @@ class ModelPool:
                 self._loaded.popitem(last=False)
             return entry
 
-    def _params(self, max_new_tokens: int, temperature: float, top_p: float, stop: list[str], seed: int | None):
+    def _params(self, max_new_tokens: int, temperature: float, top_p: float, stop: list[str], seed: int | None,
+                top_k: int = 0, logprobs: int = 0):
         from rlhfkit.rollout.sampling import SamplingParams
 
-        return SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                              stop=list(stop), seed=seed)
+        return SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                              stop=list(stop), seed=seed, logprobs=logprobs)
 
     def _encode(self, tok, messages: list[dict]) -> list[int]:
         from rlhfkit.data.tokenize import encode_prompt
@@ -102,18 +128,46 @@ class ModelPool:
         return encode_prompt(tok, messages)
 
     def stream(self, name: str, messages: list[dict], max_new_tokens: int = 128, temperature: float = 0.7,
-               top_p: float = 1.0, stop: list[str] = (), seed: int | None = None) -> Iterator[str | Reply]:
-        """Yields text deltas as they are made, then one final :class:`Reply`."""
+               top_p: float = 1.0, stop: list[str] = (), seed: int | None = None, n: int = 1, top_k: int = 0,
+               logprobs: int | None = None) -> Iterator[Delta | Reply]:
+        """One conversation's ``n`` samples (one shared prefill): :class:`Delta` items as text is made,
+        one :class:`Reply` per sample as it ends. ``logprobs``: None = none, k >= 0 = each token's
+        log-prob and its k likeliest alternatives."""
         engine, tok, lock = self._get(name)
-        params = self._params(max_new_tokens, temperature, top_p, stop, seed)
         with lock:
-            ids = self._encode(tok, messages)
-            for ev in engine.stream([ids], params):
-                if ev.text:
-                    yield ev.text
-                if ev.finished:
-                    c = ev.completion
-                    yield Reply(c.text, c.finish_reason, len(ids), len(c.token_ids))
+            yield from self._stream(engine, tok, [self._encode(tok, messages)], n, logprobs,
+                                    self._params(max_new_tokens, temperature, top_p, stop, seed, top_k, logprobs or 0))
+
+    def stream_text(self, name: str, prompts: list[str], max_new_tokens: int = 16, temperature: float = 1.0,
+                    top_p: float = 1.0, stop: list[str] = (), seed: int | None = None, n: int = 1, top_k: int = 0,
+                    logprobs: int | None = None) -> Iterator[Delta | Reply]:
+        """``stream`` for plain text prompts (no chat template; /v1/completions), all in one engine
+        call; sample j of prompt i has index i·n + j."""
+        engine, tok, lock = self._get(name)
+        with lock:
+            ids = [tok(p)["input_ids"] for p in prompts]  # the tokenizer's own special tokens (BOS), as HF does
+            yield from self._stream(engine, tok, ids, n, logprobs,
+                                    self._params(max_new_tokens, temperature, top_p, stop, seed, top_k, logprobs or 0))
+
+    @staticmethod
+    def _stream(engine, tok, ids: list[list[int]], n: int, logprobs: int | None, params) -> Iterator[Delta | Reply]:
+        def token(t: int) -> str:  # special tokens by name (the EOS that ended a sample: '<|im_end|>')
+            return tok.decode([t], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+        def entries(token_ids, lps, tops) -> list[TokenLogprob]:
+            tops = tops or [[] for _ in token_ids]
+            return [TokenLogprob(token(t), lp, [(token(a), alp) for a, alp in top])
+                    for t, lp, top in zip(token_ids, lps, tops)]
+
+        for ev in engine.stream(ids, params, n=n):
+            index = ev.prompt_index * n + ev.sample_index
+            lps = None if logprobs is None else entries(ev.token_ids, ev.logprobs, ev.top_logprobs)
+            if ev.text or lps:
+                yield Delta(ev.text, index, lps)
+            if ev.finished:
+                c = ev.completion
+                yield Reply(c.text, c.finish_reason, len(ids[ev.prompt_index]), len(c.token_ids), index,
+                            None if logprobs is None else entries(c.token_ids, c.logprobs, c.top_logprobs))
 
     def reply(self, name: str, messages: list[dict], **kw) -> Reply:
         out = None
