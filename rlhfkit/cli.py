@@ -123,14 +123,21 @@ def serve(run: str = typer.Option("runs/demo", help="Run directory: its model ve
           max_new_tokens: int = typer.Option(256, help="Longest answer in chat, arena and API (tokens)."),
           rate_limit: float = typer.Option(30.0, help="Chat, arena and API requests per minute per user (0 = off)."),
           max_body_kb: int = typer.Option(256, help="Largest request body in KiB."),
-          public_url: str = typer.Option("", help="Base URL for invite links (empty: http://host:port).")):
+          public_url: str = typer.Option("", help="Base URL for invite links (empty: http://host:port); an https "
+                                                  "URL also makes cookies Secure and turns on HSTS."),
+          login_failures: int = typer.Option(5, help="Failed sign-ins per name within --login-window-s before "
+                                                     "sign-in is refused with 429 (0 = no limit)."),
+          login_failures_per_address: int = typer.Option(20, help="Failed sign-ins per client address within "
+                                                                  "--login-window-s (0 = no limit)."),
+          login_window_s: float = typer.Option(300.0, help="Sign-in throttling window (seconds).")):
     """The web app: labeling queue, arena + leaderboard, chat, admin dashboard, OpenAI-compatible API."""
     from rlhfkit.config import ServeConfig
     from rlhfkit.web.app import serve as run_server
 
     run_server(ServeConfig(run=run, db=db, host=host, port=port, models=list(model or []), precision=precision,
                            max_new_tokens=max_new_tokens, rate_limit=rate_limit, max_body_kb=max_body_kb,
-                           public_url=public_url))
+                           public_url=public_url, login_failures=login_failures,
+                           login_failures_per_address=login_failures_per_address, login_window_s=login_window_s))
 
 
 users = typer.Typer(help="People of the web app: invite links, API keys.", no_args_is_help=True)
@@ -139,26 +146,44 @@ _RUN = typer.Option("runs/demo", help="Run directory (its feedback.db).")
 _DB = typer.Option("", help="Database URL; empty: SQLite in the run directory.")
 
 
+_URL = typer.Option("", help="The server's base URL for the link. Empty: the one `rlhfkit serve` last used on "
+                             "this store (its --public-url, else http://host:port).")
+_NO_SERVER_YET = "http://127.0.0.1:8000"  # `rlhfkit serve`'s defaults
+
+
+def _base_url(store, url: str) -> str:
+    """The base of invite links: ``--url``, else what the server recorded in the store when it started."""
+    if url:
+        return url.rstrip("/")
+    recorded = store.setting("base_url")
+    if recorded:
+        return recorded
+    typer.echo(f"note: no server has run on this store yet; the link assumes {_NO_SERVER_YET} "
+               "(pass --url to name another)", err=True)
+    return _NO_SERVER_YET
+
+
 @users.command("add")
 @friendly
 def users_add(name: str, run: str = _RUN, db: str = _DB,
-              role: str = typer.Option("labeler", help="labeler or admin."),
-              url: str = typer.Option("http://127.0.0.1:8000", help="The server's base URL, for the invite link.")):
+              role: str = typer.Option("labeler", help="labeler or admin."), url: str = _URL):
     """Create a user and print their invite link (they choose a password there)."""
     from rlhfkit.feedback.store import Store
 
-    _, invite = Store.for_run(run, db or None).create_user(name, role=role)
-    typer.echo(f"{url.rstrip('/')}/invite/{invite}")
+    store = Store.for_run(run, db or None)
+    _, invite = store.create_user(name, role=role)
+    typer.echo(f"{_base_url(store, url)}/invite/{invite}")
 
 
 @users.command("invite")
 @friendly
-def users_invite(name: str, run: str = _RUN, db: str = _DB,
-                 url: str = typer.Option("http://127.0.0.1:8000", help="The server's base URL.")):
-    """A fresh invite link for an existing user (also resets a forgotten password)."""
+def users_invite(name: str, run: str = _RUN, db: str = _DB, url: str = _URL):
+    """A fresh invite link for an existing user (also resets a forgotten password: using it signs
+    them out everywhere)."""
     from rlhfkit.feedback.store import Store
 
-    typer.echo(f"{url.rstrip('/')}/invite/{Store.for_run(run, db or None).new_invite(name)}")
+    store = Store.for_run(run, db or None)
+    typer.echo(f"{_base_url(store, url)}/invite/{store.new_invite(name)}")
 
 
 @users.command("key")

@@ -209,7 +209,13 @@ class ServeConfig:
     max_new_tokens: int = opt(256, "Longest answer in chat, the arena and the API (tokens); requests may ask for less.")
     rate_limit: float = opt(30.0, "Chat, arena and API requests per minute per user (0 = no limit).")
     max_body_kb: int = opt(256, "Largest request body (KiB); larger requests get 413.")
-    public_url: str = opt("", "Base URL for invite links (empty: http://host:port).")
+    public_url: str = opt("", "Base URL for invite links (empty: http://host:port). An https URL also makes the "
+                              "cookies Secure with __Host- names and turns on HSTS.")
+    login_failures: int = opt(5, "Failed sign-ins for one name within login_window_s; further attempts are refused "
+                                 "(429, Retry-After) until the oldest leave the window (0 = no limit).")
+    login_failures_per_address: int = opt(20, "Failed sign-ins from one client address within login_window_s "
+                                              "(0 = no limit).")
+    login_window_s: float = opt(300.0, "The sign-in throttling window (seconds).")
 
 
 STAGES: dict[str, type] = {"pretrain": PretrainConfig, "sft": SFTConfig, "rm": RewardConfig, "ppo": PPOConfig}

@@ -11,11 +11,12 @@ import pytest
 from rlhfkit.errors import UserError
 from rlhfkit.feedback.agreement import (agreement_summary, average_ranks, kendalls_w, pair_agreement,
                                         share_agreeing_pairs)
-from rlhfkit.feedback.store import Store, TaskIn
+from rlhfkit.feedback.store import Conflict, SignIn, SignInLimits, Store, Submitted, TaskIn
 
 
 def exercise_store(store: Store) -> None:
-    """Users, tasks, idempotent rankings, skips, flags, demonstrations, concurrency, arena votes."""
+    """Users, tasks, idempotent rankings, the labeler's queue, skips, flags, demonstrations, concurrency,
+    arena votes, sign-in throttling and its audit log, sessions ended by a new password, settings."""
     ann, invite = store.create_user("ann")
     assert store.check_password("ann", "whatever1") is None  # no password before the invite is used
     assert store.accept_invite(invite, "ann-password") == ann and store.check_password("ann", "ann-password") == ann
@@ -27,22 +28,38 @@ def exercise_store(store: Store) -> None:
     assert store.add_tasks("b1", [TaskIn(msgs, ["x", "y", "z"], external_id=str(i)) for i in range(3)], 2) == 3
     assert store.add_tasks("b1", [TaskIn(msgs, ["x", "y", "z"], external_id="0")]) == 0  # published once
     t = store.next_task(ann)
-    first = store.add_ranking(ann, t.id, [0, 1, 1], "key-a-1", flags=[(2, "harmful")], better_answer="w")
-    assert store.add_ranking(ann, t.id, [0, 1, 1], "key-a-1") == type(first)(first.ranking_id, True)
-    with pytest.raises(UserError, match="already ranked"):
+    sent = {"flags": [(2, "harmful")], "better_answer": "w"}
+    first = store.add_ranking(ann, t.id, [0, 1, 1], "key-a-1", **sent)
+    # a retry (same key, same payload, flags in any order) writes nothing and answers the first ranking
+    assert store.add_ranking(ann, t.id, [0, 1, 1], "key-a-1", **sent) == Submitted(first.ranking_id, True)
+    # the same key with anything else changed is a conflict that says so, never a "duplicate" that drops it
+    for changed in ({"ranks": [1, 0, 1]}, {"flags": []}, {"flags": [(1, "harmful")]}, {"better_answer": "v"}):
+        kw = {"ranks": [0, 1, 1], **sent, **changed}
+        with pytest.raises(Conflict, match="key-a-1' was already used for a different ranking of task"):
+            store.add_ranking(ann, t.id, kw.pop("ranks"), "key-a-1", **kw)
+    with pytest.raises(Conflict, match="already ranked"):
         store.add_ranking(ann, t.id, [1, 0, 2], "key-a-2")
     with pytest.raises(UserError, match="dense"):
         store.add_ranking(bob, t.id, [0, 2, 2], "key-b-0")
-    with pytest.raises(UserError, match="another submission"):
-        store.add_ranking(bob, t.id, [0, 1, 2], "key-a-1")
     assert store.next_task(bob).id == t.id  # labels_per_task=2: bob still gets it
-    store.add_ranking(bob, t.id, [0, 1, 2], "key-b-1")
+    # keys are scoped to (user, task): ann's key sent by bob is bob's own submission
+    assert store.add_ranking(bob, t.id, [0, 1, 2], "key-a-1").duplicate is False
     assert store.next_task(bob).id != t.id
-    store.skip(ann, store.next_task(ann).id)
+    # the task has its 2 rankings: a third labeler is refused, though the ranking is valid
+    cid, _ = store.create_user("cid", password="cid-password")
+    with pytest.raises(Conflict, match=f"task {t.id} already has the 2 rankings it needs"):
+        store.add_ranking(cid, t.id, [0, 1, 2], "key-c-1")
+    skipped = store.next_task(ann).id
+    store.skip(ann, skipped)
+    with pytest.raises(Conflict, match=f"you skipped task {skipped}"):
+        store.add_ranking(ann, skipped, [0, 1, 2], "key-a-3")
     assert store.progress(ann) == {"done": 1, "left": 1}
-    assert store.ranks_by_task()[t.id] == [[0, 1, 1], [0, 1, 2]]
+    # the same key on another task is another submission: stored, not a "duplicate" of the first
+    last = store.next_task(ann).id
+    assert store.add_ranking(ann, last, [2, 1, 0], "key-a-1").duplicate is False
+    assert store.ranks_by_task() == {t.id: [[0, 1, 1], [0, 1, 2]], last: [[2, 1, 0]]}
     assert store.demonstrations() == [{"messages": msgs, "response": "w", "meta": {"task_id": t.id, "labeler": "ann"}}]
-    assert store.batches() == [{"batch": "b1", "tasks": 3, "ranked": 1}]
+    assert store.batches() == [{"batch": "b1", "tasks": 3, "ranked": 2}]
 
     # 8 threads x 10 rankings, each sent twice: every ranking stored exactly once
     store.add_tasks("load", [TaskIn(msgs, ["x", "y"], external_id=str(i)) for i in range(80)])
@@ -66,6 +83,15 @@ def exercise_store(store: Store) -> None:
     assert failures == []
     assert store.count_rankings("load") == 80
 
+    # the queue leases a task to whoever gets it: labelers working at once get different tasks, a
+    # reload gets the same one, and a task whose slots are all leased goes to others only as a last resort
+    store.add_tasks("lease", [TaskIn(msgs, ["x", "y"], external_id=str(i)) for i in range(2)])
+    first, second = store.next_task(users[0], batch="lease").id, store.next_task(users[1], batch="lease").id
+    assert first != second and store.next_task(users[0], batch="lease").id == first
+    assert store.next_task(users[2], batch="lease").id == first  # everything leased: the oldest open task
+    store.skip(users[0], first)  # a skip gives the lease back
+    assert store.next_task(users[3], batch="lease").id == first
+
     bid = store.add_battle(ann, "p", "sft", "ppo1", "a", "b")
     store.vote(ann, bid, "b")
     store.vote(ann, bid, "b")  # the same vote again is a no-op
@@ -80,6 +106,42 @@ def exercise_store(store: Store) -> None:
     assert store.session_user(token).id == bob
     store.end_session(token)
     assert store.session_user(token) is None
+    exercise_sign_in(store, ann, bob)
+
+
+def exercise_sign_in(store: Store, ann: int, bob: int) -> None:
+    """Throttling per name and per address, the audit log, sessions ended by a new password, settings."""
+    limits = SignInLimits(per_name=3, per_address=5, window_s=60)
+    assert store.sign_in("ann", "ann-password", "10.0.0.1", limits) == SignIn(user_id=ann)
+    for _ in range(3):
+        assert store.sign_in("ann", "wrong-password", "10.0.0.1", limits) == SignIn()
+    refused = store.sign_in("ann", "ann-password", "10.0.0.2", limits)  # the right password, another address
+    assert refused.throttled and refused.user_id is None and 55 < refused.retry_after <= 60
+    assert store.sign_in("bob", "bob-password", "10.0.0.1", limits).user_id == bob  # per name, not per address yet
+    assert store.sign_in("nobody", "x", "10.0.0.1", limits) == SignIn()  # the address's 4th failure
+    store.sign_in("cid", "x", "10.0.0.1", limits)  # its 5th
+    assert store.sign_in("bob", "bob-password", "10.0.0.1", limits).throttled  # now the address is throttled
+    assert store.sign_in("bob", "bob-password", "10.0.0.3", limits).user_id == bob
+    log = store.failed_sign_ins()
+    assert [(f["name"], f["address"], f["reason"]) for f in log] == [
+        ("bob", "10.0.0.1", "throttled"), ("cid", "10.0.0.1", "wrong password"),
+        ("nobody", "10.0.0.1", "unknown name"), ("ann", "10.0.0.2", "throttled")] + [
+        ("ann", "10.0.0.1", "wrong password")] * 3
+    assert store.sign_in("ann", "x", "10.0.0.4", SignInLimits(window_s=0.001)) == SignIn()  # old failures left
+    # a new password ends every other session; accepting a (reset) invite ends them all
+    a, b, c = (store.new_session(ann) for _ in range(3))
+    store.set_password(ann, "new-ann-password", keep_session=a)
+    assert store.session_user(a).id == ann and store.session_user(b) is None and store.session_user(c) is None
+    assert store.check_password("ann", "new-ann-password") == ann
+    assert store.check_password("ann", "ann-password") is None
+    invite = store.new_invite("ann")
+    assert store.accept_invite(invite, "reset-password") == ann and store.session_user(a) is None
+    # settings: a secret is made once and then kept
+    assert store.setting("nothing") is None
+    assert store.secret("s") == store.secret("s") and len(store.secret("s")) >= 40
+    store.set_setting("base_url", "http://x:1")
+    store.set_setting("base_url", "http://x:2")
+    assert store.setting("base_url") == "http://x:2"
 
 
 def test_store_on_sqlite(tmp_path):

@@ -62,6 +62,9 @@ def test_sign_in_invite_and_logout(app):
     assert c.get(f"/invite/{invite}").status_code == 404
     stored = app.state.store.users()[-1].password_hash
     assert stored.startswith("$argon2id$") and "carols-password" not in stored
+    # signing in issued a CSRF token bound to the new session: the signed-out one is refused now
+    assert c.cookies["rlhf_csrf"] != tok and c.post("/logout", data={"csrf_token": tok}).status_code == 403
+    tok = csrf_of(c)
     r = c.post("/logout", data={"csrf_token": tok}, follow_redirects=False)
     assert r.status_code == 303
     assert c.get("/label", follow_redirects=False).status_code == 303
@@ -244,6 +247,7 @@ def test_request_size_limit(app):
     big = {"ranks": [0, 1], "better_answer": "x" * 70_000, "idempotency_key": "big-request-1"}
     r = c.post("/api/tasks/1/ranking", json=big, headers={"X-CSRF-Token": csrf_of(c)})
     assert r.status_code == 413 and "over the limit" in error(r)
+    assert_security_headers(r)  # issue 32: the 413 had none
 
     def chunks():  # no Content-Length: counted while read
         for _ in range(80):
@@ -251,6 +255,14 @@ def test_request_size_limit(app):
 
     r = c.post("/api/tasks/1/ranking", content=chunks(), headers={"X-CSRF-Token": csrf_of(c)})
     assert r.status_code == 413
+    assert_security_headers(r)
+
+
+def assert_security_headers(r) -> None:
+    from rlhfkit.web.security import CSP
+
+    assert r.headers["content-security-policy"] == CSP and r.headers["x-frame-options"] == "DENY"
+    assert r.headers["x-content-type-options"] == "nosniff" and r.headers["x-request-id"]
 
 
 def test_rate_limit_on_chat_and_api(tiny_path, tmp_path):

@@ -2,13 +2,23 @@
 
 - CSRF: every state-changing post with a *wrong* token (a forged one, or the token of another
   session) is refused with 403 and changes nothing; the same post with the right token works.
-  (A check that accepts any non-empty token fails here.)
+  (A check that accepts any non-empty token fails here.) A token *planted* in the cookie beside an
+  admin's session (made up, issued to someone signed out, or another session's) is refused too: the
+  token must be signed for the session it comes with.
 - markup: every template field that shows user- or model-provided text gets injected markup from
   its source, and every page shows it escaped, never raw. (A ``|safe`` on any of them fails here.)
 - idempotency: the same ranking with the same key, posted from several threads at once, is stored
-  once; every answer is 201 or 200 ``duplicate`` (never 500 or 409). On PostgreSQL the posts are held
-  at the INSERT until all of them have passed the duplicate check, so the race branch of
-  ``Store.add_ranking`` (the unique key's IntegrityError) is what answers them.
+  once; every answer is 201 or 200 ``duplicate`` (never 500 or 409). On PostgreSQL the first INSERT
+  is held until every other post is in flight (blocked on the task row's lock).
+- issue 32, the app under attack: two labelers racing for a task's last slot (one 201, one 409, on
+  SQLite and on PostgreSQL — there the second reads the task while the first has inserted but not
+  committed, so only the row lock saves the quota); rankings only for tasks in one's own queue; an
+  idempotency key scoped to (user, task) that never answers "duplicate" for data it did not store;
+  sign-in brute force throttled (per name and per address, 429 with Retry-After) and audited, the
+  same sign-in time for unknown names; Secure ``__Host-`` cookies and HSTS behind https; a password
+  reset or change ends the other sessions; ids past the database's range, non-integer ranks and lone
+  surrogates are clear 422s; a 500 is one line of JSON with the security headers and a request id
+  found in the log; ``users add`` refuses control characters and links to the server's real URL.
 
 The app runs with a stub model pool: model output is whatever the test says (injected markup), and
 no model is loaded, so these tests take seconds.
@@ -18,6 +28,8 @@ from __future__ import annotations
 
 import secrets
 import threading
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -32,6 +44,7 @@ from rlhfkit.feedback.schema import Battle, SessionRow
 from rlhfkit.feedback.store import Store, TaskIn
 from rlhfkit.web.app import create_app
 from rlhfkit.web.models import Reply
+from rlhfkit.web.security import CSP
 
 
 def payload(where: str) -> str:
@@ -286,7 +299,8 @@ def test_injected_markup_is_escaped_in_every_field(tmp_path):
     """Every ``{{ ... }}`` that shows user or model text, fed from its real source (forms, tasks, model
     output, cookies, the URL): the page has the escaped text and never the raw markup."""
     P = {k: payload(k) for k in ("admin", "invitee", "model", "batch", "prompt", "answer", "role", "content",
-                                 "better", "arena", "reply", "next", "vote", "nomodel", "labeler", "model2")}
+                                 "better", "arena", "reply", "next", "vote", "nomodel", "labeler", "model2",
+                                 "signin")}
     pool = StubPool([P["model"], P["model2"]], answer=P["answer"], reply=P["reply"])  # the arena shows both
     app, store = make_app(tmp_path, pool)
     store.create_user(P["admin"], role="admin", password="password123")  # the header's name on every page
@@ -350,12 +364,17 @@ def test_injected_markup_is_escaped_in_every_field(tmp_path):
     seen("login", anon.get("/login", params={"next": nxt}), "next")
     seen("login failed", anon.post("/login", data={"name": "nobody", "password": "wrong-password", "next": nxt,
                                                     "csrf_token": csrf_of(anon)}), "next", status=401)
-    # a planted CSRF cookie is echoed into every form and the <meta> tag
+    # the name typed in a failed sign-in is shown in the admin's audit log
+    anon.post("/login", data={"name": P["signin"], "password": "wrong-password", "csrf_token": csrf_of(anon)})
+    seen("admin audit log", root.get("/admin"), "signin")
+    # a planted CSRF cookie is never echoed into forms or the <meta> tag: it is not signed for the
+    # session, so the page gets (and sets) a fresh token instead
     planted = '"><script>alert(1)</script><svg/onload=alert(1)>'
-    P["cookie"] = planted
     cookie = f"rlhf_session={root.cookies['rlhf_session']}; rlhf_csrf={planted}"
     for path in ("/login", "/label", "/admin"):
-        seen(f"planted cookie {path}", TestClient(app).get(path, headers={"Cookie": cookie}), "cookie")
+        r = TestClient(app).get(path, headers={"Cookie": cookie})
+        seen(f"planted cookie {path}", r)
+        assert str(escape(planted)) not in r.text and "rlhf_csrf=" in r.headers["set-cookie"]
 
     # the data itself is kept as typed (escaping is the page's business, not the store's)
     assert store.demonstrations()[0]["response"] == P["better"]
@@ -366,52 +385,85 @@ def test_injected_markup_is_escaped_in_every_field(tmp_path):
     store.close()
 
 
-# ---------------------------------------------------------------- the same ranking posted at once
+# ---------------------------------------------------------------- rankings posted at once
 
 
-def _race(app, store, n: int, hold_inserts: bool) -> tuple[list[int], list[dict], int]:
-    """``n`` threads post the same ranking with the same key at the same moment (one barrier before the
-    request; with ``hold_inserts`` a second one at the INSERT). Returns statuses, bodies, INSERTs made."""
-    store.create_user("racer", password="password123")
-    store.add_tasks("race", [TaskIn([{"role": "user", "content": "q"}], ["a", "b", "c"], external_id="1")])
-    task = store.next_task(store.users()[-1].id, batch="race").id
-    signed = client(app, "racer")
-    cookies, tok = dict(signed.cookies.items()), csrf_of(signed)
-    body = {"ranks": [2, 0, 1], "idempotency_key": "race-same-key-1", "better_answer": "better",
-            "flags": [{"answer": 0, "kind": "harmful"}]}
+@contextmanager
+def first_ranking_insert_held(engine, others: int, timeout: float = 20.0):
+    """Hold the first ``INSERT INTO rankings`` until ``others`` other threads have sent their SELECT of the
+    task row (``FOR UPDATE`` on PostgreSQL: they block on the lock), and 0.3 s more: every request is then
+    in flight while the first one writes, whatever the scheduling. Yields the threads that inserted.
+    (Only for PostgreSQL: on SQLite the others wait at BEGIN IMMEDIATE and never send that SELECT.)"""
+    cond = threading.Condition()
+    readers: set[int] = set()
+    inserters: list[int] = []
+
+    def hook(conn, cursor, statement, parameters, context, executemany):
+        sql = " ".join(statement.split()).upper()
+        me = threading.get_ident()
+        if sql.startswith("SELECT") and "FROM TASKS WHERE TASKS.ID =" in sql:
+            with cond:
+                readers.add(me)
+                cond.notify_all()
+        elif sql.startswith("INSERT INTO RANKINGS"):
+            with cond:
+                inserters.append(me)
+                if len(inserters) > 1:
+                    return
+                assert cond.wait_for(lambda: len(readers - {me}) >= others, timeout), (len(readers), others)
+            time.sleep(0.3)
+
+    event.listen(engine, "before_cursor_execute", hook)
+    try:
+        yield inserters
+    finally:
+        event.remove(engine, "before_cursor_execute", hook)
+
+
+def _post_at_once(app, posts: list[tuple[dict, str, dict]]) -> tuple[list[int], list[dict]]:
+    """Each (cookies, path, body) posted from its own thread, all released at the same moment."""
+    n = len(posts)
     start = threading.Barrier(n, timeout=60)
-    at_insert = threading.Barrier(n, timeout=60)
-    inserts = []
-
-    def hold(conn, cursor, statement, parameters, context, executemany):
-        if statement.lstrip().upper().startswith("INSERT INTO RANKINGS"):
-            inserts.append(threading.get_ident())
-            at_insert.wait()  # every request has passed the duplicate check: all of them insert
-
-    if hold_inserts:
-        event.listen(store.engine, "before_cursor_execute", hold)
     statuses: list[int] = [0] * n
     bodies: list[dict] = [{}] * n
 
     def post(i: int) -> None:
+        cookies, path, body = posts[i]
         c = TestClient(app, raise_server_exceptions=False)
         c.cookies.update(cookies)
         start.wait()
-        r = c.post(f"/api/tasks/{task}/ranking", json=body, headers={"X-CSRF-Token": tok})
+        r = c.post(path, json=body, headers={"X-CSRF-Token": cookies["rlhf_csrf"]})
         statuses[i] = r.status_code
         bodies[i] = r.json()
 
     threads = [threading.Thread(target=post, args=(i,)) for i in range(n)]
-    try:
-        for th in threads:
-            th.start()
-        for th in threads:
-            th.join(120)
-    finally:
-        if hold_inserts:
-            event.remove(store.engine, "before_cursor_execute", hold)
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(120)
     assert not any(th.is_alive() for th in threads)
-    return statuses, bodies, len(inserts)
+    return statuses, bodies
+
+
+def _signed_cookies(app, store, name: str) -> dict:
+    store.create_user(name, password="password123")
+    return dict(client(app, name).cookies.items())
+
+
+def _race(app, store, n: int, hold: bool) -> tuple[list[int], list[dict], int]:
+    """``n`` threads post the same ranking with the same key at the same moment; with ``hold`` (PostgreSQL)
+    the first INSERT waits until all the others are in flight. Returns statuses, bodies, INSERTs made."""
+    cookies = _signed_cookies(app, store, "racer")
+    store.add_tasks("race", [TaskIn([{"role": "user", "content": "q"}], ["a", "b", "c"], external_id="1")])
+    task = store.next_task(store.users()[-1].id, batch="race").id
+    body = {"ranks": [2, 0, 1], "idempotency_key": "race-same-key-1", "better_answer": "better",
+            "flags": [{"answer": 0, "kind": "harmful"}]}
+    posts = [(cookies, f"/api/tasks/{task}/ranking", body)] * n
+    if not hold:
+        return (*_post_at_once(app, posts), -1)
+    with first_ranking_insert_held(store.engine, others=n - 1) as inserters:
+        statuses, bodies = _post_at_once(app, posts)
+    return statuses, bodies, len(inserters)
 
 
 def _check_race(store, statuses, bodies, n) -> None:
@@ -429,16 +481,403 @@ def _check_race(store, statuses, bodies, n) -> None:
 def test_same_ranking_posted_at_once_is_stored_once_sqlite(tmp_path):
     app, store = make_app(tmp_path, StubPool(["sft"]))
     n = 8
-    statuses, bodies, _ = _race(app, store, n, hold_inserts=False)
+    statuses, bodies, _ = _race(app, store, n, hold=False)
     _check_race(store, statuses, bodies, n)
     store.close()
 
 
 def test_same_ranking_posted_at_once_is_stored_once_postgresql(postgres_url, tmp_path):  # noqa: F811
+    """All 6 posts are in flight while the first one writes: the task row's lock makes the others wait
+    and then find the stored ranking (one INSERT in all); without the lock they would insert too and be
+    answered by the unique (task, user) key's IntegrityError branch — the same answers either way."""
     app, store = make_app(tmp_path, StubPool(["sft"]), db=postgres_url)
     n = 6
-    statuses, bodies, inserts = _race(app, store, n, hold_inserts=True)
-    # every request reached the INSERT, so all but one were answered by the unique key's IntegrityError
-    assert inserts == n, inserts
+    statuses, bodies, inserts = _race(app, store, n, hold=True)
+    assert inserts == 1, inserts
     _check_race(store, statuses, bodies, n)
+    store.close()
+
+
+# ---------------------------------------------------------------- ranking integrity (issue 32, group 2)
+
+
+def _last_slot_race(app, store, hold: bool) -> None:
+    """Two labelers post a ranking of a task with one slot left (2 labels, 1 given) at the same moment:
+    one gets the slot (201), the other a 409 that says the task is full; the task keeps 2 rankings."""
+    posts = [(_signed_cookies(app, store, name), "", {"ranks": [0, 1], "idempotency_key": f"slot-{name}-1"})
+             for name in ("left", "right")]
+    first, _ = store.create_user("first", password="password123")
+    store.add_tasks("slot", [TaskIn([{"role": "user", "content": "q"}], ["a", "b"], external_id="1")],
+                    labels_per_task=2)
+    task = store.next_task(first, batch="slot").id
+    store.add_ranking(first, task, [1, 0], "slot-first-1")
+    posts = [(cookies, f"/api/tasks/{task}/ranking", body) for cookies, _, body in posts]
+    if hold:
+        with first_ranking_insert_held(store.engine, others=1):
+            statuses, bodies = _post_at_once(app, posts)
+    else:
+        statuses, bodies = _post_at_once(app, posts)
+    assert sorted(statuses) == [201, 409], (statuses, bodies)
+    loser = bodies[statuses.index(409)]["error"]["message"]
+    assert f"task {task} already has the 2 rankings it needs" in loser, loser
+    assert store.count_rankings("slot") == 2
+
+
+def test_two_labelers_racing_for_the_last_slot_sqlite(tmp_path):
+    app, store = make_app(tmp_path, StubPool(["sft"]))
+    _last_slot_race(app, store, hold=False)
+    store.close()
+
+
+def test_two_labelers_racing_for_the_last_slot_postgresql(postgres_url, tmp_path):  # noqa: F811
+    """The second request reads the task while the first has inserted but not committed: only the
+    row lock (SELECT … FOR UPDATE) makes it wait and then see the slot taken."""
+    app, store = make_app(tmp_path, StubPool(["sft"]), db=postgres_url)
+    _last_slot_race(app, store, hold=True)
+    store.close()
+
+
+def test_ranking_only_for_a_task_in_ones_own_queue(tmp_path):
+    """Issue 32: a labeler could rank a task already ranked by someone else at labels_per_task=1, or one
+    they skipped, and get 201 (tasks ended with more rankings than allowed)."""
+    app, store = make_app(tmp_path, StubPool(["sft"]))
+    store.add_tasks("q", [TaskIn([{"role": "user", "content": f"q{i}"}], ["a", "b"], external_id=str(i))
+                          for i in range(3)])
+    ann, bob = client_for(app, store, "ann"), client_for(app, store, "bob")
+    taken = ann.get("/api/tasks/next").json()["task"]["id"]
+    assert bob.get("/api/tasks/next").json()["task"]["id"] != taken  # the queue leased it to ann
+    assert rank(ann, taken, [0, 1], "ann-key-0001").status_code == 201
+    r = rank(bob, taken, [1, 0], "bob-key-0001")
+    assert r.status_code == 409 and f"task {taken} already has the 1 ranking it needs" in message(r)
+    skipped = bob.get("/api/tasks/next").json()["task"]["id"]
+    assert bob.post(f"/api/tasks/{skipped}/skip", headers={"X-CSRF-Token": csrf_of(bob)}).status_code == 200
+    r = rank(bob, skipped, [1, 0], "bob-key-0002")
+    assert r.status_code == 409 and f"you skipped task {skipped}" in message(r)
+    assert [row["meta"]["labeler"] for row in store.rankings("q")] == ["ann"]
+    store.close()
+
+
+def test_idempotency_key_is_scoped_to_user_and_task_and_never_drops_a_ranking(tmp_path):
+    """Issue 32: a key reused on another task answered ``200 duplicate`` and stored nothing for that
+    task; the same key with other ranks on the same task silently kept the first."""
+    app, store = make_app(tmp_path, StubPool(["sft"]))
+    store.add_tasks("k", [TaskIn([{"role": "user", "content": f"q{i}"}], ["a", "b", "c"], external_id=str(i))
+                          for i in range(2)])
+    ann = client_for(app, store, "ann")
+    one = ann.get("/api/tasks/next").json()["task"]["id"]
+    assert rank(ann, one, [0, 1, 2], "same-key-0001").status_code == 201
+    assert rank(ann, one, [0, 1, 2], "same-key-0001").json()["duplicate"] is True  # a retry
+    r = rank(ann, one, [2, 1, 0], "same-key-0001")
+    assert r.status_code == 409, r.text
+    assert "'same-key-0001' was already used for a different ranking of task" in message(r)
+    assert "stored ranks [0, 1, 2]" in message(r)
+    two = ann.get("/api/tasks/next").json()["task"]["id"]
+    r = rank(ann, two, [2, 1, 0], "same-key-0001")  # the same key on another task: another submission
+    assert r.status_code == 201 and r.json()["duplicate"] is False
+    assert {row["meta"]["task_id"]: row["ranks"] for row in store.rankings("k")} == {one: [0, 1, 2], two: [2, 1, 0]}
+    bob = client_for(app, store, "bob")  # another user's same key is theirs
+    store.add_tasks("k2", [TaskIn([{"role": "user", "content": "q"}], ["a", "b"], external_id="1")], labels_per_task=2)
+    shared = bob.get("/api/tasks/next").json()["task"]["id"]
+    assert rank(ann, shared, [0, 1], "shared-key-01").status_code == 201
+    assert rank(bob, shared, [1, 0], "shared-key-01").status_code == 201
+    store.close()
+
+
+def client_for(app, store, name: str) -> TestClient:
+    store.create_user(name, password="password123")
+    return client(app, name)
+
+
+def rank(c: TestClient, task: int, ranks: list, key: str, **extra):
+    return c.post(f"/api/tasks/{task}/ranking", json={"ranks": ranks, "idempotency_key": key, **extra},
+                  headers={"X-CSRF-Token": csrf_of(c)})
+
+
+def message(r) -> str:
+    return r.json()["error"]["message"]
+
+
+# ---------------------------------------------------------------- sign-in under attack (issue 32, group 1)
+
+
+def throttled_app(root: Path, **limits) -> tuple:
+    run = root / "run"
+    store = Store.for_run(run)
+    cfg = ServeConfig(run=str(run), rate_limit=10_000, **limits)
+    app = create_app(cfg, store=store, pool=StubPool(["sft"]))
+    store.create_user("root", role="admin", password="password123")
+    store.create_user("ann", password="password123")
+    return app, store
+
+
+def login(c: TestClient, name: str, password: str):
+    return c.post("/login", data={"name": name, "password": password, "csrf_token": csrf_of(c)},
+                  follow_redirects=False)
+
+
+def test_brute_force_is_throttled_and_the_user_signs_in_after_the_window(tmp_path):
+    """Issue 32: 60 wrong passwords in 10.8 s were all answered 401, none throttled."""
+    window = 3.0
+    app, store = throttled_app(tmp_path, login_failures=5, login_failures_per_address=50, login_window_s=window)
+    attacker = TestClient(app, client=("203.0.113.9", 4000))
+    codes = [login(attacker, "ann", f"guess-{i:04d}").status_code for i in range(20)]
+    assert codes == [401] * 5 + [429] * 15, codes
+    r = login(attacker, "ann", "guess-x")
+    assert "too many failed sign-ins" in r.text and 1 <= int(r.headers["retry-after"]) <= window + 1
+    # the name is locked from every address, even with the right password (it is not even checked)...
+    user = TestClient(app, client=("198.51.100.7", 5000))
+    assert login(user, "ann", "password123").status_code == 429
+    # ...and another name from the attacker's address still works (per-address limit not reached)
+    assert login(attacker, "root", "password123").status_code == 303
+    # the audit log on the admin page: the five wrong passwords and the throttled attempts
+    admin = TestClient(app)
+    sign_in(admin, "root")
+    log = admin.get("/api/admin/stats").json()["failed_sign_ins"]
+    assert [(f["name"], f["address"], f["reason"]) for f in log] == [
+        ("ann", "198.51.100.7", "throttled"), ("ann", "203.0.113.9", "throttled")] + [
+        ("ann", "203.0.113.9", "wrong password")] * 5
+    page = admin.get("/admin").text
+    assert page.count("<td>203.0.113.9</td><td>wrong password</td>") == 5
+    # after the window the real user signs in
+    time.sleep(int(r.headers["retry-after"]) + 0.2)
+    assert login(user, "ann", "password123").status_code == 303
+    store.close()
+
+
+def test_sign_in_is_throttled_per_client_address(tmp_path):
+    """Guessing one password for many names (password spraying) is limited by the client address."""
+    app, store = throttled_app(tmp_path, login_failures=5, login_failures_per_address=6, login_window_s=60)
+    sprayer = TestClient(app, client=("203.0.113.10", 4000))
+    codes = [login(sprayer, name, "password123!").status_code for name in ("ann", "root", "x1", "x2", "x3", "x4", "x5")]
+    assert codes == [401] * 6 + [429], codes
+    assert login(sprayer, "ann", "password123").status_code == 429  # the address is locked, right password or not
+    assert login(TestClient(app, client=("198.51.100.8", 5000)), "ann", "password123").status_code == 303
+    store.close()
+
+
+def _ms(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1000
+
+
+def test_sign_in_time_does_not_tell_whether_a_name_exists(tmp_path):
+    """Issue 32: median 172 ms for a real name, 5 ms for an unknown one. Unknown names (and users who
+    have not chosen a password yet) now pay the same argon2 verification against a dummy hash."""
+    app, store = throttled_app(tmp_path, login_failures=0, login_failures_per_address=0)
+    store.create_user("invited-only")
+    c = TestClient(app)
+    tok = csrf_of(c)
+
+    def attempt(name):
+        return lambda: c.post("/login", data={"name": name, "password": "wrong-password", "csrf_token": tok})
+
+    for name in ("ann", "nobody"):  # warm up (the dummy hash is made on first use)
+        attempt(name)()
+    known, unknown, invited = [], [], []
+    for _ in range(9):  # interleaved, so that load from elsewhere hits all three alike
+        known.append(_ms(attempt("ann")))
+        unknown.append(_ms(attempt(f"nobody-{secrets.token_hex(3)}")))
+        invited.append(_ms(attempt("invited-only")))
+    k, u, i = (sorted(x)[4] for x in (known, unknown, invited))  # medians
+    print(f"\nsign-in medians: known {k:.0f} ms, unknown {u:.0f} ms, invited {i:.0f} ms")
+    assert abs(k - u) / max(k, u) < 0.2, (k, u)
+    assert abs(k - i) / max(k, i) < 0.2, (k, i)
+    store.close()
+
+
+# ---------------------------------------------------------------- sessions (issue 32, group 3)
+
+
+def test_https_public_url_makes_cookies_secure_host_only_and_turns_on_hsts(tmp_path):
+    """Issue 32: behind --public-url https://… neither cookie had Secure, and there was no HSTS."""
+    run = tmp_path / "run"
+    store = Store.for_run(run)
+    app = create_app(ServeConfig(run=str(run), public_url="https://labels.example.org"), store=store,
+                     pool=StubPool(["sft"]))
+    store.create_user("ann", password="password123")
+    c = TestClient(app, base_url="https://testserver")
+    r = c.get("/login")
+    assert r.headers["strict-transport-security"] == "max-age=31536000"
+    csrf_cookie = r.headers["set-cookie"]
+    assert csrf_cookie.startswith("__Host-rlhf_csrf=") and "; Secure" in csrf_cookie and "Path=/" in csrf_cookie
+    assert "Domain" not in csrf_cookie
+    tok = c.cookies["__Host-rlhf_csrf"]
+    r = c.post("/login", data={"name": "ann", "password": "password123", "csrf_token": tok}, follow_redirects=False)
+    assert r.status_code == 303
+    cookies = r.headers.get_list("set-cookie")
+    session = next(x for x in cookies if x.startswith("__Host-rlhf_session="))
+    assert all(a in session for a in ("; Secure", "; HttpOnly", "; SameSite=Lax", "; Path=/"))
+    assert not any(x.startswith("rlhf_") for x in cookies)
+    store.add_tasks("h", [TaskIn([{"role": "user", "content": "q"}], ["a", "b"], external_id="1")])
+    task = c.get("/api/tasks/next").json()["task"]["id"]
+    r = c.post(f"/api/tasks/{task}/ranking", json={"ranks": [0, 1], "idempotency_key": "https-key-1"},
+               headers={"X-CSRF-Token": c.cookies["__Host-rlhf_csrf"]})
+    assert r.status_code == 201 and r.headers["strict-transport-security"]
+    plain, _ = make_app(tmp_path / "plain", StubPool(["sft"]))
+    r = TestClient(plain).get("/login")
+    assert "strict-transport-security" not in r.headers and "Secure" not in r.headers["set-cookie"]
+    store.close()
+
+
+def test_password_reset_and_change_end_the_other_sessions(tmp_path):
+    """Issue 32: after a password reset through a new invite link, the old session kept working."""
+    app, store = throttled_app(tmp_path)
+    old = TestClient(app)
+    sign_in(old, "ann")
+    assert old.get("/api/tasks/next").status_code == 200
+    invite = store.new_invite("ann")  # `rlhfkit users invite ann`: a reset
+    new = TestClient(app)
+    r = new.post(f"/invite/{invite}", data={"password": "a-new-password", "csrf_token": csrf_of(new)},
+                 follow_redirects=False)
+    assert r.status_code == 303
+    assert old.get("/api/tasks/next").status_code == 401  # the old session ended
+    assert new.get("/api/tasks/next").status_code == 200
+    # a change on the account page keeps the session that made it and ends the others
+    other = TestClient(app)
+    sign_in(other, "ann", "a-new-password")
+    r = new.post("/account/password", data={"current": "not-the-password", "new": "third-password",
+                                            "csrf_token": csrf_of(new)})
+    assert r.status_code == 403 and "the current password is wrong" in r.text
+    assert other.get("/api/tasks/next").status_code == 200  # nothing changed
+    r = new.post("/account/password", data={"current": "a-new-password", "new": "short", "csrf_token": csrf_of(new)})
+    assert r.status_code == 400 and "at least 8 characters" in r.text
+    r = new.post("/account/password", data={"current": "a-new-password", "new": "third-password",
+                                            "csrf_token": csrf_of(new)})
+    assert r.status_code == 200 and "Every other session of yours has been signed out" in r.text
+    assert other.get("/api/tasks/next").status_code == 401
+    assert new.get("/api/tasks/next").status_code == 200
+    assert login(TestClient(app), "ann", "third-password").status_code == 303
+    assert 'href="/account"' in new.get("/label").text
+    store.close()
+
+
+def test_a_planted_csrf_cookie_cannot_forge_an_admins_post(tmp_path):
+    """Issue 32: any 20+ character value in cookie and form was accepted, so whoever could plant a cookie
+    (a sibling subdomain, plain HTTP) could make a signed-in admin's browser grant the admin role."""
+    app, store = throttled_app(tmp_path)
+    store.create_user("mallory", password="password123")
+    admin = TestClient(app)
+    sign_in(admin, "root")
+    session = admin.cookies["rlhf_session"]
+    mallory = TestClient(app)
+    anonymous_token = csrf_of(mallory)  # a token the server issued, to someone else while signed out
+    sign_in(mallory, "mallory")
+    planted = {"made up": secrets.token_urlsafe(24), "issued to a signed-out visitor": anonymous_token,
+               "mallory's own session's": csrf_of(mallory)}
+    for kind, token in planted.items():
+        victim = TestClient(app)  # the admin's browser with the attacker's cookie planted beside the session
+        victim.cookies.update({"rlhf_session": session, "rlhf_csrf": token})
+        r = victim.post("/admin/users", data={"name": f"evil-{secrets.token_hex(3)}", "role": "admin",
+                                              "csrf_token": token})
+        assert r.status_code == 403 and "CSRF" in r.text, (kind, r.status_code)
+    assert [u.name for u in store.users() if u.role == "admin"] == ["root"]
+    r = admin.post("/admin/users", data={"name": "carol", "csrf_token": csrf_of(admin)})
+    assert r.status_code == 201  # the admin's own token works
+    store.close()
+
+
+# ---------------------------------------------------------------- bad input at the edge (issue 32, group 4)
+
+
+def test_ids_beyond_the_database_range_are_clear_4xx(tmp_path):
+    """Issue 32: ids above 2^63 gave a plain-text 500 that reset the connection."""
+    app, store = throttled_app(tmp_path)
+    c = TestClient(app, raise_server_exceptions=False)
+    sign_in(c, "ann")
+    h = {"X-CSRF-Token": csrf_of(c)}
+    for big in (2**64, 2**63, 2**31):
+        r = c.post(f"/api/tasks/{big}/skip", headers=h)
+        assert r.status_code == 422 and "task_id: Input should be less than or equal to 2147483647" in message(r)
+        r = c.post(f"/api/tasks/{big}/ranking", json={"ranks": [0, 1], "idempotency_key": "big-id-key"}, headers=h)
+        assert r.status_code == 422 and "task_id" in message(r)
+        r = c.get(f"/arena/{big}")
+        assert r.status_code == 422 and "battle_id" in r.text and r.headers["content-security-policy"] == CSP
+        r = c.post(f"/arena/{big}/vote", data={"outcome": "a", "csrf_token": h["X-CSRF-Token"]})
+        assert r.status_code == 422
+    assert c.post("/api/tasks/0/skip", headers=h).status_code == 422
+    assert c.post(f"/api/tasks/{2**31 - 1}/skip", headers=h).status_code == 404  # in range: just not there
+    store.close()
+
+
+@pytest.mark.parametrize("ranks", [[0.0, 1.0], [False, True], ["0", "1"], [0, 1.5], [0, 2**70]])
+def test_ranks_are_strict_integers(tmp_path, ranks):
+    """Issue 32: ranks [0.0, 1.0] and [false, true] were accepted."""
+    app, store = throttled_app(tmp_path)
+    store.add_tasks("r", [TaskIn([{"role": "user", "content": "q"}], ["a", "b"], external_id="1")])
+    c = TestClient(app)
+    sign_in(c, "ann")
+    task = c.get("/api/tasks/next").json()["task"]["id"]
+    r = rank(c, task, ranks, "strict-ranks-1")
+    assert r.status_code == 422 and message(r).startswith("ranks."), r.text
+    r = rank(c, task, [0, 1], "strict-ranks-2", flags=[{"answer": 1.0, "kind": "harmful"}])
+    assert r.status_code == 422 and "flags.0.answer" in message(r)
+    h = {"X-CSRF-Token": csrf_of(c), "content-type": "application/json"}
+    for seconds in ("Infinity", "NaN", "1e400"):
+        r = c.post(f"/api/tasks/{task}/ranking", headers=h,
+                   content=f'{{"ranks": [0, 1], "idempotency_key": "strict-ranks-3", "seconds": {seconds}}}')
+        assert r.status_code == 422 and "seconds" in message(r), (seconds, r.text)
+    r = c.post(f"/api/tasks/{task}/ranking", headers=h,
+               content=b'{"ranks": [0, 1], "idempotency_key": "strict-ranks-4", "better_answer": "\\ud800"}')
+    assert r.status_code == 422 and "better_answer" in message(r)  # a lone surrogate is not text
+    assert store.count_rankings() == 0
+    assert rank(c, task, [0, 1], "strict-ranks-5").status_code == 201
+    store.close()
+
+
+def test_an_unexpected_error_is_one_line_of_json_with_headers_and_a_logged_request_id(tmp_path, caplog):
+    """Issue 32: a 500 was plain text without CSP and reset the keep-alive connection."""
+    app, store = throttled_app(tmp_path)
+
+    @app.get("/api/boom")
+    def boom():
+        raise RuntimeError("a bug")
+
+    c = TestClient(app, raise_server_exceptions=False)
+    with caplog.at_level("ERROR", logger="rlhfkit.web"):
+        r = c.get("/api/boom")
+    assert r.status_code == 500 and r.headers["content-type"] == "application/json"
+    assert r.text.count("\n") == 0 and "a bug" not in r.text and "Traceback" not in r.text
+    rid = r.headers["x-request-id"]
+    assert r.json()["error"] == {"message": f"internal error: the server log has the details under request id {rid}",
+                                 "type": "server_error", "code": 500, "request_id": rid}
+    for h in ("content-security-policy", "x-content-type-options", "x-frame-options", "referrer-policy"):
+        assert h in r.headers, h
+    logged = [rec for rec in caplog.records if rid in rec.getMessage()]
+    assert logged and "RuntimeError: a bug" in caplog.text
+    assert c.get("/login").headers["x-request-id"] != rid  # every response has its own
+    store.close()
+
+
+def test_users_add_refuses_control_characters_and_links_to_the_real_server(tmp_path, monkeypatch):
+    """Issue 32: ``users add`` accepted control characters in names and printed an invite link with port
+    8000 whatever the server's port."""
+    import uvicorn
+    from typer.testing import CliRunner
+
+    from rlhfkit.cli import app as cli
+    from rlhfkit.web.app import serve
+
+    run = str(tmp_path / "run")
+    runner = CliRunner()
+    for bad in ("ann\x07", "a\x1b[31mred", "\u202eevil", "two\nlines"):
+        r = runner.invoke(cli, ["users", "add", bad, "--run", run])
+        assert r.exit_code == 2 and "control or invisible characters" in r.output, (bad, r.output)
+    r = runner.invoke(cli, ["users", "add", "früh", "--run", run])  # before any server ran: the default, said so
+    assert r.exit_code == 0 and r.stdout.startswith("http://127.0.0.1:8000/invite/") and "no server" in r.output
+    monkeypatch.setattr(uvicorn, "run", lambda *a, **k: None)
+    serve(ServeConfig(run=run, port=54321), say=lambda *_: None)
+    r = runner.invoke(cli, ["users", "add", "ann", "--run", run])
+    assert r.exit_code == 0 and r.stdout.strip().startswith("http://127.0.0.1:54321/invite/"), r.output
+    serve(ServeConfig(run=run, port=54321, public_url="https://labels.example.org/"), say=lambda *_: None)
+    r = runner.invoke(cli, ["users", "invite", "ann", "--run", run])
+    assert r.stdout.strip().startswith("https://labels.example.org/invite/"), r.output
+    r = runner.invoke(cli, ["users", "add", "bob", "--run", run, "--url", "http://10.1.1.1:9/"])
+    assert r.stdout.strip().startswith("http://10.1.1.1:9/invite/")
+    # the admin page refuses such names too
+    app, store = throttled_app(tmp_path / "web")
+    admin = TestClient(app)
+    sign_in(admin, "root")
+    r = admin.post("/admin/users", data={"name": "bad\x00name", "csrf_token": csrf_of(admin)})
+    assert r.status_code == 400 and "U+0000" in r.text
     store.close()

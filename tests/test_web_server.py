@@ -29,8 +29,9 @@ def server(tiny_path, tmp_path_factory):
     for i in range(LABELERS):
         store.create_user(f"labeler{i:02d}", password="password123")
     key = store.new_api_key("root")
+    n_tasks = LABELERS * EACH + 10  # the concurrency test ranks LABELERS * EACH of them, the restart test 5
     store.add_tasks("load", [TaskIn([{"role": "user", "content": f"prompt {i}"}], [f"answer {j} to {i}" for j in range(4)],
-                                    external_id=str(i)) for i in range(LABELERS * EACH)])
+                                    external_id=str(i)) for i in range(n_tasks)])
     srv = Server(run, "--max-new-tokens", "16", "--rate-limit", "1000").start()
     srv.key, srv.store = key, store
     yield srv
@@ -44,7 +45,7 @@ def signed_in(url: str, name: str) -> tuple[httpx.Client, str]:
     tok = c.cookies["rlhf_csrf"]
     r = c.post("/login", data={"name": name, "password": "password123", "csrf_token": tok})
     assert r.status_code in (200, 303), r.text
-    return c, tok
+    return c, c.cookies["rlhf_csrf"]  # signing in issues a CSRF token bound to the new session
 
 
 def test_openai_client(server):

@@ -3,7 +3,10 @@
 users (invite token or argon2 password hash, role), sessions, api_keys (hashed), model_versions,
 tasks (a prompt and K answers; the model of each answer is kept for analysis but never shown),
 rankings (one per labeler and task; ``idempotency_key`` unique), skips, flags, demonstrations,
-battles (arena: two anonymous versions, one vote).
+battles (arena: two anonymous versions, one vote), task_leases (who is working on which task right
+now, so that labelers working at once get different tasks), sign_in_failures (the audit log that
+also drives sign-in throttling), settings (server-wide values: the CSRF signing secret, the
+server's base URL).
 """
 
 from __future__ import annotations
@@ -85,6 +88,16 @@ class RankingRow(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utc_now)
 
 
+class TaskLease(Base):
+    """A task handed to a labeler by the queue and not yet ranked or skipped by them: until ``until``,
+    it takes one of the task's ``labels_per_task`` slots when the queue picks tasks for others."""
+
+    __tablename__ = "task_leases"
+    task_id: Mapped[int] = mapped_column(ForeignKey("tasks.id"), primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), primary_key=True)
+    until: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+
+
 class Skip(Base):
     __tablename__ = "skips"
     task_id: Mapped[int] = mapped_column(ForeignKey("tasks.id"), primary_key=True)
@@ -122,3 +135,24 @@ class Battle(Base):
     outcome: Mapped[str | None] = mapped_column(String(16), nullable=True)  # a | b | tie | both_bad
     voted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     revealed: Mapped[bool] = mapped_column(Boolean, default=False)
+
+
+class SignInFailure(Base):
+    """One failed (or, while ``reason`` is ``pending``, in-flight) sign-in: the admin page's audit log,
+    and what sign-in throttling counts per name and per client address within a time window."""
+
+    __tablename__ = "sign_in_failures"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utc_now, index=True)
+    name: Mapped[str] = mapped_column(String(80), index=True)  # as typed: unknown names are logged too
+    address: Mapped[str] = mapped_column(String(64), index=True)
+    # pending | wrong password | unknown name | no password yet | throttled
+    reason: Mapped[str] = mapped_column(String(32))
+
+
+class Setting(Base):
+    """A server-wide value shared by every server process on the store (key -> text)."""
+
+    __tablename__ = "settings"
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(Text)

@@ -3,11 +3,24 @@
     store = Store.open("sqlite:///runs/demo/feedback.db")      # or postgresql+psycopg://…
     store.add_tasks("round1", [TaskIn(messages, responses, meta)], labels_per_task=1)
     task = store.next_task(user_id)                            # what a labeler sees next
-    store.add_ranking(user_id, task.id, ranks, key="uuid…")   # idempotent by key
+    store.add_ranking(user_id, task.id, ranks, key="uuid…")   # idempotent by (user, task, key)
 
 Tables (``schema.py``): users, sessions, api_keys, model_versions, tasks (a prompt and K answers),
 rankings (one per labeler and task; ``idempotency_key`` unique), skips, flags, demonstrations,
-battles (arena).
+battles (arena), task_leases (who works on which task now), sign_in_failures (audit log and
+throttling), settings.
+
+Rules the store enforces, whoever calls it (web app, CLI, scripts):
+
+- a ranking only for a task in the labeler's own queue (not skipped by them, fewer rankings than
+  its ``labels_per_task``), decided inside the transaction that writes it (``add_ranking``);
+- the queue hands labelers working at the same time different tasks: ``next_task`` leases the task
+  to the labeler for ``LEASE_S`` (a lease takes one of the task's slots when picking for others);
+  leases only spread the work, the rule above is what keeps a task from getting too many rankings;
+- an idempotency key means "this exact submission": a retry with the same key and payload is a
+  duplicate (nothing written), the same key with another payload is a ``Conflict``;
+- sign-in: throttled per name and per client address, the same argon2 work for unknown names,
+  every failure in the audit log (``sign_in``); a new password ends the user's other sessions.
 
 Concurrency. SQLite (the default, a file in the run directory) runs in WAL mode with a 30 s
 busy timeout and every transaction starts with ``BEGIN IMMEDIATE``: a writer takes the write lock
@@ -19,22 +32,25 @@ PostgreSQL needs none of that; the same code runs on it.
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 import secrets
 import time
+import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, TypeVar
 
-from sqlalchemy import create_engine, event, func, select
+from sqlalchemy import create_engine, delete, event, func, select, update
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from rlhfkit.errors import UserError
 from rlhfkit.feedback.schema import (ApiKey, Base, Battle, DemonstrationRow, Flag, ModelVersion, RankingRow, SessionRow,
-                                     Skip, Task, User, utc_now, token_hash)
+                                     Setting, SignInFailure, Skip, Task, TaskLease, User, utc_now, token_hash)
 
 T = TypeVar("T")
 FLAG_KINDS = ("harmful", "untruthful", "off-topic")
@@ -42,6 +58,11 @@ OUTCOMES = ("a", "b", "tie", "both_bad")
 
 
 # ---------------------------------------------------------------- plain results
+
+
+class Conflict(UserError):
+    """The request contradicts what is stored (a second ranking of a task, a full task, a name taken):
+    the web app answers 409 with the message."""
 
 
 @dataclass
@@ -67,7 +88,30 @@ class TaskView:
 @dataclass
 class Submitted:
     ranking_id: int
-    duplicate: bool  # True when this idempotency key was already stored (nothing new written)
+    duplicate: bool  # True when this exact submission (key and payload) was already stored: nothing written
+
+
+@dataclass
+class SignInLimits:
+    """Sign-in throttling: at most ``per_name`` failures for one name and ``per_address`` from one
+    client address within ``window_s`` seconds; past that, attempts are refused unchecked until the
+    oldest failures leave the window."""
+
+    per_name: int = 5
+    per_address: int = 20
+    window_s: float = 300.0
+
+
+@dataclass
+class SignIn:
+    """The outcome of :meth:`Store.sign_in`: a user id, or why not."""
+
+    user_id: int | None = None
+    retry_after: float | None = None  # set when throttled: seconds until an attempt is counted again
+
+    @property
+    def throttled(self) -> bool:
+        return self.retry_after is not None
 
 
 def _is_lock_error(e: OperationalError) -> bool:
@@ -82,6 +126,8 @@ def sqlite_url_for_run(run_dir: str | Path) -> str:
 
 class Store:
     """The preference store; thread-safe (one SQLAlchemy session per call)."""
+
+    LEASE_S = 20 * 60  # how long a task handed out by the queue stays reserved for its labeler
 
     def __init__(self, url: str, echo: bool = False):
         if url.startswith("postgresql://"):
@@ -141,9 +187,7 @@ class Store:
 
     def create_user(self, name: str, role: str = "labeler", password: str | None = None) -> tuple[int, str]:
         """A new user and their invite token (shown once; only its hash is stored)."""
-        name = name.strip()
-        if not name or len(name) > 80:
-            raise UserError("a user name must be 1-80 characters")
+        name = check_user_name(name)
         if role not in ("labeler", "admin"):
             raise UserError(f"role {role!r}: expected labeler or admin")
         invite = secrets.token_urlsafe(24)
@@ -151,7 +195,7 @@ class Store:
 
         def add(s: Session) -> int:
             if s.scalar(select(User.id).where(User.name == name)) is not None:
-                raise UserError(f"user {name!r} exists already")
+                raise Conflict(f"user {name!r} exists already")
             u = User(name=name, role=role, password_hash=pw, invite_hash=token_hash(invite))
             s.add(u)
             s.flush()
@@ -181,28 +225,114 @@ class Store:
         return self.tx(lambda s: s.scalar(select(func.count(User.id))) or 0)
 
     def accept_invite(self, invite: str, password: str) -> int | None:
-        """Set the password of the invited user (the invite then expires); their id, or None."""
-        if len(password) < 8:
-            raise UserError("a password needs at least 8 characters")
-        pw = hash_password(password)
+        """Set the password of the invited user (the invite then expires); their id, or None.
+
+        An invite is also how a forgotten password is reset, so every session of the user ends here:
+        whoever held the old password (or a stolen session) is signed out."""
+        pw = hash_password(check_password_rules(password))
 
         def acc(s: Session) -> int | None:
             u = s.scalar(select(User).where(User.invite_hash == token_hash(invite)))
             if u is None:
                 return None
             u.password_hash, u.invite_hash = pw, None
+            s.execute(delete(SessionRow).where(SessionRow.user_id == u.id))
             return u.id
 
         return self.tx(acc)
+
+    def set_password(self, user_id: int, password: str, keep_session: str | None = None) -> None:
+        """A new password for the user; every session of theirs ends except ``keep_session`` (the one
+        that asked for the change)."""
+        pw = hash_password(check_password_rules(password))
+        keep = token_hash(keep_session) if keep_session else ""
+
+        def upd(s: Session) -> None:
+            u = s.get(User, user_id)
+            if u is None:
+                raise LookupError(f"no user {user_id}")
+            u.password_hash = pw
+            s.execute(delete(SessionRow).where(SessionRow.user_id == user_id, SessionRow.token_hash != keep))
+
+        self.tx(upd)
 
     def invited_user(self, invite: str) -> User | None:
         return self.tx(lambda s: s.scalar(select(User).where(User.invite_hash == token_hash(invite))))
 
     def check_password(self, name: str, password: str) -> int | None:
+        """The user's id if ``password`` is theirs, else None (no throttling: see :meth:`sign_in`)."""
+        return self._verify(name, password)[0]
+
+    def _verify(self, name: str, password: str) -> tuple[int | None, str]:
+        """(user id or None, why not). An unknown name, or a user who has not chosen a password yet,
+        costs the same argon2 verification as a real one (against a dummy hash), so the answer time
+        does not tell which names exist."""
         u = self.tx(lambda s: s.scalar(select(User).where(User.name == name.strip())))
-        if u is None or not u.password_hash or not verify_password(u.password_hash, password):
-            return None
-        return u.id
+        if u is None or not u.password_hash:
+            verify_password(_dummy_hash(), password)
+            return None, "unknown name" if u is None else "no password yet"
+        if not verify_password(u.password_hash, password):
+            return None, "wrong password"
+        return u.id, ""
+
+    def sign_in(self, name: str, password: str, address: str, limits: SignInLimits) -> SignIn:
+        """Check a password under throttling, and log every failure (the admin page's audit log).
+
+        The attempt is logged as ``pending`` *before* the (slow) password check, in the same
+        transaction that counts recent failures, so parallel guesses at one name count against each
+        other; the row is removed on success and gets its reason on failure. The per-address count
+        leaves pending rows out: many people signing in at once from one address (an office, a proxy)
+        must not lock each other out. A throttled attempt checks nothing and does not extend the
+        lock-out; it is logged as ``throttled`` once per address and window (a flood of refused
+        attempts does not flood the table)."""
+        name, address = name.strip()[:80], address[:64]
+        window = timedelta(seconds=limits.window_s)
+
+        def failures(s: Session, since, *who) -> list:
+            return list(s.scalars(select(SignInFailure.at).where(
+                *who, SignInFailure.at >= since, SignInFailure.reason != "throttled").order_by(SignInFailure.at)))
+
+        def begin(s: Session) -> tuple[int | None, float | None]:
+            now = utc_now()
+            since = now - window
+            by_name = failures(s, since, SignInFailure.name == name)
+            by_address = failures(s, since, SignInFailure.address == address, SignInFailure.reason != "pending")
+            wait = max(_wait(by_name, limits.per_name, window, now), _wait(by_address, limits.per_address, window, now))
+            if wait > 0:
+                logged = s.scalar(select(SignInFailure.id).where(
+                    SignInFailure.address == address, SignInFailure.reason == "throttled", SignInFailure.at >= since))
+                if logged is None:
+                    s.add(SignInFailure(at=now, name=name, address=address, reason="throttled"))
+                return None, wait
+            row = SignInFailure(at=now, name=name, address=address, reason="pending")
+            s.add(row)
+            s.flush()
+            return row.id, None
+
+        attempt, wait = self.tx(begin)
+        if attempt is None:
+            return SignIn(retry_after=wait)
+        user_id, why = self._verify(name, password)
+
+        def finish(s: Session) -> None:
+            if user_id is not None:
+                s.execute(delete(SignInFailure).where(SignInFailure.id == attempt))
+            else:
+                s.execute(update(SignInFailure).where(SignInFailure.id == attempt).values(reason=why))
+
+        self.tx(finish)
+        return SignIn(user_id=user_id)
+
+    def failed_sign_ins(self, limit: int = 50) -> list[dict]:
+        """The latest failed or throttled sign-ins, newest first (the admin page)."""
+
+        def rows(s: Session) -> list[dict]:
+            q = (select(SignInFailure).where(SignInFailure.reason != "pending")
+                 .order_by(SignInFailure.id.desc()).limit(limit))
+            return [{"at": _utc(f.at).strftime("%Y-%m-%d %H:%M:%S"), "name": f.name, "address": f.address,
+                     "reason": f.reason} for f in s.scalars(q)]
+
+        return self.tx(rows)
 
     def new_session(self, user_id: int) -> str:
         token = secrets.token_urlsafe(32)
@@ -242,6 +372,37 @@ class Store:
             return s.get(User, row.user_id) if row else None
 
         return self.tx(get)
+
+    # ------------------------------------------------------------ server settings
+
+    def setting(self, key: str) -> str | None:
+        return self.tx(lambda s: (row.value if (row := s.get(Setting, key)) else None))
+
+    def set_setting(self, key: str, value: str) -> None:
+        def put(s: Session) -> None:
+            row = s.get(Setting, key)
+            if row is None:
+                s.add(Setting(key=key, value=value))
+            else:
+                row.value = value
+
+        try:
+            self.tx(put)
+        except IntegrityError:  # another process inserted it at the same moment: write again, as an update
+            self.tx(put)
+
+    def secret(self, key: str) -> str:
+        """A random secret kept in the store (created on first use): every server process on this
+        store, and a restarted one, signs with the same value."""
+        value = self.setting(key)
+        if value is None:
+            try:
+                self.tx(lambda s: s.add(Setting(key=key, value=secrets.token_urlsafe(32))))
+            except IntegrityError:
+                pass  # another process created it first: use theirs
+            value = self.setting(key)
+        assert value is not None
+        return value
 
     # ------------------------------------------------------------ model versions
 
@@ -288,20 +449,31 @@ class Store:
         return None if t is None else TaskView(t.id, t.batch, t.messages, t.responses, t.meta)
 
     def next_task(self, user_id: int, batch: str | None = None) -> TaskView | None:
-        """The oldest task that still needs labels and that this user has neither ranked nor skipped."""
+        """The task this user should label now, leased to them for ``LEASE_S`` seconds.
+
+        The task they already hold (a reload shows the same task), else the oldest task open to them
+        (neither ranked nor skipped by them, fewer rankings than its ``labels_per_task``) whose free
+        slots are not all leased to others; when every open task is leased to others, the oldest open
+        one anyway (whoever submits first gets the slot, the other a clear 409)."""
 
         def pick(s: Session) -> Task | None:
-            done = select(RankingRow.task_id).where(RankingRow.user_id == user_id)
-            skipped = select(Skip.task_id).where(Skip.user_id == user_id)
-            count = (select(func.count(RankingRow.id)).where(RankingRow.task_id == Task.id)
-                     .correlate(Task).scalar_subquery())
-            q = (select(Task).where(Task.id.not_in(done), Task.id.not_in(skipped), count < Task.labels_per_task)
-                 .order_by(Task.id).limit(1))
-            if batch:
-                q = q.where(Task.batch == batch)
-            return s.scalar(q)
+            now = utc_now()
+            held = s.scalar(select(Task).join(TaskLease, TaskLease.task_id == Task.id)
+                            .where(TaskLease.user_id == user_id, TaskLease.until > now, *_open_to(user_id, batch))
+                            .order_by(Task.id).limit(1))
+            if held is not None:
+                return held
+            t = (_free_task(s, user_id, batch, now)
+                 or s.scalar(select(Task).where(*_open_to(user_id, batch)).order_by(Task.id).limit(1)))
+            s.execute(delete(TaskLease).where(TaskLease.user_id == user_id))  # one task at a time
+            if t is not None:
+                s.add(TaskLease(task_id=t.id, user_id=user_id, until=now + timedelta(seconds=self.LEASE_S)))
+            return t
 
-        t = self.tx(pick)
+        try:
+            t = self.tx(pick)
+        except IntegrityError:  # the same user asked twice at once: the other request leased it
+            t = self.tx(pick)
         return None if t is None else TaskView(t.id, t.batch, t.messages, t.responses, t.meta)
 
     def progress(self, user_id: int) -> dict:
@@ -309,12 +481,7 @@ class Store:
 
         def prog(s: Session) -> dict:
             mine = s.scalar(select(func.count(RankingRow.id)).where(RankingRow.user_id == user_id)) or 0
-            done = select(RankingRow.task_id).where(RankingRow.user_id == user_id)
-            skipped = select(Skip.task_id).where(Skip.user_id == user_id)
-            count = (select(func.count(RankingRow.id)).where(RankingRow.task_id == Task.id)
-                     .correlate(Task).scalar_subquery())
-            left = s.scalar(select(func.count(Task.id)).where(
-                Task.id.not_in(done), Task.id.not_in(skipped), count < Task.labels_per_task)) or 0
+            left = s.scalar(select(func.count(Task.id)).where(*_open_to(user_id))) or 0
             return {"done": mine, "left": left}
 
         return self.tx(prog)
@@ -324,53 +491,61 @@ class Store:
                     seconds: float | None = None) -> Submitted:
         """Store one labeler's ranking of a task, with its flags and better answer, in one transaction.
 
-        Idempotent: a second call with the same ``key`` (a retried request) writes nothing and returns
-        the first ranking. A second, different ranking of the same task by the same user is refused.
+        Accepted only while the task is in the labeler's queue: not skipped by them, and with fewer
+        rankings than its ``labels_per_task``. The task row is locked for the transaction (``SELECT …
+        FOR UPDATE`` on PostgreSQL; SQLite's ``BEGIN IMMEDIATE`` already serialises writers), so two
+        labelers racing for the last slot cannot both get it: the second gets a :class:`Conflict`.
+
+        Idempotency: ``key`` names this submission of this user for this task. The same key and the
+        same payload again (a retried request) writes nothing and returns the first ranking with
+        ``duplicate=True``; the same key with another payload, or a second ranking under another
+        key, is a :class:`Conflict` — never a "duplicate" that silently drops what was sent.
         """
         if not key or len(key) > 80:
             raise UserError("idempotency_key: expected 1-80 characters")
+        flags = sorted((int(i), kind) for i, kind in flags)
+        better = better_answer.strip()
 
-        def existing(s: Session) -> Submitted | None:
-            row = s.scalar(select(RankingRow).where(RankingRow.idempotency_key == key))
-            if row is None:
-                return None
-            if row.user_id != user_id:
-                raise UserError("idempotency_key belongs to another submission")
+        def repeat(s: Session, row: RankingRow) -> Submitted:
+            """The user already ranked this task: a retry of that submission, or a conflict."""
+            if row.idempotency_key not in (_scoped_key(user_id, task_id, key), key):  # raw: rows stored before scoping
+                raise Conflict(f"you have already ranked task {task_id}")
+            if not _same_submission(s, row, ranks, flags, better):
+                raise Conflict(f"idempotency_key {key!r} was already used for a different ranking of task {task_id} "
+                               f"(stored ranks {row.ranks}): the first one is kept, a ranking cannot be changed")
             return Submitted(row.id, True)
 
         def add(s: Session) -> Submitted:
-            dup = existing(s)
-            if dup:
-                return dup
-            t = s.get(Task, task_id)
+            t = s.get(Task, task_id, with_for_update=True)
             if t is None:
                 raise LookupError(f"no task {task_id}")
+            mine = s.scalar(select(RankingRow).where(RankingRow.task_id == task_id, RankingRow.user_id == user_id))
+            if mine is not None:
+                return repeat(s, mine)
             check_ranks(ranks, len(t.responses))
-            for i, kind in flags:
-                if kind not in FLAG_KINDS:
-                    raise UserError(f"flag {kind!r}: expected one of {', '.join(FLAG_KINDS)}")
-                if not 0 <= i < len(t.responses):
-                    raise UserError(f"flag on answer {i}: the task has {len(t.responses)} answers")
-            if s.scalar(select(RankingRow.id).where(RankingRow.task_id == task_id, RankingRow.user_id == user_id)):
-                raise UserError(f"you have already ranked task {task_id}")
+            check_flags(flags, len(t.responses))
+            check_in_queue(s, t, user_id)
             row = RankingRow(task_id=task_id, user_id=user_id, ranks=[int(r) for r in ranks],
-                             idempotency_key=key, seconds=seconds)
+                             idempotency_key=_scoped_key(user_id, task_id, key), seconds=seconds)
             s.add(row)
+            s.execute(delete(TaskLease).where(TaskLease.task_id == task_id, TaskLease.user_id == user_id))
             for i, kind in flags:
                 s.add(Flag(task_id=task_id, user_id=user_id, response=i, kind=kind))
-            if better_answer.strip():
-                s.add(DemonstrationRow(task_id=task_id, user_id=user_id, messages=t.messages,
-                                       response=better_answer.strip()))
+            if better:
+                s.add(DemonstrationRow(task_id=task_id, user_id=user_id, messages=t.messages, response=better))
             s.flush()
             return Submitted(row.id, False)
 
+        def after_race(s: Session) -> Submitted:
+            mine = s.scalar(select(RankingRow).where(RankingRow.task_id == task_id, RankingRow.user_id == user_id))
+            if mine is None:
+                raise Conflict(f"task {task_id} changed while your ranking was saved: reload and try again")
+            return repeat(s, mine)
+
         try:
             return self.tx(add)
-        except IntegrityError:  # a concurrent request with the same key won the race
-            dup = self.tx(existing)
-            if dup is None:
-                raise UserError(f"you have already ranked task {task_id}") from None
-            return dup
+        except IntegrityError:  # a concurrent request of this user for this task inserted first
+            return self.tx(after_race)
 
     def skip(self, user_id: int, task_id: int) -> None:
         def add(s: Session) -> None:
@@ -378,6 +553,7 @@ class Store:
                 raise LookupError(f"no task {task_id}")
             if s.get(Skip, (task_id, user_id)) is None:
                 s.add(Skip(task_id=task_id, user_id=user_id))
+            s.execute(delete(TaskLease).where(TaskLease.task_id == task_id, TaskLease.user_id == user_id))
 
         try:
             self.tx(add)
@@ -497,7 +673,7 @@ class Store:
             if b is None or b.user_id != user_id:
                 raise LookupError(f"no battle {battle_id}")
             if b.outcome is not None and b.outcome != outcome:
-                raise UserError(f"battle {battle_id} already has a vote ({b.outcome})")
+                raise Conflict(f"battle {battle_id} already has a vote ({b.outcome})")
             if b.outcome is None:
                 b.outcome, b.voted_at, b.revealed = outcome, utc_now(), True
             return b
@@ -518,6 +694,118 @@ def check_ranks(ranks: list[int], k: int) -> None:
         raise UserError("ranks: expected integers >= 0 (0 = best)")
     if sorted(set(ranks)) != list(range(len(set(ranks)))):
         raise UserError(f"ranks {ranks}: expected dense ranks starting at 0 (ties share a rank)")
+
+
+def check_flags(flags: list[tuple[int, str]], k: int) -> None:
+    """Flags name an answer of the task (0..K-1) and one of ``FLAG_KINDS``."""
+    for i, kind in flags:
+        if kind not in FLAG_KINDS:
+            raise UserError(f"flag {kind!r}: expected one of {', '.join(FLAG_KINDS)}")
+        if not 0 <= i < k:
+            raise UserError(f"flag on answer {i}: the task has {k} answers")
+
+
+def _ranking_count():
+    """The number of rankings of the task in the enclosing query (a correlated subquery)."""
+    return select(func.count(RankingRow.id)).where(RankingRow.task_id == Task.id).correlate(Task).scalar_subquery()
+
+
+def _open_to(user_id: int, batch: str | None = None) -> list:
+    """Conditions on ``Task``: in this user's queue (not ranked or skipped by them, not full)."""
+    done = select(RankingRow.task_id).where(RankingRow.user_id == user_id)
+    skipped = select(Skip.task_id).where(Skip.user_id == user_id)
+    where = [Task.id.not_in(done), Task.id.not_in(skipped), _ranking_count() < Task.labels_per_task]
+    return where + ([Task.batch == batch] if batch else [])
+
+
+def _free_task(s: Session, user_id: int, batch: str | None, now: datetime, tries: int = 10) -> Task | None:
+    """The oldest task open to the user with a slot neither ranked nor leased to someone else.
+
+    On PostgreSQL the row is locked ``FOR UPDATE SKIP LOCKED`` (concurrent pickers pass on to the next
+    task) and its slots are counted again once locked: the first query's snapshot may predate a lease
+    committed by the picker that held the lock, a new statement sees it. (SQLite runs one writer at a
+    time: the recount just agrees.)"""
+    def taken():
+        leased = (select(func.count()).select_from(TaskLease)
+                  .where(TaskLease.task_id == Task.id, TaskLease.user_id != user_id, TaskLease.until > now)
+                  .correlate(Task).scalar_subquery())
+        return _ranking_count() + leased
+
+    passed: list[int] = []
+    for _ in range(tries):
+        q = select(Task).where(*_open_to(user_id, batch), taken() < Task.labels_per_task)
+        if passed:
+            q = q.where(Task.id.not_in(passed))
+        t = s.scalar(q.order_by(Task.id).limit(1).with_for_update(skip_locked=True, of=Task))
+        if t is None or s.scalar(select(taken()).select_from(Task).where(Task.id == t.id)) < t.labels_per_task:
+            return t
+        passed.append(t.id)
+    return None
+
+
+def check_in_queue(s: Session, t: Task, user_id: int) -> None:
+    """A ranking is for a task in the labeler's queue: not one they skipped, not one already full."""
+    if s.get(Skip, (t.id, user_id)) is not None:
+        raise Conflict(f"you skipped task {t.id}, so it is no longer in your queue")
+    have = s.scalar(select(func.count(RankingRow.id)).where(RankingRow.task_id == t.id)) or 0
+    if have >= t.labels_per_task:  # counted after the task row was locked (add_ranking)
+        raise Conflict(f"task {t.id} already has the {t.labels_per_task} ranking"
+                       f"{'' if t.labels_per_task == 1 else 's'} it needs: take the next task in your queue")
+
+
+def _scoped_key(user_id: int, task_id: int, key: str) -> str:
+    """The stored idempotency key: the client's key scoped to (user, task), so the same key sent by
+    another user, or for another task, is another submission (the column is unique)."""
+    return token_hash(f"{user_id}:{task_id}:{key}")
+
+
+def _same_submission(s: Session, row: RankingRow, ranks: list, flags: list[tuple[int, str]], better: str) -> bool:
+    """Whether a retried ranking carries what was stored: ranks, flags and better answer."""
+    stored_flags = sorted((f.response, f.kind) for f in s.scalars(
+        select(Flag).where(Flag.task_id == row.task_id, Flag.user_id == row.user_id)))
+    demo = s.scalar(select(DemonstrationRow.response).where(DemonstrationRow.task_id == row.task_id,
+                                                            DemonstrationRow.user_id == row.user_id))
+    return list(row.ranks) == list(ranks) and stored_flags == flags and (demo or "") == better
+
+
+def _wait(times: list[datetime], limit: int, window: timedelta, now: datetime) -> float:
+    """Seconds until fewer than ``limit`` of ``times`` (ascending, all within the window) are left in
+    it; 0 when there are fewer already (or ``limit`` is 0: no limit)."""
+    if limit <= 0 or len(times) < limit:
+        return 0.0
+    first_to_leave = _utc(times[len(times) - limit])
+    return max(0.001, (first_to_leave + window - now).total_seconds())
+
+
+def _utc(t: datetime) -> datetime:
+    """A stored time in UTC: SQLite gives back naive datetimes (stored in UTC), PostgreSQL aware ones
+    in the server's time zone."""
+    return t.replace(tzinfo=timezone.utc) if t.tzinfo is None else t.astimezone(timezone.utc)
+
+
+def check_user_name(name: str) -> str:
+    """A user name as shown on pages and in logs: 1-80 characters after trimming, none of them a
+    control, format (e.g. right-to-left override) or other invisible/unassigned code point."""
+    name = name.strip()
+    if not name or len(name) > 80:
+        raise UserError("a user name must be 1-80 characters")
+    for pos, ch in enumerate(name):
+        if unicodedata.category(ch) in ("Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"):
+            raise UserError(f"a user name cannot contain control or invisible characters "
+                            f"(U+{ord(ch):04X} at position {pos + 1})")
+    return name
+
+
+def check_password_rules(password: str) -> str:
+    if len(password) < 8:
+        raise UserError("a password needs at least 8 characters")
+    return password
+
+
+@functools.cache
+def _dummy_hash() -> str:
+    """An argon2 hash of a random password, made once: unknown names are verified against it."""
+    return hash_password(secrets.token_urlsafe(16))
 
 
 def hash_password(password: str) -> str:

@@ -1,5 +1,6 @@
 """The admin dashboard (admin role only): tasks done per labeler, inter-annotator agreement on
-tasks ranked twice or more, labeling batches made from the served model versions, exports, users.
+tasks ranked twice or more, labeling batches made from the served model versions, exports, users,
+and the audit log of failed sign-ins (the latest 50: when, the name typed, the client address, why).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ router = APIRouter()
 
 def stats(store) -> dict:
     return {"labelers": store.per_labeler(), "agreement": agreement_summary(store.ranks_by_task()),
-            "batches": store.batches()}
+            "batches": store.batches(), "failed_sign_ins": store.failed_sign_ins(50)}
 
 
 def _page(request: Request, user, status: int = 200, **extra) -> HTMLResponse:

@@ -7,13 +7,15 @@ from all votes with online Elo and a Bradley–Terry fit with bootstrap 95 % int
 from __future__ import annotations
 
 import random
+from typing import Annotated
 
-from fastapi import APIRouter, Depends, Form, HTTPException, Request
+from fastapi import APIRouter, Depends, Form, HTTPException, Path, Request
 from fastapi.responses import HTMLResponse, RedirectResponse
 
-from rlhfkit.web.security import check_csrf, require_user
+from rlhfkit.web.security import DB_ID_MAX, check_csrf, require_user
 
 router = APIRouter()
+BattleId = Annotated[int, Path(ge=1, le=DB_ID_MAX, description="a battle id")]
 SCORE = {"a": 1.0, "b": 0.0, "tie": 0.5, "both_bad": 0.5}
 
 
@@ -70,7 +72,7 @@ def new_battle(request: Request, prompt: str = Form(..., min_length=1, max_lengt
 
 
 @router.get("/arena/{battle_id}", response_class=HTMLResponse)
-def battle_page(request: Request, battle_id: int, user=Depends(require_user)):
+def battle_page(request: Request, battle_id: BattleId, user=Depends(require_user)):
     from rlhfkit.web.app import render
 
     b = request.app.state.store.battle(battle_id)
@@ -80,7 +82,7 @@ def battle_page(request: Request, battle_id: int, user=Depends(require_user)):
 
 
 @router.post("/arena/{battle_id}/vote", dependencies=[Depends(check_csrf)])
-def vote(request: Request, battle_id: int, outcome: str = Form(...), user=Depends(require_user)):
+def vote(request: Request, battle_id: BattleId, outcome: str = Form(...), user=Depends(require_user)):
     request.app.state.store.vote(user.id, battle_id, outcome)
     return RedirectResponse(f"/arena/{battle_id}", 303)
 

@@ -7,21 +7,25 @@ flags answers, takes an optional better answer (stored as a demonstration) and p
     POST /api/tasks/{id}/ranking  {"ranks": [...], "flags": [{"answer": 2, "kind": "harmful"}],
                                    "better_answer": "", "idempotency_key": "…"}
 
-``ranks[i]`` is the rank of the task's answer i (0 = best, equal ranks = tie). The key makes a
-retried post harmless: the first one is stored, repeats answer 200 with ``duplicate: true``.
+``ranks[i]`` is the rank of the task's answer i (0 = best, equal ranks = tie): JSON integers only
+(``0.0``, ``true`` and ``"0"`` are refused). The key makes a retried post harmless: the first one is
+stored (201), the same post again answers 200 with ``duplicate: true``; the same key with other
+ranks, flags or better answer is a 409 that says so. A task outside the labeler's queue (skipped by
+them, or with all the rankings it needs) is a 409 too. Answers: 201, 200, or a 4xx with a message.
 """
 
 from __future__ import annotations
 
 import random
 import secrets
+from typing import Annotated
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Path, Request
 from fastapi.responses import HTMLResponse, JSONResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, StrictInt
 
 from rlhfkit.feedback.store import FLAG_KINDS, TaskView
-from rlhfkit.web.security import check_csrf, require_user
+from rlhfkit.web.security import DB_ID_MAX, check_csrf, require_user
 
 router = APIRouter()
 
@@ -56,21 +60,26 @@ def next_task(request: Request, user=Depends(require_user)):
     return {"task": None if task is None else _task_json(user.id, task), "progress": store.progress(user.id)}
 
 
+TaskId = Annotated[int, Path(ge=1, le=DB_ID_MAX, description="a task id")]
+Rank = Annotated[StrictInt, Field(ge=0, le=8)]  # K <= 9 answers: ranks and answer indices are 0..8
+
+
 class FlagIn(BaseModel):
-    answer: int = Field(ge=0, description="index of the flagged answer in the task")
-    kind: str = Field(description="harmful | untruthful | off-topic")
+    answer: Rank = Field(description="index of the flagged answer in the task")
+    kind: str = Field(max_length=16, description="harmful | untruthful | off-topic")
 
 
 class RankingIn(BaseModel):
-    ranks: list[int] = Field(min_length=2, max_length=9)
+    ranks: list[Rank] = Field(min_length=2, max_length=9)
     flags: list[FlagIn] = Field(default_factory=list, max_length=27)
     better_answer: str = Field("", max_length=20000)
     idempotency_key: str = Field(min_length=8, max_length=80)
-    seconds: float | None = Field(None, ge=0)
+    seconds: float | None = Field(None, ge=0, le=7 * 24 * 3600, allow_inf_nan=False,
+                                  description="time spent on the task")
 
 
 @router.post("/api/tasks/{task_id}/ranking", dependencies=[Depends(check_csrf)])
-def submit_ranking(request: Request, task_id: int, body: RankingIn, user=Depends(require_user)):
+def submit_ranking(request: Request, task_id: TaskId, body: RankingIn, user=Depends(require_user)):
     store = request.app.state.store
     done = store.add_ranking(user.id, task_id, body.ranks, body.idempotency_key,
                              flags=[(f.answer, f.kind) for f in body.flags],
@@ -80,7 +89,7 @@ def submit_ranking(request: Request, task_id: int, body: RankingIn, user=Depends
 
 
 @router.post("/api/tasks/{task_id}/skip", dependencies=[Depends(check_csrf)])
-def skip_task(request: Request, task_id: int, user=Depends(require_user)):
+def skip_task(request: Request, task_id: TaskId, user=Depends(require_user)):
     store = request.app.state.store
     store.skip(user.id, task_id)
     return {"skipped": task_id, "progress": store.progress(user.id)}
