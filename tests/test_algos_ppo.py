@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -332,3 +333,159 @@ def test_group_baseline_leave_one_out_by_hand():
         group_baseline(scores, 4)
     with pytest.raises(ValueError):
         group_baseline(scores, 1)
+
+
+# ---------------------------------------------------------------- found by mutation testing
+# Each test below kills mutants of `make mutate` that the tests above let survive (docs/testing.md).
+
+
+def exactly(message: str) -> str:
+    """A `pytest.raises(match=...)` pattern for the whole message, not a substring of it."""
+    return "^" + re.escape(message) + "$"
+
+
+def test_statistics_keep_the_values_dtype_whatever_the_mask_dtype():
+    # a float64 mask (e.g. built with numpy) must not turn float32 statistics into float64
+    values = torch.tensor([[2.0, 4.0, 6.0, 50.0]])  # float32
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]], dtype=torch.float64)
+    mean = masked_mean(values, mask)
+    assert mean.dtype == torch.float32 and mean.item() == 4.0
+    var = masked_var(values, mask)  # (4 + 0 + 4) / 2
+    assert var.dtype == torch.float32 and var.item() == 4.0
+    whitened = masked_whiten(values, mask)
+    assert whitened.dtype == torch.float32
+    close(whitened, [[-1.0, 0.0, 1.0, 0.0]])
+    # rewards: a float mask selects the last token just like an int or bool one
+    rewards, kl = compute_rewards(torch.tensor([2.0]), torch.tensor([[-1.0, -2.0, -3.0, -4.0]]),
+                                  torch.tensor([[-1.5, -2.0, -2.0, -4.0]]), mask, kl_coef=0.1)
+    assert rewards.dtype == kl.dtype == torch.float32
+    close(rewards, [[-0.05, 0.0, 2.1, 0.0]])  # kl [0.5, 0, -1, (pad)]
+    advantages, returns = compute_gae(torch.tensor([[0.0, 0.0, 1.0, 9.0]]), torch.zeros(1, 4), mask, gamma=1.0, lam=0.5)
+    assert advantages.dtype == returns.dtype == torch.float32
+    close(advantages, [[0.25, 0.5, 1.0, 0.0]])
+    out = ppo_policy_loss(torch.zeros(1, 4), torch.zeros(1, 4), torch.ones(1, 4), mask)
+    assert out.loss.dtype == torch.float32 and out.loss.item() == -1.0
+    vout = ppo_value_loss(torch.zeros(1, 4), torch.zeros(1, 4), torch.ones(1, 4), mask)
+    assert vout.loss.dtype == torch.float32 and vout.loss.item() == 0.5
+
+
+def test_gae_keeps_bf16():
+    # bf16 rollouts give bf16 advantages (the first step's zero bootstrap must not promote them)
+    values = torch.tensor([[0.5, 0.5]], dtype=torch.bfloat16)
+    advantages, returns = compute_gae(torch.tensor([[0.0, 1.0]], dtype=torch.bfloat16), values, torch.ones(1, 2), 1.0, 1.0)
+    assert advantages.dtype == returns.dtype == torch.bfloat16
+    # δ1 = 1 − 0.5 = 0.5; δ0 = 0 + 0.5 − 0.5 = 0 → A0 = 0.5; R = A + V = [1, 1]
+    assert advantages.float().tolist() == [[0.5, 0.5]] and returns.float().tolist() == [[1.0, 1.0]]
+
+
+def test_scores_of_another_dtype_land_on_the_last_token():
+    # an RM in float64 (or bf16) gives scores of another dtype than the float32 log-probs
+    rewards, _ = compute_rewards(torch.tensor([0.25], dtype=torch.float64), torch.zeros(1, 2), torch.zeros(1, 2),
+                                 torch.tensor([[True, True]]), kl_coef=0.1)
+    assert rewards.dtype == torch.float32 and rewards.tolist() == [[0.0, 0.25]]
+
+
+def test_missing_eos_penalty_is_exact_in_the_scores_dtype():
+    # −0.1 as float64, not float32's −0.10000000149
+    scores = torch.tensor([0.5, 0.7], dtype=torch.float64)
+    out = apply_missing_eos_penalty(scores, torch.tensor([True, False]), -0.1)
+    assert out.dtype == torch.float64 and out.tolist() == [0.5, -0.1]
+
+
+def test_eos_handling_stays_on_the_responses_device():
+    # "meta" stands in for a GPU here: a tensor made on the default (CPU) device would not mix with it
+    response = torch.tensor([[5, 2, 7], [5, 6, 7]], device="meta")
+    truncated, mask, ended = truncate_after_eos(response, [2, 3], pad_token_id=0)
+    assert truncated.device.type == mask.device.type == ended.device.type == "meta"
+    assert mask.shape == (2, 3)
+    truncated, mask, ended = truncate_after_eos(response, 2, pad_token_id=0)
+    assert truncated.device.type == "meta"
+    scores = torch.zeros(2, device="meta")
+    assert apply_missing_eos_penalty(scores, ended, -1.0).device.type == "meta"
+
+
+def test_masked_whiten_eps_is_added_to_the_variance():
+    # var 4 (see above) + eps 1 → divide by sqrt(5)
+    values = torch.tensor([[2.0, 4.0, 6.0, 50.0]])
+    mask = torch.tensor([[1, 1, 1, 0]])
+    s5 = math.sqrt(5.0)
+    close(masked_whiten(values, mask, eps=1.0), [[-2.0 / s5, 0.0, 2.0 / s5, 0.0]])
+
+
+def test_entropy_default_temperature_is_one():
+    # logits [0, ln 3] → p = [1/4, 3/4] at τ = 1 → H = 0.5623351 (τ = 2 would give p ∝ [1, √3])
+    close(entropy_from_logits(torch.tensor([[[0.0, math.log(3.0)]]])), [[0.5623351446]])
+
+
+def test_error_messages_say_what_is_wrong():
+    with pytest.raises(ValueError, match=exactly("masked_var: the mask selects no element")):
+        masked_var(torch.tensor([[1.0, 2.0]]), torch.tensor([[0, 0]]))
+    with pytest.raises(ValueError, match=exactly("masked_var: the mask selects one element; the unbiased variance needs two")):
+        masked_var(torch.tensor([[1.0, 2.0]]), torch.tensor([[1, 0]]))
+    prefix = ("response_mask must be a prefix of ones in every row (right-padded responses, "
+              "1 up to and including EOS, 0 after)")
+    with pytest.raises(ValueError, match=exactly(prefix)):
+        compute_gae(torch.zeros(1, 3), torch.zeros(1, 3), torch.tensor([[1, 0, 1]]))
+    with pytest.raises(ValueError, match=exactly("compute_rewards: a response has no token in response_mask; its score would be lost")):
+        compute_rewards(torch.zeros(1), torch.zeros(1, 2), torch.zeros(1, 2), torch.tensor([[0, 0]]), 0.1)
+    from rlhfkit.algos.ppo import group_baseline
+
+    with pytest.raises(ValueError, match=exactly("group_baseline needs group_size >= 2 dividing the batch, got 4 for 6")):
+        group_baseline(torch.zeros(6), 4)
+
+
+def test_adaptive_kl_controller_rejects_a_zero_target_or_horizon():
+    for target, horizon in [(0.0, 10.0), (-1.0, 10.0), (6.0, 0.0), (6.0, -5.0)]:
+        with pytest.raises(ValueError, match=exactly(f"AdaptiveKLController needs target > 0 and horizon > 0, got {target}, {horizon}")):
+            AdaptiveKLController(0.1, target=target, horizon=horizon)
+
+
+def test_gae_defaults_are_gamma_1_lambda_095():
+    # V = 0, reward 1 on the last of 3 tokens: A = [λ², λ, 1] with γ = 1, λ = 0.95
+    advantages, returns = compute_gae(torch.tensor([[0.0, 0.0, 1.0]], dtype=torch.float64),
+                                      torch.zeros(1, 3, dtype=torch.float64), torch.ones(1, 3))
+    close(advantages, [[0.9025, 0.95, 1.0]], atol=1e-12)
+    close(returns, [[0.9025, 0.95, 1.0]], atol=1e-12)
+
+
+def test_policy_loss_ratio_is_against_the_old_policy_with_default_clip():
+    old = torch.tensor([[-1.0, -2.0, -0.5]], dtype=torch.float64)
+    log_ratio = torch.tensor([[math.log(1.1), math.log(2.0), -math.log(2.0)]], dtype=torch.float64)
+    advantages = torch.tensor([[1.0, 1.0, -1.0]], dtype=torch.float64)
+    out = ppo_policy_loss(old + log_ratio, old, advantages, torch.ones(1, 3))  # default ε = 0.2
+    # ratio [1.1, 2, 1/2]: token 0 inside the clip: −1.1; token 1: max(−2, −1.2) = −1.2 (clipped);
+    # token 2 (A = −1): max(0.5, 0.8) = 0.8 (clipped) → (−1.1 − 1.2 + 0.8) / 3 = −0.5
+    close(out.loss, -0.5, atol=1e-12)
+    assert out.clipfrac.dtype == torch.float64
+    close(out.clipfrac, 2.0 / 3.0, atol=1e-12)
+    close(out.ratio_mean, (1.1 + 2.0 + 0.5) / 3.0, atol=1e-12)
+    # k2 = ½ mean(log² ρ); k3 = mean((ρ − 1) − log ρ) = (0.1 − ln 1.1 + 1 − ln 2 − ½ + ln 2) / 3
+    close(out.approx_kl, 0.5 * (math.log(1.1) ** 2 + 2 * math.log(2.0) ** 2) / 3.0, atol=1e-12)
+    close(out.approx_kl_k3, (0.6 - math.log(1.1)) / 3.0, atol=1e-12)
+
+
+def test_policy_loss_with_no_response_token_gives_nan_statistics():
+    out = ppo_policy_loss(torch.zeros(1, 2), torch.zeros(1, 2), torch.ones(1, 2), torch.zeros(1, 2))
+    for value in (out.loss, out.clipfrac, out.ratio_mean, out.ratio_min, out.ratio_max):
+        assert math.isnan(value.item())
+
+
+def test_value_loss_clips_both_ways_around_old_values_with_default_clip():
+    old = torch.tensor([[1.0, 1.0, 1.0]], dtype=torch.float64)
+    values = torch.tensor([[0.0, 1.1, 3.0]], dtype=torch.float64)
+    returns = torch.tensor([[0.0, 2.0, 3.0]], dtype=torch.float64)
+    out = ppo_value_loss(values, old, returns, torch.ones(1, 3))  # default ε = 0.2
+    # token 0: V − V_old = −1 → V_clip = 0.8: max(0², 0.8²) = 0.64 (clipped below)
+    # token 1: V − V_old = 0.1 → V_clip = 1.1: max(0.9², 0.9²) = 0.81
+    # token 2: V − V_old = 2 → V_clip = 1.2: max(0², 1.8²) = 3.24 (clipped above)
+    close(out.loss, 0.5 * (0.64 + 0.81 + 3.24) / 3.0, atol=1e-12)
+    assert out.clipfrac.dtype == torch.float64
+    close(out.clipfrac, 2.0 / 3.0, atol=1e-12)
+
+
+def test_explained_variance_when_var_returns_is_one_and_zero():
+    # R = [1, 2, 3]: unbiased Var[R] = 1; R − V = [0, 0, −1]: mean −1/3, Var = (1/9 + 1/9 + 4/9) / 2 = 1/3
+    returns = torch.tensor([[1.0, 2.0, 3.0]], dtype=torch.float64)
+    close(explained_variance(torch.tensor([[1.0, 2.0, 4.0]], dtype=torch.float64), returns, torch.ones(1, 3)), 2.0 / 3.0, atol=1e-12)
+    # constant returns: nothing to explain → NaN, not a division by zero
+    assert math.isnan(explained_variance(torch.zeros(1, 3), torch.full((1, 3), 2.0), torch.ones(1, 3)).item())

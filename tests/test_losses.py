@@ -94,3 +94,58 @@ def test_masked_nll_counts_response_tokens_only():
     logits[0, 0] = torch.tensor([100.0, -100.0, 0.0])
     nll2, _ = masked_nll_sum(logits, input_ids, loss_mask)
     assert nll2.item() == nll.item()
+
+
+# ---------------------------------------------------------------- found by mutation testing
+# Each test below kills mutants of `make mutate` that the tests above let survive (docs/testing.md).
+
+
+def test_ranking_loss_stays_in_float64():
+    # the per-prompt sums and pair counts are kept in the scores' dtype: float64 in, float64 exact out
+    scores = torch.tensor([2.0, 0.5], dtype=torch.float64)
+    per_prompt, pairs = ranking_loss(scores, torch.tensor([0, 1]), torch.tensor([0, 0]))
+    assert per_prompt.dtype == pairs.dtype == torch.float64
+    assert abs(per_prompt.item() - nls(1.5)) < 1e-15
+    assert pairs.tolist() == [1.0]
+
+
+def test_ranking_metrics_score_ties_count_as_pairs_not_as_concordant():
+    # ranks a > b > c, scores 2, 1, 1: (a,b), (a,c) concordant, (b,c) tied in score only:
+    # a pair the scores fail to order → pairs 3, correct 2; τ_b = 2 / sqrt((2 + 0)(2 + 1)) = 2/√6
+    m = ranking_metrics([2.0, 1.0, 1.0], [0, 1, 2])
+    assert (m["pairs"], m["pair_correct"]) == (3.0, 2.0)
+    assert abs(m["kendall_tau"] - 2 / math.sqrt(6)) < 1e-12
+    # two score ties: scores 1, 1, 0, 0 for ranks 0..3 → 4 concordant, 2 tied in score;
+    # τ_b = 4 / sqrt(4 · (4 + 2)) = 4/√24
+    m = ranking_metrics([1.0, 1.0, 0.0, 0.0], [0, 1, 2, 3])
+    assert (m["pairs"], m["pair_correct"]) == (6.0, 4.0)
+    assert abs(m["kendall_tau"] - 4 / math.sqrt(24)) < 1e-12
+
+
+def test_ranking_metrics_rank_ties_and_double_ties():
+    # ranks [0, 0, 1, 1], scores 4 > 3 > 2 > 1: 4 concordant pairs, 2 tied in rank only (no pair)
+    # τ_b = 4 / sqrt((4 + 2) · 4) = 4/√24
+    m = ranking_metrics([4.0, 3.0, 2.0, 1.0], [0, 0, 1, 1])
+    assert (m["pairs"], m["pair_correct"]) == (4.0, 4.0)
+    assert abs(m["kendall_tau"] - 4 / math.sqrt(24)) < 1e-12
+    # a pair tied on both sides is skipped, and the pairs after it still count:
+    # ranks [0, 0, 1], scores [1, 1, 0] → (a,c), (b,c) concordant → τ = 2 / sqrt(2 · 2) = 1
+    m = ranking_metrics([1.0, 1.0, 0.0], [0, 0, 1])
+    assert (m["pairs"], m["pair_correct"], m["kendall_tau"]) == (2.0, 2.0, 1.0)
+
+
+def test_ranking_metrics_discordant_pairs():
+    # ranks a > b > c > d, scores 3, 0, 1, 2: (a,·) 3 concordant; (b,c), (b,d), (c,d) discordant
+    # → τ = (3 − 3) / 6 = 0; the top-scored response is the best one
+    m = ranking_metrics([3.0, 0.0, 1.0, 2.0], [0, 1, 2, 3])
+    assert (m["pairs"], m["pair_correct"], m["top1"]) == (6.0, 3.0, 1.0)
+    assert m["kendall_tau"] == 0.0
+
+
+def test_kendall_tau_of_one_pair_and_of_constant_scores():
+    # K = 2 ordered right: τ = 1 / sqrt(1 · 1) = 1
+    assert ranking_metrics([1.0, 0.0], [0, 1])["kendall_tau"] == 1.0
+    # constant scores: τ_b is 0/0 → NaN (and the pair counts, unordered)
+    m = ranking_metrics([1.0, 1.0], [0, 1])
+    assert math.isnan(m["kendall_tau"])
+    assert (m["pairs"], m["pair_correct"]) == (1.0, 0.0)

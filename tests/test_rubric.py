@@ -4,6 +4,7 @@ score formula on a hand example."""
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 
@@ -193,3 +194,138 @@ def test_instruction_following_rate():
         rubric.instruction_following_rate(scores, level="token")
     with pytest.raises(ValueError):
         rubric.score_many([p], ["a", "b"])
+
+
+# ---------------------------------------------------------------- found by mutation testing
+# Each test below kills mutants of `make mutate` that the tests above let survive (docs/testing.md).
+
+
+def exactly(message: str) -> str:
+    """A `pytest.raises(match=...)` pattern for the whole message, not a substring of it."""
+    return "^" + re.escape(message) + "$"
+
+
+def test_case_checkers_need_at_least_one_letter():
+    # "no uppercase letter anywhere" is also true of digits and punctuation alone: that is not
+    # an answer in lowercase (nor, the other way round, in capitals)
+    for kind in ("lowercase", "uppercase"):
+        assert check_instruction({"kind": kind}, "123, 456!") is False, kind
+        assert check_instruction({"kind": kind}, "42") is False, kind
+    assert check_instruction({"kind": "lowercase"}, "2 cups of rice.") is True
+    assert check_instruction({"kind": "uppercase"}, "2 CUPS OF RICE.") is True
+
+
+def test_more_checker_edges():
+    # multi-word keywords match across any run of whitespace, whole words, any case
+    assert check_instruction({"kind": "include_keywords", "keywords": ["olive oil"]}, "Use OLIVE\n  oil.") is True
+    assert check_instruction({"kind": "keyword_frequency", "keyword": "olive oil", "relation": "exactly", "n": 2},
+                             "Olive oil first, then more olive oil.") is True
+    # only quotation marks are stripped before a start/end phrase, not letters
+    assert check_instruction({"kind": "start_phrase", "phrase": "Xavier"}, "Xavier cooks.") is True
+    assert check_instruction({"kind": "end_phrase", "phrase": "see you, MAX"}, '"See you, MAX"') is True
+    # quotation marks on both ends, nothing else
+    assert check_instruction({"kind": "quotation"}, 'X marks the spot"') is False
+    assert check_instruction({"kind": "quotation"}, '"The end is X') is False
+    # the full-width comma is a comma too
+    assert check_instruction({"kind": "no_commas"}, "Yes，one comma.") is False
+    # n = 0 is a valid count
+    assert check_instruction({"kind": "placeholders", "n": 0}, "No brackets.") is True
+    with pytest.raises(ValueError, match=exactly("relation must be 'at_most', 'at_least' or 'exactly', got 'about'")):
+        rubric.check_word_count("two words", "about", 2)
+
+
+@pytest.mark.parametrize(
+    "spec,message",
+    [
+        ({"no": "kind"}, "an instruction is a dict with a 'kind', got {'no': 'kind'}"),
+        ({"kind": "nope"}, "unknown instruction kind 'nope'; known: " + ", ".join(rubric.KINDS)),
+        ({"kind": "lowercase", "extra": 1}, "instruction 'lowercase' takes no parameter 'extra' (takes: [])"),
+        ({"kind": "bullet_count", "n": "3"}, "instruction 'bullet_count': 'n' must be int, got '3'"),
+        ({"kind": "bullet_count", "n": True}, "instruction 'bullet_count': 'n' must be int, got True"),
+        ({"kind": "include_keywords", "keywords": []}, "instruction 'include_keywords': 'keywords' must be a non-empty list of words"),
+        ({"kind": "include_keywords", "keywords": ["rice", "  "]}, "instruction 'include_keywords': 'keywords' must be a non-empty list of words"),
+        ({"kind": "word_count", "n": 5}, "instruction 'word_count' needs parameter 'relation'"),
+        ({"kind": "word_count", "relation": "about", "n": 5}, "instruction 'word_count': relation must be at_most/at_least/exactly, got 'about'"),
+        ({"kind": "bullet_count", "n": -1}, "instruction 'bullet_count': n must be >= 0, got -1"),
+    ],
+)
+def test_invalid_specs_say_what_is_wrong(spec, message):
+    with pytest.raises(ValueError, match=exactly(message)):
+        rubric.validate_instruction(spec)
+
+
+def test_counting_edges():
+    # a dangling list marker at the end (an answer cut after "2. ") is no sentence
+    assert rubric.sentences("Steps:\n1. Boil.\n2. ") == ["Steps:\nBoil."]
+    # 11 words = exactly 8 word 4-grams, the minimum that counts: "rice water salt pot" twice
+    # → 7 distinct of 8 → 1 − 7/8 = 0.125
+    assert rubric.repetition("rice water salt pot rice water salt pot lid heat time") == pytest.approx(0.125)
+    # 3 lines, the minimum that counts: one repeat → 1 − 2/3; two lines never count
+    assert rubric.repetition("a line\na line\nanother") == pytest.approx(1 / 3)
+    assert rubric.repetition("same line\nsame line") == 0.0
+
+
+def test_unfinished_edges():
+    assert rubric.looks_unfinished("")
+    assert rubric.looks_unfinished("  \n ")
+    # long unpunctuated list items are finished: a bullet, a numbered step
+    assert not rubric.looks_unfinished("Pack:\n- boots and a warm jacket for the cold nights up in the hills")
+    assert not rubric.looks_unfinished("Steps:\n2. rinse the rice in cold water until the water runs clear")
+    # a prose line without final punctuation is cut off from 11 words on
+    assert not rubric.looks_unfinished("rinse the rice in cold water until the water clears")  # 10 words
+    assert rubric.looks_unfinished("rinse the rice in cold water until the water runs clear")  # 11 words
+
+
+def test_toxic_lexicon_phrases_of_several_words():
+    # the lexicon's entries have up to 4 words; "strip" alone is allowed, "strip club" is not
+    assert rubric.toxic_words("We met near the strip club.") == ["strip club"]
+    assert rubric.toxic_words("They joked about 2 girls 1 cup.") == ["2 girls 1 cup"]
+
+
+def test_off_topic_stems():
+    def off(topics, answer):
+        return rubric.off_topic(_prompt(topics=topics), answer)
+
+    # only a final "s" of a keyword longer than 3 letters is dropped
+    assert off(["rice"], "A rich dessert of cream and sugar.")  # "rice" stays "rice": "rich" does not match
+    assert off(["photos"], "Put the cake on a plate.")  # "photo", not "p"
+    assert off(["cups"], "A cute dog.")  # "cup", not "cu"
+    assert not off(["cups"], "Use one cup.")  # "cups" → "cup" matches "cup"
+    assert off(["gas"], "The game is on.")  # 3 letters: "gas" is kept whole
+
+
+def test_score_to_dict_and_empty_answers():
+    p = _prompt({"kind": "no_commas"})
+    s = score(p, "Rice is a grain that people cook in water.")
+    assert s.to_dict() == {"total": 1.0, "followed": 1.0, "instructions": [{"kind": "no_commas", "passed": True}], "penalties": {}}
+    empty = score(p, "")
+    assert empty.to_dict() == {"total": -1.0, "followed": 0.0, "instructions": [{"kind": "no_commas", "passed": False}],
+                               "penalties": {"empty": 1.0}}
+
+
+def test_score_penalty_edges():
+    # a passed instruction other than end_phrase / json / quotation does not excuse a cut-off ending
+    s = score(_prompt({"kind": "lowercase"}), "boil the rice in plenty of water and then add the")
+    assert s.passed == [True] and s.penalties == {"unfinished": 0.3}
+    # an at_least word count does not lower the minimum of 8 words: 3 words → 0.3 · 5/8
+    s = score(_prompt({"kind": "word_count", "relation": "at_least", "n": 3}), "Rice needs water.")
+    assert s.penalties == {"too_short": pytest.approx(0.1875)}
+    # the total is clipped at −1: 0 followed − (toxic 1.0 + unfinished 0.3)
+    s = score(_prompt({"kind": "lowercase"}), "This rice is shit and you are a bitch and")
+    assert s.penalties == {"toxic": 1.0, "unfinished": 0.3}
+    assert s.total == -1.0
+
+
+def test_score_many_finished_flags_and_rates():
+    p = _prompt()
+    answer = "Rice is a grain that people cook in water."
+    assert rubric.score_many([p], [answer])[0].penalties == {}  # finished defaults to True
+    assert rubric.score_many([p], [answer], [False])[0].penalties == {"unfinished": 0.3}
+    with pytest.raises(ValueError, match=exactly("1 prompts but 2 responses")):
+        rubric.score_many([p], [answer, answer])
+    # prompt level: an empty answer follows nothing, even to a prompt without instructions
+    scores = rubric.score_many([p, p], [answer, ""])
+    assert rubric.instruction_following_rate(scores, level="prompt") == 0.5
+    assert math.isnan(rubric.instruction_following_rate([], level="prompt"))
+    with pytest.raises(ValueError, match=exactly("level must be 'instruction' or 'prompt', got 'token'")):
+        rubric.instruction_following_rate(scores, level="token")
