@@ -111,17 +111,31 @@ def test_group_baseline_needs_several_samples(tiny_path, tmp_path):
             train_ppo(ppo_cfg(tiny_path, tiny_path, tmp_path / "x", **kw), reward_fn=newline_reward, say=lambda *a: None)
 
 
-def test_ppo_exact_resume(sharp_path, tiny_path, tmp_path):
+class _Crash(Exception):
+    """A simulated crash, raised right after a checkpoint was written."""
+
+
+def test_ppo_exact_resume(sharp_path, tiny_path, tmp_path, monkeypatch):
     """2 iterations + crash + resume for 2 more == 4 straight (fp32, adaptive β, all metrics)."""
     from safetensors.torch import load_file
 
+    from rlhfkit.recipes import ppo
     from rlhfkit.recipes.ppo import train_ppo
+
+    real = ppo.save_checkpoint
+
+    def checkpoint_then_crash(out, step, *args, **kwargs):
+        real(out, step, *args, **kwargs)
+        if step == 2:
+            raise _Crash(step)
 
     kw = dict(max_steps=4, batch_size=4, max_new_tokens=8, save_every=1, adaptive_kl=True, target_kl=0.5,
               kl_horizon=20, num_minibatches=2, ppo_epochs=2, lr=1e-3)
     straight, crashed = tmp_path / "straight", tmp_path / "crashed"
     train_ppo(ppo_cfg(sharp_path, tiny_path, straight, **kw), reward_fn=newline_reward, say=lambda *a: None)
-    train_ppo(ppo_cfg(sharp_path, tiny_path, crashed, **kw), reward_fn=newline_reward, interrupt_after=2, say=lambda *a: None)
+    with monkeypatch.context() as patch, pytest.raises(_Crash):
+        patch.setattr(ppo, "save_checkpoint", checkpoint_then_crash)  # dies right after step 2's checkpoint
+        train_ppo(ppo_cfg(sharp_path, tiny_path, crashed, **kw), reward_fn=newline_reward, say=lambda *a: None)
     train_ppo(ppo_cfg(sharp_path, tiny_path, crashed, resume=True, **kw), reward_fn=newline_reward, say=lambda *a: None)
     a, b = read_metrics(straight), read_metrics(crashed)
     assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3, 4]

@@ -167,6 +167,22 @@ def grad_norms(out) -> list[float]:
     return [m["grad_norm"] for m in read_metrics(out) if "grad_norm" in m]
 
 
+class _Crash(Exception):
+    """A simulated crash, raised right after a checkpoint was (or would have been) written."""
+
+
+def crash_after(monkeypatch, recipe, step: int) -> None:
+    """Make ``recipe``'s run die right after its periodic checkpoint of optimizer step ``step``."""
+    real = recipe.periodic_checkpoint
+
+    def checkpoint_then_crash(acc, cfg, out, done, *args):
+        real(acc, cfg, out, done, *args)
+        if done >= step:
+            raise _Crash(done)
+
+    monkeypatch.setattr(recipe, "periodic_checkpoint", checkpoint_then_crash)
+
+
 def assert_same_weights(a_dir, b_dir, atol: float) -> None:
     a, b = params_of(str(a_dir)), params_of(str(b_dir))
     assert a.keys() == b.keys()
@@ -175,17 +191,19 @@ def assert_same_weights(a_dir, b_dir, atol: float) -> None:
 
 
 @pytest.mark.parametrize("stage", ["sft", "rm"])
-def test_resume_is_exact(stage, tiny_path, varied, tmp_path):
+def test_resume_is_exact(stage, tiny_path, varied, tmp_path, monkeypatch):
     """2 steps, crash, resume 2 more == 4 steps straight: the same losses, learning rates,
     optimizer state and final weights (fp32)."""
-    from rlhfkit.recipes.reward import train_reward_model
-    from rlhfkit.recipes.sft import train_sft
+    from rlhfkit.recipes import reward, sft
 
-    run, cls = (train_sft, SFTConfig) if stage == "sft" else (train_reward_model, RewardConfig)
+    recipe = sft if stage == "sft" else reward
+    run, cls = (sft.train_sft, SFTConfig) if stage == "sft" else (reward.train_reward_model, RewardConfig)
     common = dict(model=tiny_path, data=varied[stage], batch_size=4, max_steps=4, lr=1e-3, warmup_steps=1, precision="fp32",
                   max_length=96, eval_fraction=0.0, save_every=2, schedule="linear")
     run(cls(out=str(tmp_path / "straight"), **common))
-    run(cls(out=str(tmp_path / "resumed"), **common), interrupt_after=3)  # dies after step 3; checkpoint at 2
+    with monkeypatch.context() as patch, pytest.raises(_Crash):
+        crash_after(patch, recipe, 3)  # dies after step 3; checkpoint at 2
+        run(cls(out=str(tmp_path / "resumed"), **common))
     run(cls(out=str(tmp_path / "resumed"), resume=True, **common))
     a, b = losses(tmp_path / "straight"), losses(tmp_path / "resumed")
     assert len(a) == len(b) == 4

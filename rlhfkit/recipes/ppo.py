@@ -132,8 +132,7 @@ def _seeded(*parts: int) -> torch.Generator:
 # ---------------------------------------------------------------------------------------------
 
 
-def train_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None, interrupt_after: int | None = None,
-              say=print) -> dict:
+def train_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None, say=print) -> dict:
     """PPO on ``cfg.model`` against ``cfg.reward_model`` (or ``reward_fn``); returns final metrics.
 
     ``reward_fn(prompts, responses, finished) -> scores``: one float per response, given the
@@ -409,9 +408,6 @@ def train_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None, interrupt_after
         if cfg.save_every and done % cfg.save_every == 0 and done != len(plan):
             save_checkpoint(out, done, _Checkpoint(policy, critic), optimizer, scheduler,
                             extra={"kl_ctl": kl_ctl.state_dict()})
-        if interrupt_after is not None and done >= interrupt_after:  # tests: simulate a crash here
-            bar.close()
-            return {"step": done, **last}
     bar.close()
     log.close()
     seconds = time.perf_counter() - t_run

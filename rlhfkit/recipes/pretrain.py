@@ -22,7 +22,7 @@ def chunk_corpus(tokenizer, documents: list[str], max_length: int) -> list[Encod
     return [Encoded(c, 0) for c in chunks if len(c) >= 2]
 
 
-def train_pretrain(cfg: PretrainConfig, interrupt_after: int | None = None, say=print) -> dict:
+def train_pretrain(cfg: PretrainConfig, say=print) -> dict:
     acc = make_accelerator(cfg)
     out, ckpt = prepare_out(cfg, acc)
     say = say if acc.is_main_process else (lambda *a, **k: None)
@@ -36,4 +36,4 @@ def train_pretrain(cfg: PretrainConfig, interrupt_after: int | None = None, say=
     train = chunk_corpus(loaded.tokenizer, train_docs, cfg.max_length)
     held_out = chunk_corpus(loaded.tokenizer, eval_docs, cfg.max_length)
     say(f"pretrain: {len(train)} chunks of {cfg.max_length} tokens, {len(held_out)} held out")
-    return run_lm_training(cfg, acc, loaded.model, loaded.tokenizer, train, held_out, out, ckpt, interrupt_after, say, desc="pretrain")
+    return run_lm_training(cfg, acc, loaded.model, loaded.tokenizer, train, held_out, out, ckpt, say, desc="pretrain")

@@ -115,7 +115,7 @@ def evaluate_rm(model, groups: list[Group], pad_id: int, device, batch_prompts: 
     return out
 
 
-def train_reward_model(cfg: RewardConfig, interrupt_after: int | None = None, say=print) -> dict:
+def train_reward_model(cfg: RewardConfig, say=print) -> dict:
     acc = make_accelerator(cfg)
     out, ckpt = prepare_out(cfg, acc)
     say = say if acc.is_main_process else (lambda *a, **k: None)
@@ -206,9 +206,6 @@ def train_reward_model(cfg: RewardConfig, interrupt_after: int | None = None, sa
         bar.update(1)
         bar.set_postfix(loss=f"{last['loss']:.4f}", acc=f"{last['accuracy']:.2f}")
         periodic_checkpoint(acc, cfg, out, done, len(plan), acc.unwrap_model(rm).seq_model, optimizer, scheduler)
-        if interrupt_after is not None and done >= interrupt_after:  # tests: simulate a crash here
-            bar.close()
-            return {"step": done, **last}
     bar.close()
     train_seconds = time.perf_counter() - t_train
 

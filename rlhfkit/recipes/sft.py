@@ -31,7 +31,7 @@ from rlhfkit.recipes.common import (clip_and_step, MetricsLog, apply_lora, batch
 from rlhfkit.recipes.blocks import compile_blocks, fresh_compile_cache, use_training_attention
 
 
-def train_sft(cfg: SFTConfig, interrupt_after: int | None = None, say=print) -> dict:
+def train_sft(cfg: SFTConfig, say=print) -> dict:
     """Fine-tune ``cfg.model`` on the demonstrations in ``cfg.data``; returns final metrics."""
     acc = make_accelerator(cfg)
     out, ckpt = prepare_out(cfg, acc)
@@ -48,7 +48,7 @@ def train_sft(cfg: SFTConfig, interrupt_after: int | None = None, say=print) -> 
     if cut:
         say(f"truncated {cut} of {len(train) + len(held_out)} examples to max_length={cfg.max_length} (prompt cut from the left first)")
     say(f"SFT: {len(train)} training and {len(held_out)} held-out demonstrations")
-    return run_lm_training(cfg, acc, loaded.model, tok, train, held_out, out, ckpt, interrupt_after, say, desc="sft")
+    return run_lm_training(cfg, acc, loaded.model, tok, train, held_out, out, ckpt, say, desc="sft")
 
 
 def targets(e: Encoded) -> int:
@@ -57,7 +57,7 @@ def targets(e: Encoded) -> int:
 
 
 def run_lm_training(cfg: TrainConfig, acc, model, tok, train: list[Encoded], held_out: list[Encoded], out: Path,
-                    ckpt: Path | None, interrupt_after: int | None = None, say=print, desc: str = "train") -> dict:
+                    ckpt: Path | None, say=print, desc: str = "train") -> dict:
     rank, n_proc = world(acc)
     packing = getattr(cfg, "packing", False)
     if cfg.batch_size < n_proc:
@@ -151,9 +151,6 @@ def run_lm_training(cfg: TrainConfig, acc, model, tok, train: list[Encoded], hel
         bar.set_postfix(loss=f"{train_loss:.4f}")
         # 6. checkpoint
         periodic_checkpoint(acc, cfg, out, done, len(plan), acc.unwrap_model(model), optimizer, scheduler)
-        if interrupt_after is not None and done >= interrupt_after:  # tests: simulate a crash here
-            bar.close()
-            return {"step": done, **last}
     bar.close()
     train_seconds = time.perf_counter() - t_train
 
