@@ -176,7 +176,7 @@ def bf16_supported(device: torch.device | str = "cpu") -> bool:
 
 
 def cpu_model() -> str:
-    """The CPU's model name ("AMD EPYC", "Intel(R) Xeon(R) ..."), for benchmark records."""
+    """The CPU's model name (/proc/cpuinfo's ``model name``, else the platform's), for benchmark records."""
     try:
         return next(x.split(":", 1)[1].strip() for x in open("/proc/cpuinfo") if x.startswith("model name"))
     except (OSError, StopIteration):

@@ -29,17 +29,15 @@ def short_row_attention(module, query: torch.Tensor, key: torch.Tensor, value: t
     Why: the training stages ``torch.compile`` each block (``compile_blocks``). Inside a compiled
     block, plain attention becomes two batched matmuls and one fused softmax kernel, while SDPA's
     CPU kernels are slow for short rows (flash's backward) or compile to a slow masked
-    ``_safe_softmax`` (math). Measured on a 2-core AMX Xeon (SmolLM2-135M, forward + backward +
-    AdamW, bf16 autocast, compiled blocks), seconds per step: 16 rows × 100 tokens 1.28 vs 1.40
-    (math SDPA); 8 × 200: 1.47 vs 1.73 (flash); 8 × 320: 2.20 vs 2.51; 4 × 512: 2.12 vs 2.20 but
-    +1.3 GB resident (the (T, T) scores of every layer are kept for the backward), hence the limit.
+    ``_safe_softmax`` (math). A SmolLM2-135M training step was 9–15 % faster up to 320 tokens; at
+    512 only 4 %, for over 1 GB more resident memory (the (T, T) scores of every layer are kept for
+    the backward), hence the limit.
 
     Masks are additive: transformers builds them with its eager-attention builder (``eager_mask``:
     0 where a query attends, the dtype's lowest value elsewhere, not -inf, so a fully masked padding
     row gives finite, ignored values instead of NaN). Inductor's softmax kernel adds a float mask
-    far faster than it applies a boolean one (per-lane mask conversions): 16 rows × 9 heads × 104
-    tokens, attention fwd + bwd 9.7 → 7.0 ms per layer, no-grad forward 2.8 → 2.1 ms (2-core AMX
-    Xeon). A boolean (B, 1, T, S) mask (True = attend) or None (plain causal) still works.
+    far faster than it applies a boolean one (per-lane mask conversions; ~25 % less attention time
+    per layer). A boolean (B, 1, T, S) mask (True = attend) or None (plain causal) still works.
     Registered with transformers' ``AttentionInterface`` (``use_training_attention``); the model's
     saved config is unchanged.
     """
@@ -109,8 +107,7 @@ def compile_blocks(model: torch.nn.Module, cfg: TrainConfig, device, say=print) 
 
     Why: in an eager bf16 step most of the time outside the matmuls goes to small elementwise
     kernels and dtype casts (RMSNorm in fp32, RoPE, SiLU·up, residual adds, autocast's casts).
-    Inductor fuses them; measured on this 2-core CPU (SmolLM2-135M, 16 rows × 104 tokens,
-    forward + backward + AdamW): 4.7 s → 3.4 s per step under load. One block's graph serves
+    Inductor fuses them: a SmolLM2-135M training step ~1.4x faster. One block's graph serves
     all blocks (parameters are graph inputs), with dynamic shapes, so the one-time compile is
     ~10–30 s; Inductor's cache lives under ``$RLHFKIT_CACHE/torchinductor`` and later runs
     reuse it. Parameter names, checkpoints and ``save_pretrained`` are unchanged.
@@ -161,13 +158,12 @@ def fresh_compile_cache() -> None:
 
     Dynamo keeps compiled variants per code object, and every transformer block of every model in
     the process runs the same ``forward`` code, which holds at most ``cache_size_limit`` (16)
-    variants: training and no-grad, fp32 and bf16 weights, with and without a mask, ... A
-    variant beyond the limit runs eagerly. ``rlhfkit pipeline`` runs SFT, the reward model and PPO
-    in one process: in the demo on a 2-core Zen 4 EPYC (2026-12-04) the variants of SFT and the
-    RM had filled the cache when PPO hit a new one at iteration 9; its forwards took 13.1 s
-    instead of ~5, and an eager forward beside compiled ones differs by bf16 rounding (a
-    spurious KL). Each training stage calls this before it compiles its models (the models of
-    the stage before are gone by then); PPO alone needs 4 variants.
+    variants: training and no-grad, fp32 and bf16 weights, with and without a mask, ... A variant
+    beyond the limit runs eagerly. ``rlhfkit pipeline`` runs SFT, the reward model and PPO in one
+    process: in the demo the variants of SFT and the RM had filled the cache when PPO hit a new one
+    mid-run; its forwards then ran ~2.5x slower, and an eager forward beside compiled ones differs
+    by bf16 rounding (a spurious KL). Each training stage calls this before it compiles its models
+    (the models of the stage before are gone by then); PPO alone needs 4 variants.
     """
     from torch import _dynamo
 

@@ -51,11 +51,8 @@ def reuse_freed_memory() -> bool:
     vocabulary, autocast's bf16 weight copies — so each step page-faults and zero-fills hundreds
     of MB afresh. ``aten::fill_`` and ``aten::copy_`` were a third of a PPO minibatch step in the
     profile. With ``M_MMAP_MAX = 0`` (every block from the heap) and no automatic trimming, freed
-    blocks are reused: measured on the 2-core Zen 5 EPYC, SmolLM2-135M, 8 rows × 100 tokens,
-    bf16, forward + LM head + backward + AdamW: 2.06–2.57 → 1.51–1.65 s per step (two runs each),
-    peak RSS +2–4 %; a PPO iteration at the benchmark's settings 14.7 → 10.2 s (same peak RSS) once
-    it also stopped trimming after every iteration; at the demo's settings 0.83× the time per
-    iteration (benchmarks/results/ppo_allocator_ab.md). ``release_memory`` (``malloc_trim``) still
+    blocks are reused: a SmolLM2-135M training step and a PPO iteration ran ~1.4x faster at about
+    the same peak memory (see docs/performance.md). ``release_memory`` (``malloc_trim``) still
     hands the free pages back between pipeline stages, and in PPO when the resident size grew.
 
     Process-wide and idempotent; called by every training stage on CPU (``make_accelerator``).

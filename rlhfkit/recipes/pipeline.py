@@ -174,12 +174,11 @@ def run_stage(cfg: PipelineConfig, train, stage_cfg, say=print) -> dict:
     """Run one training stage (``train_sft``, ``train_reward_model`` or ``train_ppo`` on its config)
     in a fresh child process (``cfg.fresh_process``) or in this one; returns the stage's result.
 
-    Why a child: the stages of one process leave it fragmented. After SFT and the RM had run in
-    the demo's process, its PPO held 2.6 GB more at the first iteration, grew ~0.7 GB per iteration,
-    handed memory back every ~4 iterations and page-faulted it in again: 18–23 s per iteration
-    where the same PPO in a process of its own took 12–15 s (same numbers: the runs are seeded
-    and bit-identical). A child starts clean and gives everything back when it exits. Its output
-    goes to this process's stdout/stderr (``say`` cannot cross processes: the child prints).
+    Why a child: the stages of one process leave its memory fragmented. After SFT and the RM, the
+    demo's PPO held GBs more, kept handing memory back and page-faulting it in again, and ran ~1.5x
+    slower than in a process of its own (with bit-identical results). A child starts clean and gives
+    everything back when it exits. Its output goes to this process's stdout/stderr (``say`` cannot
+    cross processes: the child prints).
     """
     from rlhfkit.recipes.common import latest_checkpoint
 

@@ -388,9 +388,9 @@ def train_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None, say=print) -> d
             "time_iteration": t_generate + t_score + t_forward + t_train,
         }
         # Freed memory is kept for the next iteration's tensors (reuse_freed_memory): handing it back
-        # every iteration made each one page-fault its GBs afresh (14.7 vs 10.2 s per iteration at
-        # the PPO benchmark's settings, same peak RSS). It is handed back only if the resident size
-        # grew by a quarter over the first iteration's, so fragmentation cannot make it creep.
+        # every iteration made each one page-fault its GBs afresh (~1.4x slower, same peak RSS).
+        # It is handed back only if the resident size grew by a quarter over the first iteration's,
+        # so fragmentation cannot make it creep.
         last["rss_mb"], last["peak_rss_mb"] = rss_mb()
         rss_base = rss_base or last["rss_mb"]
         if last["rss_mb"] > RSS_SLACK * rss_base:

@@ -10,50 +10,23 @@ and the weighted sum in fp32, the output rounded once to bf16. This is SDPA with
 grouped-query heads sharing a kv head (``enable_gqa``) and a per-row key-length mask, without the
 mask: each row only reads its own ``n[b]`` positions.
 
-Why it exists: the profile of a 32 prompts × K=4 decode step put ~40 % of the time in SDPA at one
-query per head — ~2.0 ms per layer per step where its key/value traffic needs ~0.6 ms. ATen's CPU
-flash-attention kernel pays a per-(row, head) setup and blocks the queries for matrices with many
-rows; here each task (row — or group of rows, below — and kv head) streams that row's keys once
-for its H/Hkv query heads (the scores of all of them from one read of each key, AVX512-BF16 dot
-products reduced 16 keys at a time), then its values once, prefetching ahead. Measured at 128 rows over lengths 64..192: 0.95 ms
-per layer vs SDPA's 2.05 ms with one hot cache; when each of 30 layers' caches streams from memory,
-as in a real step, both are bound by the reads and the kernel is 1.1–2.0× faster depending on
-the load (``benchmarks/results/rollout.md``) — much of the step's gain comes from the fused ops below.
+Why: at one query per head SDPA was ~40 % of a decode step, paying a setup per (row, head) and
+blocking queries for many-row matrices; here each task (a row, or a group of rows, and a kv head)
+streams its keys once for all its query heads, then its values once, prefetching ahead.
 
-Prompt prefixes read once per group (``PrefixGroups``): the K samples of a prompt are K decode
-rows whose slots hold identical copies of the prompt's keys/values (one prefill, copied). Both
-entry points take the groups of rows that share their first ``plen`` positions; one task per
-(group, kv head) reads the shared positions once, from the group's first row, scoring all the
-group's R·G query heads against them, then each row's own positions from its own slot, with the
-softmax over the union (``attend_group``). The shared length is rounded down to the 16-key blocks
-of the score loop, so every score, sum and rounding is the one the row would get alone: the
-output is bitwise that of unshared decoding (tested), only the reads change. The engine keeps a
-full copy of the prompt in every slot (SDPA, compaction and refills need nothing new), so sharing
-is only a reading plan; a row's refill with a new prompt starts a new group and cannot touch a
-prefix the rest of its old group still reads from another slot. Measured (128 rows = 32 prompts
-× 4, the benchmark's prompt lengths 36..203, 30 layers' caches streaming from memory, under load,
-one effective core): 1.31 → 1.05 ms per layer with 32 generated tokens per row, 1.99 → 1.72 ms
-with 96, i.e. 13–20 % less — less than the 38–50 % fewer bytes, because at one core per step the
-kernel is about half compute (scores and weighted sums of every (head, position) pair, which
-sharing does not reduce) and half memory stalls. In the engine's step (32 × 4, 64 new tokens,
-2 threads): 48.3 → 41.4 ms of attention per step. End to end (32 × 4, T = 1, 2 threads,
-``Runner.share_prefix`` off/on alternated in one process, twice each): 1,058 → 1,163 new tok/s at
-64 new tokens under load ≈ 1.2; under load ≈ 3, 845 → 924 and 751 → 954 at 64, 846 → 892 at 128
-(1.05–1.27×, the spread being the shared machine's load).
+Prompt prefixes read once per group (``PrefixGroups``): the K samples of a prompt sit in K slots
+holding identical copies of the prompt's keys/values (one prefill, copied; SDPA, compaction and
+refills need nothing new). One task per (group, kv head) reads the shared positions once, from the
+group's first row, then each row's own positions, with the softmax over the union
+(``attend_group``). The shared length is rounded down to the 16-key blocks of the score loop, so the
+output is bitwise that of unshared decoding (tested); only the reads change. A row refilled with a
+new prompt starts a new group and never touches a prefix its old group still reads.
 
 The same extension holds the rest of a fused bf16 decode step (``Runner._decode_fused``): RoPE +
-cache write + attention in one call (``rope_cache_attention``), residual add + RMSNorm
-(``add_rms_norm``) and SiLU·up (``silu_mul``) with HF's bf16 roundings — each replaced 3–6 small
-PyTorch ops per layer (a step of 128 rows: 190 ms fused vs 217 ms with the attention kernel alone
-vs 259 ms on SDPA, same process). Their roundings are bf16 ↔ fp32 conversions done with integer
-arithmetic, so they vectorise exactly (``f2bf16``): add + RMSNorm runs 16 rows at a time, the 16
-rows' sums of squares in the lanes of one vector, each lane still one fused multiply-add per
-column in column order as the scalar loop did (its cost was that serial chain). Bitwise the same
-outputs as the scalar code; per 128-row call 118 → 42 µs (add + RMSNorm, 60 calls per step) and
-237 → 137 µs (SiLU·up, 30 per step), ≈ 7.5 ms less per decode step. Prefix sharing and these
-two together, against the engine before them (commit a30308e) in alternating processes (32 × 4,
-T = 1, 2 threads, load ≈ 1.2): 958 → 1,061 and 1,105 new tok/s at 64 new tokens, 954 → 1,039 at
-128 (1.09–1.15×), with token-for-token identical outputs and log-probs.
+cache write + attention (``rope_cache_attention``), residual add + RMSNorm (``add_rms_norm``) and
+SiLU·up (``silu_mul``), each replacing 3–6 small PyTorch ops per layer, with HF's bf16 roundings
+done in integer arithmetic (``f2bf16``) so that they vectorise exactly: bitwise the outputs of the
+scalar loops. Measurements: see docs/performance.md.
 
 How it is built and when it is used: the source, ``attention_cpu.cpp`` beside this file, is compiled with
 ``torch.utils.cpp_extension.load_inline`` (g++ -O3 -march=native; AVX-512 intrinsics when the
@@ -115,7 +88,7 @@ def enabled() -> bool:
 
 
 def load():
-    """The compiled extension (building it the first time on this machine), or None if unavailable."""
+    """The compiled extension (built on first use, then cached), or None if unavailable."""
     global _module, build_seconds, built_now
     if _module is not None:
         return _module or None

@@ -1,52 +1,19 @@
 """The model side of the engine: a preallocated KV cache and a decode loop over the live weights.
 
-We do not call the Hugging Face ``forward`` during generation: its per-step cost (cache objects,
-mask building, output dataclasses) dominates at small model sizes on a CPU. Instead we walk the
-model's own modules — ``embed_tokens``, each layer's norms, ``q/k/v/o_proj`` and ``mlp``, the final
-norm and ``lm_head`` — in the same order as the HF LLaMA forward, with attention (SDPA) over our
-own preallocated cache. Nothing is copied or exported: every step reads the parameters the
-optimizer is updating, so PPO can sample right after ``optimizer.step()``. Wrapped projections
-(LoRA via PEFT) still work because we call the modules, not their ``.weight``.
+Generation walks the model's own modules (embeddings, each layer's norms, projections and MLP, the
+final norm, ``lm_head``) in the order of HF's LLaMA forward, with attention over our own cache,
+instead of calling HF ``forward``, whose per-step overhead dominates small models on a CPU. Every
+step reads the parameters the optimizer updates, so PPO samples right after ``optimizer.step()``;
+LoRA-wrapped projections work because the modules are called. Supported: ``LlamaForCausalLM``-like
+models (``check_supported``).
 
-Supported: decoder-only models laid out like ``LlamaForCausalLM`` (LLaMA, SmolLM/SmolLM2, Mistral
-without sliding window, Qwen2) — see ``check_supported``.
-
-Cache layout: one tensor per layer for keys and one for values, ``(S, Hkv, L, D)`` where S is the
-number of slots (rows of the decode batch) and L the longest prompt + max_new_tokens of the call.
-Slot ``s`` holds ``lens[s]`` valid positions ``0..lens[s]-1``; every sequence starts at position 0
-of its slot, so RoPE positions are simply the slot offsets and prompts of different lengths need
-no left padding. Attention masks keys at offsets ``>= lens[s]``. Every slot holds its own full copy
-of its prompt's keys/values, also when K samples of one prompt fill K slots: SDPA, compaction and
-refills then need nothing else. The C++ kernel is only told which rows hold identical prompt
-copies (``decode(..., groups)``: an ``attention_cpu.PrefixGroups`` that the engine builds from
-the rows admitted together, again whenever rows leave or join) and reads each copied prompt once
-per group instead of once per row — bitwise the same outputs, 13–20 % less kernel time at the
-benchmark's 32 × 4 rows (``share_prefix = False`` turns it off, for comparisons).
-
-Two paths through a layer, the same math:
-- the module path calls the model's own modules (fp32: HF's exact numerics, which the greedy
-  tests compare token for token);
-- the fast path (bf16) works on weights taken from the live modules at the start of each call
-  (``Runner.bind``): q/k/v and gate/up concatenated into one matmul each and, on a CPU with
-  oneDNN, prepacked into oneDNN's blocked layout. A decode step multiplies every weight by only
-  B (≤ 128) rows, where the packed bf16 matmul is ~1.5× faster than ``F.linear`` (which reorders
-  the weight on every call), and RMSNorm/RoPE/SiLU take fewer, fused ops. Packing is redone on
-  every call (~0.2 s for 135M parameters; a 128 × 128-token call takes ~20 s), so the engine never
-  reads a stale copy: PPO's ``optimizer.step()`` between calls is always seen. Projections that are
-  not a plain ``nn.Linear`` (LoRA via PEFT) are called as modules inside the fast path.
-
-Decode on a CPU in bf16 also uses the small C++ extension of ``attention_cpu.py`` (built on first
-use, cached on disk): its attention reads each row's own valid positions (no mask), and the whole
-step between the matmuls is fused (RoPE + cache write + attention, residual add + RMSNorm, SiLU·up)
-with the residual stream in bf16. For a bf16 model that is HF's own numerics. For an fp32 model
-under bf16 autocast (PPO's policy: fp32 weights the optimizer updates) HF keeps the residual stream
-in fp32; the fused step instead decodes exactly as the model's bf16 copy would (``fuse_autocast``,
-on by default): the sampled tokens come from that copy's distribution, a bf16 rounding away from
-the autocast forward's, and PPO recomputes every log-prob it trains on with its own forward
-anyway. Measured on a 2-core AMX Xeon (SmolLM2-135M, 16 rows × 64 new tokens, T = 0.7): 3.15 →
-2.15 s per call, a third of the step having been ~40 small PyTorch ops per layer.
-When the extension cannot be built, or on another device or dtype, decode uses SDPA as before
-(``Runner.decode_kernel = False`` forces that).
+Cache: per layer one key and one value tensor ``(S, Hkv, L, D)``; slot ``s`` holds positions
+``0..lens[s]-1`` of its own sequence (a full copy of its prompt), so RoPE positions are slot offsets
+and prompts need no left padding. Two paths through a layer, the same math: the module path (fp32,
+HF's exact numerics) and the bf16 fast path (q/k/v and gate/up fused, weights prepacked for oneDNN
+at every call so they are never stale, and the fused decode step of ``attention_cpu``, which reads
+shared prompt prefixes once). Switches for comparisons: ``share_prefix``, ``fuse_autocast``,
+``decode_kernel``. Why and how much faster: see docs/performance.md.
 """
 
 from __future__ import annotations
@@ -542,8 +509,7 @@ def head_in_chunks(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     product over d, only the vocabulary is split (bit for bit, except that for one row MKL may pick
     a GEMV whose sums differ in the last bit). Why: for few rows MKL's fp32 GEMM
     streams a large weight (SmolLM2: 49,152 x 576, 113 MB) far below memory bandwidth; in chunks
-    that fit in L2 it runs ~1.7x faster (2-core AVX2 EPYC, d = 576: 42 -> 25 ms at 16 rows, 80 -> 50 ms
-    at 64, no gain from 256 rows on), i.e. ~15 % of a fp32 decode step at 16 rows.
+    that fit in L2 it runs ~1.7x faster at 16-64 rows (no gain from 256 rows on).
     """
     out = torch.empty(h.shape[0], weight.shape[0], dtype=h.dtype, device=h.device)
     for start in range(0, weight.shape[0], HEAD_CHUNK):
