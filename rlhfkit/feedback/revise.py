@@ -216,8 +216,8 @@ SURFACE_EDITS: tuple[str, ...] = ("start_phrase", "postscript", "end_phrase", "n
 and the revisions among the K ranked answers (:func:`with_revisions`) get — the labeler's top
 answer, often a revision, becomes a demonstration. SFT imitates its demonstrations word by word,
 and the rewriting edits (cuts, regrouped sentences, a keyword sentence, a JSON wrapper) make
-compliant but awkward text: with every edit in both places SFT followed 47.6 % of the held-out
-instructions, against 56.3 % with these (benchmarks/results/demo_edit_sets.md). Every edit is
+compliant but awkward text: with every edit in both places SFT followed fewer of the held-out
+instructions than with these (docs/experiments.md). Every edit is
 used in the edit sets (:func:`edit_set`), which only the reward model sees."""
 
 
@@ -293,7 +293,7 @@ def edit_set(prompt: Prompt, responses: list[str], finished: list[bool], max_k: 
     In a ranking of sampled answers nearly every pair also differs in length, finish and topic,
     and a small reward model learns those easy features first (the demo's round-1 RM ordered
     revised-against-sampled pairs that differ only in instructions no better than chance:
-    benchmarks/results/rm_probe_demo.md). Here there is nothing else to learn. The base is the answer (cut back to its last sentence
+    docs/experiments.md). Here there is nothing else to learn. The base is the answer (cut back to its last sentence
     when it was cut off) with the most misses that an edit fixes; an edit counts only if it
     raises the gold score."""
     best: tuple[int, list[str]] = (0, [])
