@@ -1,6 +1,6 @@
 """JSON Lines, read and written in one place: one record per line whatever its strings contain.
 
-Why a helper: ``str.splitlines()`` also breaks lines at U+2028, U+2029, U+0085, \\x0b, \\x0c and
+Why a helper: ``str.splitlines`` also breaks lines at U+2028, U+2029, U+0085, \\x0b, \\x0c and
 \\x1c–\\x1e, and ``json.dumps(..., ensure_ascii=False)`` writes U+2028/U+2029/U+0085 raw, so one
 model answer holding a paragraph separator once split a record in two and crashed ``make demo``.
 Here lines are split at ``\\n`` only, and the writer escapes every character another reader might
