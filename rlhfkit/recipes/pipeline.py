@@ -200,8 +200,8 @@ def run_stage(cfg: PipelineConfig, train, stage_cfg, say=print) -> dict:
             try:
                 result = pool.submit(train, stage_cfg).result()
             except BrokenProcessPool:
-                raise UserError(f"the process training {stage_cfg.out} died (out of memory?); the finished stages are kept: "
-                                "run the same command again to continue from them") from None
+                raise UserError(f"the process training {stage_cfg.out} died (out of memory?); its last checkpoint and the "
+                                "finished stages are kept: run the same command again to continue from them") from None
     shutil.rmtree(Path(stage_cfg.out) / "checkpoints", ignore_errors=True)  # finished: out/model is what stays
     return result
 
