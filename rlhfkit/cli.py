@@ -12,14 +12,14 @@ import dataclasses
 import functools
 import inspect
 import json
-import sys
+import types
 import typing
 from typing import Optional
 
 import typer
 import yaml
 
-from rlhfkit.config import STAGES, PipelineConfig, build_config, field_help
+from rlhfkit.config import STAGES, PipelineConfig, ServeConfig, build_config, choices, field_help
 from rlhfkit.errors import UserError
 from rlhfkit.evals.command import eval_command
 
@@ -44,7 +44,8 @@ def friendly(fn):
     return wrapper
 
 
-def _runner(stage: str):
+def _train(stage: str, cfg) -> dict:
+    """Run a training stage (imported here: ``rlhfkit --help`` stays fast without torch)."""
     if stage == "sft":
         from rlhfkit.recipes.sft import train_sft as run
     elif stage == "rm":
@@ -53,91 +54,83 @@ def _runner(stage: str):
         from rlhfkit.recipes.pretrain import train_pretrain as run
     elif stage == "ppo":
         from rlhfkit.recipes.ppo import train_ppo as run
-    elif stage == "pipeline":
+    elif stage in ("pipeline", "demo"):
         from rlhfkit.recipes.pipeline import run_pipeline as run
     else:  # pragma: no cover
         raise ValueError(stage)
-    return run
+    result = run(cfg)
+    typer.echo(json.dumps({k: v for k, v in result.items() if isinstance(v, (int, float, str, type(None)))}))
+    return result
 
 
-def _stage_command(stage: str, cls: type) -> None:
-    """Register ``rlhfkit <stage>`` with one option per config field."""
+def _serve(cfg: ServeConfig) -> None:
+    from rlhfkit.web.app import serve as run_server
+
+    run_server(cfg)
+
+
+def _option(name: str, hint, default: str, help_text: str, flag: str | None) -> inspect.Parameter:
+    """One typer option for a config field: bool -> --x/--no-x, list -> repeatable, Literal -> its choices."""
+    allowed = choices(hint)
+    origin = typing.get_origin(hint)
+    optional = origin in (typing.Union, types.UnionType)
+    base = next((a for a in typing.get_args(hint) if a is not type(None)), str) if optional else hint
+    opt_name = flag or "--" + name.replace("_", "-")
+    if base is list:
+        cli_type, decl = list[str], [opt_name]
+    elif base is bool:
+        cli_type, decl = bool, [f"{opt_name}/--no-{opt_name[2:]}"]
+    else:
+        cli_type, decl = (base if base in (int, float, str) else str), [opt_name]
+    extra = f" [one of: {', '.join(map(str, allowed))}]" if allowed else ""
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=Optional[cli_type],
+                             default=typer.Option(None, *decl, help=f"{help_text}{extra} [default: {default}]",
+                                                  show_default=False))
+
+
+def config_command(name: str, cls: type, run, preset: str | None = None, epilog: str | None = None) -> None:
+    """Register ``rlhfkit <name>``: one option per field of ``cls`` (nested configs by ``key=value``),
+    ``--config`` (a YAML preset; default ``preset``) and trailing ``key=value`` overrides; then
+    ``run(cfg)``."""
     hints = typing.get_type_hints(cls)
+    flags = {f.name: f.metadata.get("flag") for f in dataclasses.fields(cls)}
     params = [
         inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[str],
-                          default=typer.Option(None, "--config", "-c", help="YAML preset (a path, or a bundled preset name).")),
+                          default=typer.Option(preset, "--config", "-c",
+                                               help="YAML preset (a path, or a bundled preset name)."
+                                               + (f" [default: {preset}]" if preset else ""), show_default=False)),
         inspect.Parameter("overrides", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[list[str]],
                           default=typer.Argument(None, help="key=value overrides, applied last.", show_default=False)),
     ]
-    for name, default, help_text in field_help(cls):
-        kind = hints[name]
-        cli_type = kind if kind in (bool, int, float, str) else str  # lists/dicts: a YAML string
-        opt_name = "--" + name.replace("_", "-")
-        decl = [f"{opt_name}/--no-{name.replace('_', '-')}"] if kind is bool else [opt_name]
-        params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=Optional[cli_type],
-                                        default=typer.Option(None, *decl, help=f"{help_text} [default: {default}]",
-                                                             show_default=False)))
+    params += [_option(f, hints[f], default, text, flags[f]) for f, default, text in field_help(cls)]
 
     def command(**kwargs):
-        preset = kwargs.pop("config")
+        preset_ = kwargs.pop("config")
         overrides = kwargs.pop("overrides") or []
-        for name, value in list(kwargs.items()):
-            if value is not None and hints[name] in (list, dict):
-                kwargs[name] = yaml.safe_load(value)
-        cfg = build_config(cls, preset, overrides, **kwargs)
-        result = _runner(stage)(cfg)
-        typer.echo(json.dumps({k: v for k, v in result.items() if isinstance(v, (int, float, str, type(None)))}))
+        for field_name, value in list(kwargs.items()):
+            if value is not None and hints[field_name] is dict:
+                kwargs[field_name] = yaml.safe_load(value)
+            elif value is not None and hints[field_name] is list:  # repeated, or one YAML list '[a, b]'
+                kwargs[field_name] = [x for v in value for x in (yaml.safe_load(v) if v.startswith("[") else [v])]
+        run(build_config(cls, preset_, overrides, **kwargs))
 
     command.__signature__ = inspect.Signature(params)
     command.__doc__ = (cls.__doc__ or "").strip()
-    command.__name__ = stage
-    app.command(stage, help=command.__doc__, context_settings={"help_option_names": ["-h", "--help"]})(friendly(command))
+    command.__name__ = name
+    app.command(name, help=command.__doc__, epilog=epilog,
+                context_settings={"help_option_names": ["-h", "--help"]})(friendly(command))
 
 
 for _stage, _cls in STAGES.items():
-    _stage_command(_stage, _cls)
-_stage_command("pipeline", PipelineConfig)
-
-
+    config_command(_stage, _cls, functools.partial(_train, _stage))
+_NESTED = ("Stage settings are key=value overrides: sft.<setting>=..., rm.<setting>=..., ppo.<setting>=... "
+           "(`rlhfkit sft --help`, `rlhfkit rm --help`, `rlhfkit ppo --help` list them), or mappings under "
+           "sft:, rm:, ppo: in a --config YAML.")
+config_command("pipeline", PipelineConfig, functools.partial(_train, "pipeline"), epilog=_NESTED)
+config_command("demo", PipelineConfig, functools.partial(_train, "demo"), preset="demo",
+               epilog="The main job: the pipeline with the demo's recipe (rlhfkit/presets/demo.yaml). " + _NESTED)
+config_command("serve", ServeConfig, _serve)
 app.command("eval")(friendly(eval_command))  # its options live in rlhfkit/evals/command.py
-
-
-@app.command("demo")
-@friendly
-def demo(out: str = typer.Option("runs/demo", help="Run directory."),
-         overrides: Optional[list[str]] = typer.Argument(None, help="key=value overrides of the pipeline config.")):
-    """The main job: the RLHF pipeline on the embedded SmolLM2-135M-Instruct with the default settings."""
-    from rlhfkit.recipes.pipeline import run_pipeline
-
-    run_pipeline(build_config(PipelineConfig, None, overrides or [], out=out))
-
-
-@app.command("serve")
-@friendly
-def serve(run: str = typer.Option("runs/demo", help="Run directory: its model versions are served; feedback.db lives there."),
-          db: str = typer.Option("", help="Database URL (postgresql://user@host/db). Empty: SQLite (WAL) in the run directory."),
-          host: str = typer.Option("127.0.0.1", help="Address to listen on."),
-          port: int = typer.Option(8000, help="Port to listen on."),
-          model: Optional[list[str]] = typer.Option(None, help="Extra model version, name=spec (repeatable)."),
-          precision: str = typer.Option("auto", help="auto, bf16 or fp32."),
-          max_new_tokens: int = typer.Option(256, help="Longest answer in chat, arena and API (tokens)."),
-          rate_limit: float = typer.Option(30.0, help="Chat, arena and API requests per minute per user (0 = off)."),
-          max_body_kb: int = typer.Option(256, help="Largest request body in KiB."),
-          public_url: str = typer.Option("", help="Base URL for invite links (empty: http://host:port); an https "
-                                                  "URL also makes cookies Secure and turns on HSTS."),
-          login_failures: int = typer.Option(5, help="Failed sign-ins per name within --login-window-s before "
-                                                     "sign-in is refused with 429 (0 = no limit)."),
-          login_failures_per_address: int = typer.Option(20, help="Failed sign-ins per client address within "
-                                                                  "--login-window-s (0 = no limit)."),
-          login_window_s: float = typer.Option(300.0, help="Sign-in throttling window (seconds).")):
-    """The web app: labeling queue, arena + leaderboard, chat, admin dashboard, OpenAI-compatible API."""
-    from rlhfkit.config import ServeConfig
-    from rlhfkit.web.app import serve as run_server
-
-    run_server(ServeConfig(run=run, db=db, host=host, port=port, models=list(model or []), precision=precision,
-                           max_new_tokens=max_new_tokens, rate_limit=rate_limit, max_body_kb=max_body_kb,
-                           public_url=public_url, login_failures=login_failures,
-                           login_failures_per_address=login_failures_per_address, login_window_s=login_window_s))
 
 
 users = typer.Typer(help="People of the web app: invite links, API keys.", no_args_is_help=True)

@@ -1,7 +1,14 @@
-"""One typed config per stage. YAML files are only presets of them; ``key=value`` overrides win.
+"""One typed config per stage and per command. YAML files are only presets of them; ``key=value``
+overrides win.
 
-Every field carries its help text in ``metadata["help"]``; ``rlhfkit <stage> --help`` lists them
-all. Precedence: dataclass defaults < ``--config preset.yaml`` < ``key=value`` overrides.
+Every field carries its help text in ``metadata["help"]``; ``rlhfkit <command> --help`` lists them
+all (the CLI is generated from these classes). Precedence: dataclass defaults < ``--config
+preset.yaml`` < options < ``key=value`` overrides. Enum-like fields are ``Literal`` types, checked
+when a config is built (``__post_init__``), with the allowed values in the error.
+
+The pipeline nests the stage configs (``PipelineConfig.sft / .rm / .ppo``): one set of defaults per
+stage, set as ``sft.lr=1e-4`` on the command line or as a mapping in YAML. The demo's choices are
+the preset ``presets/demo.yaml``.
 
 Fields shared by every training stage live in ``TrainConfig``; each stage adds its own. This is
 the only inheritance in the project and it holds data, not behaviour.
@@ -11,22 +18,36 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
 from rlhfkit.errors import UserError
 
 
-def opt(default: Any, help: str, **kw: Any) -> Any:
-    """A config field with its help text (``default`` may be a list: it is copied per instance)."""
+def opt(default: Any, help: str, flag: str | None = None, **kw: Any) -> Any:
+    """A config field with its help text (a list default is copied per instance; a class default is
+    a nested config, built fresh per instance). ``flag``: the CLI option's name where it is not
+    ``--field-name`` (e.g. ``--model`` for a repeatable list ``models``)."""
+    meta = {"help": help} | ({"flag": flag} if flag else {})
+    if isinstance(default, type):  # a nested config: a fresh instance of its class
+        return field(default_factory=default, metadata=meta, **kw)
     if isinstance(default, (list, dict)):
-        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help}, **kw)
-    return field(default=default, metadata={"help": help}, **kw)
+        return field(default_factory=lambda d=default: type(d)(d), metadata=meta, **kw)
+    return field(default=default, metadata=meta, **kw)
+
+
+Precision = Literal["auto", "bf16", "fp32"]
+Schedule = Literal["cosine", "linear", "constant"]
+Switch = Literal["auto", "on", "off"]
+Critic = Literal["rm", "policy_head"]
+ScoreBaseline = Literal["none", "group"]
+Labeler = Literal["simulated", "gold", "human", "mix"]
 
 
 @dataclass
@@ -52,9 +73,9 @@ class TrainConfig:
     lr: float = opt(1e-5, "Peak learning rate (AdamW).")
     weight_decay: float = opt(0.0, "AdamW weight decay.")
     warmup_steps: int = opt(0, "Linear warm-up steps from 0 to `lr`.")
-    schedule: str = opt("cosine", "Learning-rate decay after warm-up: cosine, linear or constant.")
+    schedule: Schedule = opt("cosine", "Learning-rate decay after warm-up: cosine, linear or constant.")
     max_grad_norm: float = opt(1.0, "Clip the global gradient norm to this (0 = no clipping).")
-    precision: str = opt("auto", "auto (bf16 autocast where the hardware has it, else fp32), bf16 or fp32.")
+    precision: Precision = opt("auto", "auto (bf16 autocast where the hardware has it, else fp32), bf16 or fp32.")
     seed: int = opt(0, "Seed for data order, initialisation and sampling.")
     eval_every: int = opt(0, "Evaluate on held-out data every N steps (0 = only before and after training).")
     save_every: int = opt(0, "Write a resumable checkpoint every N steps (0 = only at the end).")
@@ -67,7 +88,10 @@ class TrainConfig:
     lora_dropout: float = opt(0.0, "LoRA dropout (0 keeps log-probs deterministic).")
     lora_targets: list = opt(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], "Module names LoRA adapts.")
     gradient_checkpointing: bool = opt(False, "Recompute activations in the backward pass (less memory, ~30% slower).")
-    compile: str = opt("auto", "torch.compile each transformer block for training: auto (bf16 full fine-tuning with a C++ compiler), on or off.")
+    compile: Switch = opt("auto", "torch.compile each transformer block for training: auto (bf16 full fine-tuning with a C++ compiler), on or off.")
+
+    def __post_init__(self) -> None:
+        check_literals(self)
 
 
 @dataclass
@@ -100,66 +124,13 @@ class RewardConfig(TrainConfig):
 
 
 @dataclass
-class PipelineConfig:
-    """The RLHF loop on the built-in task: sample -> label -> SFT (best-of-K) -> reward model -> judge."""
-
-    model: str = opt("smollm2-135m-instruct", "Base model (any --model spec).")
-    out: str = opt("runs/demo", "Run directory: every round's samples, rankings, models and metrics stay here.")
-    train_prompts: int = opt(96, "Train prompts of the built-in task to sample and label (seeded subset).")
-    eval_prompts: int = opt(0, "Held-out prompts for judging versions (0 = all 108).")
-    k: int = opt(6, "Answers sampled per prompt for the labeler to rank (K = 2..9); a ranking of K gives K(K-1)/2 pairs.")
-    max_new_tokens: int = opt(128, "Longest answer, in tokens.")
-    temperature: float = opt(1.0, "Sampling temperature for the K answers (0.7, PPO's rollout temperature, gave a better SFT model but a worse PPO gain; see docs/experiments.md).")
-    labeler: str = opt("simulated", "Who ranks: simulated (gold rubric + human-like noise), gold (no noise), human (people in `rlhfkit serve`), or mix (people, the simulated labeler for the rest).")
-    db: str = opt("", "labeler=human/mix: preference-store URL (empty: SQLite feedback.db in `out`, which `rlhfkit serve --run OUT` uses).")
-    human_rankings: int = opt(0, "labeler=human/mix: tasks of a round that people must rank before training goes on (0 = all).")
-    human_timeout: float = opt(86400.0, "labeler=human/mix: seconds to wait for them; then stop (rerun the same command to keep waiting).")
-    human_poll: float = opt(5.0, "labeler=human/mix: seconds between checks of the store.")
-    labeler_temperature: float = opt(0.1, "Simulated labeler: Plackett-Luce noise temperature (0 = exact gold order).")
-    labeler_length_bias: float = opt(0.0, "Simulated labeler: taste for longer (> 0) or shorter (< 0) answers.")
-    labeler_random_share: float = opt(0.05, "Simulated labeler: share of careless, uniformly random rankings.")
-    revise_demos: bool = opt(True, "Edit each demonstration by rule where that satisfies an instruction it missed (lowercase, end phrase, no commas, ...; rlhfkit/feedback/revise.py).")
-    rank_revisions: bool = opt(True, "The simulated or gold labeler also ranks rule-revised versions of the sampled answers (revise.with_revisions), so the RM sees one answer with and without a missed instruction met.")
-    rank_edit_sets: bool = opt(True, "The simulated or gold labeler also ranks, per prompt, one sampled answer beside rule edits of it that each fix one missed instruction (revise.edit_set).")
-    min_demo_score: float = opt(0.0, "A prompt's best answer becomes a demonstration only if its gold score is above this.")
-    sft_epochs: float = opt(3.0, "SFT epochs over the demonstrations.")
-    sft_lr: float = opt(1e-4, "SFT learning rate (2e-5 barely moved the model in the demo; see docs/experiments.md).")
-    rm_epochs: float = opt(1.0, "Reward-model epochs over the rankings.")
-    rm_lr: float = opt(1e-5, "Reward-model learning rate.")
-    rm_batch_size: int = opt(8, "Reward-model prompts per optimizer step (each brings its K answers).")
-    batch_size: int = opt(8, "Batch size of SFT (examples).")
-    grad_accum: int = opt(4, "Micro-batches per optimizer step of SFT and the reward model (a memory knob: the loss is the same; K answers x 2 prompts per RM micro-batch keeps a step under ~4 GB).")
-    max_length: int = opt(384, "Maximum prompt + answer tokens in training.")
-    rounds: int = opt(1, "Rounds of iterated online RLHF: each samples from the newest policy, ranks, retrains the RM, runs PPO.")
-    round_prompts: int = opt(64, "Fresh train prompts whose K answers from the newest policy are ranked in each round after the first (and in round 1 with rank_sft); see docs/experiments.md for more.")
-    rank_sft: bool = opt(True, "Round 1 also ranks K answers of the SFT model to round_prompts fresh prompts, so the RM learns from SFT samples too (as InstructGPT).")
-    ppo_iterations: int = opt(40, "PPO iterations per round (0 = no PPO: SFT + reward model only).")
-    ppo_batch_size: int = opt(4, "Prompts per PPO iteration (x ppo_samples_per_prompt = 16 rollouts by default).")
-    ppo_lr: float = opt(1e-5, "PPO learning rate (policy and critic).")
-    ppo_samples_per_prompt: int = opt(4, "PPO: responses sampled per prompt in each iteration (rollout batch = ppo_batch_size x this).")
-    ppo_score_baseline: str = opt("group", "PPO: 'group' subtracts from each score the mean of the other samples of its prompt (needs ppo_samples_per_prompt >= 2); 'none' as InstructGPT. See docs/experiments.md.")
-    ppo_lam: float = opt(1.0, "PPO: GAE lambda. The demo's critic starts at zero, so with lambda < 1 early tokens, where an answer's form is set, get almost no credit; 1.0 gives each the whole baselined score.")
-    ppo_critic: str = opt("policy_head", "PPO critic: 'policy_head' (a value head on the policy trunk: one model to train, what fits a CPU demo) or 'rm' (a copy of the reward model, as InstructGPT).")
-    kl_coef: float = opt(0.05, "PPO: beta of the per-token KL penalty to the SFT model.")
-    ppo_temperature: float = opt(0.7, "PPO: sampling temperature of rollouts.")
-    precision: str = opt("auto", "auto (bf16 where the hardware has it), bf16 or fp32.")
-    seed: int = opt(0, "Seed for prompt choice, sampling, labeler noise and training.")
-    save_every: int = opt(10, "SFT, the reward model and PPO each write a resumable checkpoint every N steps (0 = only at the end); a killed pipeline, run again, continues each stage from its last one.")
-    report_to: str = opt("none", "Experiment trackers of SFT, the reward model and PPO (as each stage's report_to): none, tensorboard, wandb, mlflow, all, or a comma list.")
-    fresh_process: bool = opt(True, "Run SFT, the reward model and PPO each in a child process of its own (the same results): in one process the earlier stages' leftover memory slowed PPO ~1.5x.")
-    eval_suites: str = opt("", "Also run these `rlhfkit eval` suites on every version, SFT as the baseline (comma list of truthful, harmless, tax, helpful; empty = none).")
-    eval_data_dir: str = opt("", "Local copies of the eval_suites data sets, laid out as `rlhfkit eval --help` lists under --data-dir (evals/runner.py: DEFAULT_FILES). Empty = their Hugging Face hub datasets (downloaded once, then cached).")
-    eval_limit: int = opt(100, "Cap on the items of each eval suite (0 = whole data sets; hours on a CPU).")
-
-
-@dataclass
 class PPOConfig(TrainConfig):
     """PPO against a reward model with a per-token KL penalty to the SFT model (InstructGPT step 3)."""
 
     model: str = opt("smollm2-135m-instruct", "The SFT model: the policy starts from it and the frozen reference is it.")
     data: str = opt("", "Prompts (any prompt format of the loaders). Empty: the built-in task's train split.")
     reward_model: str = opt("", "Reward model directory (saved by `rlhfkit rm`). Empty only when a reward_fn is passed from Python.")
-    critic: str = opt("rm", "Critic: 'rm' (a copy of the reward model, its head applied per token) or 'policy_head' (a value head on the policy trunk).")
+    critic: Critic = opt("rm", "Critic: 'rm' (a copy of the reward model, its head applied per token) or 'policy_head' (a value head on the policy trunk).")
     critic_model: str = opt("", "Initialise the critic from this model instead of `reward_model` (empty: reward_model, else the SFT model with a fresh head).")
     batch_size: int = opt(16, "Prompts per PPO iteration (rollout batch = batch_size x samples_per_prompt).")
     samples_per_prompt: int = opt(1, "Responses sampled per prompt in each iteration (they share one prefill).")
@@ -171,7 +142,7 @@ class PPOConfig(TrainConfig):
     ppo_epochs: int = opt(1, "Passes over each rollout batch.")
     num_minibatches: int = opt(2, "Optimizer steps per pass over a rollout batch.")
     lr: float = opt(3e-6, "Learning rate of policy and critic (one AdamW, one gradient-norm clip).")
-    schedule: str = opt("constant", "Learning-rate decay after warm-up: cosine, linear or constant.")
+    schedule: Schedule = opt("constant", "Learning-rate decay after warm-up: cosine, linear or constant.")
     kl_coef: float = opt(0.05, "beta of the per-token KL penalty -beta (log pi - log pi_ref); the initial value when adaptive_kl.")
     adaptive_kl: bool = opt(False, "Adapt beta towards target_kl (Ziegler et al. 2019).")
     target_kl: float = opt(6.0, "Target KL per response (nats) for adaptive_kl.")
@@ -185,7 +156,7 @@ class PPOConfig(TrainConfig):
     whiten_advantages: bool = opt(True, "Whiten advantages over the rollout batch.")
     whiten_rewards: bool = opt(False, "Scale per-token rewards to unit variance (mean kept).")
     score_clip: float = opt(0.0, "Clip reward-model scores to [-c, c] (0 = off).")
-    score_baseline: str = opt("none", "'group': subtract from each score the mean of the other samples of its prompt (leave-one-out, RLOO; needs samples_per_prompt >= 2): the RM's per-prompt offset is noise to PPO. 'none': InstructGPT's plain score.")
+    score_baseline: ScoreBaseline = opt("none", "'group': subtract from each score the mean of the other samples of its prompt (leave-one-out, RLOO; needs samples_per_prompt >= 2): the RM's per-prompt offset is noise to PPO. 'none': InstructGPT's plain score.")
     missing_eos_penalty: float | None = opt(-1.0, "Score given to a response that never produced EOS (null = keep its score).")
     ptx_data: str = opt("", "PPO-ptx: a text corpus whose next-token loss is mixed into every minibatch (empty = off).")
     ptx_coef: float = opt(0.0, "PPO-ptx: weight gamma of the pretraining loss.")
@@ -197,6 +168,82 @@ class PPOConfig(TrainConfig):
 
 
 @dataclass
+class PipelineConfig:
+    """The RLHF loop on the built-in task: sample -> label -> SFT (best-of-K) -> reward model -> PPO -> judge.
+
+    The stages' settings are nested: ``sft.lr=1e-4``, ``rm.epochs=2``, ``ppo.kl_coef=0.02``. The
+    pipeline itself sets each stage's model, data, out, seed, precision, save_every, report_to and
+    resume (and PPO's reward_model); ``make demo`` runs it with the preset ``demo``.
+    """
+
+    model: str = opt("smollm2-135m-instruct", "Base model (any --model spec).")
+    out: str = opt("runs/demo", "Run directory: every round's samples, rankings, models and metrics stay here.")
+    train_prompts: int = opt(96, "Train prompts of the built-in task to sample and label (seeded subset).")
+    eval_prompts: int = opt(0, "Held-out prompts for judging versions (0 = all 108).")
+    k: int = opt(6, "Answers sampled per prompt for the labeler to rank (K = 2..9); a ranking of K gives K(K-1)/2 "
+                    "pairs.")
+    max_new_tokens: int = opt(128, "Longest answer sampled for ranking and judging, in tokens.")
+    temperature: float = opt(1.0, "Sampling temperature of the K answers to rank.")
+    labeler: Labeler = opt("simulated", "Who ranks: simulated (gold rubric + human-like noise), gold (no noise), "
+                                        "human (people in `rlhfkit serve`), or mix (people, the simulated labeler "
+                                        "for the rest).")
+    db: str = opt("", "labeler=human/mix: preference-store URL (empty: SQLite feedback.db in `out`, which "
+                      "`rlhfkit serve --run OUT` uses).")
+    human_rankings: int = opt(0, "labeler=human/mix: tasks of a round that people must rank before training goes on "
+                                 "(0 = all).")
+    human_timeout: float = opt(86400.0, "labeler=human/mix: seconds to wait for them; then stop (rerun the same "
+                                        "command to keep waiting).")
+    human_poll: float = opt(5.0, "labeler=human/mix: seconds between checks of the store.")
+    labeler_temperature: float = opt(0.1, "Simulated labeler: Plackett-Luce noise temperature (0 = exact gold order).")
+    labeler_length_bias: float = opt(0.0, "Simulated labeler: taste for longer (> 0) or shorter (< 0) answers.")
+    labeler_random_share: float = opt(0.05, "Simulated labeler: share of careless, uniformly random rankings.")
+    revise_demos: bool = opt(True, "Edit each demonstration by rule where that satisfies an instruction it missed "
+                                   "(rlhfkit/feedback/revise.py).")
+    rank_revisions: bool = opt(True, "The simulated or gold labeler also ranks rule-revised versions of the sampled "
+                                     "answers, so the RM sees one answer with and without a missed instruction met.")
+    rank_edit_sets: bool = opt(True, "The simulated or gold labeler also ranks, per prompt, one sampled answer beside "
+                                     "rule edits of it that each fix one missed instruction.")
+    min_demo_score: float = opt(0.0, "A prompt's best answer becomes a demonstration only if its gold score is above "
+                                     "this.")
+    rounds: int = opt(1, "Rounds of iterated online RLHF: each samples from the newest policy, ranks, retrains the "
+                         "RM, runs PPO.")
+    round_prompts: int = opt(64, "Fresh train prompts whose K answers from the newest policy are ranked in each "
+                                 "round after the first (and in round 1 with rank_sft).")
+    rank_sft: bool = opt(True, "Round 1 also ranks K answers of the SFT model to round_prompts fresh prompts, so the "
+                               "RM learns from SFT samples too (as InstructGPT).")
+    with_ppo: bool = opt(True, "Run PPO in every round (false: SFT and reward models only).")
+    precision: Precision = opt("auto", "Precision of every stage: auto (bf16 where the hardware has it), bf16 or "
+                                       "fp32.")
+    seed: int = opt(0, "Seed for prompt choice, sampling, labeler noise and every stage (PPO of round r: seed + r).")
+    save_every: int = opt(10, "Every stage writes a resumable checkpoint every N steps (0 = only at the end); a "
+                              "killed pipeline, run again, continues each stage from its last one.")
+    report_to: str = opt("none", "Experiment trackers of every stage: none, tensorboard, wandb, mlflow, all, or a "
+                                 "comma list.")
+    fresh_process: bool = opt(True, "Run each training stage in a child process of its own (the same results): in "
+                                    "one process the earlier stages' leftover memory slows the later ones.")
+    eval_suites: str = opt("", "Also run these `rlhfkit eval` suites on every version, SFT as the baseline (comma "
+                               "list of truthful, harmless, tax, helpful; empty = none).")
+    eval_data_dir: str = opt("", "Local copies of the eval_suites data sets, laid out as `rlhfkit eval --help` "
+                                 "lists under --data-dir. Empty = their Hugging Face hub datasets.")
+    eval_limit: int = opt(100, "Cap on the items of each eval suite (0 = whole data sets; hours on a CPU).")
+    sft: SFTConfig = opt(SFTConfig, "SFT on the demonstrations (the labeler's best answer of each prompt).")
+    rm: RewardConfig = opt(RewardConfig, "The reward model of each round, from all rankings so far.")
+    ppo: PPOConfig = opt(PPOConfig, "PPO of each round, from the SFT model against that round's reward model.")
+
+    def __post_init__(self) -> None:
+        for name, cls in STAGE_FIELDS.items():
+            value = getattr(self, name)
+            if isinstance(value, dict):  # e.g. read back from a run's pipeline.json
+                value = config_from_dict(cls, value, f"{name}.")
+                setattr(self, name, value)
+            for key in PIPELINE_SETS + (("reward_model",) if name == "ppo" else ()):
+                if getattr(value, key) != getattr(cls(), key):
+                    raise UserError(f"{name}.{key}: the pipeline sets each stage's {key} itself; "
+                                    f"remove {name}.{key}=... (see `rlhfkit pipeline --help`)")
+        check_literals(self)
+
+
+@dataclass
 class ServeConfig:
     """The web app: labeling queue, arena and leaderboard, chat, admin dashboard, OpenAI-compatible API."""
 
@@ -204,8 +251,9 @@ class ServeConfig:
     db: str = opt("", "Database URL (e.g. postgresql://user@host/db). Empty: sqlite in the run directory (WAL).")
     host: str = opt("127.0.0.1", "Address to listen on.")
     port: int = opt(8000, "Port to listen on.")
-    models: list = opt([], "Extra model versions as name=spec (any --model spec), besides those found in the run.")
-    precision: str = opt("auto", "auto (bf16 where the hardware has it), bf16 or fp32.")
+    models: list = opt([], "Extra model versions as name=spec (any --model spec), besides those found in the run "
+                           "(repeatable: --model a=DIR --model b=DIR).", flag="--model")
+    precision: Precision = opt("auto", "auto (bf16 where the hardware has it), bf16 or fp32.")
     max_new_tokens: int = opt(256, "Longest answer in chat, the arena and the API (tokens); requests may ask for less.")
     rate_limit: float = opt(30.0, "Chat, arena and API requests per minute per user (0 = no limit).")
     max_body_kb: int = opt(256, "Largest request body (KiB); larger requests get 413.")
@@ -217,25 +265,74 @@ class ServeConfig:
                                               "(0 = no limit).")
     login_window_s: float = opt(300.0, "The sign-in throttling window (seconds).")
 
+    def __post_init__(self) -> None:
+        check_literals(self)
+
 
 STAGES: dict[str, type] = {"pretrain": PretrainConfig, "sft": SFTConfig, "rm": RewardConfig, "ppo": PPOConfig}
+STAGE_FIELDS: dict[str, type] = {"sft": SFTConfig, "rm": RewardConfig, "ppo": PPOConfig}  # PipelineConfig's nesting
+PIPELINE_SETS = ("model", "data", "out", "resume", "seed", "precision", "save_every", "report_to")
 
 
 # ---------------------------------------------------------------- building configs
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML with true/false as the only booleans: ``compile: off`` stays the string 'off'."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in rules if tag != "tag:yaml.org,2002:bool"]
+    for first, rules in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                              list("tTfF"))
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def choices(hint: Any) -> tuple | None:
+    """The allowed values of a ``Literal`` field (also inside ``Optional``), else None."""
+    if typing.get_origin(hint) is Literal:
+        return typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        for arg in typing.get_args(hint):
+            if typing.get_origin(arg) is Literal:
+                return typing.get_args(arg)
+    return None
+
+
+def check_literals(cfg: Any) -> None:
+    """Every ``Literal`` field of ``cfg`` holds one of its allowed values (called by ``__post_init__``)."""
+    for name, hint in _hints(type(cfg)).items():
+        allowed = choices(hint)
+        value = getattr(cfg, name)
+        if allowed is not None and value not in allowed and not (value is None and type(None) in typing.get_args(hint)):
+            raise UserError(f"{name}={value!r}: expected one of {', '.join(map(str, allowed))}")
+
+
 def field_help(cls: type) -> list[tuple[str, str, str]]:
-    """(name, default as text, help) for every field: what ``--help`` prints."""
+    """(name, default as text, help) for every field except nested configs: what ``--help`` prints."""
     rows = []
     for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(_hints(cls)[f.name]):
+            continue
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         rows.append((f.name, repr(default) if default != "" else "''", f.metadata.get("help", "")))
     return rows
 
 
 def _coerce(cls: type, name: str, value: Any, where: str) -> Any:
-    hints = typing.get_type_hints(cls)
-    want = hints[name]
+    want = _hints(cls)[name]
+    allowed = choices(want)
+    if allowed is not None:
+        if value is None and type(None) in typing.get_args(want):
+            return None
+        if value not in allowed:
+            raise UserError(f"{where}: {name} expects one of {', '.join(map(str, allowed))}, got {value!r}")
+        return value
     origin = typing.get_origin(want)
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(want) if a is not type(None)]
@@ -266,6 +363,22 @@ def _coerce(cls: type, name: str, value: Any, where: str) -> Any:
     return value
 
 
+def _owner(cls: type, dotted: str, where: str) -> tuple[type, str]:
+    """The config class that holds setting ``dotted`` (``lr`` or ``sft.lr``), and its last name."""
+    *groups, name = dotted.split(".")
+    for group in groups:
+        _check_name(cls, group, where)
+        sub = _hints(cls)[group]
+        if not dataclasses.is_dataclass(sub):
+            raise UserError(f"{where}: '{group}' is a single setting, not a group of them")
+        cls = sub
+    _check_name(cls, name, where)
+    if dataclasses.is_dataclass(_hints(cls)[name]):
+        raise UserError(f"{where}: '{dotted}' is a group of settings: set {dotted}.<name>=value "
+                        f"(`rlhfkit {dotted.split('.')[-1]} --help` lists them)")
+    return cls, name
+
+
 def _check_name(cls: type, name: str, where: str) -> None:
     names = [f.name for f in dataclasses.fields(cls)]
     if name not in names:
@@ -274,27 +387,78 @@ def _check_name(cls: type, name: str, where: str) -> None:
         raise UserError(f"{where}: unknown setting '{name}'{hint}; `--help` lists them all")
 
 
+def _put(values: dict, dotted: str, value: Any) -> None:
+    *groups, name = dotted.split(".")
+    for group in groups:
+        values = values.setdefault(group, {})
+    values[name] = value
+
+
+def _flatten(cls: type, mapping: dict, where: str, prefix: str = "") -> list[tuple[str, Any]]:
+    """(dotted name, value) of a YAML mapping; a nested config's mapping becomes ``group.name`` keys."""
+    items = []
+    for k, v in mapping.items():
+        _check_name(cls, str(k), where)
+        sub = _hints(cls)[k]
+        if dataclasses.is_dataclass(sub):
+            if not isinstance(v, dict):
+                raise UserError(f"{where}: {prefix}{k} is a group of settings: expected a mapping of name: value")
+            items += _flatten(sub, v, where, f"{prefix}{k}.")
+        else:
+            items.append((f"{prefix}{k}", v))
+    return items
+
+
+def _read_preset(preset: str, seen: tuple[str, ...] = ()) -> tuple[Path, dict]:
+    """A preset's settings as a mapping; ``extends: other`` starts from another preset's."""
+    path = Path(preset)
+    if not path.exists():
+        bundled = Path(__file__).parent / "presets" / f"{preset}.yaml"
+        path = bundled if bundled.exists() else path
+    if not path.exists():
+        raise UserError(f"--config {preset}: no such file (nor a bundled preset of that name)")
+    try:
+        loaded = yaml.load(path.read_text(), Loader=_Loader) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark else ""
+        raise UserError(f"{path}{line}: not valid YAML ({getattr(e, 'problem', e)})") from None
+    if not isinstance(loaded, dict):
+        raise UserError(f"{path}: expected a mapping of setting: value")
+    base = loaded.pop("extends", None)
+    if base is None:
+        return path, loaded
+    if str(base) in seen:
+        raise UserError(f"{path}: 'extends: {base}' goes round in a circle")
+    _, merged = _read_preset(str(base), seen + (preset,))
+    for k, v in loaded.items():  # one level of groups: `sft: {lr: ...}` adds to the base's `sft:`
+        merged[k] = {**merged[k], **v} if isinstance(v, dict) and isinstance(merged.get(k), dict) else v
+    return path, merged
+
+
+def config_from_dict(cls: type, values: dict, where: str = "") -> Any:
+    """Build ``cls`` from a (possibly nested) mapping of settings, checking names and types."""
+    kwargs = {}
+    for name, value in values.items():
+        _check_name(cls, name, where or cls.__name__)
+        sub = _hints(cls)[name]
+        if dataclasses.is_dataclass(sub) and isinstance(value, dict):
+            kwargs[name] = config_from_dict(sub, value, f"{where}{name}.")
+        else:
+            kwargs[name] = _coerce(cls, name, value, f"{where}{name}")
+    return cls(**kwargs)
+
+
 def build_config(cls: type, preset: str | None = None, overrides: list[str] = (), **cli: Any):
-    """Defaults < YAML preset < explicit CLI options (``cli``, None = not given) < ``key=value``."""
+    """Defaults < YAML preset < explicit CLI options (``cli``, None = not given) < ``key=value``.
+
+    Overrides and preset keys may name a nested config's setting: ``sft.lr=1e-4``."""
     values: dict[str, Any] = {}
     if preset:
-        path = Path(preset)
-        if not path.exists():
-            bundled = Path(__file__).parent / "presets" / f"{preset}.yaml"
-            path = bundled if bundled.exists() else path
-        if not path.exists():
-            raise UserError(f"--config {preset}: no such file (nor a bundled preset of that name)")
-        try:
-            loaded = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            line = f":{mark.line + 1}" if mark else ""
-            raise UserError(f"{path}{line}: not valid YAML ({getattr(e, 'problem', e)})") from None
-        if not isinstance(loaded, dict):
-            raise UserError(f"{path}: expected a mapping of setting: value")
-        for k, v in loaded.items():
-            _check_name(cls, k, str(path))
-            values[k] = _coerce(cls, k, v, str(path))
+        path, loaded = _read_preset(preset)
+        for k, v in _flatten(cls, loaded, str(path)):
+            owner, name = _owner(cls, k, str(path))
+            _put(values, k, _coerce(owner, name, v, str(path)))
     for k, v in cli.items():
         if v is not None:
             values[k] = _coerce(cls, k, v, f"--{k.replace('_', '-')}")
@@ -303,15 +467,16 @@ def build_config(cls: type, preset: str | None = None, overrides: list[str] = ()
             raise UserError(f"'{item}': overrides are key=value (for example lr=1e-5)")
         k, raw = item.split("=", 1)
         k = k.strip().replace("-", "_")
-        _check_name(cls, k, f"override '{item}'")
+        owner, name = _owner(cls, k, f"override '{item}'")
         try:
-            v = yaml.safe_load(raw) if raw.strip() else ""
+            v = yaml.load(raw, Loader=_Loader) if raw.strip() else ""
         except yaml.YAMLError:
             v = raw
-        if isinstance(v, (int, float)) and typing.get_type_hints(cls)[k] is str:
-            v = raw
-        values[k] = _coerce(cls, k, v, f"override '{item}'")
-    return cls(**values)
+        hint = _hints(owner)[name]
+        if not isinstance(v, str) and (hint is str or (choices(hint) and v is not None)):
+            v = raw  # a string setting keeps the text as typed ('1e-5', 'true')
+        _put(values, k, _coerce(owner, name, v, f"override '{item}'"))
+    return config_from_dict(cls, values)
 
 
 def save_config(cfg: Any, path: Path) -> None:

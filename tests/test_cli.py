@@ -93,7 +93,72 @@ def test_resume_without_checkpoint(tmp_path, tiny_path):
 def test_bundled_presets_load():
     from rlhfkit.config import PipelineConfig, RewardConfig
 
-    quick = build_config(PipelineConfig, "pipeline-quick")
-    assert quick.train_prompts == 16 and quick.ppo_iterations == 3
+    quick = build_config(PipelineConfig, "pipeline-quick")  # extends: demo
+    assert quick.train_prompts == 16 and quick.ppo.max_steps == 3 and quick.sft.epochs == 1
+    assert quick.sft.lr == 1e-4 and quick.ppo.critic == "policy_head"  # from the demo preset
     rm = build_config(RewardConfig, "rm-hh", ["lr=2e-5"])
     assert rm.epochs == 1.0 and rm.lr == 2e-5 and rm.max_length == 512
+
+
+def test_the_demo_preset_is_the_recipe_of_the_main_job():
+    """`rlhfkit demo` = the pipeline with presets/demo.yaml over each stage's own defaults."""
+    from rlhfkit.config import PipelineConfig, PPOConfig, SFTConfig
+
+    demo = build_config(PipelineConfig, "demo")
+    assert (demo.sft.lr, demo.sft.epochs, demo.sft.grad_accum, demo.sft.max_length) == (1e-4, 3.0, 4, 384)
+    assert (demo.rm.batch_size, demo.rm.eval_fraction, demo.rm.warmup_steps) == (8, 0.15, 2)
+    assert (demo.ppo.max_steps, demo.ppo.batch_size, demo.ppo.samples_per_prompt, demo.ppo.lam) == (40, 4, 4, 1.0)
+    assert (demo.ppo.critic, demo.ppo.score_baseline, demo.ppo.max_new_tokens) == ("policy_head", "group", 128)
+    plain = PipelineConfig()  # without the preset: each stage's one set of defaults
+    assert plain.sft == SFTConfig() and plain.ppo == PPOConfig()
+
+
+def test_nested_stage_settings_on_the_command_line_and_in_yaml(tmp_path):
+    from rlhfkit.config import PipelineConfig
+
+    preset = tmp_path / "p.yaml"
+    preset.write_text("extends: demo\nk: 4\nsft:\n  lr: 3.0e-5\nppo:\n  compile: off\n")
+    cfg = build_config(PipelineConfig, str(preset), ["ppo.kl_coef=0.02", "rm.epochs=2"], seed=3)
+    assert (cfg.k, cfg.seed, cfg.sft.lr, cfg.sft.epochs) == (4, 3, 3e-5, 3.0)  # sft.epochs from demo.yaml
+    assert (cfg.ppo.kl_coef, cfg.ppo.compile, cfg.ppo.critic, cfg.rm.epochs) == (0.02, "off", "policy_head", 2.0)
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("ppo.critic=value_net", "critic expects one of rm, policy_head, got 'value_net'"),
+    ("sft.schedule=cosin", "schedule expects one of cosine, linear, constant"),
+    ("labeler=robot", "labeler expects one of simulated, gold, human, mix"),
+    ("sft.lrr=1e-4", "unknown setting 'lrr' (did you mean lr?)"),
+    ("sft.model=other", "the pipeline sets each stage's model itself"),
+    ("ppo.reward_model=x", "the pipeline sets each stage's reward_model itself"),
+    ("sft=1", "'sft' is a group of settings"),
+    ("k.x=1", "'k' is a single setting"),
+])
+def test_bad_pipeline_settings_are_one_line_errors(override, message, tmp_path):
+    result = runner.invoke(app, ["pipeline", "--out", str(tmp_path / "o"), override])
+    assert result.exit_code == 2
+    assert message in _error_line(result)
+
+
+def test_literal_fields_are_checked_when_a_config_is_built():
+    from rlhfkit.config import PPOConfig, ServeConfig, SFTConfig
+    from rlhfkit.errors import UserError
+
+    for make in (lambda: PPOConfig(score_baseline="mean"), lambda: SFTConfig(precision="fp16"),
+                 lambda: ServeConfig(precision="half")):
+        with pytest.raises(UserError, match="expected one of"):
+            make()
+
+
+def test_serve_options_come_from_its_config(monkeypatch):
+    """`rlhfkit serve` is generated from ServeConfig: every field an option, --model repeatable."""
+    from rlhfkit.config import ServeConfig
+
+    result = runner.invoke(app, ["serve", "--help"], terminal_width=200)
+    text = " ".join(result.output.split())
+    for f in dataclasses.fields(ServeConfig):
+        assert (f.metadata.get("flag") or "--" + f.name.replace("_", "-")) in text, f.name
+    got = []
+    monkeypatch.setattr("rlhfkit.web.app.serve", got.append)
+    result = runner.invoke(app, ["serve", "--port", "9001", "--model", "a=x", "--model", "b=y", "rate_limit=5"])
+    assert result.exit_code == 0, result.output
+    assert got == [ServeConfig(port=9001, models=["a=x", "b=y"], rate_limit=5.0)]

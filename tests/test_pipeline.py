@@ -1,20 +1,30 @@
 """The main job's loop on tiny-random: every stage runs, writes its files, and is not redone."""
 
+import dataclasses
 import json
 import math
 
 import pytest
 import torch
 
-from rlhfkit.config import PipelineConfig
+from rlhfkit.config import PipelineConfig, build_config
 from rlhfkit.recipes.pipeline import run_pipeline
 
 
+def demo_config(sft: dict | None = None, rm: dict | None = None, ppo: dict | None = None, **top) -> PipelineConfig:
+    """The demo's recipe (presets/demo.yaml) with these settings changed: the main job, made small."""
+    cfg = build_config(PipelineConfig, "demo")
+    return dataclasses.replace(cfg, sft=dataclasses.replace(cfg.sft, **(sft or {})),
+                               rm=dataclasses.replace(cfg.rm, **(rm or {})),
+                               ppo=dataclasses.replace(cfg.ppo, **(ppo or {})), **top)
+
+
 def test_pipeline_end_to_end_on_tiny(tiny_path, tmp_path, fixtures):
-    cfg = PipelineConfig(model=tiny_path, out=str(tmp_path / "run"), train_prompts=8, eval_prompts=4, k=3,
-                         max_new_tokens=12, batch_size=4, precision="fp32", min_demo_score=-2.0,
-                         rounds=1, round_prompts=4, rank_sft=True, revise_demos=True, rank_revisions=True, ppo_iterations=1, ppo_batch_size=2,
-                         eval_suites="truthful,tax", eval_data_dir=str(fixtures / "evals"), eval_limit=3)
+    cfg = demo_config(model=tiny_path, out=str(tmp_path / "run"), train_prompts=8, eval_prompts=4, k=3,
+                      max_new_tokens=12, precision="fp32", min_demo_score=-2.0, rounds=1, round_prompts=4,
+                      rank_sft=True, revise_demos=True, rank_revisions=True, eval_suites="truthful,tax",
+                      eval_data_dir=str(fixtures / "evals"), eval_limit=3, sft={"batch_size": 4},
+                      ppo={"max_steps": 1, "batch_size": 2, "max_new_tokens": 12})
     summary = run_pipeline(cfg)
     run = tmp_path / "run"
     samples = [json.loads(x) for x in (run / "round0" / "samples.jsonl").read_text().splitlines()]
@@ -146,9 +156,10 @@ def test_a_killed_pipeline_resumes_each_stage_from_its_checkpoint(tiny_path, tmp
 
     from safetensors.torch import load_file
 
-    settings = dict(model=tiny_path, train_prompts=8, eval_prompts=3, k=3, max_new_tokens=10, batch_size=4,
-                    precision="fp32", min_demo_score=-2.0, round_prompts=4, ppo_iterations=4, ppo_batch_size=2,
-                    rm_batch_size=4, save_every=1, fresh_process=False)
+    settings = dataclasses.asdict(demo_config(
+        model=tiny_path, train_prompts=8, eval_prompts=3, k=3, max_new_tokens=10, precision="fp32", min_demo_score=-2.0,
+        round_prompts=4, save_every=1, fresh_process=False, sft={"batch_size": 4}, rm={"batch_size": 4},
+        ppo={"max_steps": 4, "batch_size": 2, "max_new_tokens": 10}))
     from rlhfkit.recipes.common import read_metrics
 
     def assert_continued(stage_dir, at, before):
@@ -156,7 +167,7 @@ def test_a_killed_pipeline_resumes_each_stage_from_its_checkpoint(tiny_path, tmp
         included, are those the killed run wrote."""
         assert before and [m for m in read_metrics(stage_dir) if m["step"] <= at] == before
 
-    whole = run_pipeline(PipelineConfig(out=str(tmp_path / "whole"), **settings))
+    whole = run_pipeline(PipelineConfig(**{**settings, "out": str(tmp_path / "whole")}))
     run = tmp_path / "killed"
     script = tmp_path / "crash.py"
     script.write_text(CRASH)
@@ -172,7 +183,7 @@ def test_a_killed_pipeline_resumes_each_stage_from_its_checkpoint(tiny_path, tmp
             assert_continued(*resumed)
         resumed = (stage_dir, at, [m for m in read_metrics(stage_dir) if m["step"] <= at])
     said = []
-    summary = run_pipeline(PipelineConfig(out=str(run), **settings), say=said.append)
+    summary = run_pipeline(PipelineConfig(**{**settings, "out": str(run)}), say=said.append)
     assert f"{run / 'round1' / 'ppo'}: resuming from step-000002" in said
     assert_continued(*resumed)
     for d in ("sft", "round1/rm", "round1/ppo"):
@@ -286,9 +297,9 @@ def test_the_main_job_survives_what_a_model_writes(tiny_path, tmp_path, monkeypa
 
     stub_generate.calls = 0
     monkeypatch.setattr(Engine, "generate", stub_generate)
-    cfg = PipelineConfig(model=tiny_path, out=str(tmp_path / "run"), train_prompts=6, eval_prompts=6, k=6, max_new_tokens=40,
-                         batch_size=4, precision="fp32", min_demo_score=-9.0, round_prompts=3, ppo_iterations=2,
-                         ppo_batch_size=2, fresh_process=False, report_to="tensorboard")
+    cfg = demo_config(model=tiny_path, out=str(tmp_path / "run"), train_prompts=6, eval_prompts=6, k=6,
+                      max_new_tokens=40, precision="fp32", min_demo_score=-9.0, round_prompts=3, fresh_process=False,
+                      report_to="tensorboard", sft={"batch_size": 4}, ppo={"max_steps": 2, "batch_size": 2, "max_new_tokens": 40})
     summary = run_pipeline(cfg)
     run = tmp_path / "run"
     samples = read_jsonl(run / "round0" / "samples.jsonl")

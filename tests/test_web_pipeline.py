@@ -3,13 +3,14 @@ times out resumably), people rank in the web app, and the reward model trains on
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
 from fastapi.testclient import TestClient
 from web_support import csrf_of, sign_in
 
-from rlhfkit.config import PipelineConfig, ServeConfig
+from rlhfkit.config import PipelineConfig, ServeConfig, SFTConfig
 from rlhfkit.errors import UserError
 from rlhfkit.recipes.pipeline import run_pipeline
 from rlhfkit.web.app import create_app
@@ -18,7 +19,8 @@ from rlhfkit.web.app import create_app
 def test_pipeline_waits_for_people_and_trains_on_their_rankings(tiny_path, tmp_path):
     out = tmp_path / "run"
     cfg = PipelineConfig(model=tiny_path, out=str(out), train_prompts=3, eval_prompts=2, k=2, max_new_tokens=6,
-                         batch_size=2, precision="fp32", min_demo_score=-2.0, rounds=1, ppo_iterations=0, rank_sft=False,
+                         sft=SFTConfig(batch_size=2), precision="fp32", min_demo_score=-2.0, rounds=1, with_ppo=False,
+                         rank_sft=False,
                          labeler="human", human_timeout=0.3, human_poll=0.1)
     lines: list[str] = []
     with pytest.raises(UserError, match=r"timed out .*\(0/3 ranked\).*run the same command again"):
@@ -39,7 +41,7 @@ def test_pipeline_waits_for_people_and_trains_on_their_rankings(tiny_path, tmp_p
     assert c.get("/api/tasks/next").json()["task"] is None  # publishing again (the rerun) added nothing
 
     lines.clear()
-    summary = run_pipeline(PipelineConfig(**{**cfg.__dict__, "human_timeout": 30.0}), say=lines.append)
+    summary = run_pipeline(dataclasses.replace(cfg, human_timeout=30.0), say=lines.append)
     assert any("[round0] 3/3 tasks ranked by people" in x for x in lines)
     rows = [json.loads(x) for x in (out / "round0" / "rankings.jsonl").read_text().splitlines()]
     assert len(rows) == 3 and all(r["meta"]["labeler"] == "ann" and r["ranks"] == [1, 0] for r in rows)

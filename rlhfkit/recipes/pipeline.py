@@ -39,7 +39,7 @@ from pathlib import Path
 
 import torch
 
-from rlhfkit.config import PipelineConfig, PPOConfig, RewardConfig, SFTConfig
+from rlhfkit.config import PipelineConfig, PPOConfig
 from rlhfkit.data.jsonl import read_jsonl, write_jsonl
 from rlhfkit.data.records import Prompt, ranking_row
 from rlhfkit.data.tokenize import encode_prompt
@@ -161,13 +161,15 @@ def compare(a: list[float], b: list[float]) -> dict:
     return {"win_rate": wr.rate, "ci95": [wr.lower, wr.upper], "wins": wr.wins, "ties": wr.ties, "losses": wr.losses}
 
 
+def stage_config(cfg: PipelineConfig, stage, **where):
+    """A stage's config as the pipeline runs it: the nested settings (``cfg.sft`` / ``.rm`` / ``.ppo``)
+    with what the pipeline owns filled in — ``where`` (model, data, out, ...) and its precision and seed."""
+    return dataclasses.replace(stage, precision=cfg.precision, **({"seed": cfg.seed} | where))
+
+
 def ppo_config(cfg: PipelineConfig, sft_model: str, reward_model: str, out: str, round_: int) -> PPOConfig:
-    """Round ``round_``'s PPOConfig: the pipeline's ppo_* settings on the SFT model."""
-    return PPOConfig(model=sft_model, reward_model=reward_model, out=out, max_steps=cfg.ppo_iterations,
-                     batch_size=cfg.ppo_batch_size, samples_per_prompt=cfg.ppo_samples_per_prompt,
-                     score_baseline=cfg.ppo_score_baseline, lr=cfg.ppo_lr, critic=cfg.ppo_critic, lam=cfg.ppo_lam,
-                     kl_coef=cfg.kl_coef, temperature=cfg.ppo_temperature, max_new_tokens=cfg.max_new_tokens,
-                     precision=cfg.precision, seed=cfg.seed + round_)
+    """Round ``round_``'s PPO config: ``cfg.ppo`` from the SFT model against that round's reward model."""
+    return stage_config(cfg, cfg.ppo, model=sft_model, reward_model=reward_model, out=out, seed=cfg.seed + round_)
 
 
 def run_stage(cfg: PipelineConfig, train, stage_cfg, say=print) -> dict:
@@ -296,9 +298,8 @@ def run_pipeline(cfg: PipelineConfig, say=print) -> dict:
     if not (sft / "model" / "config.json").exists():
         from rlhfkit.recipes.sft import train_sft
 
-        run_stage(cfg, train_sft, SFTConfig(model=cfg.model, data=str(out / "round0" / "demos.jsonl"), out=str(sft), epochs=cfg.sft_epochs,
-                                            lr=cfg.sft_lr, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, precision=cfg.precision,
-                                            max_length=cfg.max_length, eval_fraction=0.1, seed=cfg.seed, warmup_steps=2), say)
+        demos_file = str(out / "round0" / "demos.jsonl")
+        run_stage(cfg, train_sft, stage_config(cfg, cfg.sft, model=cfg.model, data=demos_file, out=str(sft)), say)
     timings["sft"] = time.perf_counter() - t
     versions = {"base": cfg.model, "sft": str(sft / "model")}
 
@@ -319,10 +320,9 @@ def run_pipeline(cfg: PipelineConfig, say=print) -> dict:
             from rlhfkit.recipes.reward import train_reward_model
 
             write_jsonl(rdir / "rm_data.jsonl", all_rankings)
-            run_stage(cfg, train_reward_model, RewardConfig(
-                model=str(sft / "model"), data=str(rdir / "rm_data.jsonl"), out=str(rdir / "rm"), epochs=cfg.rm_epochs, lr=cfg.rm_lr,
-                batch_size=cfg.rm_batch_size, grad_accum=min(cfg.grad_accum, cfg.rm_batch_size), precision=cfg.precision,
-                max_length=cfg.max_length, eval_fraction=0.15, seed=cfg.seed, warmup_steps=2), say)
+            rm_cfg = stage_config(cfg, cfg.rm, model=str(sft / "model"), data=str(rdir / "rm_data.jsonl"),
+                                  out=str(rdir / "rm"))
+            run_stage(cfg, train_reward_model, rm_cfg, say)
         evals = [m for m in _metrics(rdir / "rm") if "eval_accuracy" in m]
         rm_accuracy.append({"round": r, "rankings": len(all_rankings),
                             "before": evals[0]["eval_accuracy"] if evals else None,
@@ -330,7 +330,7 @@ def run_pipeline(cfg: PipelineConfig, say=print) -> dict:
                             "gold_before": evals[0].get("eval_gold_accuracy") if evals else None,
                             "gold_after": evals[-1].get("eval_gold_accuracy") if evals else None})
         timings[f"round{r}_rm"] = time.perf_counter() - t
-        if cfg.ppo_iterations <= 0:
+        if not cfg.with_ppo:
             continue
         t = time.perf_counter()
         if not (rdir / "ppo" / "model" / "config.json").exists():
@@ -468,7 +468,7 @@ def render_summary(s: dict) -> str:
                      + (f" | {v['rm_mean']:+.3f}" if rm and v.get("rm_mean") is not None else " | –" if rm else ""))
     for key, label in (("sft_vs_base", "SFT vs base"), ("final_vs_sft", f"{s['final']} vs SFT")):
         if key == "final_vs_sft" and s["final"] == "sft":
-            continue  # no PPO (ppo_iterations=0): SFT against itself says nothing
+            continue  # no PPO (with_ppo=false): SFT against itself says nothing
         w = s[key]
         lines.append(f"{label} on {s['prompts']['held_out']} held-out prompts: win-rate {w['win_rate']:.1%} "
                      f"(95% CI {w['ci95'][0]:.1%}–{w['ci95'][1]:.1%}; {w['wins']} wins, {w['ties']} ties, {w['losses']} losses)")
