@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from provenance import RESULTS, ROOT, write_result
+from provenance import RESULTS, ROOT, provenance, write_result
 
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
@@ -112,16 +112,16 @@ def md_table(header: list[str], rows: Iterable[Iterable], align: str = "") -> li
     ]
 
 
-def save_row(name: str, tag: str, row: dict, render: Callable[[dict], str]) -> None:
+def save_row(name: str, tag: str, row: dict, render: Callable[[dict], str], out_dir: Path = RESULTS) -> None:
     """A result that collects one row per variant: add (or replace) ``tag``'s row of
     ``results/<name>.json`` (``{"rows": {tag: row}}``; each row keeps the provenance of the run that
     made it) and rewrite ``<name>.md`` from all rows with ``render``, keeping a hand-written
     "## Notes" section at its end; print the new row."""
-    from provenance import provenance
-
-    path, md = RESULTS / f"{name}.json", RESULTS / f"{name}.md"
+    path, md = out_dir / f"{name}.json", out_dir / f"{name}.md"
     rows = json.loads(path.read_text()).get("rows", {}) if path.exists() else {}
-    rows[tag] = {**row, "provenance": provenance()}
+    prov = provenance()  # the file's is that of the run that wrote its latest row
+    rows[tag] = {**row, "provenance": prov}
     notes = md.read_text().partition("\n## Notes")[2] if md.exists() else ""  # hand-written notes stay
-    write_result(name, {"rows": rows}, render(rows), notes=f"## Notes{notes}" if notes.strip() else "")
+    data = {"provenance": prov, "rows": rows}
+    write_result(name, data, render(rows), out_dir, fresh=False, notes=f"## Notes{notes}" if notes.strip() else "")
     print(render({tag: row}))

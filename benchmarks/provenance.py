@@ -103,32 +103,33 @@ def provenance() -> dict:
 
 
 def describe(prov: dict) -> str:
-    """One line for the .md: the machine, the commit and the date of a ``provenance`` object."""
+    """One line for the .md: the machine, the commit and the date of a ``provenance`` object (one
+    recorded afterwards may say "unknown" for what nobody wrote down)."""
     m, g, v = prov.get("machine") or {}, prov.get("git") or {}, prov.get("versions") or {}
-    where = m.get("cpu_model") or "unknown machine"
-    if m.get("cores"):
+    where = str(m.get("cpu_model") or "unknown machine")
+    if isinstance(m.get("cores"), int):
         where += f", {m['cores']} cores"
-    if m.get("ram_gib"):
+    if isinstance(m.get("ram_gib"), int | float):
         where += f", {m['ram_gib']:g} GiB RAM"
-    if m.get("cpu_flags"):
+    if isinstance(m.get("cpu_flags"), list) and m["cpu_flags"]:
         where += f" ({' '.join(m['cpu_flags'])})"
     commit = g.get("commit")
-    code = f"commit {commit[:10]}" + (" with local changes" if g.get("dirty") else "") if commit else "commit unknown"
-    libs = ", ".join(f"{k} {val}" for k, val in v.items() if val)
-    recorded = "" if prov.get("recorded", "at run time") == "at run time" else f"; recorded {prov['recorded']}"
-    return (
-        f"{PROVENANCE_LINE} {prov.get('date') or 'date unknown'}, {where}; {code}"
-        + (f"; {libs}" if libs else "")
-        + recorded
-        + "."
+    code = (
+        (f"commit {commit[:10]}" + (" with local changes" if g.get("dirty") is True else ""))
+        if commit
+        else "commit unknown"
     )
+    libs = ", ".join(f"{k} {val}" for k, val in v.items() if val and val != "unknown")
+    recorded = "" if prov.get("recorded", "at run time") == "at run time" else f"; recorded {prov['recorded']}"
+    line = f"{PROVENANCE_LINE} {prov.get('date') or 'date unknown'}, {where}; {code}"
+    return line + (f"; {libs}" if libs else "") + recorded + "."
 
 
 def write_result(
     name: str, data: dict, markdown: str, out_dir: Path | str | None = None, *, fresh: bool = True, notes: str = ""
 ) -> Path:
-    """Write ``<out_dir>/<name>.json`` (``data`` with its ``provenance``) and ``<name>.md``
-    (``markdown``, the provenance line, then ``notes``); returns the JSON's path.
+    """Write ``<out_dir>/<name>.json`` (``data`` with its ``provenance`` first; ``data`` gets it in
+    place) and ``<name>.md`` (``markdown``, the provenance line, then ``notes``); returns the JSON's path.
 
     ``fresh``: record this run's provenance (replacing any in ``data``); False re-renders an earlier
     result and keeps the provenance it has. ``out_dir`` defaults to ``benchmarks/results``.
