@@ -369,8 +369,8 @@ def markdown(res: dict) -> str:
         f"{new_tokens} new tokens per sample on both sides. One run; the machine is shared, so compare ratios.",
         "",
         f"Forward-only ceiling: {ceiling:,.0f} tok/s — the best {dt} forward of 2,048 tokens over the batch "
-        "shapes below, best of 3 each, measured before and after the generation cases (the issue defines "
-        "it as 8 × 256; the maximum over all of them is used, so the fraction is conservative):",
+        "shapes below, best of 3 each, measured before and after the generation cases (defined as 8 × 256; "
+        "the maximum over all of them is used, so the fraction is conservative):",
         "",
         "| forward shape | before | after |",
         "|---|---:|---:|",
@@ -452,7 +452,7 @@ def markdown(res: dict) -> str:
         met = lambda ok: "met" if ok else "NOT met"  # noqa: E731
         lines += [
             "",
-            "Issue 3 targets at 32 × 4 × 128, T = 1: ≥ 4× transformers.generate — "
+            "Targets at 32 × 4 × 128, T = 1: ≥ 4× transformers.generate — "
             f"{met(main_case['speedup_vs_hf'] >= 4)} "
             f"({main_case['speedup_vs_hf']:.2f}×); ≥ 50 % of the forward-only ceiling — "
             f"{met(main_case['fraction_of_ceiling'] >= 0.5)} ({main_case['fraction_of_ceiling']:.0%}).",
