@@ -38,6 +38,9 @@ from rlhfkit.models.loading import embedded_model_dir, resolve_precision
 from rlhfkit.recipes.reward import train_reward_model
 
 HH = DATA / "hh-rlhf-harmless"
+# the speed runs' training settings (TRL's reward_bench.py): one epoch of batch 8, no warm-up, no
+# held-out split, raw scores
+SPEED_SETTINGS = dict(batch_size=8, epochs=1, lr=1e-5, warmup_steps=0, eval_fraction=0.0, normalize=False)
 
 # the word list and lengths of TRL's reward_bench.py synthetic pairs (the same generator, seed 0)
 WORDS = (
@@ -68,15 +71,10 @@ def run_ours_speed(model_dir: str, work: Path, pairs: int, precision: str) -> di
         model=model_dir,
         data=str(data),
         out=str(work / "ours_speed"),
-        batch_size=8,
-        epochs=1,
-        lr=1e-5,
-        warmup_steps=0,
         precision=precision,
-        eval_fraction=0.0,
-        normalize=False,
         chat_template=False,
         max_length=1024,
+        **SPEED_SETTINGS,
     )
     res, wall = timed(train_reward_model, cfg)
     return {
@@ -170,15 +168,10 @@ def run_shared_prompt(model_dir: str, work: Path, pairs: int, precision: str) ->
             data=str(hh),
             limit=pairs,
             out=str(work / f"share_{share}_{len(runs)}"),
-            batch_size=8,
-            epochs=1,
-            lr=1e-5,
-            warmup_steps=0,
             precision=precision,
-            eval_fraction=0.0,
-            normalize=False,
             max_length=512,
             share_prompt=share,
+            **SPEED_SETTINGS,
         )
         res = train_reward_model(cfg)
         runs.setdefault(share, []).append(res["prompts_per_second"])
