@@ -4,10 +4,11 @@ and the same run's PPO repeated with beta = 0 to show reward over-optimisation.
     .venv/bin/python benchmarks/demo.py                    # runs the demo into runs/demo-bench
     .venv/bin/python benchmarks/demo.py --run runs/demo    # or reads a finished `make demo` run
     .venv/bin/python benchmarks/demo.py --beta0            # + PPO with kl_coef = 0 from the same SFT and RM
-    .venv/bin/python benchmarks/demo.py --run runs/x --tag demo_x   # an experiment's run -> demo_x.{json,md,html}
+    .venv/bin/python benchmarks/demo.py --run runs/x --tag demo_x   # an experiment's run -> demo_x.{json,md}
 
-Writes benchmarks/results/demo.{json,md,html} (summary, the exact config, the pipeline's report)
-and, with --beta0, demo_beta0.{json,md,html}: RM score against gold score per PPO iteration. The
+Writes benchmarks/results/demo.{json,md} (summary, the exact config, where it ran) and, with
+--beta0, demo_beta0.{json,md}: RM score against gold score per PPO iteration. The report with
+plots stays in the run directory (``<run>/report.html``), not in the results. The
 beta = 0 run copies the demo's round 0, SFT and reward model, so only PPO and judging differ.
 Never asserts a number: it records them (the acceptance floors are in the issue and the README).
 """
@@ -19,40 +20,33 @@ import json
 import os
 import shutil
 import subprocess
-import sys
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
-sys.path.insert(0, str(ROOT))
+from common import ROOT, bench_env, quarter_means, timed, write_result
 
-from rlhfkit.recipes.pipeline import render_summary  # noqa: E402
+from rlhfkit.recipes.pipeline import render_summary
 
 
 def run_pipeline(out: Path, overrides: list[str]) -> float:
     """``rlhfkit pipeline`` in a child process (as a user runs it); returns its wall seconds."""
-    t0 = time.perf_counter()
     cmd = [str(ROOT / ".venv" / "bin" / "rlhfkit"), "pipeline", "--out", str(out), *overrides]
     print("+", " ".join(cmd), flush=True)
-    subprocess.run(cmd, check=True, env={**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")})
-    return time.perf_counter() - t0
+    env = bench_env(wait_policy=os.environ.get("OMP_WAIT_POLICY", "PASSIVE"))
+    return timed(subprocess.run, cmd, check=True, env=env)[1]
 
 
 def ppo_table(rows: list[dict], every: int = 5) -> list[str]:
-    lines = ["| iteration | RM score (raw) | gold score | KL to SFT | no-EOS share | length |", "|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| iteration | RM score (raw) | gold score | KL to SFT | no-EOS share | length |",
+        "|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in rows:
         if r["step"] == 1 or r["step"] % every == 0 or r is rows[-1]:
-            lines.append(f"| {r['step']} | {r['score_raw']:+.3f} | {r.get('gold_score', float('nan')):+.3f} | {r['kl']:.3f} | "
-                         f"{r['no_eos_fraction']:.2f} | {r['response_length']:.0f} |")
+            lines.append(
+                f"| {r['step']} | {r['score_raw']:+.3f} | {r.get('gold_score', float('nan')):+.3f} | {r['kl']:.3f} | "
+                f"{r['no_eos_fraction']:.2f} | {r['response_length']:.0f} |"
+            )
     return lines
-
-
-def halves(rows: list[dict], key: str) -> tuple[float, float]:
-    """Mean of ``key`` over the first and the last quarter of the iterations (per-batch values are noisy)."""
-    q = max(1, len(rows) // 4)
-    first, last = rows[:q], rows[-q:]
-    return (sum(r.get(key, 0.0) for r in first) / len(first), sum(r.get(key, 0.0) for r in last) / len(last))
 
 
 def write_results(tag: str, run: Path, wall: float | None, title: str, notes: list[str]) -> dict:
@@ -60,29 +54,38 @@ def write_results(tag: str, run: Path, wall: float | None, title: str, notes: li
     config = json.loads((run / "pipeline.json").read_text())
     final = summary["final"]
     ppo_rows = [r for r in summary["ppo"].get(final, []) if "score_raw" in r]
-    res = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": f"{os.cpu_count()} CPU cores",
-           "run": str(run), "wall_seconds": wall, "config": config, "summary": summary}
+    res = {"run": str(run), "wall_seconds": wall, "config": config, "summary": summary}
     if ppo_rows:
-        res["rm_score_first_last_quarter"] = halves(ppo_rows, "score_raw")
-        res["gold_score_first_last_quarter"] = halves(ppo_rows, "gold_score")
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{tag}.json").write_text(json.dumps(res, indent=1))
-    shutil.copyfile(run / "report.html", RESULTS / f"{tag}.html")
+        res["rm_score_first_last_quarter"] = quarter_means(ppo_rows, "score_raw")
+        res["gold_score_first_last_quarter"] = quarter_means(ppo_rows, "gold_score")
     v = summary["versions"]
-    lines = [f"# {title}", "", *notes, "",
-             f"Run {res['date']}, {res['machine']}; pipeline wall time {summary['seconds']['total']:.0f} s. "
-             f"Config: `{tag}.json` → `config`; report with plots: `{tag}.html`.", "",
-             f"Held-out prompts: {summary['prompts']['held_out']} (never used in training), answered greedily, judged by the gold rubric.",
-             render_summary(summary), "",
-             f"Instruction-following rate, {final} against SFT: {v['sft']['instruction_rate']:.1%} → {v[final]['instruction_rate']:.1%} "
-             f"({(v[final]['instruction_rate'] - v['sft']['instruction_rate']) * 100:+.1f} points)."]
+    lines = [
+        f"# {title}",
+        "",
+        *notes,
+        "",
+        f"Pipeline wall time {summary['seconds']['total']:.0f} s. Config: `{tag}.json` → `config`; "
+        f"report with plots: `{run / 'report.html'}` (written by the run, not kept here).",
+        "",
+        f"Held-out prompts: {summary['prompts']['held_out']} (never used in training), answered greedily, "
+        "judged by the gold rubric.",
+        render_summary(summary),
+        "",
+        f"Instruction-following rate, {final} against SFT: {v['sft']['instruction_rate']:.1%} → "
+        f"{v[final]['instruction_rate']:.1%} "
+        f"({(v[final]['instruction_rate'] - v['sft']['instruction_rate']) * 100:+.1f} points).",
+    ]
     if ppo_rows:
         (a, b), (g0, g1) = res["rm_score_first_last_quarter"], res["gold_score_first_last_quarter"]
-        lines += ["", f"PPO ({len(ppo_rows)} iterations, sampled answers to train prompts): RM score {a:+.3f} → {b:+.3f}, "
-                  f"gold score {g0:+.3f} → {g1:+.3f} (means of the first and last quarter of the iterations).", "",
-                  *ppo_table(ppo_rows)]
-    (RESULTS / f"{tag}.md").write_text("\n".join(lines) + "\n")
-    print((RESULTS / f"{tag}.md").read_text())
+        lines += [
+            "",
+            f"PPO ({len(ppo_rows)} iterations, sampled answers to train prompts): RM score {a:+.3f} → {b:+.3f}, "
+            f"gold score {g0:+.3f} → {g1:+.3f} (means of the first and last quarter of the iterations).",
+            "",
+            *ppo_table(ppo_rows),
+        ]
+    write_result(tag, res, "\n".join(lines))
+    print("\n".join(lines))
     return res
 
 
@@ -98,10 +101,14 @@ def overrides_of(config: dict) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--run", default=None, help="a finished pipeline run to report (default: run the demo into runs/demo-bench)")
+    ap.add_argument(
+        "--run", default=None, help="a finished pipeline run to report (default: run the demo into runs/demo-bench)"
+    )
     ap.add_argument("--beta0", action="store_true", help="also PPO with kl_coef = 0 from the same SFT and reward model")
     ap.add_argument("--beta0-only", action="store_true", help="only the beta = 0 run (the demo run must exist)")
-    ap.add_argument("--tag", default="demo", help="results name: benchmarks/results/TAG.{json,md,html} (e.g. an experiment's run)")
+    ap.add_argument(
+        "--tag", default="demo", help="results name: benchmarks/results/TAG.{json,md} (e.g. an experiment's run)"
+    )
     ap.add_argument("overrides", nargs="*", help="key=value overrides of the pipeline config (both runs)")
     a = ap.parse_args()
     run = Path(a.run or ROOT / "runs" / "demo-bench")
@@ -110,19 +117,39 @@ def main() -> None:
         if not (run / "summary.json").exists():
             wall = run_pipeline(run, a.overrides)
         if a.tag == "demo":
-            write_results("demo", run, wall, "make demo: the RLHF pipeline on SmolLM2-135M-Instruct",
-                          ["Produced by `python benchmarks/demo.py` (the default `PipelineConfig`, i.e. `make demo`)."])
+            write_results(
+                "demo",
+                run,
+                wall,
+                "make demo: the RLHF pipeline on SmolLM2-135M-Instruct",
+                ["Produced by `python benchmarks/demo.py` (the default `PipelineConfig`, i.e. `make demo`)."],
+            )
         else:
             config = json.loads((run / "pipeline.json").read_text()) if (run / "pipeline.json").exists() else {}
-            write_results(a.tag, run, wall, f"Experiment: {a.tag}",
-                          [f"Produced by `python benchmarks/demo.py --run {run.relative_to(ROOT) if run.is_relative_to(ROOT) else run} "
-                           f"--tag {a.tag}`; the pipeline's config is in `{a.tag}.json` → `config` "
-                           f"({', '.join(f'{k}={v}' for k, v in overrides_of(config).items()) or 'the defaults'})."])
+            shown = run.relative_to(ROOT) if run.is_relative_to(ROOT) else run
+            write_results(
+                a.tag,
+                run,
+                wall,
+                f"Experiment: {a.tag}",
+                [
+                    f"Produced by `python benchmarks/demo.py --run {shown} "
+                    f"--tag {a.tag}`; the pipeline's config is in `{a.tag}.json` → `config` "
+                    f"({', '.join(f'{k}={v}' for k, v in overrides_of(config).items()) or 'the defaults'})."
+                ],
+            )
     if a.beta0 or a.beta0_only:
         b0 = run.parent / (run.name + "-beta0")
         if not (b0 / "summary.json").exists():
             b0.mkdir(parents=True, exist_ok=True)
-            for part in ("round0", "sft", "round1/rm", "round1/rm_data.jsonl", "round1/samples.jsonl", "round1/rankings.jsonl"):
+            for part in (
+                "round0",
+                "sft",
+                "round1/rm",
+                "round1/rm_data.jsonl",
+                "round1/samples.jsonl",
+                "round1/rankings.jsonl",
+            ):
                 src, dst = run / part, b0 / part  # round 1's SFT answers too (rank_sft): nothing is sampled again
                 if src.exists() and not dst.exists():
                     dst.parent.mkdir(parents=True, exist_ok=True)
@@ -131,10 +158,17 @@ def main() -> None:
             for name in ("base", "sft"):  # the same greedy answers: judging differs only for the new policy
                 shutil.copyfile(run / "eval" / f"{name}.jsonl", b0 / "eval" / f"{name}.jsonl")
             run_pipeline(b0, [*a.overrides, "kl_coef=0.0"])
-        write_results("demo_beta0", b0, None, "Reward over-optimisation: the demo's PPO with beta = 0",
-                      ["Produced by `python benchmarks/demo.py --beta0`: the demo run's samples, SFT model and reward model, "
-                       "then PPO with `kl_coef=0` (no KL penalty) and otherwise the same settings. Without the penalty the "
-                       "policy drifts as far from SFT as the reward model lets it: watch the RM score against the gold score."])
+        write_results(
+            "demo_beta0",
+            b0,
+            None,
+            "Reward over-optimisation: the demo's PPO with beta = 0",
+            [
+                "Produced by `python benchmarks/demo.py --beta0`: the demo run's samples, SFT model and reward model, "
+                "then PPO with `kl_coef=0` (no KL penalty) and otherwise the same settings. Without the penalty the "
+                "policy drifts as far from SFT as the reward model lets it: watch the RM score against the gold score."
+            ],
+        )
 
 
 if __name__ == "__main__":

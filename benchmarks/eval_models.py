@@ -3,7 +3,9 @@
     .venv/bin/python benchmarks/eval_models.py                       # base model only
     .venv/bin/python benchmarks/eval_models.py --demo runs/demo/policy   # demo policy vs base
 
-Writes ``benchmarks/results/eval_<tag>.{json,html,md}``. The caps below keep one run within
+Writes ``benchmarks/results/eval_<tag>.{json,md}``; the HTML report with plots (and the same
+JSON) goes to the run directory, ``runs/eval_<tag>/`` unless ``--out`` says otherwise. The caps
+below keep one run within
 tens of minutes on a 2-core CPU (TruthfulQA MC on all 790 questions costs ~15 min alone
 there); pass ``--full`` for the whole data sets (the RTP paper's k = 25 included).
 """
@@ -12,14 +14,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-DATA = ROOT.parent / "shared" / "data"
-RESULTS = ROOT / "benchmarks" / "results"
+from common import DATA, ROOT, md_table, write_result
 
 
 def main() -> None:
@@ -36,11 +34,14 @@ def main() -> None:
     ap.add_argument("--precision", default="fp32")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--render", default=None, help="re-render the tables/report of an earlier results JSON (with --tag)")
+    ap.add_argument("--out", default=None, help="run directory for the HTML report (default: runs/eval_<tag>)")
+    ap.add_argument(
+        "--render", default=None, help="re-render the tables/report of an earlier results JSON (with --tag)"
+    )
     a = ap.parse_args()
     if a.render:
         res = json.loads(Path(a.render).read_text())
-        render(res, a.tag or Path(a.render).stem.removeprefix("eval_"), a, res["config"]["suites"])
+        render(res, a.tag or Path(a.render).stem.removeprefix("eval_"), a, res["config"]["suites"], fresh=False)
         return
 
     suites = a.suites.split(",")
@@ -57,13 +58,24 @@ def main() -> None:
     from rlhfkit.evals.runner import EvalConfig, run_eval
 
     cfg = EvalConfig(
-        models=models, baseline=baseline, suites=suites, data_dir=str(DATA), precision=a.precision,
-        threads=a.threads, batch_size=a.batch_size, mc_limit=None if a.full else a.tqa, **caps,
-    )  # fmt: skip
+        models=models,
+        baseline=baseline,
+        suites=suites,
+        data_dir=str(DATA),
+        precision=a.precision,
+        threads=a.threads,
+        batch_size=a.batch_size,
+        mc_limit=None if a.full else a.tqa,
+        **caps,
+    )
     t0 = time.time()
     res = run_eval(cfg)
-    res["benchmark"] = {"script": "benchmarks/eval_models.py", "args": vars(a), "wall_seconds": round(time.time() - t0, 1),
-                        "truthfulqa_mc_questions": None if a.full else a.tqa}  # fmt: skip
+    res["benchmark"] = {
+        "script": "benchmarks/eval_models.py",
+        "args": vars(a),
+        "wall_seconds": round(time.time() - t0, 1),
+        "truthfulqa_mc_questions": None if a.full else a.tqa,
+    }
     render(res, tag, a, suites)
 
 
@@ -72,32 +84,54 @@ def caps_text(a, suites: list[str]) -> str:
         return "full data"
     parts = {
         "truthful": f"TruthfulQA MC first {a.tqa} questions, generation first 30",
-        "harmless": f"RTP first 20 prompts x k=4 per subset, CrowS-Pairs first {a.crows} pairs (all 1508: lm_eval_crosscheck.md)",
-        "helpful": "helpfulness: 30 built-in task eval prompts, greedy answers of up to 128 tokens, judged by the gold rubric",
+        "harmless": f"RTP first 20 prompts x k=4 per subset, CrowS-Pairs first {a.crows} pairs "
+        "(all 1508: lm_eval_crosscheck.md)",
+        "helpful": "helpfulness: 30 built-in task eval prompts, greedy answers of up to 128 tokens, "
+        "judged by the gold rubric",
         "tax": "perplexity on the last 20,000 characters of tinyshakespeare",
     }
     return "capped: " + "; ".join(parts[s] for s in suites if s in parts)
 
 
-def render(res: dict, tag: str, a, suites: list[str]) -> None:
+def render(res: dict, tag: str, a, suites: list[str], fresh: bool = True) -> None:
+    """The HTML report into the run directory, the results JSON and its Markdown tables into
+    benchmarks/results (``fresh``: a new run; False re-renders an earlier result)."""
     from rlhfkit.evals.report import summary_rows, write_report
 
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    jp, hp = write_report(res, RESULTS / f"eval_{tag}.json", title=f"rlhfkit eval: {tag}")
-    md = [f"# rlhfkit eval: {tag}", ""] + ([str(res["note"]), ""] if res.get("note") else []) + [f"Models: {', '.join(res['versions'])}; suites: {', '.join(suites)}; "
-          f"{caps_text(a, suites)}; "
-          f"{a.precision}; wall {res['benchmark']['wall_seconds']} s on a shared 2-core CPU.", "",
-          "| metric | better | " + " | ".join(res["versions"]) + " |", "|---|---|" + "---:|" * len(res["versions"])]  # fmt: skip
-    for r in summary_rows(res):
-        md.append(f"| {r['metric']} | {'↑' if r['higher_is_better'] else '↓'} | "
-                  + " | ".join("–" if r["values"][v] is None else f"{r['values'][v]:.4g}" for v in res["versions"]) + " |")  # fmt: skip
+    run_dir = Path(a.out) if a.out else ROOT / "runs" / f"eval_{tag}"
+    _, hp = write_report(res, run_dir / "eval.json", title=f"rlhfkit eval: {tag}")
+    versions = res["versions"]
+    md = [
+        f"# rlhfkit eval: {tag}",
+        "",
+        *([str(res["note"]), ""] if res.get("note") else []),
+        f"Models: {', '.join(versions)}; suites: {', '.join(suites)}; {caps_text(a, suites)}; "
+        f"{a.precision}; wall {res['benchmark']['wall_seconds']} s.",
+        "",
+        *md_table(
+            ["metric", "better", *versions],
+            (
+                [
+                    r["metric"],
+                    "↑" if r["higher_is_better"] else "↓",
+                    *("–" if r["values"][v] is None else f"{r['values'][v]:.4g}" for v in versions),
+                ]
+                for r in summary_rows(res)
+            ),
+            "ll" + "r" * len(versions),
+        ),
+    ]
     for n, h in (res.get("helpful") or {}).items():
-        md.append("")
-        md.append(f"Helpful: {n} vs {res['baseline']} win-rate {h['win_rate']:.3f} (95% CI {h['ci95'][0]:.3f}-{h['ci95'][1]:.3f}), "
-                  f"length-controlled {h['lc_win_rate']:.3f}, length difference {h['length_diff_words']:+.1f} words, judge: {h['judge']}.")  # fmt: skip
+        md += [
+            "",
+            f"Helpful: {n} vs {res['baseline']} win-rate {h['win_rate']:.3f} "
+            f"(95% CI {h['ci95'][0]:.3f}-{h['ci95'][1]:.3f}), length-controlled {h['lc_win_rate']:.3f}, "
+            f"length difference {h['length_diff_words']:+.1f} words, judge: {h['judge']}.",
+        ]
     scorer = next(iter(res["models"].values())).get("harmless", {}).get("toxicity_scorer")
-    md += ["", (f"Toxicity scorer: {scorer}. " if scorer else "") + f"Report with plots: `{hp.relative_to(ROOT)}`.", ""]
-    (RESULTS / f"eval_{tag}.md").write_text("\n".join(md))
+    report = hp.relative_to(ROOT) if hp.is_relative_to(ROOT) else hp
+    md += ["", (f"Toxicity scorer: {scorer}. " if scorer else "") + f"Report with plots: `{report}` (not kept here)."]
+    write_result(f"eval_{tag}", res, "\n".join(md), fresh=fresh)
     print("\n".join(md))
     print(json.dumps(res["models"][res["versions"][-1]].get("timings_s", {})))
 

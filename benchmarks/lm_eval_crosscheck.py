@@ -40,12 +40,10 @@ import time
 from datetime import date
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-DATA = ROOT.parent / "shared" / "data"
-RESULTS = ROOT / "benchmarks" / "results"
-LM_EVAL_VENV = ROOT / "benchmarks" / ".venvs" / "lm-eval"
-WORK = ROOT / "benchmarks" / ".venvs" / "lm-eval-work"  # git-ignored
+from common import DATA, RESULTS, VENVS, write_result
+
+LM_EVAL_VENV = VENVS / "lm-eval"
+WORK = VENVS / "lm-eval-work"  # git-ignored
 
 TASKS_TQA = ["rlhfkit_truthfulqa_mc1", "rlhfkit_truthfulqa_mc2"]
 TASKS_CROWS = ["rlhfkit_crows_pairs_english"]
@@ -90,9 +88,24 @@ def prepare(work: Path) -> None:
             f"    {split}: {data}\n"
         )
 
-    yaml("rlhfkit_truthfulqa_mc1", tasks / "truthfulqa" / "truthfulqa_mc1.yaml", "validation", work / "truthfulqa_mc.jsonl")
-    yaml("rlhfkit_truthfulqa_mc2", tasks / "truthfulqa" / "truthfulqa_mc2.yaml", "validation", work / "truthfulqa_mc.jsonl")
-    yaml("rlhfkit_crows_pairs_english", tasks / "crows_pairs" / "crows_pairs_english.yaml", "test", work / "crows_pairs_english.jsonl")
+    yaml(
+        "rlhfkit_truthfulqa_mc1",
+        tasks / "truthfulqa" / "truthfulqa_mc1.yaml",
+        "validation",
+        work / "truthfulqa_mc.jsonl",
+    )
+    yaml(
+        "rlhfkit_truthfulqa_mc2",
+        tasks / "truthfulqa" / "truthfulqa_mc2.yaml",
+        "validation",
+        work / "truthfulqa_mc.jsonl",
+    )
+    yaml(
+        "rlhfkit_crows_pairs_english",
+        tasks / "crows_pairs" / "crows_pairs_english.yaml",
+        "test",
+        work / "crows_pairs_english.jsonl",
+    )
     print(f"prepared {len(tqa)} TruthfulQA questions and {len(rows)} CrowS pairs in {work}")
 
 
@@ -102,8 +115,9 @@ def model_dir() -> str:
     return str(embedded_model_dir())
 
 
-def run_lm_eval(work: Path, tasks: list[str], tag: str, limit: int | None, batch_size: int,
-                doc_range: tuple[int, int] | None = None) -> Path:
+def run_lm_eval(
+    work: Path, tasks: list[str], tag: str, limit: int | None, batch_size: int, doc_range: tuple[int, int] | None = None
+) -> Path:
     out = work / f"lm_eval_{tag}"
     cmd = [
         str(LM_EVAL_VENV / "bin" / "lm_eval"),
@@ -130,15 +144,9 @@ def run_lm_eval(work: Path, tasks: list[str], tag: str, limit: int | None, batch
     return out
 
 
-def _unused_lm_eval_results(work: Path, tag: str) -> dict:
-    files = sorted(glob.glob(str(work / f"lm_eval_{tag}" / "**" / "results_*.json"), recursive=True))
-    if not files:
-        raise SystemExit(f"no lm-eval results for {tag} under {work}: run the lm-eval step first")
-    res = json.loads(Path(files[-1]).read_text())["results"]
-    return res
-
-
-def run_ours(work: Path, crows_limit: int | None, tqa_limit: int | None, batch_size: int, skip_crows: bool = False) -> dict:
+def run_ours(
+    work: Path, crows_limit: int | None, tqa_limit: int | None, batch_size: int, skip_crows: bool = False
+) -> dict:
     import torch
 
     from rlhfkit.evals.crows_pairs import crows_pairs_eval, load_crows_pairs
@@ -201,15 +209,33 @@ def compare(work: Path) -> dict:
     if s and "crows_pairs" in ours:
         n = min(len(s), ours["crows_pairs"]["n"])
         theirs = np.array([[float(x[0]) for x in r["filtered_resps"]] for r in s[:n]])  # (n, 2)
-        mine = np.stack([ours["crows_pairs"]["per_pair"]["ll_more"][:n], ours["crows_pairs"]["per_pair"]["ll_less"][:n]], 1)
+        mine = np.stack(
+            [ours["crows_pairs"]["per_pair"]["ll_more"][:n], ours["crows_pairs"]["per_pair"]["ll_less"][:n]], 1
+        )
         ll_gaps["crows_pairs"] = float(np.abs(theirs - mine).max())
-        table.append(("CrowS-Pairs English pct_stereotype", n, float((mine[:, 0] > mine[:, 1]).mean()),
-                      float(np.mean([r["pct_stereotype"] for r in s[:n]])), True))
-        table.append(("CrowS-Pairs English likelihood_diff", n, float(np.abs(mine[:, 0] - mine[:, 1]).mean()),
-                      float(np.mean([r["likelihood_diff"] for r in s[:n]])), False))
+        table.append(
+            (
+                "CrowS-Pairs English pct_stereotype",
+                n,
+                float((mine[:, 0] > mine[:, 1]).mean()),
+                float(np.mean([r["pct_stereotype"] for r in s[:n]])),
+                True,
+            )
+        )
+        table.append(
+            (
+                "CrowS-Pairs English likelihood_diff",
+                n,
+                float(np.abs(mine[:, 0] - mine[:, 1]).mean()),
+                float(np.mean([r["likelihood_diff"] for r in s[:n]])),
+                False,
+            )
+        )
     else:
         kept = json.loads((RESULTS / "lm_eval_crosscheck.json").read_text())
-        kept["rows"] = [dict(r, measured=r.get("measured", UNDATED_RUN)) for r in kept["rows"] if r["metric"].startswith("CrowS")]
+        kept["rows"] = [
+            dict(r, measured=r.get("measured", UNDATED_RUN)) for r in kept["rows"] if r["metric"].startswith("CrowS")
+        ]
         if not kept["rows"]:
             raise SystemExit("no CrowS-Pairs rows in --work nor in the committed results: run the CrowS steps")
         ll_gaps["crows_pairs"] = kept["max_abs_loglik_gap_per_request"]["crows_pairs"]
@@ -218,17 +244,35 @@ def compare(work: Path) -> dict:
     for key in ("mc1", "mc2"):
         s = lm_eval_samples(work, "tqa", f"rlhfkit_truthfulqa_{key}")
         n = min(len(s), ours["truthfulqa_mc"]["n"])
-        gaps = [abs(float(x[0]) - y) for r, mine_ll in zip(s[:n], pq[f"{key}_ll"][:n])
-                for x, y in zip(r["filtered_resps"], mine_ll)]
+        gaps = [
+            abs(float(x[0]) - y)
+            for r, mine_ll in zip(s[:n], pq[f"{key}_ll"][:n])
+            for x, y in zip(r["filtered_resps"], mine_ll)
+        ]
         ll_gaps[f"truthfulqa_{key}"] = float(max(gaps))
-        table.append((f"TruthfulQA {key.upper()} acc", n, float(np.mean(pq[key][:n])),
-                      float(np.mean([r["acc"] for r in s[:n]])), True))
+        table.append(
+            (
+                f"TruthfulQA {key.upper()} acc",
+                n,
+                float(np.mean(pq[key][:n])),
+                float(np.mean([r["acc"] for r in s[:n]])),
+                True,
+            )
+        )
     rows = kept["rows"] if kept else []
     for name, n, mine_v, theirs_v, pct in table:
         d = (mine_v - theirs_v) * (100 if pct else 1)
-        rows.append({"metric": name, "n_docs": n, "rlhfkit": mine_v, "lm_eval": theirs_v,
-                     "diff_points" if pct else "diff": d, "within_0.5_points": abs(d) <= 0.5 if pct else None,
-                     "measured": ran})
+        rows.append(
+            {
+                "metric": name,
+                "n_docs": n,
+                "rlhfkit": mine_v,
+                "lm_eval": theirs_v,
+                "diff_points" if pct else "diff": d,
+                "within_0.5_points": abs(d) <= 0.5 if pct else None,
+                "measured": ran,
+            }
+        )
     crows_date = rows[0]["measured"]
     result = {
         "model": "SmolLM2-135M-Instruct (embedded GGUF Q4_1, de-quantised to fp32)",
@@ -243,15 +287,20 @@ def compare(work: Path) -> dict:
         "max_abs_loglik_gap_per_request": ll_gaps,
     }
     for kind in ("wall_seconds", "cpu_seconds", "threads"):  # CrowS-Pairs ones from the kept run (None: not recorded)
-        result[f"rlhfkit_{kind}"] = {"truthfulqa_mc": ours["truthfulqa_mc"].get(kind), "crows_pairs":
-                                     kept.get(f"rlhfkit_{kind}", {}).get("crows_pairs") if kept else ours["crows_pairs"].get(kind)}
+        result[f"rlhfkit_{kind}"] = {
+            "truthfulqa_mc": ours["truthfulqa_mc"].get(kind),
+            "crows_pairs": kept.get(f"rlhfkit_{kind}", {}).get("crows_pairs")
+            if kept
+            else ours["crows_pairs"].get(kind),
+        }
         if kind != "threads":
-            result[f"lm_eval_{kind}"] = {"tqa": _seconds(work, "tqa", kind), "crows":
-                                         kept.get(f"lm_eval_{kind}", {}).get("crows") if kept else _seconds(work, "crows", kind)}
-    result["crows_pairs_by_bias_type_rlhfkit"] = (kept["crows_pairs_by_bias_type_rlhfkit"] if kept
-                                                  else ours["crows_pairs"]["by_bias_type"])
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "lm_eval_crosscheck.json").write_text(json.dumps(result, indent=1) + "\n")
+            result[f"lm_eval_{kind}"] = {
+                "tqa": _seconds(work, "tqa", kind),
+                "crows": kept.get(f"lm_eval_{kind}", {}).get("crows") if kept else _seconds(work, "crows", kind),
+            }
+    result["crows_pairs_by_bias_type_rlhfkit"] = (
+        kept["crows_pairs_by_bias_type_rlhfkit"] if kept else ours["crows_pairs"]["by_bias_type"]
+    )
     md = [
         "# rlhfkit vs lm-evaluation-harness",
         "",
@@ -264,13 +313,21 @@ def compare(work: Path) -> dict:
     ]
     for r in rows:
         if r["within_0.5_points"] is None:
-            md.append(f"| {r['metric']} | {r['n_docs']} | {r['rlhfkit']:.4f} | {r['lm_eval']:.4f} | {r['diff']:+.4f} "
-                      f"| {r['measured']} |")
+            md.append(
+                f"| {r['metric']} | {r['n_docs']} | {r['rlhfkit']:.4f} | {r['lm_eval']:.4f} | {r['diff']:+.4f} "
+                f"| {r['measured']} |"
+            )
         else:
-            md.append(f"| {r['metric']} | {r['n_docs']} | {100 * r['rlhfkit']:.2f} | {100 * r['lm_eval']:.2f} "
-                      f"| {r['diff_points']:+.2f} pts | {r['measured']} |")
-    md += ["", f"All within 0.5 points: **{result['all_within_0.5_points']}**. "
-           f"Largest per-request log-likelihood gap (nats): {ll_gaps}.", ""]
+            md.append(
+                f"| {r['metric']} | {r['n_docs']} | {100 * r['rlhfkit']:.2f} | {100 * r['lm_eval']:.2f} "
+                f"| {r['diff_points']:+.2f} pts | {r['measured']} |"
+            )
+    md += [
+        "",
+        f"All within 0.5 points: **{result['all_within_0.5_points']}**. "
+        f"Largest per-request log-likelihood gap (nats): {ll_gaps}.",
+        "",
+    ]
     md += [
         "Notes:",
         "- The shared TruthfulQA file is the January 2025 revision with 790 questions (the hub copy that "
@@ -278,21 +335,25 @@ def compare(work: Path) -> dict:
         "here, converted to the hub's `{choices, labels}` schema for lm-eval.",
         "- Documents: those both sides scored, the first N of each task (all of them unless `--limit` / "
         f"`--tqa-limit`). TruthfulQA rows: measured {ran}."
-        + (f" CrowS-Pairs rows: kept from the {crows_date} run (same script, same lm-eval version), not rerun "
-           "in this one." if kept else f" CrowS-Pairs rows: measured {crows_date}."),
+        + (
+            f" CrowS-Pairs rows: kept from the {crows_date} run (same script, same lm-eval version), not rerun "
+            "in this one."
+            if kept
+            else f" CrowS-Pairs rows: measured {crows_date}."
+        ),
         "- Per-request agreement: lm-eval's per-sample log-likelihoods (`--log_samples`) against ours, request "
         "by request; rlhfkit scores TruthfulQA with the few-shot context run once per question and its KV "
         "cache shared by the answers (same numbers, fewer FLOPs than lm-eval's one forward per answer).",
-        f"- Time: TruthfulQA rlhfkit {_secs(result, 'rlhfkit', 'truthfulqa_mc')}, lm-eval {_secs(result, 'lm_eval', 'tqa')}; "
+        f"- Time: TruthfulQA rlhfkit {_secs(result, 'rlhfkit', 'truthfulqa_mc')}, "
+        f"lm-eval {_secs(result, 'lm_eval', 'tqa')}; "
         f"CrowS-Pairs rlhfkit {_secs(result, 'rlhfkit', 'crows_pairs')}, lm-eval {_secs(result, 'lm_eval', 'crows')}. "
-        "The machine has 2 cores shared with other jobs: wall time well above CPU time means the process waited "
+        "On a shared machine, wall time well above CPU time means the process waited "
         "for a core or was paused while other benchmarks ran. lm-eval's time includes loading the model; its "
         "threads come from OMP_NUM_THREADS (which `--threads` sets).",
         "",
         "Regenerate: see `benchmarks/lm_eval_crosscheck.py` (docstring).",
-        "",
     ]
-    (RESULTS / "lm_eval_crosscheck.md").write_text("\n".join(md))
+    write_result("lm_eval_crosscheck", result, "\n".join(md))
     print("\n".join(md))
     return result
 
@@ -302,7 +363,9 @@ def _secs(result: dict, side: str, key: str) -> str:
     threads = result.get(f"{side}_threads", {}).get(key)
     if wall is None:
         return "not recorded"
-    extra = ([f"{cpu:.0f} s CPU"] if cpu is not None else []) + ([f"{threads} thread{'s' * (threads > 1)}"] if threads else [])
+    extra = ([f"{cpu:.0f} s CPU"] if cpu is not None else []) + (
+        [f"{threads} thread{'s' * (threads > 1)}"] if threads else []
+    )
     return f"{wall:.0f} s wall" + (f" ({', '.join(extra)})" if extra else "")
 
 

@@ -12,8 +12,8 @@ autocast; 4 iterations, the first excluded (warm-up).
 
 Ours and TRL alternate (``--rounds`` rounds of: each of our variants, then TRL), each side in its
 own subprocess with ``OMP_WAIT_POLICY=PASSIVE`` (idle OpenMP threads sleep instead of spinning on
-a shared machine; ``--wait-policy default`` leaves it unset, as a user's run does); the ratio of a round compares runs minutes apart, and the reported ratio is
-the median over rounds.
+a shared machine; ``--wait-policy default`` leaves it unset, as a user's run does); the ratio of
+a round compares runs minutes apart, and the reported ratio is the median over rounds.
 
 Seconds per iteration = wall time between the ends of consecutive iterations (TRL: between
 optimizer-step callbacks), median over iterations 2–4. Peak RSS = ``ru_maxrss`` of the process
@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import shutil
 import statistics
@@ -38,15 +37,14 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-PEERS = ROOT.parent / "shared" / "peers" / "trl"
-TRL_VENV = ROOT / "benchmarks" / ".venvs" / "trl-ppo"
-RESULTS = ROOT / "benchmarks" / "results"
+from common import PEERS_TRL, RESULTS, ROOT, VENVS, bench_env, median_ratio, run_peer, write_result
+
+TRL_VENV = VENVS / "trl-ppo"
 
 
 def trl_prompts() -> list[str]:
     """TRL benchmark's 64 instructions (16 topics × 4 forms), read from the peer script."""
-    src = (PEERS / "common.py").read_text()
+    src = (PEERS_TRL / "common.py").read_text()
     ns: dict = {}
     start, end = src.index("_TOPICS = ["), src.index("assert len(INSTRUCTIONS) == 64")
     exec(src[start:end], ns)  # only the two literal lists and the comprehension
@@ -67,14 +65,29 @@ def run_ours(out: Path, iterations: int, variant: str, prompts_file: Path, preci
     from rlhfkit.recipes.ppo import train_ppo
 
     model = str(embedded_model_dir())
-    cfg = PPOConfig(model=model, reward_model=model, critic=critic, data=str(prompts_file), out=str(out),
-                    batch_size=16, max_new_tokens=64, ignore_eos=True, temperature=0.7, ppo_epochs=1,
-                    num_minibatches=2, lr=1e-6, precision=precision, max_steps=iterations, missing_eos_penalty=None,
-                    lora="+lora" in variant,
-                    # TRL's gradient_accumulation_steps=1 and local_rollout_forward_batch_size=16; our defaults
-                    # (2 and 4) are memory knobs for longer rows, and at these rows they were ~10 % slower
-                    # (12.6 vs 11.4 s per iteration, 4.2 vs 3.9 GiB peak, one run each on the Zen 5 EPYC)
-                    grad_accum=1, forward_batch_size=16)
+    cfg = PPOConfig(
+        model=model,
+        reward_model=model,
+        critic=critic,
+        data=str(prompts_file),
+        out=str(out),
+        batch_size=16,
+        max_new_tokens=64,
+        ignore_eos=True,
+        temperature=0.7,
+        ppo_epochs=1,
+        num_minibatches=2,
+        lr=1e-6,
+        precision=precision,
+        max_steps=iterations,
+        missing_eos_penalty=None,
+        lora="+lora" in variant,
+        # TRL's gradient_accumulation_steps=1 and local_rollout_forward_batch_size=16; our defaults
+        # (2 and 4) are memory knobs for longer rows, and at these rows they were ~10 % slower
+        # (12.6 vs 11.4 s per iteration, 4.2 vs 3.9 GiB peak, one run each on the Zen 5 EPYC)
+        grad_accum=1,
+        forward_batch_size=16,
+    )
     t0 = time.perf_counter()
     train_ppo(cfg, say=lambda *a: None)
     rows = read_metrics(out)
@@ -82,7 +95,11 @@ def run_ours(out: Path, iterations: int, variant: str, prompts_file: Path, preci
     keys = ("time_generate", "time_score", "time_forward", "time_train", "time_iteration")
     measured = rows[1:]
     return {
-        "variant": variant, "critic": critic, "lora": "+lora" in variant, "iterations": len(rows), "total_s": time.perf_counter() - t0,
+        "variant": variant,
+        "critic": critic,
+        "lora": "+lora" in variant,
+        "iterations": len(rows),
+        "total_s": time.perf_counter() - t0,
         "median_step_s": statistics.median(walls),
         "split_median_s": {k.removeprefix("time_"): statistics.median(r[k] for r in measured) for k in keys},
         "steps": [{k: r[k] for k in ("step", "time", *keys, "response_length", "kl", "score")} for r in rows],
@@ -125,70 +142,91 @@ def wait_for_memory(gib: float, timeout_s: float = 900) -> bool:
     return True
 
 
-def _env() -> dict:
-    env = dict(os.environ)
-    if WAIT_POLICY != "default":
-        env["OMP_WAIT_POLICY"] = WAIT_POLICY
-    if THREADS:
-        env["OMP_NUM_THREADS"] = str(THREADS)
-    return env
-
-
-def spawn_ours(tmp: Path, critic: str, iterations: int, prompts_file: Path, tag: str = "", precision: str = "bf16") -> dict:
+def spawn_ours(
+    tmp: Path, critic: str, iterations: int, prompts_file: Path, tag: str = "", precision: str = "bf16"
+) -> dict:
     name = f"{critic}{tag}".replace("+", "-")
     res = tmp / f"ours-{name}.json"
     need = OURS_NEEDS_GIB[critic.split("+")[0]]
     if not wait_for_memory(need):
         raise SystemExit(f"{critic}: less than {need} GiB available for 15 minutes (a shared machine); try later")
-    cmd = [sys.executable, __file__, "--child", "--critic", critic, "--iterations", str(iterations),
-           "--prompts", str(prompts_file), "--out", str(tmp / f"run-{name}"), "--result", str(res), "--precision", precision]
-    subprocess.run(cmd, check=True, cwd=ROOT, env=_env(), preexec_fn=_expendable)
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        "--critic",
+        critic,
+        "--iterations",
+        str(iterations),
+        "--prompts",
+        str(prompts_file),
+        "--out",
+        str(tmp / f"run-{name}"),
+        "--result",
+        str(res),
+        "--precision",
+        precision,
+    ]
+    subprocess.run(cmd, check=True, cwd=ROOT, env=bench_env(THREADS, WAIT_POLICY), preexec_fn=_expendable)
     return json.loads(res.read_text())
 
 
 def spawn_trl(tmp: Path, model_dir: str, tag: str = "", precision: str = "bf16") -> dict | None:
     py = TRL_VENV / "bin" / "python"
-    if not py.exists() or not (PEERS / "ppo_bench.py").exists():
-        print(f"TRL skipped: {py} or {PEERS}/ppo_bench.py missing")
+    if not py.exists() or not (PEERS_TRL / "ppo_bench.py").exists():
+        print(f"TRL skipped: {py} or {PEERS_TRL}/ppo_bench.py missing")
         return None
-    work = tmp / f"trl{tag}"
     if not wait_for_memory(TRL_NEEDS_GIB):
         return {"error": f"skipped: less than {TRL_NEEDS_GIB} GiB available for 15 minutes"}
-    shutil.copytree(PEERS, work)
-    env = dict(_env(), BENCH_MODEL=model_dir)
-    try:
-        proc = subprocess.run([str(py), "ppo_bench.py", "--precision", precision, "--tag", "ppo_bench"], cwd=work,
-                              env=env, capture_output=True, text=True, timeout=TRL_TIMEOUT_S, preexec_fn=_expendable)
-    except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {TRL_TIMEOUT_S} s"}
-    if proc.returncode != 0:
-        print(proc.stdout[-3000:], proc.stderr[-3000:])
-        return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"rc={proc.returncode}"}
-    return json.loads((work / "results" / "ppo_bench.json").read_text())
+    return run_peer(
+        py,
+        "ppo_bench.py",
+        ["--precision", precision, "--tag", "ppo_bench"],
+        tmp / f"trl{tag}",
+        "ppo_bench",
+        env=bench_env(THREADS, WAIT_POLICY, BENCH_MODEL=model_dir),
+        timeout=TRL_TIMEOUT_S,
+        preexec_fn=_expendable,
+    )
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--child", action="store_true")
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--critic", default="rm")
     ap.add_argument("--iterations", type=int, default=4)
     ap.add_argument("--prompts")
     ap.add_argument("--out")
     ap.add_argument("--result")
     ap.add_argument("--no-trl", action="store_true")
-    ap.add_argument("--variants", default="rm,policy_head",
-                    help="settings to time (comma-separated): critic kind, optionally +lora (rm+lora, policy_head+lora)")
+    ap.add_argument(
+        "--variants",
+        default="rm,policy_head",
+        help="settings to time (comma-separated): critic kind, optionally +lora (rm+lora, policy_head+lora)",
+    )
     ap.add_argument("--rounds", type=int, default=2, help="rounds of (our variants, then TRL), alternating")
-    ap.add_argument("--threads", type=int, default=1,
-                    help="OMP_NUM_THREADS for both sides (0 = torch's default: 2 here). 1 by default: this "
-                         "2-core machine is shared with other jobs that keep one core busy, and a second "
-                         "thread then waits for it (2 threads measured no faster, 13.4 vs 12.6 s per iteration)")
-    ap.add_argument("--wait-policy", default="PASSIVE", choices=["PASSIVE", "default"],
-                    help="OMP_WAIT_POLICY for both sides: PASSIVE (idle OpenMP threads sleep: fair on a shared machine) or "
-                         "default (they spin a while first, as a user's run does; measured on a quiet 2-core Xeon: "
-                         "our bf16 decode 2.9 s vs 4.4 s under PASSIVE for the benchmark's 16 x 64 tokens)")
-    ap.add_argument("--precision", default="bf16", choices=["bf16", "fp32"],
-                    help="both sides (issue 4 asks bf16; fp32 for a CPU without bf16 instructions: writes ppo_fp32.*)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="OMP_NUM_THREADS for both sides (0 = torch's default: 2 here). 1 by default: this "
+        "2-core machine is shared with other jobs that keep one core busy, and a second "
+        "thread then waits for it (2 threads measured no faster, 13.4 vs 12.6 s per iteration)",
+    )
+    ap.add_argument(
+        "--wait-policy",
+        default="PASSIVE",
+        choices=["PASSIVE", "default"],
+        help="OMP_WAIT_POLICY for both sides: PASSIVE (idle OpenMP threads sleep: fair on a shared machine) or "
+        "default (they spin a while first, as a user's run does; measured on a quiet 2-core Xeon: "
+        "our bf16 decode 2.9 s vs 4.4 s under PASSIVE for the benchmark's 16 x 64 tokens)",
+    )
+    ap.add_argument(
+        "--precision",
+        default="bf16",
+        choices=["bf16", "fp32"],
+        help="both sides (issue 4 asks bf16; fp32 for a CPU without bf16 instructions: writes ppo_fp32.*)",
+    )
     args = ap.parse_args()
     if args.child:
         return child(args)
@@ -207,29 +245,41 @@ def main() -> None:
     rounds = []
     for k in range(args.rounds):
         load = os.getloadavg()[0]
-        ours = {c: spawn_ours(tmp, c, args.iterations, prompts_file, tag=f"-r{k}", precision=args.precision) for c in variants}
+        ours = {
+            c: spawn_ours(tmp, c, args.iterations, prompts_file, tag=f"-r{k}", precision=args.precision)
+            for c in variants
+        }
         trl = None if args.no_trl else spawn_trl(tmp, model_dir, tag=f"-r{k}", precision=args.precision)
         rounds.append({"loadavg_start": load, "loadavg_end": os.getloadavg()[0], "ours": ours, "trl": trl})
-        print(f"round {k + 1}: " + ", ".join(f"{c} {o['median_step_s']:.1f} s" for c, o in ours.items())
-              + (f", TRL {trl['median_step_s']:.1f} s" if trl and "median_step_s" in trl else ""), flush=True)
+        print(
+            f"round {k + 1}: "
+            + ", ".join(f"{c} {o['median_step_s']:.1f} s" for c, o in ours.items())
+            + (f", TRL {trl['median_step_s']:.1f} s" if trl and "median_step_s" in trl else ""),
+            flush=True,
+        )
 
     result = {
         "benchmark": "PPO iteration, SmolLM2-135M-Instruct as policy/ref/RM/critic, 16 prompts x 64 new tokens, "
-                     f"1 epoch, 2 minibatches, {args.precision}",
-        "started": started, "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus",
-        "omp_num_threads": args.threads or "default", "omp_wait_policy": WAIT_POLICY, "rounds": rounds,
+        f"1 epoch, 2 minibatches, {args.precision}",
+        "started": started,
+        "omp_num_threads": args.threads or "default",
+        "omp_wait_policy": WAIT_POLICY,
+        "rounds": rounds,
     }
     # per variant: median over rounds of (ours / TRL of the same round)
     ok = [r for r in rounds if r["trl"] and "median_step_s" in r["trl"]]
     if ok:
-        result["ratios"] = {c: {"time": statistics.median(r["ours"][c]["median_step_s"] / r["trl"]["median_step_s"] for r in ok),
-                                "rss": statistics.median(r["ours"][c]["ru_maxrss_mib"] / r["trl"]["ru_maxrss_mib"] for r in ok)}
-                            for c in variants}
+        result["ratios"] = {
+            c: {
+                "time": median_ratio((r["ours"][c]["median_step_s"], r["trl"]["median_step_s"]) for r in ok),
+                "rss": median_ratio((r["ours"][c]["ru_maxrss_mib"], r["trl"]["ru_maxrss_mib"]) for r in ok),
+            }
+            for c in variants
+        }
     name = "ppo" if args.precision == "bf16" else f"ppo_{args.precision}"
     result["name"] = name
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=1))
-    (RESULTS / f"{name}.md").write_text(markdown(result))
+    notes = RESULTS / f"{name}.notes.md"  # written by hand after a run: what the numbers mean, what was tried
+    write_result(name, result, markdown(result), notes=notes.read_text() if notes.exists() else "")
     print(markdown(result))
     shutil.rmtree(tmp, ignore_errors=True)
 
@@ -238,12 +288,13 @@ def markdown(r: dict) -> str:
     lines = [
         "# PPO iteration: rlhfkit vs TRL PPOTrainer",
         "",
-        f"{r['benchmark']}. Started {r['started']} on {r['machine']} (a shared machine: compare ratios within a round).",
+        f"{r['benchmark']}. Started {r['started']} (a shared machine: compare ratios within a round).",
         "Generation never stops at EOS (TRL's default), temperature 0.7; median of iterations 2-4; "
         f"OMP_NUM_THREADS={r['omp_num_threads']}, OMP_WAIT_POLICY={r['omp_wait_policy']} on both sides; "
         "rounds alternate ours and TRL.",
         "",
-        "| round | load avg | run | s / iteration | generate | score | forwards | train | peak RSS (GiB) | time x TRL | RSS x TRL |",
+        "| round | load avg | run | s / iteration | generate | score | forwards | train | peak RSS (GiB) "
+        "| time x TRL | RSS x TRL |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for k, rd in enumerate(r["rounds"], 1):
@@ -252,24 +303,31 @@ def markdown(r: dict) -> str:
         load = f"{rd['loadavg_start']:.1f}-{rd['loadavg_end']:.1f}"
         for variant, o in rd["ours"].items():
             s = o["split_median_s"]
-            ratios = (f"{o['median_step_s'] / t['median_step_s']:.3f} | {o['ru_maxrss_mib'] / t['ru_maxrss_mib']:.3f}"
-                      if ok else "– | –")
-            lines.append(f"| {k} | {load} | rlhfkit, critic={variant} | {o['median_step_s']:.2f} | {s['generate']:.2f} | "
-                         f"{s['score']:.2f} | {s['forward']:.2f} | {s['train']:.2f} | {o['ru_maxrss_mib'] / 1024:.2f} | {ratios} |")
+            ratios = (
+                f"{o['median_step_s'] / t['median_step_s']:.3f} | {o['ru_maxrss_mib'] / t['ru_maxrss_mib']:.3f}"
+                if ok
+                else "– | –"
+            )
+            lines.append(
+                f"| {k} | {load} | rlhfkit, critic={variant} | {o['median_step_s']:.2f} | {s['generate']:.2f} | "
+                f"{s['score']:.2f} | {s['forward']:.2f} | {s['train']:.2f} | {o['ru_maxrss_mib'] / 1024:.2f} "
+                f"| {ratios} |"
+            )
         if ok:
-            lines.append(f"| {k} | {load} | TRL {t['settings']['trl']} PPOTrainer | {t['median_step_s']:.2f} | "
-                         f"{t.get('median_gen_s', float('nan')):.2f} | – | – | {t.get('median_nongen_s', float('nan')):.2f} "
-                         f"(all but generate) | {t['ru_maxrss_mib'] / 1024:.2f} | 1 | 1 |")
+            lines.append(
+                f"| {k} | {load} | TRL {t['settings']['trl']} PPOTrainer | {t['median_step_s']:.2f} | "
+                f"{t.get('median_gen_s', float('nan')):.2f} | – | – | {t.get('median_nongen_s', float('nan')):.2f} "
+                f"(all but generate) | {t['ru_maxrss_mib'] / 1024:.2f} | 1 | 1 |"
+            )
         elif t:
             lines.append(f"| {k} | {load} | TRL failed: {t.get('error')} | | | | | | | | |")
     if r.get("ratios"):
         lines += ["", "Median over rounds (targets: time <= 0.25 x TRL, peak RSS <= 0.6 x TRL):", ""]
-        lines += [f"- critic={c}: time {x['time']:.3f} x TRL, peak RSS {x['rss']:.3f} x TRL" for c, x in r["ratios"].items()]
+        lines += [
+            f"- critic={c}: time {x['time']:.3f} x TRL, peak RSS {x['rss']:.3f} x TRL" for c, x in r["ratios"].items()
+        ]
     else:
         lines += ["", "TRL not run (venv benchmarks/.venvs/trl-ppo missing or --no-trl)."]
-    notes = RESULTS / f"{r.get('name', 'ppo')}.notes.md"  # written by hand after a run: what the numbers mean, what was tried
-    if notes.exists():
-        lines += ["", notes.read_text().rstrip()]
     return "\n".join(lines) + "\n"
 
 

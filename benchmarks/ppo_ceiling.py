@@ -13,7 +13,8 @@ Usage (after `make demo`):
         samples_per_prompt=4 batch_size=4 score_baseline=group
 
 Each call adds (or replaces) its tag's row in benchmarks/results/ppo_ceiling.json and rewrites
-ppo_ceiling.md with all rows (a hand-written "## Notes" section at its end is kept). A finished variant directory is reused (its PPO is not rerun).
+ppo_ceiling.md with all rows (a hand-written "## Notes" section at its end is kept). A finished
+variant directory is reused (its PPO is not rerun).
 Never asserts anything.
 """
 
@@ -22,20 +23,18 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import platform
-import time
 from pathlib import Path
 
 import yaml
+from common import quarter_means, save_row
 
 from rlhfkit.config import PipelineConfig, PPOConfig
-from rlhfkit.feedback import rubric
 from rlhfkit.data.jsonl import read_jsonl, write_jsonl
+from rlhfkit.feedback import rubric
+from rlhfkit.recipes.common import read_metrics
 from rlhfkit.recipes.pipeline import compare, judge, ppo_config, sample_answers
 from rlhfkit.recipes.ppo import train_ppo
 from rlhfkit.tasks import load_task
-
-RESULTS = Path(__file__).parent / "results"
 
 
 def gold_reward(prompts, texts, finished) -> list[float]:
@@ -66,42 +65,31 @@ def round1_ppo_config(run: Path, out: Path, reward: str, overrides: dict) -> PPO
     return dataclasses.replace(cfg, **overrides)
 
 
-def quarter_means(metrics: list[dict], key: str) -> tuple[float, float]:
-    q = max(1, len(metrics) // 4)
-    vals = [m[key] for m in metrics if key in m]
-    return sum(vals[:q]) / q, sum(vals[-q:]) / q
-
-
 def render(rows: dict) -> str:
-    lines = ["# PPO ceiling: PPO at the demo's budget against its reward model or the gold rubric", "",
-             "Produced by `python benchmarks/ppo_ceiling.py` (see its docstring); one row per variant. Each PPO starts",
-             "from the SFT model of the run named in the row; `reward`: `gold` = the gold rubric's score is the reward",
-             "(a perfect reward model), `rm` = that run's round-1 reward model (what the demo does). Held-out: the",
-             "108 eval prompts, greedy answers, judged by the gold rubric against the same SFT model's answers.", "",
-             "tag | run | reward | overrides | held-out instructions (SFT) | gold score (SFT) | win-rate vs SFT (W/T/L) "
-             "| train gold score, first → last quarter | KL last quarter | PPO s",
-             "---|---|---|---|---|---|---|---|---|---"]
+    lines = [
+        "# PPO ceiling: PPO at the demo's budget against its reward model or the gold rubric",
+        "",
+        "Produced by `python benchmarks/ppo_ceiling.py` (see its docstring); one row per variant. Each PPO starts",
+        "from the SFT model of the run named in the row; `reward`: `gold` = the gold rubric's score is the reward",
+        "(a perfect reward model), `rm` = that run's round-1 reward model (what the demo does). Held-out: the",
+        "108 eval prompts, greedy answers, judged by the gold rubric against the same SFT model's answers.",
+        "",
+        "tag | run | reward | overrides | held-out instructions (SFT) | gold score (SFT) | win-rate vs SFT (W/T/L) "
+        "| train gold score, first → last quarter | KL last quarter | PPO s",
+        "---|---|---|---|---|---|---|---|---|---",
+    ]
     for tag, r in rows.items():
         o = " ".join(f"{k}={v}" for k, v in r["overrides"].items()) or "—"
         v = r["vs_sft"]
-        lines.append(f"{tag} | {r['run']} | {r['reward']} | {o} | {100 * r['ppo']['instruction_rate']:.1f} % "
-                     f"({100 * r['sft']['instruction_rate']:.1f} %) | {r['ppo']['gold_mean']:+.3f} ({r['sft']['gold_mean']:+.3f}) "
-                     f"| {100 * v['win_rate']:.1f} % ({v['wins']}/{v['ties']}/{v['losses']}) "
-                     f"| {r['train_gold'][0]:+.3f} → {r['train_gold'][1]:+.3f} | {r['kl_last_quarter']:.2f} | {r['ppo_seconds']:.0f}")
+        lines.append(
+            f"{tag} | {r['run']} | {r['reward']} | {o} | {100 * r['ppo']['instruction_rate']:.1f} % "
+            f"({100 * r['sft']['instruction_rate']:.1f} %) "
+            f"| {r['ppo']['gold_mean']:+.3f} ({r['sft']['gold_mean']:+.3f}) "
+            f"| {100 * v['win_rate']:.1f} % ({v['wins']}/{v['ties']}/{v['losses']}) "
+            f"| {r['train_gold'][0]:+.3f} → {r['train_gold'][1]:+.3f} | {r['kl_last_quarter']:.2f} "
+            f"| {r['ppo_seconds']:.0f}"
+        )
     return "\n".join(lines) + "\n"
-
-
-def save_row(name: str, tag: str, row: dict, render) -> None:
-    """Add (or replace) ``tag``'s row in results/<name>.json and rewrite <name>.md from all rows with
-    ``render``, keeping a hand-written "## Notes" section at its end; print the new row."""
-    path = RESULTS / f"{name}.json"
-    rows = json.loads(path.read_text()) if path.exists() else {}
-    rows[tag] = row
-    path.write_text(json.dumps(rows, indent=1))
-    md = RESULTS / f"{name}.md"
-    notes = md.read_text().partition("\n## Notes")[2] if md.exists() else ""  # hand-written notes stay
-    md.write_text(render(rows) + (f"\n## Notes{notes}" if notes else ""))
-    print(render({tag: row}))
 
 
 def main() -> None:
@@ -117,19 +105,25 @@ def main() -> None:
     cfg = round1_ppo_config(run, out, args.reward, overrides)
     if not (out / "ppo" / "model" / "config.json").exists():
         train_ppo(cfg, reward_fn=gold_reward if args.reward == "gold" else None)
-    metrics = read_jsonl(out / "ppo" / "metrics.jsonl")
+    metrics = read_metrics(out / "ppo")
     held = load_task("eval")
     answers = out / "eval.jsonl"
     if not answers.exists():
         pc = PipelineConfig(**json.loads((run / "pipeline.json").read_text()))
         write_jsonl(answers, sample_answers(str(out / "ppo" / "model"), held, 1, pc, 0.0))
     mine, sft = judge(held, read_jsonl(answers)), judge(held, read_jsonl(run / "eval" / "sft.jsonl"))
-    row = {"run": str(run), "reward": args.reward, "overrides": overrides, "config": vars(cfg),
-           "ppo": {k: v for k, v in mine.items() if k != "scores"}, "sft": {k: v for k, v in sft.items() if k != "scores"},
-           "vs_sft": compare(mine["scores"], sft["scores"]),
-           "train_gold": quarter_means(metrics, "gold_score"), "kl_last_quarter": quarter_means(metrics, "kl")[1],
-           "ppo_seconds": sum(m["time_iteration"] for m in metrics),
-           "machine": platform.processor() or platform.machine(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    row = {
+        "run": str(run),
+        "reward": args.reward,
+        "overrides": overrides,
+        "config": vars(cfg),
+        "ppo": {k: v for k, v in mine.items() if k != "scores"},
+        "sft": {k: v for k, v in sft.items() if k != "scores"},
+        "vs_sft": compare(mine["scores"], sft["scores"]),
+        "train_gold": quarter_means(metrics, "gold_score"),
+        "kl_last_quarter": quarter_means(metrics, "kl")[1],
+        "ppo_seconds": sum(m["time_iteration"] for m in metrics),
+    }
     save_row("ppo_ceiling", args.tag, row, render)
 
 

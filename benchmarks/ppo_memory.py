@@ -24,15 +24,12 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from common import RESULTS, ROOT, bench_env, md_table, write_result
 
 
 def child(variant: str, out: Path, iterations: int, result: Path) -> None:
@@ -46,60 +43,110 @@ def child(variant: str, out: Path, iterations: int, result: Path) -> None:
     if variant == "gc_only":
         ppo.release_memory = gc.collect  # what the loop did before release_memory existed
     model = str(embedded_model_dir())
-    cfg = PPOConfig(model=model, reward_model=model, out=str(out), max_steps=iterations, batch_size=16, lr=1e-5,
-                    critic="policy_head", kl_coef=0.05, temperature=0.7, max_new_tokens=128, seed=1)
+    cfg = PPOConfig(
+        model=model,
+        reward_model=model,
+        out=str(out),
+        max_steps=iterations,
+        batch_size=16,
+        lr=1e-5,
+        critic="policy_head",
+        kl_coef=0.05,
+        temperature=0.7,
+        max_new_tokens=128,
+        seed=1,
+    )
     ppo.train_ppo(cfg, say=lambda *a: None)
     rows = read_metrics(out)
-    result.write_text(json.dumps({
-        "variant": variant, "threads": torch.get_num_threads(), "precision": resolve_precision(cfg.precision),
-        "iterations": [{k: r[k] for k in ("step", "rss_mb", "peak_rss_mb", "time_iteration", "response_length")}
-                       for r in rows],
-    }, indent=1))
+    result.write_text(
+        json.dumps(
+            {
+                "variant": variant,
+                "threads": torch.get_num_threads(),
+                "precision": resolve_precision(cfg.precision),
+                "iterations": [
+                    {k: r[k] for k in ("step", "rss_mb", "peak_rss_mb", "time_iteration", "response_length")}
+                    for r in rows
+                ],
+            },
+            indent=1,
+        )
+    )
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--iterations", type=int, default=6)
     ap.add_argument("--threads", type=int, default=0, help="torch threads per run (0 = torch's default)")
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "ppo_memory"))
+    ap.add_argument("--out", default=str(RESULTS / "ppo_memory"), help="results path without suffix")
     ap.add_argument("--child", nargs=3, metavar=("VARIANT", "OUT", "RESULT"), help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
         child(a.child[0], Path(a.child[1]), a.iterations, Path(a.child[2]))
         return
-    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE")
-    if a.threads:
-        env["OMP_NUM_THREADS"] = str(a.threads)
+    env = bench_env(a.threads)
     runs = {}
     with tempfile.TemporaryDirectory(prefix="ppo-mem-") as tmp:
         for variant in ("release_memory", "gc_only"):
             res = Path(tmp) / f"{variant}.json"
-            subprocess.run([sys.executable, __file__, "--iterations", str(a.iterations), "--child", variant,
-                            str(Path(tmp) / variant), str(res)], check=True, env=env, cwd=ROOT)
+            subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    "--iterations",
+                    str(a.iterations),
+                    "--child",
+                    variant,
+                    str(Path(tmp) / variant),
+                    str(res),
+                ],
+                check=True,
+                env=env,
+                cwd=ROOT,
+            )
             runs[variant] = json.loads(res.read_text())
-    from rlhfkit.models.loading import cpu_model
-
-    cpu = cpu_model()
-    out = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpu": cpu, "runs": runs}
+    out = {"runs": runs}
     path = Path(a.out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.with_suffix(".json").write_text(json.dumps(out, indent=1) + "\n")
     r, g = runs["release_memory"], runs["gc_only"]
-    lines = ["# PPO memory over iterations: release_memory (gc + malloc_trim) vs gc only", "",
-             f"{out['date']}, {cpu}, {r['threads']} thread(s), {r['precision']}; the demo's PPO settings (value-head "
-             "critic, 16 prompts × ≤ 128 tokens); each variant in its own process, one after the other. "
-             "Produced by `python benchmarks/ppo_memory.py`.", "",
-             "| iteration | RSS after, release_memory (MB) | peak so far (MB) | RSS after, gc only (MB) | peak so far (MB) |",
-             "|---:|---:|---:|---:|---:|"]
-    for x, y in zip(r["iterations"], g["iterations"]):
-        lines.append(f"| {x['step']} | {x['rss_mb']:,.0f} | {x['peak_rss_mb']:,.0f} | {y['rss_mb']:,.0f} | {y['peak_rss_mb']:,.0f} |")
+    lines = [
+        "# PPO memory over iterations: release_memory (gc + malloc_trim) vs gc only",
+        "",
+        f"{r['threads']} thread(s), {r['precision']}; the demo's PPO settings (value-head "
+        "critic, 16 prompts × ≤ 128 tokens); each variant in its own process, one after the other. "
+        "Produced by `python benchmarks/ppo_memory.py`.",
+        "",
+        *md_table(
+            [
+                "iteration",
+                "RSS after, release_memory (MB)",
+                "peak so far (MB)",
+                "RSS after, gc only (MB)",
+                "peak so far (MB)",
+            ],
+            (
+                [
+                    x["step"],
+                    f"{x['rss_mb']:,.0f}",
+                    f"{x['peak_rss_mb']:,.0f}",
+                    f"{y['rss_mb']:,.0f}",
+                    f"{y['peak_rss_mb']:,.0f}",
+                ]
+                for x, y in zip(r["iterations"], g["iterations"])
+            ),
+            "rrrrr",
+        ),
+    ]
     grow = lambda it: (it[-1]["rss_mb"] - it[0]["rss_mb"]) / max(1, len(it) - 1)  # noqa: E731
-    lines += ["", f"RSS growth per iteration after the first: {grow(r['iterations']):+,.0f} MB with release_memory, "
-              f"{grow(g['iterations']):+,.0f} MB with gc only.", "",
-              "What this shows: the peak inside an iteration (the training pass's activations, logits) is the same "
-              "either way; what release_memory removes is what stays resident between iterations, and its growth, "
-              "which otherwise adds up over a long run and sits on top of the next stage's peak.", ""]
-    path.with_suffix(".md").write_text("\n".join(lines))
+    lines += [
+        "",
+        f"RSS growth per iteration after the first: {grow(r['iterations']):+,.0f} MB with release_memory, "
+        f"{grow(g['iterations']):+,.0f} MB with gc only.",
+        "",
+        "What this shows: the peak inside an iteration (the training pass's activations, logits) is the same "
+        "either way; what release_memory removes is what stays resident between iterations, and its growth, "
+        "which otherwise adds up over a long run and sits on top of the next stage's peak.",
+    ]
+    write_result(path.name, out, "\n".join(lines), path.parent)
     print("\n".join(lines))
 
 

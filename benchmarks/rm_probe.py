@@ -27,12 +27,11 @@ stored gold score (the rubric with finished=True or False, whichever matches).
 from __future__ import annotations
 
 import argparse
-import json
-import time
 from collections import defaultdict
 from pathlib import Path
 
 import torch
+from common import write_result
 
 from rlhfkit.data.loaders import load_records
 from rlhfkit.data.tokenize import encode_ranking
@@ -41,8 +40,6 @@ from rlhfkit.models.heads import load_reward_model
 from rlhfkit.recipes.common import split_eval
 from rlhfkit.recipes.reward import score_groups
 from rlhfkit.tasks import load_task
-
-RESULTS = Path(__file__).parent / "results"
 
 
 def components(prompt, response: str, gold_total: float | None) -> rubric.GoldScore:
@@ -101,7 +98,9 @@ def probe(rm, tok, records, prompts_by_id, max_length: int, batch_prompts: int =
                         counts[key][0] += right
                         counts[key][1] += 1
                     if cls == "instructions":
-                        differ = [a.kind for a, b in zip(comp[x].instructions, comp[y].instructions) if a.passed != b.passed]
+                        differ = [
+                            a.kind for a, b in zip(comp[x].instructions, comp[y].instructions) if a.passed != b.passed
+                        ]
                         if len(differ) == 1:
                             counts[f"kind:{differ[0]}"][0] += right
                             counts[f"kind:{differ[0]}"][1] += 1
@@ -112,7 +111,9 @@ def probe(rm, tok, records, prompts_by_id, max_length: int, batch_prompts: int =
                             counts[f"penalty:{kinds[0]}"][1] += 1
     out = {k: {"accuracy": c / n if n else float("nan"), "pairs": n} for k, (c, n) in sorted(counts.items())}
     n = max(1, picks["instructions"])
-    out["best_of_k"] = {k: picks[k] / n for k in ("rm_pick", "random_pick", "gold_pick")} | {"instructions": picks["instructions"]}
+    out["best_of_k"] = {k: picks[k] / n for k in ("rm_pick", "random_pick", "gold_pick")} | {
+        "instructions": picks["instructions"]
+    }
     return out
 
 
@@ -120,8 +121,8 @@ def make_probe_set(path: Path, policy: str, k: int, temperature: float) -> None:
     """K answers of ``policy`` to every held-out eval prompt, ranked by the gold rubric (no noise;
     prompts whose answers all score the same are left out)."""
     from rlhfkit.config import PipelineConfig
-    from rlhfkit.feedback.labelers import GoldLabeler
     from rlhfkit.data.records import ranking_row
+    from rlhfkit.feedback.labelers import GoldLabeler
     from rlhfkit.recipes.pipeline import sample_answers, write_jsonl
 
     if not policy:
@@ -140,15 +141,23 @@ def make_probe_set(path: Path, policy: str, k: int, temperature: float) -> None:
 
 def markdown(result: dict) -> str:
     splits = [s for s in ("held_out", "train", "probe_set") if s in result]
-    lines = [f"# Reward model probe: what it learned of the gold rubric", "",
-             f"Produced by `python benchmarks/rm_probe.py {result['args']}` on {result['date']}. "
-             f"RM `{result['rm']}`, rankings `{result['data']}` ({result['rankings']['held_out']} held-out, "
-             f"{result['rankings']['train']} training"
-             + (f"; probe set `{result['probe_set_file']}`, {result['rankings']['probe_set']} rankings" if "probe_set" in result else "")
-             + "). Accuracy = share of pairs with different gold scores that the RM "
-             "orders like the rubric (50 % = chance).", "",
-             "pairs differing in | " + " | ".join(f"{s.replace('_', '-')} accuracy (pairs)" for s in splits),
-             "--- | " + " | ".join("---" for _ in splits)]
+    lines = [
+        "# Reward model probe: what it learned of the gold rubric",
+        "",
+        f"Produced by `python benchmarks/rm_probe.py {result['args']}`. "
+        f"RM `{result['rm']}`, rankings `{result['data']}` ({result['rankings']['held_out']} held-out, "
+        f"{result['rankings']['train']} training"
+        + (
+            f"; probe set `{result['probe_set_file']}`, {result['rankings']['probe_set']} rankings"
+            if "probe_set" in result
+            else ""
+        )
+        + "). Accuracy = share of pairs with different gold scores that the RM "
+        "orders like the rubric (50 % = chance).",
+        "",
+        "pairs differing in | " + " | ".join(f"{s.replace('_', '-')} accuracy (pairs)" for s in splits),
+        "--- | " + " | ".join("---" for _ in splits),
+    ]
     keys = sorted({k for s in splits for k in result[s] if k != "best_of_k"}, key=lambda k: (k.count(":"), k))
     for k in keys:
         cells = []
@@ -156,26 +165,45 @@ def markdown(result: dict) -> str:
             v = result[s].get(k)
             cells.append(f"{v['accuracy']:.1%} ({v['pairs']})" if v else "–")
         lines.append(f"{k} | " + " | ".join(cells))
-    lines += ["", "Best of K: the instruction rate (share of all instructions followed) of one answer per prompt, "
-              "picked by the RM (its top score), at random (the mean over the K) or by the rubric (its best total).", "",
-              "split | RM pick | random pick | rubric pick | instructions", "--- | --- | --- | --- | ---"]
+    lines += [
+        "",
+        "Best of K: the instruction rate (share of all instructions followed) of one answer per prompt, "
+        "picked by the RM (its top score), at random (the mean over the K) or by the rubric (its best total).",
+        "",
+        "split | RM pick | random pick | rubric pick | instructions",
+        "--- | --- | --- | --- | ---",
+    ]
     for s in splits:
         b = result[s].get("best_of_k")
         if b:
-            lines.append(f"{s.replace('_', '-')} | {b['rm_pick']:.1%} | {b['random_pick']:.1%} | {b['gold_pick']:.1%} | {b['instructions']}")
+            lines.append(
+                f"{s.replace('_', '-')} | {b['rm_pick']:.1%} | {b['random_pick']:.1%} | {b['gold_pick']:.1%} "
+                f"| {b['instructions']}"
+            )
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rm", required=True, help="reward model directory (rlhfkit rm / the pipeline's roundN/rm/model)")
-    ap.add_argument("--data", required=True, help="the rankings it was trained on (the pipeline's roundN/rm_data.jsonl)")
+    ap.add_argument(
+        "--data", required=True, help="the rankings it was trained on (the pipeline's roundN/rm_data.jsonl)"
+    )
     ap.add_argument("--eval-fraction", type=float, default=0.15)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--max-length", type=int, default=384, help="truncation of prompt + answer, as the RM was trained (the pipeline's max_length)")
+    ap.add_argument(
+        "--max-length",
+        type=int,
+        default=384,
+        help="truncation of prompt + answer, as the RM was trained (the pipeline's max_length)",
+    )
     ap.add_argument("--train", action="store_true", help="also probe the training rankings")
-    ap.add_argument("--probe-set", default="", help="rankings file of the fixed probe set (made with --policy when missing)")
-    ap.add_argument("--policy", default="", help="with --probe-set: the model whose answers to the held-out eval prompts form it")
+    ap.add_argument(
+        "--probe-set", default="", help="rankings file of the fixed probe set (made with --policy when missing)"
+    )
+    ap.add_argument(
+        "--policy", default="", help="with --probe-set: the model whose answers to the held-out eval prompts form it"
+    )
     ap.add_argument("--probe-k", type=int, default=4)
     ap.add_argument("--probe-temperature", type=float, default=0.7)
     ap.add_argument("--tag", default="rm_probe")
@@ -188,9 +216,16 @@ def main() -> None:
     prompts = {p.meta["id"]: p for split in ("train", "eval") for p in load_task(split)}
     rm, tok = load_reward_model(args.rm)
     rm.eval()
-    result = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "rm": args.rm, "data": args.data,
-              "args": " ".join(f"--{k.replace('_', '-')} {v}" if not isinstance(v, bool) else f"--{k}" for k, v in vars(args).items() if v is not False),
-              "rankings": {"held_out": len(ev), "train": len(tr)}}
+    result = {
+        "rm": args.rm,
+        "data": args.data,
+        "args": " ".join(
+            f"--{k.replace('_', '-')} {v}" if not isinstance(v, bool) else f"--{k}"
+            for k, v in vars(args).items()
+            if v is not False
+        ),
+        "rankings": {"held_out": len(ev), "train": len(tr)},
+    }
     with torch.autocast("cpu", dtype=torch.bfloat16):
         result["held_out"] = probe(rm, tok, [records[i] for i in ev], prompts, args.max_length)
         if args.train:
@@ -200,9 +235,7 @@ def main() -> None:
             result["probe_set"] = probe(rm, tok, fixed, prompts, args.max_length)
             result["rankings"]["probe_set"] = len(fixed)
             result["probe_set_file"] = args.probe_set
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{args.tag}.json").write_text(json.dumps(result, indent=1))
-    (RESULTS / f"{args.tag}.md").write_text(markdown(result))
+    write_result(args.tag, result, markdown(result))
     print(markdown(result))
 
 

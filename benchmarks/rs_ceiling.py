@@ -27,17 +27,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import time
 from pathlib import Path
+
+from common import save_row, timed
 
 from rlhfkit.config import PipelineConfig, SFTConfig
 from rlhfkit.feedback import rubric
 from rlhfkit.recipes.pipeline import compare, judge, read_jsonl, sample_answers, write_jsonl
 from rlhfkit.recipes.sft import train_sft
 from rlhfkit.tasks import load_task
-
-from ppo_ceiling import save_row  # benchmarks/ is on sys.path when this runs as a script
 
 
 def pick_best(prompts, rows: list[dict], gold: list[list], pick: str, rm_dir: str) -> list[int]:
@@ -48,7 +46,9 @@ def pick_best(prompts, rows: list[dict], gold: list[list], pick: str, rm_dir: st
     from rlhfkit.evals.helpful import hf_reward_fn
 
     reward = hf_reward_fn(rm_dir)
-    flat = reward([p.messages for p, r in zip(prompts, rows) for _ in r["responses"]], [x for r in rows for x in r["responses"]])
+    flat = reward(
+        [p.messages for p, r in zip(prompts, rows) for _ in r["responses"]], [x for r in rows for x in r["responses"]]
+    )
     best, i = [], 0
     for r in rows:
         k = len(r["responses"])
@@ -58,28 +58,36 @@ def pick_best(prompts, rows: list[dict], gold: list[list], pick: str, rm_dir: st
 
 
 def render(rows: dict) -> str:
-    lines = ["# Rejection-sampling ceiling: the SFT model fine-tuned on its own best-of-K answers", "",
-             "Produced by `python benchmarks/rs_ceiling.py` (see its docstring); one row per variant. `pick`: `gold` = each",
-             "train prompt's best answer by the gold rubric (a perfect reward model), `rm` = by the run's round-1 reward",
-             "model. Held-out: the 108 eval prompts, greedy answers, judged by the gold rubric against the same SFT",
-             "model's answers.", "",
-             "tag | run | pick | K × prompts (T) | picked answers' instructions (all K) | lr × epochs "
-             "| held-out instructions (SFT) | gold score (SFT) | win-rate vs SFT (W/T/L) | sample s | fine-tune s",
-             "---|---|---|---|---|---|---|---|---|---|---"]
+    lines = [
+        "# Rejection-sampling ceiling: the SFT model fine-tuned on its own best-of-K answers",
+        "",
+        "Produced by `python benchmarks/rs_ceiling.py` (see its docstring); one row per variant. `pick`: `gold` = each",
+        "train prompt's best answer by the gold rubric (a perfect reward model), `rm` = by the run's round-1 reward",
+        "model. Held-out: the 108 eval prompts, greedy answers, judged by the gold rubric against the same SFT",
+        "model's answers.",
+        "",
+        "tag | run | pick | K × prompts (T) | picked answers' instructions (all K) | lr × epochs "
+        "| held-out instructions (SFT) | gold score (SFT) | win-rate vs SFT (W/T/L) | sample s | fine-tune s",
+        "---|---|---|---|---|---|---|---|---|---|---",
+    ]
     for tag, r in rows.items():
         v = r["vs_sft"]
-        lines.append(f"{tag} | {r['run']} | {r['pick']} | {r['k']} × {r['prompts']} ({r['temperature']}) "
-                     f"| {100 * r['picked_rate']:.1f} % ({100 * r['sample_rate']:.1f} %) | {r['lr']:g} × {r['epochs']:g} "
-                     f"| {100 * r['tuned']['instruction_rate']:.1f} % ({100 * r['sft']['instruction_rate']:.1f} %) "
-                     f"| {r['tuned']['gold_mean']:+.3f} ({r['sft']['gold_mean']:+.3f}) "
-                     f"| {100 * v['win_rate']:.1f} % ({v['wins']}/{v['ties']}/{v['losses']}) "
-                     f"| {r['sample_seconds'] or 0:.0f} | {r['tune_seconds'] or 0:.0f}")
+        lines.append(
+            f"{tag} | {r['run']} | {r['pick']} | {r['k']} × {r['prompts']} ({r['temperature']}) "
+            f"| {100 * r['picked_rate']:.1f} % ({100 * r['sample_rate']:.1f} %) | {r['lr']:g} × {r['epochs']:g} "
+            f"| {100 * r['tuned']['instruction_rate']:.1f} % ({100 * r['sft']['instruction_rate']:.1f} %) "
+            f"| {r['tuned']['gold_mean']:+.3f} ({r['sft']['gold_mean']:+.3f}) "
+            f"| {100 * v['win_rate']:.1f} % ({v['wins']}/{v['ties']}/{v['losses']}) "
+            f"| {r['sample_seconds'] or 0:.0f} | {r['tune_seconds'] or 0:.0f}"
+        )
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--run", required=True, help="a finished pipeline run directory (pipeline.json, sft/, round1/rm/, eval/)")
+    ap.add_argument(
+        "--run", required=True, help="a finished pipeline run directory (pipeline.json, sft/, round1/rm/, eval/)"
+    )
     ap.add_argument("--out", required=True, help="this variant's directory (samples, demonstrations, model, answers)")
     ap.add_argument("--pick", choices=("gold", "rm"), default="gold")
     ap.add_argument("--k", type=int, default=8, help="answers sampled per train prompt")
@@ -99,34 +107,55 @@ def main() -> None:
     seconds = json.loads(timing_path.read_text()) if timing_path.exists() else {}
     samples = out / "samples.jsonl"
     if not samples.exists():
-        t = time.perf_counter()
-        write_jsonl(samples, sample_answers(sft, train, args.k, pc, args.temperature))
-        seconds["sample"] = time.perf_counter() - t
+        answers, seconds["sample"] = timed(sample_answers, sft, train, args.k, pc, args.temperature)
+        write_jsonl(samples, answers)
         timing_path.write_text(json.dumps(seconds))
     rows = read_jsonl(samples)
     if len(rows) != len(train) or any(len(r["responses"]) != args.k for r in rows):
         raise SystemExit(f"{samples} holds other samples than --prompts {args.prompts} --k {args.k}: use another --out")
     gold = [[rubric.score(p, x, f) for x, f in zip(r["responses"], r["finished"])] for p, r in zip(train, rows)]
     best = pick_best(train, rows, gold, args.pick, str(run / "round1" / "rm" / "model"))
-    write_jsonl(out / "demos.jsonl", [{"prompt": p.text, "response": r["responses"][b]} for p, r, b in zip(train, rows, best)])
+    write_jsonl(
+        out / "demos.jsonl", [{"prompt": p.text, "response": r["responses"][b]} for p, r, b in zip(train, rows, best)]
+    )
 
     if not (out / "model" / "model" / "config.json").exists():
-        t = time.perf_counter()
-        train_sft(SFTConfig(model=sft, data=str(out / "demos.jsonl"), out=str(out / "model"), epochs=args.epochs, lr=args.lr,
-                            batch_size=pc.batch_size, grad_accum=pc.grad_accum, precision=pc.precision, max_length=pc.max_length,
-                            eval_fraction=0.0, seed=pc.seed, warmup_steps=2))
-        seconds["tune"] = time.perf_counter() - t
+        cfg = SFTConfig(
+            model=sft,
+            data=str(out / "demos.jsonl"),
+            out=str(out / "model"),
+            epochs=args.epochs,
+            lr=args.lr,
+            batch_size=pc.batch_size,
+            grad_accum=pc.grad_accum,
+            precision=pc.precision,
+            max_length=pc.max_length,
+            eval_fraction=0.0,
+            seed=pc.seed,
+            warmup_steps=2,
+        )
+        seconds["tune"] = timed(train_sft, cfg)[1]
         timing_path.write_text(json.dumps(seconds))
     answers = out / "eval.jsonl"
     if not answers.exists():
         write_jsonl(answers, sample_answers(str(out / "model" / "model"), held, 1, pc, 0.0))
     mine, base = judge(held, read_jsonl(answers)), judge(held, read_jsonl(run / "eval" / "sft.jsonl"))
-    row = {"run": str(run), "pick": args.pick, "k": args.k, "prompts": len(train), "temperature": args.temperature,
-           "lr": args.lr, "epochs": args.epochs, "picked_rate": rubric.instruction_following_rate(g[b] for g, b in zip(gold, best)),
-           "sample_rate": rubric.instruction_following_rate(s for g in gold for s in g),
-           "tuned": {k: v for k, v in mine.items() if k != "scores"}, "sft": {k: v for k, v in base.items() if k != "scores"},
-           "vs_sft": compare(mine["scores"], base["scores"]), "sample_seconds": seconds.get("sample"), "tune_seconds": seconds.get("tune"),
-           "machine": platform.processor() or platform.machine(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    row = {
+        "run": str(run),
+        "pick": args.pick,
+        "k": args.k,
+        "prompts": len(train),
+        "temperature": args.temperature,
+        "lr": args.lr,
+        "epochs": args.epochs,
+        "picked_rate": rubric.instruction_following_rate(g[b] for g, b in zip(gold, best)),
+        "sample_rate": rubric.instruction_following_rate(s for g in gold for s in g),
+        "tuned": {k: v for k, v in mine.items() if k != "scores"},
+        "sft": {k: v for k, v in base.items() if k != "scores"},
+        "vs_sft": compare(mine["scores"], base["scores"]),
+        "sample_seconds": seconds.get("sample"),
+        "tune_seconds": seconds.get("tune"),
+    }
     save_row("rs_ceiling", args.tag, row, render)
 
 

@@ -12,7 +12,6 @@ from rlhfkit.feedback.labelers import (
     SimulatedLabeler,
     SimulatedLabelerConfig,
     agreement,
-    rank_all,
     ranks_from_scores,
 )
 
@@ -125,7 +124,10 @@ def test_random_share():
 
 def test_length_bias():
     p = Prompt(messages=as_messages("Say something about rice."), meta={"instructions": []})
-    short, long = "Rice is a grain that many people eat.", "Rice is a grain that feeds half of the people on this planet."
+    short, long = (
+        "Rice is a grain that many people eat.",
+        "Rice is a grain that feeds half of the people on this planet.",
+    )
     assert GoldLabeler().rank(p, [short, long]).ranks == [0, 0]  # equal gold
     likes_long = SimulatedLabeler(SimulatedLabelerConfig(temperature=0.0, random_share=0.0, length_bias=0.2))
     likes_short = SimulatedLabeler(SimulatedLabelerConfig(temperature=0.0, random_share=0.0, length_bias=-0.2))
@@ -145,10 +147,10 @@ def test_identical_responses_are_tied_even_with_noise():
         assert sorted(set(r.ranks)) == [0, 1]
 
 
-def test_interface_and_batch_helper():
+def test_interface_and_ranking_several_prompts():
     assert isinstance(SimulatedLabeler(), Labeler)
     assert isinstance(GoldLabeler(), Labeler)
-    out = rank_all(GoldLabeler(), [PROMPT, PROMPT], [answers(1), answers(2)[::-1]])
+    out = [GoldLabeler().rank(PROMPT, rs) for rs in (answers(1), answers(2)[::-1])]
     assert [r.ranks for r in out] == [[0, 1, 2, 3], [3, 2, 1, 0]]
     assert all(isinstance(r, Ranking) for r in out)
     with pytest.raises(ValueError):

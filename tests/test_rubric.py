@@ -26,8 +26,11 @@ CASES = [
     ({"kind": "include_keywords", "keywords": ["rice", "pot"]}, "Put the Rice in a POT.", "Put the rice in a pan."),
     ({"kind": "include_keywords", "keywords": ["tea"]}, "Tea time.", "A steaming cup."),  # "steaming" is not "tea"
     ({"kind": "forbidden_words", "words": ["very", "good"]}, "Everybody is goodish.", "It is Very nice."),
-    ({"kind": "keyword_frequency", "keyword": "water", "relation": "at_least", "n": 2},
-     "Water first, then more water.", "Water once, and waterfall does not count."),
+    (
+        {"kind": "keyword_frequency", "keyword": "water", "relation": "at_least", "n": 2},
+        "Water first, then more water.",
+        "Water once, and waterfall does not count.",
+    ),
     ({"kind": "bullet_count", "n": 3}, "Tips:\n* one\n- two\n  * three", "* one\n* two\n***\nnot a bullet"),
     ({"kind": "json_format"}, '```json\n{"a": [1, 2]}\n```', '{"a": 1} and some words'),
     ({"kind": "json_format"}, '[{"name": "lamp"}]', '"just a string"'),
@@ -40,8 +43,16 @@ CASES = [
     ({"kind": "postscript"}, "Body.\n\nP.S. Bring snacks.", "Body. P.S. inline does not count."),
     ({"kind": "postscript", "marker": "P.P.S."}, "Body.\nP. P. S. more", "Body.\nP.S. only one."),
     ({"kind": "no_commas"}, "No commas here at all.", "Yes, one comma."),
-    ({"kind": "numbered_sections", "n": 2}, "Section 1\nPrep.\n## SECTION 2\nCook.", "Section 1\nPrep.\nSection 3\nCook."),
-    ({"kind": "numbered_sections", "n": 2, "marker": "Step"}, "**Step 1**: boil.\nStep 2: eat.", "Step 1 boil. Step 2 eat."),
+    (
+        {"kind": "numbered_sections", "n": 2},
+        "Section 1\nPrep.\n## SECTION 2\nCook.",
+        "Section 1\nPrep.\nSection 3\nCook.",
+    ),
+    (
+        {"kind": "numbered_sections", "n": 2, "marker": "Step"},
+        "**Step 1**: boil.\nStep 2: eat.",
+        "Step 1 boil. Step 2 eat.",
+    ),
     ({"kind": "highlights", "n": 2}, "Use *fresh* herbs and **good** oil.", "Use *fresh herbs and oil.\n* a bullet"),
     ({"kind": "line_count", "n": 3}, "<<poem>>\nroses\n\nare\nred", "roses\nare"),
 ]
@@ -185,15 +196,13 @@ def test_off_topic_penalty():
 
 def test_instruction_following_rate():
     p = _prompt({"kind": "lowercase"}, {"kind": "no_commas"})
-    scores = rubric.score_many([p, p, p], ["all good here.", "Not, at all.", "fine, ok."])
+    scores = [score(p, r) for r in ("all good here.", "Not, at all.", "fine, ok.")]
     # passes: [T, T], [F, F], [T, F] -> 3 / 6 at instruction level, 1 / 3 at prompt level
     assert rubric.instruction_following_rate(scores) == pytest.approx(0.5)
     assert rubric.instruction_following_rate(scores, level="prompt") == pytest.approx(1 / 3)
     assert math.isnan(rubric.instruction_following_rate([]))
     with pytest.raises(ValueError):
         rubric.instruction_following_rate(scores, level="token")
-    with pytest.raises(ValueError):
-        rubric.score_many([p], ["a", "b"])
 
 
 # ---------------------------------------------------------------- found by mutation testing
@@ -218,8 +227,13 @@ def test_case_checkers_need_at_least_one_letter():
 def test_more_checker_edges():
     # multi-word keywords match across any run of whitespace, whole words, any case
     assert check_instruction({"kind": "include_keywords", "keywords": ["olive oil"]}, "Use OLIVE\n  oil.") is True
-    assert check_instruction({"kind": "keyword_frequency", "keyword": "olive oil", "relation": "exactly", "n": 2},
-                             "Olive oil first, then more olive oil.") is True
+    assert (
+        check_instruction(
+            {"kind": "keyword_frequency", "keyword": "olive oil", "relation": "exactly", "n": 2},
+            "Olive oil first, then more olive oil.",
+        )
+        is True
+    )
     # only quotation marks are stripped before a start/end phrase, not letters
     assert check_instruction({"kind": "start_phrase", "phrase": "Xavier"}, "Xavier cooks.") is True
     assert check_instruction({"kind": "end_phrase", "phrase": "see you, MAX"}, '"See you, MAX"') is True
@@ -242,10 +256,19 @@ def test_more_checker_edges():
         ({"kind": "lowercase", "extra": 1}, "instruction 'lowercase' takes no parameter 'extra' (takes: [])"),
         ({"kind": "bullet_count", "n": "3"}, "instruction 'bullet_count': 'n' must be int, got '3'"),
         ({"kind": "bullet_count", "n": True}, "instruction 'bullet_count': 'n' must be int, got True"),
-        ({"kind": "include_keywords", "keywords": []}, "instruction 'include_keywords': 'keywords' must be a non-empty list of words"),
-        ({"kind": "include_keywords", "keywords": ["rice", "  "]}, "instruction 'include_keywords': 'keywords' must be a non-empty list of words"),
+        (
+            {"kind": "include_keywords", "keywords": []},
+            "instruction 'include_keywords': 'keywords' must be a non-empty list of words",
+        ),
+        (
+            {"kind": "include_keywords", "keywords": ["rice", "  "]},
+            "instruction 'include_keywords': 'keywords' must be a non-empty list of words",
+        ),
         ({"kind": "word_count", "n": 5}, "instruction 'word_count' needs parameter 'relation'"),
-        ({"kind": "word_count", "relation": "about", "n": 5}, "instruction 'word_count': relation must be at_most/at_least/exactly, got 'about'"),
+        (
+            {"kind": "word_count", "relation": "about", "n": 5},
+            "instruction 'word_count': relation must be at_most/at_least/exactly, got 'about'",
+        ),
         ({"kind": "bullet_count", "n": -1}, "instruction 'bullet_count': n must be >= 0, got -1"),
     ],
 )
@@ -297,10 +320,19 @@ def test_off_topic_stems():
 def test_score_to_dict_and_empty_answers():
     p = _prompt({"kind": "no_commas"})
     s = score(p, "Rice is a grain that people cook in water.")
-    assert s.to_dict() == {"total": 1.0, "followed": 1.0, "instructions": [{"kind": "no_commas", "passed": True}], "penalties": {}}
+    assert s.to_dict() == {
+        "total": 1.0,
+        "followed": 1.0,
+        "instructions": [{"kind": "no_commas", "passed": True}],
+        "penalties": {},
+    }
     empty = score(p, "")
-    assert empty.to_dict() == {"total": -1.0, "followed": 0.0, "instructions": [{"kind": "no_commas", "passed": False}],
-                               "penalties": {"empty": 1.0}}
+    assert empty.to_dict() == {
+        "total": -1.0,
+        "followed": 0.0,
+        "instructions": [{"kind": "no_commas", "passed": False}],
+        "penalties": {"empty": 1.0},
+    }
 
 
 def test_score_penalty_edges():
@@ -316,15 +348,13 @@ def test_score_penalty_edges():
     assert s.total == -1.0
 
 
-def test_score_many_finished_flags_and_rates():
+def test_score_finished_flag_and_prompt_level_rate():
     p = _prompt()
     answer = "Rice is a grain that people cook in water."
-    assert rubric.score_many([p], [answer])[0].penalties == {}  # finished defaults to True
-    assert rubric.score_many([p], [answer], [False])[0].penalties == {"unfinished": 0.3}
-    with pytest.raises(ValueError, match=exactly("1 prompts but 2 responses")):
-        rubric.score_many([p], [answer, answer])
+    assert score(p, answer).penalties == {}  # finished defaults to True
+    assert score(p, answer, False).penalties == {"unfinished": 0.3}
     # prompt level: an empty answer follows nothing, even to a prompt without instructions
-    scores = rubric.score_many([p, p], [answer, ""])
+    scores = [score(p, answer), score(p, "")]
     assert rubric.instruction_following_rate(scores, level="prompt") == 0.5
     assert math.isnan(rubric.instruction_following_rate([], level="prompt"))
     with pytest.raises(ValueError, match=exactly("level must be 'instruction' or 'prompt', got 'token'")):

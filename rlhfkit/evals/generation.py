@@ -14,7 +14,6 @@ from collections.abc import Callable
 
 import torch
 
-
 GenerateFn = Callable[[list[str], int, int, float], list[list[str]]]
 
 
@@ -27,8 +26,14 @@ def chat_prompt(tokenizer, user_text: str) -> str:
     return user_text
 
 
-def engine_generate_fn(model: torch.nn.Module, tokenizer, top_p: float = 1.0, seed: int = 0,
-                       show_progress: bool = True, precision: str = "fp32") -> GenerateFn:  # fmt: skip
+def engine_generate_fn(
+    model: torch.nn.Module,
+    tokenizer,
+    top_p: float = 1.0,
+    seed: int = 0,
+    show_progress: bool = True,
+    precision: str = "fp32",
+) -> GenerateFn:
     """A ``GenerateFn`` on rlhfkit's rollout engine (``rlhfkit.rollout.Engine``): shared prefill
     of the n samples of a prompt and continuous batching."""
     from rlhfkit.rollout.engine import Engine
@@ -38,8 +43,9 @@ def engine_generate_fn(model: torch.nn.Module, tokenizer, top_p: float = 1.0, se
 
     def generate(prompts: list[str], n: int, max_new_tokens: int, temperature: float) -> list[list[str]]:
         ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-        params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature,
-                                top_p=top_p if temperature > 0 else 1.0, seed=seed)  # fmt: skip
+        params = SamplingParams(
+            max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p if temperature > 0 else 1.0, seed=seed
+        )
         outs = engine.generate(ids, params, n=n, progress=show_progress)  # prompt-major
         return [[c.text for c in outs[i * n : (i + 1) * n]] for i in range(len(prompts))]
 

@@ -36,7 +36,9 @@ def win_rate(outcomes: Sequence[float]) -> float:
     return float(np.mean(outcomes))
 
 
-def bootstrap_ci(outcomes: Sequence[float], n_boot: int = 2000, alpha: float = 0.05, seed: int = 0) -> tuple[float, float]:
+def bootstrap_ci(
+    outcomes: Sequence[float], n_boot: int = 2000, alpha: float = 0.05, seed: int = 0
+) -> tuple[float, float]:
     """Percentile bootstrap CI of the mean, resampling prompts with replacement."""
     x = np.asarray(outcomes, dtype=float)
     if len(x) == 0:
@@ -145,8 +147,10 @@ def hf_reward_fn(model_path: str, batch_size: int = 8):
     @torch.no_grad()
     def reward(prompts: list[str] | list[list[dict]], responses: list[str]) -> list[float]:
         """Prompts as text (one user turn) or as chat messages."""
-        seqs = [encode_prompt(tok, [{"role": "user", "content": p}] if isinstance(p, str) else p) + encode_response(tok, r)
-                for p, r in zip(prompts, responses)]  # fmt: skip
+        seqs = [
+            encode_prompt(tok, [{"role": "user", "content": p}] if isinstance(p, str) else p) + encode_response(tok, r)
+            for p, r in zip(prompts, responses)
+        ]
         out: list[float] = []
         for s in range(0, len(seqs), batch_size):
             part = seqs[s : s + batch_size]

@@ -159,7 +159,7 @@ class LoglikScorer:
                 mask[b, : len(inp)] = 1
             hidden, _ = self._body(input_ids=ids.to(self.device), attention_mask=mask.to(self.device))  # (B, T, D)
             sel_h, sel_t, owner = [], [], []
-            for b, (k, inp, cont) in enumerate(batch):
+            for b, (_, inp, cont) in enumerate(batch):
                 n = len(cont)
                 pos = torch.arange(len(inp) - n, len(inp))  # positions whose next token is cont
                 sel_h.append(hidden[b, pos.to(self.device)])
@@ -186,7 +186,9 @@ class LoglikScorer:
             ctx_ids = torch.tensor([list(ctx)], device=self.device)  # (1, Tc)
             h_ctx, cache = self._body(input_ids=ctx_ids, use_cache=True)
             last = h_ctx[0, -1]  # predicts each continuation's first token
-            first = self._head_logprobs(last[None].expand(len(conts), -1), torch.tensor([c[0] for c in conts], device=self.device))
+            first = self._head_logprobs(
+                last[None].expand(len(conts), -1), torch.tensor([c[0] for c in conts], device=self.device)
+            )
             for j, c in enumerate(conts):
                 values[(ctx, c)] = float(first[j])
             rest = sorted((c for c in conts if len(c) > 1), key=len, reverse=True)  # less padding
@@ -202,7 +204,10 @@ class LoglikScorer:
                 kv = copy.deepcopy(cache) if len(rest) > self.batch_size else cache
                 kv.batch_repeat_interleave(len(chunk))
                 hidden, _ = self._body(
-                    input_ids=ids.to(self.device), attention_mask=mask.to(self.device), past_key_values=kv, use_cache=True
+                    input_ids=ids.to(self.device),
+                    attention_mask=mask.to(self.device),
+                    past_key_values=kv,
+                    use_cache=True,
                 )  # (B, T, D); position t predicts c[t + 1]
                 next(ticks, None)
                 sel_h = torch.cat([hidden[b, : len(c) - 1] for b, c in enumerate(chunk)])

@@ -23,8 +23,18 @@ METRICS = [
     ("truthful", "TruthfulQA gen BLEU acc", lambda r: r["truthful"]["gen"]["bleu_acc"], True),
     ("harmless", "RTP toxic: exp. max toxicity", lambda r: r["harmless"]["rtp_toxic"]["expected_max_toxicity"], False),
     ("harmless", "RTP toxic: toxicity prob.", lambda r: r["harmless"]["rtp_toxic"]["toxicity_probability"], False),
-    ("harmless", "RTP non-toxic: exp. max toxicity", lambda r: r["harmless"]["rtp_nontoxic"]["expected_max_toxicity"], False),
-    ("harmless", "RTP non-toxic: toxicity prob.", lambda r: r["harmless"]["rtp_nontoxic"]["toxicity_probability"], False),
+    (
+        "harmless",
+        "RTP non-toxic: exp. max toxicity",
+        lambda r: r["harmless"]["rtp_nontoxic"]["expected_max_toxicity"],
+        False,
+    ),
+    (
+        "harmless",
+        "RTP non-toxic: toxicity prob.",
+        lambda r: r["harmless"]["rtp_nontoxic"]["toxicity_probability"],
+        False,
+    ),
     ("harmless", "CrowS-Pairs % stereotype", lambda r: r["harmless"]["crows_pairs"]["pct_stereotype"], False),
     ("tax", "Perplexity (held-out)", lambda r: r["tax"]["perplexity"], False),
 ]
@@ -45,8 +55,14 @@ def summary_rows(results: dict) -> list[dict]:
         if any(x is not None for x in vals.values()):
             rows.append({"suite": suite, "metric": label, "higher_is_better": hib, "values": vals})
     for name, h in (results.get("helpful") or {}).items():
-        rows.append({"suite": "helpful", "metric": f"win-rate vs {results['baseline']}", "higher_is_better": True,
-                     "values": {v: (h["win_rate"] if v == name else None) for v in results["versions"]}})  # fmt: skip
+        rows.append(
+            {
+                "suite": "helpful",
+                "metric": f"win-rate vs {results['baseline']}",
+                "higher_is_better": True,
+                "values": {v: (h["win_rate"] if v == name else None) for v in results["versions"]},
+            }
+        )
     return rows
 
 
@@ -97,15 +113,23 @@ def plots(results: dict) -> dict[str, str]:
         lo = [helpful[n]["win_rate"] - helpful[n]["ci95"][0] for n in names]
         hi = [helpful[n]["ci95"][1] - helpful[n]["win_rate"] for n in names]
         ax.barh(range(len(names)), wr, xerr=[lo, hi], capsize=4, color=colors[1])
-        ax.scatter([helpful[n]["lc_win_rate"] for n in names], range(len(names)), marker="D", color="k",
-                   zorder=3, label="length-controlled")  # fmt: skip
+        ax.scatter(
+            [helpful[n]["lc_win_rate"] for n in names],
+            range(len(names)),
+            marker="D",
+            color="k",
+            zorder=3,
+            label="length-controlled",
+        )
         ax.axvline(0.5, color="gray", ls="--", lw=1)
         ax.set_yticks(range(len(names)), names)
         ax.set_xlim(0, 1)
         ax.set_xlabel(f"win-rate vs {results['baseline']} (95% bootstrap CI)")
         ax.legend(fontsize=8, loc="lower right")
         out["win_rate"] = _png(fig)
-    tox = [(v, s) for s in ("rtp_toxic", "rtp_nontoxic") for v in versions if s in results["models"][v].get("harmless", {})]
+    tox = [
+        (v, s) for s in ("rtp_toxic", "rtp_nontoxic") for v in versions if s in results["models"][v].get("harmless", {})
+    ]
     if tox:
         fig, axes = plt.subplots(1, 2, figsize=(9, 2.8), squeeze=False)
         for j, s in enumerate(("rtp_toxic", "rtp_nontoxic")):
@@ -115,7 +139,9 @@ def plots(results: dict) -> dict[str, str]:
             for i, (v, xs) in enumerate(data):
                 ax.hist(xs, bins=bins, alpha=0.55, label=v, color=colors[i % len(colors)])
             ax.axvline(0.5, color="gray", ls="--", lw=1)
-            ax.set_title(f"{'challenging' if s == 'rtp_toxic' else 'non-toxic'} prompts: max toxicity per prompt", fontsize=9)
+            ax.set_title(
+                f"{'challenging' if s == 'rtp_toxic' else 'non-toxic'} prompts: max toxicity per prompt", fontsize=9
+            )
             ax.set_xlabel("toxicity score")
             ax.legend(fontsize=8)
         fig.tight_layout()
@@ -142,7 +168,8 @@ def html_report(results: dict, title: str = "rlhfkit evaluation") -> str:
     parts = [
         f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>"
         "body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
-        "table{border-collapse:collapse;margin:.6em 0 1.4em}td,th{border:1px solid #ccc;padding:3px 9px;text-align:right}"
+        "table{border-collapse:collapse;margin:.6em 0 1.4em}"
+        "td,th{border:1px solid #ccc;padding:3px 9px;text-align:right}"
         "th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}img{max-width:100%}"
         "pre{white-space:pre-wrap;background:#f7f7f7;padding:.5em;font-size:12px}</style></head><body>",
         f"<h1>{html.escape(title)}</h1>",
@@ -154,46 +181,102 @@ def html_report(results: dict, title: str = "rlhfkit evaluation") -> str:
         parts.append(f"<p><i>{html.escape(str(results['note']))}</i></p>")
     srows = summary_rows(results)
     parts.append("<h2>Summary</h2>")
-    parts.append(_table(["metric", "better"] + versions,
-                        [[r["metric"], "↑" if r["higher_is_better"] else "↓"] + [r["values"][v] for v in versions] for r in srows]))  # fmt: skip
+    parts.append(
+        _table(
+            ["metric", "better"] + versions,
+            [[r["metric"], "↑" if r["higher_is_better"] else "↓"] + [r["values"][v] for v in versions] for r in srows],
+        )
+    )
     imgs = plots(results)
     if "suites" in imgs:
         parts.append(f"<h2>Per-suite results across versions</h2><img src='data:image/png;base64,{imgs['suites']}'>")
     if results.get("helpful"):
         parts.append("<h2>Helpfulness: win-rate vs the baseline</h2>")
-        hr = [[n, h["judge"], h["n"], h["win_rate"], f"[{h['ci95'][0]:.3f}, {h['ci95'][1]:.3f}]", h["lc_win_rate"],
-               f"{h['wins']}/{h['ties']}/{h['losses']}", h["length_diff_words"]] for n, h in results["helpful"].items()]  # fmt: skip
-        parts.append(_table(["model", "judge", "prompts", "win-rate", "95% CI", "length-controlled", "W/T/L",
-                             "length diff (words, M-B)"], hr))  # fmt: skip
+        hr = [
+            [
+                n,
+                h["judge"],
+                h["n"],
+                h["win_rate"],
+                f"[{h['ci95'][0]:.3f}, {h['ci95'][1]:.3f}]",
+                h["lc_win_rate"],
+                f"{h['wins']}/{h['ties']}/{h['losses']}",
+                h["length_diff_words"],
+            ]
+            for n, h in results["helpful"].items()
+        ]
+        parts.append(
+            _table(
+                [
+                    "model",
+                    "judge",
+                    "prompts",
+                    "win-rate",
+                    "95% CI",
+                    "length-controlled",
+                    "W/T/L",
+                    "length diff (words, M-B)",
+                ],
+                hr,
+            )
+        )
         if "win_rate" in imgs:
             parts.append(f"<img src='data:image/png;base64,{imgs['win_rate']}'>")
         for n, h in results["helpful"].items():
             for ex in h.get("examples", [])[:2]:
-                parts.append(f"<details><summary>{html.escape(n)} example (outcome {ex['outcome']})</summary>"
-                             f"<pre>PROMPT: {html.escape(ex['prompt'])}\n\nMODEL: {html.escape(ex['model'])}\n\n"
-                             f"BASELINE: {html.escape(ex['baseline'])}</pre></details>")  # fmt: skip
+                parts.append(
+                    f"<details><summary>{html.escape(n)} example (outcome {ex['outcome']})</summary>"
+                    f"<pre>PROMPT: {html.escape(ex['prompt'])}\n\nMODEL: {html.escape(ex['model'])}\n\n"
+                    f"BASELINE: {html.escape(ex['baseline'])}</pre></details>"
+                )
     if "toxicity" in imgs:
-        scorer = next((results["models"][v]["harmless"]["toxicity_scorer"] for v in versions if "harmless" in results["models"][v]), "")
+        scorer = next(
+            (
+                results["models"][v]["harmless"]["toxicity_scorer"]
+                for v in versions
+                if "harmless" in results["models"][v]
+            ),
+            "",
+        )
         parts.append(f"<h2>Toxicity distributions</h2><p>Scorer: {html.escape(scorer)}.</p>")
         parts.append(f"<img src='data:image/png;base64,{imgs['toxicity']}'>")
-    crows = [(v, results["models"][v]["harmless"]["crows_pairs"]["by_bias_type"]) for v in versions
-             if "crows_pairs" in results["models"][v].get("harmless", {})]  # fmt: skip
+    crows = [
+        (v, results["models"][v]["harmless"]["crows_pairs"]["by_bias_type"])
+        for v in versions
+        if "crows_pairs" in results["models"][v].get("harmless", {})
+    ]
     if crows:
         types = sorted(crows[0][1])
         parts.append("<h2>CrowS-Pairs by bias type (% stereotype; 0.5 = unbiased)</h2>")
-        parts.append(_table(["bias type", "pairs"] + [v for v, _ in crows],
-                            [[t, crows[0][1][t]["n"]] + [c[t]["pct_stereotype"] for _, c in crows] for t in types]))  # fmt: skip
+        parts.append(
+            _table(
+                ["bias type", "pairs"] + [v for v, _ in crows],
+                [[t, crows[0][1][t]["n"]] + [c[t]["pct_stereotype"] for _, c in crows] for t in types],
+            )
+        )
     if results.get("alignment_tax"):
         parts.append("<h2>Alignment tax (perplexity on held-out text)</h2>")
-        parts.append(_table(["model", "perplexity", "baseline perplexity", "tax (ppl ratio - 1)"],
-                            [[n, t["perplexity"], t["baseline_perplexity"], t["tax"]] for n, t in results["alignment_tax"].items()]))  # fmt: skip
-    gens = [(v, results["models"][v]["truthful"]["gen"]["examples"][:3]) for v in versions
-            if "gen" in results["models"][v].get("truthful", {})]  # fmt: skip
+        parts.append(
+            _table(
+                ["model", "perplexity", "baseline perplexity", "tax (ppl ratio - 1)"],
+                [[n, t["perplexity"], t["baseline_perplexity"], t["tax"]] for n, t in results["alignment_tax"].items()],
+            )
+        )
+    gens = [
+        (v, results["models"][v]["truthful"]["gen"]["examples"][:3])
+        for v in versions
+        if "gen" in results["models"][v].get("truthful", {})
+    ]
     for v, exs in gens:
-        parts.append(f"<details><summary>TruthfulQA answers of {html.escape(v)}</summary><pre>"
-                     + "\n".join(f"Q: {html.escape(e['question'])}\nA: {html.escape(e['answer'])}\n" for e in exs)
-                     + "</pre></details>")  # fmt: skip
-    parts.append("<p style='color:#777;font-size:12px'>Generated by rlhfkit.evals; the numbers are in the JSON beside this file.</p>")
+        parts.append(
+            f"<details><summary>TruthfulQA answers of {html.escape(v)}</summary><pre>"
+            + "\n".join(f"Q: {html.escape(e['question'])}\nA: {html.escape(e['answer'])}\n" for e in exs)
+            + "</pre></details>"
+        )
+    parts.append(
+        "<p style='color:#777;font-size:12px'>Generated by rlhfkit.evals; "
+        "the numbers are in the JSON beside this file.</p>"
+    )
     parts.append("</body></html>")
     return "\n".join(parts)
 

@@ -123,8 +123,10 @@ class EvalConfig:
             p = Path(self.data_dir).expanduser() / DEFAULT_FILES[key]
             if p.exists():
                 return str(p)
-            raise UserError(f"--data-dir {self.data_dir}: {DEFAULT_FILES[key]} is missing (add it, pass "
-                            f"{option(key)} PATH, or leave --data-dir out to load {HUB_DEFAULTS[key]} from the hub)")
+            raise UserError(
+                f"--data-dir {self.data_dir}: {DEFAULT_FILES[key]} is missing (add it, pass "
+                f"{option(key)} PATH, or leave --data-dir out to load {HUB_DEFAULTS[key]} from the hub)"
+            )
         return HUB_DEFAULTS[key]
 
 
@@ -232,11 +234,16 @@ def _is_hub_name(src) -> bool:
 def _hub_failure_message(failed: list[tuple[str, HubUnavailable]], offline: HubUnavailable | None) -> str:
     """One message: why the hub failed, and the options (or --data-dir files) to give instead."""
     keys = [k for k, _ in failed]
-    why = (f"the Hugging Face hub cannot be reached ({offline.reason})" if offline
-           else "; ".join(f"{e.source}: {e.reason}" for _, e in failed))
-    return (f"eval data: {why}. Pass local copies (a file or a saved `datasets` directory): "
-            f"{', '.join(option(k) + ' PATH' for k in keys)}; or --data-dir DIR (the pipeline's eval_data_dir=DIR) "
-            f"holding {', '.join(DEFAULT_FILES[k] for k in keys)}.")
+    why = (
+        f"the Hugging Face hub cannot be reached ({offline.reason})"
+        if offline
+        else "; ".join(f"{e.source}: {e.reason}" for _, e in failed)
+    )
+    return (
+        f"eval data: {why}. Pass local copies (a file or a saved `datasets` directory): "
+        f"{', '.join(option(k) + ' PATH' for k in keys)}; or --data-dir DIR (the pipeline's eval_data_dir=DIR) "
+        f"holding {', '.join(DEFAULT_FILES[k] for k in keys)}."
+    )
 
 
 def evaluate_model(spec: str, cfg: EvalConfig, data: dict, need_help_answers: list[str] | None) -> dict:
@@ -252,36 +259,46 @@ def evaluate_model(spec: str, cfg: EvalConfig, data: dict, need_help_answers: li
     model, tok = loaded.model, loaded.tokenizer
     scorer = LoglikScorer(model, tok, batch_size=cfg.batch_size, show_progress=cfg.show_progress)
     # the ONE generation function every generation suite uses (a GenerateFn, generation.py)
-    gen = engine_generate_fn(model, tok, top_p=cfg.rtp_top_p, seed=cfg.seed, show_progress=cfg.show_progress,
-                             precision=cfg.precision)
+    gen = engine_generate_fn(
+        model, tok, top_p=cfg.rtp_top_p, seed=cfg.seed, show_progress=cfg.show_progress, precision=cfg.precision
+    )
     res: dict = {"path": loaded.path, "timings_s": {}}
 
-    def timed(name, fn):
+    def timed(name, fn, *args, **kwargs):
+        """``fn(*args, **kwargs)``, its seconds recorded under ``name`` (arguments, not a closure:
+        the suites below run in a loop and beside a ``del`` of the objects they use)."""
         t0 = time.time()
-        out = fn()
+        out = fn(*args, **kwargs)
         res["timings_s"][name] = round(time.time() - t0, 1)
         return out
 
     if "truthful" in cfg.suites:
-        t = {"mc": timed("truthfulqa_mc", lambda: truthfulqa_mc_eval(scorer, data["truthfulqa_mc"]))}
+        t = {"mc": timed("truthfulqa_mc", truthfulqa_mc_eval, scorer, data["truthfulqa_mc"])}
         if cfg.truthful_gen:
-            t["gen"] = timed("truthfulqa_gen", lambda: truthfulqa_gen_eval(gen, data["truthfulqa_gen"]))
+            t["gen"] = timed("truthfulqa_gen", truthfulqa_gen_eval, gen, data["truthfulqa_gen"])
         res["truthful"] = t
     if "harmless" in cfg.suites:
         torch.manual_seed(cfg.seed)
-        tox = (ClassifierToxicity(cfg.toxicity_model, cfg.toxicity_label) if cfg.toxicity_model else LexiconToxicity())
+        tox = ClassifierToxicity(cfg.toxicity_model, cfg.toxicity_label) if cfg.toxicity_model else LexiconToxicity()
         h: dict = {"toxicity_scorer": tox.name}
         for subset in ("toxic", "nontoxic"):
-            prompts = data[f"rtp_{subset}"]
-            h[f"rtp_{subset}"] = timed(f"rtp_{subset}", lambda: rtp_eval(
-                gen, tox, prompts, k=cfg.rtp_k, max_new_tokens=cfg.rtp_max_new_tokens, temperature=cfg.rtp_temperature))  # fmt: skip
-        h["crows_pairs"] = timed("crows_pairs", lambda: crows_pairs_eval(scorer, data["crows_pairs"]))
+            h[f"rtp_{subset}"] = timed(
+                f"rtp_{subset}",
+                rtp_eval,
+                gen,
+                tox,
+                data[f"rtp_{subset}"],
+                k=cfg.rtp_k,
+                max_new_tokens=cfg.rtp_max_new_tokens,
+                temperature=cfg.rtp_temperature,
+            )
+        h["crows_pairs"] = timed("crows_pairs", crows_pairs_eval, scorer, data["crows_pairs"])
         res["harmless"] = h
     if "tax" in cfg.suites:
-        res["tax"] = timed("perplexity", lambda: perplexity_eval(scorer, data["tax_text"], window=cfg.tax_window))
+        res["tax"] = timed("perplexity", perplexity_eval, scorer, data["tax_text"], window=cfg.tax_window)
     if need_help_answers is not None:
         prompts = [chat_prompt(tok, p) for p in need_help_answers]
-        outs = timed("helpful_answers", lambda: gen(prompts, 1, cfg.help_max_new_tokens, 0.0))
+        outs = timed("helpful_answers", gen, prompts, 1, cfg.help_max_new_tokens, 0.0)
         res["_help_answers"] = [o[0].strip() for o in outs]
     del loaded, model, scorer
     gc.collect()
@@ -326,7 +343,9 @@ def run_eval(cfg: EvalConfig) -> dict:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     if "helpful" in cfg.suites and not cfg.baseline:
-        raise UserError("--suite helpful needs --baseline MODEL (a win-rate is model vs baseline), or leave helpful out of --suite")
+        raise UserError(
+            "--suite helpful needs --baseline MODEL (a win-rate is model vs baseline), or leave helpful out of --suite"
+        )
     t0 = time.time()
     named = [split_spec(s) for s in cfg.models]
     versions = ([split_spec(cfg.baseline)] if cfg.baseline else []) + named
@@ -357,9 +376,12 @@ def run_eval(cfg: EvalConfig) -> dict:
     if "tax" in cfg.suites and cfg.baseline:
         pb = out["models"][names[0]]["tax"]["perplexity"]
         out["alignment_tax"] = {
-            n: {"perplexity": out["models"][n]["tax"]["perplexity"], "baseline_perplexity": pb,
-                "tax": alignment_tax(out["models"][n]["tax"]["perplexity"], pb)}
+            n: {
+                "perplexity": out["models"][n]["tax"]["perplexity"],
+                "baseline_perplexity": pb,
+                "tax": alignment_tax(out["models"][n]["tax"]["perplexity"], pb),
+            }
             for n, _ in named
-        }  # fmt: skip
+        }
     out["wall_seconds"] = round(time.time() - t0, 1)
     return out

@@ -179,19 +179,6 @@ def _tie_identical(responses: list[str], ranks: list[int]) -> list[int]:
     return ranks_from_scores([-best[r.strip()] for r in responses])
 
 
-def rank_all(
-    labeler: Labeler,
-    prompts: list[Prompt],
-    responses: list[list[str]],
-    finished: list[list[bool]] | None = None,
-) -> list[Ranking]:
-    """Rank K responses for each prompt (aligned lists)."""
-    if len(prompts) != len(responses):
-        raise ValueError(f"{len(prompts)} prompts but {len(responses)} response lists")
-    fin = finished if finished is not None else [None] * len(prompts)
-    return [labeler.rank(p, rs, f) for p, rs, f in zip(prompts, responses, fin)]
-
-
 def agreement(a: Ranking, b: Ranking) -> float:
     """Share of the pairs ordered by ``b`` that ``a`` orders the same way (nan if ``b`` has none)."""
     pairs = b.pairs()

@@ -35,17 +35,19 @@ negative. :func:`instruction_following_rate` aggregates many scores at the instr
 Counting conventions (shared by the checkers; simple on purpose, so anyone can verify by hand):
 words are runs of letters/digits ("don't", "3.5" and "1,000" are one word each);
 sentences end with ``.``, ``!`` or ``?`` followed by a space or the end (a trailing fragment counts
-as a sentence; list markers and "P.S." do not end one); paragraphs are separated by blank lines or a line of ``***``; a line holding only a
-``<<title>>`` is not counted as a paragraph or a line; phrase and keyword matching ignores case.
+as a sentence; list markers and "P.S." do not end one); paragraphs are separated by blank lines
+or a line of ``***``; a line holding only a ``<<title>>`` is not counted as a paragraph or a line;
+phrase and keyword matching ignores case.
 """
 
 from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any, Callable, Iterable
+from typing import Any
 
 from rlhfkit.data.records import Prompt
 
@@ -526,16 +528,6 @@ def score(prompt: Prompt, response: str, finished: bool = True, weights: Penalty
 
     total = max(-1.0, min(1.0, followed - sum(penalties.values())))
     return GoldScore(total=total, followed=followed, instructions=results, penalties=penalties)
-
-
-def score_many(
-    prompts: list[Prompt], responses: list[str], finished: list[bool] | None = None
-) -> list[GoldScore]:
-    """``score`` over aligned lists (``finished`` defaults to all True)."""
-    if len(prompts) != len(responses):
-        raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
-    fin = finished if finished is not None else [True] * len(responses)
-    return [score(p, r, f) for p, r, f in zip(prompts, responses, fin)]
 
 
 def instruction_following_rate(scores: Iterable[GoldScore], level: str = "instruction") -> float:
