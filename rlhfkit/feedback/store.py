@@ -40,7 +40,7 @@ import time
 import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -48,9 +48,25 @@ from sqlalchemy import create_engine, delete, event, func, select, update
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from rlhfkit.errors import UserError
-from rlhfkit.feedback.schema import (ApiKey, Base, Battle, DemonstrationRow, Flag, ModelVersion, RankingRow, SessionRow,
-                                     Setting, SignInFailure, Skip, Task, TaskLease, User, utc_now, token_hash)
+from rlhfkit.errors import Conflict, NotFound, UserError
+from rlhfkit.feedback.schema import (
+    ApiKey,
+    Base,
+    Battle,
+    DemonstrationRow,
+    Flag,
+    ModelVersion,
+    RankingRow,
+    SessionRow,
+    Setting,
+    SignInFailure,
+    Skip,
+    Task,
+    TaskLease,
+    User,
+    token_hash,
+    utc_now,
+)
 
 T = TypeVar("T")
 FLAG_KINDS = ("harmful", "untruthful", "off-topic")
@@ -58,11 +74,6 @@ OUTCOMES = ("a", "b", "tie", "both_bad")
 
 
 # ---------------------------------------------------------------- plain results
-
-
-class Conflict(UserError):
-    """The request contradicts what is stored (a second ranking of a task, a full task, a name taken):
-    the web app answers 409 with the message."""
 
 
 @dataclass
@@ -114,10 +125,16 @@ class SignIn:
         return self.retry_after is not None
 
 
+SQLITE_BUSY, SQLITE_LOCKED = 5, 6  # primary result codes: "database is locked", "database table is locked"
+PG_RETRY = ("40001", "40P01")  # SQLSTATE serialization_failure, deadlock_detected
+
+
 def _is_lock_error(e: OperationalError) -> bool:
-    text = str(e.orig if e.orig is not None else e).lower()
-    return any(s in text for s in ("database is locked", "database table is locked", "busy",
-                                   "could not serialize", "deadlock detected"))
+    """Whether repeating the transaction can help, by the driver's error code (not its message)."""
+    code = getattr(e.orig, "sqlite_errorcode", None)
+    if code is not None:
+        return code & 0xFF in (SQLITE_BUSY, SQLITE_LOCKED)  # & 0xFF: extended codes such as SQLITE_BUSY_SNAPSHOT
+    return getattr(e.orig, "sqlstate", None) in PG_RETRY
 
 
 def sqlite_url_for_run(run_dir: str | Path) -> str:
@@ -131,7 +148,7 @@ class Store:
 
     def __init__(self, url: str, echo: bool = False):
         if url.startswith("postgresql://"):
-            url = "postgresql+psycopg://" + url[len("postgresql://"):]  # psycopg 3, not psycopg2
+            url = "postgresql+psycopg://" + url[len("postgresql://") :]  # psycopg 3, not psycopg2
         self.url = url
         self.is_sqlite = url.startswith("sqlite")
         kwargs: dict[str, Any] = {"echo": echo}
@@ -152,7 +169,7 @@ class Store:
             raise UserError(f"--db {url}: cannot open the database ({str(e.orig).strip().splitlines()[0]})") from None
 
     @classmethod
-    def for_run(cls, run_dir: str | Path, url: str | None = None) -> "Store":
+    def for_run(cls, run_dir: str | Path, url: str | None = None) -> Store:
         """The run directory's store: ``url`` if given, else ``RUN/feedback.db`` (SQLite, WAL)."""
         if not url:
             Path(run_dir).mkdir(parents=True, exist_ok=True)
@@ -209,7 +226,7 @@ class Store:
         def upd(s: Session) -> None:
             u = s.scalar(select(User).where(User.name == name))
             if u is None:
-                raise UserError(f"no user {name!r}")
+                raise NotFound(f"no user {name!r}")
             u.invite_hash = token_hash(invite)
 
         self.tx(upd)
@@ -250,7 +267,7 @@ class Store:
         def upd(s: Session) -> None:
             u = s.get(User, user_id)
             if u is None:
-                raise LookupError(f"no user {user_id}")
+                raise NotFound(f"no user {user_id}")
             u.password_hash = pw
             s.execute(delete(SessionRow).where(SessionRow.user_id == user_id, SessionRow.token_hash != keep))
 
@@ -289,8 +306,13 @@ class Store:
         window = timedelta(seconds=limits.window_s)
 
         def failures(s: Session, since, *who) -> list:
-            return list(s.scalars(select(SignInFailure.at).where(
-                *who, SignInFailure.at >= since, SignInFailure.reason != "throttled").order_by(SignInFailure.at)))
+            return list(
+                s.scalars(
+                    select(SignInFailure.at)
+                    .where(*who, SignInFailure.at >= since, SignInFailure.reason != "throttled")
+                    .order_by(SignInFailure.at)
+                )
+            )
 
         def begin(s: Session) -> tuple[int | None, float | None]:
             now = utc_now()
@@ -299,8 +321,11 @@ class Store:
             by_address = failures(s, since, SignInFailure.address == address, SignInFailure.reason != "pending")
             wait = max(_wait(by_name, limits.per_name, window, now), _wait(by_address, limits.per_address, window, now))
             if wait > 0:
-                logged = s.scalar(select(SignInFailure.id).where(
-                    SignInFailure.address == address, SignInFailure.reason == "throttled", SignInFailure.at >= since))
+                logged = s.scalar(
+                    select(SignInFailure.id).where(
+                        SignInFailure.address == address, SignInFailure.reason == "throttled", SignInFailure.at >= since
+                    )
+                )
                 if logged is None:
                     s.add(SignInFailure(at=now, name=name, address=address, reason="throttled"))
                 return None, wait
@@ -327,10 +352,21 @@ class Store:
         """The latest failed or throttled sign-ins, newest first (the admin page)."""
 
         def rows(s: Session) -> list[dict]:
-            q = (select(SignInFailure).where(SignInFailure.reason != "pending")
-                 .order_by(SignInFailure.id.desc()).limit(limit))
-            return [{"at": _utc(f.at).strftime("%Y-%m-%d %H:%M:%S"), "name": f.name, "address": f.address,
-                     "reason": f.reason} for f in s.scalars(q)]
+            q = (
+                select(SignInFailure)
+                .where(SignInFailure.reason != "pending")
+                .order_by(SignInFailure.id.desc())
+                .limit(limit)
+            )
+            return [
+                {
+                    "at": _utc(f.at).strftime("%Y-%m-%d %H:%M:%S"),
+                    "name": f.name,
+                    "address": f.address,
+                    "reason": f.reason,
+                }
+                for f in s.scalars(q)
+            ]
 
         return self.tx(rows)
 
@@ -360,7 +396,7 @@ class Store:
         def add(s: Session) -> None:
             uid = s.scalar(select(User.id).where(User.name == name))
             if uid is None:
-                raise UserError(f"no user {name!r}")
+                raise NotFound(f"no user {name!r}")
             s.add(ApiKey(key_hash=token_hash(key), user_id=uid))
 
         self.tx(add)
@@ -376,7 +412,7 @@ class Store:
     # ------------------------------------------------------------ server settings
 
     def setting(self, key: str) -> str | None:
-        return self.tx(lambda s: (row.value if (row := s.get(Setting, key)) else None))
+        return self.tx(lambda s: row.value if (row := s.get(Setting, key)) else None)
 
     def set_setting(self, key: str, value: str) -> None:
         def put(s: Session) -> None:
@@ -436,9 +472,17 @@ class Store:
                 if ext in have:
                     continue
                 have.add(ext)
-                s.add(Task(batch=batch, external_id=ext, messages=t.messages, responses=list(t.responses),
-                           models=list(t.models) or [""] * len(t.responses), meta=t.meta,
-                           labels_per_task=labels_per_task))
+                s.add(
+                    Task(
+                        batch=batch,
+                        external_id=ext,
+                        messages=t.messages,
+                        responses=list(t.responses),
+                        models=list(t.models) or [""] * len(t.responses),
+                        meta=t.meta,
+                        labels_per_task=labels_per_task,
+                    )
+                )
                 n += 1
             return n
 
@@ -458,13 +502,18 @@ class Store:
 
         def pick(s: Session) -> Task | None:
             now = utc_now()
-            held = s.scalar(select(Task).join(TaskLease, TaskLease.task_id == Task.id)
-                            .where(TaskLease.user_id == user_id, TaskLease.until > now, *_open_to(user_id, batch))
-                            .order_by(Task.id).limit(1))
+            held = s.scalar(
+                select(Task)
+                .join(TaskLease, TaskLease.task_id == Task.id)
+                .where(TaskLease.user_id == user_id, TaskLease.until > now, *_open_to(user_id, batch))
+                .order_by(Task.id)
+                .limit(1)
+            )
             if held is not None:
                 return held
-            t = (_free_task(s, user_id, batch, now)
-                 or s.scalar(select(Task).where(*_open_to(user_id, batch)).order_by(Task.id).limit(1)))
+            t = _free_task(s, user_id, batch, now) or s.scalar(
+                select(Task).where(*_open_to(user_id, batch)).order_by(Task.id).limit(1)
+            )
             s.execute(delete(TaskLease).where(TaskLease.user_id == user_id))  # one task at a time
             if t is not None:
                 s.add(TaskLease(task_id=t.id, user_id=user_id, until=now + timedelta(seconds=self.LEASE_S)))
@@ -486,9 +535,16 @@ class Store:
 
         return self.tx(prog)
 
-    def add_ranking(self, user_id: int, task_id: int, ranks: list[int], key: str,
-                    flags: list[tuple[int, str]] = (), better_answer: str = "",
-                    seconds: float | None = None) -> Submitted:
+    def add_ranking(
+        self,
+        user_id: int,
+        task_id: int,
+        ranks: list[int],
+        key: str,
+        flags: list[tuple[int, str]] = (),
+        better_answer: str = "",
+        seconds: float | None = None,
+    ) -> Submitted:
         """Store one labeler's ranking of a task, with its flags and better answer, in one transaction.
 
         Accepted only while the task is in the labeler's queue: not skipped by them, and with fewer
@@ -511,22 +567,29 @@ class Store:
             if row.idempotency_key not in (_scoped_key(user_id, task_id, key), key):  # raw: rows stored before scoping
                 raise Conflict(f"you have already ranked task {task_id}")
             if not _same_submission(s, row, ranks, flags, better):
-                raise Conflict(f"idempotency_key {key!r} was already used for a different ranking of task {task_id} "
-                               f"(stored ranks {row.ranks}): the first one is kept, a ranking cannot be changed")
+                raise Conflict(
+                    f"idempotency_key {key!r} was already used for a different ranking of task {task_id} "
+                    f"(stored ranks {row.ranks}): the first one is kept, a ranking cannot be changed"
+                )
             return Submitted(row.id, True)
 
         def add(s: Session) -> Submitted:
             t = s.get(Task, task_id, with_for_update=True)
             if t is None:
-                raise LookupError(f"no task {task_id}")
+                raise NotFound(f"no task {task_id}")
             mine = s.scalar(select(RankingRow).where(RankingRow.task_id == task_id, RankingRow.user_id == user_id))
             if mine is not None:
                 return repeat(s, mine)
             check_ranks(ranks, len(t.responses))
             check_flags(flags, len(t.responses))
             check_in_queue(s, t, user_id)
-            row = RankingRow(task_id=task_id, user_id=user_id, ranks=[int(r) for r in ranks],
-                             idempotency_key=_scoped_key(user_id, task_id, key), seconds=seconds)
+            row = RankingRow(
+                task_id=task_id,
+                user_id=user_id,
+                ranks=[int(r) for r in ranks],
+                idempotency_key=_scoped_key(user_id, task_id, key),
+                seconds=seconds,
+            )
             s.add(row)
             s.execute(delete(TaskLease).where(TaskLease.task_id == task_id, TaskLease.user_id == user_id))
             for i, kind in flags:
@@ -550,7 +613,7 @@ class Store:
     def skip(self, user_id: int, task_id: int) -> None:
         def add(s: Session) -> None:
             if s.get(Task, task_id) is None:
-                raise LookupError(f"no task {task_id}")
+                raise NotFound(f"no task {task_id}")
             if s.get(Skip, (task_id, user_id)) is None:
                 s.add(Skip(task_id=task_id, user_id=user_id))
             s.execute(delete(TaskLease).where(TaskLease.task_id == task_id, TaskLease.user_id == user_id))
@@ -564,8 +627,12 @@ class Store:
         """Every ranking as a record: prompt messages, responses, ranks, and meta (task, labeler, flags)."""
 
         def rows(s: Session) -> list[dict]:
-            q = (select(RankingRow, Task, User).join(Task, RankingRow.task_id == Task.id)
-                 .join(User, RankingRow.user_id == User.id).order_by(RankingRow.id))
+            q = (
+                select(RankingRow, Task, User)
+                .join(Task, RankingRow.task_id == Task.id)
+                .join(User, RankingRow.user_id == User.id)
+                .order_by(RankingRow.id)
+            )
             if batch:
                 q = q.where(Task.batch == batch)
             flags: dict[tuple[int, int], list] = {}
@@ -573,10 +640,23 @@ class Store:
                 flags.setdefault((f.task_id, f.user_id), []).append({"response": f.response, "kind": f.kind})
             out = []
             for r, t, u in s.execute(q):
-                out.append({"messages": t.messages, "responses": t.responses, "ranks": r.ranks,
-                            "meta": {**t.meta, "task_id": t.id, "batch": t.batch, "external_id": t.external_id,
-                                     "labeler": u.name, "models": t.models,
-                                     "flags": flags.get((t.id, u.id), []), "ranking_id": r.id}})
+                out.append(
+                    {
+                        "messages": t.messages,
+                        "responses": t.responses,
+                        "ranks": r.ranks,
+                        "meta": {
+                            **t.meta,
+                            "task_id": t.id,
+                            "batch": t.batch,
+                            "external_id": t.external_id,
+                            "labeler": u.name,
+                            "models": t.models,
+                            "flags": flags.get((t.id, u.id), []),
+                            "ranking_id": r.id,
+                        },
+                    }
+                )
             return out
 
         return self.tx(rows)
@@ -584,8 +664,10 @@ class Store:
     def demonstrations(self) -> list[dict]:
         def rows(s: Session) -> list[dict]:
             q = select(DemonstrationRow, User).join(User).order_by(DemonstrationRow.id)
-            return [{"messages": d.messages, "response": d.response,
-                     "meta": {"task_id": d.task_id, "labeler": u.name}} for d, u in s.execute(q)]
+            return [
+                {"messages": d.messages, "response": d.response, "meta": {"task_id": d.task_id, "labeler": u.name}}
+                for d, u in s.execute(q)
+            ]
 
         return self.tx(rows)
 
@@ -600,9 +682,16 @@ class Store:
 
     def count_ranked_tasks(self, batch: str) -> int:
         """Tasks of ``batch`` with at least one ranking."""
-        return self.tx(lambda s: s.scalar(
-            select(func.count(func.distinct(RankingRow.task_id))).join(Task, RankingRow.task_id == Task.id)
-            .where(Task.batch == batch)) or 0)
+        return self.tx(
+            lambda s: (
+                s.scalar(
+                    select(func.count(func.distinct(RankingRow.task_id)))
+                    .join(Task, RankingRow.task_id == Task.id)
+                    .where(Task.batch == batch)
+                )
+                or 0
+            )
+        )
 
     def count_tasks(self, batch: str | None = None) -> int:
         q = select(func.count(Task.id))
@@ -615,8 +704,13 @@ class Store:
 
         def rows(s: Session) -> list[dict]:
             tasks = dict(s.execute(select(Task.batch, func.count(Task.id)).group_by(Task.batch)).all())
-            ranked = dict(s.execute(select(Task.batch, func.count(func.distinct(RankingRow.task_id)))
-                                    .join(RankingRow, RankingRow.task_id == Task.id).group_by(Task.batch)).all())
+            ranked = dict(
+                s.execute(
+                    select(Task.batch, func.count(func.distinct(RankingRow.task_id)))
+                    .join(RankingRow, RankingRow.task_id == Task.id)
+                    .group_by(Task.batch)
+                ).all()
+            )
             return [{"batch": b, "tasks": n, "ranked": ranked.get(b, 0)} for b, n in sorted(tasks.items())]
 
         return self.tx(rows)
@@ -630,9 +724,17 @@ class Store:
 
             r, sk = counts(RankingRow.user_id), counts(Skip.user_id)
             fl, dm = counts(Flag.user_id), counts(DemonstrationRow.user_id)
-            return [{"name": u.name, "role": u.role, "rankings": r.get(u.id, 0), "skips": sk.get(u.id, 0),
-                     "flags": fl.get(u.id, 0), "demonstrations": dm.get(u.id, 0)}
-                    for u in s.scalars(select(User).order_by(User.id))]
+            return [
+                {
+                    "name": u.name,
+                    "role": u.role,
+                    "rankings": r.get(u.id, 0),
+                    "skips": sk.get(u.id, 0),
+                    "flags": fl.get(u.id, 0),
+                    "demonstrations": dm.get(u.id, 0),
+                }
+                for u in s.scalars(select(User).order_by(User.id))
+            ]
 
         return self.tx(rows)
 
@@ -651,8 +753,9 @@ class Store:
 
     def add_battle(self, user_id: int, prompt: str, model_a: str, model_b: str, answer_a: str, answer_b: str) -> int:
         def add(s: Session) -> int:
-            b = Battle(user_id=user_id, prompt=prompt, model_a=model_a, model_b=model_b,
-                       answer_a=answer_a, answer_b=answer_b)
+            b = Battle(
+                user_id=user_id, prompt=prompt, model_a=model_a, model_b=model_b, answer_a=answer_a, answer_b=answer_b
+            )
             s.add(b)
             s.flush()
             return b.id
@@ -671,7 +774,7 @@ class Store:
         def v(s: Session) -> Battle:
             b = s.get(Battle, battle_id)
             if b is None or b.user_id != user_id:
-                raise LookupError(f"no battle {battle_id}")
+                raise NotFound(f"no battle {battle_id}")
             if b.outcome is not None and b.outcome != outcome:
                 raise Conflict(f"battle {battle_id} already has a vote ({b.outcome})")
             if b.outcome is None:
@@ -682,8 +785,14 @@ class Store:
 
     def votes(self) -> list[tuple[str, str, str]]:
         """(model_a, model_b, outcome) of every voted battle, in vote order."""
-        return self.tx(lambda s: [(b.model_a, b.model_b, b.outcome) for b in s.scalars(
-            select(Battle).where(Battle.outcome.is_not(None)).order_by(Battle.voted_at, Battle.id))])
+        return self.tx(
+            lambda s: [
+                (b.model_a, b.model_b, b.outcome)
+                for b in s.scalars(
+                    select(Battle).where(Battle.outcome.is_not(None)).order_by(Battle.voted_at, Battle.id)
+                )
+            ]
+        )
 
 
 def check_ranks(ranks: list[int], k: int) -> None:
@@ -725,10 +834,15 @@ def _free_task(s: Session, user_id: int, batch: str | None, now: datetime, tries
     task) and its slots are counted again once locked: the first query's snapshot may predate a lease
     committed by the picker that held the lock, a new statement sees it. (SQLite runs one writer at a
     time: the recount just agrees.)"""
+
     def taken():
-        leased = (select(func.count()).select_from(TaskLease)
-                  .where(TaskLease.task_id == Task.id, TaskLease.user_id != user_id, TaskLease.until > now)
-                  .correlate(Task).scalar_subquery())
+        leased = (
+            select(func.count())
+            .select_from(TaskLease)
+            .where(TaskLease.task_id == Task.id, TaskLease.user_id != user_id, TaskLease.until > now)
+            .correlate(Task)
+            .scalar_subquery()
+        )
         return _ranking_count() + leased
 
     passed: list[int] = []
@@ -749,8 +863,10 @@ def check_in_queue(s: Session, t: Task, user_id: int) -> None:
         raise Conflict(f"you skipped task {t.id}, so it is no longer in your queue")
     have = s.scalar(select(func.count(RankingRow.id)).where(RankingRow.task_id == t.id)) or 0
     if have >= t.labels_per_task:  # counted after the task row was locked (add_ranking)
-        raise Conflict(f"task {t.id} already has the {t.labels_per_task} ranking"
-                       f"{'' if t.labels_per_task == 1 else 's'} it needs: take the next task in your queue")
+        raise Conflict(
+            f"task {t.id} already has the {t.labels_per_task} ranking"
+            f"{'' if t.labels_per_task == 1 else 's'} it needs: take the next task in your queue"
+        )
 
 
 def _scoped_key(user_id: int, task_id: int, key: str) -> str:
@@ -761,10 +877,15 @@ def _scoped_key(user_id: int, task_id: int, key: str) -> str:
 
 def _same_submission(s: Session, row: RankingRow, ranks: list, flags: list[tuple[int, str]], better: str) -> bool:
     """Whether a retried ranking carries what was stored: ranks, flags and better answer."""
-    stored_flags = sorted((f.response, f.kind) for f in s.scalars(
-        select(Flag).where(Flag.task_id == row.task_id, Flag.user_id == row.user_id)))
-    demo = s.scalar(select(DemonstrationRow.response).where(DemonstrationRow.task_id == row.task_id,
-                                                            DemonstrationRow.user_id == row.user_id))
+    stored_flags = sorted(
+        (f.response, f.kind)
+        for f in s.scalars(select(Flag).where(Flag.task_id == row.task_id, Flag.user_id == row.user_id))
+    )
+    demo = s.scalar(
+        select(DemonstrationRow.response).where(
+            DemonstrationRow.task_id == row.task_id, DemonstrationRow.user_id == row.user_id
+        )
+    )
     return list(row.ranks) == list(ranks) and stored_flags == flags and (demo or "") == better
 
 
@@ -780,7 +901,7 @@ def _wait(times: list[datetime], limit: int, window: timedelta, now: datetime) -
 def _utc(t: datetime) -> datetime:
     """A stored time in UTC: SQLite gives back naive datetimes (stored in UTC), PostgreSQL aware ones
     in the server's time zone."""
-    return t.replace(tzinfo=timezone.utc) if t.tzinfo is None else t.astimezone(timezone.utc)
+    return t.replace(tzinfo=UTC) if t.tzinfo is None else t.astimezone(UTC)
 
 
 def check_user_name(name: str) -> str:
@@ -791,8 +912,9 @@ def check_user_name(name: str) -> str:
         raise UserError("a user name must be 1-80 characters")
     for pos, ch in enumerate(name):
         if unicodedata.category(ch) in ("Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"):
-            raise UserError(f"a user name cannot contain control or invisible characters "
-                            f"(U+{ord(ch):04X} at position {pos + 1})")
+            raise UserError(
+                f"a user name cannot contain control or invisible characters (U+{ord(ch):04X} at position {pos + 1})"
+            )
     return name
 
 
@@ -808,20 +930,27 @@ def _dummy_hash() -> str:
     return hash_password(secrets.token_urlsafe(16))
 
 
+def _argon2():
+    """argon2-cffi, imported here: it comes with the web extra (only signing in and choosing a
+    password need it), so the store's other users (the pipeline, ``rlhfkit users``) work without it."""
+    try:
+        import argon2
+        import argon2.exceptions
+    except ImportError:
+        raise UserError("passwords need the web extra: pip install 'rlhfkit[web]'") from None
+    return argon2
+
+
 def hash_password(password: str) -> str:
     """argon2id (argon2-cffi's defaults, RFC 9106's second recommended option)."""
-    from argon2 import PasswordHasher
-
-    return PasswordHasher().hash(password)
+    return _argon2().PasswordHasher().hash(password)
 
 
 def verify_password(stored: str, password: str) -> bool:
-    from argon2 import PasswordHasher
-    from argon2.exceptions import InvalidHashError, VerificationError
-
+    argon2 = _argon2()
     try:
-        return PasswordHasher().verify(stored, password)
-    except (VerificationError, InvalidHashError):
+        return argon2.PasswordHasher().verify(stored, password)
+    except (argon2.exceptions.VerificationError, argon2.exceptions.InvalidHashError):
         return False
 
 
