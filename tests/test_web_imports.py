@@ -152,7 +152,7 @@ def test_passwords_without_the_web_extra_say_how_to_install_it():
         "import sys\n"
         "sys.modules['argon2'] = None\n"
         "from rlhfkit.errors import UserError\n"
-        "from rlhfkit.feedback.store import hash_password\n"
+        "from rlhfkit.feedback.accounts import hash_password\n"
         "try:\n    hash_password('password123')\nexcept UserError as e:\n    print(e)\n"
     )
     out = run_python(code)

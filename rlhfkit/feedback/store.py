@@ -1,6 +1,6 @@
 """The preference store: everything people contribute, in one SQL database (SQLAlchemy).
 
-    store = Store.open("sqlite:///runs/demo/feedback.db")      # or postgresql+psycopg://…
+    store = Store("sqlite:///runs/demo/feedback.db")          # or postgresql+psycopg://…
     store.add_tasks("round1", [TaskIn(messages, responses, meta)], labels_per_task=1)
     task = store.next_task(user_id)                            # what a labeler sees next
     store.add_ranking(user_id, task.id, ranks, key="uuid…")   # idempotent by (user, task, key)
@@ -8,7 +8,8 @@
 Tables (``schema.py``): users, sessions, api_keys, model_versions, tasks (a prompt and K answers),
 rankings (one per labeler and task; ``idempotency_key`` unique), skips, flags, demonstrations,
 battles (arena), task_leases (who works on which task now), sign_in_failures (audit log and
-throttling), settings.
+throttling), settings. Users, passwords, sign-in, sessions and API keys are ``accounts.py``
+(``store.accounts``; the store offers its methods under the same names: ``store.sign_in``).
 
 Rules the store enforces, whoever calls it (web app, CLI, scripts):
 
@@ -19,47 +20,42 @@ Rules the store enforces, whoever calls it (web app, CLI, scripts):
   leases only spread the work, the rule above is what keeps a task from getting too many rankings;
 - an idempotency key means "this exact submission": a retry with the same key and payload is a
   duplicate (nothing written), the same key with another payload is a ``Conflict``;
-- sign-in: throttled per name and per client address, the same argon2 work for unknown names,
-  every failure in the audit log (``sign_in``); a new password ends the user's other sessions.
+- the rules about people (sign-in throttling, sessions ended by a new password): ``accounts.py``.
 
 Concurrency. SQLite (the default, a file in the run directory) runs in WAL mode with a 30 s
 busy timeout and every transaction starts with ``BEGIN IMMEDIATE``: a writer takes the write lock
 at the start instead of upgrading a read lock mid-transaction (the upgrade is the case SQLite cannot
 wait out and reports "database is locked" at once). ``_retry`` repeats a transaction that still
-fails with a lock/serialization error, with jittered back-off, so no lock error reaches a user.
-PostgreSQL needs none of that; the same code runs on it.
+fails with a lock/serialization error (told by the driver's error code), with jittered back-off,
+so no lock error reaches a user. PostgreSQL needs none of that; the same code runs on it.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import random
 import secrets
 import time
-import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
-from sqlalchemy import create_engine, delete, event, func, select, update
+from sqlalchemy import create_engine, delete, event, func, select
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from rlhfkit.errors import Conflict, NotFound, UserError
+from rlhfkit.feedback.accounts import Accounts, SignIn, SignInLimits
 from rlhfkit.feedback.schema import (
-    ApiKey,
     Base,
     Battle,
     DemonstrationRow,
     Flag,
     ModelVersion,
     RankingRow,
-    SessionRow,
     Setting,
-    SignInFailure,
     Skip,
     Task,
     TaskLease,
@@ -102,29 +98,6 @@ class Submitted:
     duplicate: bool  # True when this exact submission (key and payload) was already stored: nothing written
 
 
-@dataclass
-class SignInLimits:
-    """Sign-in throttling: at most ``per_name`` failures for one name and ``per_address`` from one
-    client address within ``window_s`` seconds; past that, attempts are refused unchecked until the
-    oldest failures leave the window."""
-
-    per_name: int = 5
-    per_address: int = 20
-    window_s: float = 300.0
-
-
-@dataclass
-class SignIn:
-    """The outcome of :meth:`Store.sign_in`: a user id, or why not."""
-
-    user_id: int | None = None
-    retry_after: float | None = None  # set when throttled: seconds until an attempt is counted again
-
-    @property
-    def throttled(self) -> bool:
-        return self.retry_after is not None
-
-
 SQLITE_BUSY, SQLITE_LOCKED = 5, 6  # primary result codes: "database is locked", "database table is locked"
 PG_RETRY = ("40001", "40P01")  # SQLSTATE serialization_failure, deadlock_detected
 
@@ -163,6 +136,7 @@ class Store:
         if self.is_sqlite:
             _sqlite_pragmas(self.engine)
         self._session = sessionmaker(self.engine, expire_on_commit=False)
+        self.accounts = Accounts(self.tx)
         try:
             self._retry(lambda: Base.metadata.create_all(self.engine))
         except OperationalError as e:
@@ -200,214 +174,55 @@ class Store:
 
         return self._retry(once)
 
-    # ------------------------------------------------------------ users, sessions, keys
+    # ------------------------------------------------------------ people: accounts.py, under the same names
 
     def create_user(self, name: str, role: str = "labeler", password: str | None = None) -> tuple[int, str]:
-        """A new user and their invite token (shown once; only its hash is stored)."""
-        name = check_user_name(name)
-        if role not in ("labeler", "admin"):
-            raise UserError(f"role {role!r}: expected labeler or admin")
-        invite = secrets.token_urlsafe(24)
-        pw = hash_password(password) if password else None
-
-        def add(s: Session) -> int:
-            if s.scalar(select(User.id).where(User.name == name)) is not None:
-                raise Conflict(f"user {name!r} exists already")
-            u = User(name=name, role=role, password_hash=pw, invite_hash=token_hash(invite))
-            s.add(u)
-            s.flush()
-            return u.id
-
-        return self.tx(add), invite
+        return self.accounts.create_user(name, role, password)
 
     def new_invite(self, name: str) -> str:
-        invite = secrets.token_urlsafe(24)
-
-        def upd(s: Session) -> None:
-            u = s.scalar(select(User).where(User.name == name))
-            if u is None:
-                raise NotFound(f"no user {name!r}")
-            u.invite_hash = token_hash(invite)
-
-        self.tx(upd)
-        return invite
+        return self.accounts.new_invite(name)
 
     def user(self, user_id: int) -> User | None:
-        return self.tx(lambda s: s.get(User, user_id))
+        return self.accounts.user(user_id)
 
     def users(self) -> list[User]:
-        return self.tx(lambda s: list(s.scalars(select(User).order_by(User.id))))
+        return self.accounts.users()
 
     def count_users(self) -> int:
-        return self.tx(lambda s: s.scalar(select(func.count(User.id))) or 0)
+        return self.accounts.count_users()
 
     def accept_invite(self, invite: str, password: str) -> int | None:
-        """Set the password of the invited user (the invite then expires); their id, or None.
-
-        An invite is also how a forgotten password is reset, so every session of the user ends here:
-        whoever held the old password (or a stolen session) is signed out."""
-        pw = hash_password(check_password_rules(password))
-
-        def acc(s: Session) -> int | None:
-            u = s.scalar(select(User).where(User.invite_hash == token_hash(invite)))
-            if u is None:
-                return None
-            u.password_hash, u.invite_hash = pw, None
-            s.execute(delete(SessionRow).where(SessionRow.user_id == u.id))
-            return u.id
-
-        return self.tx(acc)
+        return self.accounts.accept_invite(invite, password)
 
     def set_password(self, user_id: int, password: str, keep_session: str | None = None) -> None:
-        """A new password for the user; every session of theirs ends except ``keep_session`` (the one
-        that asked for the change)."""
-        pw = hash_password(check_password_rules(password))
-        keep = token_hash(keep_session) if keep_session else ""
-
-        def upd(s: Session) -> None:
-            u = s.get(User, user_id)
-            if u is None:
-                raise NotFound(f"no user {user_id}")
-            u.password_hash = pw
-            s.execute(delete(SessionRow).where(SessionRow.user_id == user_id, SessionRow.token_hash != keep))
-
-        self.tx(upd)
+        return self.accounts.set_password(user_id, password, keep_session)
 
     def invited_user(self, invite: str) -> User | None:
-        return self.tx(lambda s: s.scalar(select(User).where(User.invite_hash == token_hash(invite))))
+        return self.accounts.invited_user(invite)
 
     def check_password(self, name: str, password: str) -> int | None:
-        """The user's id if ``password`` is theirs, else None (no throttling: see :meth:`sign_in`)."""
-        return self._verify(name, password)[0]
-
-    def _verify(self, name: str, password: str) -> tuple[int | None, str]:
-        """(user id or None, why not). An unknown name, or a user who has not chosen a password yet,
-        costs the same argon2 verification as a real one (against a dummy hash), so the answer time
-        does not tell which names exist."""
-        u = self.tx(lambda s: s.scalar(select(User).where(User.name == name.strip())))
-        if u is None or not u.password_hash:
-            verify_password(_dummy_hash(), password)
-            return None, "unknown name" if u is None else "no password yet"
-        if not verify_password(u.password_hash, password):
-            return None, "wrong password"
-        return u.id, ""
+        return self.accounts.check_password(name, password)
 
     def sign_in(self, name: str, password: str, address: str, limits: SignInLimits) -> SignIn:
-        """Check a password under throttling, and log every failure (the admin page's audit log).
-
-        The attempt is logged as ``pending`` *before* the (slow) password check, in the same
-        transaction that counts recent failures, so parallel guesses at one name count against each
-        other; the row is removed on success and gets its reason on failure. The per-address count
-        leaves pending rows out: many people signing in at once from one address (an office, a proxy)
-        must not lock each other out. A throttled attempt checks nothing and does not extend the
-        lock-out; it is logged as ``throttled`` once per address and window (a flood of refused
-        attempts does not flood the table)."""
-        name, address = name.strip()[:80], address[:64]
-        window = timedelta(seconds=limits.window_s)
-
-        def failures(s: Session, since, *who) -> list:
-            return list(
-                s.scalars(
-                    select(SignInFailure.at)
-                    .where(*who, SignInFailure.at >= since, SignInFailure.reason != "throttled")
-                    .order_by(SignInFailure.at)
-                )
-            )
-
-        def begin(s: Session) -> tuple[int | None, float | None]:
-            now = utc_now()
-            since = now - window
-            by_name = failures(s, since, SignInFailure.name == name)
-            by_address = failures(s, since, SignInFailure.address == address, SignInFailure.reason != "pending")
-            wait = max(_wait(by_name, limits.per_name, window, now), _wait(by_address, limits.per_address, window, now))
-            if wait > 0:
-                logged = s.scalar(
-                    select(SignInFailure.id).where(
-                        SignInFailure.address == address, SignInFailure.reason == "throttled", SignInFailure.at >= since
-                    )
-                )
-                if logged is None:
-                    s.add(SignInFailure(at=now, name=name, address=address, reason="throttled"))
-                return None, wait
-            row = SignInFailure(at=now, name=name, address=address, reason="pending")
-            s.add(row)
-            s.flush()
-            return row.id, None
-
-        attempt, wait = self.tx(begin)
-        if attempt is None:
-            return SignIn(retry_after=wait)
-        user_id, why = self._verify(name, password)
-
-        def finish(s: Session) -> None:
-            if user_id is not None:
-                s.execute(delete(SignInFailure).where(SignInFailure.id == attempt))
-            else:
-                s.execute(update(SignInFailure).where(SignInFailure.id == attempt).values(reason=why))
-
-        self.tx(finish)
-        return SignIn(user_id=user_id)
+        return self.accounts.sign_in(name, password, address, limits)
 
     def failed_sign_ins(self, limit: int = 50) -> list[dict]:
-        """The latest failed or throttled sign-ins, newest first (the admin page)."""
-
-        def rows(s: Session) -> list[dict]:
-            q = (
-                select(SignInFailure)
-                .where(SignInFailure.reason != "pending")
-                .order_by(SignInFailure.id.desc())
-                .limit(limit)
-            )
-            return [
-                {
-                    "at": _utc(f.at).strftime("%Y-%m-%d %H:%M:%S"),
-                    "name": f.name,
-                    "address": f.address,
-                    "reason": f.reason,
-                }
-                for f in s.scalars(q)
-            ]
-
-        return self.tx(rows)
+        return self.accounts.failed_sign_ins(limit)
 
     def new_session(self, user_id: int) -> str:
-        token = secrets.token_urlsafe(32)
-        self.tx(lambda s: s.add(SessionRow(token_hash=token_hash(token), user_id=user_id)))
-        return token
+        return self.accounts.new_session(user_id)
 
     def session_user(self, token: str) -> User | None:
-        def get(s: Session) -> User | None:
-            row = s.get(SessionRow, token_hash(token))
-            return s.get(User, row.user_id) if row else None
-
-        return self.tx(get)
+        return self.accounts.session_user(token)
 
     def end_session(self, token: str) -> None:
-        def rm(s: Session) -> None:
-            row = s.get(SessionRow, token_hash(token))
-            if row:
-                s.delete(row)
-
-        self.tx(rm)
+        return self.accounts.end_session(token)
 
     def new_api_key(self, name: str) -> str:
-        key = "rk-" + secrets.token_urlsafe(32)
-
-        def add(s: Session) -> None:
-            uid = s.scalar(select(User.id).where(User.name == name))
-            if uid is None:
-                raise NotFound(f"no user {name!r}")
-            s.add(ApiKey(key_hash=token_hash(key), user_id=uid))
-
-        self.tx(add)
-        return key
+        return self.accounts.new_api_key(name)
 
     def api_key_user(self, key: str) -> User | None:
-        def get(s: Session) -> User | None:
-            row = s.get(ApiKey, token_hash(key))
-            return s.get(User, row.user_id) if row else None
-
-        return self.tx(get)
+        return self.accounts.api_key_user(key)
 
     # ------------------------------------------------------------ server settings
 
@@ -887,71 +702,6 @@ def _same_submission(s: Session, row: RankingRow, ranks: list, flags: list[tuple
         )
     )
     return list(row.ranks) == list(ranks) and stored_flags == flags and (demo or "") == better
-
-
-def _wait(times: list[datetime], limit: int, window: timedelta, now: datetime) -> float:
-    """Seconds until fewer than ``limit`` of ``times`` (ascending, all within the window) are left in
-    it; 0 when there are fewer already (or ``limit`` is 0: no limit)."""
-    if limit <= 0 or len(times) < limit:
-        return 0.0
-    first_to_leave = _utc(times[len(times) - limit])
-    return max(0.001, (first_to_leave + window - now).total_seconds())
-
-
-def _utc(t: datetime) -> datetime:
-    """A stored time in UTC: SQLite gives back naive datetimes (stored in UTC), PostgreSQL aware ones
-    in the server's time zone."""
-    return t.replace(tzinfo=UTC) if t.tzinfo is None else t.astimezone(UTC)
-
-
-def check_user_name(name: str) -> str:
-    """A user name as shown on pages and in logs: 1-80 characters after trimming, none of them a
-    control, format (e.g. right-to-left override) or other invisible/unassigned code point."""
-    name = name.strip()
-    if not name or len(name) > 80:
-        raise UserError("a user name must be 1-80 characters")
-    for pos, ch in enumerate(name):
-        if unicodedata.category(ch) in ("Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"):
-            raise UserError(
-                f"a user name cannot contain control or invisible characters (U+{ord(ch):04X} at position {pos + 1})"
-            )
-    return name
-
-
-def check_password_rules(password: str) -> str:
-    if len(password) < 8:
-        raise UserError("a password needs at least 8 characters")
-    return password
-
-
-@functools.cache
-def _dummy_hash() -> str:
-    """An argon2 hash of a random password, made once: unknown names are verified against it."""
-    return hash_password(secrets.token_urlsafe(16))
-
-
-def _argon2():
-    """argon2-cffi, imported here: it comes with the web extra (only signing in and choosing a
-    password need it), so the store's other users (the pipeline, ``rlhfkit users``) work without it."""
-    try:
-        import argon2
-        import argon2.exceptions
-    except ImportError:
-        raise UserError("passwords need the web extra: pip install 'rlhfkit[web]'") from None
-    return argon2
-
-
-def hash_password(password: str) -> str:
-    """argon2id (argon2-cffi's defaults, RFC 9106's second recommended option)."""
-    return _argon2().PasswordHasher().hash(password)
-
-
-def verify_password(stored: str, password: str) -> bool:
-    argon2 = _argon2()
-    try:
-        return argon2.PasswordHasher().verify(stored, password)
-    except (argon2.exceptions.VerificationError, argon2.exceptions.InvalidHashError):
-        return False
 
 
 def _sqlite_pragmas(engine) -> None:
