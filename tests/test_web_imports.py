@@ -39,10 +39,7 @@ def imported(tree: ast.Module, modules: set[str], top_level: bool) -> set[str]:
                 else:  # `from rlhfkit.web import admin` imports the module rlhfkit.web.admin
                     names = [child.module] + [f"{child.module}.{a.name}" for a in child.names]
                 out.update(n for n in names if n in modules)
-            if not isinstance(child, ast.ClassDef) or not top_level:
-                visit(child, inner)
-            else:  # a class body runs at import time: its imports are module-level
-                visit(child, in_function)
+            visit(child, inner)  # a class body runs at import time: its imports are module-level
 
     visit(tree, False)
     return out

@@ -20,8 +20,13 @@ from rlhfkit.web.deps import NeedLogin
 from rlhfkit.web.templating import render
 
 STATUS = {NotFound: 404, Conflict: 409}  # any other UserError: 400
-ERROR_TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_found_error",
-               413: "invalid_request_error", 429: "rate_limit_error"}  # fmt: skip
+ERROR_TYPES = {
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "invalid_request_error",
+    429: "rate_limit_error",
+}
 
 
 def status_for(exc: UserError) -> int:
