@@ -291,7 +291,7 @@ def test_request_size_limit(app):
     big = {"ranks": [0, 1], "better_answer": "x" * 70_000, "idempotency_key": "big-request-1"}
     r = c.post("/api/tasks/1/ranking", json=big, headers={"X-CSRF-Token": csrf_of(c)})
     assert r.status_code == 413 and "over the limit" in error(r)
-    assert_security_headers(r)  # issue 32: the 413 had none
+    assert_security_headers(r)  # the 413 once had none
 
     def chunks():  # no Content-Length: counted while read
         for _ in range(80):

@@ -1,4 +1,4 @@
-"""Fuzzing the JSON APIs with the rule "no 500, ever" (issue 32).
+"""Fuzzing the JSON APIs with the rule "no 500, ever".
 
 Every operation of the app's own OpenAPI schema (``app.openapi()``) under ``/api``, ``/v1`` and
 ``/arena/{id}`` gets requests that fit the schema and requests that break it (schemathesis' positive

@@ -1,4 +1,4 @@
-"""The OpenAI-compatible API as real clients use it (issue 32, group 5), in-process on the tiny model:
+"""The OpenAI-compatible API as real clients use it, in-process on the tiny model:
 the official ``openai`` client talks to the app through Starlette's TestClient (an httpx.Client).
 
 Each test guards one finding: usage in the last stream chunk when ``stream_options.include_usage``

@@ -10,7 +10,7 @@
 - idempotency: the same ranking with the same key, posted from several threads at once, is stored
   once; every answer is 201 or 200 ``duplicate`` (never 500 or 409). On PostgreSQL the first INSERT
   is held until every other post is in flight (blocked on the task row's lock).
-- issue 32, the app under attack: two labelers racing for a task's last slot (one 201, one 409, on
+- the app under attack: two labelers racing for a task's last slot (one 201, one 409, on
   SQLite and on PostgreSQL — there the second reads the task while the first has inserted but not
   committed, so only the row lock saves the quota); rankings only for tasks in one's own queue; an
   idempotency key scoped to (user, task) that never answers "duplicate" for data it did not store;
@@ -567,7 +567,7 @@ def test_same_ranking_posted_at_once_is_stored_once_postgresql(postgres_url, tmp
     store.close()
 
 
-# ---------------------------------------------------------------- ranking integrity (issue 32, group 2)
+# ---------------------------------------------------------------- ranking integrity
 
 
 def _last_slot_race(app, store, hold: bool) -> None:
@@ -674,7 +674,7 @@ def message(r) -> str:
     return r.json()["error"]["message"]
 
 
-# ---------------------------------------------------------------- sign-in under attack (issue 32, group 1)
+# ---------------------------------------------------------------- sign-in under attack
 
 
 def throttled_app(root: Path, **limits) -> tuple:
@@ -763,7 +763,7 @@ def test_sign_in_time_does_not_tell_whether_a_name_exists(tmp_path):
     store.close()
 
 
-# ---------------------------------------------------------------- sessions (issue 32, group 3)
+# ---------------------------------------------------------------- sessions
 
 
 def test_https_public_url_makes_cookies_secure_host_only_and_turns_on_hsts(tmp_path):
@@ -865,7 +865,7 @@ def test_a_planted_csrf_cookie_cannot_forge_an_admins_post(tmp_path):
     store.close()
 
 
-# ---------------------------------------------------------------- bad input at the edge (issue 32, group 4)
+# ---------------------------------------------------------------- bad input at the edge
 
 
 def test_ids_beyond_the_database_range_are_clear_4xx(tmp_path):

@@ -83,7 +83,7 @@ def test_openai_client(server):
 
 
 def test_openai_client_usage_logprobs_n_and_completions(server):
-    """What clients ask of the API beyond a plain chat (issue 32): the usage chunk of a stream,
+    """What clients ask of the API beyond a plain chat: the usage chunk of a stream,
     log-probs, n samples, /v1/models/{id} and /v1/completions, through the official client."""
     import openai
 

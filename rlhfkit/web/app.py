@@ -82,7 +82,7 @@ def serve(cfg: ServeConfig, say=print) -> None:
     app = create_app(cfg, store=store)
     say(f"serving {', '.join(app.state.pool.names()) or 'no model versions'} at {base} (store: {store.url})")
     # keep idle connections 75 s (uvicorn: 5 s): a browser or proxy reusing a connection the server
-    # is closing gets a reset; with 50 labelers on a loaded 2-core CI machine that happened within 5 s
+    # is closing gets a reset, which under load (many labelers at once) happens within seconds
     uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning", timeout_keep_alive=75)
 
 
