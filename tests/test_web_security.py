@@ -610,8 +610,8 @@ def test_two_labelers_racing_for_the_last_slot_postgresql(postgres_url, tmp_path
 
 
 def test_ranking_only_for_a_task_in_ones_own_queue(tmp_path):
-    """Issue 32: a labeler could rank a task already ranked by someone else at labels_per_task=1, or one
-    they skipped, and get 201 (tasks ended with more rankings than allowed)."""
+    """The bug this guards against: a labeler could rank a task already ranked by someone else at
+    labels_per_task=1, or one they skipped, and get 201 (tasks ended with more rankings than allowed)."""
     app, store = make_app(tmp_path, StubPool(["sft"]))
     store.add_tasks(
         "q", [TaskIn([{"role": "user", "content": f"q{i}"}], ["a", "b"], external_id=str(i)) for i in range(3)]
@@ -631,7 +631,7 @@ def test_ranking_only_for_a_task_in_ones_own_queue(tmp_path):
 
 
 def test_idempotency_key_is_scoped_to_user_and_task_and_never_drops_a_ranking(tmp_path):
-    """Issue 32: a key reused on another task answered ``200 duplicate`` and stored nothing for that
+    """The bug this guards against: a key reused on another task answered ``200 duplicate`` and stored nothing for that
     task; the same key with other ranks on the same task silently kept the first."""
     app, store = make_app(tmp_path, StubPool(["sft"]))
     store.add_tasks(
@@ -692,7 +692,7 @@ def login(c: TestClient, name: str, password: str):
 
 
 def test_brute_force_is_throttled_and_the_user_signs_in_after_the_window(tmp_path):
-    """Issue 32: 60 wrong passwords in 10.8 s were all answered 401, none throttled."""
+    """The bug this guards against: a stream of wrong passwords was answered 401 every time, never throttled."""
     window = 3.0
     app, store = throttled_app(tmp_path, login_failures=5, login_failures_per_address=50, login_window_s=window)
     attacker = TestClient(app, client=("203.0.113.9", 4000))
@@ -739,7 +739,7 @@ def _ms(fn) -> float:
 
 
 def test_sign_in_time_does_not_tell_whether_a_name_exists(tmp_path):
-    """Issue 32: median 172 ms for a real name, 5 ms for an unknown one. Unknown names (and users who
+    """The bug: a real name took far longer to refuse than an unknown one. Unknown names (and users who
     have not chosen a password yet) now pay the same argon2 verification against a dummy hash."""
     app, store = throttled_app(tmp_path, login_failures=0, login_failures_per_address=0)
     store.create_user("invited-only")
@@ -767,7 +767,7 @@ def test_sign_in_time_does_not_tell_whether_a_name_exists(tmp_path):
 
 
 def test_https_public_url_makes_cookies_secure_host_only_and_turns_on_hsts(tmp_path):
-    """Issue 32: behind --public-url https://… neither cookie had Secure, and there was no HSTS."""
+    """The bug this guards against: behind --public-url https://… neither cookie had Secure, and there was no HSTS."""
     run = tmp_path / "run"
     store = Store.for_run(run)
     app = create_app(
@@ -802,7 +802,7 @@ def test_https_public_url_makes_cookies_secure_host_only_and_turns_on_hsts(tmp_p
 
 
 def test_password_reset_and_change_end_the_other_sessions(tmp_path):
-    """Issue 32: after a password reset through a new invite link, the old session kept working."""
+    """The bug this guards against: after a password reset through a new invite link, the old session kept working."""
     app, store = throttled_app(tmp_path)
     old = TestClient(app)
     sign_in(old, "ann")
@@ -837,8 +837,9 @@ def test_password_reset_and_change_end_the_other_sessions(tmp_path):
 
 
 def test_a_planted_csrf_cookie_cannot_forge_an_admins_post(tmp_path):
-    """Issue 32: any 20+ character value in cookie and form was accepted, so whoever could plant a cookie
-    (a sibling subdomain, plain HTTP) could make a signed-in admin's browser grant the admin role."""
+    """The bug this guards against: any 20+ character value in cookie and form was accepted, so whoever
+    could plant a cookie (a sibling subdomain, plain HTTP) could make a signed-in admin's browser grant
+    the admin role."""
     app, store = throttled_app(tmp_path)
     store.create_user("mallory", password="password123")
     admin = TestClient(app)
@@ -869,7 +870,7 @@ def test_a_planted_csrf_cookie_cannot_forge_an_admins_post(tmp_path):
 
 
 def test_ids_beyond_the_database_range_are_clear_4xx(tmp_path):
-    """Issue 32: ids above 2^63 gave a plain-text 500 that reset the connection."""
+    """The bug this guards against: ids above 2^63 gave a plain-text 500 that reset the connection."""
     app, store = throttled_app(tmp_path)
     c = TestClient(app, raise_server_exceptions=False)
     sign_in(c, "ann")
@@ -890,7 +891,7 @@ def test_ids_beyond_the_database_range_are_clear_4xx(tmp_path):
 
 @pytest.mark.parametrize("ranks", [[0.0, 1.0], [False, True], ["0", "1"], [0, 1.5], [0, 2**70]])
 def test_ranks_are_strict_integers(tmp_path, ranks):
-    """Issue 32: ranks [0.0, 1.0] and [false, true] were accepted."""
+    """The bug this guards against: ranks [0.0, 1.0] and [false, true] were accepted."""
     app, store = throttled_app(tmp_path)
     store.add_tasks("r", [TaskIn([{"role": "user", "content": "q"}], ["a", "b"], external_id="1")])
     c = TestClient(app)
@@ -920,7 +921,7 @@ def test_ranks_are_strict_integers(tmp_path, ranks):
 
 
 def test_an_unexpected_error_is_one_line_of_json_with_headers_and_a_logged_request_id(tmp_path, caplog):
-    """Issue 32: a 500 was plain text without CSP and reset the keep-alive connection."""
+    """The bug this guards against: a 500 was plain text without CSP and reset the keep-alive connection."""
     app, store = throttled_app(tmp_path)
 
     @app.get("/api/boom")
@@ -948,8 +949,8 @@ def test_an_unexpected_error_is_one_line_of_json_with_headers_and_a_logged_reque
 
 
 def test_users_add_refuses_control_characters_and_links_to_the_real_server(tmp_path, monkeypatch):
-    """Issue 32: ``users add`` accepted control characters in names and printed an invite link with port
-    8000 whatever the server's port."""
+    """The bug this guards against: ``users add`` accepted control characters in names and printed an
+    invite link with port 8000 whatever the server's port."""
     import uvicorn
     from typer.testing import CliRunner
 
