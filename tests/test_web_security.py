@@ -40,6 +40,7 @@ from test_store_postgres import postgres_url  # noqa: F401 — the fixture: a Po
 from web_support import csrf_of, sign_in
 
 from rlhfkit.config import ServeConfig
+from rlhfkit.errors import Conflict, NotFound, UserError
 from rlhfkit.feedback.schema import Battle, SessionRow
 from rlhfkit.feedback.store import Store, TaskIn
 from rlhfkit.web.app import create_app
@@ -979,4 +980,54 @@ def test_users_add_refuses_control_characters_and_links_to_the_real_server(tmp_p
     sign_in(admin, "root")
     r = admin.post("/admin/users", data={"name": "bad\x00name", "csrf_token": csrf_of(admin)})
     assert r.status_code == 400 and "U+0000" in r.text
+    store.close()
+
+
+# ---------------------------------------------------------------- the status code comes from the error's class
+
+
+class FailingPool(StubPool):
+    """A pool whose generation raises ``error`` (as a model version that went away would)."""
+
+    def __init__(self, names: list[str], error: Exception):
+        super().__init__(names)
+        self.error = error
+
+    def stream(self, name, messages, max_new_tokens=128, **kw):
+        raise self.error
+        yield  # a generator, as the real pool's stream
+
+
+@pytest.mark.parametrize(
+    "error, status, code",
+    [
+        (NotFound("model version 'sft' went away"), 404, "not_found"),
+        (Conflict("model version 'sft' is busy being replaced"), 409, None),
+        (UserError("the prompt is longer than the model's context"), 400, "invalid_value"),
+    ],
+)
+def test_user_errors_answer_by_class_on_pages_api_and_openai_routes(tmp_path, error, status, code):
+    """NotFound is 404, Conflict 409, any other UserError 400, whatever the message says: on a page
+    (the error page), on /api/chat (JSON with a request id header) and on /v1 (OpenAI's shape)."""
+    app, store = make_app(tmp_path, FailingPool(["sft", "ppo1"], error))
+    store.create_user("ann", password="password123")
+    key = store.new_api_key("ann")
+    c = client(app, "ann")
+    body = {"model": "sft", "messages": [{"role": "user", "content": "hi"}]}
+
+    page = c.post("/arena", data={"prompt": "Name a colour.", "csrf_token": csrf_of(c)}, follow_redirects=False)
+    assert page.status_code == status and page.headers["content-type"].startswith("text/html")
+    assert str(escape(str(error))) in page.text and page.headers["x-request-id"]
+
+    api = c.post("/api/chat", json=body, headers={"X-CSRF-Token": csrf_of(c)})
+    assert api.status_code == status and api.json()["error"]["message"] == str(error)
+
+    v1 = TestClient(app).post("/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"})
+    assert v1.status_code == status
+    assert v1.json()["error"] == {
+        "message": str(error),
+        "type": "not_found_error" if status == 404 else "invalid_request_error",
+        "param": None,
+        "code": code,
+    }
     store.close()
