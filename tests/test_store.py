@@ -4,14 +4,22 @@ the inter-annotator agreement metrics on hand-computed values."""
 from __future__ import annotations
 
 import math
+import sqlite3
 import threading
 
+import psycopg.errors
 import pytest
+from sqlalchemy.exc import OperationalError
 
-from rlhfkit.errors import UserError
-from rlhfkit.feedback.agreement import (agreement_summary, average_ranks, kendalls_w, pair_agreement,
-                                        share_agreeing_pairs)
-from rlhfkit.feedback.store import Conflict, SignIn, SignInLimits, Store, Submitted, TaskIn
+from rlhfkit.errors import NotFound, UserError
+from rlhfkit.feedback.agreement import (
+    agreement_summary,
+    average_ranks,
+    kendalls_w,
+    pair_agreement,
+    share_agreeing_pairs,
+)
+from rlhfkit.feedback.store import Conflict, SignIn, SignInLimits, Store, Submitted, TaskIn, _is_lock_error
 
 
 def exercise_store(store: Store) -> None:
@@ -124,9 +132,11 @@ def exercise_sign_in(store: Store, ann: int, bob: int) -> None:
     assert store.sign_in("bob", "bob-password", "10.0.0.3", limits).user_id == bob
     log = store.failed_sign_ins()
     assert [(f["name"], f["address"], f["reason"]) for f in log] == [
-        ("bob", "10.0.0.1", "throttled"), ("cid", "10.0.0.1", "wrong password"),
-        ("nobody", "10.0.0.1", "unknown name"), ("ann", "10.0.0.2", "throttled")] + [
-        ("ann", "10.0.0.1", "wrong password")] * 3
+        ("bob", "10.0.0.1", "throttled"),
+        ("cid", "10.0.0.1", "wrong password"),
+        ("nobody", "10.0.0.1", "unknown name"),
+        ("ann", "10.0.0.2", "throttled"),
+    ] + [("ann", "10.0.0.1", "wrong password")] * 3
     assert store.sign_in("ann", "x", "10.0.0.4", SignInLimits(window_s=0.001)) == SignIn()  # old failures left
     # a new password ends every other session; accepting a (reset) invite ends them all
     a, b, c = (store.new_session(ann) for _ in range(3))
@@ -158,6 +168,47 @@ def test_bad_database_url_is_a_clear_error(tmp_path):
         Store("nosuchdb://x")
     with pytest.raises(UserError, match="cannot open the database"):
         Store(f"sqlite:///{tmp_path}/missing/dir/x.db")
+
+
+def test_store_errors_have_a_class_per_kind(tmp_path):
+    """The web app picks the status code by class: NotFound 404, Conflict 409, other UserErrors 400."""
+    store = Store.for_run(tmp_path)
+    ann, _ = store.create_user("ann")
+    with pytest.raises(Conflict, match="exists already"):
+        store.create_user("ann")
+    for missing in (lambda: store.vote(ann, 12345, "a"), lambda: store.skip(ann, 12345),
+                    lambda: store.add_ranking(ann, 12345, [0, 1], "key-12345"),
+                    lambda: store.set_password(999, "password123"), lambda: store.new_api_key("nobody"),
+                    lambda: store.new_invite("nobody")):  # fmt: skip
+        with pytest.raises(NotFound):
+            missing()
+    bid = store.add_battle(ann, "p", "sft", "ppo1", "a", "b")
+    store.vote(ann, bid, "a")
+    with pytest.raises(Conflict, match="already has a vote"):
+        store.vote(ann, bid, "tie")
+    with pytest.raises(UserError) as bad:
+        store.vote(ann, bid, "maybe")
+    assert type(bad.value) is UserError
+    store.close()
+
+
+def test_lock_errors_are_told_apart_by_their_code(tmp_path):
+    """Only a lock or serialization error is retried: SQLite's SQLITE_BUSY/LOCKED, PostgreSQL's
+    SQLSTATE 40001/40P01; not another OperationalError."""
+    path = tmp_path / "x.db"
+    a, b = (sqlite3.connect(path, isolation_level=None, timeout=0) for _ in range(2))
+    a.execute("CREATE TABLE t (x)")
+    a.execute("BEGIN IMMEDIATE")
+    with pytest.raises(sqlite3.OperationalError) as busy:
+        b.execute("BEGIN IMMEDIATE")
+    with pytest.raises(sqlite3.OperationalError) as no_table:
+        b.execute("SELECT * FROM nothing")
+    a.close(), b.close()
+    assert _is_lock_error(OperationalError("BEGIN", {}, busy.value))
+    assert not _is_lock_error(OperationalError("SELECT", {}, no_table.value))
+    assert _is_lock_error(OperationalError("UPDATE", {}, psycopg.errors.SerializationFailure("x")))
+    assert _is_lock_error(OperationalError("UPDATE", {}, psycopg.errors.DeadlockDetected("x")))
+    assert not _is_lock_error(OperationalError("UPDATE", {}, psycopg.errors.UndefinedTable("x")))
 
 
 def test_pair_agreement_by_hand():

@@ -11,6 +11,7 @@ from web_support import csrf_of, make_run, sign_in
 from rlhfkit.config import ServeConfig
 from rlhfkit.web.app import create_app
 
+
 @pytest.fixture(scope="module")
 def app(tiny_path, tmp_path_factory):
     run = make_run(tmp_path_factory.mktemp("web"), tiny_path)
@@ -32,8 +33,14 @@ def client(app, name: str | None = None) -> TestClient:
 def publish(app, prompts: list[str], k: int = 3, batch: str = "b", labels: int = 1) -> None:
     from rlhfkit.feedback.store import TaskIn
 
-    app.state.store.add_tasks(batch, [TaskIn([{"role": "user", "content": p}], [f"{p} answer {i}" for i in range(k)],
-                                             external_id=p) for p in prompts], labels_per_task=labels)
+    app.state.store.add_tasks(
+        batch,
+        [
+            TaskIn([{"role": "user", "content": p}], [f"{p} answer {i}" for i in range(k)], external_id=p)
+            for p in prompts
+        ],
+        labels_per_task=labels,
+    )
 
 
 def error(r) -> str:
@@ -83,14 +90,21 @@ def test_labeling_flow_ties_flags_demo_skip_and_idempotency(app):
     task = c.get("/api/tasks/next").json()["task"]
     assert sorted(a["index"] for a in task["answers"]) == [0, 1, 2]
     assert "model" not in str(task["answers"])  # no model names reach the labeler
-    body = {"ranks": [1, 0, 1], "flags": [{"answer": 2, "kind": "untruthful"}], "better_answer": "a better one",
-            "idempotency_key": "key-flow-1"}
+    body = {
+        "ranks": [1, 0, 1],
+        "flags": [{"answer": 2, "kind": "untruthful"}],
+        "better_answer": "a better one",
+        "idempotency_key": "key-flow-1",
+    }
     r = c.post(f"/api/tasks/{task['id']}/ranking", json=body, headers={"X-CSRF-Token": tok})
     assert r.status_code == 201 and r.json()["duplicate"] is False
     r2 = c.post(f"/api/tasks/{task['id']}/ranking", json=body, headers={"X-CSRF-Token": tok})
     assert r2.status_code == 200 and r2.json() == {**r.json(), "duplicate": True}
-    r3 = c.post(f"/api/tasks/{task['id']}/ranking", json={**body, "idempotency_key": "key-flow-2"},
-                headers={"X-CSRF-Token": tok})
+    r3 = c.post(
+        f"/api/tasks/{task['id']}/ranking",
+        json={**body, "idempotency_key": "key-flow-2"},
+        headers={"X-CSRF-Token": tok},
+    )
     assert r3.status_code == 409 and "already ranked" in error(r3)
     nxt = c.get("/api/tasks/next").json()["task"]
     assert nxt["id"] != task["id"]
@@ -99,19 +113,31 @@ def test_labeling_flow_ties_flags_demo_skip_and_idempotency(app):
     rows = [r for r in app.state.store.rankings("flow")]
     assert len(rows) == 1 and rows[0]["ranks"] == [1, 0, 1]
     assert rows[0]["meta"]["flags"] == [{"response": 2, "kind": "untruthful"}]
-    assert {"messages": [{"role": "user", "content": "alpha"}], "response": "a better one",
-            "meta": {"task_id": task["id"], "labeler": "ann"}} in app.state.store.demonstrations()
+    assert {
+        "messages": [{"role": "user", "content": "alpha"}],
+        "response": "a better one",
+        "meta": {"task_id": task["id"], "labeler": "ann"},
+    } in app.state.store.demonstrations()
 
 
-@pytest.mark.parametrize("body,needle", [
-    ({"ranks": [0, 1], "idempotency_key": "k-bad-00001"}, "expected 3 integers"),
-    ({"ranks": [0, 2, 2], "idempotency_key": "k-bad-00002"}, "dense"),
-    ({"ranks": [0, 1, 2], "idempotency_key": "short"}, "idempotency_key"),
-    ({"ranks": "best", "idempotency_key": "k-bad-00003"}, "ranks"),
-    ({"ranks": [0, 1, 2], "flags": [{"answer": 0, "kind": "boring"}], "idempotency_key": "k-bad-00004"}, "flag 'boring'"),
-    ({"ranks": [0, 1, 2], "flags": [{"answer": 7, "kind": "harmful"}], "idempotency_key": "k-bad-00005"}, "answer 7"),
-    ({}, "ranks: Field required"),
-])
+@pytest.mark.parametrize(
+    "body,needle",
+    [
+        ({"ranks": [0, 1], "idempotency_key": "k-bad-00001"}, "expected 3 integers"),
+        ({"ranks": [0, 2, 2], "idempotency_key": "k-bad-00002"}, "dense"),
+        ({"ranks": [0, 1, 2], "idempotency_key": "short"}, "idempotency_key"),
+        ({"ranks": "best", "idempotency_key": "k-bad-00003"}, "ranks"),
+        (
+            {"ranks": [0, 1, 2], "flags": [{"answer": 0, "kind": "boring"}], "idempotency_key": "k-bad-00004"},
+            "flag 'boring'",
+        ),
+        (
+            {"ranks": [0, 1, 2], "flags": [{"answer": 7, "kind": "harmful"}], "idempotency_key": "k-bad-00005"},
+            "answer 7",
+        ),
+        ({}, "ranks: Field required"),
+    ],
+)
 def test_bad_ranking_payloads_are_clear_4xx(app, body, needle):
     publish(app, ["delta"], batch="bad")
     c = client(app, "bob")
@@ -179,9 +205,19 @@ def test_admin_needs_admin_and_works(app, tmp_path):
     assert client(app).get("/api/admin/stats").status_code == 401
     root = client(app, "root")
     tok = csrf_of(root)
-    r = root.post("/admin/batches", data={"model": "sft", "k": "3", "n_prompts": "2", "labels_per_task": "2",
-                                          "max_new_tokens": "4", "batch": "admin-made", "csrf_token": tok},
-                  follow_redirects=False)
+    r = root.post(
+        "/admin/batches",
+        data={
+            "model": "sft",
+            "k": "3",
+            "n_prompts": "2",
+            "labels_per_task": "2",
+            "max_new_tokens": "4",
+            "batch": "admin-made",
+            "csrf_token": tok,
+        },
+        follow_redirects=False,
+    )
     assert r.status_code == 303
     assert {"batch": "admin-made", "tasks": 2, "ranked": 0} in root.get("/api/admin/stats").json()["batches"]
     assert root.post("/admin/batches", data={"model": "nope", "csrf_token": tok}).status_code == 404
@@ -193,16 +229,22 @@ def test_admin_needs_admin_and_works(app, tmp_path):
         while app.state.store.task(t["id"]).batch != "admin-made":
             c.post(f"/api/tasks/{t['id']}/skip", headers={"X-CSRF-Token": csrf_of(c)})
             t = c.get("/api/tasks/next").json()["task"]
-        r = c.post(f"/api/tasks/{t['id']}/ranking", json={"ranks": ranks, "idempotency_key": f"agree-{name}-x"},
-                   headers={"X-CSRF-Token": csrf_of(c)})
+        r = c.post(
+            f"/api/tasks/{t['id']}/ranking",
+            json={"ranks": ranks, "idempotency_key": f"agree-{name}-x"},
+            headers={"X-CSRF-Token": csrf_of(c)},
+        )
         assert r.status_code == 201, r.text
     assert sorted(app.state.store.ranks_by_task()[t["id"]]) == [[0, 1, 1], [0, 2, 1]]  # one task, ranked twice
     stats = root.get("/api/admin/stats").json()
     # answer pairs (0,1) and (0,2): both prefer answer 0, agree; (1,2): ann ties them, bob prefers 2,
     # disagree -> 2/3. Kendall's W, ann's tie at average rank 2.5: rank sums R = [2, 5.5, 4.5], mean 4,
     # S = 4 + 2.25 + 0.25 = 6.5, tie term T = 2^3 - 2 = 6: W = 12 S / (m^2 (n^3 - n) - m T) = 78 / 84 = 13/14
-    assert stats["agreement"] == {"tasks": 1, "pair_agreement": pytest.approx(2 / 3),
-                                  "kendalls_w": pytest.approx(13 / 14)}
+    assert stats["agreement"] == {
+        "tasks": 1,
+        "pair_agreement": pytest.approx(2 / 3),
+        "kendalls_w": pytest.approx(13 / 14),
+    }
     assert any(r["name"] == "ann" and r["rankings"] >= 1 for r in stats["labelers"])
     page = root.get("/admin").text
     assert "agreeing answer pairs <strong>0.67</strong>" in page and "Kendall's W <strong>0.93</strong>" in page
@@ -232,12 +274,14 @@ def test_openai_routes_auth_and_errors(app):
     ok = {"model": "sft", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
     r = c.post("/v1/chat/completions", json=ok, headers=h)
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
-    for body, status, needle in [({**ok, "model": "gpt-9"}, 404, "does not exist"),
-                                 ({**ok, "messages": []}, 400, "messages"),
-                                 ({**ok, "temperature": 9}, 400, "temperature"),
-                                 ({**ok, "n": 17}, 400, "n:"),
-                                 ({**ok, "messages": [{"role": "wizard", "content": "x"}]}, 400, "role"),
-                                 ({**ok, "messages": [{"role": "assistant", "content": "x"}]}, 400, "last message")]:
+    for body, status, needle in [
+        ({**ok, "model": "gpt-9"}, 404, "does not exist"),
+        ({**ok, "messages": []}, 400, "messages"),
+        ({**ok, "temperature": 9}, 400, "temperature"),
+        ({**ok, "n": 17}, 400, "n:"),
+        ({**ok, "messages": [{"role": "wizard", "content": "x"}]}, 400, "role"),
+        ({**ok, "messages": [{"role": "assistant", "content": "x"}]}, 400, "last message"),
+    ]:
         r = c.post("/v1/chat/completions", json=body, headers=h)
         assert r.status_code == status and needle in error(r), (body, r.text)
 
@@ -247,7 +291,7 @@ def test_request_size_limit(app):
     big = {"ranks": [0, 1], "better_answer": "x" * 70_000, "idempotency_key": "big-request-1"}
     r = c.post("/api/tasks/1/ranking", json=big, headers={"X-CSRF-Token": csrf_of(c)})
     assert r.status_code == 413 and "over the limit" in error(r)
-    assert_security_headers(r)  # issue 32: the 413 had none
+    assert_security_headers(r)  # the 413 once had none
 
     def chunks():  # no Content-Length: counted while read
         for _ in range(80):
@@ -272,8 +316,10 @@ def test_rate_limit_on_chat_and_api(tiny_path, tmp_path):
     key = app.state.store.new_api_key("eve")
     c = TestClient(app)
     body = {"model": "sft", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
-    codes = [c.post("/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"}).status_code
-             for _ in range(4)]
+    codes = [
+        c.post("/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"}).status_code
+        for _ in range(4)
+    ]
     assert codes == [200, 200, 200, 429]
     r = c.post("/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"})
     assert "rate limit" in error(r) and int(r.headers["retry-after"]) >= 1

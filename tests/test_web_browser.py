@@ -15,21 +15,40 @@ from web_support import Server, make_run
 from rlhfkit.feedback.store import Store, TaskIn
 
 CHROMIUM = "/usr/bin/chromium"
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync", "--no-first-run"]
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 
 pytest.importorskip("playwright.sync_api", reason="playwright (Python) is not installed: pip install -e '.[dev]'")
 if not Path(CHROMIUM).exists():
-    pytest.skip(f"{CHROMIUM} is missing: apt-get install chromium chromium-driver (make test does it where apt works)",
-                allow_module_level=True)
+    pytest.skip(
+        f"{CHROMIUM} is missing: apt-get install chromium chromium-driver (make test does it where apt works)",
+        allow_module_level=True,
+    )
 
 TASKS = [
-    ("How do I keep basil alive on a windowsill?",
-     ["Water it when the top soil is dry and give it six hours of sun.", "Basil is a plant.",
-      "Put it in the freezer."]),
-    ('<script>alert("x")</script> Write one line about tea.',
-     ["Tea: hot leaves, patient water, a quiet minute.", '"><img src=x onerror=alert(1)> tea',
-      "I cannot help with that."]),
+    (
+        "How do I keep basil alive on a windowsill?",
+        [
+            "Water it when the top soil is dry and give it six hours of sun.",
+            "Basil is a plant.",
+            "Put it in the freezer.",
+        ],
+    ),
+    (
+        '<script>alert("x")</script> Write one line about tea.',
+        [
+            "Tea: hot leaves, patient water, a quiet minute.",
+            '"><img src=x onerror=alert(1)> tea',
+            "I cannot help with that.",
+        ],
+    ),
 ]
 
 
@@ -48,19 +67,36 @@ def test_person_in_a_browser(tiny_path, tmp_path):
     run = make_run(tmp_path, tiny_path)
     store = Store.for_run(run)
     store.create_user("maria", role="admin", password="password123")
-    store.add_tasks("round1", [TaskIn([{"role": "user", "content": p}], r, ["sft"] * 3, external_id=str(i))
-                               for i, (p, r) in enumerate(TASKS)])
+    store.add_tasks(
+        "round1",
+        [
+            TaskIn([{"role": "user", "content": p}], r, ["sft"] * 3, external_id=str(i))
+            for i, (p, r) in enumerate(TASKS)
+        ],
+    )
     # earlier votes, so the leaderboard has something to show
-    for a, b, o in [("ppo1", "sft", "a"), ("ppo1", "base", "a"), ("sft", "base", "a"), ("base", "ppo1", "b"),
-                    ("sft", "ppo1", "tie"), ("base", "sft", "both_bad"), ("ppo1", "sft", "a"), ("sft", "base", "a")]:
+    for a, b, o in [
+        ("ppo1", "sft", "a"),
+        ("ppo1", "base", "a"),
+        ("sft", "base", "a"),
+        ("base", "ppo1", "b"),
+        ("sft", "ppo1", "tie"),
+        ("base", "sft", "both_bad"),
+        ("ppo1", "sft", "a"),
+        ("sft", "base", "a"),
+    ]:
         store.vote(1, store.add_battle(1, "earlier prompt", a, b, "...", "..."), o)
     server = Server(run, "--max-new-tokens", "12").start()
     dialogs: list[str] = []
     try:
         with sync_playwright() as p:
-            ctx = p.chromium.launch_persistent_context(str(tmp_path / "profile"), executable_path=CHROMIUM,
-                                                       headless=True, args=FLAGS,
-                                                       viewport={"width": 1100, "height": 900})
+            ctx = p.chromium.launch_persistent_context(
+                str(tmp_path / "profile"),
+                executable_path=CHROMIUM,
+                headless=True,
+                args=FLAGS,
+                viewport={"width": 1100, "height": 900},
+            )
             page = ctx.new_page()
             page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
             page.set_default_timeout(30_000)
@@ -90,11 +126,11 @@ def test_person_in_a_browser(tiny_path, tmp_path):
             # task 2 (injected markup shown as text): keyboard only
             expect(page.locator(".prompt .text")).to_contain_text('<script>alert("x")</script>')
             order = [cards.nth(i).get_attribute("data-index") for i in range(3)]
-            page.keyboard.press("ArrowDown")        # focus the second answer
-            page.keyboard.press("Shift+ArrowUp")    # move it to the top
+            page.keyboard.press("ArrowDown")  # focus the second answer
+            page.keyboard.press("Shift+ArrowUp")  # move it to the top
             page.keyboard.press("ArrowDown")
-            page.keyboard.press("ArrowDown")        # focus the third
-            page.keyboard.press("t")                # tie it with the one above
+            page.keyboard.press("ArrowDown")  # focus the third
+            page.keyboard.press("t")  # tie it with the one above
             expect(cards.nth(2).locator(".place")).to_have_text("#2 (tie)")
             page.keyboard.press("Control+Enter")
             expect(page.locator("h1")).to_have_text("Nothing to rank right now")

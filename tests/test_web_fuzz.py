@@ -1,4 +1,4 @@
-"""Fuzzing the JSON APIs with the rule "no 500, ever" (issue 32).
+"""Fuzzing the JSON APIs with the rule "no 500, ever".
 
 Every operation of the app's own OpenAPI schema (``app.openapi()``) under ``/api``, ``/v1`` and
 ``/arena/{id}`` gets requests that fit the schema and requests that break it (schemathesis' positive
@@ -60,17 +60,48 @@ ANY_EDGE = [v for values in EDGES.values() for v in values]
 HI = [{"role": "user", "content": "hi"}]
 # a request each route accepts, every optional field set: "hostile" requests change one value of it
 VALID = {
-    ("POST", "/v1/chat/completions"): ({}, {"model": "sft", "messages": HI, "max_tokens": 2, "temperature": 0.5,
-                                            "top_p": 0.9, "n": 2, "stop": ["x"], "seed": 1, "logprobs": True,
-                                            "top_logprobs": 1, "stream": True,
-                                            "stream_options": {"include_usage": True}}),
+    ("POST", "/v1/chat/completions"): (
+        {},
+        {
+            "model": "sft",
+            "messages": HI,
+            "max_tokens": 2,
+            "temperature": 0.5,
+            "top_p": 0.9,
+            "n": 2,
+            "stop": ["x"],
+            "seed": 1,
+            "logprobs": True,
+            "top_logprobs": 1,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        },
+    ),
     ("POST", "/api/chat"): ({}, {"model": "sft", "messages": HI, "max_tokens": 2, "seed": 1, "stream": True}),
-    ("POST", "/v1/completions"): ({}, {"model": "sft", "prompt": ["hi", "there"], "max_tokens": 2, "n": 2,
-                                       "seed": 1, "logprobs": 1, "stop": "x", "temperature": 1.5}),
+    ("POST", "/v1/completions"): (
+        {},
+        {
+            "model": "sft",
+            "prompt": ["hi", "there"],
+            "max_tokens": 2,
+            "n": 2,
+            "seed": 1,
+            "logprobs": 1,
+            "stop": "x",
+            "temperature": 1.5,
+        },
+    ),
     ("GET", "/v1/models/{model_id}"): ({"model_id": "sft"}, None),
-    ("POST", "/api/tasks/{task_id}/ranking"): ({"task_id": 1}, {"ranks": [0, 1, 1], "idempotency_key": "fuzz-key-1",
-                                                                "flags": [{"answer": 1, "kind": "harmful"}],
-                                                                "better_answer": "a better one", "seconds": 3.5}),
+    ("POST", "/api/tasks/{task_id}/ranking"): (
+        {"task_id": 1},
+        {
+            "ranks": [0, 1, 1],
+            "idempotency_key": "fuzz-key-1",
+            "flags": [{"answer": 1, "kind": "harmful"}],
+            "better_answer": "a better one",
+            "seconds": 3.5,
+        },
+    ),
     ("POST", "/api/tasks/{task_id}/skip"): ({"task_id": 2}, None),
     ("GET", "/arena/{battle_id}"): ({"battle_id": 1}, None),
     ("POST", "/arena/{battle_id}/vote"): ({"battle_id": 1}, {"outcome": "tie"}),
@@ -78,8 +109,15 @@ VALID = {
 
 
 def json_type(value) -> str:
-    return {bool: "boolean", int: "integer", float: "number", str: "string", list: "array", dict: "object",
-            type(None): "null"}.get(type(value), "object")
+    return {
+        bool: "boolean",
+        int: "integer",
+        float: "number",
+        str: "string",
+        list: "array",
+        dict: "object",
+        type(None): "null",
+    }.get(type(value), "object")
 
 
 def _leaves(value) -> list:
@@ -176,17 +214,25 @@ class StubPool:
 def fuzz_app(tmp_path_factory):
     run = Path(tmp_path_factory.mktemp("fuzz")) / "run"
     store = Store.for_run(run)
-    app = create_app(ServeConfig(run=str(run), rate_limit=0, max_body_kb=64, max_new_tokens=8), store=store,
-                     pool=StubPool())
+    app = create_app(
+        ServeConfig(run=str(run), rate_limit=0, max_body_kb=64, max_new_tokens=8), store=store, pool=StubPool()
+    )
     store.create_user("root", role="admin", password="password123")
     key = store.new_api_key("root")
-    store.add_tasks("fuzz", [TaskIn([{"role": "user", "content": f"prompt {i}"}], [f"answer {j}" for j in range(3)],
-                                    external_id=str(i)) for i in range(6)], labels_per_task=3)
+    store.add_tasks(
+        "fuzz",
+        [
+            TaskIn([{"role": "user", "content": f"prompt {i}"}], [f"answer {j}" for j in range(3)], external_id=str(i))
+            for i in range(6)
+        ],
+        labels_per_task=3,
+    )
     client = TestClient(app, raise_server_exceptions=False)
     sign_in(client, "root")
     client.headers.update({"X-CSRF-Token": csrf_of(client), "Authorization": f"Bearer {key}"})
-    r = client.post("/arena", data={"prompt": "a battle to vote on", "csrf_token": csrf_of(client)},
-                    follow_redirects=False)
+    r = client.post(
+        "/arena", data={"prompt": "a battle to vote on", "csrf_token": csrf_of(client)}, follow_redirects=False
+    )
     assert r.status_code in (200, 303), r.text
     yield app, client
     store.close()
@@ -219,15 +265,21 @@ def test_no_500_ever(fuzz_app):
     schema = schemathesis.openapi.from_dict(app.openapi())
     operations = [r.ok() for r in schema.get_all_operations()]
     operations = [op for op in operations if FUZZED.search(op.path)]
-    assert {"/v1/chat/completions", "/v1/completions", "/api/chat", "/api/tasks/{task_id}/ranking"} <= \
-        {op.path for op in operations}
+    assert {"/v1/chat/completions", "/v1/completions", "/api/chat", "/api/tasks/{task_id}/ranking"} <= {
+        op.path for op in operations
+    }
     sent: Counter = Counter()
     statuses: Counter = Counter()
     failures: dict[tuple, str] = {}  # (method, path, status) -> the first request that gave it
 
-    @settings(max_examples=EXAMPLES, deadline=None, derandomize="RLHFKIT_FUZZ_SEED" not in os.environ,
-              database=None, phases=[Phase.explicit, Phase.generate],
-              suppress_health_check=list(HealthCheck))
+    @settings(
+        max_examples=EXAMPLES,
+        deadline=None,
+        derandomize="RLHFKIT_FUZZ_SEED" not in os.environ,
+        database=None,
+        phases=[Phase.explicit, Phase.generate],
+        suppress_health_check=list(HealthCheck),
+    )
     @seed(int(os.environ.get("RLHFKIT_FUZZ_SEED", "0")))
     @given(requests(operations))
     def send(req):
@@ -239,13 +291,18 @@ def test_no_500_ever(fuzz_app):
         sent[(method, path)] += 1
         statuses[r.status_code] += 1
         bad = r.status_code >= 500
-        if (r.status_code == 200 and r.headers.get("content-type", "").startswith("text/event-stream")
-                and not r.text.endswith("data: [DONE]\n\n")):
+        if (
+            r.status_code == 200
+            and r.headers.get("content-type", "").startswith("text/event-stream")
+            and not r.text.endswith("data: [DONE]\n\n")
+        ):
             bad = True
         if bad:
             shown = (content or b"")[:300].decode("utf-8", "backslashreplace")
-            failures.setdefault((method, path, r.status_code), f"{method} {_url(path, params)} ({kind}) "
-                                                               f"body={shown} -> {r.status_code} {r.text[:200]}")
+            failures.setdefault(
+                (method, path, r.status_code),
+                f"{method} {_url(path, params)} ({kind}) body={shown} -> {r.status_code} {r.text[:200]}",
+            )
 
     start = time.monotonic()
     send()

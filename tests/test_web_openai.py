@@ -1,4 +1,4 @@
-"""The OpenAI-compatible API as real clients use it (issue 32, group 5), in-process on the tiny model:
+"""The OpenAI-compatible API as real clients use it, in-process on the tiny model:
 the official ``openai`` client talks to the app through Starlette's TestClient (an httpx.Client).
 
 Each test guards one finding: usage in the last stream chunk when ``stream_options.include_usage``
@@ -72,12 +72,16 @@ def chat_ids(app, messages) -> list[int]:
 
 def test_stream_usage_in_the_last_chunk_when_asked(client):
     whole = client.chat.completions.create(model="sft", messages=HI, max_tokens=5, temperature=0)
-    chunks = list(client.chat.completions.create(model="sft", messages=HI, max_tokens=5, temperature=0, stream=True,
-                                                 stream_options={"include_usage": True}))
+    chunks = list(
+        client.chat.completions.create(
+            model="sft", messages=HI, max_tokens=5, temperature=0, stream=True, stream_options={"include_usage": True}
+        )
+    )
     last = chunks[-1]
     assert last.choices == [] and last.usage is not None
-    assert last.usage.model_dump(include={"prompt_tokens", "completion_tokens", "total_tokens"}) == \
-        whole.usage.model_dump(include={"prompt_tokens", "completion_tokens", "total_tokens"})
+    assert last.usage.model_dump(
+        include={"prompt_tokens", "completion_tokens", "total_tokens"}
+    ) == whole.usage.model_dump(include={"prompt_tokens", "completion_tokens", "total_tokens"})
     assert last.usage.completion_tokens == 5 and last.usage.prompt_tokens > 5
     assert all(c.usage is None for c in chunks[:-1])
     assert "".join(c.choices[0].delta.content or "" for c in chunks[:-1]) == whole.choices[0].message.content
@@ -107,8 +111,9 @@ def test_get_one_model(client, app):
 
 
 def test_logprobs_and_top_logprobs_are_the_engines(client, app):
-    out = client.chat.completions.create(model="sft", messages=HI, max_tokens=6, temperature=0, logprobs=True,
-                                         top_logprobs=3)
+    out = client.chat.completions.create(
+        model="sft", messages=HI, max_tokens=6, temperature=0, logprobs=True, top_logprobs=3
+    )
     content = out.choices[0].logprobs.content
     ref = engine_greedy(app, chat_ids(app, HI), 6, logprobs=3)
     assert len(content) == 6 == out.usage.completion_tokens
@@ -122,8 +127,9 @@ def test_logprobs_and_top_logprobs_are_the_engines(client, app):
         assert e.top_logprobs[0].token == e.token  # greedy: the chosen token is the likeliest
         assert bytes(e.bytes).decode() == e.token
     # streamed: the same numbers, spread over the chunks
-    chunks = client.chat.completions.create(model="sft", messages=HI, max_tokens=6, temperature=0, logprobs=True,
-                                            top_logprobs=3, stream=True)
+    chunks = client.chat.completions.create(
+        model="sft", messages=HI, max_tokens=6, temperature=0, logprobs=True, top_logprobs=3, stream=True
+    )
     streamed = [e for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
     assert [e.model_dump() for e in streamed] == [e.model_dump() for e in content]
     plain = client.chat.completions.create(model="sft", messages=HI, max_tokens=2, temperature=0)
@@ -145,10 +151,15 @@ def test_n_samples_share_one_prefill(client, app, monkeypatch):
     assert [c.index for c in out.choices] == [0, 1, 2] and len(prefills) == 1
     assert len({c.message.content for c in out.choices}) > 1  # real samples, not copies
     assert out.usage.completion_tokens == 12 and out.usage.prompt_tokens == len(chat_ids(app, HI))
-    chunks = list(client.chat.completions.create(model="sft", messages=HI, max_tokens=4, temperature=1.0, seed=7, n=3,
-                                                 stream=True))
-    texts = {i: "".join(c.choices[0].delta.content or "" for c in chunks if c.choices and c.choices[0].index == i)
-             for i in range(3)}
+    chunks = list(
+        client.chat.completions.create(
+            model="sft", messages=HI, max_tokens=4, temperature=1.0, seed=7, n=3, stream=True
+        )
+    )
+    texts = {
+        i: "".join(c.choices[0].delta.content or "" for c in chunks if c.choices and c.choices[0].index == i)
+        for i in range(3)
+    }
     assert [texts[i] for i in range(3)] == [c.message.content for c in out.choices]  # same seed, same samples
     assert sum(1 for c in chunks if c.choices[0].finish_reason) == 3
     r = post(app, "/v1/chat/completions", {"model": "sft", "messages": HI, "n": 17})
@@ -161,23 +172,30 @@ def test_n_samples_share_one_prefill(client, app, monkeypatch):
 TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {}}}}
 
 
-@pytest.mark.parametrize("extra, param", [
-    ({"tools": [TOOL]}, "tools"),
-    ({"tool_choice": "auto"}, "tool_choice"),
-    ({"functions": [TOOL["function"]]}, "functions"),
-    ({"response_format": {"type": "json_object"}}, "response_format"),
-    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}}, "response_format"),
-    ({"logit_bias": {"42": 100}}, "logit_bias"),
-    ({"presence_penalty": 0.5}, "presence_penalty"),
-    ({"frequency_penalty": 1}, "frequency_penalty"),
-    ({"modalities": ["text", "audio"]}, "modalities"),
-    ({"mirostat": 2}, "mirostat"),  # not an OpenAI argument at all
-    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
-     "messages[0].content"),
-    ({"messages": [{"role": "assistant", "content": None, "tool_calls": [{"id": "1"}]}, HI[0]]},
-     "messages[0].tool_calls"),
-    ({"messages": [{"role": "tool", "content": "x", "tool_call_id": "1"}]}, "messages[0].role"),
-])
+@pytest.mark.parametrize(
+    "extra, param",
+    [
+        ({"tools": [TOOL]}, "tools"),
+        ({"tool_choice": "auto"}, "tool_choice"),
+        ({"functions": [TOOL["function"]]}, "functions"),
+        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}}, "response_format"),
+        ({"logit_bias": {"42": 100}}, "logit_bias"),
+        ({"presence_penalty": 0.5}, "presence_penalty"),
+        ({"frequency_penalty": 1}, "frequency_penalty"),
+        ({"modalities": ["text", "audio"]}, "modalities"),
+        ({"mirostat": 2}, "mirostat"),  # not an OpenAI argument at all
+        (
+            {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+            "messages[0].content",
+        ),
+        (
+            {"messages": [{"role": "assistant", "content": None, "tool_calls": [{"id": "1"}]}, HI[0]]},
+            "messages[0].tool_calls",
+        ),
+        ({"messages": [{"role": "tool", "content": "x", "tool_call_id": "1"}]}, "messages[0].role"),
+    ],
+)
 def test_unsupported_arguments_are_refused_by_name(app, extra, param):
     r = post(app, "/v1/chat/completions", {"model": "sft", "messages": HI, "max_tokens": 2, **extra})
     err = openai_error(r, 400)
@@ -194,10 +212,24 @@ def test_openai_client_sees_a_bad_request_for_tools(client):
 def test_harmless_defaults_are_accepted(client):
     """What clients send with default values changes nothing, so it is no reason for a 400."""
     out = client.chat.completions.create(
-        model="sft", messages=[*HI, {"role": "assistant", "content": "Hi!", "refusal": None, "tool_calls": []},
-                               {"role": "user", "content": [{"type": "text", "text": "Again."}]}],
-        max_tokens=2, temperature=0, response_format={"type": "text"}, presence_penalty=0, frequency_penalty=0,
-        tools=[], logit_bias={}, user="ann", metadata={"run": "x"}, store=False, parallel_tool_calls=False)
+        model="sft",
+        messages=[
+            *HI,
+            {"role": "assistant", "content": "Hi!", "refusal": None, "tool_calls": []},
+            {"role": "user", "content": [{"type": "text", "text": "Again."}]},
+        ],
+        max_tokens=2,
+        temperature=0,
+        response_format={"type": "text"},
+        presence_penalty=0,
+        frequency_penalty=0,
+        tools=[],
+        logit_bias={},
+        user="ann",
+        metadata={"run": "x"},
+        store=False,
+        parallel_tool_calls=False,
+    )
     assert out.usage.completion_tokens == 2
 
 
@@ -228,8 +260,11 @@ def test_completions_plain_prompts(client, app):
     assert c.logprobs.token_logprobs == pytest.approx(ref.logprobs, abs=1e-5)
     assert [len(d) for d in c.logprobs.top_logprobs] == [2] * 5 and c.logprobs.text_offset[0] == 0
     assert (out.usage.prompt_tokens, out.usage.completion_tokens) == (len(ref.prompt_token_ids), 5)
-    streamed = list(client.completions.create(model="sft", prompt=prompt, max_tokens=5, temperature=0, stream=True,
-                                              stream_options={"include_usage": True}))
+    streamed = list(
+        client.completions.create(
+            model="sft", prompt=prompt, max_tokens=5, temperature=0, stream=True, stream_options={"include_usage": True}
+        )
+    )
     assert "".join(x.choices[0].text for x in streamed if x.choices) == c.text
     assert streamed[-1].usage.completion_tokens == 5 and streamed[-1].choices == []
     # a list of prompts, n each: choice i·n + j is sample j of prompt i
@@ -242,17 +277,20 @@ def test_completions_plain_prompts(client, app):
     assert default.usage.completion_tokens == min(16, CAP)  # OpenAI's default max_tokens, within the cap
 
 
-@pytest.mark.parametrize("body, param", [
-    ({"prompt": [1, 2, 3]}, "prompt"),
-    ({"prompt": ""}, "prompt"),
-    ({"prompt": ["a"] * 17}, "prompt"),
-    ({"prompt": ["a", "b", "c"], "n": 6}, "n"),
-    ({"prompt": "a", "echo": True}, "echo"),
-    ({"prompt": "a", "suffix": "b"}, "suffix"),
-    ({"prompt": "a", "best_of": 3}, "best_of"),
-    ({"prompt": "a", "logprobs": 6}, "logprobs"),
-    ({"prompt": "a", "model": "gpt-9"}, "model"),
-])
+@pytest.mark.parametrize(
+    "body, param",
+    [
+        ({"prompt": [1, 2, 3]}, "prompt"),
+        ({"prompt": ""}, "prompt"),
+        ({"prompt": ["a"] * 17}, "prompt"),
+        ({"prompt": ["a", "b", "c"], "n": 6}, "n"),
+        ({"prompt": "a", "echo": True}, "echo"),
+        ({"prompt": "a", "suffix": "b"}, "suffix"),
+        ({"prompt": "a", "best_of": 3}, "best_of"),
+        ({"prompt": "a", "logprobs": 6}, "logprobs"),
+        ({"prompt": "a", "model": "gpt-9"}, "model"),
+    ],
+)
 def test_completions_bad_requests(app, body, param):
     r = post(app, "/v1/completions", {"model": "sft", **body})
     assert openai_error(r, 404 if param == "model" else 400)["param"] == param
@@ -272,14 +310,19 @@ def test_seed_within_the_samplers_range(app):
     assert openai_error(r, 400)["param"] == "seed"
 
 
-@pytest.mark.parametrize("raw, param", [
-    ('{"model": "sft", "messages": [{"role": "user", "content": "hi \\ud800"}]}', "messages[0].content"),
-    ('{"model": "sft", "messages": [{"role": "user", "content": [{"type": "text", "text": "\\udfff"}]}]}',
-     "messages[0].content[0].text"),
-    ('{"model": "s\\ud83d", "messages": [{"role": "user", "content": "hi"}]}', "model"),
-    ('{"model": "sft", "messages": [{"role": "user", "content": "hi"}], "stop": ["\\ud800"]}', "stop[0]"),
-    ('{"model": "sft", "messages": [{"role": "user", "content": "hi"}], "\\ud800": 1}', "body"),
-])
+@pytest.mark.parametrize(
+    "raw, param",
+    [
+        ('{"model": "sft", "messages": [{"role": "user", "content": "hi \\ud800"}]}', "messages[0].content"),
+        (
+            '{"model": "sft", "messages": [{"role": "user", "content": [{"type": "text", "text": "\\udfff"}]}]}',
+            "messages[0].content[0].text",
+        ),
+        ('{"model": "s\\ud83d", "messages": [{"role": "user", "content": "hi"}]}', "model"),
+        ('{"model": "sft", "messages": [{"role": "user", "content": "hi"}], "stop": ["\\ud800"]}', "stop[0]"),
+        ('{"model": "sft", "messages": [{"role": "user", "content": "hi"}], "\\ud800": 1}', "body"),
+    ],
+)
 def test_lone_surrogate_is_a_400(app, raw, param):
     err = openai_error(post(app, "/v1/chat/completions", raw), 400)
     assert err["param"] == param and "Unicode" in err["message"]
@@ -287,8 +330,18 @@ def test_lone_surrogate_is_a_400(app, raw, param):
     assert openai_error(r, 400)["param"] == "prompt[1]"
 
 
-@pytest.mark.parametrize("field, value", [("temperature", True), ("temperature", "1"), ("n", 1.5), ("n", True),
-                                          ("max_tokens", "4"), ("stream", "yes"), ("temperature", float("nan"))])
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("temperature", True),
+        ("temperature", "1"),
+        ("n", 1.5),
+        ("n", True),
+        ("max_tokens", "4"),
+        ("stream", "yes"),
+        ("temperature", float("nan")),
+    ],
+)
 def test_numbers_are_strict(app, field, value):
     raw = json.dumps({"model": "sft", "messages": HI, field: value})  # NaN: Python's json writes it, as some clients do
     assert openai_error(post(app, "/v1/chat/completions", raw), 400)["param"] == field
@@ -301,8 +354,17 @@ def test_chat_page_api_has_the_same_rules(app):
     h = {"X-CSRF-Token": csrf_of(c)}
     r = c.post("/api/chat", json={"model": "sft", "messages": HI, "tools": [TOOL]}, headers=h)
     assert openai_error(r, 400)["param"] == "tools"
-    r = c.post("/api/chat", json={"model": "sft", "messages": HI, "max_tokens": 2, "stream": True,
-                                  "stream_options": {"include_usage": True}}, headers=h)
+    r = c.post(
+        "/api/chat",
+        json={
+            "model": "sft",
+            "messages": HI,
+            "max_tokens": 2,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        },
+        headers=h,
+    )
     assert r.status_code == 200 and '"completion_tokens": 2' in r.text.split("data: ")[-2]
 
 

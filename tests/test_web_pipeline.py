@@ -35,8 +35,11 @@ def test_pipeline_waits_for_people_and_trains_on_their_rankings(tiny_path, tmp_p
     for n in range(3):
         task = c.get("/api/tasks/next").json()["task"]
         assert task is not None and len(task["answers"]) == 2
-        r = c.post(f"/api/tasks/{task['id']}/ranking", json={"ranks": [1, 0], "idempotency_key": f"pipe-{n}-key"},
-                   headers={"X-CSRF-Token": csrf_of(c)})
+        r = c.post(
+            f"/api/tasks/{task['id']}/ranking",
+            json={"ranks": [1, 0], "idempotency_key": f"pipe-{n}-key"},
+            headers={"X-CSRF-Token": csrf_of(c)},
+        )
         assert r.status_code == 201
     assert c.get("/api/tasks/next").json()["task"] is None  # publishing again (the rerun) added nothing
 
@@ -57,14 +60,24 @@ def test_mix_fills_in_with_the_simulated_labeler(tiny_path, tmp_path):
     from rlhfkit.tasks import load_task
 
     prompts = load_task("train")[:3]
-    samples = [{"id": p.meta["id"], "prompt": p.text, "responses": ["yes", "no"], "finished": [True, True]}
-               for p in prompts]
+    samples = [
+        {"id": p.meta["id"], "prompt": p.text, "responses": ["yes", "no"], "finished": [True, True]} for p in prompts
+    ]
     store = Store.for_run(tmp_path)
     uid, _ = store.create_user("bob", password="password123")
     from rlhfkit.feedback.human import publish
 
     publish(store, "round0", samples)
     store.add_ranking(uid, store.next_task(uid).id, [0, 1], "mix-key-1")
-    rows = rank_round_by_people(store, "round0", prompts, samples, needed=1, timeout=5, poll=0.1,
-                                fallback=SimulatedLabeler(), say=lambda _: None)
+    rows = rank_round_by_people(
+        store,
+        "round0",
+        prompts,
+        samples,
+        needed=1,
+        timeout=5,
+        poll=0.1,
+        fallback=SimulatedLabeler(),
+        say=lambda _: None,
+    )
     assert [r["meta"]["labeler"] for r in rows] == ["bob", "simulated", "simulated"]

@@ -10,7 +10,7 @@
 - idempotency: the same ranking with the same key, posted from several threads at once, is stored
   once; every answer is 201 or 200 ``duplicate`` (never 500 or 409). On PostgreSQL the first INSERT
   is held until every other post is in flight (blocked on the task row's lock).
-- issue 32, the app under attack: two labelers racing for a task's last slot (one 201, one 409, on
+- the app under attack: two labelers racing for a task's last slot (one 201, one 409, on
   SQLite and on PostgreSQL — there the second reads the task while the first has inserted but not
   committed, so only the row lock saves the quota); rankings only for tasks in one's own queue; an
   idempotency key scoped to (user, task) that never answers "duplicate" for data it did not store;
@@ -40,6 +40,7 @@ from test_store_postgres import postgres_url  # noqa: F401 — the fixture: a Po
 from web_support import csrf_of, sign_in
 
 from rlhfkit.config import ServeConfig
+from rlhfkit.errors import Conflict, NotFound, UserError
 from rlhfkit.feedback.schema import Battle, SessionRow
 from rlhfkit.feedback.store import Store, TaskIn
 from rlhfkit.web.app import create_app
@@ -128,8 +129,7 @@ def _nothing(app, c):
 
 
 def _login_post(c, tok, ctx):
-    return c.post("/login", data={"name": "ann", "password": "password123", "csrf_token": tok},
-                  follow_redirects=False)
+    return c.post("/login", data={"name": "ann", "password": "password123", "csrf_token": tok}, follow_redirects=False)
 
 
 def _login_state(app, ctx):
@@ -174,8 +174,11 @@ def _batches_prepare(app, c):
 
 
 def _batches_post(c, tok, ctx):
-    return c.post("/admin/batches", data={"model": "sft", "batch": ctx, "prompts": "p1\np2", "k": "2",
-                                          "csrf_token": tok}, follow_redirects=False)
+    return c.post(
+        "/admin/batches",
+        data={"model": "sft", "batch": ctx, "prompts": "p1\np2", "k": "2", "csrf_token": tok},
+        follow_redirects=False,
+    )
 
 
 def _batches_state(app, ctx):
@@ -217,8 +220,12 @@ def _ranking_prepare(app, c):
 
 
 def _ranking_post(c, tok, ctx):
-    body = {"ranks": [1, 0], "idempotency_key": f"csrf-{ctx}-key", "better_answer": "better",
-            "flags": [{"answer": 0, "kind": "harmful"}]}
+    body = {
+        "ranks": [1, 0],
+        "idempotency_key": f"csrf-{ctx}-key",
+        "better_answer": "better",
+        "flags": [{"answer": 0, "kind": "harmful"}],
+    }
     return c.post(f"/api/tasks/{ctx}/ranking", json=body, headers={"X-CSRF-Token": tok})
 
 
@@ -240,8 +247,11 @@ def _skip_state(app, ctx):
 
 
 def _chat_post(c, tok, ctx):
-    return c.post("/api/chat", json={"model": "sft", "messages": [{"role": "user", "content": "hi"}]},
-                  headers={"X-CSRF-Token": tok})
+    return c.post(
+        "/api/chat",
+        json={"model": "sft", "messages": [{"role": "user", "content": "hi"}]},
+        headers={"X-CSRF-Token": tok},
+    )
 
 
 def _chat_state(app, ctx):
@@ -271,9 +281,11 @@ def test_wrong_csrf_token_is_refused_and_changes_nothing(csrf_app, case):
     mine = csrf_of(c)
     ctx = prepare(csrf_app, c)
     before = state(csrf_app, ctx)
-    wrong = {"forged": secrets.token_urlsafe(24),      # the cookie's length and alphabet, another value
-             "another session's": csrf_of(other),       # valid for someone, not for this cookie
-             "one character off": mine[:-1] + ("A" if mine[-1] != "A" else "B")}
+    wrong = {
+        "forged": secrets.token_urlsafe(24),  # the cookie's length and alphabet, another value
+        "another session's": csrf_of(other),  # valid for someone, not for this cookie
+        "one character off": mine[:-1] + ("A" if mine[-1] != "A" else "B"),
+    }
     assert len(set(wrong.values()) | {mine}) == 4
     for kind, tok in wrong.items():
         r = post(c, tok, ctx)
@@ -298,9 +310,28 @@ def test_wrong_csrf_token_is_refused_and_changes_nothing(csrf_app, case):
 def test_injected_markup_is_escaped_in_every_field(tmp_path):
     """Every ``{{ ... }}`` that shows user or model text, fed from its real source (forms, tasks, model
     output, cookies, the URL): the page has the escaped text and never the raw markup."""
-    P = {k: payload(k) for k in ("admin", "invitee", "model", "batch", "prompt", "answer", "role", "content",
-                                 "better", "arena", "reply", "next", "vote", "nomodel", "labeler", "model2",
-                                 "signin")}
+    P = {
+        k: payload(k)
+        for k in (
+            "admin",
+            "invitee",
+            "model",
+            "batch",
+            "prompt",
+            "answer",
+            "role",
+            "content",
+            "better",
+            "arena",
+            "reply",
+            "next",
+            "vote",
+            "nomodel",
+            "labeler",
+            "model2",
+            "signin",
+        )
+    }
     pool = StubPool([P["model"], P["model2"]], answer=P["answer"], reply=P["reply"])  # the arena shows both
     app, store = make_app(tmp_path, pool)
     store.create_user(P["admin"], role="admin", password="password123")  # the header's name on every page
@@ -320,27 +351,55 @@ def test_injected_markup_is_escaped_in_every_field(tmp_path):
     root = client(app, P["admin"])
     tok = csrf_of(root)
     # a labeling batch from a served version: batch name and prompt typed by the admin, answers by the model
-    r = root.post("/admin/batches", data={"model": P["model"], "batch": P["batch"], "prompts": P["prompt"], "k": "3",
-                                          "csrf_token": tok}, follow_redirects=False)
+    r = root.post(
+        "/admin/batches",
+        data={"model": P["model"], "batch": P["batch"], "prompts": P["prompt"], "k": "3", "csrf_token": tok},
+        follow_redirects=False,
+    )
     assert r.status_code == 303
     # a task from a data file with an odd role
     store.add_tasks("file", [TaskIn([{"role": P["role"], "content": P["content"]}], ["x", "y"], external_id="1")])
-    seen("admin users", root.post("/admin/users", data={"name": P["invitee"], "csrf_token": tok}),
-         "invitee", "admin", "labeler", "model", "model2", "batch", status=201)
+    seen(
+        "admin users",
+        root.post("/admin/users", data={"name": P["invitee"], "csrf_token": tok}),
+        "invitee",
+        "admin",
+        "labeler",
+        "model",
+        "model2",
+        "batch",
+        status=201,
+    )
     seen("admin", root.get("/admin"), "invitee", "admin", "labeler", "model", "model2", "batch")
-    seen("user exists", root.post("/admin/users", data={"name": P["invitee"], "csrf_token": tok}),
-         "invitee", "admin", status=409)
-    seen("no such model", root.post("/admin/batches", data={"model": P["nomodel"], "csrf_token": tok}),
-         "nomodel", status=404)
+    seen(
+        "user exists",
+        root.post("/admin/users", data={"name": P["invitee"], "csrf_token": tok}),
+        "invitee",
+        "admin",
+        status=409,
+    )
+    seen(
+        "no such model",
+        root.post("/admin/batches", data={"model": P["nomodel"], "csrf_token": tok}),
+        "nomodel",
+        status=404,
+    )
     invite = store.new_invite(P["invitee"])
     seen("invite", client(app).get(f"/invite/{invite}"), "invitee")
     seen("invite signed in", root.get(f"/invite/{invite}"), "invitee", "admin")
 
     seen("label", root.get("/label"), "admin", "prompt", "answer")
     t = root.get("/api/tasks/next").json()["task"]
-    r = root.post(f"/api/tasks/{t['id']}/ranking", headers={"X-CSRF-Token": tok},
-                  json={"ranks": [0, 1, 2], "better_answer": P["better"], "idempotency_key": "xss-ranking-1",
-                        "flags": [{"answer": 1, "kind": "harmful"}]})
+    r = root.post(
+        f"/api/tasks/{t['id']}/ranking",
+        headers={"X-CSRF-Token": tok},
+        json={
+            "ranks": [0, 1, 2],
+            "better_answer": P["better"],
+            "idempotency_key": "xss-ranking-1",
+            "flags": [{"answer": 1, "kind": "harmful"}],
+        },
+    )
     assert r.status_code == 201
     seen("label, second task", root.get("/label"), "role", "content")
 
@@ -362,8 +421,14 @@ def test_injected_markup_is_escaped_in_every_field(tmp_path):
     P["next"] = nxt
     anon = client(app)
     seen("login", anon.get("/login", params={"next": nxt}), "next")
-    seen("login failed", anon.post("/login", data={"name": "nobody", "password": "wrong-password", "next": nxt,
-                                                    "csrf_token": csrf_of(anon)}), "next", status=401)
+    seen(
+        "login failed",
+        anon.post(
+            "/login", data={"name": "nobody", "password": "wrong-password", "next": nxt, "csrf_token": csrf_of(anon)}
+        ),
+        "next",
+        status=401,
+    )
     # the name typed in a failed sign-in is shown in the admin's audit log
     anon.post("/login", data={"name": P["signin"], "password": "wrong-password", "csrf_token": csrf_of(anon)})
     seen("admin audit log", root.get("/admin"), "signin")
@@ -456,8 +521,12 @@ def _race(app, store, n: int, hold: bool) -> tuple[list[int], list[dict], int]:
     cookies = _signed_cookies(app, store, "racer")
     store.add_tasks("race", [TaskIn([{"role": "user", "content": "q"}], ["a", "b", "c"], external_id="1")])
     task = store.next_task(store.users()[-1].id, batch="race").id
-    body = {"ranks": [2, 0, 1], "idempotency_key": "race-same-key-1", "better_answer": "better",
-            "flags": [{"answer": 0, "kind": "harmful"}]}
+    body = {
+        "ranks": [2, 0, 1],
+        "idempotency_key": "race-same-key-1",
+        "better_answer": "better",
+        "flags": [{"answer": 0, "kind": "harmful"}],
+    }
     posts = [(cookies, f"/api/tasks/{task}/ranking", body)] * n
     if not hold:
         return (*_post_at_once(app, posts), -1)
@@ -470,8 +539,9 @@ def _check_race(store, statuses, bodies, n) -> None:
     assert sorted(statuses) == [200] * (n - 1) + [201], (statuses, bodies)
     first = bodies[statuses.index(201)]
     assert first["duplicate"] is False
-    assert all(b["duplicate"] is True and b["ranking_id"] == first["ranking_id"]
-               for s, b in zip(statuses, bodies) if s == 200), bodies
+    assert all(
+        b["duplicate"] is True and b["ranking_id"] == first["ranking_id"] for s, b in zip(statuses, bodies) if s == 200
+    ), bodies
     rows = store.rankings("race")
     assert len(rows) == 1 and rows[0]["ranks"] == [2, 0, 1] and rows[0]["meta"]["ranking_id"] == first["ranking_id"]
     assert rows[0]["meta"]["flags"] == [{"response": 0, "kind": "harmful"}]  # the losers' flags rolled back
@@ -498,17 +568,20 @@ def test_same_ranking_posted_at_once_is_stored_once_postgresql(postgres_url, tmp
     store.close()
 
 
-# ---------------------------------------------------------------- ranking integrity (issue 32, group 2)
+# ---------------------------------------------------------------- ranking integrity
 
 
 def _last_slot_race(app, store, hold: bool) -> None:
     """Two labelers post a ranking of a task with one slot left (2 labels, 1 given) at the same moment:
     one gets the slot (201), the other a 409 that says the task is full; the task keeps 2 rankings."""
-    posts = [(_signed_cookies(app, store, name), "", {"ranks": [0, 1], "idempotency_key": f"slot-{name}-1"})
-             for name in ("left", "right")]
+    posts = [
+        (_signed_cookies(app, store, name), "", {"ranks": [0, 1], "idempotency_key": f"slot-{name}-1"})
+        for name in ("left", "right")
+    ]
     first, _ = store.create_user("first", password="password123")
-    store.add_tasks("slot", [TaskIn([{"role": "user", "content": "q"}], ["a", "b"], external_id="1")],
-                    labels_per_task=2)
+    store.add_tasks(
+        "slot", [TaskIn([{"role": "user", "content": "q"}], ["a", "b"], external_id="1")], labels_per_task=2
+    )
     task = store.next_task(first, batch="slot").id
     store.add_ranking(first, task, [1, 0], "slot-first-1")
     posts = [(cookies, f"/api/tasks/{task}/ranking", body) for cookies, _, body in posts]
@@ -538,11 +611,12 @@ def test_two_labelers_racing_for_the_last_slot_postgresql(postgres_url, tmp_path
 
 
 def test_ranking_only_for_a_task_in_ones_own_queue(tmp_path):
-    """Issue 32: a labeler could rank a task already ranked by someone else at labels_per_task=1, or one
-    they skipped, and get 201 (tasks ended with more rankings than allowed)."""
+    """The bug this guards against: a labeler could rank a task already ranked by someone else at
+    labels_per_task=1, or one they skipped, and get 201 (tasks ended with more rankings than allowed)."""
     app, store = make_app(tmp_path, StubPool(["sft"]))
-    store.add_tasks("q", [TaskIn([{"role": "user", "content": f"q{i}"}], ["a", "b"], external_id=str(i))
-                          for i in range(3)])
+    store.add_tasks(
+        "q", [TaskIn([{"role": "user", "content": f"q{i}"}], ["a", "b"], external_id=str(i)) for i in range(3)]
+    )
     ann, bob = client_for(app, store, "ann"), client_for(app, store, "bob")
     taken = ann.get("/api/tasks/next").json()["task"]["id"]
     assert bob.get("/api/tasks/next").json()["task"]["id"] != taken  # the queue leased it to ann
@@ -558,11 +632,12 @@ def test_ranking_only_for_a_task_in_ones_own_queue(tmp_path):
 
 
 def test_idempotency_key_is_scoped_to_user_and_task_and_never_drops_a_ranking(tmp_path):
-    """Issue 32: a key reused on another task answered ``200 duplicate`` and stored nothing for that
+    """The bug this guards against: a key reused on another task answered ``200 duplicate`` and stored nothing for that
     task; the same key with other ranks on the same task silently kept the first."""
     app, store = make_app(tmp_path, StubPool(["sft"]))
-    store.add_tasks("k", [TaskIn([{"role": "user", "content": f"q{i}"}], ["a", "b", "c"], external_id=str(i))
-                          for i in range(2)])
+    store.add_tasks(
+        "k", [TaskIn([{"role": "user", "content": f"q{i}"}], ["a", "b", "c"], external_id=str(i)) for i in range(2)]
+    )
     ann = client_for(app, store, "ann")
     one = ann.get("/api/tasks/next").json()["task"]["id"]
     assert rank(ann, one, [0, 1, 2], "same-key-0001").status_code == 201
@@ -589,15 +664,18 @@ def client_for(app, store, name: str) -> TestClient:
 
 
 def rank(c: TestClient, task: int, ranks: list, key: str, **extra):
-    return c.post(f"/api/tasks/{task}/ranking", json={"ranks": ranks, "idempotency_key": key, **extra},
-                  headers={"X-CSRF-Token": csrf_of(c)})
+    return c.post(
+        f"/api/tasks/{task}/ranking",
+        json={"ranks": ranks, "idempotency_key": key, **extra},
+        headers={"X-CSRF-Token": csrf_of(c)},
+    )
 
 
 def message(r) -> str:
     return r.json()["error"]["message"]
 
 
-# ---------------------------------------------------------------- sign-in under attack (issue 32, group 1)
+# ---------------------------------------------------------------- sign-in under attack
 
 
 def throttled_app(root: Path, **limits) -> tuple:
@@ -611,12 +689,11 @@ def throttled_app(root: Path, **limits) -> tuple:
 
 
 def login(c: TestClient, name: str, password: str):
-    return c.post("/login", data={"name": name, "password": password, "csrf_token": csrf_of(c)},
-                  follow_redirects=False)
+    return c.post("/login", data={"name": name, "password": password, "csrf_token": csrf_of(c)}, follow_redirects=False)
 
 
 def test_brute_force_is_throttled_and_the_user_signs_in_after_the_window(tmp_path):
-    """Issue 32: 60 wrong passwords in 10.8 s were all answered 401, none throttled."""
+    """The bug this guards against: a stream of wrong passwords was answered 401 every time, never throttled."""
     window = 3.0
     app, store = throttled_app(tmp_path, login_failures=5, login_failures_per_address=50, login_window_s=window)
     attacker = TestClient(app, client=("203.0.113.9", 4000))
@@ -634,8 +711,9 @@ def test_brute_force_is_throttled_and_the_user_signs_in_after_the_window(tmp_pat
     sign_in(admin, "root")
     log = admin.get("/api/admin/stats").json()["failed_sign_ins"]
     assert [(f["name"], f["address"], f["reason"]) for f in log] == [
-        ("ann", "198.51.100.7", "throttled"), ("ann", "203.0.113.9", "throttled")] + [
-        ("ann", "203.0.113.9", "wrong password")] * 5
+        ("ann", "198.51.100.7", "throttled"),
+        ("ann", "203.0.113.9", "throttled"),
+    ] + [("ann", "203.0.113.9", "wrong password")] * 5
     page = admin.get("/admin").text
     assert page.count("<td>203.0.113.9</td><td>wrong password</td>") == 5
     # after the window the real user signs in
@@ -662,7 +740,7 @@ def _ms(fn) -> float:
 
 
 def test_sign_in_time_does_not_tell_whether_a_name_exists(tmp_path):
-    """Issue 32: median 172 ms for a real name, 5 ms for an unknown one. Unknown names (and users who
+    """The bug: a real name took far longer to refuse than an unknown one. Unknown names (and users who
     have not chosen a password yet) now pay the same argon2 verification against a dummy hash."""
     app, store = throttled_app(tmp_path, login_failures=0, login_failures_per_address=0)
     store.create_user("invited-only")
@@ -686,15 +764,16 @@ def test_sign_in_time_does_not_tell_whether_a_name_exists(tmp_path):
     store.close()
 
 
-# ---------------------------------------------------------------- sessions (issue 32, group 3)
+# ---------------------------------------------------------------- sessions
 
 
 def test_https_public_url_makes_cookies_secure_host_only_and_turns_on_hsts(tmp_path):
-    """Issue 32: behind --public-url https://… neither cookie had Secure, and there was no HSTS."""
+    """The bug this guards against: behind --public-url https://… neither cookie had Secure, and there was no HSTS."""
     run = tmp_path / "run"
     store = Store.for_run(run)
-    app = create_app(ServeConfig(run=str(run), public_url="https://labels.example.org"), store=store,
-                     pool=StubPool(["sft"]))
+    app = create_app(
+        ServeConfig(run=str(run), public_url="https://labels.example.org"), store=store, pool=StubPool(["sft"])
+    )
     store.create_user("ann", password="password123")
     c = TestClient(app, base_url="https://testserver")
     r = c.get("/login")
@@ -711,8 +790,11 @@ def test_https_public_url_makes_cookies_secure_host_only_and_turns_on_hsts(tmp_p
     assert not any(x.startswith("rlhf_") for x in cookies)
     store.add_tasks("h", [TaskIn([{"role": "user", "content": "q"}], ["a", "b"], external_id="1")])
     task = c.get("/api/tasks/next").json()["task"]["id"]
-    r = c.post(f"/api/tasks/{task}/ranking", json={"ranks": [0, 1], "idempotency_key": "https-key-1"},
-               headers={"X-CSRF-Token": c.cookies["__Host-rlhf_csrf"]})
+    r = c.post(
+        f"/api/tasks/{task}/ranking",
+        json={"ranks": [0, 1], "idempotency_key": "https-key-1"},
+        headers={"X-CSRF-Token": c.cookies["__Host-rlhf_csrf"]},
+    )
     assert r.status_code == 201 and r.headers["strict-transport-security"]
     plain, _ = make_app(tmp_path / "plain", StubPool(["sft"]))
     r = TestClient(plain).get("/login")
@@ -721,29 +803,32 @@ def test_https_public_url_makes_cookies_secure_host_only_and_turns_on_hsts(tmp_p
 
 
 def test_password_reset_and_change_end_the_other_sessions(tmp_path):
-    """Issue 32: after a password reset through a new invite link, the old session kept working."""
+    """The bug this guards against: after a password reset through a new invite link, the old session kept working."""
     app, store = throttled_app(tmp_path)
     old = TestClient(app)
     sign_in(old, "ann")
     assert old.get("/api/tasks/next").status_code == 200
     invite = store.new_invite("ann")  # `rlhfkit users invite ann`: a reset
     new = TestClient(app)
-    r = new.post(f"/invite/{invite}", data={"password": "a-new-password", "csrf_token": csrf_of(new)},
-                 follow_redirects=False)
+    r = new.post(
+        f"/invite/{invite}", data={"password": "a-new-password", "csrf_token": csrf_of(new)}, follow_redirects=False
+    )
     assert r.status_code == 303
     assert old.get("/api/tasks/next").status_code == 401  # the old session ended
     assert new.get("/api/tasks/next").status_code == 200
     # a change on the account page keeps the session that made it and ends the others
     other = TestClient(app)
     sign_in(other, "ann", "a-new-password")
-    r = new.post("/account/password", data={"current": "not-the-password", "new": "third-password",
-                                            "csrf_token": csrf_of(new)})
+    r = new.post(
+        "/account/password", data={"current": "not-the-password", "new": "third-password", "csrf_token": csrf_of(new)}
+    )
     assert r.status_code == 403 and "the current password is wrong" in r.text
     assert other.get("/api/tasks/next").status_code == 200  # nothing changed
     r = new.post("/account/password", data={"current": "a-new-password", "new": "short", "csrf_token": csrf_of(new)})
     assert r.status_code == 400 and "at least 8 characters" in r.text
-    r = new.post("/account/password", data={"current": "a-new-password", "new": "third-password",
-                                            "csrf_token": csrf_of(new)})
+    r = new.post(
+        "/account/password", data={"current": "a-new-password", "new": "third-password", "csrf_token": csrf_of(new)}
+    )
     assert r.status_code == 200 and "Every other session of yours has been signed out" in r.text
     assert other.get("/api/tasks/next").status_code == 401
     assert new.get("/api/tasks/next").status_code == 200
@@ -753,8 +838,9 @@ def test_password_reset_and_change_end_the_other_sessions(tmp_path):
 
 
 def test_a_planted_csrf_cookie_cannot_forge_an_admins_post(tmp_path):
-    """Issue 32: any 20+ character value in cookie and form was accepted, so whoever could plant a cookie
-    (a sibling subdomain, plain HTTP) could make a signed-in admin's browser grant the admin role."""
+    """The bug this guards against: any 20+ character value in cookie and form was accepted, so whoever
+    could plant a cookie (a sibling subdomain, plain HTTP) could make a signed-in admin's browser grant
+    the admin role."""
     app, store = throttled_app(tmp_path)
     store.create_user("mallory", password="password123")
     admin = TestClient(app)
@@ -763,13 +849,17 @@ def test_a_planted_csrf_cookie_cannot_forge_an_admins_post(tmp_path):
     mallory = TestClient(app)
     anonymous_token = csrf_of(mallory)  # a token the server issued, to someone else while signed out
     sign_in(mallory, "mallory")
-    planted = {"made up": secrets.token_urlsafe(24), "issued to a signed-out visitor": anonymous_token,
-               "mallory's own session's": csrf_of(mallory)}
+    planted = {
+        "made up": secrets.token_urlsafe(24),
+        "issued to a signed-out visitor": anonymous_token,
+        "mallory's own session's": csrf_of(mallory),
+    }
     for kind, token in planted.items():
         victim = TestClient(app)  # the admin's browser with the attacker's cookie planted beside the session
         victim.cookies.update({"rlhf_session": session, "rlhf_csrf": token})
-        r = victim.post("/admin/users", data={"name": f"evil-{secrets.token_hex(3)}", "role": "admin",
-                                              "csrf_token": token})
+        r = victim.post(
+            "/admin/users", data={"name": f"evil-{secrets.token_hex(3)}", "role": "admin", "csrf_token": token}
+        )
         assert r.status_code == 403 and "CSRF" in r.text, (kind, r.status_code)
     assert [u.name for u in store.users() if u.role == "admin"] == ["root"]
     r = admin.post("/admin/users", data={"name": "carol", "csrf_token": csrf_of(admin)})
@@ -777,11 +867,11 @@ def test_a_planted_csrf_cookie_cannot_forge_an_admins_post(tmp_path):
     store.close()
 
 
-# ---------------------------------------------------------------- bad input at the edge (issue 32, group 4)
+# ---------------------------------------------------------------- bad input at the edge
 
 
 def test_ids_beyond_the_database_range_are_clear_4xx(tmp_path):
-    """Issue 32: ids above 2^63 gave a plain-text 500 that reset the connection."""
+    """The bug this guards against: ids above 2^63 gave a plain-text 500 that reset the connection."""
     app, store = throttled_app(tmp_path)
     c = TestClient(app, raise_server_exceptions=False)
     sign_in(c, "ann")
@@ -802,7 +892,7 @@ def test_ids_beyond_the_database_range_are_clear_4xx(tmp_path):
 
 @pytest.mark.parametrize("ranks", [[0.0, 1.0], [False, True], ["0", "1"], [0, 1.5], [0, 2**70]])
 def test_ranks_are_strict_integers(tmp_path, ranks):
-    """Issue 32: ranks [0.0, 1.0] and [false, true] were accepted."""
+    """The bug this guards against: ranks [0.0, 1.0] and [false, true] were accepted."""
     app, store = throttled_app(tmp_path)
     store.add_tasks("r", [TaskIn([{"role": "user", "content": "q"}], ["a", "b"], external_id="1")])
     c = TestClient(app)
@@ -814,11 +904,17 @@ def test_ranks_are_strict_integers(tmp_path, ranks):
     assert r.status_code == 422 and "flags.0.answer" in message(r)
     h = {"X-CSRF-Token": csrf_of(c), "content-type": "application/json"}
     for seconds in ("Infinity", "NaN", "1e400"):
-        r = c.post(f"/api/tasks/{task}/ranking", headers=h,
-                   content=f'{{"ranks": [0, 1], "idempotency_key": "strict-ranks-3", "seconds": {seconds}}}')
+        r = c.post(
+            f"/api/tasks/{task}/ranking",
+            headers=h,
+            content=f'{{"ranks": [0, 1], "idempotency_key": "strict-ranks-3", "seconds": {seconds}}}',
+        )
         assert r.status_code == 422 and "seconds" in message(r), (seconds, r.text)
-    r = c.post(f"/api/tasks/{task}/ranking", headers=h,
-               content=b'{"ranks": [0, 1], "idempotency_key": "strict-ranks-4", "better_answer": "\\ud800"}')
+    r = c.post(
+        f"/api/tasks/{task}/ranking",
+        headers=h,
+        content=b'{"ranks": [0, 1], "idempotency_key": "strict-ranks-4", "better_answer": "\\ud800"}',
+    )
     assert r.status_code == 422 and "better_answer" in message(r)  # a lone surrogate is not text
     assert store.count_rankings() == 0
     assert rank(c, task, [0, 1], "strict-ranks-5").status_code == 201
@@ -826,7 +922,7 @@ def test_ranks_are_strict_integers(tmp_path, ranks):
 
 
 def test_an_unexpected_error_is_one_line_of_json_with_headers_and_a_logged_request_id(tmp_path, caplog):
-    """Issue 32: a 500 was plain text without CSP and reset the keep-alive connection."""
+    """The bug this guards against: a 500 was plain text without CSP and reset the keep-alive connection."""
     app, store = throttled_app(tmp_path)
 
     @app.get("/api/boom")
@@ -839,8 +935,12 @@ def test_an_unexpected_error_is_one_line_of_json_with_headers_and_a_logged_reque
     assert r.status_code == 500 and r.headers["content-type"] == "application/json"
     assert r.text.count("\n") == 0 and "a bug" not in r.text and "Traceback" not in r.text
     rid = r.headers["x-request-id"]
-    assert r.json()["error"] == {"message": f"internal error: the server log has the details under request id {rid}",
-                                 "type": "server_error", "code": 500, "request_id": rid}
+    assert r.json()["error"] == {
+        "message": f"internal error: the server log has the details under request id {rid}",
+        "type": "server_error",
+        "code": 500,
+        "request_id": rid,
+    }
     for h in ("content-security-policy", "x-content-type-options", "x-frame-options", "referrer-policy"):
         assert h in r.headers, h
     logged = [rec for rec in caplog.records if rid in rec.getMessage()]
@@ -850,8 +950,8 @@ def test_an_unexpected_error_is_one_line_of_json_with_headers_and_a_logged_reque
 
 
 def test_users_add_refuses_control_characters_and_links_to_the_real_server(tmp_path, monkeypatch):
-    """Issue 32: ``users add`` accepted control characters in names and printed an invite link with port
-    8000 whatever the server's port."""
+    """The bug this guards against: ``users add`` accepted control characters in names and printed an
+    invite link with port 8000 whatever the server's port."""
     import uvicorn
     from typer.testing import CliRunner
 
@@ -880,4 +980,54 @@ def test_users_add_refuses_control_characters_and_links_to_the_real_server(tmp_p
     sign_in(admin, "root")
     r = admin.post("/admin/users", data={"name": "bad\x00name", "csrf_token": csrf_of(admin)})
     assert r.status_code == 400 and "U+0000" in r.text
+    store.close()
+
+
+# ---------------------------------------------------------------- the status code comes from the error's class
+
+
+class FailingPool(StubPool):
+    """A pool whose generation raises ``error`` (as a model version that went away would)."""
+
+    def __init__(self, names: list[str], error: Exception):
+        super().__init__(names)
+        self.error = error
+
+    def stream(self, name, messages, max_new_tokens=128, **kw):
+        raise self.error
+        yield  # a generator, as the real pool's stream
+
+
+@pytest.mark.parametrize(
+    "error, status, code",
+    [
+        (NotFound("model version 'sft' went away"), 404, "not_found"),
+        (Conflict("model version 'sft' is busy being replaced"), 409, None),
+        (UserError("the prompt is longer than the model's context"), 400, "invalid_value"),
+    ],
+)
+def test_user_errors_answer_by_class_on_pages_api_and_openai_routes(tmp_path, error, status, code):
+    """NotFound is 404, Conflict 409, any other UserError 400, whatever the message says: on a page
+    (the error page), on /api/chat (JSON with a request id header) and on /v1 (OpenAI's shape)."""
+    app, store = make_app(tmp_path, FailingPool(["sft", "ppo1"], error))
+    store.create_user("ann", password="password123")
+    key = store.new_api_key("ann")
+    c = client(app, "ann")
+    body = {"model": "sft", "messages": [{"role": "user", "content": "hi"}]}
+
+    page = c.post("/arena", data={"prompt": "Name a colour.", "csrf_token": csrf_of(c)}, follow_redirects=False)
+    assert page.status_code == status and page.headers["content-type"].startswith("text/html")
+    assert str(escape(str(error))) in page.text and page.headers["x-request-id"]
+
+    api = c.post("/api/chat", json=body, headers={"X-CSRF-Token": csrf_of(c)})
+    assert api.status_code == status and api.json()["error"]["message"] == str(error)
+
+    v1 = TestClient(app).post("/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"})
+    assert v1.status_code == status
+    assert v1.json()["error"] == {
+        "message": str(error),
+        "type": "not_found_error" if status == 404 else "invalid_request_error",
+        "param": None,
+        "code": code,
+    }
     store.close()

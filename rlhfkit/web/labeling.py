@@ -25,7 +25,8 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from pydantic import BaseModel, Field, StrictInt
 
 from rlhfkit.feedback.store import FLAG_KINDS, TaskView
-from rlhfkit.web.security import DB_ID_MAX, check_csrf, require_user
+from rlhfkit.web.deps import DB_ID_MAX, check_csrf, require_user
+from rlhfkit.web.templating import render
 
 router = APIRouter()
 
@@ -38,19 +39,28 @@ def display_order(user_id: int, task: TaskView) -> list[int]:
 
 
 def _task_json(user_id: int, task: TaskView) -> dict:
-    return {"id": task.id, "messages": task.messages,
-            "answers": [{"index": i, "text": task.responses[i]} for i in display_order(user_id, task)]}
+    return {
+        "id": task.id,
+        "messages": task.messages,
+        "answers": [{"index": i, "text": task.responses[i]} for i in display_order(user_id, task)],
+    }
 
 
 @router.get("/label", response_class=HTMLResponse)
 def label_page(request: Request, user=Depends(require_user)):
-    from rlhfkit.web.app import render
-
     store = request.app.state.store
     task = store.next_task(user.id)
     answers = [] if task is None else [(i, task.responses[i]) for i in display_order(user.id, task)]
-    return render(request, "label.html", user=user, task=task, answers=answers, flags=FLAG_KINDS,
-                  progress=store.progress(user.id), key=secrets.token_urlsafe(16))
+    return render(
+        request,
+        "label.html",
+        user=user,
+        task=task,
+        answers=answers,
+        flags=FLAG_KINDS,
+        progress=store.progress(user.id),
+        key=secrets.token_urlsafe(16),
+    )
 
 
 @router.get("/api/tasks/next")
@@ -74,18 +84,27 @@ class RankingIn(BaseModel):
     flags: list[FlagIn] = Field(default_factory=list, max_length=27)
     better_answer: str = Field("", max_length=20000)
     idempotency_key: str = Field(min_length=8, max_length=80)
-    seconds: float | None = Field(None, ge=0, le=7 * 24 * 3600, allow_inf_nan=False,
-                                  description="time spent on the task")
+    seconds: float | None = Field(
+        None, ge=0, le=7 * 24 * 3600, allow_inf_nan=False, description="time spent on the task"
+    )
 
 
 @router.post("/api/tasks/{task_id}/ranking", dependencies=[Depends(check_csrf)])
 def submit_ranking(request: Request, task_id: TaskId, body: RankingIn, user=Depends(require_user)):
     store = request.app.state.store
-    done = store.add_ranking(user.id, task_id, body.ranks, body.idempotency_key,
-                             flags=[(f.answer, f.kind) for f in body.flags],
-                             better_answer=body.better_answer, seconds=body.seconds)
-    return JSONResponse({"ranking_id": done.ranking_id, "duplicate": done.duplicate,
-                         "progress": store.progress(user.id)}, status_code=200 if done.duplicate else 201)
+    done = store.add_ranking(
+        user.id,
+        task_id,
+        body.ranks,
+        body.idempotency_key,
+        flags=[(f.answer, f.kind) for f in body.flags],
+        better_answer=body.better_answer,
+        seconds=body.seconds,
+    )
+    return JSONResponse(
+        {"ranking_id": done.ranking_id, "duplicate": done.duplicate, "progress": store.progress(user.id)},
+        status_code=200 if done.duplicate else 201,
+    )
 
 
 @router.post("/api/tasks/{task_id}/skip", dependencies=[Depends(check_csrf)])

@@ -20,7 +20,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rlhfkit.errors import UserError
+from rlhfkit.data.tokenize import encode_prompt
+from rlhfkit.errors import NotFound, UserError
+from rlhfkit.models.loading import load_causal_lm
+from rlhfkit.rollout.engine import Engine
+from rlhfkit.rollout.sampling import SamplingParams
 
 
 def discover_versions(run: str | Path, extra: list[str] = ()) -> dict[str, str]:
@@ -37,8 +41,10 @@ def discover_versions(run: str | Path, extra: list[str] = ()) -> dict[str, str]:
             found["base"] = base
     if (run / "sft" / "model" / "config.json").exists():
         found["sft"] = str(run / "sft" / "model")
-    rounds = sorted((p for p in run.glob("round*/ppo/model/config.json")),
-                    key=lambda p: int(p.parts[-4][5:]) if p.parts[-4][5:].isdigit() else 0)
+    rounds = sorted(
+        (p for p in run.glob("round*/ppo/model/config.json")),
+        key=lambda p: int(p.parts[-4][5:]) if p.parts[-4][5:].isdigit() else 0,
+    )
     for p in rounds:
         found[f"ppo{p.parts[-4][5:]}"] = str(p.parent)
     for item in extra:
@@ -98,56 +104,99 @@ class ModelPool:
 
     def _get(self, name: str):
         if name not in self.versions:
-            raise LookupError(f"no model version {name!r} (served: {', '.join(self.versions) or 'none'})")
+            raise NotFound(f"no model version {name!r} (served: {', '.join(self.versions) or 'none'})")
         with self._load_lock:
             if name in self._loaded:
                 self._loaded.move_to_end(name)
                 return self._loaded[name]
-            from rlhfkit.models.loading import load_causal_lm
-            from rlhfkit.rollout.engine import Engine
-
             loaded = load_causal_lm(self.versions[name])
             loaded.model.eval()
-            entry = (Engine(loaded.model, loaded.tokenizer, precision=self.precision, max_batch=16),
-                     loaded.tokenizer, threading.Lock())
+            entry = (
+                Engine(loaded.model, loaded.tokenizer, precision=self.precision, max_batch=16),
+                loaded.tokenizer,
+                threading.Lock(),
+            )
             self._loaded[name] = entry
             while len(self._loaded) > self.max_loaded:
                 self._loaded.popitem(last=False)
             return entry
 
-    def _params(self, max_new_tokens: int, temperature: float, top_p: float, stop: list[str], seed: int | None,
-                top_k: int = 0, logprobs: int = 0):
-        from rlhfkit.rollout.sampling import SamplingParams
-
-        return SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                              stop=list(stop), seed=seed, logprobs=logprobs)
+    def _params(
+        self,
+        max_new_tokens: int,
+        temperature: float,
+        top_p: float,
+        stop: list[str],
+        seed: int | None,
+        top_k: int = 0,
+        logprobs: int = 0,
+    ):
+        return SamplingParams(
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            stop=list(stop),
+            seed=seed,
+            logprobs=logprobs,
+        )
 
     def _encode(self, tok, messages: list[dict]) -> list[int]:
-        from rlhfkit.data.tokenize import encode_prompt
-
         return encode_prompt(tok, messages)
 
-    def stream(self, name: str, messages: list[dict], max_new_tokens: int = 128, temperature: float = 0.7,
-               top_p: float = 1.0, stop: list[str] = (), seed: int | None = None, n: int = 1, top_k: int = 0,
-               logprobs: int | None = None) -> Iterator[Delta | Reply]:
+    def stream(
+        self,
+        name: str,
+        messages: list[dict],
+        max_new_tokens: int = 128,
+        temperature: float = 0.7,
+        top_p: float = 1.0,
+        stop: list[str] = (),
+        seed: int | None = None,
+        n: int = 1,
+        top_k: int = 0,
+        logprobs: int | None = None,
+    ) -> Iterator[Delta | Reply]:
         """One conversation's ``n`` samples (one shared prefill): :class:`Delta` items as text is made,
         one :class:`Reply` per sample as it ends. ``logprobs``: None = none, k >= 0 = each token's
         log-prob and its k likeliest alternatives."""
         engine, tok, lock = self._get(name)
         with lock:
-            yield from self._stream(engine, tok, [self._encode(tok, messages)], n, logprobs,
-                                    self._params(max_new_tokens, temperature, top_p, stop, seed, top_k, logprobs or 0))
+            yield from self._stream(
+                engine,
+                tok,
+                [self._encode(tok, messages)],
+                n,
+                logprobs,
+                self._params(max_new_tokens, temperature, top_p, stop, seed, top_k, logprobs or 0),
+            )
 
-    def stream_text(self, name: str, prompts: list[str], max_new_tokens: int = 16, temperature: float = 1.0,
-                    top_p: float = 1.0, stop: list[str] = (), seed: int | None = None, n: int = 1, top_k: int = 0,
-                    logprobs: int | None = None) -> Iterator[Delta | Reply]:
+    def stream_text(
+        self,
+        name: str,
+        prompts: list[str],
+        max_new_tokens: int = 16,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        stop: list[str] = (),
+        seed: int | None = None,
+        n: int = 1,
+        top_k: int = 0,
+        logprobs: int | None = None,
+    ) -> Iterator[Delta | Reply]:
         """``stream`` for plain text prompts (no chat template; /v1/completions), all in one engine
         call; sample j of prompt i has index i·n + j."""
         engine, tok, lock = self._get(name)
         with lock:
             ids = [tok(p)["input_ids"] for p in prompts]  # the tokenizer's own special tokens (BOS), as HF does
-            yield from self._stream(engine, tok, ids, n, logprobs,
-                                    self._params(max_new_tokens, temperature, top_p, stop, seed, top_k, logprobs or 0))
+            yield from self._stream(
+                engine,
+                tok,
+                ids,
+                n,
+                logprobs,
+                self._params(max_new_tokens, temperature, top_p, stop, seed, top_k, logprobs or 0),
+            )
 
     @staticmethod
     def _stream(engine, tok, ids: list[list[int]], n: int, logprobs: int | None, params) -> Iterator[Delta | Reply]:
@@ -156,8 +205,10 @@ class ModelPool:
 
         def entries(token_ids, lps, tops) -> list[TokenLogprob]:
             tops = tops or [[] for _ in token_ids]
-            return [TokenLogprob(token(t), lp, [(token(a), alp) for a, alp in top])
-                    for t, lp, top in zip(token_ids, lps, tops)]
+            return [
+                TokenLogprob(token(t), lp, [(token(a), alp) for a, alp in top])
+                for t, lp, top in zip(token_ids, lps, tops)
+            ]
 
         for ev in engine.stream(ids, params, n=n):
             index = ev.prompt_index * n + ev.sample_index
@@ -166,8 +217,14 @@ class ModelPool:
                 yield Delta(ev.text, index, lps)
             if ev.finished:
                 c = ev.completion
-                yield Reply(c.text, c.finish_reason, len(ids[ev.prompt_index]), len(c.token_ids), index,
-                            None if logprobs is None else entries(c.token_ids, c.logprobs, c.top_logprobs))
+                yield Reply(
+                    c.text,
+                    c.finish_reason,
+                    len(ids[ev.prompt_index]),
+                    len(c.token_ids),
+                    index,
+                    None if logprobs is None else entries(c.token_ids, c.logprobs, c.top_logprobs),
+                )
 
     def reply(self, name: str, messages: list[dict], **kw) -> Reply:
         out = None
@@ -177,13 +234,16 @@ class ModelPool:
         assert out is not None
         return out
 
-    def sample(self, name: str, prompts: list[list[dict]], k: int, max_new_tokens: int, temperature: float = 1.0,
-               seed: int = 0) -> list[list[tuple[str, bool]]]:
+    def sample(
+        self, name: str, prompts: list[list[dict]], k: int, max_new_tokens: int, temperature: float = 1.0, seed: int = 0
+    ) -> list[list[tuple[str, bool]]]:
         """K answers per prompt (text, finished) in one engine call: labeling batches."""
         engine, tok, lock = self._get(name)
         params = self._params(max_new_tokens, temperature, 1.0, [], seed)
         with lock:
             ids = [self._encode(tok, m) for m in prompts]
             outs = engine.generate(ids, params, n=k)
-        return [[(c.text.strip(), c.finish_reason == "stop") for c in outs[i * k:(i + 1) * k]]
-                for i in range(len(prompts))]
+        return [
+            [(c.text.strip(), c.finish_reason == "stop") for c in outs[i * k : (i + 1) * k]]
+            for i in range(len(prompts))
+        ]

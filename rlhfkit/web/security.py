@@ -1,4 +1,6 @@
-"""Who may do what, and the guards around every request.
+"""The guards around every request: cookies, CSRF tokens, the middleware, the rate limiter.
+
+Who may do what (the route dependencies that use these) is ``deps.py``.
 
 - Sign-in: a session token in an HttpOnly, SameSite=Lax cookie; the store keeps only its hash.
   Failed sign-ins are throttled per name and per client address and logged (``Store.sign_in``).
@@ -12,6 +14,7 @@
   field ``csrf_token`` or the ``X-CSRF-Token`` header, and the value must be signed for *this*
   session: a token planted in the cookie (a sibling subdomain, plain HTTP) or taken from another
   session is refused. Signing in issues a token for the new session.
+  (The check itself is the route dependency ``deps.check_csrf``.)
 - ``GuardMiddleware``: a request id on every response (``X-Request-ID``), the request-size limit
   (413 before the app sees the body), the CSRF cookie, security headers (a Content-Security-Policy
   that allows scripts from this server only: no inline script runs, so injected markup stays inert
@@ -37,15 +40,12 @@ from rlhfkit.feedback.schema import token_hash
 
 log = logging.getLogger("rlhfkit.web")
 
-CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; object-src 'none'; "
-       "base-uri 'none'; frame-ancestors 'none'; form-action 'self'")
+CSP = (
+    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; object-src 'none'; "
+    "base-uri 'none'; frame-ancestors 'none'; form-action 'self'"
+)
 HSTS = "max-age=31536000"
 SESSION_DAYS = 30
-DB_ID_MAX = 2**31 - 1  # ids are INTEGER columns: 32-bit on PostgreSQL (SQLite's are wider)
-
-
-class NeedLogin(Exception):
-    """Raised by ``require_user``: pages redirect to /login, the JSON routes answer 401."""
 
 
 # ---------------------------------------------------------------- cookies and CSRF tokens
@@ -66,7 +66,7 @@ class Cookies:
         return "__Host-rlhf_csrf" if self.secure else "rlhf_csrf"
 
     @classmethod
-    def for_url(cls, public_url: str) -> "Cookies":
+    def for_url(cls, public_url: str) -> Cookies:
         return cls(secure=public_url.strip().lower().startswith("https://"))
 
     def header(self, name: str, value: str, max_age: int | None = None, samesite: str = "Lax") -> str:
@@ -102,7 +102,7 @@ class CsrfTokens:
         return bool(nonce and sig) and hmac.compare_digest(sig, self._sign(nonce, binding))
 
 
-def _cookie(header: str, name: str) -> str:
+def cookie_value(header: str, name: str) -> str:
     """The first cookie called ``name`` in a Cookie header ("" if none)."""
     for part in header.split(";"):
         k, _, v = part.strip().partition("=")
@@ -114,32 +114,22 @@ def _cookie(header: str, name: str) -> str:
 def session_cookie_headers(request: Request, session_token: str) -> list[str]:
     """Set-Cookie values that sign a browser in: the session, and a CSRF token bound to it."""
     cookies, csrf = request.app.state.cookies, request.app.state.csrf
-    return [cookies.header(cookies.session, session_token, max_age=SESSION_DAYS * 24 * 3600),
-            cookies.header(cookies.csrf, csrf.new(csrf.binding(session_token)), samesite="Strict")]
+    return [
+        cookies.header(cookies.session, session_token, max_age=SESSION_DAYS * 24 * 3600),
+        cookies.header(cookies.csrf, csrf.new(csrf.binding(session_token)), samesite="Strict"),
+    ]
 
 
 def signed_out_cookie_headers(request: Request) -> list[str]:
     cookies = request.app.state.cookies
-    return [cookies.header(cookies.session, "", max_age=0), cookies.header(cookies.csrf, "", max_age=0,
-                                                                          samesite="Strict")]
+    return [
+        cookies.header(cookies.session, "", max_age=0),
+        cookies.header(cookies.csrf, "", max_age=0, samesite="Strict"),
+    ]
 
 
 def session_token(request: Request) -> str:
-    return _cookie(request.headers.get("cookie", ""), request.app.state.cookies.session)
-
-
-async def check_csrf(request: Request) -> None:
-    """FastAPI dependency for state-changing routes used from the browser: the token sent must equal
-    the CSRF cookie and be signed for the session this request carries."""
-    app = request.app
-    cookie = _cookie(request.headers.get("cookie", ""), app.state.cookies.csrf)
-    given = request.headers.get("x-csrf-token", "")
-    if not given and "form" in request.headers.get("content-type", ""):
-        form = await request.form()  # cached: the route's Form() parameters read it again
-        given = str(form.get("csrf_token", ""))
-    binding = app.state.csrf.binding(session_token(request))
-    if not (cookie and given and secrets.compare_digest(cookie, given) and app.state.csrf.valid(given, binding)):
-        raise HTTPException(403, "missing or wrong CSRF token: reload the page and try again")
+    return cookie_value(request.headers.get("cookie", ""), request.app.state.cookies.session)
 
 
 # ---------------------------------------------------------------- the middleware
@@ -189,23 +179,29 @@ class GuardMiddleware:
         except Exception:  # noqa: BLE001 — the last resort: log it, answer one clean line, keep the connection
             log.exception("request %s: %s %s failed", rid, scope["method"], scope.get("path", ""))
             if not started:
-                await _json(guarded_send, 500, f"internal error: the server log has the details under "
-                                               f"request id {rid}", rid)
+                await _json(
+                    guarded_send, 500, f"internal error: the server log has the details under request id {rid}", rid
+                )
             elif not finished:  # a stream was under way: end it
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     def _csrf_token(self, cookie_header: str) -> tuple[str, bool]:
         """The CSRF cookie if it is signed for this request's session, else a new one (to be set)."""
-        binding = self.csrf.binding(_cookie(cookie_header, self.cookies.session))
-        token = _cookie(cookie_header, self.cookies.csrf)
+        binding = self.csrf.binding(cookie_value(cookie_header, self.cookies.session))
+        token = cookie_value(cookie_header, self.cookies.csrf)
         if token and self.csrf.valid(token, binding):
             return token, False
         return self.csrf.new(binding), True
 
     def _headers(self, headers, rid: str, new_csrf: str | None) -> list:
         h = list(headers)
-        h += [(b"content-security-policy", CSP.encode()), (b"x-content-type-options", b"nosniff"),
-              (b"referrer-policy", b"same-origin"), (b"x-frame-options", b"DENY"), (b"x-request-id", rid.encode())]
+        h += [
+            (b"content-security-policy", CSP.encode()),
+            (b"x-content-type-options", b"nosniff"),
+            (b"referrer-policy", b"same-origin"),
+            (b"x-frame-options", b"DENY"),
+            (b"x-request-id", rid.encode()),
+        ]
         if self.cookies.secure:
             h.append((b"strict-transport-security", HSTS.encode()))
         name = self.cookies.csrf.encode()
@@ -250,48 +246,17 @@ def _replay(body: bytes):
 async def _json(send, status: int, message: str, rid: str) -> None:
     kind = "server_error" if status >= 500 else "invalid_request_error"
     body = json.dumps({"error": {"message": message, "type": kind, "code": status, "request_id": rid}}).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+        }
+    )
     await send({"type": "http.response.body", "body": body})
 
 
-# ---------------------------------------------------------------- who is asking
-
-
-def current_user(request: Request):
-    """The signed-in user (session cookie), or None."""
-    token = session_token(request)
-    return request.app.state.store.session_user(token) if token else None
-
-
-def require_user(request: Request):
-    user = current_user(request)
-    if user is None:
-        raise NeedLogin()
-    return user
-
-
-def require_admin(request: Request):
-    user = require_user(request)
-    if user.role != "admin":
-        raise HTTPException(403, "this page needs the admin role")
-    return user
-
-
-def api_user(request: Request):
-    """The OpenAI-compatible API: a Bearer API key (``rlhfkit users key NAME``)."""
-    auth = request.headers.get("authorization", "")
-    if auth.lower().startswith("bearer "):
-        user = request.app.state.store.api_key_user(auth[7:].strip())
-        if user is None:
-            raise HTTPException(401, "invalid API key")
-        return user
-    raise HTTPException(401, "missing API key: send 'Authorization: Bearer <key>' (rlhfkit users key NAME makes one)")
-
-
-def client_address(request: Request) -> str:
-    """The client's address as uvicorn saw it (behind a local proxy, its X-Forwarded-For)."""
-    return request.client.host if request.client else "unknown"
+# ---------------------------------------------------------------- rate limits
 
 
 class RateLimiter:
@@ -313,6 +278,9 @@ class RateLimiter:
             if tokens < 1:
                 wait = (1 - tokens) / self.rate
                 self._buckets[key] = (tokens, now)
-                raise HTTPException(429, f"rate limit: at most {self.rate * 60:g} requests a minute; "
-                                         f"try again in {wait:.0f} s", headers={"Retry-After": str(max(1, round(wait)))})
+                raise HTTPException(
+                    429,
+                    f"rate limit: at most {self.rate * 60:g} requests a minute; try again in {wait:.0f} s",
+                    headers={"Retry-After": str(max(1, round(wait)))},
+                )
             self._buckets[key] = (tokens - 1, now)
