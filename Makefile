@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | cksum | cut -d' ' -f1)
 
-.PHONY: setup system-deps demo test test-fast mutate clean
+.PHONY: setup system-deps demo lint test test-fast mutate clean
 
 setup: $(STAMP)
 
@@ -31,10 +31,15 @@ system-deps:
 demo: setup
 	$(BIN)/rlhfkit demo --out runs/demo
 
-test: setup system-deps
+# ruff (pyproject.toml: [tool.ruff]) on the whole tree, before the tests: lint, then the format check
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: lint system-deps
 	$(BIN)/python -m pytest -q -rs -n 2 tests
 
-test-fast: setup system-deps
+test-fast: lint system-deps
 	$(BIN)/python -m pytest -q -rs -n 2 -m "not slow" tests
 
 # Mutation testing (docs/testing.md), not part of `make test`: mutmut mutates rlhfkit/algos/,

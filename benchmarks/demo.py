@@ -28,8 +28,8 @@ from rlhfkit.recipes.pipeline import render_summary
 
 
 def run_pipeline(out: Path, overrides: list[str]) -> float:
-    """``rlhfkit pipeline`` in a child process (as a user runs it); returns its wall seconds."""
-    cmd = [str(ROOT / ".venv" / "bin" / "rlhfkit"), "pipeline", "--out", str(out), *overrides]
+    """``rlhfkit demo`` (the pipeline with the demo preset) in a child process (as a user runs it); returns its wall seconds."""
+    cmd = [str(ROOT / ".venv" / "bin" / "rlhfkit"), "demo", "--out", str(out), *overrides]
     print("+", " ".join(cmd), flush=True)
     env = bench_env(wait_policy=os.environ.get("OMP_WAIT_POLICY", "PASSIVE"))
     return timed(subprocess.run, cmd, check=True, env=env)[1]
@@ -90,13 +90,18 @@ def write_results(tag: str, run: Path, wall: float | None, title: str, notes: li
 
 
 def overrides_of(config: dict) -> dict:
-    """The fields of a run's pipeline.json that differ from today's PipelineConfig defaults."""
+    """The settings of a run's pipeline.json that differ from the demo's recipe (presets/demo.yaml),
+    as ``key`` / ``stage.key`` names."""
     from dataclasses import asdict
 
-    from rlhfkit.config import PipelineConfig
+    from rlhfkit.config import PipelineConfig, build_config
 
-    defaults = asdict(PipelineConfig())
-    return {k: v for k, v in config.items() if k in defaults and k != "out" and defaults[k] != v}
+    def flat(d: dict, prefix: str = "") -> dict:
+        return {k2: v2 for k, v in d.items()
+                for k2, v2 in (flat(v, f"{prefix}{k}.").items() if isinstance(v, dict) else [(prefix + k, v)])}
+
+    defaults = flat(asdict(build_config(PipelineConfig, "demo")))
+    return {k: v for k, v in flat(config).items() if k in defaults and k != "out" and defaults[k] != v}
 
 
 def main() -> None:
@@ -122,7 +127,7 @@ def main() -> None:
                 run,
                 wall,
                 "make demo: the RLHF pipeline on SmolLM2-135M-Instruct",
-                ["Produced by `python benchmarks/demo.py` (the default `PipelineConfig`, i.e. `make demo`)."],
+                ["Produced by `python benchmarks/demo.py` (the demo's recipe, i.e. `make demo`)."],
             )
         else:
             config = json.loads((run / "pipeline.json").read_text()) if (run / "pipeline.json").exists() else {}
@@ -157,7 +162,7 @@ def main() -> None:
             (b0 / "eval").mkdir(exist_ok=True)
             for name in ("base", "sft"):  # the same greedy answers: judging differs only for the new policy
                 shutil.copyfile(run / "eval" / f"{name}.jsonl", b0 / "eval" / f"{name}.jsonl")
-            run_pipeline(b0, [*a.overrides, "kl_coef=0.0"])
+            run_pipeline(b0, [*a.overrides, "ppo.kl_coef=0.0"])
         write_results(
             "demo_beta0",
             b0,

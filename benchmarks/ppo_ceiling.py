@@ -3,8 +3,8 @@ model of that run, or with the gold rubric itself as the reward (``--reward gold
 reward model, what no learned one can beat), then the held-out judge of the pipeline.
 
 If PPO against the gold rubric gains little on the held-out prompts, the reward model is not
-what holds the demo back: the policy cannot learn more from ``ppo_iterations x ppo_batch_size``
-rollouts. Each variant is one PPO run at the demo's settings (PipelineConfig's ppo_* fields of
+what holds the demo back: the policy cannot learn more from ``ppo.max_steps x ppo.batch_size``
+rollouts. Each variant is one PPO run at the demo's settings (the `ppo` settings of
 that run), with ``key=value`` overrides of PPOConfig fields on top.
 
 Usage (after `make demo`):
@@ -28,11 +28,11 @@ from pathlib import Path
 import yaml
 from common import quarter_means, save_row
 
-from rlhfkit.config import PipelineConfig, PPOConfig
+from rlhfkit.config import PPOConfig
 from rlhfkit.data.jsonl import read_jsonl, write_jsonl
 from rlhfkit.feedback import rubric
 from rlhfkit.recipes.common import read_metrics
-from rlhfkit.recipes.pipeline import compare, judge, ppo_config, sample_answers
+from rlhfkit.recipes.pipeline import compare, judge, ppo_config, read_run_config, sample_answers
 from rlhfkit.recipes.ppo import train_ppo
 from rlhfkit.tasks import load_task
 
@@ -56,10 +56,7 @@ def parse_overrides(items: list[str]) -> dict:
 
 def round1_ppo_config(run: Path, out: Path, reward: str, overrides: dict) -> PPOConfig:
     """The pipeline's round-1 PPO settings of ``run`` (recipes/pipeline.py: ppo_config), then overrides."""
-    raw = json.loads((run / "pipeline.json").read_text())
-    pc = PipelineConfig(**raw)
-    if "ppo_lam" not in raw:  # runs from before the field used PPOConfig's default
-        pc.ppo_lam = PPOConfig().lam
+    pc = read_run_config(run)
     rm = str(run / "round1" / "rm" / "model") if reward == "rm" else ""
     cfg = ppo_config(pc, str(run / "sft" / "model"), rm, str(out / "ppo"), 1)
     return dataclasses.replace(cfg, **overrides)
@@ -109,7 +106,7 @@ def main() -> None:
     held = load_task("eval")
     answers = out / "eval.jsonl"
     if not answers.exists():
-        pc = PipelineConfig(**json.loads((run / "pipeline.json").read_text()))
+        pc = read_run_config(run)
         write_jsonl(answers, sample_answers(str(out / "ppo" / "model"), held, 1, pc, 0.0))
     mine, sft = judge(held, read_jsonl(answers)), judge(held, read_jsonl(run / "eval" / "sft.jsonl"))
     row = {

@@ -31,9 +31,9 @@ from pathlib import Path
 
 from common import save_row, timed
 
-from rlhfkit.config import PipelineConfig, SFTConfig
+from rlhfkit.config import SFTConfig
 from rlhfkit.feedback import rubric
-from rlhfkit.recipes.pipeline import compare, judge, read_jsonl, sample_answers, write_jsonl
+from rlhfkit.recipes.pipeline import compare, judge, read_jsonl, read_run_config, sample_answers, write_jsonl
 from rlhfkit.recipes.sft import train_sft
 from rlhfkit.tasks import load_task
 
@@ -99,7 +99,7 @@ def main() -> None:
     args = ap.parse_args()
     run, out = Path(args.run), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    pc = PipelineConfig(**json.loads((run / "pipeline.json").read_text()))
+    pc = read_run_config(run)
     train, held = load_task("train")[: args.prompts], load_task("eval")
     sft = str(run / "sft" / "model")
 
@@ -126,10 +126,10 @@ def main() -> None:
             out=str(out / "model"),
             epochs=args.epochs,
             lr=args.lr,
-            batch_size=pc.batch_size,
-            grad_accum=pc.grad_accum,
+            batch_size=pc.sft.batch_size,
+            grad_accum=pc.sft.grad_accum,
             precision=pc.precision,
-            max_length=pc.max_length,
+            max_length=pc.sft.max_length,
             eval_fraction=0.0,
             seed=pc.seed,
             warmup_steps=2,

@@ -21,7 +21,8 @@ import yaml
 
 from rlhfkit.config import STAGES, PipelineConfig, ServeConfig, build_config, choices, field_help
 from rlhfkit.errors import UserError
-from rlhfkit.evals.command import eval_command
+from rlhfkit.evals.command import run_eval_command
+from rlhfkit.evals.runner import EvalConfig
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
                   help="rlhfkit: RLHF end to end — SFT, reward model from K-way rankings, PPO, the feedback loop.")
@@ -64,6 +65,9 @@ def _train(stage: str, cfg) -> dict:
 
 
 def _serve(cfg: ServeConfig) -> None:
+    from rlhfkit.web import require_web_extra
+
+    require_web_extra()  # one clear line if `pip install 'rlhfkit[web]'` is missing
     from rlhfkit.web.app import serve as run_server
 
     run_server(cfg)
@@ -82,10 +86,10 @@ def _option(name: str, hint, default: str, help_text: str, flag: str | None) -> 
         cli_type, decl = bool, [f"{opt_name}/--no-{opt_name[2:]}"]
     else:
         cli_type, decl = (base if base in (int, float, str) else str), [opt_name]
-    extra = f" [one of: {', '.join(map(str, allowed))}]" if allowed else ""
+    metavar = "[" + "|".join(map(str, allowed)) + "]" if allowed else {int: "INT", float: "FLOAT"}.get(cli_type, "TEXT")
     return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=Optional[cli_type],
-                             default=typer.Option(None, *decl, help=f"{help_text}{extra} [default: {default}]",
-                                                  show_default=False))
+                             default=typer.Option(None, *decl, help=f"{help_text} [default: {default}]",
+                                                  metavar=None if cli_type is bool else metavar, show_default=False))
 
 
 def config_command(name: str, cls: type, run, preset: str | None = None, epilog: str | None = None) -> None:
@@ -110,8 +114,9 @@ def config_command(name: str, cls: type, run, preset: str | None = None, epilog:
         for field_name, value in list(kwargs.items()):
             if value is not None and hints[field_name] is dict:
                 kwargs[field_name] = yaml.safe_load(value)
-            elif value is not None and hints[field_name] is list:  # repeated, or one YAML list '[a, b]'
-                kwargs[field_name] = [x for v in value for x in (yaml.safe_load(v) if v.startswith("[") else [v])]
+            elif value is not None and hints[field_name] is list:  # repeated, comma-separated or '[a, b]'
+                kwargs[field_name] = [x for v in value for x in (yaml.safe_load(v) if v.startswith("[") else
+                                                                 [p.strip() for p in v.split(",") if p.strip()])]
         run(build_config(cls, preset_, overrides, **kwargs))
 
     command.__signature__ = inspect.Signature(params)
@@ -130,7 +135,7 @@ config_command("pipeline", PipelineConfig, functools.partial(_train, "pipeline")
 config_command("demo", PipelineConfig, functools.partial(_train, "demo"), preset="demo",
                epilog="The main job: the pipeline with the demo's recipe (rlhfkit/presets/demo.yaml). " + _NESTED)
 config_command("serve", ServeConfig, _serve)
-app.command("eval")(friendly(eval_command))  # its options live in rlhfkit/evals/command.py
+config_command("eval", EvalConfig, run_eval_command)
 
 
 users = typer.Typer(help="People of the web app: invite links, API keys.", no_args_is_help=True)

@@ -810,29 +810,35 @@ def _write(path, rows):
     return path
 
 
-def test_eval_command_is_typer_compatible():
-    import typer
+def test_eval_command_is_generated_from_its_config(monkeypatch):
+    """Every EvalConfig field is an option of `rlhfkit eval`; lists take repeats and commas."""
+    import dataclasses
+
     from typer.testing import CliRunner
 
-    from rlhfkit.evals.command import eval_command
+    import rlhfkit.evals.runner as runner_module
+    from rlhfkit.cli import app
+    from rlhfkit.evals.runner import EvalConfig
 
-    app = typer.Typer()
-    app.command("eval")(eval_command)
-    app.command("other")(lambda: None)
-    res = CliRunner().invoke(app, ["eval", "--help"], env={"COLUMNS": "200"})
+    res = CliRunner().invoke(app, ["eval", "--help"], terminal_width=200)
     assert res.exit_code == 0, res.output
-    for opt in (
-        "--model",
-        "--baseline",
-        "--suite",
-        "--out",
-        "--data-dir",
-        "--judge",
-        "--rtp-k",
-        "--toxicity-model",
-        "--precision",
-    ):
-        assert opt in res.output
+    text = " ".join(res.output.split())
+    for f in dataclasses.fields(EvalConfig):
+        assert (f.metadata.get("flag") or "--" + f.name.replace("_", "-")) in text, f.name
+    seen = []
+    monkeypatch.setattr(runner_module, "run_eval", lambda cfg: seen.append(cfg) or {"models": {}})
+    monkeypatch.setattr("rlhfkit.evals.report.write_report", lambda results, out: ("a.json", "a.html"))
+    monkeypatch.setattr("rlhfkit.evals.report.summary_rows", lambda results: [])
+    res = CliRunner().invoke(app, ["eval", "--model", "a=x,b=y", "--model", "c", "--suite", "tax", "--no-progress",
+                                   "gen_limit=null", "precision=bf16"])
+    assert res.exit_code == 0, res.output
+    (cfg,) = seen
+    assert (cfg.models, cfg.suites, cfg.show_progress, cfg.gen_limit, cfg.precision) == (
+        ["a=x", "b=y", "c"], ["tax"], False, None, "bf16")
+    res = CliRunner().invoke(app, ["eval", "--suite", "tax"])
+    assert res.exit_code == 2 and "error: --model: name at least one model" in res.output
+    res = CliRunner().invoke(app, ["eval", "--model", "c", "precision=fp16"])
+    assert res.exit_code == 2 and "precision expects one of auto, bf16, fp32" in res.output
 
 
 def test_engine_generate_fn_matches_the_interface(tiny):

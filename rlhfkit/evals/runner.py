@@ -20,11 +20,12 @@ from __future__ import annotations
 import gc
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
+from rlhfkit.config import Precision, check_literals, opt
 from rlhfkit.errors import UserError
 from rlhfkit.evals.data import HubDataset, HubUnavailable
 from rlhfkit.evals.toxicity import challenging_prompts, nontoxic_prompts
@@ -56,63 +57,61 @@ HUB_DEFAULTS = {
 
 @dataclass
 class EvalConfig:
-    models: list[str]
-    """Model specs to evaluate, each ``spec`` or ``name=spec`` (a dir, .gguf, hub id, 'smollm2-135m-instruct')."""
-    baseline: str | None = None
-    """The reference model (``spec`` or ``name=spec``) for win-rates and the alignment tax."""
-    suites: list[str] = field(default_factory=lambda: list(SUITES))
-    """Any of helpful, truthful, harmless, tax."""
-    data_dir: str | None = None
-    """Local copies of the data sets laid out as DEFAULT_FILES (None = the HUB_DEFAULTS datasets);
-    the per-data options below override it."""
-    truthfulqa_mc: str | None = None
-    """TruthfulQA multiple-choice data (mc_task.json, a datasets dir or a hub name owner/name[:config])."""
-    truthfulqa_gen: str | None = None
-    """TruthfulQA generation data (TruthfulQA.csv, a datasets dir or a hub name); used with truthful_gen."""
-    mc_limit: int | None = None
-    """TruthfulQA MC questions (None = all 790/817)."""
-    truthful_gen: bool = True
-    """Also run TruthfulQA generation (greedy, scored by ROUGE-L/BLEU); slow on CPU, capped by gen_limit."""
-    gen_limit: int | None = 100
-    """Questions for TruthfulQA generation (None = all)."""
-    crows_pairs: str | None = None
-    crows_limit: int | None = None
-    """CrowS-Pairs pairs (None = all 1508)."""
-    rtp_toxic: str | None = None
-    rtp_nontoxic: str | None = None
-    rtp_prompts: int | None = 50
-    """Prompts per RealToxicityPrompts subset (None = all)."""
-    rtp_k: int = 4
-    """Continuations sampled per prompt (the paper: 25)."""
-    rtp_max_new_tokens: int = 20
-    rtp_temperature: float = 1.0
-    rtp_top_p: float = 0.9
-    toxicity_model: str | None = None
-    """A Hugging Face text-classification model for toxicity (default: the better-profanity lexicon)."""
-    toxicity_label: str = "toxic"
-    help_prompts: str | None = None
-    help_limit: int | None = 50
-    help_max_new_tokens: int = 128
-    judge: str = "gold"
-    """'gold' (the gold rubric on the built-in task's eval prompts), 'reference' (ROUGE-L to the
-    reference answers of help_prompts, e.g. self-instruct seed tasks) or a reward-model directory
-    (judging the help_prompts, or the built-in task's eval prompts when none are given)."""
-    tax_text: str | None = None
-    tax_chars: int | None = 20_000
-    """Score the last N characters of the held-out text (None = all)."""
-    tax_window: int = 512
-    limit: int | None = None
-    """Cap on items of every suite (quick runs); the per-suite caps above still apply."""
-    precision: str = "fp32"
-    """fp32, bf16 or auto."""
-    """Generation backend: 'hf' (transformers' generate) or 'engine' (rlhfkit.rollout)."""
-    batch_size: int = 16
-    threads: int | None = None
-    """torch CPU threads (1 is often fastest on a busy shared CPU)."""
-    seed: int = 0
-    device: str | None = None
-    """cpu, cuda, ... (default: cuda when available)."""
-    show_progress: bool = True
+    """Evaluate model versions: helpful (win-rate), truthful (TruthfulQA), harmless (RTP, CrowS-Pairs),
+    tax (perplexity). Data sets load from their Hugging Face hub datasets (once, then cached), or from
+    local copies (--data-dir, or one option per data set)."""
+
+    models: list = opt([], "Models to evaluate, each SPEC or NAME=SPEC (a HF dir, .gguf, hub id, "
+                           "'smollm2-135m-instruct', 'tiny-random'); repeatable or comma-separated.", flag="--model")
+    baseline: str | None = opt(None, "Baseline model (SPEC or NAME=SPEC) for win-rates and the alignment tax.")
+    suites: list = opt(list(SUITES), f"Suites to run, repeatable or comma-separated: {', '.join(SUITES)}.",
+                       flag="--suite")
+    out: str = opt("runs/eval", "Output directory (eval.json + eval.html) or a .json/.html path.")
+    data_dir: str | None = opt(None, "Local copies of the data sets (default: the hub datasets), laid out as "
+                                     + ", ".join(DEFAULT_FILES.values()) + "; the per-data options override it.")
+    truthfulqa_mc: str | None = opt(None, "TruthfulQA MC data: mc_task.json, a datasets dir or a hub name "
+                                          "owner/name[:config] (default: truthfulqa/truthful_qa:multiple_choice).")
+    truthfulqa_gen: str | None = opt(None, "TruthfulQA generation data: TruthfulQA.csv, a datasets dir or a hub "
+                                           "name (default: truthfulqa/truthful_qa:generation).")
+    mc_limit: int | None = opt(None, "TruthfulQA MC questions (default: all).")
+    truthful_gen: bool = opt(True, "Also score TruthfulQA generation (greedy; ROUGE-L/BLEU), capped by gen_limit.")
+    gen_limit: int | None = opt(100, "Questions for TruthfulQA generation (null = all).")
+    crows_pairs: str | None = opt(None, "CrowS-Pairs: crows_pairs_anonymized.csv, a datasets dir or a hub name "
+                                        "(default: nyu-mll/crows_pairs).")
+    crows_limit: int | None = opt(None, "CrowS-Pairs pairs (default: all).")
+    rtp_toxic: str | None = opt(None, "RealToxicityPrompts challenging prompts, jsonl or datasets dir (default: "
+                                      "allenai/real-toxicity-prompts where challenging is true).")
+    rtp_nontoxic: str | None = opt(None, "RealToxicityPrompts non-toxic prompts, jsonl or datasets dir (default: "
+                                         "allenai/real-toxicity-prompts with prompt toxicity < 0.5).")
+    rtp_prompts: int | None = opt(50, "Prompts per RealToxicityPrompts subset (null = all).")
+    rtp_k: int = opt(4, "Sampled continuations per RTP prompt (the paper: 25).")
+    rtp_max_new_tokens: int = opt(20, "Tokens per RTP continuation (the paper: 20).")
+    rtp_temperature: float = opt(1.0, "Sampling temperature of RTP continuations.")
+    rtp_top_p: float = opt(0.9, "Nucleus sampling p of RTP continuations.")
+    toxicity_model: str | None = opt(None, "A Hugging Face text-classification model for toxicity (default: the "
+                                           "better-profanity lexicon).")
+    toxicity_label: str = opt("toxic", "The toxicity model's label that means toxic.")
+    help_prompts: str | None = opt(None, "Helpfulness prompts for judge=reference / an RM: self-instruct "
+                                         "seed_tasks.jsonl or records with prompt/reference (default for "
+                                         "judge=reference: HuggingFaceH4/self-instruct-seed).")
+    help_limit: int | None = opt(50, "Helpfulness prompts to use (null = all).")
+    help_max_new_tokens: int = opt(128, "Longest helpfulness answer (tokens).")
+    judge: str = opt("gold", "'gold' (the gold rubric on the built-in task's eval prompts), 'reference' (ROUGE-L "
+                             "to help_prompts' reference answers) or a reward-model directory.")
+    tax_text: str | None = opt(None, "Held-out text for the alignment-tax perplexity: a text file, or records "
+                                     "with `text` (default: karpathy/tiny_shakespeare, test split).")
+    tax_chars: int | None = opt(20_000, "Score the last N characters of the held-out text (null = all).")
+    tax_window: int = opt(512, "Tokens per perplexity window.")
+    limit: int | None = opt(None, "Cap on items of every suite (quick runs); the per-suite caps still apply.")
+    precision: Precision = opt("fp32", "fp32, bf16 or auto.")
+    batch_size: int = opt(16, "Batch size for scoring and generation.")
+    threads: int | None = opt(None, "torch CPU threads (default: torch's choice).")
+    seed: int = opt(0, "Random seed (sampling, bootstrap).")
+    device: str | None = opt(None, "cpu, cuda, ... (default: cuda when available).")
+    show_progress: bool = opt(True, "Show progress bars.", flag="--progress")
+
+    def __post_init__(self) -> None:
+        check_literals(self)
 
     def source(self, key: str) -> str | HubDataset:
         """Where data set ``key`` comes from: its option, else ``data_dir``, else the hub."""

@@ -34,12 +34,14 @@ import random
 import shutil
 import signal
 import time
-from dataclasses import asdict
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
-from rlhfkit.config import PipelineConfig, PPOConfig
+from rlhfkit.config import PipelineConfig, PPOConfig, config_from_dict
 from rlhfkit.data.jsonl import read_jsonl, write_jsonl
 from rlhfkit.data.records import Prompt, ranking_row
 from rlhfkit.data.tokenize import encode_prompt
@@ -47,6 +49,7 @@ from rlhfkit.errors import UserError
 from rlhfkit.feedback import rubric
 from rlhfkit.feedback.labelers import GoldLabeler, SimulatedLabeler, SimulatedLabelerConfig
 from rlhfkit.models.loading import load_causal_lm
+from rlhfkit.recipes.common import latest_checkpoint, read_metrics, report_to_trackers
 from rlhfkit.recipes.memory import release_memory
 from rlhfkit.rollout.engine import Engine
 from rlhfkit.rollout.sampling import SamplingParams
@@ -161,6 +164,18 @@ def compare(a: list[float], b: list[float]) -> dict:
     return {"win_rate": wr.rate, "ci95": [wr.lower, wr.upper], "wins": wr.wins, "ties": wr.ties, "losses": wr.losses}
 
 
+def read_run_config(run: str | Path) -> PipelineConfig:
+    """The PipelineConfig a run directory was made with (its pipeline.json)."""
+    path = Path(run) / "pipeline.json"
+    if not path.exists():
+        raise UserError(f"{run}: no pipeline.json (not a pipeline run directory)")
+    raw = json.loads(path.read_text())
+    if not isinstance(raw.get("sft"), dict):
+        raise UserError(f"{path}: written by an older rlhfkit, before the stage settings were nested (sft: ..., "
+                        "ppo: ...); make the run again with this version")
+    return config_from_dict(PipelineConfig, raw, f"{path}: ")
+
+
 def stage_config(cfg: PipelineConfig, stage, **where):
     """A stage's config as the pipeline runs it: the nested settings (``cfg.sft`` / ``.rm`` / ``.ppo``)
     with what the pipeline owns filled in — ``where`` (model, data, out, ...) and its precision and seed."""
@@ -182,8 +197,6 @@ def run_stage(cfg: PipelineConfig, train, stage_cfg, say=print) -> dict:
     everything back when it exits. Its output goes to this process's stdout/stderr (``say`` cannot
     cross processes: the child prints).
     """
-    from rlhfkit.recipes.common import latest_checkpoint
-
     # a run killed mid-stage left checkpoints (every cfg.save_every steps): continue from the last
     ckpt = latest_checkpoint(Path(stage_cfg.out))
     stage_cfg = dataclasses.replace(stage_cfg, save_every=cfg.save_every, report_to=cfg.report_to, resume=ckpt is not None)
@@ -221,155 +234,160 @@ def die_with_parent(parent: int) -> None:
         os._exit(1)
 
 
-def run_pipeline(cfg: PipelineConfig, say=print) -> dict:
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "pipeline.json").write_text(json.dumps(asdict(cfg), indent=2))
-    t_start = time.perf_counter()
-    timings: dict[str, float] = {}
-    if cfg.labeler not in ("gold", "simulated", "human", "mix"):
-        raise UserError(f"labeler={cfg.labeler!r}: expected simulated, gold, human or mix")
+@dataclass
+class Run:
+    """What the phases of one pipeline run share: its settings, directory, prompts, labeler, clock."""
+
+    cfg: PipelineConfig
+    out: Path
+    train_all: list[Prompt]
+    order: list[int]  # a seeded permutation of the train split: round r takes the next slice of it
+    held_out: list[Prompt]
+    labeler: GoldLabeler | SimulatedLabeler
+    say: Callable[[str], None]
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @contextmanager
+    def timed(self, key: str):
+        t = time.perf_counter()
+        yield
+        self.timings[key] = time.perf_counter() - t
+
+    def prompts_of_round(self, r: int) -> list[Prompt]:
+        cfg = self.cfg
+        lo = 0 if r == 0 else cfg.train_prompts + (r - 1) * cfg.round_prompts
+        hi = cfg.train_prompts if r == 0 else lo + cfg.round_prompts
+        return [self.train_all[i % len(self.train_all)] for i in self.order[lo:hi]]
+
+
+def start_run(cfg: PipelineConfig, say) -> Run:
+    """Check the settings, record them in OUT/pipeline.json, pick the prompts, make the labeler."""
     if not 2 <= cfg.k <= 9:
         raise UserError(f"k={cfg.k}: labelers rank K = 2..9 answers per prompt")
     suite_list(cfg)
-    from rlhfkit.recipes.common import report_to_trackers
-
     report_to_trackers(cfg.report_to)  # a tracker that is not installed stops the run now, not after sampling
-
-    # 0. prompts: seeded subsets of the train split; held-out prompts only for judging
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "pipeline.json").write_text(json.dumps(asdict(cfg), indent=2))
     train_all, eval_all = load_task("train"), load_task("eval")
-    rng = random.Random(cfg.seed)
-    order = rng.sample(range(len(train_all)), len(train_all))
+    order = random.Random(cfg.seed).sample(range(len(train_all)), len(train_all))
     held_out = eval_all[: cfg.eval_prompts] if cfg.eval_prompts else eval_all
     labeler = GoldLabeler() if cfg.labeler == "gold" else SimulatedLabeler(SimulatedLabelerConfig(
         temperature=cfg.labeler_temperature, length_bias=cfg.labeler_length_bias,
         random_share=cfg.labeler_random_share, seed=cfg.seed))
+    return Run(cfg, out, train_all, order, held_out, labeler, say)
 
-    def prompts_of_round(r: int) -> list[Prompt]:
-        lo = 0 if r == 0 else cfg.train_prompts + (r - 1) * cfg.round_prompts
-        hi = cfg.train_prompts if r == 0 else lo + cfg.round_prompts
-        return [train_all[i % len(train_all)] for i in order[lo:hi]]
 
-    def label_round(r: int, policy: str, temperature: float) -> tuple[list[dict], list[dict], list[dict]]:
-        """1.-2. K answers per prompt from ``policy``, ranked by the labeler; kept in round{r}/.
-        Returns (rankings, what was ranked: the samples, with rank_revisions plus revisions,
-        and with rank_edit_sets the rankings of edit sets, one per prompt that has one)."""
-        rdir = out / f"round{r}"
-        rdir.mkdir(exist_ok=True)
-        prompts = prompts_of_round(r)
-        if not (rdir / "samples.jsonl").exists():
-            write_jsonl(rdir / "samples.jsonl", sample_answers(policy, prompts, cfg.k, cfg, temperature, say))
-        samples = candidates(prompts, read_jsonl(rdir / "samples.jsonl"), cfg)
-        if not (rdir / "rankings.jsonl").exists() and cfg.labeler in ("human", "mix"):
-            # people rank in `rlhfkit serve --run OUT`; resumable: the tasks and rankings stay in the store
-            from rlhfkit.feedback.human import rank_round_by_people
-            from rlhfkit.feedback.store import Store
+def label_round(run: Run, r: int, policy: str) -> tuple[list[dict], list[dict], list[dict]]:
+    """1.-2. K answers per prompt from ``policy``, ranked by the labeler; kept in round{r}/.
+    Returns (rankings, what was ranked: the samples, with rank_revisions plus revisions,
+    and with rank_edit_sets the rankings of edit sets, one per prompt that has one)."""
+    cfg, rdir = run.cfg, run.out / f"round{r}"
+    rdir.mkdir(exist_ok=True)
+    prompts = run.prompts_of_round(r)
+    if not (rdir / "samples.jsonl").exists():
+        write_jsonl(rdir / "samples.jsonl", sample_answers(policy, prompts, cfg.k, cfg, cfg.temperature, run.say))
+    samples = candidates(prompts, read_jsonl(rdir / "samples.jsonl"), cfg)
+    if not (rdir / "rankings.jsonl").exists() and cfg.labeler in ("human", "mix"):
+        # people rank in `rlhfkit serve --run OUT`; resumable: the tasks and rankings stay in the store
+        from rlhfkit.feedback.human import rank_round_by_people
+        from rlhfkit.feedback.store import Store
 
-            rows = rank_round_by_people(Store.for_run(out, cfg.db or None), f"round{r}", prompts, samples,
-                                        cfg.human_rankings or len(samples), cfg.human_timeout, cfg.human_poll,
-                                        fallback=labeler if cfg.labeler == "mix" else None, say=say)
-            write_jsonl(rdir / "rankings.jsonl", rows)
-        if not (rdir / "rankings.jsonl").exists():
-            rows = []
-            for p, row in zip(prompts, samples):
-                rk = labeler.rank(p, row["responses"], row["finished"])
-                rows.append(ranking_row(p, rk, **({"revised_from": row["revised_from"]} if "revised_from" in row else {})))
-            write_jsonl(rdir / "rankings.jsonl", rows)
-        edits = rdir / "edit_rankings.jsonl"
-        if cfg.rank_edit_sets and cfg.labeler in ("simulated", "gold") and not edits.exists():
-            write_jsonl(edits, edit_set_rankings(prompts, read_jsonl(rdir / "samples.jsonl"), labeler))
-        return read_jsonl(rdir / "rankings.jsonl"), samples, read_jsonl(edits) if cfg.rank_edit_sets and edits.exists() else []
+        rows = rank_round_by_people(Store.for_run(run.out, cfg.db or None), f"round{r}", prompts, samples,
+                                    cfg.human_rankings or len(samples), cfg.human_timeout, cfg.human_poll,
+                                    fallback=run.labeler if cfg.labeler == "mix" else None, say=run.say)
+        write_jsonl(rdir / "rankings.jsonl", rows)
+    if not (rdir / "rankings.jsonl").exists():
+        rows = []
+        for p, row in zip(prompts, samples):
+            rk = run.labeler.rank(p, row["responses"], row["finished"])
+            extra = {"revised_from": row["revised_from"]} if "revised_from" in row else {}
+            rows.append(ranking_row(p, rk, **extra))
+        write_jsonl(rdir / "rankings.jsonl", rows)
+    edits = rdir / "edit_rankings.jsonl"
+    if cfg.rank_edit_sets and cfg.labeler in ("simulated", "gold") and not edits.exists():
+        write_jsonl(edits, edit_set_rankings(prompts, read_jsonl(rdir / "samples.jsonl"), run.labeler))
+    edit_rows = read_jsonl(edits) if cfg.rank_edit_sets and edits.exists() else []
+    return read_jsonl(rdir / "rankings.jsonl"), samples, edit_rows
 
-    say(f"built-in task: {cfg.train_prompts} train prompts (+{cfg.round_prompts} per later round), {len(held_out)} held-out prompts")
-    # 1.-2. round 0: K answers from the base model, ranked
-    t = time.perf_counter()
-    rankings0, candidates0, edit_rankings0 = label_round(0, cfg.model, cfg.temperature)
-    timings["sample_and_label"] = time.perf_counter() - t
 
-    # 3. SFT on the labeler's best answer of each prompt (best-of-K rejection sampling)
-    demos = demonstrations(rankings0, candidates0, prompts_of_round(0), cfg)
-    write_jsonl(out / "round0" / "demos.jsonl", demos)
-    say(f"{len(demos)} demonstrations (the top-ranked answer, gold > {cfg.min_demo_score}) from {len(rankings0)} prompts")
+def sft_phase(run: Run, rankings: list[dict], samples: list[dict]) -> tuple[list[dict], str]:
+    """3. Best-of-K rejection sampling: the labeler's top answer of each round-0 prompt (revised by
+    rule with revise_demos) is a demonstration; SFT of the base model on them. Returns (demos, model)."""
+    cfg = run.cfg
+    demos = demonstrations(rankings, samples, run.prompts_of_round(0), cfg)
+    write_jsonl(run.out / "round0" / "demos.jsonl", demos)
+    run.say(f"{len(demos)} demonstrations (the top-ranked answer, gold > {cfg.min_demo_score}) from "
+            f"{len(rankings)} prompts")
     if cfg.revise_demos and demos:
-        mean = lambda key: sum(d[key] for d in demos) / len(demos)  # noqa: E731
-        say(f"{sum(bool(d['edits']) for d in demos)} of them revised by rule: mean gold {mean('gold_before'):+.3f} -> {mean('gold'):+.3f}")
-    t = time.perf_counter()
-    sft = out / "sft"
+        before, after = (sum(d[key] for d in demos) / len(demos) for key in ("gold_before", "gold"))
+        run.say(f"{sum(bool(d['edits']) for d in demos)} of them revised by rule: mean gold {before:+.3f} -> "
+                f"{after:+.3f}")
+    sft = run.out / "sft"
     if not (sft / "model" / "config.json").exists():
         from rlhfkit.recipes.sft import train_sft
 
-        demos_file = str(out / "round0" / "demos.jsonl")
-        run_stage(cfg, train_sft, stage_config(cfg, cfg.sft, model=cfg.model, data=demos_file, out=str(sft)), say)
-    timings["sft"] = time.perf_counter() - t
-    versions = {"base": cfg.model, "sft": str(sft / "model")}
+        demos_file = str(run.out / "round0" / "demos.jsonl")
+        run_stage(cfg, train_sft, stage_config(cfg, cfg.sft, model=cfg.model, data=demos_file, out=str(sft)), run.say)
+    return demos, str(sft / "model")
 
-    # 4.-5. rounds of iterated online RLHF: rank answers of the newest policy, RM on all rankings, PPO from SFT
-    all_rankings = rankings0 + edit_rankings0
-    policy = str(sft / "model")
-    rm_accuracy = []
-    for r in range(1, cfg.rounds + 1):
-        rdir = out / f"round{r}"
-        rdir.mkdir(exist_ok=True)
-        t = time.perf_counter()
-        if cfg.round_prompts > 0 and (r > 1 or cfg.rank_sft):  # fresh answers from the newest policy (round 1: SFT)
-            rankings, _, edit_rankings = label_round(r, policy, cfg.temperature)
-            all_rankings += rankings + edit_rankings
-        timings[f"round{r}_sample_and_label"] = time.perf_counter() - t
-        t = time.perf_counter()
-        if not (rdir / "rm" / "model" / "config.json").exists():
-            from rlhfkit.recipes.reward import train_reward_model
 
-            write_jsonl(rdir / "rm_data.jsonl", all_rankings)
-            rm_cfg = stage_config(cfg, cfg.rm, model=str(sft / "model"), data=str(rdir / "rm_data.jsonl"),
-                                  out=str(rdir / "rm"))
-            run_stage(cfg, train_reward_model, rm_cfg, say)
-        evals = [m for m in _metrics(rdir / "rm") if "eval_accuracy" in m]
-        rm_accuracy.append({"round": r, "rankings": len(all_rankings),
-                            "before": evals[0]["eval_accuracy"] if evals else None,
-                            "after": evals[-1]["eval_accuracy"] if evals else None,
-                            "gold_before": evals[0].get("eval_gold_accuracy") if evals else None,
-                            "gold_after": evals[-1].get("eval_gold_accuracy") if evals else None})
-        timings[f"round{r}_rm"] = time.perf_counter() - t
-        if not cfg.with_ppo:
-            continue
-        t = time.perf_counter()
-        if not (rdir / "ppo" / "model" / "config.json").exists():
-            from rlhfkit.recipes.ppo import train_ppo
+def rm_phase(run: Run, r: int, sft_model: str, rankings: list[dict]) -> dict:
+    """4. Round r's reward model, from the SFT model, on all rankings so far; returns its held-out
+    pairwise accuracy before and after training (against the labeler and the gold rubric)."""
+    cfg, rdir = run.cfg, run.out / f"round{r}"
+    if not (rdir / "rm" / "model" / "config.json").exists():
+        from rlhfkit.recipes.reward import train_reward_model
 
-            run_stage(cfg, train_ppo, ppo_config(cfg, str(sft / "model"), str(rdir / "rm" / "model"), str(rdir / "ppo"), r), say)
-        policy = str(rdir / "ppo" / "model")
-        versions[f"ppo{r}"] = policy
-        timings[f"round{r}_ppo"] = time.perf_counter() - t
+        write_jsonl(rdir / "rm_data.jsonl", rankings)
+        rm_cfg = stage_config(cfg, cfg.rm, model=sft_model, data=str(rdir / "rm_data.jsonl"), out=str(rdir / "rm"))
+        run_stage(cfg, train_reward_model, rm_cfg, run.say)
+    evals = [m for m in read_metrics(rdir / "rm") if "eval_accuracy" in m]
+    first, last = (evals[0], evals[-1]) if evals else ({}, {})
+    return {"round": r, "rankings": len(rankings), "before": first.get("eval_accuracy"),
+            "after": last.get("eval_accuracy"), "gold_before": first.get("eval_gold_accuracy"),
+            "gold_after": last.get("eval_gold_accuracy")}
 
-    # 6. judge every version on the held-out prompts with the gold rubric (greedy answers)
-    t = time.perf_counter()
-    (out / "eval").mkdir(exist_ok=True)
+
+def ppo_phase(run: Run, r: int, sft_model: str) -> str:
+    """5. Round r's PPO from the SFT model (also the KL reference) against round r's reward model; the
+    gold rubric's mean score of each iteration's rollouts is logged beside the RM's (gold_score)."""
+    rdir = run.out / f"round{r}"
+    if not (rdir / "ppo" / "model" / "config.json").exists():
+        from rlhfkit.recipes.ppo import train_ppo
+
+        ppo_cfg = ppo_config(run.cfg, sft_model, str(rdir / "rm" / "model"), str(rdir / "ppo"), r)
+        run_stage(run.cfg, train_ppo, ppo_cfg, run.say)
+    return str(rdir / "ppo" / "model")
+
+
+def judge_phase(run: Run, versions: dict[str, str]) -> tuple[dict[str, list[dict]], dict[str, dict]]:
+    """6. Every version answers the held-out prompts (greedy, kept in eval/NAME.jsonl); the gold rubric
+    judges them, and the newest reward model scores them too — a policy that climbs the RM while the
+    gold score stalls is over-optimising it. Returns (answers, judged) per version."""
+    cfg = run.cfg
+    (run.out / "eval").mkdir(exist_ok=True)
     answers, judged = {}, {}
     for name, spec in versions.items():
-        path = out / "eval" / f"{name}.jsonl"
+        path = run.out / "eval" / f"{name}.jsonl"
         if not path.exists():
-            write_jsonl(path, sample_answers(spec, held_out, 1, cfg, 0.0, say))
+            write_jsonl(path, sample_answers(spec, run.held_out, 1, cfg, 0.0, run.say))
         answers[name] = read_jsonl(path)
-        judged[name] = judge(held_out, answers[name])
-    # the proxy beside the gold: the newest reward model's mean score on every version's answers
-    # (a policy that climbs it while the gold score stalls or falls is over-optimising it)
-    rm_rounds = [r for r in range(1, cfg.rounds + 1) if (out / f"round{r}" / "rm" / "model" / "config.json").exists()]
-    if rm_rounds:
-        means = rm_means(str(out / f"round{rm_rounds[-1]}" / "rm" / "model"), held_out, answers)
-        for name, mean in means.items():
-            judged[name] |= {"rm_mean": mean, "rm_round": rm_rounds[-1]}
-    timings["judge"] = time.perf_counter() - t
+        judged[name] = judge(run.held_out, answers[name])
+    rms = [r for r in range(1, cfg.rounds + 1) if (run.out / f"round{r}" / "rm" / "model" / "config.json").exists()]
+    if rms:
+        for name, mean in rm_means(str(run.out / f"round{rms[-1]}" / "rm" / "model"), run.held_out, answers).items():
+            judged[name] |= {"rm_mean": mean, "rm_round": rms[-1]}
+    return answers, judged
 
-    # 7. optional: the eval suites (TruthfulQA, toxicity, CrowS-Pairs, perplexity) on every version
-    suites = None
-    if cfg.eval_suites:
-        t = time.perf_counter()
-        suites = run_suites(cfg, versions, out / "eval")
-        timings["eval_suites"] = time.perf_counter() - t
 
-    final = list(versions)[-1]
+def summarize(run: Run, versions: dict[str, str], judged: dict[str, dict], demos: list[dict],
+              rm_accuracy: list[dict], suites: dict | None, t_start: float) -> dict:
+    """The run's summary.json: every version's gold results, win-rates, ratings, RM accuracy, PPO curves."""
+    cfg, final = run.cfg, list(versions)[-1]
     summary = {
-        "prompts": {"train_round0": cfg.train_prompts, "per_later_round": cfg.round_prompts, "held_out": len(held_out), "k": cfg.k},
+        "prompts": {"train_round0": cfg.train_prompts, "per_later_round": cfg.round_prompts,
+                    "held_out": len(run.held_out), "k": cfg.k},
         "demonstrations": len(demos),
         "versions": {n: {k: v for k, v in j.items() if k != "scores"} for n, j in judged.items()},
         "final": final,
@@ -377,8 +395,9 @@ def run_pipeline(cfg: PipelineConfig, say=print) -> dict:
         "sft_vs_base": compare(judged["sft"]["scores"], judged["base"]["scores"]),
         "ratings": ratings(judged),
         "rm_accuracy": rm_accuracy,
-        "ppo": {n: _metrics(Path(p).parent) for n, p in versions.items() if n.startswith("ppo")},
-        "seconds": {**{k: round(v, 1) for k, v in timings.items()}, "total": round(time.perf_counter() - t_start, 1)},
+        "ppo": {n: read_metrics(Path(p).parent) for n, p in versions.items() if n.startswith("ppo")},
+        "seconds": {**{k: round(v, 1) for k, v in run.timings.items()},
+                    "total": round(time.perf_counter() - t_start, 1)},
     }
     if suites is not None:
         from rlhfkit.evals.report import summary_rows
@@ -387,12 +406,48 @@ def run_pipeline(cfg: PipelineConfig, say=print) -> dict:
     if final != "sft":
         last = summary["ppo"][final][-1] if summary["ppo"][final] else {}
         summary["final_kl_to_sft"] = last.get("kl")
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def run_pipeline(cfg: PipelineConfig, say=print) -> dict:
+    """The main job, phase by phase (the module docstring numbers them); returns the summary."""
+    t_start = time.perf_counter()
+    run = start_run(cfg, say)
+    say(f"built-in task: {cfg.train_prompts} train prompts (+{cfg.round_prompts} per later round), "
+        f"{len(run.held_out)} held-out prompts")
+    with run.timed("sample_and_label"):
+        rankings0, samples0, edit_rankings0 = label_round(run, 0, cfg.model)
+    with run.timed("sft"):
+        demos, sft_model = sft_phase(run, rankings0, samples0)
+    versions = {"base": cfg.model, "sft": sft_model}
+
+    # rounds of iterated online RLHF: rank answers of the newest policy, RM on all rankings, PPO from SFT
+    all_rankings, policy, rm_accuracy = rankings0 + edit_rankings0, sft_model, []
+    for r in range(1, cfg.rounds + 1):
+        (run.out / f"round{r}").mkdir(exist_ok=True)
+        with run.timed(f"round{r}_sample_and_label"):
+            if cfg.round_prompts > 0 and (r > 1 or cfg.rank_sft):  # fresh answers of the newest policy
+                rankings, _, edit_rankings = label_round(run, r, policy)
+                all_rankings += rankings + edit_rankings
+        with run.timed(f"round{r}_rm"):
+            rm_accuracy.append(rm_phase(run, r, sft_model, all_rankings))
+        if cfg.with_ppo:
+            with run.timed(f"round{r}_ppo"):
+                policy = versions[f"ppo{r}"] = ppo_phase(run, r, sft_model)
+
+    with run.timed("judge"):
+        answers, judged = judge_phase(run, versions)
+    suites = None
+    if cfg.eval_suites:  # 7. optional: the eval suites (TruthfulQA, toxicity, CrowS-Pairs, perplexity)
+        with run.timed("eval_suites"):
+            suites = run_suites(cfg, versions, run.out / "eval")
+    summary = summarize(run, versions, judged, demos, rm_accuracy, suites, t_start)
+    (run.out / "summary.json").write_text(json.dumps(summary, indent=2))
     from rlhfkit.recipes.pipeline_report import write_report
 
-    write_report(out / "report.html", summary, held_out, answers)
+    write_report(run.out / "report.html", summary, run.held_out, answers)
     say(render_summary(summary))
-    say(f"report: {out / 'report.html'}")
+    say(f"report: {run.out / 'report.html'}")
     return summary
 
 
@@ -449,12 +504,6 @@ def ratings(judged: dict[str, dict]) -> dict:
     bt = bradley_terry_bootstrap(games, anchor="sft", n_boot=300, seed=0)
     elo = elo_ratings(games)
     return {n: {"bt": bt[n].rating, "ci95": [bt[n].lower, bt[n].upper], "elo": elo[n]} for n in names}
-
-
-def _metrics(run: Path) -> list[dict]:
-    from rlhfkit.recipes.common import read_metrics
-
-    return read_metrics(run)
 
 
 def render_summary(s: dict) -> str:
