@@ -28,7 +28,8 @@ from rlhfkit.recipes.pipeline import render_summary
 
 
 def run_pipeline(out: Path, overrides: list[str]) -> float:
-    """``rlhfkit demo`` (the pipeline with the demo preset) in a child process (as a user runs it); returns its wall seconds."""
+    """``rlhfkit demo`` (the pipeline with the demo preset) in a child process, as a user runs it;
+    returns its wall seconds."""
     cmd = [str(ROOT / ".venv" / "bin" / "rlhfkit"), "demo", "--out", str(out), *overrides]
     print("+", " ".join(cmd), flush=True)
     env = bench_env(wait_policy=os.environ.get("OMP_WAIT_POLICY", "PASSIVE"))
@@ -97,8 +98,11 @@ def overrides_of(config: dict) -> dict:
     from rlhfkit.config import PipelineConfig, build_config
 
     def flat(d: dict, prefix: str = "") -> dict:
-        return {k2: v2 for k, v in d.items()
-                for k2, v2 in (flat(v, f"{prefix}{k}.").items() if isinstance(v, dict) else [(prefix + k, v)])}
+        return {
+            k2: v2
+            for k, v in d.items()
+            for k2, v2 in (flat(v, f"{prefix}{k}.").items() if isinstance(v, dict) else [(prefix + k, v)])
+        }
 
     defaults = flat(asdict(build_config(PipelineConfig, "demo")))
     return {k: v for k, v in flat(config).items() if k in defaults and k != "out" and defaults[k] != v}

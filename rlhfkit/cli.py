@@ -14,7 +14,6 @@ import inspect
 import json
 import types
 import typing
-from typing import Optional
 
 import typer
 import yaml
@@ -24,8 +23,12 @@ from rlhfkit.errors import UserError
 from rlhfkit.evals.command import run_eval_command
 from rlhfkit.evals.runner import EvalConfig
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
-                  help="rlhfkit: RLHF end to end — SFT, reward model from K-way rankings, PPO, the feedback loop.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    rich_markup_mode=None,
+    help="rlhfkit: RLHF end to end — SFT, reward model from K-way rankings, PPO, the feedback loop.",
+)
 
 
 def friendly(fn):
@@ -37,10 +40,10 @@ def friendly(fn):
             return fn(*args, **kwargs)
         except UserError as e:
             typer.echo(f"error: {e}", err=True)
-            raise typer.Exit(2)
+            raise typer.Exit(2) from None
         except KeyboardInterrupt:
             typer.echo("interrupted: the latest checkpoint (if any) is intact; rerun with resume=true", err=True)
-            raise typer.Exit(130)
+            raise typer.Exit(130) from None
 
     return wrapper
 
@@ -87,9 +90,18 @@ def _option(name: str, hint, default: str, help_text: str, flag: str | None) -> 
     else:
         cli_type, decl = (base if base in (int, float, str) else str), [opt_name]
     metavar = "[" + "|".join(map(str, allowed)) + "]" if allowed else {int: "INT", float: "FLOAT"}.get(cli_type, "TEXT")
-    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=Optional[cli_type],
-                             default=typer.Option(None, *decl, help=f"{help_text} [default: {default}]",
-                                                  metavar=None if cli_type is bool else metavar, show_default=False))
+    return inspect.Parameter(
+        name,
+        inspect.Parameter.KEYWORD_ONLY,
+        annotation=cli_type | None,
+        default=typer.Option(
+            None,
+            *decl,
+            help=f"{help_text} [default: {default}]",
+            metavar=None if cli_type is bool else metavar,
+            show_default=False,
+        ),
+    )
 
 
 def config_command(name: str, cls: type, run, preset: str | None = None, epilog: str | None = None) -> None:
@@ -99,12 +111,27 @@ def config_command(name: str, cls: type, run, preset: str | None = None, epilog:
     hints = typing.get_type_hints(cls)
     flags = {f.name: f.metadata.get("flag") for f in dataclasses.fields(cls)}
     params = [
-        inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[str],
-                          default=typer.Option(preset, "--config", "-c",
-                                               help="YAML preset (a path, or a bundled preset name)."
-                                               + (f" [default: {preset}]" if preset else ""), show_default=False)),
-        inspect.Parameter("overrides", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[list[str]],
-                          default=typer.Argument(None, help="key=value overrides, applied last.", show_default=False)),
+        inspect.Parameter(
+            "config",
+            inspect.Parameter.KEYWORD_ONLY,
+            annotation=str | None,
+            default=typer.Option(
+                preset,
+                "--config",
+                "-c",
+                help="YAML preset (a path, or a bundled preset name)." + (f" [default: {preset}]" if preset else ""),
+                metavar="PRESET",
+                show_default=False,
+            ),
+        ),
+        inspect.Parameter(
+            "overrides",
+            inspect.Parameter.KEYWORD_ONLY,
+            annotation=list[str] | None,
+            default=typer.Argument(
+                None, help="key=value overrides, applied last.", metavar="KEY=VALUE...", show_default=False
+            ),
+        ),
     ]
     params += [_option(f, hints[f], default, text, flags[f]) for f, default, text in field_help(cls)]
 
@@ -115,25 +142,38 @@ def config_command(name: str, cls: type, run, preset: str | None = None, epilog:
             if value is not None and hints[field_name] is dict:
                 kwargs[field_name] = yaml.safe_load(value)
             elif value is not None and hints[field_name] is list:  # repeated, comma-separated or '[a, b]'
-                kwargs[field_name] = [x for v in value for x in (yaml.safe_load(v) if v.startswith("[") else
-                                                                 [p.strip() for p in v.split(",") if p.strip()])]
+                kwargs[field_name] = [
+                    x
+                    for v in value
+                    for x in (
+                        yaml.safe_load(v) if v.startswith("[") else [p.strip() for p in v.split(",") if p.strip()]
+                    )
+                ]
         run(build_config(cls, preset_, overrides, **kwargs))
 
     command.__signature__ = inspect.Signature(params)
     command.__doc__ = (cls.__doc__ or "").strip()
     command.__name__ = name
-    app.command(name, help=command.__doc__, epilog=epilog,
-                context_settings={"help_option_names": ["-h", "--help"]})(friendly(command))
+    app.command(name, help=command.__doc__, epilog=epilog, context_settings={"help_option_names": ["-h", "--help"]})(
+        friendly(command)
+    )
 
 
 for _stage, _cls in STAGES.items():
     config_command(_stage, _cls, functools.partial(_train, _stage))
-_NESTED = ("Stage settings are key=value overrides: sft.<setting>=..., rm.<setting>=..., ppo.<setting>=... "
-           "(`rlhfkit sft --help`, `rlhfkit rm --help`, `rlhfkit ppo --help` list them), or mappings under "
-           "sft:, rm:, ppo: in a --config YAML.")
+_NESTED = (
+    "Stage settings are key=value overrides: sft.<setting>=..., rm.<setting>=..., ppo.<setting>=... "
+    "(`rlhfkit sft --help`, `rlhfkit rm --help`, `rlhfkit ppo --help` list them), or mappings under "
+    "sft:, rm:, ppo: in a --config YAML."
+)
 config_command("pipeline", PipelineConfig, functools.partial(_train, "pipeline"), epilog=_NESTED)
-config_command("demo", PipelineConfig, functools.partial(_train, "demo"), preset="demo",
-               epilog="The main job: the pipeline with the demo's recipe (rlhfkit/presets/demo.yaml). " + _NESTED)
+config_command(
+    "demo",
+    PipelineConfig,
+    functools.partial(_train, "demo"),
+    preset="demo",
+    epilog="The main job: the pipeline with the demo's recipe (rlhfkit/presets/demo.yaml). " + _NESTED,
+)
 config_command("serve", ServeConfig, _serve)
 config_command("eval", EvalConfig, run_eval_command)
 
@@ -144,8 +184,11 @@ _RUN = typer.Option("runs/demo", help="Run directory (its feedback.db).")
 _DB = typer.Option("", help="Database URL; empty: SQLite in the run directory.")
 
 
-_URL = typer.Option("", help="The server's base URL for the link. Empty: the one `rlhfkit serve` last used on "
-                             "this store (its --public-url, else http://host:port).")
+_URL = typer.Option(
+    "",
+    help="The server's base URL for the link. Empty: the one `rlhfkit serve` last used on "
+    "this store (its --public-url, else http://host:port).",
+)
 _NO_SERVER_YET = "http://127.0.0.1:8000"  # `rlhfkit serve`'s defaults
 
 
@@ -156,15 +199,22 @@ def _base_url(store, url: str) -> str:
     recorded = store.setting("base_url")
     if recorded:
         return recorded
-    typer.echo(f"note: no server has run on this store yet; the link assumes {_NO_SERVER_YET} "
-               "(pass --url to name another)", err=True)
+    typer.echo(
+        f"note: no server has run on this store yet; the link assumes {_NO_SERVER_YET} (pass --url to name another)",
+        err=True,
+    )
     return _NO_SERVER_YET
 
 
 @users.command("add")
 @friendly
-def users_add(name: str, run: str = _RUN, db: str = _DB,
-              role: str = typer.Option("labeler", help="labeler or admin."), url: str = _URL):
+def users_add(
+    name: str,
+    run: str = _RUN,
+    db: str = _DB,
+    role: str = typer.Option("labeler", help="labeler or admin."),
+    url: str = _URL,
+):
     """Create a user and print their invite link (they choose a password there)."""
     from rlhfkit.feedback.store import Store
 
@@ -195,8 +245,10 @@ def users_key(name: str, run: str = _RUN, db: str = _DB):
 
 @app.command("convert")
 @friendly
-def convert(model: str = typer.Argument("smollm2-135m-instruct", help="A model spec (name, .gguf file, directory, hub id)."),
-            out: Optional[str] = typer.Option(None, help="Also copy the converted Hugging Face directory here.")):
+def convert(
+    model: str = typer.Argument("smollm2-135m-instruct", help="A model spec (name, .gguf file, directory, hub id)."),
+    out: str | None = typer.Option(None, help="Also copy the converted Hugging Face directory here."),
+):
     """Resolve a model (converting a GGUF once into the cache) and print its Hugging Face directory."""
     import shutil
 

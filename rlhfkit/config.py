@@ -54,20 +54,37 @@ Labeler = Literal["simulated", "gold", "human", "mix"]
 class TrainConfig:
     """Fields every training stage has."""
 
-    model: str = opt("smollm2-135m-instruct", "Model: 'smollm2-135m-instruct' (embedded), 'tiny-random', an HF directory, a hub id or a .gguf file.")
-    data: str = opt("", "Training data: .jsonl/.json/.csv/.txt file, a local `datasets` directory or a hub dataset name.")
+    model: str = opt(
+        "smollm2-135m-instruct",
+        "Model: 'smollm2-135m-instruct' (embedded), 'tiny-random', an HF directory, a hub id or a .gguf file.",
+    )
+    data: str = opt(
+        "", "Training data: .jsonl/.json/.csv/.txt file, a local `datasets` directory or a hub dataset name."
+    )
     eval_data: str = opt("", "Held-out data (same formats). Empty: hold out `eval_fraction` of `data`.")
     split: str = opt("train", "Split of `data` to read when it is a datasets directory or a hub dataset.")
     eval_split: str = opt("test", "Split of `eval_data` to read when it is a datasets directory or a hub dataset.")
-    eval_fraction: float = opt(0.05, "Share of `data` held out for evaluation when `eval_data` is empty (seeded split).")
-    fields: dict = opt({}, "Field mapping from our names to your columns, e.g. {prompt: instruction, response: output}.")
-    skip_invalid: bool = opt(False, "Skip bad records (reported with counts and reasons) instead of stopping at the first one.")
+    eval_fraction: float = opt(
+        0.05, "Share of `data` held out for evaluation when `eval_data` is empty (seeded split)."
+    )
+    fields: dict = opt(
+        {}, "Field mapping from our names to your columns, e.g. {prompt: instruction, response: output}."
+    )
+    skip_invalid: bool = opt(
+        False, "Skip bad records (reported with counts and reasons) instead of stopping at the first one."
+    )
     limit: int = opt(0, "Use at most this many training records (0 = all).")
     out: str = opt("runs/out", "Output directory: checkpoints, metrics.jsonl, the final model.")
-    chat_template: bool = opt(True, "Format prompts with the tokenizer's chat template (false: plain text, for base models).")
-    max_length: int = opt(512, "Maximum tokens per example (prompt + response); longer examples are truncated (see README) and counted.")
+    chat_template: bool = opt(
+        True, "Format prompts with the tokenizer's chat template (false: plain text, for base models)."
+    )
+    max_length: int = opt(
+        512, "Maximum tokens per example (prompt + response); longer examples are truncated (see README) and counted."
+    )
     batch_size: int = opt(8, "Examples per optimizer step, across all processes and accumulation steps.")
-    grad_accum: int = opt(1, "Micro-batches per optimizer step on each process (memory knob; the loss does not change).")
+    grad_accum: int = opt(
+        1, "Micro-batches per optimizer step on each process (memory knob; the loss does not change)."
+    )
     epochs: float = opt(1.0, "Passes over the training data (fractional allowed).")
     max_steps: int = opt(0, "Stop after this many optimizer steps (0 = from epochs).")
     lr: float = opt(1e-5, "Peak learning rate (AdamW).")
@@ -80,15 +97,25 @@ class TrainConfig:
     eval_every: int = opt(0, "Evaluate on held-out data every N steps (0 = only before and after training).")
     save_every: int = opt(0, "Write a resumable checkpoint every N steps (0 = only at the end).")
     log_every: int = opt(1, "Write a metrics line every N steps.")
-    report_to: str = opt("none", "Experiment trackers fed the metrics.jsonl numbers: none, tensorboard, wandb, mlflow, all (those installed), or a comma list; files under `out` (W&B: set WANDB_MODE=offline or log in).")
+    report_to: str = opt(
+        "none",
+        "Experiment trackers fed the metrics.jsonl numbers: none, tensorboard, wandb, mlflow, all (those installed), "
+        "or a comma list; files under `out` (W&B: set WANDB_MODE=offline or log in).",
+    )
     resume: bool = opt(False, "Continue from the latest checkpoint in `out` on exactly the same trajectory.")
     lora: bool = opt(False, "Train LoRA adapters (peft) instead of all weights; the final model is saved merged.")
     lora_r: int = opt(16, "LoRA rank.")
     lora_alpha: int = opt(32, "LoRA alpha.")
     lora_dropout: float = opt(0.0, "LoRA dropout (0 keeps log-probs deterministic).")
-    lora_targets: list = opt(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], "Module names LoRA adapts.")
+    lora_targets: list = opt(
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], "Module names LoRA adapts."
+    )
     gradient_checkpointing: bool = opt(False, "Recompute activations in the backward pass (less memory, ~30% slower).")
-    compile: Switch = opt("auto", "torch.compile each transformer block for training: auto (bf16 full fine-tuning with a C++ compiler), on or off.")
+    compile: Switch = opt(
+        "auto",
+        "torch.compile each transformer block for training: auto (bf16 full fine-tuning with a C++ compiler), on or "
+        "off.",
+    )
 
     def __post_init__(self) -> None:
         check_literals(self)
@@ -107,7 +134,9 @@ class PretrainConfig(TrainConfig):
 class SFTConfig(TrainConfig):
     """Supervised fine-tuning on demonstrations, loss on response tokens only."""
 
-    packing: bool = opt(False, "Pack several examples into each `max_length` row (attention stays within each example).")
+    packing: bool = opt(
+        False, "Pack several examples into each `max_length` row (attention stays within each example)."
+    )
     lr: float = opt(2e-5, "Peak learning rate (AdamW).")
     warmup_steps: int = opt(5, "Linear warm-up steps from 0 to `lr`.")
 
@@ -119,31 +148,56 @@ class RewardConfig(TrainConfig):
     batch_size: int = opt(8, "Prompts per optimizer step (each brings all K of its responses).")
     lr: float = opt(1e-5, "Peak learning rate (AdamW).")
     warmup_steps: int = opt(5, "Linear warm-up steps from 0 to `lr`.")
-    normalize: bool = opt(True, "After training, set the offset so the mean score of the reference (best) answers is 0.")
-    share_prompt: bool = opt(True, "Put the K responses of a prompt in one row after a single copy of the prompt (same scores, fewer tokens; used when it saves >= 10% of them).")
+    normalize: bool = opt(
+        True, "After training, set the offset so the mean score of the reference (best) answers is 0."
+    )
+    share_prompt: bool = opt(
+        True,
+        "Put the K responses of a prompt in one row after a single copy of the prompt (same scores, fewer tokens; "
+        "used when it saves >= 10% of them).",
+    )
 
 
 @dataclass
 class PPOConfig(TrainConfig):
     """PPO against a reward model with a per-token KL penalty to the SFT model (InstructGPT step 3)."""
 
-    model: str = opt("smollm2-135m-instruct", "The SFT model: the policy starts from it and the frozen reference is it.")
+    model: str = opt(
+        "smollm2-135m-instruct", "The SFT model: the policy starts from it and the frozen reference is it."
+    )
     data: str = opt("", "Prompts (any prompt format of the loaders). Empty: the built-in task's train split.")
-    reward_model: str = opt("", "Reward model directory (saved by `rlhfkit rm`). Empty only when a reward_fn is passed from Python.")
-    critic: Critic = opt("rm", "Critic: 'rm' (a copy of the reward model, its head applied per token) or 'policy_head' (a value head on the policy trunk).")
-    critic_model: str = opt("", "Initialise the critic from this model instead of `reward_model` (empty: reward_model, else the SFT model with a fresh head).")
+    reward_model: str = opt(
+        "", "Reward model directory (saved by `rlhfkit rm`). Empty only when a reward_fn is passed from Python."
+    )
+    critic: Critic = opt(
+        "rm",
+        "Critic: 'rm' (a copy of the reward model, its head applied per token) or 'policy_head' (a value head on the "
+        "policy trunk).",
+    )
+    critic_model: str = opt(
+        "",
+        "Initialise the critic from this model instead of `reward_model` (empty: reward_model, else the SFT model "
+        "with a fresh head).",
+    )
     batch_size: int = opt(16, "Prompts per PPO iteration (rollout batch = batch_size x samples_per_prompt).")
     samples_per_prompt: int = opt(1, "Responses sampled per prompt in each iteration (they share one prefill).")
     max_steps: int = opt(0, "PPO iterations (0 = from epochs over the prompts).")
-    max_new_tokens: int = opt(64, "Longest response in tokens; one that reaches it without EOS gets missing_eos_penalty.")
+    max_new_tokens: int = opt(
+        64, "Longest response in tokens; one that reaches it without EOS gets missing_eos_penalty."
+    )
     max_prompt_length: int = opt(256, "Prompts longer than this keep their last tokens (counted and reported).")
     temperature: float = opt(0.7, "Sampling temperature; log-probs are always recomputed from logits / temperature.")
-    ignore_eos: bool = opt(False, "Always generate max_new_tokens (benchmarks, TRL's default); responses are still cut after the first EOS.")
+    ignore_eos: bool = opt(
+        False,
+        "Always generate max_new_tokens (benchmarks, TRL's default); responses are still cut after the first EOS.",
+    )
     ppo_epochs: int = opt(1, "Passes over each rollout batch.")
     num_minibatches: int = opt(2, "Optimizer steps per pass over a rollout batch.")
     lr: float = opt(3e-6, "Learning rate of policy and critic (one AdamW, one gradient-norm clip).")
     schedule: Schedule = opt("constant", "Learning-rate decay after warm-up: cosine, linear or constant.")
-    kl_coef: float = opt(0.05, "beta of the per-token KL penalty -beta (log pi - log pi_ref); the initial value when adaptive_kl.")
+    kl_coef: float = opt(
+        0.05, "beta of the per-token KL penalty -beta (log pi - log pi_ref); the initial value when adaptive_kl."
+    )
     adaptive_kl: bool = opt(False, "Adapt beta towards target_kl (Ziegler et al. 2019).")
     target_kl: float = opt(6.0, "Target KL per response (nats) for adaptive_kl.")
     kl_horizon: int = opt(10000, "Horizon (episodes) of the adaptive KL controller.")
@@ -152,18 +206,36 @@ class PPOConfig(TrainConfig):
     cliprange: float = opt(0.2, "PPO ratio clip epsilon.")
     cliprange_value: float = opt(0.2, "Value clip epsilon (in reward units).")
     vf_coef: float = opt(0.1, "Weight of the value loss.")
-    value_head_lr: float = opt(1e-3, "critic='policy_head': learning rate of the value head (0 = lr). The head starts at zero and must learn the value scale within a few iterations; at the trunk's lr it barely moves.")
+    value_head_lr: float = opt(
+        1e-3,
+        "critic='policy_head': learning rate of the value head (0 = lr). The head starts at zero and must learn the "
+        "value scale within a few iterations; at the trunk's lr it barely moves.",
+    )
     whiten_advantages: bool = opt(True, "Whiten advantages over the rollout batch.")
     whiten_rewards: bool = opt(False, "Scale per-token rewards to unit variance (mean kept).")
     score_clip: float = opt(0.0, "Clip reward-model scores to [-c, c] (0 = off).")
-    score_baseline: ScoreBaseline = opt("none", "'group': subtract from each score the mean of the other samples of its prompt (leave-one-out, RLOO; needs samples_per_prompt >= 2): the RM's per-prompt offset is noise to PPO. 'none': InstructGPT's plain score.")
-    missing_eos_penalty: float | None = opt(-1.0, "Score given to a response that never produced EOS (null = keep its score).")
+    score_baseline: ScoreBaseline = opt(
+        "none",
+        "'group': subtract from each score the mean of the other samples of its prompt (leave-one-out, RLOO; needs "
+        "samples_per_prompt >= 2): the RM's per-prompt offset is noise to PPO. 'none': InstructGPT's plain score.",
+    )
+    missing_eos_penalty: float | None = opt(
+        -1.0, "Score given to a response that never produced EOS (null = keep its score)."
+    )
     ptx_data: str = opt("", "PPO-ptx: a text corpus whose next-token loss is mixed into every minibatch (empty = off).")
     ptx_coef: float = opt(0.0, "PPO-ptx: weight gamma of the pretraining loss.")
     ptx_batch_size: int = opt(4, "PPO-ptx: corpus chunks per minibatch.")
     ptx_length: int = opt(256, "PPO-ptx: tokens per corpus chunk.")
-    grad_accum: int = opt(2, "Micro-batches per minibatch, each of rows of similar length (less padding, less memory; the loss does not change). 1 suits a GPU.")
-    forward_batch_size: int = opt(4, "Sequences per no-grad forward (log-probs, reference, values, scores), rows sorted by length so each chunk pads little; larger suits a GPU.")
+    grad_accum: int = opt(
+        2,
+        "Micro-batches per minibatch, each of rows of similar length (less padding, less memory; the loss does not "
+        "change). 1 suits a GPU.",
+    )
+    forward_batch_size: int = opt(
+        4,
+        "Sequences per no-grad forward (log-probs, reference, values, scores), rows sorted by length so each chunk "
+        "pads little; larger suits a GPU.",
+    )
     save_every: int = opt(0, "Write a resumable checkpoint every N iterations (0 = only at the end).")
 
 
@@ -180,51 +252,88 @@ class PipelineConfig:
     out: str = opt("runs/demo", "Run directory: every round's samples, rankings, models and metrics stay here.")
     train_prompts: int = opt(96, "Train prompts of the built-in task to sample and label (seeded subset).")
     eval_prompts: int = opt(0, "Held-out prompts for judging versions (0 = all 108).")
-    k: int = opt(6, "Answers sampled per prompt for the labeler to rank (K = 2..9); a ranking of K gives K(K-1)/2 "
-                    "pairs.")
+    k: int = opt(
+        6, "Answers sampled per prompt for the labeler to rank (K = 2..9); a ranking of K gives K(K-1)/2 pairs."
+    )
     max_new_tokens: int = opt(128, "Longest answer sampled for ranking and judging, in tokens.")
     temperature: float = opt(1.0, "Sampling temperature of the K answers to rank.")
-    labeler: Labeler = opt("simulated", "Who ranks: simulated (gold rubric + human-like noise), gold (no noise), "
-                                        "human (people in `rlhfkit serve`), or mix (people, the simulated labeler "
-                                        "for the rest).")
-    db: str = opt("", "labeler=human/mix: preference-store URL (empty: SQLite feedback.db in `out`, which "
-                      "`rlhfkit serve --run OUT` uses).")
-    human_rankings: int = opt(0, "labeler=human/mix: tasks of a round that people must rank before training goes on "
-                                 "(0 = all).")
-    human_timeout: float = opt(86400.0, "labeler=human/mix: seconds to wait for them; then stop (rerun the same "
-                                        "command to keep waiting).")
+    labeler: Labeler = opt(
+        "simulated",
+        "Who ranks: simulated (gold rubric + human-like noise), gold (no noise), "
+        "human (people in `rlhfkit serve`), or mix (people, the simulated labeler "
+        "for the rest).",
+    )
+    db: str = opt(
+        "",
+        "labeler=human/mix: preference-store URL (empty: SQLite feedback.db in `out`, which "
+        "`rlhfkit serve --run OUT` uses).",
+    )
+    human_rankings: int = opt(
+        0, "labeler=human/mix: tasks of a round that people must rank before training goes on (0 = all)."
+    )
+    human_timeout: float = opt(
+        86400.0, "labeler=human/mix: seconds to wait for them; then stop (rerun the same command to keep waiting)."
+    )
     human_poll: float = opt(5.0, "labeler=human/mix: seconds between checks of the store.")
     labeler_temperature: float = opt(0.1, "Simulated labeler: Plackett-Luce noise temperature (0 = exact gold order).")
     labeler_length_bias: float = opt(0.0, "Simulated labeler: taste for longer (> 0) or shorter (< 0) answers.")
     labeler_random_share: float = opt(0.05, "Simulated labeler: share of careless, uniformly random rankings.")
-    revise_demos: bool = opt(True, "Edit each demonstration by rule where that satisfies an instruction it missed "
-                                   "(rlhfkit/feedback/revise.py).")
-    rank_revisions: bool = opt(True, "The simulated or gold labeler also ranks rule-revised versions of the sampled "
-                                     "answers, so the RM sees one answer with and without a missed instruction met.")
-    rank_edit_sets: bool = opt(True, "The simulated or gold labeler also ranks, per prompt, one sampled answer beside "
-                                     "rule edits of it that each fix one missed instruction.")
-    min_demo_score: float = opt(0.0, "A prompt's best answer becomes a demonstration only if its gold score is above "
-                                     "this.")
-    rounds: int = opt(1, "Rounds of iterated online RLHF: each samples from the newest policy, ranks, retrains the "
-                         "RM, runs PPO.")
-    round_prompts: int = opt(64, "Fresh train prompts whose K answers from the newest policy are ranked in each "
-                                 "round after the first (and in round 1 with rank_sft).")
-    rank_sft: bool = opt(True, "Round 1 also ranks K answers of the SFT model to round_prompts fresh prompts, so the "
-                               "RM learns from SFT samples too (as InstructGPT).")
+    revise_demos: bool = opt(
+        True,
+        "Edit each demonstration by rule where that satisfies an instruction it missed (rlhfkit/feedback/revise.py).",
+    )
+    rank_revisions: bool = opt(
+        True,
+        "The simulated or gold labeler also ranks rule-revised versions of the sampled "
+        "answers, so the RM sees one answer with and without a missed instruction met.",
+    )
+    rank_edit_sets: bool = opt(
+        True,
+        "The simulated or gold labeler also ranks, per prompt, one sampled answer beside "
+        "rule edits of it that each fix one missed instruction.",
+    )
+    min_demo_score: float = opt(
+        0.0, "A prompt's best answer becomes a demonstration only if its gold score is above this."
+    )
+    rounds: int = opt(
+        1, "Rounds of iterated online RLHF: each samples from the newest policy, ranks, retrains the RM, runs PPO."
+    )
+    round_prompts: int = opt(
+        64,
+        "Fresh train prompts whose K answers from the newest policy are ranked in each "
+        "round after the first (and in round 1 with rank_sft).",
+    )
+    rank_sft: bool = opt(
+        True,
+        "Round 1 also ranks K answers of the SFT model to round_prompts fresh prompts, so the "
+        "RM learns from SFT samples too (as InstructGPT).",
+    )
     with_ppo: bool = opt(True, "Run PPO in every round (false: SFT and reward models only).")
-    precision: Precision = opt("auto", "Precision of every stage: auto (bf16 where the hardware has it), bf16 or "
-                                       "fp32.")
+    precision: Precision = opt("auto", "Precision of every stage: auto (bf16 where the hardware has it), bf16 or fp32.")
     seed: int = opt(0, "Seed for prompt choice, sampling, labeler noise and every stage (PPO of round r: seed + r).")
-    save_every: int = opt(10, "Every stage writes a resumable checkpoint every N steps (0 = only at the end); a "
-                              "killed pipeline, run again, continues each stage from its last one.")
-    report_to: str = opt("none", "Experiment trackers of every stage: none, tensorboard, wandb, mlflow, all, or a "
-                                 "comma list.")
-    fresh_process: bool = opt(True, "Run each training stage in a child process of its own (the same results): in "
-                                    "one process the earlier stages' leftover memory slows the later ones.")
-    eval_suites: str = opt("", "Also run these `rlhfkit eval` suites on every version, SFT as the baseline (comma "
-                               "list of truthful, harmless, tax, helpful; empty = none).")
-    eval_data_dir: str = opt("", "Local copies of the eval_suites data sets, laid out as `rlhfkit eval --help` "
-                                 "lists under --data-dir. Empty = their Hugging Face hub datasets.")
+    save_every: int = opt(
+        10,
+        "Every stage writes a resumable checkpoint every N steps (0 = only at the end); a "
+        "killed pipeline, run again, continues each stage from its last one.",
+    )
+    report_to: str = opt(
+        "none", "Experiment trackers of every stage: none, tensorboard, wandb, mlflow, all, or a comma list."
+    )
+    fresh_process: bool = opt(
+        True,
+        "Run each training stage in a child process of its own (the same results): in "
+        "one process the earlier stages' leftover memory slows the later ones.",
+    )
+    eval_suites: str = opt(
+        "",
+        "Also run these `rlhfkit eval` suites on every version, SFT as the baseline (comma "
+        "list of truthful, harmless, tax, helpful; empty = none).",
+    )
+    eval_data_dir: str = opt(
+        "",
+        "Local copies of the eval_suites data sets, laid out as `rlhfkit eval --help` "
+        "lists under --data-dir. Empty = their Hugging Face hub datasets.",
+    )
     eval_limit: int = opt(100, "Cap on the items of each eval suite (0 = whole data sets; hours on a CPU).")
     sft: SFTConfig = opt(SFTConfig, "SFT on the demonstrations (the labeler's best answer of each prompt).")
     rm: RewardConfig = opt(RewardConfig, "The reward model of each round, from all rankings so far.")
@@ -238,8 +347,10 @@ class PipelineConfig:
                 setattr(self, name, value)
             for key in PIPELINE_SETS + (("reward_model",) if name == "ppo" else ()):
                 if getattr(value, key) != getattr(cls(), key):
-                    raise UserError(f"{name}.{key}: the pipeline sets each stage's {key} itself; "
-                                    f"remove {name}.{key}=... (see `rlhfkit pipeline --help`)")
+                    raise UserError(
+                        f"{name}.{key}: the pipeline sets each stage's {key} itself; "
+                        f"remove {name}.{key}=... (see `rlhfkit pipeline --help`)"
+                    )
         check_literals(self)
 
 
@@ -251,18 +362,29 @@ class ServeConfig:
     db: str = opt("", "Database URL (e.g. postgresql://user@host/db). Empty: sqlite in the run directory (WAL).")
     host: str = opt("127.0.0.1", "Address to listen on.")
     port: int = opt(8000, "Port to listen on.")
-    models: list = opt([], "Extra model versions as name=spec (any --model spec), besides those found in the run "
-                           "(repeatable: --model a=DIR --model b=DIR).", flag="--model")
+    models: list = opt(
+        [],
+        "Extra model versions as name=spec (any --model spec), besides those found in the run "
+        "(repeatable: --model a=DIR --model b=DIR).",
+        flag="--model",
+    )
     precision: Precision = opt("auto", "auto (bf16 where the hardware has it), bf16 or fp32.")
     max_new_tokens: int = opt(256, "Longest answer in chat, the arena and the API (tokens); requests may ask for less.")
     rate_limit: float = opt(30.0, "Chat, arena and API requests per minute per user (0 = no limit).")
     max_body_kb: int = opt(256, "Largest request body (KiB); larger requests get 413.")
-    public_url: str = opt("", "Base URL for invite links (empty: http://host:port). An https URL also makes the "
-                              "cookies Secure with __Host- names and turns on HSTS.")
-    login_failures: int = opt(5, "Failed sign-ins for one name within login_window_s; further attempts are refused "
-                                 "(429, Retry-After) until the oldest leave the window (0 = no limit).")
-    login_failures_per_address: int = opt(20, "Failed sign-ins from one client address within login_window_s "
-                                              "(0 = no limit).")
+    public_url: str = opt(
+        "",
+        "Base URL for invite links (empty: http://host:port). An https URL also makes the "
+        "cookies Secure with __Host- names and turns on HSTS.",
+    )
+    login_failures: int = opt(
+        5,
+        "Failed sign-ins for one name within login_window_s; further attempts are refused "
+        "(429, Retry-After) until the oldest leave the window (0 = no limit).",
+    )
+    login_failures_per_address: int = opt(
+        20, "Failed sign-ins from one client address within login_window_s (0 = no limit)."
+    )
     login_window_s: float = opt(300.0, "The sign-in throttling window (seconds).")
 
     def __post_init__(self) -> None:
@@ -285,8 +407,9 @@ _Loader.yaml_implicit_resolvers = {
     first: [(tag, rx) for tag, rx in rules if tag != "tag:yaml.org,2002:bool"]
     for first, rules in yaml.SafeLoader.yaml_implicit_resolvers.items()
 }
-_Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
-                              list("tTfF"))
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
 
 
 def _hints(cls: type) -> dict[str, Any]:
@@ -374,8 +497,10 @@ def _owner(cls: type, dotted: str, where: str) -> tuple[type, str]:
         cls = sub
     _check_name(cls, name, where)
     if dataclasses.is_dataclass(_hints(cls)[name]):
-        raise UserError(f"{where}: '{dotted}' is a group of settings: set {dotted}.<name>=value "
-                        f"(`rlhfkit {dotted.split('.')[-1]} --help` lists them)")
+        raise UserError(
+            f"{where}: '{dotted}' is a group of settings: set {dotted}.<name>=value "
+            f"(`rlhfkit {dotted.split('.')[-1]} --help` lists them)"
+        )
     return cls, name
 
 

@@ -54,15 +54,21 @@ def test_bad_yaml_preset_names_file_and_line(tmp_path):
 
 
 def test_missing_data_file(tmp_path, tiny_path):
-    result = runner.invoke(app, ["sft", "--model", tiny_path, "--data", str(tmp_path / "nope.jsonl"), "--out", str(tmp_path / "o")])
+    result = runner.invoke(
+        app, ["sft", "--model", tiny_path, "--data", str(tmp_path / "nope.jsonl"), "--out", str(tmp_path / "o")]
+    )
     assert result.exit_code == 2
     assert "nope.jsonl" in _error_line(result)
 
 
 def test_malformed_record_names_file_line_and_field(tmp_path, tiny_path):
     data = tmp_path / "pairs.jsonl"
-    data.write_text(json.dumps({"prompt": "hi", "chosen": "a", "rejected": "b"}) + "\n"
-                    + json.dumps({"prompt": "hi", "chosen": None, "rejected": "b"}) + "\n")
+    data.write_text(
+        json.dumps({"prompt": "hi", "chosen": "a", "rejected": "b"})
+        + "\n"
+        + json.dumps({"prompt": "hi", "chosen": None, "rejected": "b"})
+        + "\n"
+    )
     result = runner.invoke(app, ["rm", "--model", tiny_path, "--data", str(data), "--out", str(tmp_path / "o")])
     assert result.exit_code == 2
     line = _error_line(result)
@@ -70,7 +76,9 @@ def test_malformed_record_names_file_line_and_field(tmp_path, tiny_path):
 
 
 def test_unknown_model_spec(tmp_path, fixtures):
-    result = runner.invoke(app, ["sft", "--model", "no-such-model", "--data", str(fixtures / "demos.jsonl"), "--out", str(tmp_path / "o")])
+    result = runner.invoke(
+        app, ["sft", "--model", "no-such-model", "--data", str(fixtures / "demos.jsonl"), "--out", str(tmp_path / "o")]
+    )
     assert result.exit_code == 2
     assert "--model no-such-model" in _error_line(result)
 
@@ -85,7 +93,9 @@ def test_existing_run_is_not_overwritten(tmp_path, tiny_path):
 
 
 def test_resume_without_checkpoint(tmp_path, tiny_path):
-    result = runner.invoke(app, ["sft", "--model", tiny_path, "--data", "x.jsonl", "--out", str(tmp_path / "o"), "resume=true"])
+    result = runner.invoke(
+        app, ["sft", "--model", tiny_path, "--data", "x.jsonl", "--out", str(tmp_path / "o"), "resume=true"]
+    )
     assert result.exit_code == 2
     assert "no checkpoint" in _error_line(result)
 
@@ -123,16 +133,19 @@ def test_nested_stage_settings_on_the_command_line_and_in_yaml(tmp_path):
     assert (cfg.ppo.kl_coef, cfg.ppo.compile, cfg.ppo.critic, cfg.rm.epochs) == (0.02, "off", "policy_head", 2.0)
 
 
-@pytest.mark.parametrize(("override", "message"), [
-    ("ppo.critic=value_net", "critic expects one of rm, policy_head, got 'value_net'"),
-    ("sft.schedule=cosin", "schedule expects one of cosine, linear, constant"),
-    ("labeler=robot", "labeler expects one of simulated, gold, human, mix"),
-    ("sft.lrr=1e-4", "unknown setting 'lrr' (did you mean lr?)"),
-    ("sft.model=other", "the pipeline sets each stage's model itself"),
-    ("ppo.reward_model=x", "the pipeline sets each stage's reward_model itself"),
-    ("sft=1", "'sft' is a group of settings"),
-    ("k.x=1", "'k' is a single setting"),
-])
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("ppo.critic=value_net", "critic expects one of rm, policy_head, got 'value_net'"),
+        ("sft.schedule=cosin", "schedule expects one of cosine, linear, constant"),
+        ("labeler=robot", "labeler expects one of simulated, gold, human, mix"),
+        ("sft.lrr=1e-4", "unknown setting 'lrr' (did you mean lr?)"),
+        ("sft.model=other", "the pipeline sets each stage's model itself"),
+        ("ppo.reward_model=x", "the pipeline sets each stage's reward_model itself"),
+        ("sft=1", "'sft' is a group of settings"),
+        ("k.x=1", "'k' is a single setting"),
+    ],
+)
 def test_bad_pipeline_settings_are_one_line_errors(override, message, tmp_path):
     result = runner.invoke(app, ["pipeline", "--out", str(tmp_path / "o"), override])
     assert result.exit_code == 2
@@ -143,8 +156,11 @@ def test_literal_fields_are_checked_when_a_config_is_built():
     from rlhfkit.config import PPOConfig, ServeConfig, SFTConfig
     from rlhfkit.errors import UserError
 
-    for make in (lambda: PPOConfig(score_baseline="mean"), lambda: SFTConfig(precision="fp16"),
-                 lambda: ServeConfig(precision="half")):
+    for make in (
+        lambda: PPOConfig(score_baseline="mean"),
+        lambda: SFTConfig(precision="fp16"),
+        lambda: ServeConfig(precision="half"),
+    ):
         with pytest.raises(UserError, match="expected one of"):
             make()
 

@@ -829,12 +829,30 @@ def test_eval_command_is_generated_from_its_config(monkeypatch):
     monkeypatch.setattr(runner_module, "run_eval", lambda cfg: seen.append(cfg) or {"models": {}})
     monkeypatch.setattr("rlhfkit.evals.report.write_report", lambda results, out: ("a.json", "a.html"))
     monkeypatch.setattr("rlhfkit.evals.report.summary_rows", lambda results: [])
-    res = CliRunner().invoke(app, ["eval", "--model", "a=x,b=y", "--model", "c", "--suite", "tax", "--no-progress",
-                                   "gen_limit=null", "precision=bf16"])
+    res = CliRunner().invoke(
+        app,
+        [
+            "eval",
+            "--model",
+            "a=x,b=y",
+            "--model",
+            "c",
+            "--suite",
+            "tax",
+            "--no-progress",
+            "gen_limit=null",
+            "precision=bf16",
+        ],
+    )
     assert res.exit_code == 0, res.output
     (cfg,) = seen
     assert (cfg.models, cfg.suites, cfg.show_progress, cfg.gen_limit, cfg.precision) == (
-        ["a=x", "b=y", "c"], ["tax"], False, None, "bf16")
+        ["a=x", "b=y", "c"],
+        ["tax"],
+        False,
+        None,
+        "bf16",
+    )
     res = CliRunner().invoke(app, ["eval", "--suite", "tax"])
     assert res.exit_code == 2 and "error: --model: name at least one model" in res.output
     res = CliRunner().invoke(app, ["eval", "--model", "c", "precision=fp16"])

@@ -14,17 +14,36 @@ from rlhfkit.recipes.pipeline import run_pipeline
 def demo_config(sft: dict | None = None, rm: dict | None = None, ppo: dict | None = None, **top) -> PipelineConfig:
     """The demo's recipe (presets/demo.yaml) with these settings changed: the main job, made small."""
     cfg = build_config(PipelineConfig, "demo")
-    return dataclasses.replace(cfg, sft=dataclasses.replace(cfg.sft, **(sft or {})),
-                               rm=dataclasses.replace(cfg.rm, **(rm or {})),
-                               ppo=dataclasses.replace(cfg.ppo, **(ppo or {})), **top)
+    return dataclasses.replace(
+        cfg,
+        sft=dataclasses.replace(cfg.sft, **(sft or {})),
+        rm=dataclasses.replace(cfg.rm, **(rm or {})),
+        ppo=dataclasses.replace(cfg.ppo, **(ppo or {})),
+        **top,
+    )
 
 
 def test_pipeline_end_to_end_on_tiny(tiny_path, tmp_path, fixtures):
-    cfg = demo_config(model=tiny_path, out=str(tmp_path / "run"), train_prompts=8, eval_prompts=4, k=3,
-                      max_new_tokens=12, precision="fp32", min_demo_score=-2.0, rounds=1, round_prompts=4,
-                      rank_sft=True, revise_demos=True, rank_revisions=True, eval_suites="truthful,tax",
-                      eval_data_dir=str(fixtures / "evals"), eval_limit=3, sft={"batch_size": 4},
-                      ppo={"max_steps": 1, "batch_size": 2, "max_new_tokens": 12})
+    cfg = demo_config(
+        model=tiny_path,
+        out=str(tmp_path / "run"),
+        train_prompts=8,
+        eval_prompts=4,
+        k=3,
+        max_new_tokens=12,
+        precision="fp32",
+        min_demo_score=-2.0,
+        rounds=1,
+        round_prompts=4,
+        rank_sft=True,
+        revise_demos=True,
+        rank_revisions=True,
+        eval_suites="truthful,tax",
+        eval_data_dir=str(fixtures / "evals"),
+        eval_limit=3,
+        sft={"batch_size": 4},
+        ppo={"max_steps": 1, "batch_size": 2, "max_new_tokens": 12},
+    )
     summary = run_pipeline(cfg)
     run = tmp_path / "run"
     samples = [json.loads(x) for x in (run / "round0" / "samples.jsonl").read_text().splitlines()]
@@ -44,7 +63,9 @@ def test_pipeline_end_to_end_on_tiny(tiny_path, tmp_path, fixtures):
     fresh = [json.loads(x) for x in (run / "round1" / "rankings.jsonl").read_text().splitlines()]
     assert len(fresh) == 4 and not {r["prompt"] for r in fresh} & {r["prompt"] for r in rankings}
     # rank_edit_sets: per prompt at most one more ranking, of an answer and its single-instruction edits
-    edit_sets = [json.loads(x) for r in (0, 1) for x in (run / f"round{r}" / "edit_rankings.jsonl").read_text().splitlines()]
+    edit_sets = [
+        json.loads(x) for r in (0, 1) for x in (run / f"round{r}" / "edit_rankings.jsonl").read_text().splitlines()
+    ]
     assert len(edit_sets) <= 12 and all(e["meta"]["edit_set"] and 2 <= len(e["responses"]) <= 9 for e in edit_sets)
     assert summary["rm_accuracy"][0]["rankings"] == 12 + len(edit_sets)
     gold = summary["rm_accuracy"][0]["gold_after"]  # the simulated labeler's gold scores reach the RM's eval
@@ -59,14 +80,20 @@ def test_pipeline_end_to_end_on_tiny(tiny_path, tmp_path, fixtures):
     import yaml
 
     ppo_cfg = yaml.safe_load((run / "round1" / "ppo" / "config.yaml").read_text())
-    assert (ppo_cfg["samples_per_prompt"], ppo_cfg["score_baseline"], ppo_cfg["lam"], ppo_cfg["batch_size"]) == (4, "group", 1.0, 2)
+    assert (ppo_cfg["samples_per_prompt"], ppo_cfg["score_baseline"], ppo_cfg["lam"], ppo_cfg["batch_size"]) == (
+        4,
+        "group",
+        1.0,
+        2,
+    )
     # the proxy beside the gold: round 1's RM on each version's held-out answers
     from rlhfkit.evals.helpful import hf_reward_fn
     from rlhfkit.tasks import load_task
 
     sft_rows = [json.loads(x) for x in (run / "eval" / "sft.jsonl").read_text().splitlines()]
-    want = hf_reward_fn(str(run / "round1" / "rm" / "model"))([p.messages for p in load_task("eval")[:4]],
-                                                             [r["responses"][0] for r in sft_rows])
+    want = hf_reward_fn(str(run / "round1" / "rm" / "model"))(
+        [p.messages for p in load_task("eval")[:4]], [r["responses"][0] for r in sft_rows]
+    )
     assert summary["versions"]["sft"]["rm_mean"] == pytest.approx(sum(want) / 4, abs=1e-4)
     assert all(v["rm_round"] == 1 and math.isfinite(v["rm_mean"]) for v in summary["versions"].values())
     page = (run / "report.html").read_text()
@@ -92,9 +119,17 @@ def test_pipeline_rejects_bad_eval_suites_before_training(tiny_path, tmp_path):
     from rlhfkit.errors import UserError
 
     with pytest.raises(UserError, match="unknown fluency"):
-        run_pipeline(PipelineConfig(model=tiny_path, out=str(tmp_path / "a"), eval_suites="truthful,fluency", eval_data_dir=str(tmp_path)))
+        run_pipeline(
+            PipelineConfig(
+                model=tiny_path, out=str(tmp_path / "a"), eval_suites="truthful,fluency", eval_data_dir=str(tmp_path)
+            )
+        )
     with pytest.raises(UserError, match="eval_data_dir=.*none: no such directory"):
-        run_pipeline(PipelineConfig(model=tiny_path, out=str(tmp_path / "b"), eval_suites="truthful", eval_data_dir=str(tmp_path / "none")))
+        run_pipeline(
+            PipelineConfig(
+                model=tiny_path, out=str(tmp_path / "b"), eval_suites="truthful", eval_data_dir=str(tmp_path / "none")
+            )
+        )
     assert not (tmp_path / "b" / "round0").exists()
 
 
@@ -107,20 +142,31 @@ def test_a_stage_in_a_child_process_trains_the_same_model_and_reports_errors(tin
     from rlhfkit.recipes.sft import train_sft
 
     data = tmp_path / "demos.jsonl"
-    data.write_text("".join(json.dumps({"prompt": f"Say {w}.", "response": f"{w} {w} {w}."}) + "\n"
-                            for w in ("red", "blue", "green", "gold", "gray", "pink")))
+    data.write_text(
+        "".join(
+            json.dumps({"prompt": f"Say {w}.", "response": f"{w} {w} {w}."}) + "\n"
+            for w in ("red", "blue", "green", "gold", "gray", "pink")
+        )
+    )
     weights = {}
     for fresh in (True, False):
         out = tmp_path / f"sft_{fresh}"
-        res = run_stage(PipelineConfig(fresh_process=fresh), train_sft,
-                        SFTConfig(model=tiny_path, data=str(data), out=str(out), epochs=2, batch_size=2, lr=1e-3, precision="fp32"))
+        res = run_stage(
+            PipelineConfig(fresh_process=fresh),
+            train_sft,
+            SFTConfig(model=tiny_path, data=str(data), out=str(out), epochs=2, batch_size=2, lr=1e-3, precision="fp32"),
+        )
         assert res["step"] > 0 and math.isfinite(res["loss"])
         weights[fresh] = load_file(str(out / "model" / "model.safetensors"))
     assert weights[True].keys() == weights[False].keys()
     assert all((weights[True][k] == weights[False][k]).all() for k in weights[True])  # seeded: bit for bit
     # a user's error inside the child reaches the parent as the same one-line error
     with pytest.raises(UserError, match="missing.jsonl"):
-        run_stage(PipelineConfig(), train_sft, SFTConfig(model=tiny_path, data=str(tmp_path / "missing.jsonl"), out=str(tmp_path / "x")))
+        run_stage(
+            PipelineConfig(),
+            train_sft,
+            SFTConfig(model=tiny_path, data=str(tmp_path / "missing.jsonl"), out=str(tmp_path / "x")),
+        )
 
 
 CRASH = """
@@ -156,10 +202,23 @@ def test_a_killed_pipeline_resumes_each_stage_from_its_checkpoint(tiny_path, tmp
 
     from safetensors.torch import load_file
 
-    settings = dataclasses.asdict(demo_config(
-        model=tiny_path, train_prompts=8, eval_prompts=3, k=3, max_new_tokens=10, precision="fp32", min_demo_score=-2.0,
-        round_prompts=4, save_every=1, fresh_process=False, sft={"batch_size": 4}, rm={"batch_size": 4},
-        ppo={"max_steps": 4, "batch_size": 2, "max_new_tokens": 10}))
+    settings = dataclasses.asdict(
+        demo_config(
+            model=tiny_path,
+            train_prompts=8,
+            eval_prompts=3,
+            k=3,
+            max_new_tokens=10,
+            precision="fp32",
+            min_demo_score=-2.0,
+            round_prompts=4,
+            save_every=1,
+            fresh_process=False,
+            sft={"batch_size": 4},
+            rm={"batch_size": 4},
+            ppo={"max_steps": 4, "batch_size": 2, "max_new_tokens": 10},
+        )
+    )
     from rlhfkit.recipes.common import read_metrics
 
     def assert_continued(stage_dir, at, before):
@@ -173,8 +232,12 @@ def test_a_killed_pipeline_resumes_each_stage_from_its_checkpoint(tiny_path, tmp
     script.write_text(CRASH)
     resumed = None  # the stage the previous kill interrupted, and its checkpoint
     for stage, at in (("sft", 2), ("rm", 1), ("ppo", 2)):
-        proc = subprocess.run([sys.executable, str(script), json.dumps({**settings, "out": str(run)}), stage, str(at)],
-                              capture_output=True, text=True, timeout=600)
+        proc = subprocess.run(
+            [sys.executable, str(script), json.dumps({**settings, "out": str(run)}), stage, str(at)],
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert proc.returncode == -9, proc.stderr[-2000:]  # killed, as planned, mid-stage
         stage_dir = run / ("sft" if stage == "sft" else f"round1/{stage}")
         assert (stage_dir / "checkpoints" / f"step-{at:06d}").is_dir() and not (stage_dir / "model").exists()
@@ -187,14 +250,17 @@ def test_a_killed_pipeline_resumes_each_stage_from_its_checkpoint(tiny_path, tmp
     assert f"{run / 'round1' / 'ppo'}: resuming from step-000002" in said
     assert_continued(*resumed)
     for d in ("sft", "round1/rm", "round1/ppo"):
-        a, b = load_file(str(tmp_path / "whole" / d / "model" / "model.safetensors")), load_file(str(run / d / "model" / "model.safetensors"))
+        a, b = (
+            load_file(str(tmp_path / "whole" / d / "model" / "model.safetensors")),
+            load_file(str(run / d / "model" / "model.safetensors")),
+        )
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), d
         assert not (run / d / "checkpoints").exists()  # a finished stage keeps only its model
     assert summary["versions"] == whole["versions"]
     # the resumed stages' metrics logs hold each step once, as the uninterrupted run's do
     for d in ("sft", "round1/rm", "round1/ppo"):
-        steps = lambda where: [m["step"] for m in read_metrics(where / d)]  # noqa: E731
-        assert steps(run) == steps(tmp_path / "whole"), d
+        steps = [[m["step"] for m in read_metrics(where / d)] for where in (run, tmp_path / "whole")]
+        assert steps[0] == steps[1], d
 
 
 def _lines(path) -> int:
@@ -232,10 +298,13 @@ def test_a_stage_child_dies_with_the_pipeline(tiny_path, tmp_path, fixtures):
     import time
 
     out = tmp_path / "sft"
-    script = (f"from rlhfkit.config import PipelineConfig, SFTConfig\n"
-              f"from rlhfkit.recipes.pipeline import run_stage\nfrom rlhfkit.recipes.sft import train_sft\n"
-              f"run_stage(PipelineConfig(), train_sft, SFTConfig(model={tiny_path!r}, data={str(fixtures / 'demos.jsonl')!r}, "
-              f"out={str(out)!r}, max_steps=100000, batch_size=2, precision='fp32'))\n")
+    script = (
+        f"from rlhfkit.config import PipelineConfig, SFTConfig\n"
+        f"from rlhfkit.recipes.pipeline import run_stage\nfrom rlhfkit.recipes.sft import train_sft\n"
+        f"run_stage(PipelineConfig(), train_sft, SFTConfig(model={tiny_path!r}, "
+        f"data={str(fixtures / 'demos.jsonl')!r}, "
+        f"out={str(out)!r}, max_steps=100000, batch_size=2, precision='fp32'))\n"
+    )
     parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 180
@@ -259,7 +328,7 @@ def test_a_stage_child_dies_with_the_pipeline(tiny_path, tmp_path, fixtures):
     assert _lines(out / "metrics.jsonl") == lines  # nobody trains on
 
 
-ODD_TEXT = "a\u2028b\u2029c\x85d\x0be\x0cf\x1cg\x1ei\x00 世界 🎉 \"quoted\" \\ back"  # (the tokenizer drops \x1d)
+ODD_TEXT = 'a\u2028b\u2029c\x85d\x0be\x0cf\x1cg\x1ei\x00 世界 🎉 "quoted" \\ back'  # (the tokenizer drops \x1d)
 
 
 def odd_answers(tok) -> list[tuple[list[int], str]]:
@@ -267,8 +336,14 @@ def odd_answers(tok) -> list[tuple[list[int], str]]:
     tokens, every line-break character, no EOS at all, and a plain answer."""
     eos = tok.eos_token_id
     ids = lambda s: tok(s, add_special_tokens=False)["input_ids"]  # noqa: E731
-    return [([eos], "stop"), (ids("   \n\t \n") + [eos], "stop"), ([1, 0, 1, 0] + [eos], "stop"),
-            (ids(ODD_TEXT) + [eos], "stop"), (ids(ODD_TEXT * 4), "length"), (ids("Sure, here it is.") + [eos], "stop")]
+    return [
+        ([eos], "stop"),
+        (ids("   \n\t \n") + [eos], "stop"),
+        ([1, 0, 1, 0] + [eos], "stop"),
+        (ids(ODD_TEXT) + [eos], "stop"),
+        (ids(ODD_TEXT * 4), "length"),
+        (ids("Sure, here it is.") + [eos], "stop"),
+    ]
 
 
 def stub_generate(self, prompts, params=None, n=1, progress=False):
@@ -282,9 +357,23 @@ def stub_generate(self, prompts, params=None, n=1, progress=False):
         for s in range(n):
             ids, reason = answers[(i * n + s + stub_generate.calls) % len(answers)]
             ids = ids[: prm.max_new_tokens]
-            reason = reason if len(ids) < prm.max_new_tokens or reason == "stop" and ids[-1] == self.tokenizer.eos_token_id else "length"
-            out.append(Completion(i, s, list(p), ids, [-1.0] * len(ids), self.tokenizer.decode(ids, skip_special_tokens=True),
-                                  reason, ids[-1] if reason == "stop" else None))
+            reason = (
+                reason
+                if len(ids) < prm.max_new_tokens or reason == "stop" and ids[-1] == self.tokenizer.eos_token_id
+                else "length"
+            )
+            out.append(
+                Completion(
+                    i,
+                    s,
+                    list(p),
+                    ids,
+                    [-1.0] * len(ids),
+                    self.tokenizer.decode(ids, skip_special_tokens=True),
+                    reason,
+                    ids[-1] if reason == "stop" else None,
+                )
+            )
     stub_generate.calls += 1
     return out
 
@@ -297,9 +386,21 @@ def test_the_main_job_survives_what_a_model_writes(tiny_path, tmp_path, monkeypa
 
     stub_generate.calls = 0
     monkeypatch.setattr(Engine, "generate", stub_generate)
-    cfg = demo_config(model=tiny_path, out=str(tmp_path / "run"), train_prompts=6, eval_prompts=6, k=6,
-                      max_new_tokens=40, precision="fp32", min_demo_score=-9.0, round_prompts=3, fresh_process=False,
-                      report_to="tensorboard", sft={"batch_size": 4}, ppo={"max_steps": 2, "batch_size": 2, "max_new_tokens": 40})
+    cfg = demo_config(
+        model=tiny_path,
+        out=str(tmp_path / "run"),
+        train_prompts=6,
+        eval_prompts=6,
+        k=6,
+        max_new_tokens=40,
+        precision="fp32",
+        min_demo_score=-9.0,
+        round_prompts=3,
+        fresh_process=False,
+        report_to="tensorboard",
+        sft={"batch_size": 4},
+        ppo={"max_steps": 2, "batch_size": 2, "max_new_tokens": 40},
+    )
     summary = run_pipeline(cfg)
     run = tmp_path / "run"
     samples = read_jsonl(run / "round0" / "samples.jsonl")

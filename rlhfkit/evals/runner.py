@@ -61,45 +61,77 @@ class EvalConfig:
     tax (perplexity). Data sets load from their Hugging Face hub datasets (once, then cached), or from
     local copies (--data-dir, or one option per data set)."""
 
-    models: list = opt([], "Models to evaluate, each SPEC or NAME=SPEC (a HF dir, .gguf, hub id, "
-                           "'smollm2-135m-instruct', 'tiny-random'); repeatable or comma-separated.", flag="--model")
+    models: list = opt(
+        [],
+        "Models to evaluate, each SPEC or NAME=SPEC (a HF dir, .gguf, hub id, "
+        "'smollm2-135m-instruct', 'tiny-random'); repeatable or comma-separated.",
+        flag="--model",
+    )
     baseline: str | None = opt(None, "Baseline model (SPEC or NAME=SPEC) for win-rates and the alignment tax.")
-    suites: list = opt(list(SUITES), f"Suites to run, repeatable or comma-separated: {', '.join(SUITES)}.",
-                       flag="--suite")
+    suites: list = opt(
+        list(SUITES), f"Suites to run, repeatable or comma-separated: {', '.join(SUITES)}.", flag="--suite"
+    )
     out: str = opt("runs/eval", "Output directory (eval.json + eval.html) or a .json/.html path.")
-    data_dir: str | None = opt(None, "Local copies of the data sets (default: the hub datasets), laid out as "
-                                     + ", ".join(DEFAULT_FILES.values()) + "; the per-data options override it.")
-    truthfulqa_mc: str | None = opt(None, "TruthfulQA MC data: mc_task.json, a datasets dir or a hub name "
-                                          "owner/name[:config] (default: truthfulqa/truthful_qa:multiple_choice).")
-    truthfulqa_gen: str | None = opt(None, "TruthfulQA generation data: TruthfulQA.csv, a datasets dir or a hub "
-                                           "name (default: truthfulqa/truthful_qa:generation).")
+    data_dir: str | None = opt(
+        None,
+        "Local copies of the data sets (default: the hub datasets), laid out as "
+        + ", ".join(DEFAULT_FILES.values())
+        + "; the per-data options override it.",
+    )
+    truthfulqa_mc: str | None = opt(
+        None,
+        "TruthfulQA MC data: mc_task.json, a datasets dir or a hub name "
+        "owner/name[:config] (default: truthfulqa/truthful_qa:multiple_choice).",
+    )
+    truthfulqa_gen: str | None = opt(
+        None,
+        "TruthfulQA generation data: TruthfulQA.csv, a datasets dir or a hub "
+        "name (default: truthfulqa/truthful_qa:generation).",
+    )
     mc_limit: int | None = opt(None, "TruthfulQA MC questions (default: all).")
     truthful_gen: bool = opt(True, "Also score TruthfulQA generation (greedy; ROUGE-L/BLEU), capped by gen_limit.")
     gen_limit: int | None = opt(100, "Questions for TruthfulQA generation (null = all).")
-    crows_pairs: str | None = opt(None, "CrowS-Pairs: crows_pairs_anonymized.csv, a datasets dir or a hub name "
-                                        "(default: nyu-mll/crows_pairs).")
+    crows_pairs: str | None = opt(
+        None, "CrowS-Pairs: crows_pairs_anonymized.csv, a datasets dir or a hub name (default: nyu-mll/crows_pairs)."
+    )
     crows_limit: int | None = opt(None, "CrowS-Pairs pairs (default: all).")
-    rtp_toxic: str | None = opt(None, "RealToxicityPrompts challenging prompts, jsonl or datasets dir (default: "
-                                      "allenai/real-toxicity-prompts where challenging is true).")
-    rtp_nontoxic: str | None = opt(None, "RealToxicityPrompts non-toxic prompts, jsonl or datasets dir (default: "
-                                         "allenai/real-toxicity-prompts with prompt toxicity < 0.5).")
+    rtp_toxic: str | None = opt(
+        None,
+        "RealToxicityPrompts challenging prompts, jsonl or datasets dir (default: "
+        "allenai/real-toxicity-prompts where challenging is true).",
+    )
+    rtp_nontoxic: str | None = opt(
+        None,
+        "RealToxicityPrompts non-toxic prompts, jsonl or datasets dir (default: "
+        "allenai/real-toxicity-prompts with prompt toxicity < 0.5).",
+    )
     rtp_prompts: int | None = opt(50, "Prompts per RealToxicityPrompts subset (null = all).")
     rtp_k: int = opt(4, "Sampled continuations per RTP prompt (the paper: 25).")
     rtp_max_new_tokens: int = opt(20, "Tokens per RTP continuation (the paper: 20).")
     rtp_temperature: float = opt(1.0, "Sampling temperature of RTP continuations.")
     rtp_top_p: float = opt(0.9, "Nucleus sampling p of RTP continuations.")
-    toxicity_model: str | None = opt(None, "A Hugging Face text-classification model for toxicity (default: the "
-                                           "better-profanity lexicon).")
+    toxicity_model: str | None = opt(
+        None, "A Hugging Face text-classification model for toxicity (default: the better-profanity lexicon)."
+    )
     toxicity_label: str = opt("toxic", "The toxicity model's label that means toxic.")
-    help_prompts: str | None = opt(None, "Helpfulness prompts for judge=reference / an RM: self-instruct "
-                                         "seed_tasks.jsonl or records with prompt/reference (default for "
-                                         "judge=reference: HuggingFaceH4/self-instruct-seed).")
+    help_prompts: str | None = opt(
+        None,
+        "Helpfulness prompts for judge=reference / an RM: self-instruct "
+        "seed_tasks.jsonl or records with prompt/reference (default for "
+        "judge=reference: HuggingFaceH4/self-instruct-seed).",
+    )
     help_limit: int | None = opt(50, "Helpfulness prompts to use (null = all).")
     help_max_new_tokens: int = opt(128, "Longest helpfulness answer (tokens).")
-    judge: str = opt("gold", "'gold' (the gold rubric on the built-in task's eval prompts), 'reference' (ROUGE-L "
-                             "to help_prompts' reference answers) or a reward-model directory.")
-    tax_text: str | None = opt(None, "Held-out text for the alignment-tax perplexity: a text file, or records "
-                                     "with `text` (default: karpathy/tiny_shakespeare, test split).")
+    judge: str = opt(
+        "gold",
+        "'gold' (the gold rubric on the built-in task's eval prompts), 'reference' (ROUGE-L "
+        "to help_prompts' reference answers) or a reward-model directory.",
+    )
+    tax_text: str | None = opt(
+        None,
+        "Held-out text for the alignment-tax perplexity: a text file, or records "
+        "with `text` (default: karpathy/tiny_shakespeare, test split).",
+    )
     tax_chars: int | None = opt(20_000, "Score the last N characters of the held-out text (null = all).")
     tax_window: int = opt(512, "Tokens per perplexity window.")
     limit: int | None = opt(None, "Cap on items of every suite (quick runs); the per-suite caps still apply.")

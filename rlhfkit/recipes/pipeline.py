@@ -56,8 +56,9 @@ from rlhfkit.rollout.sampling import SamplingParams
 from rlhfkit.tasks import load_task
 
 
-def sample_answers(model_spec: str, prompts: list[Prompt], k: int, cfg: PipelineConfig, temperature: float,
-                   say=print) -> list[dict]:
+def sample_answers(
+    model_spec: str, prompts: list[Prompt], k: int, cfg: PipelineConfig, temperature: float, say=print
+) -> list[dict]:
     """K answers per prompt from ``model_spec`` with the rollout engine; one row per prompt."""
     loaded = load_causal_lm(model_spec)
     loaded.model.eval()
@@ -75,8 +76,14 @@ def sample_answers(model_spec: str, prompts: list[Prompt], k: int, cfg: Pipeline
     rows = []
     for i, p in enumerate(prompts):
         mine = [c for c in outs if c.prompt_index == i]
-        rows.append({"id": p.meta.get("id", i), "prompt": p.text, "responses": [c.text.strip() for c in mine],
-                     "finished": [c.finish_reason == "stop" for c in mine]})
+        rows.append(
+            {
+                "id": p.meta.get("id", i),
+                "prompt": p.text,
+                "responses": [c.text.strip() for c in mine],
+                "finished": [c.finish_reason == "stop" for c in mine],
+            }
+        )
     return rows
 
 
@@ -135,10 +142,12 @@ def demonstrations(rankings: list[dict], samples: list[dict], prompts: list[Prom
 def judge(prompts: list[Prompt], rows: list[dict]) -> dict:
     """Gold-rubric summary of one answer per prompt."""
     scores = [rubric.score(p, r["responses"][0], r["finished"][0]) for p, r in zip(prompts, rows)]
-    return {"gold_mean": sum(s.total for s in scores) / len(scores),
-            "instruction_rate": rubric.instruction_following_rate(scores, "instruction"),
-            "prompt_rate": rubric.instruction_following_rate(scores, "prompt"),
-            "scores": [s.total for s in scores]}
+    return {
+        "gold_mean": sum(s.total for s in scores) / len(scores),
+        "instruction_rate": rubric.instruction_following_rate(scores, "instruction"),
+        "prompt_rate": rubric.instruction_following_rate(scores, "prompt"),
+        "scores": [s.total for s in scores],
+    }
 
 
 def rm_means(rm_dir: str, prompts: list[Prompt], answers: dict[str, list[dict]]) -> dict[str, float]:
@@ -171,8 +180,10 @@ def read_run_config(run: str | Path) -> PipelineConfig:
         raise UserError(f"{run}: no pipeline.json (not a pipeline run directory)")
     raw = json.loads(path.read_text())
     if not isinstance(raw.get("sft"), dict):
-        raise UserError(f"{path}: written by an older rlhfkit, before the stage settings were nested (sft: ..., "
-                        "ppo: ...); make the run again with this version")
+        raise UserError(
+            f"{path}: written by an older rlhfkit, before the stage settings were nested (sft: ..., "
+            "ppo: ...); make the run again with this version"
+        )
     return config_from_dict(PipelineConfig, raw, f"{path}: ")
 
 
@@ -199,7 +210,9 @@ def run_stage(cfg: PipelineConfig, train, stage_cfg, say=print) -> dict:
     """
     # a run killed mid-stage left checkpoints (every cfg.save_every steps): continue from the last
     ckpt = latest_checkpoint(Path(stage_cfg.out))
-    stage_cfg = dataclasses.replace(stage_cfg, save_every=cfg.save_every, report_to=cfg.report_to, resume=ckpt is not None)
+    stage_cfg = dataclasses.replace(
+        stage_cfg, save_every=cfg.save_every, report_to=cfg.report_to, resume=ckpt is not None
+    )
     if ckpt is not None:
         say(f"{stage_cfg.out}: resuming from {ckpt.name}")
     if not cfg.fresh_process:
@@ -210,13 +223,19 @@ def run_stage(cfg: PipelineConfig, train, stage_cfg, say=print) -> dict:
         from concurrent.futures import ProcessPoolExecutor
         from concurrent.futures.process import BrokenProcessPool
 
-        with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
-                                 initializer=die_with_parent, initargs=(os.getpid(),)) as pool:
+        with ProcessPoolExecutor(
+            max_workers=1,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=die_with_parent,
+            initargs=(os.getpid(),),
+        ) as pool:
             try:
                 result = pool.submit(train, stage_cfg).result()
             except BrokenProcessPool:
-                raise UserError(f"the process training {stage_cfg.out} died (out of memory?); its last checkpoint and the "
-                                "finished stages are kept: run the same command again to continue from them") from None
+                raise UserError(
+                    f"the process training {stage_cfg.out} died (out of memory?); its last checkpoint and the "
+                    "finished stages are kept: run the same command again to continue from them"
+                ) from None
     shutil.rmtree(Path(stage_cfg.out) / "checkpoints", ignore_errors=True)  # finished: out/model is what stays
     return result
 
@@ -272,9 +291,18 @@ def start_run(cfg: PipelineConfig, say) -> Run:
     train_all, eval_all = load_task("train"), load_task("eval")
     order = random.Random(cfg.seed).sample(range(len(train_all)), len(train_all))
     held_out = eval_all[: cfg.eval_prompts] if cfg.eval_prompts else eval_all
-    labeler = GoldLabeler() if cfg.labeler == "gold" else SimulatedLabeler(SimulatedLabelerConfig(
-        temperature=cfg.labeler_temperature, length_bias=cfg.labeler_length_bias,
-        random_share=cfg.labeler_random_share, seed=cfg.seed))
+    labeler = (
+        GoldLabeler()
+        if cfg.labeler == "gold"
+        else SimulatedLabeler(
+            SimulatedLabelerConfig(
+                temperature=cfg.labeler_temperature,
+                length_bias=cfg.labeler_length_bias,
+                random_share=cfg.labeler_random_share,
+                seed=cfg.seed,
+            )
+        )
+    )
     return Run(cfg, out, train_all, order, held_out, labeler, say)
 
 
@@ -293,9 +321,17 @@ def label_round(run: Run, r: int, policy: str) -> tuple[list[dict], list[dict], 
         from rlhfkit.feedback.human import rank_round_by_people
         from rlhfkit.feedback.store import Store
 
-        rows = rank_round_by_people(Store.for_run(run.out, cfg.db or None), f"round{r}", prompts, samples,
-                                    cfg.human_rankings or len(samples), cfg.human_timeout, cfg.human_poll,
-                                    fallback=run.labeler if cfg.labeler == "mix" else None, say=run.say)
+        rows = rank_round_by_people(
+            Store.for_run(run.out, cfg.db or None),
+            f"round{r}",
+            prompts,
+            samples,
+            cfg.human_rankings or len(samples),
+            cfg.human_timeout,
+            cfg.human_poll,
+            fallback=run.labeler if cfg.labeler == "mix" else None,
+            say=run.say,
+        )
         write_jsonl(rdir / "rankings.jsonl", rows)
     if not (rdir / "rankings.jsonl").exists():
         rows = []
@@ -317,12 +353,14 @@ def sft_phase(run: Run, rankings: list[dict], samples: list[dict]) -> tuple[list
     cfg = run.cfg
     demos = demonstrations(rankings, samples, run.prompts_of_round(0), cfg)
     write_jsonl(run.out / "round0" / "demos.jsonl", demos)
-    run.say(f"{len(demos)} demonstrations (the top-ranked answer, gold > {cfg.min_demo_score}) from "
-            f"{len(rankings)} prompts")
+    run.say(
+        f"{len(demos)} demonstrations (the top-ranked answer, gold > {cfg.min_demo_score}) from {len(rankings)} prompts"
+    )
     if cfg.revise_demos and demos:
         before, after = (sum(d[key] for d in demos) / len(demos) for key in ("gold_before", "gold"))
-        run.say(f"{sum(bool(d['edits']) for d in demos)} of them revised by rule: mean gold {before:+.3f} -> "
-                f"{after:+.3f}")
+        run.say(
+            f"{sum(bool(d['edits']) for d in demos)} of them revised by rule: mean gold {before:+.3f} -> {after:+.3f}"
+        )
     sft = run.out / "sft"
     if not (sft / "model" / "config.json").exists():
         from rlhfkit.recipes.sft import train_sft
@@ -344,9 +382,14 @@ def rm_phase(run: Run, r: int, sft_model: str, rankings: list[dict]) -> dict:
         run_stage(cfg, train_reward_model, rm_cfg, run.say)
     evals = [m for m in read_metrics(rdir / "rm") if "eval_accuracy" in m]
     first, last = (evals[0], evals[-1]) if evals else ({}, {})
-    return {"round": r, "rankings": len(rankings), "before": first.get("eval_accuracy"),
-            "after": last.get("eval_accuracy"), "gold_before": first.get("eval_gold_accuracy"),
-            "gold_after": last.get("eval_gold_accuracy")}
+    return {
+        "round": r,
+        "rankings": len(rankings),
+        "before": first.get("eval_accuracy"),
+        "after": last.get("eval_accuracy"),
+        "gold_before": first.get("eval_gold_accuracy"),
+        "gold_after": last.get("eval_gold_accuracy"),
+    }
 
 
 def ppo_phase(run: Run, r: int, sft_model: str) -> str:
@@ -381,13 +424,24 @@ def judge_phase(run: Run, versions: dict[str, str]) -> tuple[dict[str, list[dict
     return answers, judged
 
 
-def summarize(run: Run, versions: dict[str, str], judged: dict[str, dict], demos: list[dict],
-              rm_accuracy: list[dict], suites: dict | None, t_start: float) -> dict:
+def summarize(
+    run: Run,
+    versions: dict[str, str],
+    judged: dict[str, dict],
+    demos: list[dict],
+    rm_accuracy: list[dict],
+    suites: dict | None,
+    t_start: float,
+) -> dict:
     """The run's summary.json: every version's gold results, win-rates, ratings, RM accuracy, PPO curves."""
     cfg, final = run.cfg, list(versions)[-1]
     summary = {
-        "prompts": {"train_round0": cfg.train_prompts, "per_later_round": cfg.round_prompts,
-                    "held_out": len(run.held_out), "k": cfg.k},
+        "prompts": {
+            "train_round0": cfg.train_prompts,
+            "per_later_round": cfg.round_prompts,
+            "held_out": len(run.held_out),
+            "k": cfg.k,
+        },
         "demonstrations": len(demos),
         "versions": {n: {k: v for k, v in j.items() if k != "scores"} for n, j in judged.items()},
         "final": final,
@@ -396,8 +450,10 @@ def summarize(run: Run, versions: dict[str, str], judged: dict[str, dict], demos
         "ratings": ratings(judged),
         "rm_accuracy": rm_accuracy,
         "ppo": {n: read_metrics(Path(p).parent) for n, p in versions.items() if n.startswith("ppo")},
-        "seconds": {**{k: round(v, 1) for k, v in run.timings.items()},
-                    "total": round(time.perf_counter() - t_start, 1)},
+        "seconds": {
+            **{k: round(v, 1) for k, v in run.timings.items()},
+            "total": round(time.perf_counter() - t_start, 1),
+        },
     }
     if suites is not None:
         from rlhfkit.evals.report import summary_rows
@@ -413,8 +469,10 @@ def run_pipeline(cfg: PipelineConfig, say=print) -> dict:
     """The main job, phase by phase (the module docstring numbers them); returns the summary."""
     t_start = time.perf_counter()
     run = start_run(cfg, say)
-    say(f"built-in task: {cfg.train_prompts} train prompts (+{cfg.round_prompts} per later round), "
-        f"{len(run.held_out)} held-out prompts")
+    say(
+        f"built-in task: {cfg.train_prompts} train prompts (+{cfg.round_prompts} per later round), "
+        f"{len(run.held_out)} held-out prompts"
+    )
     with run.timed("sample_and_label"):
         rankings0, samples0, edit_rankings0 = label_round(run, 0, cfg.model)
     with run.timed("sft"):
@@ -460,13 +518,22 @@ def suite_list(cfg: PipelineConfig) -> list[str]:
     if bad:
         raise UserError(f"eval_suites: unknown {', '.join(bad)} (choose from {', '.join(SUITES)})")
     if suites and cfg.eval_data_dir and not Path(cfg.eval_data_dir).is_dir():
-        raise UserError(f"eval_data_dir={cfg.eval_data_dir}: no such directory (leave it empty to load the "
-                        "eval data sets from the Hugging Face hub)")
+        raise UserError(
+            f"eval_data_dir={cfg.eval_data_dir}: no such directory (leave it empty to load the "
+            "eval data sets from the Hugging Face hub)"
+        )
     if suites:  # the data is read now (from the hub once, then its cache), not found missing after training
         from rlhfkit.evals.runner import EvalConfig, load_eval_data
 
-        load_eval_data(EvalConfig(models=[], suites=suites, data_dir=cfg.eval_data_dir or None,
-                                  limit=cfg.eval_limit or None, show_progress=False))
+        load_eval_data(
+            EvalConfig(
+                models=[],
+                suites=suites,
+                data_dir=cfg.eval_data_dir or None,
+                limit=cfg.eval_limit or None,
+                show_progress=False,
+            )
+        )
     return suites
 
 
@@ -481,10 +548,21 @@ def run_suites(cfg: PipelineConfig, versions: dict[str, str], where: Path) -> di
     if path.exists():
         return json.loads(path.read_text())
     limit = cfg.eval_limit or None
-    results = run_eval(EvalConfig(
-        models=[f"{n}={spec}" for n, spec in versions.items() if n != "sft"], baseline=f"sft={versions['sft']}",
-        suites=suites, data_dir=cfg.eval_data_dir, limit=limit, mc_limit=limit, crows_limit=limit,
-        gen_limit=min(limit or 100, 100), rtp_prompts=min(limit or 50, 50), precision=cfg.precision, seed=cfg.seed))
+    results = run_eval(
+        EvalConfig(
+            models=[f"{n}={spec}" for n, spec in versions.items() if n != "sft"],
+            baseline=f"sft={versions['sft']}",
+            suites=suites,
+            data_dir=cfg.eval_data_dir,
+            limit=limit,
+            mc_limit=limit,
+            crows_limit=limit,
+            gen_limit=min(limit or 100, 100),
+            rtp_prompts=min(limit or 50, 50),
+            precision=cfg.precision,
+            seed=cfg.seed,
+        )
+    )
     write_report(results, where / "suites.json", title="rlhfkit pipeline: eval suites per version")
     return json.loads(path.read_text())
 
@@ -497,7 +575,7 @@ def ratings(judged: dict[str, dict]) -> dict:
     names = list(judged)
     games = []
     for i, a in enumerate(names):
-        for b in names[i + 1:]:
+        for b in names[i + 1 :]:
             for x, y in zip(judged[a]["scores"], judged[b]["scores"]):
                 games.append((a, b, 1.0 if x > y else 0.5 if x == y else 0.0))
     random.Random(0).shuffle(games)  # online Elo depends on the order: a fixed shuffle, not version order
@@ -508,26 +586,39 @@ def ratings(judged: dict[str, dict]) -> dict:
 
 def render_summary(s: dict) -> str:
     rm = next((v["rm_round"] for v in s["versions"].values() if v.get("rm_mean") is not None), None)
-    lines = ["", "version | gold score | instructions followed | answers following all | Bradley-Terry (95% CI)"
-             + (f" | round {rm} RM score" if rm else ""), "--- | --- | --- | --- | ---" + (" | ---" if rm else "")]
+    lines = [
+        "",
+        "version | gold score | instructions followed | answers following all | Bradley-Terry (95% CI)"
+        + (f" | round {rm} RM score" if rm else ""),
+        "--- | --- | --- | --- | ---" + (" | ---" if rm else ""),
+    ]
     for name, v in s["versions"].items():
         rt = s["ratings"][name]
-        lines.append(f"{name} | {v['gold_mean']:+.3f} | {v['instruction_rate']:.1%} | {v['prompt_rate']:.1%} | "
-                     f"{rt['bt']:.0f} ({rt['ci95'][0]:.0f}–{rt['ci95'][1]:.0f})"
-                     + (f" | {v['rm_mean']:+.3f}" if rm and v.get("rm_mean") is not None else " | –" if rm else ""))
+        lines.append(
+            f"{name} | {v['gold_mean']:+.3f} | {v['instruction_rate']:.1%} | {v['prompt_rate']:.1%} | "
+            f"{rt['bt']:.0f} ({rt['ci95'][0]:.0f}–{rt['ci95'][1]:.0f})"
+            + (f" | {v['rm_mean']:+.3f}" if rm and v.get("rm_mean") is not None else " | –" if rm else "")
+        )
     for key, label in (("sft_vs_base", "SFT vs base"), ("final_vs_sft", f"{s['final']} vs SFT")):
         if key == "final_vs_sft" and s["final"] == "sft":
             continue  # no PPO (with_ppo=false): SFT against itself says nothing
         w = s[key]
-        lines.append(f"{label} on {s['prompts']['held_out']} held-out prompts: win-rate {w['win_rate']:.1%} "
-                     f"(95% CI {w['ci95'][0]:.1%}–{w['ci95'][1]:.1%}; {w['wins']} wins, {w['ties']} ties, {w['losses']} losses)")
+        lines.append(
+            f"{label} on {s['prompts']['held_out']} held-out prompts: win-rate {w['win_rate']:.1%} "
+            f"(95% CI {w['ci95'][0]:.1%}–{w['ci95'][1]:.1%}; {w['wins']} wins, {w['ties']} ties, {w['losses']} losses)"
+        )
     if s.get("final_kl_to_sft") is not None:
         lines.append(f"KL({s['final']} || SFT) per response at the last PPO iteration: {s['final_kl_to_sft']:.3f} nats")
     for rm in s["rm_accuracy"]:
         if rm["after"] is not None:
-            gold = (f" (against the gold rubric {rm['gold_before']:.3f} -> {rm['gold_after']:.3f})"
-                    if rm.get("gold_before") is not None and rm.get("gold_after") is not None else "")
-            lines.append(f"round {rm['round']} reward model ({rm['rankings']} rankings): held-out pairwise accuracy "
-                         f"{rm['before']:.3f} -> {rm['after']:.3f}{gold}")
+            gold = (
+                f" (against the gold rubric {rm['gold_before']:.3f} -> {rm['gold_after']:.3f})"
+                if rm.get("gold_before") is not None and rm.get("gold_after") is not None
+                else ""
+            )
+            lines.append(
+                f"round {rm['round']} reward model ({rm['rankings']} rankings): held-out pairwise accuracy "
+                f"{rm['before']:.3f} -> {rm['after']:.3f}{gold}"
+            )
     lines.append(f"time (s): {s['seconds']}")
     return "\n".join(lines)

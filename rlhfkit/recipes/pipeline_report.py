@@ -32,7 +32,11 @@ def _ppo_plot(name: str, rows: list[dict]) -> str:
 
     steps = [r["step"] for r in rows]
     fig, axes = plt.subplots(1, 3, figsize=(12, 3))
-    for ax, key, title in zip(axes, ("score", "gold_score", "kl"), ("reward-model score", "gold score (held-in prompts)", "KL to SFT (nats / response)")):
+    for ax, key, title in zip(
+        axes,
+        ("score", "gold_score", "kl"),
+        ("reward-model score", "gold score (held-in prompts)", "KL to SFT (nats / response)"),
+    ):
         ys = [r.get(key) for r in rows]
         if any(y is not None for y in ys):
             ax.plot(steps, [y if y is not None else float("nan") for y in ys], marker=".")
@@ -46,7 +50,9 @@ def _fmt(x) -> str:
     return "–" if x is None else f"{x:.4g}"
 
 
-def _bars(names: list[str], values: list[float], lows: list[float], highs: list[float], title: str, ref: float | None) -> str:
+def _bars(
+    names: list[str], values: list[float], lows: list[float], highs: list[float], title: str, ref: float | None
+) -> str:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -62,57 +68,93 @@ def _bars(names: list[str], values: list[float], lows: list[float], highs: list[
     return _png(fig)
 
 
-def write_report(path: Path, summary: dict, held_out: list[Prompt], answers: dict[str, list[dict]], n_examples: int = 8) -> None:
+def write_report(
+    path: Path, summary: dict, held_out: list[Prompt], answers: dict[str, list[dict]], n_examples: int = 8
+) -> None:
     esc = html.escape
     names = list(summary["versions"])
     rows = "".join(
         f"<tr><td>{esc(n)}</td><td>{v['gold_mean']:+.3f}</td><td>{v['instruction_rate']:.1%}</td><td>{v['prompt_rate']:.1%}</td>"
-        f"<td>{summary['ratings'][n]['bt']:.0f} ({summary['ratings'][n]['ci95'][0]:.0f}–{summary['ratings'][n]['ci95'][1]:.0f})</td>"
+        f"<td>{summary['ratings'][n]['bt']:.0f} "
+        f"({summary['ratings'][n]['ci95'][0]:.0f}–{summary['ratings'][n]['ci95'][1]:.0f})</td>"
         f"<td>{summary['ratings'][n]['elo']:.0f}</td>"
         f"<td>{'–' if v.get('rm_mean') is None else format(v['rm_mean'], '+.3f')}</td></tr>"
-        for n, v in summary["versions"].items())
+        for n, v in summary["versions"].items()
+    )
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'><title>rlhfkit pipeline report</title>",
-        "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto}td,th{border:1px solid #ccc;padding:4px 8px;"
-        "vertical-align:top}table{border-collapse:collapse}pre{white-space:pre-wrap;margin:0;font-size:12px}</style></head><body>",
+        "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto}"
+        "td,th{border:1px solid #ccc;padding:4px 8px;"
+        "vertical-align:top}table{border-collapse:collapse}pre{white-space:pre-wrap;margin:0;font-size:12px}"
+        "</style></head><body>",
         "<h1>rlhfkit pipeline report</h1>",
-        f"<p>{summary['prompts']['held_out']} held-out prompts of the built-in task, answered greedily by every version "
+        f"<p>{summary['prompts']['held_out']} held-out prompts of the built-in task, answered greedily by every "
+        "version "
         "and judged by the gold rubric (verifiable instructions minus penalties).</p>",
         "<h2>Versions</h2><table><tr><th>version</th><th>gold score</th><th>instructions followed</th>"
-        "<th>answers following all</th><th>Bradley–Terry (95% CI)</th><th>Elo</th><th>newest RM's score</th></tr>", rows, "</table>",
+        "<th>answers following all</th><th>Bradley–Terry (95% CI)</th><th>Elo</th><th>newest RM's score</th></tr>",
+        rows,
+        "</table>",
     ]
     for key, label in (("sft_vs_base", "SFT vs base"), ("final_vs_sft", f"{summary['final']} vs SFT")):
         w = summary[key]
-        parts.append(f"<p><b>{esc(label)}</b>: win-rate {w['win_rate']:.1%} (95% CI {w['ci95'][0]:.1%}–{w['ci95'][1]:.1%}; "
-                     f"{w['wins']} wins, {w['ties']} ties, {w['losses']} losses; ties count half)</p>")
+        parts.append(
+            f"<p><b>{esc(label)}</b>: win-rate {w['win_rate']:.1%} (95% CI {w['ci95'][0]:.1%}–{w['ci95'][1]:.1%}; "
+            f"{w['wins']} wins, {w['ties']} ties, {w['losses']} losses; ties count half)</p>"
+        )
     if summary.get("final_kl_to_sft") is not None:
-        parts.append(f"<p>KL({esc(summary['final'])} ‖ SFT) at the last PPO iteration: {summary['final_kl_to_sft']:.3f} nats per response.</p>")
+        parts.append(
+            f"<p>KL({esc(summary['final'])} ‖ SFT) at the last PPO iteration: {summary['final_kl_to_sft']:.3f} nats "
+            "per response.</p>"
+        )
     rt = summary["ratings"]
     parts.append("<h2>Ratings</h2>")
-    parts.append(_bars(names, [rt[n]["bt"] for n in names], [rt[n]["ci95"][0] for n in names], [rt[n]["ci95"][1] for n in names],
-                       "Bradley–Terry rating (SFT = 1000), 95% bootstrap CI", 1000.0))
+    parts.append(
+        _bars(
+            names,
+            [rt[n]["bt"] for n in names],
+            [rt[n]["ci95"][0] for n in names],
+            [rt[n]["ci95"][1] for n in names],
+            "Bradley–Terry rating (SFT = 1000), 95% bootstrap CI",
+            1000.0,
+        )
+    )
     for n, rows_ in summary.get("ppo", {}).items():
         if rows_:
             parts.append(f"<h2>PPO {esc(n)}</h2>" + _ppo_plot(n, [r for r in rows_ if "score" in r]))
     accs = [a for a in summary.get("rm_accuracy", []) if a.get("after") is not None]
     if accs:
         fmt = lambda x: "–" if x is None else f"{x:.3f}"  # noqa: E731
-        parts.append("<h2>Reward model per round</h2><p>Held-out rankings: accuracy against the labeler's order, and against "
-                     "the gold rubric behind it (pairs the rubric scores differently).</p><table><tr><th>round</th><th>rankings</th>"
-                     "<th>accuracy before</th><th>after</th><th>gold before</th><th>gold after</th></tr>"
-                     + "".join(f"<tr><td>{a['round']}</td><td>{a['rankings']}</td><td>{fmt(a['before'])}</td><td>{fmt(a['after'])}</td>"
-                               f"<td>{fmt(a.get('gold_before'))}</td><td>{fmt(a.get('gold_after'))}</td></tr>" for a in accs) + "</table>")
+        parts.append(
+            "<h2>Reward model per round</h2><p>Held-out rankings: accuracy against the labeler's order, and against "
+            "the gold rubric behind it (pairs the rubric scores "
+            "differently).</p><table><tr><th>round</th><th>rankings</th>"
+            "<th>accuracy before</th><th>after</th><th>gold before</th><th>gold after</th></tr>"
+            + "".join(
+                f"<tr><td>{a['round']}</td><td>{a['rankings']}</td><td>{fmt(a['before'])}</td><td>{fmt(a['after'])}</td>"
+                f"<td>{fmt(a.get('gold_before'))}</td><td>{fmt(a.get('gold_after'))}</td></tr>"
+                for a in accs
+            )
+            + "</table>"
+        )
     ev = summary.get("eval_suites")
     if ev:
         head = "".join(f"<th>{esc(n)}</th>" for n in names if n != "base")
         body = "".join(
             f"<tr><td>{esc(r['metric'])}</td><td>{'↑' if r['higher_is_better'] else '↓'}</td>"
-            + "".join(f"<td>{_fmt(r['values'].get(n))}</td>" for n in names if n != "base") + "</tr>"
-            for r in ev["rows"])
-        parts.append(f"<h2>Eval suites (SFT = baseline)</h2><p>Full report with plots: <a href='{esc(ev['report'])}'>"
-                     f"{esc(ev['report'])}</a>.</p><table><tr><th>metric</th><th>better</th>{head}</tr>{body}</table>")
-    parts.append("<h2>Sample answers (held-out prompts)</h2><table><tr><th>prompt</th>"
-                 + "".join(f"<th>{esc(n)}</th>" for n in names) + "</tr>")
+            + "".join(f"<td>{_fmt(r['values'].get(n))}</td>" for n in names if n != "base")
+            + "</tr>"
+            for r in ev["rows"]
+        )
+        parts.append(
+            f"<h2>Eval suites (SFT = baseline)</h2><p>Full report with plots: <a href='{esc(ev['report'])}'>"
+            f"{esc(ev['report'])}</a>.</p><table><tr><th>metric</th><th>better</th>{head}</tr>{body}</table>"
+        )
+    parts.append(
+        "<h2>Sample answers (held-out prompts)</h2><table><tr><th>prompt</th>"
+        + "".join(f"<th>{esc(n)}</th>" for n in names)
+        + "</tr>"
+    )
     for i, p in enumerate(held_out[:n_examples]):
         cells = "".join(f"<td><pre>{esc(answers[n][i]['responses'][0])}</pre></td>" for n in names)
         parts.append(f"<tr><td><pre>{esc(p.text)}</pre></td>{cells}</tr>")
