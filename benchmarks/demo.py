@@ -10,7 +10,7 @@ Writes benchmarks/results/demo.{json,md} (summary, the exact config, where it ra
 --beta0, demo_beta0.{json,md}: RM score against gold score per PPO iteration. The report with
 plots stays in the run directory (``<run>/report.html``), not in the results. The
 beta = 0 run copies the demo's round 0, SFT and reward model, so only PPO and judging differ.
-Never asserts a number: it records them (the acceptance floors are in the issue and the README).
+Never asserts a number: it records them (the quality targets are in the README).
 """
 
 from __future__ import annotations

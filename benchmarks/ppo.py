@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/ppo.py        # writes benchmarks/results/ppo.{json,md}
 
-Settings (issue 4, TRL's): SmolLM2-135M-Instruct as policy, reference, reward model and critic
+Settings (TRL's): SmolLM2-135M-Instruct as policy, reference, reward model and critic
 (the RM and the critic a random scalar head on the same weights — fine for timing); TRL's 64 chat
 prompts (``shared/peers/trl/common.py``), 16 prompts per iteration × 64 new tokens, generation
 never stopping at EOS (TRL's default without ``stop_token``: ``ignore_eos=true`` here, and our
@@ -225,7 +225,7 @@ def main() -> None:
         "--precision",
         default="bf16",
         choices=["bf16", "fp32"],
-        help="both sides (issue 4 asks bf16; fp32 for a CPU without bf16 instructions: writes ppo_fp32.*)",
+        help="both sides (bf16 by default; fp32 for a CPU without bf16 instructions: writes ppo_fp32.*)",
     )
     args = ap.parse_args()
     if args.child:

@@ -14,7 +14,7 @@ usage: python benchmarks/reward_model.py [--trl-venv benchmarks/.venvs/trl] [--s
 3. shared prompt (``--shared-prompt-pairs N``) — N real HH pairs trained with the conversation once
             per pair and with one row per answer: what sharing the prompt is worth on real data.
 
-``--precision auto`` (default): bf16 where the CPU has bf16 instructions (the issue's setting), fp32
+``--precision auto`` (default): bf16 where the CPU has bf16 instructions (the benchmark's setting), fp32
 elsewhere (on an AVX2-only CPU bf16 is emulated, slower than fp32), on both sides alike; fp32 results
 go to ``reward_model_fp32.{json,md}`` so the two machines' numbers never overwrite each other.
 """

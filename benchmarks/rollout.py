@@ -2,12 +2,12 @@
 
     .venv/bin/python benchmarks/rollout.py            # writes benchmarks/results/rollout.{json,md}
 
-Settings (issue 3): SmolLM2-135M-Instruct in bf16; real prompts (self-instruct seed instructions
+Settings: SmolLM2-135M-Instruct in bf16; real prompts (self-instruct seed instructions
 in the chat template); (a) 32 prompts × K=4 samples × 128 new tokens at temperature 1.0 (no
 top-k/top-p), (b) batch 8 greedy × 128 new tokens. Both sides produce exactly 128 new tokens per
 sample (the engine with ignore_eos, generate with min_new_tokens=128), and we count the tokens
 each returned. The forward-only ceiling is the tokens/s of a plain bf16 forward (HF ``model(x)``,
-logits included) of 2,048 tokens — 8 × 256 as the issue defines it, also tried as 4 × 512, 16 × 128
+logits included) of 2,048 tokens — 8 × 256 as the benchmark defines it, also tried as 4 × 512, 16 × 128
 and 32 × 64, best of 3 repetitions each, measured before and after the generation cases; the
 ceiling used is the maximum of all of these (best effort, so the fraction is conservative).
 Engine timings include everything a caller pays: the per-call weight preparation (bf16 weights
@@ -18,7 +18,7 @@ Timings are noisy on a shared 2-core machine: compare the ratios, which come fro
 Nothing here asserts a time.
 
 ``--precision auto`` (the default) runs bf16 where the CPU has bf16 matmul instructions (AMX-bf16 /
-AVX512-bf16: the issue's machine) and fp32 elsewhere (an AVX2-only CPU emulates bf16, slower than
+AVX512-bf16) and fp32 elsewhere (an AVX2-only CPU emulates bf16, slower than
 fp32), as the engine's own ``precision=auto`` does; the results go to ``rollout.{json,md}`` for bf16
 and ``rollout_fp32.{json,md}`` for fp32, so the two machines' numbers never overwrite each other.
 """
@@ -73,7 +73,7 @@ def engine_generate(engine, prompts, new, n, sample):
     return sum(len(c.token_ids) for c in engine.generate(prompts, sp, n=n))
 
 
-CEILING_SHAPES = ((8, 256), (4, 512), (16, 128), (32, 64))  # 8 × 256 is the issue's definition
+CEILING_SHAPES = ((8, 256), (4, 512), (16, 128), (32, 64))  # 8 × 256 is the reference shape
 
 
 def forward_ceiling(model, reps: int = 3) -> dict[str, float]:

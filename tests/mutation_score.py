@@ -14,7 +14,7 @@ from pathlib import Path
 
 from mutmut.stats import status_by_exit_code
 
-MINIMUM = {"rlhfkit/algos/": 90.0}  # issue 31: >= 90 % of the algos mutants killed, survivors explained in docs/testing.md
+MINIMUM = {"rlhfkit/algos/": 90.0}  # >= 90 % of the algos mutants killed, survivors explained in docs/testing.md
 
 
 def main() -> int:
