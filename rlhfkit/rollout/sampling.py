@@ -18,7 +18,6 @@ import torch
 from rlhfkit.errors import UserError
 from rlhfkit.rollout import attention_cpu
 
-
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # torch.Generator.manual_seed's range (signed or unsigned 64-bit)
 
 
