@@ -32,6 +32,10 @@ def test_prepare_applies_what_fits_and_says_so_in_one_line(tiny_path):
     applied = prepare_for_training(model, RewardConfig(precision="fp32"), "cuda", lines.append, name="policy")
     assert lines == ["accel (policy): none (cuda)"] and not applied.attention and not applied.blocks
     assert model.config._attn_implementation != ATTENTION_NAME  # nothing touched on a GPU
+    lines.clear()
+    gpu = prepare_for_training(load_causal_lm(tiny_path).model, RewardConfig(compile="on"), "cuda", lines.append)
+    assert (gpu.attention, gpu.blocks, gpu.swiglu) == (False, model.config.num_hidden_layers, 0)  # only what was asked
+    assert lines == [f"accel (model): compiled {gpu.blocks} blocks (torch.compile at first use; cached on disk)"]
 
     lines.clear()
     fp32 = prepare_for_training(model, RewardConfig(precision="fp32"), "cpu", lines.append, name="policy")

@@ -14,8 +14,9 @@
 
 ``prepare_for_training`` (models a stage trains) and ``prepare_for_inference`` (frozen models
 compared with them) apply the per-model techniques in one call and log one line of what they
-applied; on a GPU they apply nothing. The rollout engine's own kernels (C++ decode attention,
-prepacked bf16 weights) live with it in ``rlhfkit/rollout/`` and apply at every ``generate``.
+applied; on a GPU nothing, unless compile=on asks for compiled blocks. The rollout engine's own
+kernels (C++ decode attention, prepacked bf16 weights) live with it in ``rlhfkit/rollout/`` and
+apply at every ``generate``.
 """
 
 from rlhfkit.accel.prepare import Applied, prepare_for_inference, prepare_for_training

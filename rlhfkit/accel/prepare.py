@@ -46,23 +46,22 @@ class Applied:
 def prepare_for_training(model: torch.nn.Module, cfg: TrainConfig, device, say=print, name: str = "model") -> Applied:
     """Apply the CPU speed techniques to ``model``, which a stage is about to train (LoRA-wrapped
     already, if at all): the CPU training attention, compiled blocks (``cfg.compile``, see
-    ``compile_choice``) and, in compiled bf16 blocks, SwiGLU's backward. Nothing on other devices.
+    ``compile_choice``) and, in compiled bf16 blocks, SwiGLU's backward. On other devices nothing,
+    unless compile=on asks for compiled blocks there.
 
     It forgets the compiled variants of an earlier stage in this process (``fresh_compile_cache``):
     call it for each model of a stage before the first forward of any of them.
     """
-    applied = _on_cpu(device)
-    if applied.skipped:
-        say(f"accel ({name}): {applied}")
-        return applied
+    kind = torch.device(device).type
+    if kind != "cpu" and compile_choice(cfg, device) is not None:
+        return _say(Applied(skipped=kind), name, say)
     fresh_compile_cache()
-    applied.attention = use_training_attention(model, device)
+    applied = Applied(attention=use_training_attention(model, device))
     applied.blocks = compile_blocks(model, cfg, device, say)
     applied.not_compiled = "" if applied.blocks else compile_choice(cfg, device) or "no transformer blocks found"
-    if applied.blocks and resolve_precision(cfg.precision, device) == "bf16":
+    if applied.blocks and kind == "cpu" and resolve_precision(cfg.precision, device) == "bf16":
         applied.swiglu = _use_swiglu(model)
-    say(f"accel ({name}): {applied}")
-    return applied
+    return _say(applied, name, say)
 
 
 def prepare_for_inference(
@@ -76,24 +75,22 @@ def prepare_for_inference(
     rounding on every token (Inductor fuses elementwise work without rounding in between); for
     PPO's reference that is a spurious KL at step 0, with the policy's kernels it is exactly 0.
     """
-    applied = _on_cpu(device)
-    if applied.skipped:
-        say(f"accel ({name}): {applied}")
-        return applied
-    applied.attention = like.attention and use_training_attention(model, device)
-    if resolve_precision(cfg.precision, device) == "bf16":
+    kind = torch.device(device).type
+    if kind != "cpu" and not like.blocks:
+        return _say(Applied(skipped=kind), name, say)
+    applied = Applied(attention=like.attention and use_training_attention(model, device))
+    if kind == "cpu" and resolve_precision(cfg.precision, device) == "bf16":
         applied.bf16_weights = bf16_matmul_weights(model)
     if like.blocks:
         applied.blocks = compile_blocks(model, cfg, device, say)
         if like.swiglu:
             applied.swiglu = _use_swiglu(model)
+    return _say(applied, name, say)
+
+
+def _say(applied: Applied, name: str, say) -> Applied:
     say(f"accel ({name}): {applied}")
     return applied
-
-
-def _on_cpu(device) -> Applied:
-    kind = torch.device(device).type
-    return Applied() if kind == "cpu" else Applied(skipped=kind)
 
 
 def _use_swiglu(model: torch.nn.Module) -> int:

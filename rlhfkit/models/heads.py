@@ -96,21 +96,15 @@ def init_reward_head(head: nn.Linear, hidden_size: int, generator: torch.Generat
             head.bias.zero_()
 
 
-def load_reward_model(
-    spec: str, dtype: torch.dtype = torch.float32, new_head: bool | None = None
-) -> tuple[RewardModel, object]:
-    """A reward model from a saved RM directory, or a fresh head on any causal-LM checkpoint.
-
-    ``new_head=None`` decides by itself: a directory saved by ``rlhfkit rm`` keeps its head.
-    """
+def load_reward_model(spec: str, dtype: torch.dtype = torch.float32) -> tuple[RewardModel, object]:
+    """A reward model from a saved RM directory (saved by ``rlhfkit rm``: it keeps its head), or a
+    fresh head on any causal-LM checkpoint."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     path = resolve_model_path(spec)
     tok = load_tokenizer(spec)
     config = AutoConfig.from_pretrained(path)
-    is_rm = "reward_offset" in config.to_dict()
-    if new_head is None:
-        new_head = not is_rm
+    new_head = "reward_offset" not in config.to_dict()
     config.num_labels = 1
     if config.pad_token_id is None or config.pad_token_id == tok.eos_token_id:
         # transformers' own sequence-classification forward finds "the last non-pad token": a
