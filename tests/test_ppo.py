@@ -640,3 +640,35 @@ def test_ptx_term_pulls_the_policy_towards_the_corpus(tiny_path, tmp_path):
 
 def rows_ptx(out) -> bool:
     return any("ptx_loss" in r for r in read_metrics(out))
+
+
+def test_rollout_metrics_join_every_metrics_line(tiny_path, tmp_path):
+    """Task-specific numbers enter through ``rollout_metrics``: called once per iteration with the
+    iteration's prompts, decoded responses and EOS flags, its dict merged into the metrics line.
+    ``gold_metrics`` is such a callback, picklable with train_ppo (the pipeline runs stages in a
+    spawned process) and silent for prompts without gold instructions."""
+    import functools
+    import pickle
+
+    from rlhfkit.data.records import Prompt
+    from rlhfkit.feedback.rubric import gold_metrics
+    from rlhfkit.recipes.ppo import train_ppo
+
+    calls = []
+
+    def chars(prompts, responses, finished):
+        calls.append((len(prompts), len(responses), len(finished)))
+        return {"mean_chars": sum(map(len, responses)) / len(responses)}
+
+    out = tmp_path / "ppo"
+    cfg = ppo_cfg(tiny_path, tiny_path, out, max_steps=2, batch_size=2, samples_per_prompt=2, max_new_tokens=4)
+    train_ppo(cfg, reward_fn=newline_reward, say=lambda *a: None, rollout_metrics=chars)
+    rows = read_metrics(out)
+    assert calls == [(4, 4, 4)] * 2
+    assert [r["step"] for r in rows] == [1, 2] and all(r["mean_chars"] >= 0 for r in rows)
+    assert "gold_score" not in rows[0]  # nothing task-specific without a callback
+
+    run = pickle.loads(pickle.dumps(functools.partial(train_ppo, rollout_metrics=gold_metrics)))
+    assert run.keywords["rollout_metrics"] is gold_metrics
+    plain = Prompt(messages=[{"role": "user", "content": "Hi."}])
+    assert gold_metrics([plain], ["Hello."], [True]) == {}
