@@ -149,3 +149,18 @@ def test_kendall_tau_of_one_pair_and_of_constant_scores():
     m = ranking_metrics([1.0, 1.0], [0, 1])
     assert math.isnan(m["kendall_tau"])
     assert (m["pairs"], m["pair_correct"]) == (1.0, 0.0)
+
+
+def test_pairwise_accuracy_counts_untied_pairs_within_each_prompt():
+    """Prompt 0 ([3, 1, 2] ranked 0, 1, 2): 3 pairs, (0,1) and (0,2) ordered right, (1,2) wrong.
+    Prompt 1: one pair whose scores tie, which counts as wrong. Prompt 2: a rank tie, no pair.
+    Pairs across prompts never count (the 9.0 of prompt 2 would beat everything)."""
+    from rlhfkit.algos.losses import pairwise_accuracy
+
+    scores = torch.tensor([3.0, 1.0, 2.0, 5.0, 5.0, 0.0, 9.0])
+    ranks = torch.tensor([0, 1, 2, 0, 1, 0, 0])
+    group = torch.tensor([0, 0, 0, 1, 1, 2, 2])
+    correct, pairs = pairwise_accuracy(scores, ranks, group)
+    assert (correct.item(), pairs.item()) == (2, 4)
+    m = ranking_metrics([3.0, 1.0, 2.0], [0, 1, 2])  # the per-prompt report counts the same way
+    assert (m["pair_correct"], m["pairs"]) == (2.0, 3.0)

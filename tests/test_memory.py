@@ -7,8 +7,8 @@ import gc
 import pytest
 import torch
 
-from rlhfkit.recipes import common, memory
-from rlhfkit.recipes.memory import release_memory, rss_mb
+from rlhfkit.accel import memory, optim
+from rlhfkit.accel.memory import release_memory, rss_mb
 
 
 @pytest.mark.skipif(memory._LIBC is None, reason="malloc_trim is glibc's; this C library has none")
@@ -67,13 +67,15 @@ def test_own_memory_takes_parameters_out_of_the_checkpoint_file_mapping(tmp_path
     tied.a.weight = p
     tied.b.weight = p  # tied weights are one Parameter object
     before = p.data_ptr()
-    common.own_memory([p])
+    optim.own_memory([p])
     assert p.data_ptr() != before
     assert torch.equal(p.detach(), torch.arange(6, dtype=torch.float32).reshape(2, 3))
     assert tied.a.weight is tied.b.weight is p
     with torch.no_grad():
         p.add_(1.0)  # writing it leaves the file alone
-    assert torch.equal(load_file(str(tmp_path / "m.safetensors"))["w"], torch.arange(6, dtype=torch.float32).reshape(2, 3))
+    assert torch.equal(
+        load_file(str(tmp_path / "m.safetensors"))["w"], torch.arange(6, dtype=torch.float32).reshape(2, 3)
+    )
 
 
 def test_allocated_adamw_state_gives_the_same_steps_and_state_as_lazy_state():
@@ -85,9 +87,11 @@ def test_allocated_adamw_state_gives_the_same_steps_and_state_as_lazy_state():
     for eager in (False, True):
         params = [torch.nn.Parameter(t.clone()) for t in init]
         frozen = torch.nn.Parameter(torch.ones(3))  # in the optimizer, never gets a gradient
-        opt = torch.optim.AdamW([{"params": params + [frozen], "lr": 1e-2}], weight_decay=0.1, betas=(0.9, 0.95), fused=True)
+        opt = torch.optim.AdamW(
+            [{"params": params + [frozen], "lr": 1e-2}], weight_decay=0.1, betas=(0.9, 0.95), fused=True
+        )
         if eager:
-            common.allocate_adamw_state(opt)
+            optim.allocate_adamw_state(opt)
             assert opt.state[params[0]]["exp_avg"].shape == shapes[0]
         for g in grads:
             for p, gi in zip(params, g):
@@ -105,7 +109,7 @@ def test_allocated_adamw_state_gives_the_same_steps_and_state_as_lazy_state():
     # a resumed run loads the saved state over the allocated one
     fresh = [torch.nn.Parameter(t.clone()) for t in init] + [torch.nn.Parameter(torch.ones(3))]
     again = torch.optim.AdamW([{"params": fresh, "lr": 1e-2}], weight_decay=0.1, betas=(0.9, 0.95), fused=True)
-    common.allocate_adamw_state(again)
+    optim.allocate_adamw_state(again)
     again.load_state_dict(eager_opt.state_dict())
     assert torch.equal(again.state[fresh[0]]["exp_avg"], eager_opt.state[eager[0]]["exp_avg"])
     assert float(again.state[fresh[0]]["step"]) == 3.0
@@ -116,7 +120,7 @@ def test_allocated_adamw_state_gives_the_same_steps_and_state_as_lazy_state():
 def test_clip_and_step_is_clip_grad_norm_then_step(max_norm, fused):
     """clip_and_step (norm from dot products, clip factor as fused AdamW's grad_scale) gives the
     parameters, optimizer state and pre-clip norm of clip_grad_norm_ + step, over three steps."""
-    from rlhfkit.recipes.common import clip_and_step
+    from rlhfkit.accel.optim import clip_and_step
 
     def run(ours: bool):
         torch.manual_seed(0)

@@ -14,7 +14,6 @@ import math
 from pathlib import Path
 
 import pytest
-
 import torch
 
 from rlhfkit.config import PPOConfig
@@ -49,18 +48,35 @@ def sharp_path(tiny_path, tmp_path_factory) -> str:
 
 
 def ppo_cfg(model: str, critic_model: str, out: Path, **kw) -> PPOConfig:
-    base = dict(model=model, critic_model=critic_model, out=str(out), batch_size=16, max_new_tokens=16,
-                temperature=1.0, lr=3e-4, kl_coef=0.1, precision="fp32", missing_eos_penalty=None, limit=64)
+    base = dict(
+        model=model,
+        critic_model=critic_model,
+        out=str(out),
+        batch_size=16,
+        max_new_tokens=16,
+        temperature=1.0,
+        lr=3e-4,
+        kl_coef=0.1,
+        precision="fp32",
+        missing_eos_penalty=None,
+        limit=64,
+    )
     return PPOConfig(**(base | kw))
 
 
 def test_ppo_smoke_reward_rises_kl_bounded(sharp_path, tiny_path, tmp_path):
     from transformers import AutoModelForCausalLM
 
+    from rlhfkit.feedback.rubric import gold_metrics
     from rlhfkit.recipes.ppo import train_ppo
 
     out = tmp_path / "ppo"
-    result = train_ppo(ppo_cfg(sharp_path, tiny_path, out, max_steps=6), reward_fn=newline_reward, say=lambda *a: None)
+    result = train_ppo(
+        ppo_cfg(sharp_path, tiny_path, out, max_steps=6),
+        reward_fn=newline_reward,
+        say=lambda *a: None,
+        rollout_metrics=gold_metrics,
+    )
     rows = read_metrics(out)
     scores = [r["score"] for r in rows]
     kls = [r["kl"] for r in rows]
@@ -69,9 +85,25 @@ def test_ppo_smoke_reward_rises_kl_bounded(sharp_path, tiny_path, tmp_path):
     assert scores[0] < 1.5 and scores[-1] > scores[0] + 1.0, scores  # a clear rise (max 4 = 16 newlines)
     assert kls[0] == pytest.approx(0.0, abs=1e-5)  # the policy starts as the reference
     assert all(abs(k) < 10 for k in kls), kls
-    for key in ("score", "kl", "kl_k3", "entropy", "clipfrac", "approx_kl", "value_loss", "explained_variance",
-                "response_length", "beta", "time_generate", "time_score", "time_forward", "time_train", "gold_score",
-                "rss_mb", "peak_rss_mb"):
+    for key in (
+        "score",
+        "kl",
+        "kl_k3",
+        "entropy",
+        "clipfrac",
+        "approx_kl",
+        "value_loss",
+        "explained_variance",
+        "response_length",
+        "beta",
+        "time_generate",
+        "time_score",
+        "time_forward",
+        "time_train",
+        "gold_score",
+        "rss_mb",
+        "peak_rss_mb",
+    ):
         assert key in rows[-1] and rows[-1][key] is not None and math.isfinite(rows[-1][key]), key
     assert 0 < rows[-1]["rss_mb"] <= rows[-1]["peak_rss_mb"]
     # the policy is a plain HF directory; the critic a sequence-classification one
@@ -90,7 +122,7 @@ def test_group_baseline_climbs_despite_per_prompt_offsets(sharp_path, tiny_path,
     def offset_reward(prompts, responses, finished):
         lines = [r.count("\n") / 4 for r in responses]
         seen.append(sum(lines) / len(lines))
-        return [l + 5.0 * ((sum(map(ord, p.messages[-1]["content"])) % 5) - 2) for l, p in zip(lines, prompts)]
+        return [n + 5.0 * ((sum(map(ord, p.messages[-1]["content"])) % 5) - 2) for n, p in zip(lines, prompts)]
 
     out = tmp_path / "group"
     cfg = ppo_cfg(sharp_path, tiny_path, out, max_steps=6, batch_size=4, samples_per_prompt=4, score_baseline="group")
@@ -106,9 +138,14 @@ def test_group_baseline_needs_several_samples(tiny_path, tmp_path):
     from rlhfkit.errors import UserError
     from rlhfkit.recipes.ppo import train_ppo
 
-    for kw, msg in ((dict(score_baseline="group"), "samples_per_prompt >= 2"), (dict(score_baseline="mean"), "expected")):
+    for kw, msg in (
+        (dict(score_baseline="group"), "samples_per_prompt >= 2"),
+        (dict(score_baseline="mean"), "expected"),
+    ):
         with pytest.raises(UserError, match=msg):
-            train_ppo(ppo_cfg(tiny_path, tiny_path, tmp_path / "x", **kw), reward_fn=newline_reward, say=lambda *a: None)
+            train_ppo(
+                ppo_cfg(tiny_path, tiny_path, tmp_path / "x", **kw), reward_fn=newline_reward, say=lambda *a: None
+            )
 
 
 class _Crash(Exception):
@@ -129,8 +166,18 @@ def test_ppo_exact_resume(sharp_path, tiny_path, tmp_path, monkeypatch):
         if step == 2:
             raise _Crash(step)
 
-    kw = dict(max_steps=4, batch_size=4, max_new_tokens=8, save_every=1, adaptive_kl=True, target_kl=0.5,
-              kl_horizon=20, num_minibatches=2, ppo_epochs=2, lr=1e-3)
+    kw = dict(
+        max_steps=4,
+        batch_size=4,
+        max_new_tokens=8,
+        save_every=1,
+        adaptive_kl=True,
+        target_kl=0.5,
+        kl_horizon=20,
+        num_minibatches=2,
+        ppo_epochs=2,
+        lr=1e-3,
+    )
     straight, crashed = tmp_path / "straight", tmp_path / "crashed"
     train_ppo(ppo_cfg(sharp_path, tiny_path, straight, **kw), reward_fn=newline_reward, say=lambda *a: None)
     with monkeypatch.context() as patch, pytest.raises(_Crash):
@@ -140,7 +187,16 @@ def test_ppo_exact_resume(sharp_path, tiny_path, tmp_path, monkeypatch):
     a, b = read_metrics(straight), read_metrics(crashed)
     assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3, 4]
     assert len({r["beta"] for r in a}) > 1  # the adaptive controller moved (so its state was restored)
-    skip = {"time", "time_generate", "time_score", "time_forward", "time_train", "time_iteration", "rss_mb", "peak_rss_mb"}
+    skip = {
+        "time",
+        "time_generate",
+        "time_score",
+        "time_forward",
+        "time_train",
+        "time_iteration",
+        "rss_mb",
+        "peak_rss_mb",
+    }
     for ra, rb in zip(a, b):
         for k in ra:
             if k not in skip and ra[k] is not None:
@@ -161,17 +217,45 @@ def test_chunk_layout_leaves_ppo_unchanged(sharp_path, tiny_path, tmp_path, crit
 
     from rlhfkit.recipes.ppo import train_ppo
 
-    kw = dict(max_steps=1, batch_size=8, max_new_tokens=12, num_minibatches=2, ppo_epochs=2, critic=critic,
-              missing_eos_penalty=-1.0)
+    kw = dict(
+        max_steps=1,
+        batch_size=8,
+        max_new_tokens=12,
+        num_minibatches=2,
+        ppo_epochs=2,
+        critic=critic,
+        missing_eos_penalty=-1.0,
+    )
     one, split = tmp_path / "one", tmp_path / "split"
-    train_ppo(ppo_cfg(sharp_path, tiny_path, one, grad_accum=1, forward_batch_size=8, **kw), reward_fn=newline_reward,
-              say=lambda *a: None)
-    train_ppo(ppo_cfg(sharp_path, tiny_path, split, grad_accum=3, forward_batch_size=3, **kw), reward_fn=newline_reward,
-              say=lambda *a: None)
+    train_ppo(
+        ppo_cfg(sharp_path, tiny_path, one, grad_accum=1, forward_batch_size=8, **kw),
+        reward_fn=newline_reward,
+        say=lambda *a: None,
+    )
+    train_ppo(
+        ppo_cfg(sharp_path, tiny_path, split, grad_accum=3, forward_batch_size=3, **kw),
+        reward_fn=newline_reward,
+        say=lambda *a: None,
+    )
     (a,), (b,) = read_metrics(one), read_metrics(split)
     assert a["policy_loss"] != 0 and a["grad_norm"] > 0
-    for k in ("score", "kl", "kl_k3", "entropy", "reward", "explained_variance", "value_mean", "return_mean",
-              "response_length", "policy_loss", "clipfrac", "approx_kl", "value_loss", "ratio_mean", "grad_norm"):
+    for k in (
+        "score",
+        "kl",
+        "kl_k3",
+        "entropy",
+        "reward",
+        "explained_variance",
+        "value_mean",
+        "return_mean",
+        "response_length",
+        "policy_loss",
+        "clipfrac",
+        "approx_kl",
+        "value_loss",
+        "ratio_mean",
+        "grad_norm",
+    ):
         assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6), k
     wa, wb = load_file(one / "model" / "model.safetensors"), load_file(split / "model" / "model.safetensors")
     before = load_file(Path(sharp_path) / "model.safetensors")
@@ -221,9 +305,10 @@ def test_logprob_recomputation_matches_engine_with_temperature(sharp_path):
 def test_bf16_reference_keeps_kl_zero_at_step_0(sharp_path):
     """The bf16 reference (Linear weights stored in bf16, embedding and norms fp32) gives bitwise
     the policy's log-probs under bf16 autocast: KL exactly 0 at step 0, entropy as before."""
+    from rlhfkit.accel.weights import bf16_matmul_weights
     from rlhfkit.algos.ppo import entropy_from_logits, logprobs_from_logits
     from rlhfkit.models.loading import load_causal_lm
-    from rlhfkit.recipes.ppo_models import Critic, bf16_matmul_weights, logprobs_and_entropy, rollout_forwards
+    from rlhfkit.recipes.ppo_models import Critic, logprobs_and_entropy, rollout_forwards
 
     policy = load_causal_lm(sharp_path)
     ref = load_causal_lm(sharp_path).model.requires_grad_(False)
@@ -254,8 +339,11 @@ def test_compiled_policy_and_reference_start_at_kl_zero(sharp_path, tiny_path, t
     from rlhfkit.recipes.ppo import train_ppo
 
     out = tmp_path / "ppo"
-    train_ppo(ppo_cfg(sharp_path, tiny_path, out, max_steps=1, precision="bf16", compile="on", critic="policy_head"),
-              reward_fn=newline_reward, say=lambda *a: None)
+    train_ppo(
+        ppo_cfg(sharp_path, tiny_path, out, max_steps=1, precision="bf16", compile="on", critic="policy_head"),
+        reward_fn=newline_reward,
+        say=lambda *a: None,
+    )
     first = read_metrics(out)[0]
     assert first["kl"] == 0.0 and first["kl_k3"] == 0.0, first
 
@@ -291,10 +379,12 @@ def test_cut_responses_eos_and_padding():
     from rlhfkit.rollout.engine import Completion
 
     EOS = PAD = 2
-    comps = [Completion(0, 0, [5], [7, 8, EOS], [0.0] * 3, "", "stop", EOS),
-             Completion(1, 0, [5], [7, 8], [0.0] * 2, "", "length"),  # shorter, no EOS
-             Completion(2, 0, [5], [7, EOS, 9, 9], [0.0] * 4, "", "length"),  # ignore_eos: tokens after EOS
-             Completion(3, 0, [5], [9, 9, 9, 9], [0.0] * 4, "", "length")]
+    comps = [
+        Completion(0, 0, [5], [7, 8, EOS], [0.0] * 3, "", "stop", EOS),
+        Completion(1, 0, [5], [7, 8], [0.0] * 2, "", "length"),  # shorter, no EOS
+        Completion(2, 0, [5], [7, EOS, 9, 9], [0.0] * 4, "", "length"),  # ignore_eos: tokens after EOS
+        Completion(3, 0, [5], [9, 9, 9, 9], [0.0] * 4, "", "length"),
+    ]
     response, mask, ended = cut_responses(comps, {EOS}, PAD)
     assert ended.tolist() == [True, False, True, False]
     assert mask.int().tolist() == [[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 0, 0], [1, 1, 1, 1]]
@@ -306,8 +396,18 @@ def test_missing_eos_penalty_applied(tiny_path, tmp_path):
     from rlhfkit.recipes.ppo import train_ppo
 
     out = tmp_path / "pen"
-    cfg = ppo_cfg(tiny_path, tiny_path, out, max_steps=1, batch_size=4, max_new_tokens=4, missing_eos_penalty=-3.0,
-                  critic="policy_head", lora=True, lora_r=4)
+    cfg = ppo_cfg(
+        tiny_path,
+        tiny_path,
+        out,
+        max_steps=1,
+        batch_size=4,
+        max_new_tokens=4,
+        missing_eos_penalty=-3.0,
+        critic="policy_head",
+        lora=True,
+        lora_r=4,
+    )
     train_ppo(cfg, reward_fn=lambda p, r, f: [1.0] * len(r), say=lambda *a: None)
     row = read_metrics(out)[0]
     assert row["no_eos_fraction"] == 1.0
@@ -323,8 +423,19 @@ def test_ppo_with_reward_model_and_ptx(tiny_path, tmp_path):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("The quick brown fox jumps over the lazy dog. " * 60)
     out = tmp_path / "rm"
-    cfg = ppo_cfg(tiny_path, "", out, reward_model=tiny_path, max_steps=2, batch_size=4, max_new_tokens=4,
-                  ptx_data=str(corpus), ptx_coef=0.5, ptx_batch_size=2, ptx_length=32)
+    cfg = ppo_cfg(
+        tiny_path,
+        "",
+        out,
+        reward_model=tiny_path,
+        max_steps=2,
+        batch_size=4,
+        max_new_tokens=4,
+        ptx_data=str(corpus),
+        ptx_coef=0.5,
+        ptx_batch_size=2,
+        ptx_length=32,
+    )
     result = train_ppo(cfg, say=lambda *a: None)
     rows = read_metrics(out)
     assert len(rows) == 2 and all(math.isfinite(r["ptx_loss"]) for r in rows)
@@ -354,16 +465,23 @@ def test_critic_values_are_on_the_reward_scale(tiny_path, tmp_path):
     at_last = values[torch.arange(len(last)), last]
     # the value read at position t predicts token t; the RM reads the hidden state of the last
     # token itself, one position later: compare the RM's raw outputs at the same positions instead
-    raw_at = rm.seq_model.score(rm.trunk(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
-                                .last_hidden_state[torch.arange(len(last)), batch.positions[torch.arange(len(last)), last]]).squeeze(-1)
+    raw_at = rm.seq_model.score(
+        rm.trunk(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state[
+            torch.arange(len(last)), batch.positions[torch.arange(len(last)), last]
+        ]
+    ).squeeze(-1)
     assert torch.allclose(at_last, raw_at.detach() - 1.25, atol=1e-5)
-    assert scores.mean().item() < rm.forward(batch.input_ids, batch.attention_mask, batch.last_index).mean().item() - 1.2
+    assert (
+        scores.mean().item() < rm.forward(batch.input_ids, batch.attention_mask, batch.last_index).mean().item() - 1.2
+    )
 
     # the policy-head critic starts at zero: the first iteration's values are exactly 0
     from rlhfkit.recipes.ppo import train_ppo
 
-    train_ppo(ppo_cfg(tiny_path, "", tmp_path / "ppo", critic="policy_head", max_steps=1, batch_size=4),
-              reward_fn=newline_reward)
+    train_ppo(
+        ppo_cfg(tiny_path, "", tmp_path / "ppo", critic="policy_head", max_steps=1, batch_size=4),
+        reward_fn=newline_reward,
+    )
     first = json.loads((tmp_path / "ppo" / "metrics.jsonl").read_text().splitlines()[0])
     assert first["value_mean"] == 0.0
 
@@ -433,8 +551,22 @@ def test_one_iteration_is_wired_as_computed_by_hand(tiny_path, tmp_path, monkeyp
     monkeypatch.setattr(ppo, "ppo_value_loss", spy_value)
     scores = [1.0, -0.5, 0.25, 2.0]
     gamma, lam, beta = 0.9, 0.5, 0.1
-    cfg = ppo_cfg(tiny_path, tiny_path, tmp_path / "run", max_steps=2, batch_size=2, samples_per_prompt=2, max_new_tokens=3,
-                  ignore_eos=True, gamma=gamma, lam=lam, kl_coef=beta, num_minibatches=1, grad_accum=1, lr=1e-2)
+    cfg = ppo_cfg(
+        tiny_path,
+        tiny_path,
+        tmp_path / "run",
+        max_steps=2,
+        batch_size=2,
+        samples_per_prompt=2,
+        max_new_tokens=3,
+        ignore_eos=True,
+        gamma=gamma,
+        lam=lam,
+        kl_coef=beta,
+        num_minibatches=1,
+        grad_accum=1,
+        lr=1e-2,
+    )
     ppo.train_ppo(cfg, reward_fn=lambda prompts, responses, finished: scores, say=lambda *a: None)
 
     fw = seen["fw"]
@@ -456,8 +588,8 @@ def test_one_iteration_is_wired_as_computed_by_hand(tiny_path, tmp_path, monkeyp
     std = (sum((a - mean) ** 2 for a in flat) / 11 + 1e-8) ** 0.5
     whitened = [[(a - mean) / std for a in row] for row in advantages]
 
-    (old, adv, mask), = seen["policy"]  # one minibatch, one micro-batch: all 4 rows, in some order
-    (old_v, ret), = seen["value"]
+    ((old, adv, mask),) = seen["policy"]  # one minibatch, one micro-batch: all 4 rows, in some order
+    ((old_v, ret),) = seen["value"]
     assert mask.all() and adv.shape == (4, 3)
     for j in range(4):
         i = next(i for i in range(4) if torch.equal(old[j], fw["logprobs"][i]))
@@ -478,9 +610,24 @@ def test_ptx_term_pulls_the_policy_towards_the_corpus(tiny_path, tmp_path):
     runs = {}
     for coef in (0.0, 1.0):
         out = tmp_path / f"ptx{coef}"
-        train_ppo(ppo_cfg(tiny_path, "", out, critic="policy_head", max_steps=3, batch_size=4, max_new_tokens=4, lr=1e-3,
-                          ptx_data=str(corpus), ptx_coef=coef, ptx_batch_size=2, ptx_length=32),
-                  reward_fn=newline_reward, say=lambda *a: None)
+        train_ppo(
+            ppo_cfg(
+                tiny_path,
+                "",
+                out,
+                critic="policy_head",
+                max_steps=3,
+                batch_size=4,
+                max_new_tokens=4,
+                lr=1e-3,
+                ptx_data=str(corpus),
+                ptx_coef=coef,
+                ptx_batch_size=2,
+                ptx_length=32,
+            ),
+            reward_fn=newline_reward,
+            say=lambda *a: None,
+        )
         runs[coef] = AutoModelForCausalLM.from_pretrained(out / "model").eval()
     from transformers import AutoTokenizer
 
@@ -493,3 +640,35 @@ def test_ptx_term_pulls_the_policy_towards_the_corpus(tiny_path, tmp_path):
 
 def rows_ptx(out) -> bool:
     return any("ptx_loss" in r for r in read_metrics(out))
+
+
+def test_rollout_metrics_join_every_metrics_line(tiny_path, tmp_path):
+    """Task-specific numbers enter through ``rollout_metrics``: called once per iteration with the
+    iteration's prompts, decoded responses and EOS flags, its dict merged into the metrics line.
+    ``gold_metrics`` is such a callback, picklable with train_ppo (the pipeline runs stages in a
+    spawned process) and silent for prompts without gold instructions."""
+    import functools
+    import pickle
+
+    from rlhfkit.data.records import Prompt
+    from rlhfkit.feedback.rubric import gold_metrics
+    from rlhfkit.recipes.ppo import train_ppo
+
+    calls = []
+
+    def chars(prompts, responses, finished):
+        calls.append((len(prompts), len(responses), len(finished)))
+        return {"mean_chars": sum(map(len, responses)) / len(responses)}
+
+    out = tmp_path / "ppo"
+    cfg = ppo_cfg(tiny_path, tiny_path, out, max_steps=2, batch_size=2, samples_per_prompt=2, max_new_tokens=4)
+    train_ppo(cfg, reward_fn=newline_reward, say=lambda *a: None, rollout_metrics=chars)
+    rows = read_metrics(out)
+    assert calls == [(4, 4, 4)] * 2
+    assert [r["step"] for r in rows] == [1, 2] and all(r["mean_chars"] >= 0 for r in rows)
+    assert "gold_score" not in rows[0]  # nothing task-specific without a callback
+
+    run = pickle.loads(pickle.dumps(functools.partial(train_ppo, rollout_metrics=gold_metrics)))
+    assert run.keywords["rollout_metrics"] is gold_metrics
+    plain = Prompt(messages=[{"role": "user", "content": "Hi."}])
+    assert gold_metrics([plain], ["Hello."], [True]) == {}

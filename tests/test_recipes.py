@@ -8,7 +8,6 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from unittest import mock
 
 import pytest
 import torch
@@ -35,8 +34,13 @@ def rankings(tmp_path_factory, fixtures) -> str:
     """16 pairs in HH-RLHF's format (tests/fixtures/hh_pairs.jsonl) plus 4 hand-made K = 4 rankings with a tie."""
     rows = read_jsonl(fixtures / "hh_pairs.jsonl")
     for i in range(4):
-        rows.append({"prompt": f"Say something kind about number {i}.",
-                     "responses": [f"{i} is a lovely number.", f"{i} is fine.", f"{i}.", "no"], "ranks": [0, 1, 1, 2]})
+        rows.append(
+            {
+                "prompt": f"Say something kind about number {i}.",
+                "responses": [f"{i} is a lovely number.", f"{i} is fine.", f"{i}.", "no"],
+                "ranks": [0, 1, 1, 2],
+            }
+        )
     path = tmp_path_factory.mktemp("data") / "rankings.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return str(path)
@@ -53,8 +57,18 @@ def test_sft_smoke_loss_falls_and_weights_change(tiny_path, demos, tmp_path):
 
     from rlhfkit.recipes.sft import train_sft
 
-    cfg = SFTConfig(model=tiny_path, data=demos, out=str(tmp_path / "sft"), batch_size=8, epochs=4, lr=3e-3,
-                    warmup_steps=0, precision="fp32", max_length=128, eval_fraction=0.2)
+    cfg = SFTConfig(
+        model=tiny_path,
+        data=demos,
+        out=str(tmp_path / "sft"),
+        batch_size=8,
+        epochs=4,
+        lr=3e-3,
+        warmup_steps=0,
+        precision="fp32",
+        max_length=128,
+        eval_fraction=0.2,
+    )
     result = train_sft(cfg)
     ls = losses(tmp_path / "sft")
     assert len(ls) == result["step"] == 8  # 19 training demos // 8 per batch = 2 steps/epoch x 4
@@ -71,14 +85,28 @@ def test_sft_smoke_loss_falls_and_weights_change(tiny_path, demos, tmp_path):
 def test_sft_lora_trains_adapters_and_saves_merged(tiny_path, demos, tmp_path):
     from rlhfkit.recipes.sft import train_sft
 
-    cfg = SFTConfig(model=tiny_path, data=demos, out=str(tmp_path / "lora"), batch_size=8, max_steps=4, lr=1e-2,
-                    warmup_steps=0, precision="fp32", max_length=128, lora=True, lora_r=4, eval_fraction=0.2)
+    cfg = SFTConfig(
+        model=tiny_path,
+        data=demos,
+        out=str(tmp_path / "lora"),
+        batch_size=8,
+        max_steps=4,
+        lr=1e-2,
+        warmup_steps=0,
+        precision="fp32",
+        max_length=128,
+        lora=True,
+        lora_r=4,
+        eval_fraction=0.2,
+    )
     train_sft(cfg)
     ls = losses(tmp_path / "lora")
     assert ls[-1] < ls[0]
     before, after = params_of(tiny_path), params_of(str(tmp_path / "lora" / "model"))
     assert set(before) == set(after)  # merged: a plain model, no adapter tensors
-    assert not torch.equal(before["model.layers.0.self_attn.q_proj.weight"], after["model.layers.0.self_attn.q_proj.weight"])
+    assert not torch.equal(
+        before["model.layers.0.self_attn.q_proj.weight"], after["model.layers.0.self_attn.q_proj.weight"]
+    )
     assert torch.equal(before["model.embed_tokens.weight"], after["model.embed_tokens.weight"])  # not a LoRA target
 
 
@@ -88,8 +116,17 @@ def test_pretrain_smoke(tiny_path, tmp_path):
 
     corpus = tmp_path / "corpus.txt"  # the built-in task's requests as plain text
     corpus.write_text("\n\n".join(p.text for p in load_task("train"))[:6000])
-    cfg = PretrainConfig(model=tiny_path, data=str(corpus), out=str(tmp_path / "pt"), batch_size=4, max_steps=8,
-                         lr=3e-3, precision="fp32", max_length=64, eval_fraction=0.1)
+    cfg = PretrainConfig(
+        model=tiny_path,
+        data=str(corpus),
+        out=str(tmp_path / "pt"),
+        batch_size=4,
+        max_steps=8,
+        lr=3e-3,
+        precision="fp32",
+        max_length=64,
+        eval_fraction=0.1,
+    )
     result = train_pretrain(cfg)
     ls = losses(tmp_path / "pt")
     assert ls[-1] < ls[0] - 0.5, ls
@@ -102,8 +139,18 @@ def test_rm_smoke_loss_falls_head_saved_and_offset(tiny_path, rankings, tmp_path
     from rlhfkit.models.heads import load_reward_model
     from rlhfkit.recipes.reward import train_reward_model
 
-    cfg = RewardConfig(model=tiny_path, data=rankings, out=str(tmp_path / "rm"), batch_size=4, epochs=6, lr=2e-3,
-                       warmup_steps=0, precision="fp32", max_length=96, eval_fraction=0.0)
+    cfg = RewardConfig(
+        model=tiny_path,
+        data=rankings,
+        out=str(tmp_path / "rm"),
+        batch_size=4,
+        epochs=6,
+        lr=2e-3,
+        warmup_steps=0,
+        precision="fp32",
+        max_length=96,
+        eval_fraction=0.0,
+    )
     result = train_reward_model(cfg)
     ls = losses(tmp_path / "rm")
     first, last = sum(ls[:3]) / 3, sum(ls[-3:]) / 3
@@ -116,8 +163,9 @@ def test_rm_smoke_loss_falls_head_saved_and_offset(tiny_path, rankings, tmp_path
     # plain transformers gives our raw score; ours subtracts the offset
     rm, tok = load_reward_model(str(saved))
     plain = AutoModelForSequenceClassification.from_pretrained(saved).eval()
-    ids = tok.apply_chat_template([{"role": "user", "content": "Say something kind about number 1."}],
-                                  add_generation_prompt=True)["input_ids"]
+    ids = tok.apply_chat_template(
+        [{"role": "user", "content": "Say something kind about number 1."}], add_generation_prompt=True
+    )["input_ids"]
     ids = ids + tok("1 is a lovely number.", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
     x = torch.tensor([ids + [config["pad_token_id"]] * 3])
     mask = torch.tensor([[1] * len(ids) + [0] * 3])
@@ -147,13 +195,23 @@ def varied(tmp_path_factory) -> dict[str, str]:
     rng = random.Random(0)
     where = tmp_path_factory.mktemp("varied")
     words = lambda n, tag: " ".join(["word"] * n) + f" {tag}"  # noqa: E731
-    demos = [{"prompt": f"Say word {i}." + " Please." * rng.choice([0, 12]), "response": words(rng.choice([1, 2, 30, 60]), i)}
-             for i in range(48)]
+    demos = [
+        {
+            "prompt": f"Say word {i}." + " Please." * rng.choice([0, 12]),
+            "response": words(rng.choice([1, 2, 30, 60]), i),
+        }
+        for i in range(48)
+    ]
     rankings = []
     for i in range(40):
         k = rng.choice([2, 3, 4])
-        rankings.append({"prompt": "Say things " * rng.choice([1, 10]) + str(i),
-                         "responses": [words(rng.choice([1, 3, 25, 50]), j) for j in range(k)], "ranks": list(range(k))})
+        rankings.append(
+            {
+                "prompt": "Say things " * rng.choice([1, 10]) + str(i),
+                "responses": [words(rng.choice([1, 3, 25, 50]), j) for j in range(k)],
+                "ranks": list(range(k)),
+            }
+        )
     write_jsonl(where / "demos.jsonl", demos)
     write_jsonl(where / "rankings.jsonl", rankings)
     return {"sft": str(where / "demos.jsonl"), "rm": str(where / "rankings.jsonl")}
@@ -198,8 +256,19 @@ def test_resume_is_exact(stage, tiny_path, varied, tmp_path, monkeypatch):
 
     recipe = sft if stage == "sft" else reward
     run, cls = (sft.train_sft, SFTConfig) if stage == "sft" else (reward.train_reward_model, RewardConfig)
-    common = dict(model=tiny_path, data=varied[stage], batch_size=4, max_steps=4, lr=1e-3, warmup_steps=1, precision="fp32",
-                  max_length=96, eval_fraction=0.0, save_every=2, schedule="linear")
+    common = dict(
+        model=tiny_path,
+        data=varied[stage],
+        batch_size=4,
+        max_steps=4,
+        lr=1e-3,
+        warmup_steps=1,
+        precision="fp32",
+        max_length=96,
+        eval_fraction=0.0,
+        save_every=2,
+        schedule="linear",
+    )
     run(cls(out=str(tmp_path / "straight"), **common))
     with monkeypatch.context() as patch, pytest.raises(_Crash):
         crash_after(patch, recipe, 3)  # dies after step 3; checkpoint at 2
@@ -208,13 +277,21 @@ def test_resume_is_exact(stage, tiny_path, varied, tmp_path, monkeypatch):
     a, b = losses(tmp_path / "straight"), losses(tmp_path / "resumed")
     assert len(a) == len(b) == 4
     assert max(abs(x - y) for x, y in zip(a, b)) < 1e-6, (a, b)
-    assert lrs(tmp_path / "straight") == lrs(tmp_path / "resumed") == pytest.approx([1e-3, 2 / 3 * 1e-3, 1 / 3 * 1e-3, 0.0])
+    assert (
+        lrs(tmp_path / "straight")
+        == lrs(tmp_path / "resumed")
+        == pytest.approx([1e-3, 2 / 3 * 1e-3, 1 / 3 * 1e-3, 0.0])
+    )
     assert_same_weights(tmp_path / "straight" / "model", tmp_path / "resumed" / "model", atol=1e-6)
-    states = [torch.load(tmp_path / r / "checkpoints" / "step-000004" / "state.pt", weights_only=False) for r in ("straight", "resumed")]
+    states = [
+        torch.load(tmp_path / r / "checkpoints" / "step-000004" / "state.pt", weights_only=False)
+        for r in ("straight", "resumed")
+    ]
     assert states[0]["scheduler"] == states[1]["scheduler"]
     (sa, sb) = (s["optimizer"]["state"] for s in states)
     assert sa.keys() == sb.keys() and all(
-        torch.allclose(sa[i][k], sb[i][k], atol=1e-6, rtol=1e-5) for i in sa for k in ("step", "exp_avg", "exp_avg_sq"))
+        torch.allclose(sa[i][k], sb[i][k], atol=1e-6, rtol=1e-5) for i in sa for k in ("step", "exp_avg", "exp_avg_sq")
+    )
 
 
 @pytest.mark.parametrize("stage", ["sft", "rm"])
@@ -225,8 +302,18 @@ def test_grad_accumulation_gives_the_same_losses_and_gradients(stage, tiny_path,
     from rlhfkit.recipes.sft import train_sft
 
     run, cls = (train_sft, SFTConfig) if stage == "sft" else (train_reward_model, RewardConfig)
-    common = dict(model=tiny_path, data=varied[stage], batch_size=8, max_steps=3, lr=1e-3, warmup_steps=0, precision="fp32",
-                  max_length=96, eval_fraction=0.0, max_grad_norm=1e6)
+    common = dict(
+        model=tiny_path,
+        data=varied[stage],
+        batch_size=8,
+        max_steps=3,
+        lr=1e-3,
+        warmup_steps=0,
+        precision="fp32",
+        max_length=96,
+        eval_fraction=0.0,
+        max_grad_norm=1e6,
+    )
     run(cls(out=str(tmp_path / "a1"), grad_accum=1, **common))
     run(cls(out=str(tmp_path / "a4"), grad_accum=4, **common))
     a, b = losses(tmp_path / "a1"), losses(tmp_path / "a4")
@@ -269,17 +356,40 @@ def test_two_processes_equal_one_process(stage, tiny_path, varied, tmp_path):
     """torchrun --nproc_per_node 2 (DDP over gloo) x batch b == 1 process x batch b: the same losses
     and weights, with length-grouped micro-batches that give each rank its own number of forwards
     (the case that once deadlocked). Each worker asserts there are 2 of them."""
-    args = [stage, "--model", tiny_path, "--data", varied[stage], "batch_size=8", "max_steps=6", "lr=1e-3", "warmup_steps=0",
-            "precision=fp32", "max_length=96", "eval_fraction=0.0", "grad_accum=2"]
+    args = [
+        stage,
+        "--model",
+        tiny_path,
+        "--data",
+        varied[stage],
+        "batch_size=8",
+        "max_steps=6",
+        "lr=1e-3",
+        "warmup_steps=0",
+        "precision=fp32",
+        "max_length=96",
+        "eval_fraction=0.0",
+        "grad_accum=2",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    one = subprocess.run([sys.executable, "-m", "rlhfkit.cli", *args, "--out", str(tmp_path / "one")],
-                         env=env, capture_output=True, text=True, timeout=300)
+    one = subprocess.run(
+        [sys.executable, "-m", "rlhfkit.cli", *args, "--out", str(tmp_path / "one")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert one.returncode == 0, one.stderr[-2000:]
     worker = tmp_path / "worker.py"
     worker.write_text(WORKER)
     torchrun = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node", "2"]
-    two = subprocess.run([*torchrun, str(worker), str(tmp_path), *args, "--out", str(tmp_path / "two")],
-                         env=env, capture_output=True, text=True, timeout=180)
+    two = subprocess.run(
+        [*torchrun, str(worker), str(tmp_path), *args, "--out", str(tmp_path / "two")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert two.returncode == 0, two.stderr[-3000:]
     assert sorted(p.name for p in tmp_path.glob("rank*")) == ["rank0", "rank1"]
     a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
@@ -299,8 +409,20 @@ def test_config_presets_and_overrides(tmp_path):
 def test_rm_with_lora(tiny_path, rankings, tmp_path):
     from rlhfkit.recipes.reward import train_reward_model
 
-    cfg = RewardConfig(model=tiny_path, data=rankings, out=str(tmp_path / "rm_lora"), batch_size=4, max_steps=4, lr=1e-3,
-                       warmup_steps=0, precision="fp32", max_length=96, eval_fraction=0.0, lora=True, lora_r=4)
+    cfg = RewardConfig(
+        model=tiny_path,
+        data=rankings,
+        out=str(tmp_path / "rm_lora"),
+        batch_size=4,
+        max_steps=4,
+        lr=1e-3,
+        warmup_steps=0,
+        precision="fp32",
+        max_length=96,
+        eval_fraction=0.0,
+        lora=True,
+        lora_r=4,
+    )
     result = train_reward_model(cfg)
     assert result["step"] == 4
     saved = params_of(str(tmp_path / "rm_lora" / "model"))
@@ -313,120 +435,23 @@ def test_rm_with_lora(tiny_path, rankings, tmp_path):
     assert len(ls) == 4 and ls[-1] < ls[0], ls
 
 
-def test_compile_blocks_rules(tiny_path):
-    from rlhfkit.errors import UserError
-    from rlhfkit.models.loading import load_causal_lm
-    from rlhfkit.recipes.blocks import compile_blocks, transformer_blocks
-
-    model = load_causal_lm(tiny_path).model
-    blocks = transformer_blocks(model)
-    assert blocks is model.model.layers and len(blocks) == model.config.num_hidden_layers
-    assert not compile_blocks(model, RewardConfig(precision="fp32"), "cpu")  # auto: only bf16 training
-    assert not compile_blocks(model, RewardConfig(precision="bf16", lora=True), "cpu")  # nor LoRA
-    assert not compile_blocks(model, RewardConfig(precision="bf16", compile="off"), "cpu")
-    with pytest.raises(UserError, match="compile="):
-        compile_blocks(model, RewardConfig(compile="maybe"), "cpu")
-
-
-def test_short_row_attention_matches_sdpa():
-    """The CPU training attention gives SDPA's outputs and gradients for every mask form it gets:
-    None (causal), boolean 4-D (the shared-prompt layout, a fully masked padding row included),
-    additive float; grouped-query heads; and hands long rows to SDPA."""
-    from types import SimpleNamespace
-
-    import torch.nn.functional as F
-
-    from rlhfkit.recipes.blocks import SHORT_ROWS, short_row_attention
-
-    g = torch.Generator().manual_seed(0)
-    B, H, KV, T, D = 2, 4, 2, 7, 8
-    module = SimpleNamespace(training=True, is_causal=True, num_key_value_groups=H // KV)  # as a LlamaAttention
-
-    def qkv():
-        return [torch.randn(B, n, T, D, generator=g, requires_grad=True) for n in (H, KV, KV)]
-
-    def reference(q, k, v, mask):
-        k, v = k.repeat_interleave(H // KV, 1), v.repeat_interleave(H // KV, 1)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None).transpose(1, 2)
-
-    causal = torch.ones(T, T, dtype=torch.bool).tril()
-    shared = causal.clone().expand(B, 1, T, T).clone()
-    shared[1, 0, 4:, 2] = False  # a later answer does not see an earlier one
-    additive = torch.zeros(B, 1, T, T).masked_fill(~causal, torch.finfo(torch.float32).min)
-    for mask in (None, shared, additive):
-        q, k, v = qkv()
-        out, weights = short_row_attention(module, q, k, v, mask, scaling=D ** -0.5)
-        assert weights is None and out.shape == (B, T, H, D)
-        ref_inputs = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
-        ref = reference(*ref_inputs, mask)
-        assert torch.allclose(out, ref, atol=1e-5)
-        out.square().sum().backward()
-        ref.square().sum().backward()
-        for a, b in zip((q, k, v), ref_inputs):
-            assert torch.allclose(a.grad, b.grad, atol=1e-4)
-    # right padding: the last row of batch 1 attends to nothing, and stays finite
-    padded = shared.clone()
-    padded[1, 0, -1, :] = False
-    q, k, v = qkv()
-    out, _ = short_row_attention(module, q, k, v, padded, scaling=D ** -0.5)
-    assert torch.isfinite(out).all()
-    assert torch.allclose(out[1, :-1], reference(q, k, v, shared)[1, :-1], atol=1e-5)
-    # a ready boolean 4-D mask (the reward model's shared-prompt rows) turned additive for it
-    from rlhfkit.recipes.blocks import ATTENTION_NAME, additive_attention_mask
-
-    ours, other = (SimpleNamespace(config=SimpleNamespace(_attn_implementation=n)) for n in (ATTENTION_NAME, "sdpa"))
-    assert additive_attention_mask(other, padded) is padded
-    add = additive_attention_mask(ours, padded)
-    assert add.dtype == torch.float32 and torch.equal(add == 0, padded)
-    out_add, _ = short_row_attention(module, q, k, v, add, scaling=D ** -0.5)
-    assert torch.isfinite(out_add).all() and torch.allclose(out_add[1, :-1], out[1, :-1], atol=1e-6)
-    # rows longer than SHORT_ROWS go to SDPA (same result either way)
-    L = SHORT_ROWS + 1
-    q, k, v = (torch.randn(1, n, L, D, generator=g) for n in (H, KV, KV))
-    out, _ = short_row_attention(module, q, k, v, None, scaling=D ** -0.5, is_causal=True)
-    assert torch.allclose(out, reference(q, k, v, None), atol=1e-5)
-
-
-def test_training_attention_is_installed_and_not_saved(tiny_path, tmp_path):
-    from rlhfkit.models.loading import load_causal_lm
-    from rlhfkit.recipes.blocks import ATTENTION_NAME, use_training_attention
-
-    loaded = load_causal_lm(tiny_path)
-    model = loaded.model
-    ids = torch.tensor([[1, 5, 9, 13, 2], [1, 7, 3, 0, 0]])
-    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
-    from rlhfkit.recipes import blocks
-
-    seen = []
-    real = blocks.short_row_attention
-
-    def spy(module, q, k, v, attention_mask, **kw):
-        seen.append(attention_mask)
-        return real(module, q, k, v, attention_mask, **kw)
-
-    with torch.no_grad():
-        before = model(input_ids=ids, attention_mask=mask).logits
-        with mock.patch.object(blocks, "short_row_attention", spy):
-            assert use_training_attention(model, "cpu") and model.config._attn_implementation == ATTENTION_NAME
-        after = model(input_ids=ids, attention_mask=mask).logits
-    # transformers builds additive float masks for it (0 = attend), the fast form in compiled blocks
-    assert seen and all(m.dtype == torch.float32 and m.shape == (2, 1, 5, 5) for m in seen)
-    assert (seen[0][1, 0, 4, :3] == 0).all() and (seen[0][1, 0, :, 3:] < -1e38).all()
-    use_training_attention(model, "cpu")  # the real function registered again, for later tests
-    assert torch.allclose(before[0], after[0], atol=1e-4) and torch.allclose(before[1, :3], after[1, :3], atol=1e-4)
-    model.save_pretrained(tmp_path / "m")
-    assert ATTENTION_NAME not in (tmp_path / "m" / "config.json").read_text()
-    assert not use_training_attention(model, "meta")  # GPUs (any non-CPU device) keep their default
-
-
 def test_rm_compiled_blocks_train_like_eager(tiny_path, rankings, tmp_path):
     """compile=on (torch.compile per block) gives the eager losses (fp32) and a plain HF checkpoint."""
     from transformers import AutoModelForSequenceClassification
 
     from rlhfkit.recipes.reward import train_reward_model
 
-    common = dict(model=tiny_path, data=rankings, batch_size=4, max_steps=3, lr=1e-3, warmup_steps=0, precision="fp32",
-                  max_length=96, eval_fraction=0.0)
+    common = dict(
+        model=tiny_path,
+        data=rankings,
+        batch_size=4,
+        max_steps=3,
+        lr=1e-3,
+        warmup_steps=0,
+        precision="fp32",
+        max_length=96,
+        eval_fraction=0.0,
+    )
     train_reward_model(RewardConfig(out=str(tmp_path / "eager"), compile="off", **common))
     from torch._dynamo.utils import counters
 
@@ -449,8 +474,8 @@ def test_each_stage_starts_with_a_fresh_compile_cache(tiny_path, demos, rankings
     then the RM, then SFT again holds only SFT's variants, as it did the first time."""
     from torch._dynamo.eval_frame import _debug_get_cache_entry_list
 
+    from rlhfkit.accel.compile import transformer_blocks
     from rlhfkit.models.loading import load_causal_lm
-    from rlhfkit.recipes.blocks import transformer_blocks
     from rlhfkit.recipes.reward import train_reward_model
     from rlhfkit.recipes.sft import train_sft
 
@@ -459,8 +484,17 @@ def test_each_stage_starts_with_a_fresh_compile_cache(tiny_path, demos, rankings
     def variants() -> int:
         return len(_debug_get_cache_entry_list(code))
 
-    common = dict(model=tiny_path, batch_size=4, max_steps=1, lr=1e-3, warmup_steps=0, precision="fp32", max_length=96,
-                  eval_fraction=0.0, compile="on")
+    common = dict(
+        model=tiny_path,
+        batch_size=4,
+        max_steps=1,
+        lr=1e-3,
+        warmup_steps=0,
+        precision="fp32",
+        max_length=96,
+        eval_fraction=0.0,
+        compile="on",
+    )
     train_sft(SFTConfig(out=str(tmp_path / "sft1"), data=demos, **common), say=lambda *a: None)
     sft_variants = variants()
     train_reward_model(RewardConfig(out=str(tmp_path / "rm"), data=rankings, **common), say=lambda *a: None)
@@ -474,8 +508,17 @@ def test_rm_shared_prompt_rows_train_like_separate_rows(tiny_path, rankings, tmp
     """share_prompt (the K responses after one copy of the prompt) changes the cost, not the losses."""
     from rlhfkit.recipes.reward import train_reward_model
 
-    common = dict(model=tiny_path, data=rankings, batch_size=4, max_steps=3, lr=1e-3, warmup_steps=0, precision="fp32",
-                  max_length=96, eval_fraction=0.0)
+    common = dict(
+        model=tiny_path,
+        data=rankings,
+        batch_size=4,
+        max_steps=3,
+        lr=1e-3,
+        warmup_steps=0,
+        precision="fp32",
+        max_length=96,
+        eval_fraction=0.0,
+    )
     train_reward_model(RewardConfig(out=str(tmp_path / "shared"), share_prompt=True, **common))
     train_reward_model(RewardConfig(out=str(tmp_path / "separate"), share_prompt=False, **common))
     a, b = losses(tmp_path / "shared"), losses(tmp_path / "separate")
@@ -494,12 +537,24 @@ def test_rm_gold_accuracy_against_the_rubric_behind_the_labeler(tiny_path, tmp_p
 
     # written as the pipeline writes them: responses in sampled order, ranks and gold per response;
     # the loader puts the responses best first, and the gold scores must follow them
-    rows = [{"prompt": f"Name a colour, please ({i}).", "responses": ["green", "Red.", "I do not know.", "Blue, I think."],
-             "ranks": [2, 0, 3, 1], "meta": {"labeler": "simulated", "gold": [0.1, 0.9, -0.2, 0.5]}} for i in range(6)]
+    rows = [
+        {
+            "prompt": f"Name a colour, please ({i}).",
+            "responses": ["green", "Red.", "I do not know.", "Blue, I think."],
+            "ranks": [2, 0, 3, 1],
+            "meta": {"labeler": "simulated", "gold": [0.1, 0.9, -0.2, 0.5]},
+        }
+        for i in range(6)
+    ]
     path = tmp_path / "rankings.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     records = load_records(str(path), "ranking").records
-    assert records[0].responses == ["Red.", "Blue, I think.", "green", "I do not know."] and records[0].ranks == [0, 1, 2, 3]
+    assert records[0].responses == ["Red.", "Blue, I think.", "green", "I do not know."] and records[0].ranks == [
+        0,
+        1,
+        2,
+        3,
+    ]
     assert records[0].meta["labeler"] == "simulated" and records[0].meta["gold"] == [0.9, 0.5, 0.1, -0.2]
     assert gold_of(records[0], 4) == [0.9, 0.5, 0.1, -0.2] and gold_of(records[0], 3) is None
 
@@ -514,38 +569,3 @@ def test_rm_gold_accuracy_against_the_rubric_behind_the_labeler(tiny_path, tmp_p
     assert reverse["gold_accuracy"] == pytest.approx(1 - same["accuracy"])
     assert tied["gold_pairs"] == 6 * 4  # only the 4 pairs across the two gold levels, per ranking
     assert "gold_accuracy" not in none
-
-
-def test_swiglu_function_gives_autograds_gradients(tiny_path):
-    """use_swiglu_function routes LLaMA's MLPs through SwiGLU (hand-written backward, weight
-    gradients from transposed copies): the same output and gradients as the module's own forward,
-    to fp32 rounding; in bf16 autocast within bf16 rounding. LoRA-wrapped projections are left alone."""
-    import copy
-
-    from rlhfkit.config import PPOConfig
-    from rlhfkit.models.loading import load_causal_lm
-    from rlhfkit.recipes.common import apply_lora
-    from rlhfkit.recipes.swiglu import use_swiglu_function
-
-    model = load_causal_lm(tiny_path).model
-    mlp = model.model.layers[0].mlp
-    ours = copy.deepcopy(mlp)
-    assert use_swiglu_function(ours) == 1 and "forward" not in vars(mlp)
-    assert use_swiglu_function(copy.deepcopy(model)) == model.config.num_hidden_layers
-    x = torch.randn(3, 5, mlp.gate_proj.in_features, generator=torch.Generator().manual_seed(0))
-    dy = torch.randn(3, 5, mlp.down_proj.out_features, generator=torch.Generator().manual_seed(1))
-
-    def grads(module, autocast: bool):
-        xi = x.clone().requires_grad_(True)
-        module.zero_grad(set_to_none=True)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            y = module(xi)
-        y.float().backward(dy)
-        return [y.float(), xi.grad] + [m.weight.grad for m in (module.gate_proj, module.up_proj, module.down_proj)]
-
-    for autocast, tol in ((False, 1e-5), (True, 2e-2)):
-        for a, b in zip(grads(ours, autocast), grads(mlp, autocast)):
-            assert a.shape == b.shape and a.is_contiguous()
-            assert (a - b).abs().max() <= tol * b.abs().max(), (autocast, (a - b).abs().max(), b.abs().max())
-    lora = apply_lora(load_causal_lm(tiny_path).model, PPOConfig(lora=True, lora_r=4))
-    assert use_swiglu_function(lora) == 0

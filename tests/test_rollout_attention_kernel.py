@@ -174,8 +174,9 @@ def test_sampling_pass_matches_pytorch(monkeypatch):
 
 def _fp32_fma_sum_of_squares(row: list[float]) -> float:
     """ss = fma(x, x, ss) over the row in order, in fp32 with one rounding per step (exact rationals)."""
-    import numpy as np
     from fractions import Fraction
+
+    import numpy as np
 
     def round_f32(exact: Fraction) -> np.float32:
         x = np.float32(float(exact))  # within one fp32 step of the exact value: pick the nearest (ties to even)

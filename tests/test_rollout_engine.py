@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 from scipy import stats
@@ -101,8 +100,10 @@ def test_top_logprobs_are_the_likeliest_tokens_of_the_same_distribution(sharp):
     engine = Engine(model, tok, precision="fp32", max_batch=4)
     prompts = [tok("Once upon a time")["input_ids"], tok("The capital of France is")["input_ids"]]
     T = 0.7
-    params = [SamplingParams(max_new_tokens=8, temperature=T, seed=3, ignore_eos=True, logprobs=5),
-              SamplingParams(max_new_tokens=8, temperature=T, seed=3, ignore_eos=True)]
+    params = [
+        SamplingParams(max_new_tokens=8, temperature=T, seed=3, ignore_eos=True, logprobs=5),
+        SamplingParams(max_new_tokens=8, temperature=T, seed=3, ignore_eos=True),
+    ]
     outs = engine.generate(prompts, params, n=2)
     for o in outs[2:]:
         assert o.top_logprobs is None
@@ -400,6 +401,7 @@ def test_bf16_fast_path_with_lora_adapters(tiny_path):
     engine = Engine(policy, tok, precision="bf16")
     prompt = tok("The weather today is")["input_ids"]
     sp = SamplingParams(max_new_tokens=8, temperature=1.0, seed=0)
+
     def ref(adapters: bool, out):
         with policy.disable_adapter() if not adapters else torch.no_grad():
             return teacher_forced_logprobs(policy, prompt, out.token_ids, 1.0)

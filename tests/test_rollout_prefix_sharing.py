@@ -106,8 +106,11 @@ def _prompts(tok):
     return [tok(" ".join(words[: 6 + 3 * i] * 3))["input_ids"] for i in range(4)]
 
 
-@pytest.mark.parametrize("model_dtype, fused", [(torch.bfloat16, True), (torch.float32, True), (torch.float32, False)],
-                         ids=["bf16-model-fused-step", "fp32-model-autocast-fused-step", "fp32-model-autocast-kernel-only"])
+@pytest.mark.parametrize(
+    "model_dtype, fused",
+    [(torch.bfloat16, True), (torch.float32, True), (torch.float32, False)],
+    ids=["bf16-model-fused-step", "fp32-model-autocast-fused-step", "fp32-model-autocast-kernel-only"],
+)
 def test_engine_outputs_identical_with_and_without_sharing(sharp, model_dtype, fused):
     """Sampled and greedy generation in bf16: the same tokens and log-probs with the prompt prefix
     shared as without, in the fused C++ step (bf16 model; fp32 model under bf16 autocast) and with
@@ -153,7 +156,9 @@ def test_engine_outputs_identical_with_and_without_sharing(sharp, model_dtype, f
         lengths.setdefault(c.prompt_index, set()).add(len(c.token_ids))
     assert any(len(v) > 1 for v in lengths.values())  # a group's rows finished at different steps
     # greedy: K samples of one prompt are identical, and equal to one sample decoded alone
-    alone = Engine(model, tok, precision="bf16", max_batch=1).generate(prompts, SamplingParams(max_new_tokens=8, temperature=0.0))
+    alone = Engine(model, tok, precision="bf16", max_batch=1).generate(
+        prompts, SamplingParams(max_new_tokens=8, temperature=0.0)
+    )
     for c in greedy:
         assert c.token_ids == alone[c.prompt_index].token_ids
 

@@ -54,16 +54,33 @@ def ranking_loss(scores: torch.Tensor, ranks: torch.Tensor, group: torch.Tensor)
     return loss_sum / pairs.clamp(min=1), pairs
 
 
+def pairwise_accuracy(
+    scores: torch.Tensor, ranks: torch.Tensor, group: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pairwise accuracy as counts: the untied pairs (two responses to one prompt with different
+    ranks) and how many of them the scores order like the ranks; equal scores count as wrong.
+
+    scores, ranks (0 = best), group (prompt index): (N,) each. Returns (correct, pairs), two scalar
+    tensors; the accuracy is correct / pairs.
+    """
+    better = (group[:, None] == group[None, :]) & (ranks[:, None] < ranks[None, :])  # (N, N): i ranked above j
+    correct = ((scores[:, None] > scores[None, :]) & better).sum()
+    return correct, better.sum()
+
+
 def ranking_metrics(scores: list[float], ranks: list[int]) -> dict[str, float]:
     """Agreement of one prompt's scores with its human ranking.
 
-    - ``pair_correct`` / ``pairs``: untied pairs the scores order correctly (pairwise accuracy).
+    - ``pair_correct`` / ``pairs``: untied pairs the scores order correctly (``pairwise_accuracy``).
     - ``top1``: the highest-scored response is among the best-ranked ones (K > 2 reporting).
     - ``kendall_tau``: Kendall's τ-b between scores and the ranking (higher score = better),
       which accounts for ties on either side; NaN when one side is constant.
     """
     k = len(scores)
-    conc = disc = ties_r = ties_s = correct = pairs = 0
+    correct, pairs = pairwise_accuracy(
+        torch.tensor(scores, dtype=torch.float64), torch.tensor(ranks), torch.zeros(k, dtype=torch.long)
+    )
+    conc = disc = ties_r = ties_s = 0
     for i in range(k):
         for j in range(i + 1, k):
             dr = ranks[j] - ranks[i]  # > 0: i ranked better
@@ -74,14 +91,10 @@ def ranking_metrics(scores: list[float], ranks: list[int]) -> dict[str, float]:
                 ties_r += 1
             elif ds == 0:
                 ties_s += 1
-                pairs += 1
+            elif (dr > 0) == (ds > 0):
+                conc += 1
             else:
-                pairs += 1
-                if (dr > 0) == (ds > 0):
-                    conc += 1
-                    correct += 1
-                else:
-                    disc += 1
+                disc += 1
     n0 = conc + disc
     denom = math.sqrt((n0 + ties_r) * (n0 + ties_s))
     tau = (conc - disc) / denom if denom > 0 else float("nan")

@@ -544,3 +544,13 @@ def instruction_following_rate(scores: Iterable[GoldScore], level: str = "instru
     if level == "prompt":
         return sum(s.all_followed and "empty" not in s.penalties for s in scores) / len(scores) if scores else float("nan")
     raise ValueError(f"level must be 'instruction' or 'prompt', got {level!r}")
+
+
+def gold_metrics(prompts: list[Prompt], responses: list[str], finished: list[bool]) -> dict[str, float]:
+    """PPO's ``rollout_metrics`` for prompts with gold instructions: ``{"gold_score": mean}``, the mean
+    rubric score of one iteration's responses; ``{}`` when a prompt has no ``meta["instructions"]``.
+    A module-level function, so that a stage run in a child process can take it along (pickled)."""
+    if not prompts or not all(p.meta.get("instructions") for p in prompts):
+        return {}
+    total = sum(score(p, r, f).total for p, r, f in zip(prompts, responses, finished))
+    return {"gold_score": total / len(responses)}

@@ -22,8 +22,10 @@ import math
 import torch
 from torch import nn
 
-from rlhfkit.models.loading import disable_dropout, load_tokenizer, resolve_model_path
+from rlhfkit.accel.attention import additive_attention_mask
 from rlhfkit.errors import UserError
+from rlhfkit.models.loading import disable_dropout, load_tokenizer, resolve_model_path
+from rlhfkit.models.lora import unwrap
 
 
 class RewardModel(nn.Module):
@@ -37,8 +39,7 @@ class RewardModel(nn.Module):
     @property
     def _inner(self) -> nn.Module:
         """The transformers model, under a PEFT wrapper if there is one (LoRA edits it in place)."""
-        m = self.seq_model
-        return m.get_base_model() if hasattr(m, "get_base_model") else m
+        return unwrap(self.seq_model)
 
     @property
     def trunk(self) -> nn.Module:
@@ -52,25 +53,34 @@ class RewardModel(nn.Module):
     def offset(self) -> float:
         return float(getattr(self.config, "reward_offset", 0.0))
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, last_index: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None, row_index: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        last_index: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        row_index: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Raw scores (N,) read at (``row_index``, ``last_index``) — by default one per row (N = B), at
         the last attended token of a right-padded 2-D mask. Several scores per row (a prompt shared by
         its K responses, ``collate_shared_prompt``): a 4-D mask, ``position_ids`` and ``row_index``."""
         if attention_mask.dim() == 4:
-            from rlhfkit.recipes.blocks import additive_attention_mask
-
             attention_mask = additive_attention_mask(self.trunk, attention_mask)
-        hidden = self.trunk(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                            use_cache=False).last_hidden_state  # (B, T, d)
+        hidden = self.trunk(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+        ).last_hidden_state  # (B, T, d)
         if last_index is None:
             last_index = attention_mask.sum(1) - 1  # right padding
         if row_index is None:
             row_index = torch.arange(hidden.shape[0], device=hidden.device)
         h = hidden[row_index, last_index]  # (N, d)
-        return self.head(h.to(self.head.weight.dtype if hasattr(self.head, 'weight') else h.dtype)).squeeze(-1).float()  # (B,)
+        return (
+            self.head(h.to(self.head.weight.dtype if hasattr(self.head, "weight") else h.dtype)).squeeze(-1).float()
+        )  # (B,)
 
-    def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, last_index: torch.Tensor | None = None) -> torch.Tensor:
+    def score(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, last_index: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Normalised scores: raw score minus the stored offset."""
         return self.forward(input_ids, attention_mask, last_index) - self.offset
 
@@ -86,19 +96,15 @@ def init_reward_head(head: nn.Linear, hidden_size: int, generator: torch.Generat
             head.bias.zero_()
 
 
-def load_reward_model(spec: str, dtype: torch.dtype = torch.float32, new_head: bool | None = None) -> tuple[RewardModel, object]:
-    """A reward model from a saved RM directory, or a fresh head on any causal-LM checkpoint.
-
-    ``new_head=None`` decides by itself: a directory saved by ``rlhfkit rm`` keeps its head.
-    """
+def load_reward_model(spec: str, dtype: torch.dtype = torch.float32) -> tuple[RewardModel, object]:
+    """A reward model from a saved RM directory (saved by ``rlhfkit rm``: it keeps its head), or a
+    fresh head on any causal-LM checkpoint."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     path = resolve_model_path(spec)
     tok = load_tokenizer(spec)
     config = AutoConfig.from_pretrained(path)
-    is_rm = "reward_offset" in config.to_dict()
-    if new_head is None:
-        new_head = not is_rm
+    new_head = "reward_offset" not in config.to_dict()
     config.num_labels = 1
     if config.pad_token_id is None or config.pad_token_id == tok.eos_token_id:
         # transformers' own sequence-classification forward finds "the last non-pad token": a

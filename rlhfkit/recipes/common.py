@@ -14,17 +14,19 @@ import os
 import random
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
 
+from rlhfkit.accel.memory import reuse_freed_memory
+from rlhfkit.accel.optim import allocate_adamw_state, own_memory
 from rlhfkit.config import TrainConfig, save_config
 from rlhfkit.data.jsonl import append_jsonl, read_jsonl, write_jsonl
 from rlhfkit.errors import UserError
 from rlhfkit.models.loading import resolve_precision
-from rlhfkit.recipes.memory import reuse_freed_memory
 
 # ---------------------------------------------------------------- accelerator
 
@@ -42,9 +44,8 @@ def make_accelerator(cfg: TrainConfig):
     The experiment trackers of ``cfg.report_to`` become accelerate's ``log_with``; each stage
     calls this first, so a tracker that is not installed stops the run before any model loads."""
     from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
-
     from accelerate.state import AcceleratorState, GradientState
+    from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
 
     trackers = report_to_trackers(cfg.report_to)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -58,9 +59,13 @@ def make_accelerator(cfg: TrainConfig):
     GradientState._reset_state()
     # TensorBoard writes to logging_dir/<project name>: out/tensorboard/rlhfkit
     where = ProjectConfiguration(project_dir=cfg.out, logging_dir=str(Path(cfg.out) / "tensorboard"))
-    acc = Accelerator(mixed_precision="bf16" if precision == "bf16" else "no", cpu=device == "cpu",
-                      log_with=trackers or None, project_config=where,
-                      kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
+    acc = Accelerator(
+        mixed_precision="bf16" if precision == "bf16" else "no",
+        cpu=device == "cpu",
+        log_with=trackers or None,
+        project_config=where,
+        kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],
+    )
     set_seed(cfg.seed)
     return acc
 
@@ -154,7 +159,9 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, total_steps: int, l
     schedule scales every group alike."""
     lr_of = lr_of or {}
     params = [p for p in model.parameters() if p.requires_grad and p not in lr_of]
-    groups = [{"params": params, "lr": cfg.lr}] + [{"params": [p], "lr": lr} for p, lr in lr_of.items() if p.requires_grad]
+    groups = [{"params": params, "lr": cfg.lr}] + [
+        {"params": [p], "lr": lr} for p, lr in lr_of.items() if p.requires_grad
+    ]
     on_cpu = not torch.cuda.is_available()  # else accelerate moves the model to the GPU next (make_accelerator)
     if on_cpu:
         own_memory([p for g in groups for p in g["params"]])
@@ -179,73 +186,6 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, total_steps: int, l
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
-def clip_and_step(optimizer, params, max_norm: float) -> torch.Tensor | None:
-    """Clip the gradients of ``params`` to a total L2 norm of ``max_norm``, as
-    ``torch.nn.utils.clip_grad_norm_`` does (``max_norm <= 0``: no clipping), then take the
-    optimizer step. Returns the total norm before clipping (None without clipping).
-
-    Why not ``clip_grad_norm_``: it reads every gradient twice besides the step, once for the norm
-    (``_foreach_norm``, far below a CPU's memory bandwidth) and once to scale it in place.
-    Here the norm is a sum of BLAS dot products, and the clip factor goes to fused AdamW as its
-    ``grad_scale`` (the hook PyTorch's GradScaler uses: the kernel divides each gradient by it as it
-    reads it), so clipping costs no pass of its own: a few percent of a reward-model step. The same
-    update up to float rounding (tested). A non-fused optimizer gets the gradients scaled in place.
-    """
-    if max_norm <= 0:
-        optimizer.step()
-        return None
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        optimizer.step()
-        return torch.zeros(())
-    flat = [g.reshape(-1).float() for g in grads]
-    norm = torch.stack([torch.dot(g, g) for g in flat]).sum().sqrt()
-    coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
-    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps the torch optimizer
-    if isinstance(inner, torch.optim.Adam | torch.optim.AdamW) and inner.defaults.get("fused"):
-        inner.grad_scale = (1.0 / coef).to(torch.float32)
-        try:
-            optimizer.step()
-        finally:
-            del inner.grad_scale
-    else:
-        torch._foreach_mul_(grads, coef.to(grads[0].device))
-        optimizer.step()
-    return norm
-
-
-def own_memory(params: list[torch.nn.Parameter]) -> None:
-    """Copy each trained parameter into memory of its own, out of the file it was loaded from.
-
-    Why: transformers loads safetensors zero-copy, so a parameter's data is a private mapping of
-    the checkpoint file. The first optimizer step then writes every page of it and the kernel
-    copies each 4 KiB page on write: 2.0 s for SmolLM2-135M on a 2-core VM, against 0.16 s for
-    one ``clone`` (the first RM step at TRL's settings: 2.6 s of AdamW -> 0.3 s). Frozen models
-    (the PPO reference, a judge) keep the mapping: it costs nothing until written.
-    """
-    with torch.no_grad():
-        for p in params:
-            p.data = p.data.clone()
-
-
-def allocate_adamw_state(opt: torch.optim.AdamW) -> None:
-    """Allocate AdamW's moments now, exactly as its first ``step`` would (``torch/optim/adam.py:
-    _init_group``, fused: a float32 ``step`` tensor on the parameter's device, zero moments).
-
-    Why: allocated lazily, the moments (8 bytes per parameter) take the memory that the first
-    step's activations just freed, so the second step's activations fault in fresh pages: 1.1 GB
-    and ~2 s on the second RM step at TRL's settings on a 2-core VM. Allocated first, the
-    activations' memory is reused from the second step on. Same numbers either way (test).
-    """
-    for group in opt.param_groups:
-        assert group["fused"] and not group["amsgrad"], "allocate_adamw_state mirrors fused AdamW without amsgrad"
-        for p in group["params"]:
-            if not opt.state[p]:
-                opt.state[p] = {"step": torch.zeros((), dtype=torch.float32, device=p.device),
-                                "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
-                                "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format)}
-
-
 def apply_lora(model: torch.nn.Module, cfg: TrainConfig, task_type: str = "CAUSAL_LM") -> torch.nn.Module:
     """Wrap ``model`` with peft LoRA adapters when ``cfg.lora``; otherwise return it unchanged."""
     if not cfg.lora:
@@ -256,16 +196,14 @@ def apply_lora(model: torch.nn.Module, cfg: TrainConfig, task_type: str = "CAUSA
     targets = [t for t in cfg.lora_targets if t in present]
     if not targets:
         raise UserError(f"lora_targets={cfg.lora_targets}: none of these modules exist in the model")
-    lcfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                      target_modules=targets, task_type=task_type)
+    lcfg = LoraConfig(
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=targets,
+        task_type=task_type,
+    )
     return get_peft_model(model, lcfg)
-
-
-def merged(model: torch.nn.Module) -> torch.nn.Module:
-    """The plain model to save: LoRA adapters merged into the weights."""
-    if hasattr(model, "merge_and_unload"):
-        return model.merge_and_unload()
-    return model
 
 
 # ---------------------------------------------------------------- metrics
@@ -314,7 +252,9 @@ class MetricsLog:
         row = {"step": step, "time": round(time.time(), 3), **{k: _plain(v) for k, v in metrics.items()}}
         append_jsonl(self.path, row)
         if self.acc.trackers:
-            self.acc.log({k: v for k, v in row.items() if k not in ("step", "time") and isinstance(v, (int, float))}, step=step)
+            self.acc.log(
+                {k: v for k, v in row.items() if k not in ("step", "time") and isinstance(v, (int, float))}, step=step
+            )
 
     def close(self) -> None:
         """End the trackers' runs (files flushed, the W&B and MLflow runs finished). Not
@@ -361,8 +301,12 @@ def read_metrics(out: str | Path) -> list[dict]:
 
 
 def _rng_state() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
 
 
 def _set_rng_state(s: dict) -> None:
@@ -373,7 +317,9 @@ def _set_rng_state(s: dict) -> None:
         torch.cuda.set_rng_state_all(s["cuda"])
 
 
-def save_checkpoint(out: Path, step: int, model, optimizer, scheduler, extra: dict | None = None, keep: int = 1) -> Path:
+def save_checkpoint(
+    out: Path, step: int, model, optimizer, scheduler, extra: dict | None = None, keep: int = 1
+) -> Path:
     """Write ``out/checkpoints/step-N`` atomically: ``model/`` (a Hugging Face directory) and
     ``state.pt`` (optimizer, schedule, RNG, step). A crash mid-write leaves the previous
     checkpoint as the latest; only the newest ``keep`` are kept."""
@@ -384,8 +330,16 @@ def save_checkpoint(out: Path, step: int, model, optimizer, scheduler, extra: di
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     model.save_pretrained(tmp / "model", safe_serialization=True)
-    torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "rng": _rng_state(), "extra": extra or {}}, tmp / "state.pt")
+    torch.save(
+        {
+            "step": step,
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "rng": _rng_state(),
+            "extra": extra or {},
+        },
+        tmp / "state.pt",
+    )
     shutil.rmtree(final, ignore_errors=True)
     os.rename(tmp, final)
     for old in sorted(p for p in root.glob("step-*") if p.is_dir())[:-keep]:
@@ -422,21 +376,7 @@ def latest_checkpoint(out: Path) -> Path | None:
 
 def load_checkpoint(ckpt: Path, model, optimizer, scheduler) -> tuple[int, dict]:
     """Restore weights, optimizer, schedule and RNG; returns (step, extra)."""
-    from safetensors.torch import load_file
-
-    files = sorted((ckpt / "model").glob("*.safetensors"))
-    weights: dict[str, torch.Tensor] = {}
-    for f in files:
-        weights.update(load_file(f))
-    if hasattr(model, "peft_config"):
-        from peft import set_peft_model_state_dict
-
-        set_peft_model_state_dict(model, weights)
-    else:
-        missing, unexpected = model.load_state_dict(weights, strict=False)
-        real_missing = [m for m in missing if not _is_tied(model, m)]
-        if real_missing or unexpected:
-            raise UserError(f"{ckpt}: checkpoint does not match the model (missing {real_missing[:3]}, unexpected {unexpected[:3]})")
+    load_weights(model, ckpt / "model")
     state = torch.load(ckpt / "state.pt", weights_only=False)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
@@ -444,8 +384,26 @@ def load_checkpoint(ckpt: Path, model, optimizer, scheduler) -> tuple[int, dict]
     return state["step"], state["extra"]
 
 
-def _is_tied(model, name: str) -> bool:
-    return name.endswith("lm_head.weight") and getattr(model.config, "tie_word_embeddings", False)
+def load_weights(model: torch.nn.Module, path: Path) -> None:
+    """The ``*.safetensors`` weights that ``save_pretrained`` wrote to ``path`` (a full model or peft
+    adapters) into ``model``; a UserError when they do not fit it (a tied LM head may be absent)."""
+    from safetensors.torch import load_file
+
+    weights: dict[str, torch.Tensor] = {}
+    for f in sorted(path.glob("*.safetensors")):
+        weights.update(load_file(f))
+    if hasattr(model, "peft_config"):
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(model, weights)
+        return
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    tied = getattr(model.config, "tie_word_embeddings", False)
+    missing = [m for m in missing if not (tied and m.endswith("lm_head.weight"))]
+    if missing or unexpected:
+        raise UserError(
+            f"{path}: checkpoint does not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
 
 
 def prepare_out(cfg: TrainConfig, acc) -> tuple[Path, Path | None]:
@@ -484,7 +442,9 @@ def load_split(cfg: TrainConfig, kind: str, say=print) -> tuple[list, list]:
     say(got.summary())
     records = got.records
     if cfg.eval_data:
-        held = load_records(cfg.eval_data, kind, fields=cfg.fields or None, split=cfg.eval_split, skip_invalid=cfg.skip_invalid)
+        held = load_records(
+            cfg.eval_data, kind, fields=cfg.fields or None, split=cfg.eval_split, skip_invalid=cfg.skip_invalid
+        )
         say(held.summary())
         train, held_out = records, held.records
     else:

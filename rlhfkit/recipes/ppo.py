@@ -23,6 +23,7 @@ Each iteration, numbered as in the algorithm:
                    (+ ptx_coef · pretraining NLL), one global gradient-norm clip, AdamW
   8. log           KL controller update, metrics.jsonl line, checkpoint
 
+``train_ppo`` reads top to bottom; each phase is a function of its own below it, in this order.
 The models and their no-grad forwards (batch layout, critic, log-probs, scores) live in
 ``ppo_models.py``; the math (GAE, KL, clipped losses) in ``rlhfkit/algos/ppo.py``. The log-probs
 divide the logits by the sampling temperature [N-details, "scale the logits by the sampling
@@ -33,32 +34,71 @@ from __future__ import annotations
 
 import math
 import time
-from contextlib import nullcontext
-from typing import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
-from rlhfkit.algos.ppo import (AdaptiveKLController, FixedKLController, apply_missing_eos_penalty, clip_scores,
-                               compute_gae, group_baseline, compute_rewards, explained_variance, kl_k3,
-                               logprobs_from_logits, masked_mean, masked_whiten, ppo_policy_loss, ppo_value_loss,
-                               whiten_rewards)
+from rlhfkit.accel import prepare_for_inference, prepare_for_training
+from rlhfkit.accel.memory import release_memory, rss_mb
+from rlhfkit.accel.optim import clip_and_step
+from rlhfkit.algos.ppo import (
+    AdaptiveKLController,
+    FixedKLController,
+    apply_missing_eos_penalty,
+    clip_scores,
+    compute_gae,
+    compute_rewards,
+    explained_variance,
+    group_baseline,
+    kl_k3,
+    logprobs_from_logits,
+    masked_mean,
+    masked_whiten,
+    ppo_policy_loss,
+    ppo_value_loss,
+    whiten_rewards,
+)
 from rlhfkit.config import PPOConfig
 from rlhfkit.data.records import Prompt
 from rlhfkit.data.tokenize import encode_prompt
 from rlhfkit.errors import UserError
-from rlhfkit.models.heads import load_reward_model
+from rlhfkit.models.heads import RewardModel, load_reward_model
 from rlhfkit.models.loading import load_causal_lm, resolve_precision
-from rlhfkit.recipes.common import (clip_and_step, MetricsLog, apply_lora, batch_plan, load_checkpoint, make_accelerator,
-                                    make_optimizer, merged, prepare_out, progress, save_checkpoint, save_model_dir)
-from rlhfkit.recipes.blocks import compile_blocks, fresh_compile_cache, use_training_attention
-from rlhfkit.recipes.memory import release_memory, rss_mb
-from rlhfkit.recipes.ppo_models import (Critic, _Checkpoint, _unwrap, bf16_matmul_weights, cut_responses, length_chunks,
-                                        make_batch, policy_hidden, response_logits, rm_scores, rollout_forwards)
-from rlhfkit.rollout import Engine, SamplingParams
+from rlhfkit.models.lora import unwrap
+from rlhfkit.recipes.common import (
+    MetricsLog,
+    apply_lora,
+    batch_plan,
+    load_checkpoint,
+    make_accelerator,
+    make_optimizer,
+    prepare_out,
+    progress,
+    save_checkpoint,
+    save_model_dir,
+)
+from rlhfkit.recipes.ppo_models import (
+    Batch,
+    Critic,
+    _Checkpoint,
+    cut_responses,
+    length_chunks,
+    make_batch,
+    policy_hidden,
+    response_logits,
+    rm_scores,
+    rollout_forwards,
+)
+from rlhfkit.rollout import Completion, Engine, SamplingParams
 
 RSS_SLACK = 1.25  # hand freed memory back to the OS when the resident size grew by this factor
 RewardFn = Callable[[list[Prompt], list[str], list[bool]], Sequence[float]]
+RolloutMetrics = Callable[[list[Prompt], list[str], list[bool]], dict[str, float]]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -75,7 +115,8 @@ def load_prompts(cfg: PPOConfig, say=print) -> list[Prompt]:
     else:
         from rlhfkit.data.loaders import load_records
 
-        got = load_records(cfg.data, "prompt", fields=cfg.fields or None, split=cfg.split, skip_invalid=cfg.skip_invalid)
+        fields = cfg.fields or None
+        got = load_records(cfg.data, "prompt", fields=fields, split=cfg.split, skip_invalid=cfg.skip_invalid)
         say(got.summary())
         prompts = got.records
     return prompts[: cfg.limit] if cfg.limit else prompts
@@ -108,8 +149,9 @@ def ptx_loss(policy, chunks: list[list[int]], pad_id: int) -> torch.Tensor:
     for i, c in enumerate(chunks):
         ids[i, : len(c)] = torch.tensor(c)
         mask[i, : len(c)] = 1
-    hidden = _unwrap(policy).model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state[:, :-1]  # (B, T-1, d)
-    logits = _unwrap(policy).lm_head(hidden).float()  # (B, T-1, V)
+    base = unwrap(policy)
+    hidden = base.model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state[:, :-1]  # (B, T-1, d)
+    logits = base.lm_head(hidden).float()  # (B, T-1, V)
     target_mask = mask[:, 1:].bool()
     nll = torch.nn.functional.cross_entropy(logits[target_mask], ids[:, 1:][target_mask])
     return nll
@@ -132,14 +174,126 @@ def _seeded(*parts: int) -> torch.Generator:
 # ---------------------------------------------------------------------------------------------
 
 
-def train_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None, say=print) -> dict:
+@dataclass
+class Models:
+    """PPO's models (see the module docstring) and the engine that samples from the policy."""
+
+    policy: nn.Module
+    ref: nn.Module | None  # None with LoRA: the policy with its adapters disabled
+    critic: Critic
+    rm: RewardModel | None  # None with a reward_fn
+    tok: Any
+    engine: Engine
+    autocast: Callable[[], Any]  # the training precision's autocast context (or a null one)
+
+
+@dataclass
+class Rollout:
+    """One iteration's samples: N = prompts × samples_per_prompt rows, prompt-major."""
+
+    prompts: list[Prompt]  # (N) the Prompt record of each row
+    batch: Batch  # query + response rows, cut after the first EOS
+    texts: list[str]  # (N) decoded responses
+    ended: torch.Tensor  # (N,) bool: the response produced EOS
+    raw: torch.Tensor  # (N,) RM score or reward_fn value
+    penalised: torch.Tensor  # (N,) clipped, missing-EOS penalty applied: logged as "score"
+    scores: torch.Tensor  # (N,) what the rewards get: penalised, minus the group baseline if any
+    fw: dict[str, torch.Tensor] = field(default_factory=dict)  # no-grad forwards, each (N, R)
+
+
+@dataclass
+class Advantages:
+    """Per-token rewards and what GAE makes of them, all (N, R)."""
+
+    beta: float  # the KL coefficient they were computed with
+    rewards: torch.Tensor
+    kl: torch.Tensor
+    advantages: torch.Tensor
+    returns: torch.Tensor
+
+
+@dataclass
+class Optimization:
+    """One AdamW over policy and critic, its schedule, the KL controller, and the resident size of
+    the first iteration (``log_and_checkpoint``'s memory housekeeping)."""
+
+    optimizer: Any
+    scheduler: Any
+    trainable: list[nn.Parameter]
+    kl_ctl: AdaptiveKLController | FixedKLController
+    rss_base: float = 0.0
+
+
+def train_ppo(
+    cfg: PPOConfig, reward_fn: RewardFn | None = None, say=print, rollout_metrics: RolloutMetrics | None = None
+) -> dict:
     """PPO on ``cfg.model`` against ``cfg.reward_model`` (or ``reward_fn``); returns final metrics.
 
     ``reward_fn(prompts, responses, finished) -> scores``: one float per response, given the
     Prompt records, the decoded responses (cut at EOS) and whether each one produced EOS.
+    ``rollout_metrics(prompts, responses, finished) -> {name: value}``: task-specific numbers
+    (e.g. ``rlhfkit.feedback.rubric.gold_metrics``) added to each iteration's metrics.
     Writes ``out/metrics.jsonl`` (one line per iteration), checkpoints, ``out/model`` (the
     policy, a plain Hugging Face directory, LoRA merged) and ``out/critic``.
     """
+    check_config(cfg, reward_fn)
+    acc = make_accelerator(cfg)
+    if acc.num_processes > 1:
+        raise UserError("rlhfkit ppo runs in one process (multi-process PPO is not implemented)")
+    out, ckpt = prepare_out(cfg, acc)
+    precision = resolve_precision(cfg.precision, acc.device)
+
+    # 0. data first: a bad file is reported before minutes of model loading
+    prompts = load_prompts(cfg, say)
+    ptx_docs = load_ptx(cfg)
+    # 1. models: policy (+ LoRA), reference, critic, reward model
+    m = load_models(cfg, acc.device, precision, reward_fn, say)
+    # 2. prompts, batch plan (one batch of prompts per iteration), PPO-ptx corpus
+    queries = encode_queries(cfg, prompts, m.tok, say)
+    plan = batch_plan(len(prompts), cfg)
+    ptx = ptx_chunks(cfg, ptx_docs, m.tok) if ptx_docs is not None else None
+    say(
+        f"PPO: {len(plan)} iterations x {min(cfg.batch_size, len(prompts))} prompts x {cfg.samples_per_prompt} "
+        f"samples, critic={cfg.critic}, reward={'reward_fn' if reward_fn else cfg.reward_model}, {precision}"
+        + (f", ptx {len(ptx)} chunks" if ptx else "")
+    )
+    # 3. optimizer over policy and critic, KL controller, resume
+    opt, start = setup_optimization(cfg, m, len(plan), ckpt, say)
+    log = MetricsLog(out, acc, cfg, resume_step=start if ckpt else None)
+
+    bar = progress(len(plan), start, True, "ppo")
+    last: dict = {}
+    t_run = time.perf_counter()
+    for it in range(start, len(plan)):
+        # 1. prompts of this iteration (each repeated samples_per_prompt times, prompt-major)
+        idx = plan[it]
+        batch_prompts = [prompts[i] for i in idx for _ in range(cfg.samples_per_prompt)]
+        batch_queries = [queries[i] for i in idx for _ in range(cfg.samples_per_prompt)]
+        times: dict[str, float] = {}
+        with timed(times, "time_generate"):  # 2. generate on the live weights
+            completions = generate(m, cfg, [queries[i] for i in idx], it)
+        with timed(times, "time_score"):  # 3. cut after the first EOS, then score
+            ro = score(m, cfg, batch_prompts, batch_queries, completions, reward_fn)
+        with timed(times, "time_forward"):  # 4. log-probs (policy, reference) and values, no grad
+            ro.fw = forwards(m, cfg, ro.batch)
+        # 5.-6. per-token rewards with the KL penalty, GAE advantages and returns
+        adv = rewards_and_advantages(cfg, ro, opt.kl_ctl.value)
+        with timed(times, "time_train"):  # 7. PPO epochs over minibatches
+            stats = update(m, cfg, ro, adv, opt, it, ptx)
+        # 8. KL controller, metrics, memory, checkpoint
+        extra = rollout_metrics(ro.prompts, ro.texts, ro.ended.tolist()) if rollout_metrics else {}
+        last = log_and_checkpoint(cfg, it + 1, len(plan), m, ro, adv, opt, stats | extra, times, log, out)
+        bar.update(1)
+        bar.set_postfix(score=f"{last['score']:.3f}", kl=f"{last['kl']:.3f}")
+    bar.close()
+    log.close()
+    result = {"step": len(plan), **last, "train_seconds": time.perf_counter() - t_run}
+    save_final(cfg, m, opt, len(plan), out, last, say)
+    return result
+
+
+def check_config(cfg: PPOConfig, reward_fn: RewardFn | None) -> None:
+    """The config errors PPO can tell before loading anything."""
     if cfg.critic not in ("rm", "policy_head"):
         raise UserError(f"critic={cfg.critic!r}: expected 'rm' or 'policy_head'")
     if reward_fn is None and not cfg.reward_model:
@@ -150,277 +304,330 @@ def train_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None, say=print) -> d
         raise UserError("score_baseline=group compares the samples of one prompt: set samples_per_prompt >= 2")
     if cfg.num_minibatches < 1 or cfg.ppo_epochs < 1:
         raise UserError("num_minibatches and ppo_epochs must be >= 1")
-    acc = make_accelerator(cfg)
-    if acc.num_processes > 1:
-        raise UserError("rlhfkit ppo runs in one process (multi-process PPO is not implemented)")
-    out, ckpt = prepare_out(cfg, acc)
-    device = acc.device
-    precision = resolve_precision(cfg.precision, device)
-    bf16 = precision == "bf16"
 
-    def autocast():
-        return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
 
-    # 0. data first: a bad file is reported before minutes of model loading
-    prompts = load_prompts(cfg, say)
-    ptx_docs = load_ptx(cfg)
+def load_models(cfg: PPOConfig, device, precision: str, reward_fn: RewardFn | None, say=print) -> Models:
+    """Policy (+ LoRA), frozen reference, critic and reward model, each prepared by ``rlhfkit.accel``.
 
-    # 1. models: policy (+ LoRA), reference, critic, reward model
+    The order is that of the global RNG's use (LoRA's and the heads' initialisation): keep it.
+    """
     loaded = load_causal_lm(cfg.model)
     tok = loaded.tokenizer
     if not cfg.chat_template:
         tok.chat_template = None
-    pad_id = tok.pad_token_id
     policy = loaded.model.to(device)
     if cfg.gradient_checkpointing:
         policy.gradient_checkpointing_enable()
-    use_training_attention(policy, device)
     policy = apply_lora(policy, cfg)
-    fresh_compile_cache()  # the variants of an earlier stage in this process would crowd out PPO's
-    compiled = compile_blocks(policy, cfg, device, say)
-    if compiled:
-        say("compiling the policy's transformer blocks (torch.compile; once per machine, cached)")
-    lora_ref = cfg.lora
+    accel = prepare_for_training(policy, cfg, device, say, name="policy")
     ref = None
-    if not lora_ref:  # the frozen SFT model; with LoRA it is the policy with adapters disabled
+    if not cfg.lora:  # the frozen SFT model; with LoRA it is the policy with adapters disabled
         ref = load_causal_lm(cfg.model).model.to(device).requires_grad_(False).eval()
-        use_training_attention(ref, device)
-        if bf16:
-            bf16_matmul_weights(ref)
-        if compiled:
-            # the policy's kernels: compiled and eager bf16 forwards of the same weights differ by
-            # ~0.06 nats per token (Inductor fuses elementwise work without bf16 rounding in
-            # between), a spurious KL of ~0.7 nats per 100-token response at step 0; with the same
-            # compiled blocks the two log-probs agree exactly
-            compile_blocks(ref, cfg, device, say)
-    if cfg.critic == "policy_head":
-        d = _unwrap(policy).config.hidden_size
-        head = nn.Linear(d, 1, bias=False)
-        # zero: the first advantages are plain Monte-Carlo returns. A random head gives values of
-        # a few units, and GAE charges that bias to the last token — the EOS — so the policy
-        # learns not to stop (seen on SmolLM2: no-EOS share 0.38 -> 0.94 in 6 iterations).
-        nn.init.zeros_(head.weight)
-        critic = Critic("policy_head", head=head.to(device))
-    else:
-        seq_model = load_reward_model(cfg.critic_model or cfg.reward_model or cfg.model)[0].seq_model
-        if cfg.gradient_checkpointing:
-            seq_model.gradient_checkpointing_enable()
-        use_training_attention(seq_model, device)
-        critic = Critic("rm", seq_model=apply_lora(seq_model, cfg, task_type="SEQ_CLS").to(device))
-        compile_blocks(critic.seq_model, cfg, device, say)
+        prepare_for_inference(ref, cfg, device, like=accel, say=say, name="reference")
+    critic = load_critic(cfg, policy, device, say)
     rm = None
     if reward_fn is None:
+        bf16 = precision == "bf16"
         rm, rm_tok = load_reward_model(cfg.reward_model, dtype=torch.bfloat16 if bf16 else torch.float32)
         if rm_tok.get_vocab() != tok.get_vocab():
             raise UserError(f"reward_model={cfg.reward_model}: its tokenizer differs from the policy's ({cfg.model})")
         rm = rm.to(device).requires_grad_(False).eval()
-        if compiled:  # inference only: Inductor fuses its elementwise work as for the policy
-            use_training_attention(rm.seq_model, device)
-            compile_blocks(rm.seq_model, cfg, device, say)
+        prepare_for_inference(rm.seq_model, cfg, device, like=accel, say=say, name="reward model")
     policy.train()
     critic.train()
     engine = Engine(policy, tok, precision=precision)
     if not engine.eos_ids:
         raise UserError(f"{cfg.model}: the tokenizer has no EOS token; responses could never end")
+    return Models(policy, ref, critic, rm, tok, engine, autocast_of(device, precision))
 
-    # 2. prompts, batch plan (one batch of prompts per iteration), PPO-ptx corpus
+
+def load_critic(cfg: PPOConfig, policy: nn.Module, device, say=print) -> Critic:
+    """A value head on the policy's trunk (critic='policy_head'), or a copy of the reward model."""
+    if cfg.critic == "policy_head":
+        head = nn.Linear(unwrap(policy).config.hidden_size, 1, bias=False)
+        # zero: the first advantages are plain Monte-Carlo returns. A random head gives values of
+        # a few units, and GAE charges that bias to the last token — the EOS — so the policy
+        # learns not to stop (seen on SmolLM2: the no-EOS share more than doubled in a few iterations).
+        nn.init.zeros_(head.weight)
+        return Critic("policy_head", head=head.to(device))
+    seq_model = load_reward_model(cfg.critic_model or cfg.reward_model or cfg.model)[0].seq_model
+    if cfg.gradient_checkpointing:
+        seq_model.gradient_checkpointing_enable()
+    seq_model = apply_lora(seq_model, cfg, task_type="SEQ_CLS").to(device)
+    prepare_for_training(seq_model, cfg, device, say, name="critic")
+    return Critic("rm", seq_model=seq_model)
+
+
+def autocast_of(device, precision: str) -> Callable[[], Any]:
+    """A factory of the training precision's autocast context: bf16 autocast, or none for fp32."""
+    if precision == "bf16":
+        return lambda: torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
+    return nullcontext
+
+
+def encode_queries(cfg: PPOConfig, prompts: list[Prompt], tok, say=print) -> list[list[int]]:
+    """Each prompt's chat-formatted token ids, its last ``max_prompt_length`` tokens."""
     queries = [encode_prompt(tok, p.messages) for p in prompts]
     cut = sum(len(q) > cfg.max_prompt_length for q in queries)
     if cut:
         say(f"{cut} prompts longer than max_prompt_length={cfg.max_prompt_length} keep their last tokens")
-    queries = [q[-cfg.max_prompt_length :] for q in queries]
-    gold = all(p.meta.get("instructions") for p in prompts)
-    plan = batch_plan(len(prompts), cfg)
-    ptx = ptx_chunks(cfg, ptx_docs, tok) if ptx_docs is not None else None
-    say(f"PPO: {len(plan)} iterations x {min(cfg.batch_size, len(prompts))} prompts x {cfg.samples_per_prompt} "
-        f"samples, critic={cfg.critic}, reward={'reward_fn' if reward_fn else cfg.reward_model}, {precision}"
-        + (f", ptx {len(ptx)} chunks" if ptx else ""))
+    return [q[-cfg.max_prompt_length :] for q in queries]
 
-    # 3. optimizer over policy and critic (one AdamW, one gradient clip), KL controller, resume
-    both = nn.ModuleDict({"policy": policy, "critic": critic})
-    n_updates = len(plan) * cfg.ppo_epochs * cfg.num_minibatches
-    head_lr = {critic.head.weight: cfg.value_head_lr} if critic.kind == "policy_head" and cfg.value_head_lr > 0 else None
+
+def setup_optimization(cfg: PPOConfig, m: Models, n_iterations: int, ckpt: Path | None, say=print):
+    """One AdamW over policy and critic (one gradient clip), the KL controller, and the state of a
+    resumed run. Returns (Optimization, the iteration to start at)."""
+    both = nn.ModuleDict({"policy": m.policy, "critic": m.critic})
+    n_updates = n_iterations * cfg.ppo_epochs * cfg.num_minibatches
+    head = m.critic.head.weight if m.critic.kind == "policy_head" else None
+    head_lr = {head: cfg.value_head_lr} if head is not None and cfg.value_head_lr > 0 else None
     optimizer, scheduler = make_optimizer(both, cfg, n_updates, lr_of=head_lr)
-    kl_ctl = (AdaptiveKLController(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon) if cfg.adaptive_kl
-              else FixedKLController(cfg.kl_coef))
+    if cfg.adaptive_kl:
+        kl_ctl = AdaptiveKLController(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon)
+    else:
+        kl_ctl = FixedKLController(cfg.kl_coef)
     start = 0
     if ckpt is not None:
-        start, extra = load_checkpoint(ckpt, policy, optimizer, scheduler)
-        critic.load(ckpt / "model" / "critic")
+        start, extra = load_checkpoint(ckpt, m.policy, optimizer, scheduler)
+        m.critic.load(ckpt / "model" / "critic")
         kl_ctl.load_state_dict(extra["kl_ctl"])
         say(f"resumed from {ckpt} at iteration {start}")
-    log = MetricsLog(out, acc, cfg, resume_step=start if ckpt else None)
     trainable = [p for p in both.parameters() if p.requires_grad]
+    return Optimization(optimizer, scheduler, trainable, kl_ctl), start
 
-    bar = progress(len(plan), start, True, "ppo")
-    last: dict = {}
-    rss_base = 0.0
-    t_run = time.perf_counter()
-    for it in range(start, len(plan)):
-        # 1. prompts of this iteration (each repeated samples_per_prompt times, prompt-major)
-        idx = plan[it]
-        batch_prompts = [prompts[i] for i in idx for _ in range(cfg.samples_per_prompt)]
-        batch_queries = [queries[i] for i in idx for _ in range(cfg.samples_per_prompt)]
 
-        # 2. generate with the engine on the live weights (seeded per iteration: resume-exact)
-        t0 = time.perf_counter()
-        params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=0, top_p=1.0,
-                                ignore_eos=cfg.ignore_eos, seed=_seed(cfg.seed, it, 7))
-        with torch.no_grad():
-            completions = engine.generate([queries[i] for i in idx], params, n=cfg.samples_per_prompt)
-        t_generate = time.perf_counter() - t0
+@contextmanager
+def timed(times: dict[str, float], name: str) -> Iterator[None]:
+    """Adds the seconds the block took to ``times[name]``."""
+    t0 = time.perf_counter()
+    yield
+    times[name] = times.get(name, 0.0) + time.perf_counter() - t0
 
-        # 3. cut after the first EOS, then score
-        t0 = time.perf_counter()
-        response, response_mask, ended = cut_responses(completions, engine.eos_ids, pad_id)
-        batch = make_batch(batch_queries, response, response_mask, pad_id)
-        texts = [tok.decode(r[m].tolist(), skip_special_tokens=True) for r, m in zip(batch.response, batch.response_mask)]
-        finished = ended.tolist()
-        if reward_fn is not None:
-            raw = torch.tensor([float(s) for s in reward_fn(batch_prompts, texts, finished)], dtype=torch.float32)
-            if raw.shape != (len(texts),):
-                raise UserError(f"reward_fn returned {raw.shape[0] if raw.dim() else 'a scalar'} scores for {len(texts)} responses")
-        else:
-            raw = rm_scores(rm, batch, cfg.forward_batch_size, autocast)
-        scores = clip_scores(raw, cfg.score_clip) if cfg.score_clip > 0 else raw
-        if cfg.missing_eos_penalty is not None:
-            scores = apply_missing_eos_penalty(scores, ended, cfg.missing_eos_penalty)
-        penalised = scores  # what is logged as "score": the baseline only centres it per prompt
-        if cfg.score_baseline == "group":
-            scores = group_baseline(scores, cfg.samples_per_prompt)
-        t_score = time.perf_counter() - t0
-        gold_mean = None
-        if gold:
-            from rlhfkit.feedback.rubric import score as gold_score
 
-            gold_mean = sum(gold_score(p, t, f).total for p, t, f in zip(batch_prompts, texts, finished)) / len(texts)
+def generate(m: Models, cfg: PPOConfig, queries: list[list[int]], it: int) -> list[Completion]:
+    """``samples_per_prompt`` responses to each query from the live policy weights, with the rollout
+    engine (never HF generate); seeded per iteration, so a resumed run samples the same."""
+    params = SamplingParams(
+        max_new_tokens=cfg.max_new_tokens,
+        temperature=cfg.temperature,
+        top_k=0,
+        top_p=1.0,
+        ignore_eos=cfg.ignore_eos,
+        seed=_seed(cfg.seed, it, 7),
+    )
+    with torch.no_grad():
+        return m.engine.generate(queries, params, n=cfg.samples_per_prompt)
 
-        # 4. log-probs (policy, reference) and values, no grad, logits / temperature
-        t0 = time.perf_counter()
-        fw = rollout_forwards(policy, ref, critic, batch, cfg.temperature, cfg.forward_batch_size, autocast, lora_ref)
-        mask = batch.response_mask
-        t_forward = time.perf_counter() - t0
 
-        # 5. per-token rewards: −β·KL on every token, the score on the last one
-        beta = kl_ctl.value
-        rewards, kl = compute_rewards(scores, fw["logprobs"], fw["ref_logprobs"], mask, beta)
-        if cfg.whiten_rewards:
-            rewards = whiten_rewards(rewards, mask)
+def score(
+    m: Models,
+    cfg: PPOConfig,
+    prompts: list[Prompt],
+    queries: list[list[int]],
+    completions: list[Completion],
+    reward_fn: RewardFn | None,
+) -> Rollout:
+    """Cut each response after its first EOS, score it (reward model or ``reward_fn``), clip the
+    scores, penalise a missing EOS, and with score_baseline=group subtract the leave-one-out mean of
+    the prompt's other samples."""
+    pad_id = m.tok.pad_token_id
+    response, response_mask, ended = cut_responses(completions, m.engine.eos_ids, pad_id)
+    batch = make_batch(queries, response, response_mask, pad_id)
+    texts = [m.tok.decode(r[k].tolist(), skip_special_tokens=True) for r, k in zip(batch.response, batch.response_mask)]
+    if reward_fn is not None:
+        raw = torch.tensor([float(s) for s in reward_fn(prompts, texts, ended.tolist())], dtype=torch.float32)
+        if raw.shape != (len(texts),):
+            got = raw.shape[0] if raw.dim() else "a scalar"
+            raise UserError(f"reward_fn returned {got} scores for {len(texts)} responses")
+    else:
+        raw = rm_scores(m.rm, batch, cfg.forward_batch_size, m.autocast)
+    scores = clip_scores(raw, cfg.score_clip) if cfg.score_clip > 0 else raw
+    if cfg.missing_eos_penalty is not None:
+        scores = apply_missing_eos_penalty(scores, ended, cfg.missing_eos_penalty)
+    penalised = scores  # what is logged as "score": the baseline only centres it per prompt
+    if cfg.score_baseline == "group":
+        scores = group_baseline(scores, cfg.samples_per_prompt)
+    return Rollout(prompts, batch, texts, ended, raw, penalised, scores)
 
-        # 6. advantages (GAE) and returns; whiten the advantages over the batch
-        advantages, returns = compute_gae(rewards, fw["values"], mask, cfg.gamma, cfg.lam)
-        if cfg.whiten_advantages:
-            advantages = masked_whiten(advantages, mask)
 
-        # 7. PPO epochs over minibatches
-        t0 = time.perf_counter()
-        N = len(texts)
-        mb_size = math.ceil(N / cfg.num_minibatches)
-        stats: dict[str, list[float]] = {}
-        for epoch in range(cfg.ppo_epochs):
-            perm = torch.randperm(N, generator=_seeded(cfg.seed, it, epoch, 11))
-            for k, mb_start in enumerate(range(0, N, mb_size)):
-                mb = perm[mb_start : mb_start + mb_size]
-                n_tokens = mask[mb].sum()
-                # micro-batches of rows of similar length (length_chunks): less padding, same loss
-                micro = length_chunks(batch, mb, math.ceil(len(mb) / max(1, min(cfg.grad_accum, len(mb)))))
-                for m in micro:
-                    b = batch.rows(m)
-                    cols = b.response.shape[1]
-                    m_mask = b.response_mask
-                    weight = m_mask.sum() / n_tokens  # token-weighted: micro-batching leaves the loss unchanged
-                    old_lp, adv = fw["logprobs"][m, :cols], advantages[m, :cols]
-                    old_v, ret = fw["values"][m, :cols], returns[m, :cols]
-                    if critic.kind == "rm":
-                        # separate models, separate graphs: the critic's forward + backward first,
-                        # then the policy's, so only one graph (and one bf16 weight cast) is alive
-                        with autocast():
-                            values = critic.values(b)
-                        vl = ppo_value_loss(values, old_v, ret, m_mask, cfg.cliprange_value)
-                        (weight * cfg.vf_coef * vl.loss).backward()
-                        with autocast():
-                            h = policy_hidden(policy, b)  # (b, r, d)
-                            new_logprobs = logprobs_from_logits(response_logits(policy, h), b.response, cfg.temperature)
-                        pl = ppo_policy_loss(new_logprobs, old_lp, adv, m_mask, cfg.cliprange)
-                        (weight * pl.loss).backward()
-                    else:  # one trunk forward gives both the log-probs and the values
-                        with autocast():
-                            h = policy_hidden(policy, b)
-                            new_logprobs = logprobs_from_logits(response_logits(policy, h), b.response, cfg.temperature)
-                            values = critic.values(b, hidden=h)
-                        pl = ppo_policy_loss(new_logprobs, old_lp, adv, m_mask, cfg.cliprange)
-                        vl = ppo_value_loss(values, old_v, ret, m_mask, cfg.cliprange_value)
-                        (weight * (pl.loss + cfg.vf_coef * vl.loss)).backward()
-                    w = weight.item()
-                    for name, v in (("policy_loss", pl.loss), ("clipfrac", pl.clipfrac), ("approx_kl", pl.approx_kl),
-                                    ("value_loss", vl.loss), ("value_clipfrac", vl.clipfrac), ("ratio_mean", pl.ratio_mean)):
-                        stats.setdefault(name, []).append(w * v.item())
-                if ptx is not None:
-                    order = torch.randperm(len(ptx), generator=_seeded(cfg.seed, it, epoch, k, 13))[: cfg.ptx_batch_size]
-                    with autocast():
-                        nll = ptx_loss(policy, [ptx[i] for i in order.tolist()], pad_id)
-                    (cfg.ptx_coef * nll).backward()
-                    stats.setdefault("ptx_loss", []).append(nll.item())
-                grad_norm = clip_and_step(optimizer, trainable, cfg.max_grad_norm)
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                if grad_norm is not None:
-                    stats.setdefault("grad_norm", []).append(float(grad_norm))
-        t_train = time.perf_counter() - t0
-        n_steps = cfg.ppo_epochs * math.ceil(N / mb_size)
+def forwards(m: Models, cfg: PPOConfig, batch: Batch) -> dict[str, torch.Tensor]:
+    """Log-probs and entropy of the policy, log-probs of the reference, values of the critic: no
+    grad, logits / temperature, in the training precision (the engine's log-probs are not reused)."""
+    return rollout_forwards(
+        m.policy, m.ref, m.critic, batch, cfg.temperature, cfg.forward_batch_size, m.autocast, m.ref is None
+    )
 
-        # 8. KL controller, metrics, checkpoint
-        kl_per_seq = kl.sum(1)  # (N,)
-        kl_mean = float(kl_per_seq.mean())
-        kl_ctl.update(kl_mean, N)
-        done = it + 1
-        last = {
-            "score": float(penalised.mean()), "score_raw": float(raw.mean()),
-            "kl": kl_mean, "kl_k3": float((kl_k3(fw["logprobs"], fw["ref_logprobs"]) * mask).sum(1).mean()),
-            "entropy": float(masked_mean(fw["entropy"], mask)),
-            "non_score_reward": float((-beta * kl).sum(1).mean()), "reward": float(rewards.sum(1).mean()),
-            "beta": beta,
-            "explained_variance": float(explained_variance(fw["values"], returns, mask)),
-            "value_mean": float(masked_mean(fw["values"], mask)), "return_mean": float(masked_mean(returns, mask)),
-            "response_length": float(mask.sum(1).float().mean()), "no_eos_fraction": float((~ended).float().mean()),
-            "lr": scheduler.get_last_lr()[0],
-            "time_generate": t_generate, "time_score": t_score, "time_forward": t_forward, "time_train": t_train,
-            "time_iteration": t_generate + t_score + t_forward + t_train,
-        }
-        # Freed memory is kept for the next iteration's tensors (reuse_freed_memory): handing it back
-        # every iteration made each one page-fault its GBs afresh (~1.4x slower, same peak RSS).
-        # It is handed back only if the resident size grew by a quarter over the first iteration's,
-        # so fragmentation cannot make it creep.
-        last["rss_mb"], last["peak_rss_mb"] = rss_mb()
-        rss_base = rss_base or last["rss_mb"]
-        if last["rss_mb"] > RSS_SLACK * rss_base:
-            release_memory()
-            last["rss_mb"] = rss_mb()[0]
-        # per-step means (token-weighted over micro-batches, then averaged over the optimizer steps)
-        last |= {name: sum(v) / n_steps if name not in ("ptx_loss", "grad_norm") else sum(v) / len(v)
-                 for name, v in stats.items()}
-        if gold_mean is not None:
-            last["gold_score"] = gold_mean
-        if done % cfg.log_every == 0 or done == len(plan):
-            log.log(done, **last)
-        bar.update(1)
-        bar.set_postfix(score=f"{last['score']:.3f}", kl=f"{kl_mean:.3f}")
-        if cfg.save_every and done % cfg.save_every == 0 and done != len(plan):
-            save_checkpoint(out, done, _Checkpoint(policy, critic), optimizer, scheduler,
-                            extra={"kl_ctl": kl_ctl.state_dict()})
-    bar.close()
-    log.close()
-    seconds = time.perf_counter() - t_run
 
-    # save: checkpoint (resumable), then the policy merged as a plain HF directory, and the critic
-    result = {"step": len(plan), **last, "train_seconds": seconds}
+def rewards_and_advantages(cfg: PPOConfig, ro: Rollout, beta: float) -> Advantages:
+    """r_t = −β (log π − log π_ref) on every token plus the score on the last one (optionally
+    whitened); GAE(γ, λ) advantages and returns; advantages whitened over the batch."""
+    mask = ro.batch.response_mask
+    rewards, kl = compute_rewards(ro.scores, ro.fw["logprobs"], ro.fw["ref_logprobs"], mask, beta)
+    if cfg.whiten_rewards:
+        rewards = whiten_rewards(rewards, mask)
+    advantages, returns = compute_gae(rewards, ro.fw["values"], mask, cfg.gamma, cfg.lam)
+    if cfg.whiten_advantages:
+        advantages = masked_whiten(advantages, mask)
+    return Advantages(beta, rewards, kl, advantages, returns)
+
+
+def update(
+    m: Models, cfg: PPOConfig, ro: Rollout, adv: Advantages, opt: Optimization, it: int, ptx: list[list[int]] | None
+) -> dict[str, float]:
+    """``ppo_epochs`` passes over seeded minibatches: per minibatch the token-weighted policy and
+    value losses of its micro-batches (+ ``ptx_coef`` · pretraining NLL), one gradient clip, one
+    AdamW step. Returns the per-step means of the losses and diagnostics."""
+    batch, mask = ro.batch, ro.batch.response_mask
+    N = len(ro.texts)
+    mb_size = math.ceil(N / cfg.num_minibatches)
+    stats: dict[str, list[float]] = {}
+    for epoch in range(cfg.ppo_epochs):
+        perm = torch.randperm(N, generator=_seeded(cfg.seed, it, epoch, 11))
+        for k, mb_start in enumerate(range(0, N, mb_size)):
+            mb = perm[mb_start : mb_start + mb_size]
+            n_tokens = mask[mb].sum()
+            # micro-batches of rows of similar length (length_chunks): less padding, same loss
+            for rows in length_chunks(batch, mb, math.ceil(len(mb) / max(1, min(cfg.grad_accum, len(mb))))):
+                micro_step(m, cfg, ro, adv, rows, n_tokens, stats)
+            if ptx is not None:
+                order = torch.randperm(len(ptx), generator=_seeded(cfg.seed, it, epoch, k, 13))[: cfg.ptx_batch_size]
+                with m.autocast():
+                    nll = ptx_loss(m.policy, [ptx[i] for i in order.tolist()], m.tok.pad_token_id)
+                (cfg.ptx_coef * nll).backward()
+                stats.setdefault("ptx_loss", []).append(nll.item())
+            grad_norm = clip_and_step(opt.optimizer, opt.trainable, cfg.max_grad_norm)
+            opt.scheduler.step()
+            opt.optimizer.zero_grad(set_to_none=True)
+            if grad_norm is not None:
+                stats.setdefault("grad_norm", []).append(float(grad_norm))
+    # per-step means (token-weighted over micro-batches, then averaged over the optimizer steps)
+    n_steps = cfg.ppo_epochs * math.ceil(N / mb_size)
+    return {
+        name: sum(v) / n_steps if name not in ("ptx_loss", "grad_norm") else sum(v) / len(v)
+        for name, v in stats.items()
+    }
+
+
+def micro_step(
+    m: Models,
+    cfg: PPOConfig,
+    ro: Rollout,
+    adv: Advantages,
+    rows: torch.Tensor,
+    n_tokens: torch.Tensor,
+    stats: dict[str, list[float]],
+) -> None:
+    """Forward and backward of the clipped policy and value losses on ``rows``, weighted by their
+    share of the minibatch's ``n_tokens`` (so micro-batching leaves the loss unchanged); the
+    weighted losses and diagnostics are appended to ``stats``."""
+    b = ro.batch.rows(rows)
+    cols = b.response.shape[1]
+    m_mask = b.response_mask
+    weight = m_mask.sum() / n_tokens
+    old_lp, advantages = ro.fw["logprobs"][rows, :cols], adv.advantages[rows, :cols]
+    old_v, ret = ro.fw["values"][rows, :cols], adv.returns[rows, :cols]
+    if m.critic.kind == "rm":
+        # separate models, separate graphs: the critic's forward + backward first, then the
+        # policy's, so only one graph (and one bf16 weight cast) is alive
+        with m.autocast():
+            values = m.critic.values(b)
+        vl = ppo_value_loss(values, old_v, ret, m_mask, cfg.cliprange_value)
+        (weight * cfg.vf_coef * vl.loss).backward()
+        with m.autocast():
+            h = policy_hidden(m.policy, b)  # (b, r, d)
+            new_logprobs = logprobs_from_logits(response_logits(m.policy, h), b.response, cfg.temperature)
+        pl = ppo_policy_loss(new_logprobs, old_lp, advantages, m_mask, cfg.cliprange)
+        (weight * pl.loss).backward()
+    else:  # one trunk forward gives both the log-probs and the values
+        with m.autocast():
+            h = policy_hidden(m.policy, b)
+            new_logprobs = logprobs_from_logits(response_logits(m.policy, h), b.response, cfg.temperature)
+            values = m.critic.values(b, hidden=h)
+        pl = ppo_policy_loss(new_logprobs, old_lp, advantages, m_mask, cfg.cliprange)
+        vl = ppo_value_loss(values, old_v, ret, m_mask, cfg.cliprange_value)
+        (weight * (pl.loss + cfg.vf_coef * vl.loss)).backward()
+    w = weight.item()
+    for name, v in (
+        ("policy_loss", pl.loss),
+        ("clipfrac", pl.clipfrac),
+        ("approx_kl", pl.approx_kl),
+        ("value_loss", vl.loss),
+        ("value_clipfrac", vl.clipfrac),
+        ("ratio_mean", pl.ratio_mean),
+    ):
+        stats.setdefault(name, []).append(w * v.item())
+
+
+def log_and_checkpoint(
+    cfg: PPOConfig,
+    done: int,
+    total: int,
+    m: Models,
+    ro: Rollout,
+    adv: Advantages,
+    opt: Optimization,
+    stats: dict[str, float],
+    times: dict[str, float],
+    log: MetricsLog,
+    out: Path,
+) -> dict:
+    """Update the KL controller, write the iteration's metrics line, hand memory back to the OS
+    when the resident size grew, and checkpoint every ``save_every`` iterations. Returns the metrics."""
+    mask, fw = ro.batch.response_mask, ro.fw
+    kl_mean = float(adv.kl.sum(1).mean())
+    opt.kl_ctl.update(kl_mean, len(ro.texts))
+    last = {
+        "score": float(ro.penalised.mean()), "score_raw": float(ro.raw.mean()),
+        "kl": kl_mean, "kl_k3": float((kl_k3(fw["logprobs"], fw["ref_logprobs"]) * mask).sum(1).mean()),
+        "entropy": float(masked_mean(fw["entropy"], mask)),
+        "non_score_reward": float((-adv.beta * adv.kl).sum(1).mean()), "reward": float(adv.rewards.sum(1).mean()),
+        "beta": adv.beta,
+        "explained_variance": float(explained_variance(fw["values"], adv.returns, mask)),
+        "value_mean": float(masked_mean(fw["values"], mask)), "return_mean": float(masked_mean(adv.returns, mask)),
+        "response_length": float(mask.sum(1).float().mean()), "no_eos_fraction": float((~ro.ended).float().mean()),
+        "lr": opt.scheduler.get_last_lr()[0],
+        **times, "time_iteration": sum(times.values()),
+    }  # fmt: skip
+    # Freed memory is kept for the next iteration's tensors (reuse_freed_memory): handing it back
+    # every iteration made each one page-fault its GBs afresh. It is handed back only if the
+    # resident size grew by a quarter over the first iteration's, so fragmentation cannot make it creep.
+    last["rss_mb"], last["peak_rss_mb"] = rss_mb()
+    opt.rss_base = opt.rss_base or last["rss_mb"]
+    if last["rss_mb"] > RSS_SLACK * opt.rss_base:
+        release_memory()
+        last["rss_mb"] = rss_mb()[0]
+    last |= stats
+    if done % cfg.log_every == 0 or done == total:
+        log.log(done, **last)
+    if cfg.save_every and done % cfg.save_every == 0 and done != total:
+        save_checkpoint(
+            out,
+            done,
+            _Checkpoint(m.policy, m.critic),
+            opt.optimizer,
+            opt.scheduler,
+            extra={"kl_ctl": opt.kl_ctl.state_dict()},
+        )
+    return last
+
+
+def save_final(cfg: PPOConfig, m: Models, opt: Optimization, total: int, out: Path, last: dict, say=print) -> None:
+    """A resumable checkpoint (with save_every), then the critic and, last, the policy with LoRA
+    merged as a plain Hugging Face directory (``out/model`` marks a finished run)."""
     if cfg.save_every:
-        save_checkpoint(out, len(plan), _Checkpoint(policy, critic), optimizer, scheduler,
-                        extra={"kl_ctl": kl_ctl.state_dict()})
-    critic.save(out / "critic", merge=True)
-    if critic.kind == "rm":
-        tok.save_pretrained(out / "critic")
-    save_model_dir(merged(policy), tok, out / "model")  # last: out/model marks a finished run
-    say(f"saved {out / 'model'} and {out / 'critic'}; last score {last.get('score', float('nan')):.4f}, "
-        f"KL {last.get('kl', float('nan')):.4f}")
-    return result
+        save_checkpoint(
+            out,
+            total,
+            _Checkpoint(m.policy, m.critic),
+            opt.optimizer,
+            opt.scheduler,
+            extra={"kl_ctl": opt.kl_ctl.state_dict()},
+        )
+    m.critic.save(out / "critic", merge=True)
+    if m.critic.kind == "rm":
+        m.tok.save_pretrained(out / "critic")
+    save_model_dir(unwrap(m.policy, merge=True), m.tok, out / "model")
+    say(
+        f"saved {out / 'model'} and {out / 'critic'}; last score {last.get('score', float('nan')):.4f}, "
+        f"KL {last.get('kl', float('nan')):.4f}"
+    )

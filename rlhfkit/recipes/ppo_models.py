@@ -15,44 +15,8 @@ import torch
 from torch import nn
 
 from rlhfkit.algos.ppo import logprobs_from_logits, truncate_after_eos
-from rlhfkit.errors import UserError
-from rlhfkit.recipes.common import merged
-
-# ---------------------------------------------------------------------------------------------
-# the models
-# ---------------------------------------------------------------------------------------------
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The transformers model inside a peft wrapper (LoRA layers stay injected in its modules)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-def bf16_matmul_weights(model: nn.Module) -> None:
-    """Store a frozen model's Linear weights in bf16: exactly the values bf16 autocast casts them
-    to at every forward, so its forwards under autocast give bitwise the same results, with half
-    the memory for those weights and no per-forward cast.
-
-    For the reference: with SmolLM2-135M, 214 MB less and ~0.15 s less per iteration. The
-    embedding and the norms stay fp32 (the residual stream stays fp32 as in the policy's forward),
-    and so does a head tied to the embedding (converting it would convert the embedding too), so
-    the reference's log-probs equal the policy's at step 0 — KL exactly 0. Casting the whole model
-    to bf16 instead would put the residual stream in bf16: a KL of ±0.9 nats per sequence at step 0.
-    """
-    tied = model.get_input_embeddings().weight
-    converted = set()
-    for m in model.modules():
-        if type(m) is nn.Linear and m.weight is not tied:
-            for p in (m.weight, m.bias):
-                if p is not None:
-                    p.data = p.data.to(torch.bfloat16)
-                    converted.add(id(p))
-    # The rest gets memory of its own: the checkpoint is memory-mapped, and while any tensor still
-    # views the file, every page of it that was read (all of them, by the conversion) stays in
-    # RSS — the 540 MB fp32 file next to the 214 MB of bf16 copies.
-    for t in [*model.parameters(), *model.buffers()]:
-        if id(t) not in converted:
-            t.data = t.data.clone()
+from rlhfkit.models.lora import unwrap
+from rlhfkit.recipes.common import load_weights
 
 
 @dataclass
@@ -71,13 +35,19 @@ class Batch:
     response_mask: torch.Tensor  # (N, R) bool, 1 up to and including EOS
     last_index: torch.Tensor  # (N,) index of the last response token in input_ids
 
-    def rows(self, idx: torch.Tensor) -> "Batch":
+    def rows(self, idx: torch.Tensor) -> Batch:
         """Rows ``idx``, trimmed to their own longest sequence and response."""
         mask = self.response_mask[idx]
         R = int(mask.sum(1).max())
         L = int(self.last_index[idx].max()) + 1
-        return Batch(self.input_ids[idx, :L], self.attention_mask[idx, :L], self.positions[idx, :R].clamp(max=L - 1),
-                     self.response[idx, :R], mask[:, :R], self.last_index[idx])
+        return Batch(
+            self.input_ids[idx, :L],
+            self.attention_mask[idx, :L],
+            self.positions[idx, :R].clamp(max=L - 1),
+            self.response[idx, :R],
+            mask[:, :R],
+            self.last_index[idx],
+        )
 
 
 def make_batch(queries: list[list[int]], response: torch.Tensor, response_mask: torch.Tensor, pad_id: int) -> Batch:
@@ -127,14 +97,16 @@ def _gather(hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
 
 def policy_hidden(model: nn.Module, b: Batch) -> torch.Tensor:
     """The policy trunk's last hidden states at the response positions: (B, R, d)."""
-    trunk = _unwrap(model).model
-    hidden = trunk(input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False).last_hidden_state  # (B, L, d)
+    trunk = unwrap(model).model
+    hidden = trunk(
+        input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False
+    ).last_hidden_state  # (B, L, d)
     return _gather(hidden, b.positions)
 
 
 def response_logits(model: nn.Module, h: torch.Tensor) -> torch.Tensor:
     """LM head on response positions only: (B, R, d) -> (B, R, V)."""
-    return _unwrap(model).lm_head(h)
+    return unwrap(model).lm_head(h)
 
 
 class Critic(nn.Module):
@@ -154,9 +126,11 @@ class Critic(nn.Module):
         """(B, R) float32 values; ``hidden`` = the policy's (B, R, d) states for 'policy_head'."""
         if self.kind == "policy_head":
             return self.head(hidden).squeeze(-1).float()
-        base = _unwrap(self.seq_model)
+        base = unwrap(self.seq_model)
         trunk = getattr(base, base.base_model_prefix)
-        h = trunk(input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False).last_hidden_state  # (B, L, d)
+        h = trunk(
+            input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False
+        ).last_hidden_state  # (B, L, d)
         # on the scale of the rewards: the RM's scores are normalised by its stored offset, so its
         # raw head output would overestimate every value by that offset (see policy_head's init)
         offset = float(getattr(base.config, "reward_offset", 0.0) or 0.0)
@@ -169,7 +143,9 @@ class Critic(nn.Module):
 
             save_file({"weight": self.head.weight.detach().contiguous()}, str(path / "value_head.safetensors"))
         else:
-            (merged(self.seq_model) if merge else self.seq_model).save_pretrained(path, safe_serialization=True)
+            (unwrap(self.seq_model, merge=True) if merge else self.seq_model).save_pretrained(
+                path, safe_serialization=True
+            )
 
     def load(self, path: Path) -> None:
         from safetensors.torch import load_file
@@ -177,26 +153,7 @@ class Critic(nn.Module):
         if self.kind == "policy_head":
             self.head.load_state_dict(load_file(str(path / "value_head.safetensors")))
             return
-        _load_weights(self.seq_model, path)
-
-
-def _load_weights(model: nn.Module, path: Path) -> None:
-    """Weights saved by ``save_pretrained`` (a full model or peft adapters) into ``model``."""
-    from safetensors.torch import load_file
-
-    weights: dict[str, torch.Tensor] = {}
-    for f in sorted(path.glob("*.safetensors")):
-        weights.update(load_file(f))
-    if hasattr(model, "peft_config"):
-        from peft import set_peft_model_state_dict
-
-        set_peft_model_state_dict(model, weights)
-        return
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    tied = getattr(model.config, "tie_word_embeddings", False)
-    missing = [m for m in missing if not (tied and m.endswith("lm_head.weight"))]
-    if missing or unexpected:
-        raise UserError(f"{path}: checkpoint does not match the critic (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        load_weights(self.seq_model, path)
 
 
 class _Checkpoint(nn.Module):
@@ -217,8 +174,9 @@ class _Checkpoint(nn.Module):
 
 
 @torch.no_grad()
-def rollout_forwards(policy, ref, critic: Critic, batch: Batch, temperature: float, chunk: int, autocast,
-                     lora_ref: bool) -> dict[str, torch.Tensor]:
+def rollout_forwards(
+    policy, ref, critic: Critic, batch: Batch, temperature: float, chunk: int, autocast, lora_ref: bool
+) -> dict[str, torch.Tensor]:
     """Old log-probs, entropy, values and reference log-probs of the whole rollout batch.
 
     ``ref=None`` with ``lora_ref``: the reference is the policy with its adapters disabled.
@@ -272,7 +230,9 @@ def length_chunks(batch: Batch, rows: torch.Tensor, size: int) -> list[torch.Ten
 
 
 @torch.no_grad()
-def logprobs_and_entropy(logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+def logprobs_and_entropy(
+    logits: torch.Tensor, tokens: torch.Tensor, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``logprobs_from_logits`` and ``entropy_from_logits`` in one pass over the vocabulary.
 
     logits (B, R, V), tokens (B, R) -> two (B, R) float32. The log-probs are computed with the

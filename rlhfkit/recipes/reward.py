@@ -18,22 +18,39 @@ from contextlib import nullcontext
 
 import torch
 
-from rlhfkit.algos.losses import ranking_loss, ranking_metrics
+from rlhfkit.accel import prepare_for_training
+from rlhfkit.accel.optim import clip_and_step
+from rlhfkit.algos.losses import pairwise_accuracy, ranking_loss, ranking_metrics
 from rlhfkit.config import RewardConfig
 from rlhfkit.data.tokenize import Encoded, collate, collate_shared_prompt, encode_ranking, length_groups
 from rlhfkit.errors import UserError
 from rlhfkit.feedback.labelers import ranks_from_scores
 from rlhfkit.models.heads import RewardModel, load_reward_model
-from rlhfkit.recipes.common import (MetricsLog, apply_lora, batch_plan, clip_and_step, load_checkpoint, load_split,
-                                    make_accelerator, make_optimizer, merged, periodic_checkpoint, prepare_out, progress,
-                                    save_checkpoint, save_model_dir, shard, world)
-from rlhfkit.recipes.blocks import compile_blocks, fresh_compile_cache, use_training_attention
+from rlhfkit.models.lora import unwrap
+from rlhfkit.recipes.common import (
+    MetricsLog,
+    apply_lora,
+    batch_plan,
+    load_checkpoint,
+    load_split,
+    make_accelerator,
+    make_optimizer,
+    periodic_checkpoint,
+    prepare_out,
+    progress,
+    save_checkpoint,
+    save_model_dir,
+    shard,
+    world,
+)
 
 Group = tuple[list[Encoded], list[int]]  # the K sequences of one prompt and their ranks
 SHARE_MIN_SAVING = 0.1  # share a prompt across its K responses when that saves >= 10 % of the tokens
 
 
-def score_groups(model, groups: list[Group], pad_id: int, device, share_prompt: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def score_groups(
+    model, groups: list[Group], pad_id: int, device, share_prompt: bool = True
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Score every response of ``groups``. Returns scores (N,), ranks (N,), group (N,).
 
     ``share_prompt``: the K responses of a prompt sit in one row after a single copy of the prompt
@@ -56,14 +73,21 @@ def score_groups(model, groups: list[Group], pad_id: int, device, share_prompt: 
             batch, where = collate_shared_prompt([groups[gi][0] for gi in part], pad_id)
             rows = torch.tensor([r for r, _ in where], device=device)
             cols = torch.tensor([c for _, c in where], device=device)
-            part_scores = model(batch["input_ids"].to(device), batch["attention_mask"].to(device), cols,
-                                position_ids=batch["position_ids"].to(device), row_index=rows)
+            part_scores = model(
+                batch["input_ids"].to(device),
+                batch["attention_mask"].to(device),
+                cols,
+                position_ids=batch["position_ids"].to(device),
+                row_index=rows,
+            )
             index = torch.tensor([i for gi in part for i in range(first[gi], first[gi + 1])], device=device)
             scores = scores.index_put((index,), part_scores)
         return scores, ranks, group
     for part in length_groups([len(e.input_ids) for e in seqs]):
         batch = collate([seqs[i] for i in part], pad_id)
-        part_scores = model(batch["input_ids"].to(device), batch["attention_mask"].to(device), batch["last_index"].to(device))
+        part_scores = model(
+            batch["input_ids"].to(device), batch["attention_mask"].to(device), batch["last_index"].to(device)
+        )
         scores = scores.index_put((torch.tensor(part, device=device),), part_scores)
     return scores, ranks, group
 
@@ -78,8 +102,15 @@ def gold_of(record, k: int) -> list[float] | None:
 
 
 @torch.no_grad()
-def evaluate_rm(model, groups: list[Group], pad_id: int, device, batch_prompts: int = 8, share_prompt: bool = True,
-                gold: list[list[float] | None] | None = None) -> dict[str, float]:
+def evaluate_rm(
+    model,
+    groups: list[Group],
+    pad_id: int,
+    device,
+    batch_prompts: int = 8,
+    share_prompt: bool = True,
+    gold: list[list[float] | None] | None = None,
+) -> dict[str, float]:
     """Pairwise accuracy over all untied pairs; top-1 accuracy and Kendall τ over prompts with K > 2.
 
     With ``gold`` (per group: the gold-rubric scores of its responses, or None): also
@@ -132,12 +163,8 @@ def train_reward_model(cfg: RewardConfig, say=print) -> dict:
         tok.chat_template = None
     if cfg.gradient_checkpointing:
         rm.seq_model.gradient_checkpointing_enable()
-    use_training_attention(rm.seq_model, acc.device)
     rm.seq_model = apply_lora(rm.seq_model, cfg, task_type="SEQ_CLS")
-    fresh_compile_cache()
-    compiled = compile_blocks(rm.seq_model, cfg, acc.device, say)
-    if compiled:
-        say("compiling the transformer blocks (torch.compile; once per machine, cached)")
+    compiled = prepare_for_training(rm.seq_model, cfg, acc.device, say, name="reward model").blocks > 0
 
     # 2. data: K tokenised sequences per ranking
     train: list[Group] = [(encode_ranking(tok, r, cfg.max_length), list(r.ranks)) for r in train_recs]
@@ -145,7 +172,10 @@ def train_reward_model(cfg: RewardConfig, say=print) -> dict:
     held_gold = [gold_of(r, r.k) for r in eval_recs]
     cut = sum(e.truncated for g, _ in train + held_out for e in g)
     if cut:
-        say(f"truncated {cut} responses to max_length={cfg.max_length} (prompt cut from the left first; the EOS is kept)")
+        say(
+            f"truncated {cut} responses to max_length={cfg.max_length} "
+            "(prompt cut from the left first; the EOS is kept)"
+        )
     ks = sorted({len(g) for g, _ in train})
     say(f"reward model: {len(train)} training and {len(held_out)} held-out rankings, K in {ks}")
 
@@ -158,7 +188,11 @@ def train_reward_model(cfg: RewardConfig, say=print) -> dict:
         start, _ = load_checkpoint(ckpt, acc.unwrap_model(rm).seq_model, optimizer, scheduler)
         say(f"resumed from {ckpt} at step {start}")
     log = MetricsLog(out, acc, cfg, resume_step=start if ckpt else None)
-    before = evaluate_rm(rm, held_out, pad_id, acc.device, share_prompt=cfg.share_prompt, gold=held_gold) if held_out and start == 0 else None
+    before = (
+        evaluate_rm(rm, held_out, pad_id, acc.device, share_prompt=cfg.share_prompt, gold=held_gold)
+        if held_out and start == 0
+        else None
+    )
     if before:
         log.log(0, **{f"eval_{k}": v for k, v in before.items()})
         say(f"held-out accuracy before training: {before['accuracy']:.3f}" + _gold_note(before))
@@ -183,24 +217,30 @@ def train_reward_model(cfg: RewardConfig, say=print) -> dict:
                 per_prompt, _ = ranking_loss(scores, ranks, group)
                 acc.backward(per_prompt.sum() / n_prompts * n_proc)
             loss_sum += per_prompt.detach().sum()
-            s = scores.detach()
-            better = (group[:, None] == group[None, :]) & (ranks[:, None] < ranks[None, :])
-            correct += ((s[:, None] > s[None, :]) & better).sum()
-            n_pairs += better.sum()
+            right, pairs = pairwise_accuracy(scores.detach(), ranks, group)
+            correct += right
+            n_pairs += pairs
         grad_norm = clip_and_step(optimizer, rm.parameters(), cfg.max_grad_norm)
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         done = step + 1
         if step == start:
             first_step_seconds = time.perf_counter() - t_train  # includes torch.compile's one-time work
-        last = {"loss": (acc.reduce(loss_sum, "sum") / n_prompts).item(),
-                "accuracy": (acc.reduce(correct, "sum") / acc.reduce(n_pairs, "sum").clamp(min=1)).item(),
-                "lr": scheduler.get_last_lr()[0]}
+        last = {
+            "loss": (acc.reduce(loss_sum, "sum") / n_prompts).item(),
+            "accuracy": (acc.reduce(correct, "sum") / acc.reduce(n_pairs, "sum").clamp(min=1)).item(),
+            "lr": scheduler.get_last_lr()[0],
+        }
         if grad_norm is not None:
             last["grad_norm"] = float(grad_norm)
         # 5. evaluate
         if cfg.eval_every and done % cfg.eval_every == 0 and held_out and done != len(plan):
-            last |= {f"eval_{k}": v for k, v in evaluate_rm(rm, held_out, pad_id, acc.device, share_prompt=cfg.share_prompt, gold=held_gold).items()}
+            last |= {
+                f"eval_{k}": v
+                for k, v in evaluate_rm(
+                    rm, held_out, pad_id, acc.device, share_prompt=cfg.share_prompt, gold=held_gold
+                ).items()
+            }
         if done % cfg.log_every == 0 or "eval_accuracy" in last:
             log.log(done, **last)
         bar.update(1)
@@ -209,11 +249,19 @@ def train_reward_model(cfg: RewardConfig, say=print) -> dict:
     bar.close()
     train_seconds = time.perf_counter() - t_train
 
-    final = evaluate_rm(rm, held_out, pad_id, acc.device, share_prompt=cfg.share_prompt, gold=held_gold) if held_out else {}
+    final = (
+        evaluate_rm(rm, held_out, pad_id, acc.device, share_prompt=cfg.share_prompt, gold=held_gold) if held_out else {}
+    )
     n_seen = sum(len(b) for b in plan[start:])
-    result = {"step": len(plan), **last, **{f"eval_{k}": v for k, v in final.items()},
-              "train_seconds": train_seconds, "prompts_per_second": n_seen / max(train_seconds, 1e-9),
-              "compiled": compiled, "first_step_seconds": first_step_seconds}
+    result = {
+        "step": len(plan),
+        **last,
+        **{f"eval_{k}": v for k, v in final.items()},
+        "train_seconds": train_seconds,
+        "prompts_per_second": n_seen / max(train_seconds, 1e-9),
+        "compiled": compiled,
+        "first_step_seconds": first_step_seconds,
+    }
     if before:
         result["eval_accuracy_before"] = before["accuracy"]
         if "gold_accuracy" in before:
@@ -232,10 +280,13 @@ def train_reward_model(cfg: RewardConfig, say=print) -> dict:
     if acc.is_main_process:
         if cfg.save_every:
             save_checkpoint(out, len(plan), model.seq_model, optimizer, scheduler)
-        seq = merged(model.seq_model)
+        seq = unwrap(model.seq_model, merge=True)
         seq.config.reward_offset = model.offset
         save_model_dir(seq, tok, out / "model")
-        say(f"saved {out / 'model'}; held-out accuracy {final.get('accuracy', float('nan')):.3f}{_gold_note(final)}; offset {model.offset:+.4f}")
+        say(
+            f"saved {out / 'model'}; held-out accuracy {final.get('accuracy', float('nan')):.3f}{_gold_note(final)}; "
+            f"offset {model.offset:+.4f}"
+        )
     acc.wait_for_everyone()
     return result
 

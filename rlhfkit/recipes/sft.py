@@ -20,15 +20,30 @@ from pathlib import Path
 
 import torch
 
+from rlhfkit.accel import prepare_for_training
+from rlhfkit.accel.optim import clip_and_step
 from rlhfkit.algos.losses import masked_nll_sum
 from rlhfkit.config import SFTConfig, TrainConfig
 from rlhfkit.data.tokenize import Encoded, collate, collate_packed, encode_demonstration, length_groups
 from rlhfkit.errors import UserError
 from rlhfkit.models.loading import load_causal_lm
-from rlhfkit.recipes.common import (clip_and_step, MetricsLog, apply_lora, batch_plan, load_checkpoint, load_split,
-                                    make_accelerator, make_optimizer, merged, periodic_checkpoint, prepare_out, progress,
-                                    save_checkpoint, save_model_dir, shard, world)
-from rlhfkit.recipes.blocks import compile_blocks, fresh_compile_cache, use_training_attention
+from rlhfkit.models.lora import unwrap
+from rlhfkit.recipes.common import (
+    MetricsLog,
+    apply_lora,
+    batch_plan,
+    load_checkpoint,
+    load_split,
+    make_accelerator,
+    make_optimizer,
+    periodic_checkpoint,
+    prepare_out,
+    progress,
+    save_checkpoint,
+    save_model_dir,
+    shard,
+    world,
+)
 
 
 def train_sft(cfg: SFTConfig, say=print) -> dict:
@@ -46,7 +61,10 @@ def train_sft(cfg: SFTConfig, say=print) -> dict:
     held_out = [encode_demonstration(tok, d, cfg.max_length) for d in eval_recs]
     cut = sum(e.truncated for e in train + held_out)
     if cut:
-        say(f"truncated {cut} of {len(train) + len(held_out)} examples to max_length={cfg.max_length} (prompt cut from the left first)")
+        say(
+            f"truncated {cut} of {len(train) + len(held_out)} examples to max_length={cfg.max_length} "
+            "(prompt cut from the left first)"
+        )
     say(f"SFT: {len(train)} training and {len(held_out)} held-out demonstrations")
     return run_lm_training(cfg, acc, loaded.model, tok, train, held_out, out, ckpt, say, desc="sft")
 
@@ -56,19 +74,26 @@ def targets(e: Encoded) -> int:
     return len(e.input_ids) - max(e.prompt_len, 1)
 
 
-def run_lm_training(cfg: TrainConfig, acc, model, tok, train: list[Encoded], held_out: list[Encoded], out: Path,
-                    ckpt: Path | None, say=print, desc: str = "train") -> dict:
+def run_lm_training(
+    cfg: TrainConfig,
+    acc,
+    model,
+    tok,
+    train: list[Encoded],
+    held_out: list[Encoded],
+    out: Path,
+    ckpt: Path | None,
+    say=print,
+    desc: str = "train",
+) -> dict:
     rank, n_proc = world(acc)
     packing = getattr(cfg, "packing", False)
     if cfg.batch_size < n_proc:
         raise UserError(f"batch_size={cfg.batch_size} is smaller than the {n_proc} processes")
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
-    use_training_attention(model, acc.device)
     model = apply_lora(model, cfg)
-    fresh_compile_cache()
-    if compile_blocks(model, cfg, acc.device, say):
-        say("compiling the transformer blocks (torch.compile; once per machine, cached)")
+    prepare_for_training(model, cfg, acc.device, say, name=desc)
 
     def batch_inputs(examples: list[Encoded]) -> dict[str, torch.Tensor]:
         if packing:
@@ -77,7 +102,11 @@ def run_lm_training(cfg: TrainConfig, acc, model, tok, train: list[Encoded], hel
 
     def forward_nll(examples: list[Encoded]) -> torch.Tensor:
         """Summed NLL of the target tokens of ``examples`` (similar lengths share a forward)."""
-        parts = [examples] if packing else [[examples[i] for i in g] for g in length_groups([len(e.input_ids) for e in examples])]
+        parts = (
+            [examples]
+            if packing
+            else [[examples[i] for i in g] for g in length_groups([len(e.input_ids) for e in examples])]
+        )
         total = torch.zeros((), device=acc.device)
         for part in parts:
             batch = batch_inputs(part)
@@ -156,14 +185,27 @@ def run_lm_training(cfg: TrainConfig, acc, model, tok, train: list[Encoded], hel
 
     final_eval = evaluate()
     seen = sum(len(train[i].input_ids) for step_batch in plan[start:] for i in step_batch)
-    result = {"step": len(plan), **last, "eval_loss_before": first_eval, "eval_loss": final_eval,
-              "train_seconds": train_seconds, "tokens_per_second": seen / max(train_seconds, 1e-9)}
+    result = {
+        "step": len(plan),
+        **last,
+        "eval_loss_before": first_eval,
+        "eval_loss": final_eval,
+        "train_seconds": train_seconds,
+        "tokens_per_second": seen / max(train_seconds, 1e-9),
+    }
     log.log(len(plan), eval_loss=final_eval)
     log.close()
     if acc.is_main_process:
         if cfg.save_every:
             save_checkpoint(out, len(plan), acc.unwrap_model(model), optimizer, scheduler)
-        save_model_dir(merged(acc.unwrap_model(model)), tok, out / "model")
-        say(f"saved {out / 'model'}" + (f"; held-out loss {first_eval:.4f} -> {final_eval:.4f}" if final_eval is not None and first_eval is not None else ""))
+        save_model_dir(unwrap(acc.unwrap_model(model), merge=True), tok, out / "model")
+        say(
+            f"saved {out / 'model'}"
+            + (
+                f"; held-out loss {first_eval:.4f} -> {final_eval:.4f}"
+                if final_eval is not None and first_eval is not None
+                else ""
+            )
+        )
     acc.wait_for_everyone()
     return result

@@ -28,7 +28,7 @@ mix in one batch without padding tricks.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -185,22 +185,6 @@ class Engine:
         for events in self._run(prompts, params, n, text_events=True):
             yield from events
 
-    def generate_with_callback(
-        self,
-        prompts: list[list[int]] | list[str],
-        params: SamplingParams | list[SamplingParams] | None,
-        callback: Callable[[StreamEvent], None],
-        n: int = 1,
-    ) -> list[Completion]:
-        """``generate`` that also calls ``callback(event)`` for every StreamEvent."""
-        out = []
-        for ev in self.stream(prompts, params, n):
-            callback(ev)
-            if ev.finished:
-                out.append(ev.completion)
-        out.sort(key=lambda c: (c.prompt_index, c.sample_index))
-        return out
-
     # ------------------------------------------------------------------ the loop
 
     def _prepare(self, prompts, params, n):
@@ -223,8 +207,7 @@ class Engine:
         for i, (p, sp) in enumerate(zip(ids, params)):
             if limit and len(p) + sp.max_new_tokens > limit:
                 raise UserError(
-                    f"prompt {i}: {len(p)} tokens + max_new_tokens {sp.max_new_tokens} > the model's "
-                    f"{limit} positions"
+                    f"prompt {i}: {len(p)} tokens + max_new_tokens {sp.max_new_tokens} > the model's {limit} positions"
                 )
         return ids, params
 
@@ -316,10 +299,6 @@ class Engine:
             self._cache = None  # free the old one before allocating
             c = self._cache = self.runner.new_cache(slots, max_len)
         return c
-
-    def release(self) -> None:
-        """Free the KV cache (it is kept between calls otherwise)."""
-        self._cache = None
 
     def _prefill(self, cache: KVCache, new: list[_Seq], first_row: int, rope) -> torch.Tensor:
         """Prefill the distinct prompts of ``new`` into rows first_row.. ; returns logits (N, V).

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from rlhfkit.errors import UserError
+from rlhfkit.models.lora import unwrap
 from rlhfkit.rollout import attention_cpu
 
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
@@ -46,11 +47,8 @@ def check_supported(model: torch.nn.Module) -> None:
 
 def _decoder(model: torch.nn.Module) -> torch.nn.Module:
     """The inner ``LlamaModel`` (handles PEFT wrappers through ``get_decoder``)."""
-    base = model
-    if hasattr(base, "get_base_model"):  # peft.PeftModel
-        base = base.get_base_model()
-    dec = base.get_decoder() if hasattr(base, "get_decoder") else base.model
-    return dec
+    base = unwrap(model)
+    return base.get_decoder() if hasattr(base, "get_decoder") else base.model
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -356,8 +354,14 @@ class Runner:
         if self._bound is not None:
             return self._bound[1](h.to(self.compute_dtype))
         w = self.lm_head.weight
-        if (_is_plain_linear(self.lm_head) and w.device.type == "cpu" and w.dtype == torch.float32
-                and h.dim() == 2 and h.shape[0] <= HEAD_CHUNK_MAX_ROWS and h.dtype == w.dtype):
+        if (
+            _is_plain_linear(self.lm_head)
+            and w.device.type == "cpu"
+            and w.dtype == torch.float32
+            and h.dim() == 2
+            and h.shape[0] <= HEAD_CHUNK_MAX_ROWS
+            and h.dtype == w.dtype
+        ):
             return head_in_chunks(h, w, self.lm_head.bias)
         return self.lm_head(h).float()
 
@@ -444,7 +448,11 @@ class Runner:
             # of K/V; head h uses kv head h // (H / Hkv), as in HF's repeat_kv)
             outs = [
                 F.scaled_dot_product_attention(
-                    q[a:b], kc[a:b, :, :s], vc[a:b, :, :s], attn_mask=mask[a:b, ..., :s], scale=self.scaling,
+                    q[a:b],
+                    kc[a:b, :, :s],
+                    vc[a:b, :, :s],
+                    attn_mask=mask[a:b, ..., :s],
+                    scale=self.scaling,
                     enable_gqa=True,
                 )
                 for a, b, s in chunks

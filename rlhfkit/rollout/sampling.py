@@ -18,7 +18,6 @@ import torch
 from rlhfkit.errors import UserError
 from rlhfkit.rollout import attention_cpu
 
-
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # torch.Generator.manual_seed's range (signed or unsigned 64-bit)
 
 
@@ -206,16 +205,14 @@ def top_logprobs(logits: torch.Tensor, temperature: torch.Tensor, k: int) -> tup
     return tokens, values
 
 
-def sample_from_probs(
-    probs: torch.Tensor, generator: torch.Generator | None = None, block: int = CDF_BLOCK
-) -> torch.Tensor:
+def sample_from_probs(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """One token per row from unnormalised probabilities (B, V) by inverse CDF -> (B,) long.
 
     Token i is chosen when cdf[i-1] <= u < cdf[i], u ~ U[0, total): zero-probability tokens
     (filtered out) are never chosen. Example: probs [[0.2, 0, 0.8]], u = 0.5 -> cdf [0.2, 0.2, 1.0]
     -> token 2.
     """
-    return _inverse_cdf(probs, generator, block)[0]
+    return _inverse_cdf(probs, generator, CDF_BLOCK)[0]
 
 
 def _inverse_cdf(

@@ -1,5 +1,5 @@
 """LLaMA's SwiGLU MLP with a hand-written backward, for compiled bf16 training on a CPU
-(``compile_blocks`` routes the models' MLPs through it)."""
+(``prepare_for_training`` routes the models' MLPs through it when it compiles their blocks)."""
 
 from __future__ import annotations
 
@@ -18,8 +18,7 @@ class SwiGLU(torch.autograd.Function):
     Why: autograd computes a weight gradient as ``dyᵀ x``, a matmul whose first operand is read
     transposed; oneDNN's bf16 CPU kernels run that at about half the rate of the same product from a
     transposed *copy*, and the copy is cheap. Here xᵀ is copied once for both gate and up, dyᵀ once
-    for down: the MLPs' part of a compiled SmolLM2 step ~10 % faster. The SiLU backward runs in
-    fp32. Same gradients as autograd's (tested).
+    for down. The SiLU backward runs in fp32. Same gradients as autograd's (tested).
     """
 
     @staticmethod
@@ -47,14 +46,17 @@ class SwiGLU(torch.autograd.Function):
 
 def use_swiglu_function(model: torch.nn.Module) -> int:
     """Route every LLaMA-style MLP of ``model`` (SiLU-gated, plain bias-free ``nn.Linear``
-    projections: LLaMA, Mistral, Qwen2, SmolLM) through ``SwiGLU`` — for bf16 training on a CPU
-    (``compile_blocks``). Weights, names and checkpoints are unchanged; LoRA-wrapped projections
+    projections: LLaMA, Mistral, Qwen2, SmolLM) through ``SwiGLU`` — for compiled bf16 training on
+    a CPU (``prepare_for_training``). Weights, names and checkpoints are unchanged; LoRA-wrapped projections
     keep the module's own forward. Returns how many MLPs it routed."""
     n = 0
     for mlp in model.modules():
         projs = [getattr(mlp, name, None) for name in ("gate_proj", "up_proj", "down_proj")]
         act = type(getattr(mlp, "act_fn", None)).__name__  # torch's SiLU or transformers' SiLUActivation
-        if not all(type(m) is torch.nn.Linear and m.bias is None for m in projs) or act not in ("SiLU", "SiLUActivation"):
+        if not all(type(m) is torch.nn.Linear and m.bias is None for m in projs) or act not in (
+            "SiLU",
+            "SiLUActivation",
+        ):
             continue
         mlp.forward = _swiglu_forward.__get__(mlp)
         n += 1
