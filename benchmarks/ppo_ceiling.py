@@ -100,7 +100,7 @@ def main() -> None:
     overrides = parse_overrides(args.overrides)
     cfg = round1_ppo_config(run, out, args.reward, overrides)
     if not (out / "ppo" / "model" / "config.json").exists():
-        train_ppo(cfg, reward_fn=gold_reward if args.reward == "gold" else None)
+        train_ppo(cfg, reward_fn=gold_reward if args.reward == "gold" else None, rollout_metrics=rubric.gold_metrics)
     metrics = read_metrics(out / "ppo")
     held = load_task("eval")
     answers = out / "eval.jsonl"

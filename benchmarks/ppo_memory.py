@@ -7,7 +7,7 @@ Why: `make demo`'s PPO process grew to 11.4 GB peak RSS over 40 iterations on a 
 iteration needs ~7 GB. On a CPU, tensors of ever-changing shapes (rollouts of varying length,
 micro-batches, the (B, R, V) logits) are allocated and freed all the time, and glibc keeps the
 freed heap pages resident until it is asked to return them; the process then holds the sum of
-several iterations' leftovers. ``rlhfkit.recipes.memory.release_memory`` (the garbage collector,
+several iterations' leftovers. ``rlhfkit.accel.memory.release_memory`` (the garbage collector,
 then glibc's ``malloc_trim(0)``) runs once per PPO iteration; this benchmark runs the demo's PPO
 settings twice, each in its own process — as shipped, and with ``release_memory`` replaced by a
 bare ``gc.collect()`` — and records the RSS after each iteration and the peak so far (both from the

@@ -113,8 +113,8 @@ class TrainConfig:
     gradient_checkpointing: bool = opt(False, "Recompute activations in the backward pass (less memory, ~30% slower).")
     compile: Switch = opt(
         "auto",
-        "torch.compile each transformer block for training: auto (bf16 full fine-tuning with a C++ compiler), on or "
-        "off.",
+        "torch.compile each transformer block for training: auto (bf16 full fine-tuning on a CPU with a C++ "
+        "compiler), on (also on a GPU) or off.",
     )
 
     def __post_init__(self) -> None:

@@ -120,7 +120,7 @@ def _compare(value: int, relation: str, n: int) -> bool:
 
 
 def _strip_quotes(text: str) -> str:
-    return text.strip().strip("\"“”").strip()
+    return text.strip().strip('"“”').strip()
 
 
 # --------------------------------------------------------------------------------------------
@@ -205,7 +205,7 @@ def check_end_phrase(response: str, phrase: str) -> bool:
 def check_quotation(response: str) -> bool:
     """The whole answer is wrapped in double quotation marks (``"…"`` or ``“…”``)."""
     text = response.strip()
-    return len(text) >= 2 and text[0] in "\"“" and text[-1] in "\"”" and bool(words(text))
+    return len(text) >= 2 and text[0] in '"“' and text[-1] in '"”' and bool(words(text))
 
 
 def check_placeholders(response: str, n: int) -> bool:
@@ -542,7 +542,9 @@ def instruction_following_rate(scores: Iterable[GoldScore], level: str = "instru
         n = sum(len(s.instructions) for s in scores)
         return sum(sum(s.passed) for s in scores) / n if n else float("nan")
     if level == "prompt":
-        return sum(s.all_followed and "empty" not in s.penalties for s in scores) / len(scores) if scores else float("nan")
+        return (
+            sum(s.all_followed and "empty" not in s.penalties for s in scores) / len(scores) if scores else float("nan")
+        )
     raise ValueError(f"level must be 'instruction' or 'prompt', got {level!r}")
 
 

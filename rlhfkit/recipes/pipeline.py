@@ -28,6 +28,7 @@ models, metrics) and a finished stage is not redone when the pipeline is run aga
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import random
@@ -41,6 +42,7 @@ from pathlib import Path
 
 import torch
 
+from rlhfkit.accel.memory import release_memory
 from rlhfkit.config import PipelineConfig, PPOConfig, config_from_dict
 from rlhfkit.data.jsonl import read_jsonl, write_jsonl
 from rlhfkit.data.records import Prompt, ranking_row
@@ -50,7 +52,6 @@ from rlhfkit.feedback import rubric
 from rlhfkit.feedback.labelers import GoldLabeler, SimulatedLabeler, SimulatedLabelerConfig
 from rlhfkit.models.loading import load_causal_lm
 from rlhfkit.recipes.common import latest_checkpoint, read_metrics, report_to_trackers
-from rlhfkit.recipes.memory import release_memory
 from rlhfkit.rollout.engine import Engine
 from rlhfkit.rollout.sampling import SamplingParams
 from rlhfkit.tasks import load_task
@@ -400,7 +401,7 @@ def ppo_phase(run: Run, r: int, sft_model: str) -> str:
         from rlhfkit.recipes.ppo import train_ppo
 
         ppo_cfg = ppo_config(run.cfg, sft_model, str(rdir / "rm" / "model"), str(rdir / "ppo"), r)
-        run_stage(run.cfg, train_ppo, ppo_cfg, run.say)
+        run_stage(run.cfg, functools.partial(train_ppo, rollout_metrics=rubric.gold_metrics), ppo_cfg, run.say)
     return str(rdir / "ppo" / "model")
 
 

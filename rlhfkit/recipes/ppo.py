@@ -293,13 +293,9 @@ def train_ppo(
 
 
 def check_config(cfg: PPOConfig, reward_fn: RewardFn | None) -> None:
-    """The config errors PPO can tell before loading anything."""
-    if cfg.critic not in ("rm", "policy_head"):
-        raise UserError(f"critic={cfg.critic!r}: expected 'rm' or 'policy_head'")
+    """The config errors PPO can tell before loading anything (PPOConfig checked its Literal fields)."""
     if reward_fn is None and not cfg.reward_model:
         raise UserError("reward_model=…: PPO needs a reward model directory (or a reward_fn from Python)")
-    if cfg.score_baseline not in ("none", "group"):
-        raise UserError(f"score_baseline={cfg.score_baseline!r}: expected 'none' or 'group'")
     if cfg.score_baseline == "group" and cfg.samples_per_prompt < 2:
         raise UserError("score_baseline=group compares the samples of one prompt: set samples_per_prompt >= 2")
     if cfg.num_minibatches < 1 or cfg.ppo_epochs < 1:
