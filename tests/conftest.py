@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import os
+from pathlib import Path
 
 # OpenMP's default busy-waiting makes small ops ~100x slower when 2 test workers share 2 cores
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -19,7 +18,14 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
-DATA_SETS = ("hh-rlhf-harmless", "truthfulqa", "crows-pairs", "realtoxicityprompts", "self-instruct-seed", "tinyshakespeare")
+DATA_SETS = (
+    "hh-rlhf-harmless",
+    "truthfulqa",
+    "crows-pairs",
+    "realtoxicityprompts",
+    "self-instruct-seed",
+    "tinyshakespeare",
+)
 
 
 @pytest.fixture(scope="session")

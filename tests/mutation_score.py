@@ -14,7 +14,8 @@ from pathlib import Path
 
 from mutmut.stats import status_by_exit_code
 
-MINIMUM = {"rlhfkit/algos/": 90.0}  # >= 90 % of the algos mutants killed, survivors explained in docs/testing.md
+# >= 90 % of the algos mutants killed, survivors explained in docs/testing.md
+MINIMUM = {"rlhfkit/algos/": 90.0}
 
 
 def main() -> int:
@@ -52,7 +53,10 @@ def _score(c: Counter) -> float:
 
 def _row(name: str, c: Counter) -> None:
     other = sum(c.values()) - _killed(c) - c["survived"] - c["no tests"]
-    print(f"{name:32s} {_killed(c):7d} {sum(c.values()):6d} {_score(c):6.1f} %  {c['survived']} / {c['no tests']} / {other}")
+    print(
+        f"{name:32s} {_killed(c):7d} {sum(c.values()):6d} {_score(c):6.1f} %  "
+        f"{c['survived']} / {c['no tests']} / {other}"
+    )
 
 
 if __name__ == "__main__":

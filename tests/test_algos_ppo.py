@@ -68,7 +68,10 @@ def test_masked_whiten_by_hand():
     close(whiten_rewards(values, mask), [[3.0, 4.0, 5.0, 0.0]], atol=1e-6)
     # 1, 2, 3, 4: mean 2.5, unbiased var (2.25 + 0.25 + 0.25 + 2.25) / 3 = 5/3
     s = math.sqrt(5.0 / 3.0)
-    close(masked_whiten(torch.tensor([[1.0, 2.0], [3.0, 4.0]]), torch.ones(2, 2)), [[-1.5 / s, -0.5 / s], [0.5 / s, 1.5 / s]])
+    close(
+        masked_whiten(torch.tensor([[1.0, 2.0], [3.0, 4.0]]), torch.ones(2, 2)),
+        [[-1.5 / s, -0.5 / s], [0.5 / s, 1.5 / s]],
+    )
 
 
 # ---------------------------------------------------------------- log-probs and entropy
@@ -356,8 +359,13 @@ def test_statistics_keep_the_values_dtype_whatever_the_mask_dtype():
     assert whitened.dtype == torch.float32
     close(whitened, [[-1.0, 0.0, 1.0, 0.0]])
     # rewards: a float mask selects the last token just like an int or bool one
-    rewards, kl = compute_rewards(torch.tensor([2.0]), torch.tensor([[-1.0, -2.0, -3.0, -4.0]]),
-                                  torch.tensor([[-1.5, -2.0, -2.0, -4.0]]), mask, kl_coef=0.1)
+    rewards, kl = compute_rewards(
+        torch.tensor([2.0]),
+        torch.tensor([[-1.0, -2.0, -3.0, -4.0]]),
+        torch.tensor([[-1.5, -2.0, -2.0, -4.0]]),
+        mask,
+        kl_coef=0.1,
+    )
     assert rewards.dtype == kl.dtype == torch.float32
     close(rewards, [[-0.05, 0.0, 2.1, 0.0]])  # kl [0.5, 0, -1, (pad)]
     advantages, returns = compute_gae(torch.tensor([[0.0, 0.0, 1.0, 9.0]]), torch.zeros(1, 4), mask, gamma=1.0, lam=0.5)
@@ -372,7 +380,9 @@ def test_statistics_keep_the_values_dtype_whatever_the_mask_dtype():
 def test_gae_keeps_bf16():
     # bf16 rollouts give bf16 advantages (the first step's zero bootstrap must not promote them)
     values = torch.tensor([[0.5, 0.5]], dtype=torch.bfloat16)
-    advantages, returns = compute_gae(torch.tensor([[0.0, 1.0]], dtype=torch.bfloat16), values, torch.ones(1, 2), 1.0, 1.0)
+    advantages, returns = compute_gae(
+        torch.tensor([[0.0, 1.0]], dtype=torch.bfloat16), values, torch.ones(1, 2), 1.0, 1.0
+    )
     assert advantages.dtype == returns.dtype == torch.bfloat16
     # δ1 = 1 − 0.5 = 0.5; δ0 = 0 + 0.5 − 0.5 = 0 → A0 = 0.5; R = A + V = [1, 1]
     assert advantages.float().tolist() == [[0.5, 0.5]] and returns.float().tolist() == [[1.0, 1.0]]
@@ -380,8 +390,13 @@ def test_gae_keeps_bf16():
 
 def test_scores_of_another_dtype_land_on_the_last_token():
     # an RM in float64 (or bf16) gives scores of another dtype than the float32 log-probs
-    rewards, _ = compute_rewards(torch.tensor([0.25], dtype=torch.float64), torch.zeros(1, 2), torch.zeros(1, 2),
-                                 torch.tensor([[True, True]]), kl_coef=0.1)
+    rewards, _ = compute_rewards(
+        torch.tensor([0.25], dtype=torch.float64),
+        torch.zeros(1, 2),
+        torch.zeros(1, 2),
+        torch.tensor([[True, True]]),
+        kl_coef=0.1,
+    )
     assert rewards.dtype == torch.float32 and rewards.tolist() == [[0.0, 0.25]]
 
 
@@ -420,30 +435,41 @@ def test_entropy_default_temperature_is_one():
 def test_error_messages_say_what_is_wrong():
     with pytest.raises(ValueError, match=exactly("masked_var: the mask selects no element")):
         masked_var(torch.tensor([[1.0, 2.0]]), torch.tensor([[0, 0]]))
-    with pytest.raises(ValueError, match=exactly("masked_var: the mask selects one element; the unbiased variance needs two")):
+    with pytest.raises(
+        ValueError, match=exactly("masked_var: the mask selects one element; the unbiased variance needs two")
+    ):
         masked_var(torch.tensor([[1.0, 2.0]]), torch.tensor([[1, 0]]))
-    prefix = ("response_mask must be a prefix of ones in every row (right-padded responses, "
-              "1 up to and including EOS, 0 after)")
+    prefix = (
+        "response_mask must be a prefix of ones in every row (right-padded responses, "
+        "1 up to and including EOS, 0 after)"
+    )
     with pytest.raises(ValueError, match=exactly(prefix)):
         compute_gae(torch.zeros(1, 3), torch.zeros(1, 3), torch.tensor([[1, 0, 1]]))
-    with pytest.raises(ValueError, match=exactly("compute_rewards: a response has no token in response_mask; its score would be lost")):
+    with pytest.raises(
+        ValueError, match=exactly("compute_rewards: a response has no token in response_mask; its score would be lost")
+    ):
         compute_rewards(torch.zeros(1), torch.zeros(1, 2), torch.zeros(1, 2), torch.tensor([[0, 0]]), 0.1)
     from rlhfkit.algos.ppo import group_baseline
 
-    with pytest.raises(ValueError, match=exactly("group_baseline needs group_size >= 2 dividing the batch, got 4 for 6")):
+    with pytest.raises(
+        ValueError, match=exactly("group_baseline needs group_size >= 2 dividing the batch, got 4 for 6")
+    ):
         group_baseline(torch.zeros(6), 4)
 
 
 def test_adaptive_kl_controller_rejects_a_zero_target_or_horizon():
     for target, horizon in [(0.0, 10.0), (-1.0, 10.0), (6.0, 0.0), (6.0, -5.0)]:
-        with pytest.raises(ValueError, match=exactly(f"AdaptiveKLController needs target > 0 and horizon > 0, got {target}, {horizon}")):
+        with pytest.raises(
+            ValueError, match=exactly(f"AdaptiveKLController needs target > 0 and horizon > 0, got {target}, {horizon}")
+        ):
             AdaptiveKLController(0.1, target=target, horizon=horizon)
 
 
 def test_gae_defaults_are_gamma_1_lambda_095():
     # V = 0, reward 1 on the last of 3 tokens: A = [λ², λ, 1] with γ = 1, λ = 0.95
-    advantages, returns = compute_gae(torch.tensor([[0.0, 0.0, 1.0]], dtype=torch.float64),
-                                      torch.zeros(1, 3, dtype=torch.float64), torch.ones(1, 3))
+    advantages, returns = compute_gae(
+        torch.tensor([[0.0, 0.0, 1.0]], dtype=torch.float64), torch.zeros(1, 3, dtype=torch.float64), torch.ones(1, 3)
+    )
     close(advantages, [[0.9025, 0.95, 1.0]], atol=1e-12)
     close(returns, [[0.9025, 0.95, 1.0]], atol=1e-12)
 
@@ -486,6 +512,10 @@ def test_value_loss_clips_both_ways_around_old_values_with_default_clip():
 def test_explained_variance_when_var_returns_is_one_and_zero():
     # R = [1, 2, 3]: unbiased Var[R] = 1; R − V = [0, 0, −1]: mean −1/3, Var = (1/9 + 1/9 + 4/9) / 2 = 1/3
     returns = torch.tensor([[1.0, 2.0, 3.0]], dtype=torch.float64)
-    close(explained_variance(torch.tensor([[1.0, 2.0, 4.0]], dtype=torch.float64), returns, torch.ones(1, 3)), 2.0 / 3.0, atol=1e-12)
+    close(
+        explained_variance(torch.tensor([[1.0, 2.0, 4.0]], dtype=torch.float64), returns, torch.ones(1, 3)),
+        2.0 / 3.0,
+        atol=1e-12,
+    )
     # constant returns: nothing to explain → NaN, not a division by zero
     assert math.isnan(explained_variance(torch.zeros(1, 3), torch.full((1, 3), 2.0), torch.ones(1, 3)).item())

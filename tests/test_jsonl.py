@@ -17,8 +17,11 @@ from rlhfkit.errors import UserError
 # every character that some line splitter takes for a line break, and the other C0 controls
 BREAKS = "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029\x00\x1f\t"
 TEXT = st.text(st.one_of(st.characters(codec="utf-8"), st.sampled_from(BREAKS)), max_size=30)  # any valid Unicode
-VALUES = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | TEXT,
-                      lambda inner: st.lists(inner, max_size=4) | st.dictionaries(TEXT, inner, max_size=4), max_leaves=12)
+VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | TEXT,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(TEXT, inner, max_size=4),
+    max_leaves=12,
+)
 RECORDS = st.lists(st.dictionaries(TEXT, VALUES, max_size=5), max_size=6)
 FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
@@ -132,12 +135,21 @@ def test_a_bad_data_file_stops_a_stage_before_its_model_loads(stage, tmp_path, t
 
     data = tmp_path / "data.jsonl"
     data.write_text('\n{"prompt": "bad\tone"}\n')
-    cls, module = {"sft": (SFTConfig, "sft"), "rm": (RewardConfig, "reward"), "ppo": (PPOConfig, "ppo"),
-                   "pretrain": (PretrainConfig, "pretrain")}[stage]
-    cfg = cls(model=tiny_path, data=str(data), out=str(tmp_path / "out"), reward_model=tiny_path) if stage == "ppo" \
+    cls, module = {
+        "sft": (SFTConfig, "sft"),
+        "rm": (RewardConfig, "reward"),
+        "ppo": (PPOConfig, "ppo"),
+        "pretrain": (PretrainConfig, "pretrain"),
+    }[stage]
+    cfg = (
+        cls(model=tiny_path, data=str(data), out=str(tmp_path / "out"), reward_model=tiny_path)
+        if stage == "ppo"
         else cls(model=tiny_path, data=str(data), out=str(tmp_path / "out"))
-    train = getattr(__import__(f"rlhfkit.recipes.{module}", fromlist=["x"]),
-                    {"sft": "train_sft", "rm": "train_reward_model", "ppo": "train_ppo", "pretrain": "train_pretrain"}[stage])
+    )
+    train = getattr(
+        __import__(f"rlhfkit.recipes.{module}", fromlist=["x"]),
+        {"sft": "train_sft", "rm": "train_reward_model", "ppo": "train_ppo", "pretrain": "train_pretrain"}[stage],
+    )
     loader = "load_reward_model" if stage == "rm" else "load_causal_lm"
     with mock.patch(f"rlhfkit.recipes.{module}.{loader}", side_effect=AssertionError("the model was loaded first")):
         with pytest.raises(UserError, match=r"data.jsonl:2: not valid JSON \(Invalid control character at column 16\)"):

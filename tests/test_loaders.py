@@ -37,11 +37,16 @@ def error(source, kind, **kw) -> str:
 
 
 def test_parse_hh_multi_turn_exact_messages():
-    text = "\n\nHuman: Hi there\n\nAssistant: Hello!  \n\nHuman: How are you?\n\n  Fine,\n\nthanks.\n\nAssistant: Good.\n"
+    text = (
+        "\n\nHuman: Hi there\n\nAssistant: Hello!  \n\nHuman: How are you?\n\n  Fine,\n\nthanks.\n\nAssistant: Good.\n"
+    )
     assert parse_hh(text) == [U("Hi there"), A("Hello!"), U("How are you?\n\n  Fine,\n\nthanks."), A("Good.")]
     # leading whitespace, and the first marker without its blank line
     assert parse_hh("  Human: a\n\nAssistant: b  ") == [U("a"), A("b")]
-    assert split_last_response(parse_hh(text)) == ([U("Hi there"), A("Hello!"), U("How are you?\n\n  Fine,\n\nthanks.")], "Good.")
+    assert split_last_response(parse_hh(text)) == (
+        [U("Hi there"), A("Hello!"), U("How are you?\n\n  Fine,\n\nthanks.")],
+        "Good.",
+    )
 
 
 def test_parse_hh_errors():
@@ -82,18 +87,23 @@ def test_hh_rankings_fixture():
     assert r2.messages == [U("A"), A("B"), U("C")] and r2.responses == ["good\n\nHuman: D\n\nAssistant: E", "bad"]
     assert r3.responses == ["", "Ok"]  # an empty final Assistant turn is an answer the model gave
     assert res.skipped == [
-        (f"{FIX}/hh_edge.jsonl:4", "fields 'chosen'/'rejected': the two conversations do not share a prompt (they differ from turn 1)"),
+        (
+            f"{FIX}/hh_edge.jsonl:4",
+            "fields 'chosen'/'rejected': the two conversations do not share a prompt (they differ from turn 1)",
+        ),
         (f"{FIX}/hh_edge.jsonl:5", "field 'chosen': HH text must start with 'Human:', starts with 'Assistant:'"),
         (f"{FIX}/hh_edge.jsonl:6", "field 'chosen': turn 1 (Human) is empty"),
     ]
     assert error(FIX / "hh_edge.jsonl", "ranking") == (
-        f"{FIX}/hh_edge.jsonl:4: fields 'chosen'/'rejected': the two conversations do not share a prompt (they differ from turn 1)"
+        f"{FIX}/hh_edge.jsonl:4: fields 'chosen'/'rejected': "
+        "the two conversations do not share a prompt (they differ from turn 1)"
     )
 
 
 def test_hh_as_demonstrations_and_prompts(tmp_path):
     src = write_jsonl(tmp_path / "hh.jsonl", [
-        {"chosen": "\n\nHuman: A\n\nAssistant: B\n\nHuman: C\n\nAssistant: D", "rejected": "\n\nHuman: A\n\nAssistant: B\n\nHuman: C\n\nAssistant: bad"},
+        {"chosen": "\n\nHuman: A\n\nAssistant: B\n\nHuman: C\n\nAssistant: D",
+         "rejected": "\n\nHuman: A\n\nAssistant: B\n\nHuman: C\n\nAssistant: bad"},
         {"text": "\n\nHuman: Q\n\nAssistant: R"},
         {"text": "\n\nHuman: Only a question"},
     ])  # fmt: skip
@@ -151,7 +161,11 @@ def test_ranking_schemas_and_ties(tmp_path):
     ])  # fmt: skip
     r = load_records(src, "ranking").records
     assert all(isinstance(x, Ranking) for x in r)
-    assert (r[0].responses, r[0].ranks, r[0].pairs()[:3]) == (["a", "b", "c", "d"], [0, 1, 2, 3], [(0, 1), (0, 2), (0, 3)])
+    assert (r[0].responses, r[0].ranks, r[0].pairs()[:3]) == (
+        ["a", "b", "c", "d"],
+        [0, 1, 2, 3],
+        [(0, 1), (0, 2), (0, 3)],
+    )
     # re-ordered best first, ranks renumbered densely, the tie makes no pair
     assert (r[1].responses, r[1].ranks) == (["x", "y", "z", "w"], [0, 0, 1, 2])
     assert len(r[1].pairs()) == 5 and (0, 1) not in r[1].pairs() and (1, 0) not in r[1].pairs()
@@ -190,13 +204,18 @@ def test_prompt_schemas(tmp_path):
 
 def test_message_validation(tmp_path):
     cases = [
-        ({"messages": [{"role": "robot", "content": "x"}, A("y")]}, "field 'messages[0].role': expected one of system, user, assistant, got 'robot'"),
-        ({"messages": [U("x"), {"role": "assistant", "content": ""}]}, "field 'messages[1].content': expected a non-empty string, got an empty string"),
-        ({"messages": [U("x"), {"role": "system", "content": "s"}, A("y")]}, "field 'messages[1].role': a system turn may only come first"),
-        ({"messages": [U("x"), U("y")]}, "field 'messages': expected the conversation to end with an assistant turn (the response)"),
+        ({"messages": [{"role": "robot", "content": "x"}, A("y")]},
+         "field 'messages[0].role': expected one of system, user, assistant, got 'robot'"),
+        ({"messages": [U("x"), {"role": "assistant", "content": ""}]},
+         "field 'messages[1].content': expected a non-empty string, got an empty string"),
+        ({"messages": [U("x"), {"role": "system", "content": "s"}, A("y")]},
+         "field 'messages[1].role': a system turn may only come first"),
+        ({"messages": [U("x"), U("y")]},
+         "field 'messages': expected the conversation to end with an assistant turn (the response)"),
         ({"messages": "hello"}, "field 'messages': expected a non-empty list, got 'hello'"),
         ({"messages": [A("y"), A("z")]}, "field 'messages': expected at least one user turn"),
-        ({"prompt": [U("q"), A("a")], "response": "r"}, "field 'prompt': expected the prompt to end with a user turn, got 'assistant'"),
+        ({"prompt": [U("q"), A("a")], "response": "r"},
+         "field 'prompt': expected the prompt to end with a user turn, got 'assistant'"),
     ]  # fmt: skip
     for row, msg in cases:
         with pytest.raises(InvalidRecord) as e:
@@ -267,11 +286,17 @@ def test_field_mapping(tmp_path):
     assert res.records[0].responses == ["good", "bad"]
     assert res.skipped == [(f"{pairs}:2", "missing field 'neg' (mapped to 'rejected')")]
 
-    nested = write_jsonl(tmp_path / "rtp.jsonl", [{"prompt": {"text": "So I said", "toxicity": 0.9}, "challenging": True}])
+    nested = write_jsonl(
+        tmp_path / "rtp.jsonl", [{"prompt": {"text": "So I said", "toxicity": 0.9}, "challenging": True}]
+    )
     (p,) = load_records(nested, "prompt", fields={"prompt": "prompt.text"}).records
     assert p.messages == [U("So I said")] and p.meta["challenging"] is True
-    assert error(nested, "prompt") == f"{nested}:1: field 'prompt': expected a string or a list of messages, got an object"
-    assert error(nested, "prompt", fields={"promt": "x"}).startswith("fields: unknown field 'promt'; expected one of prompt,")
+    assert (
+        error(nested, "prompt") == f"{nested}:1: field 'prompt': expected a string or a list of messages, got an object"
+    )
+    assert error(nested, "prompt", fields={"promt": "x"}).startswith(
+        "fields: unknown field 'promt'; expected one of prompt,"
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -330,14 +355,20 @@ def test_saved_dataset_dirs(tmp_path):
     assert error(tmp_path / "dd", "ranking", split="dev") == f"{tmp_path}/dd: no split 'dev' (found: train, test)"
 
     # absent columns of a mixed dataset come back as None and do not confuse the schema detection
-    mixed = [{"prompt": "Q", "response": "R", "messages": None}, {"prompt": None, "response": None, "messages": [U("x"), A("y")]}]
+    mixed = [
+        {"prompt": "Q", "response": "R", "messages": None},
+        {"prompt": None, "response": None, "messages": [U("x"), A("y")]},
+    ]
     datasets.Dataset.from_list(mixed).save_to_disk(tmp_path / "mixed")
     got = load_records(tmp_path / "mixed", "demonstration").records
     assert [(d.messages, d.response) for d in got] == [([U("Q")], "R"), ([U("x")], "y")]
 
     bad = [{"prompt": "Q", "chosen": "a", "rejected": "b"}, {"prompt": "Q", "chosen": None, "rejected": "b"}]
     datasets.Dataset.from_list(bad).save_to_disk(tmp_path / "bad")
-    assert error(tmp_path / "bad", "ranking") == f"{tmp_path}/bad[train] record 1: field 'chosen': expected a non-empty string, got null"
+    assert (
+        error(tmp_path / "bad", "ranking")
+        == f"{tmp_path}/bad[train] record 1: field 'chosen': expected a non-empty string, got null"
+    )
 
 
 def test_folder_of_data_files(tmp_path):
@@ -366,7 +397,9 @@ def test_hub_name(monkeypatch, tmp_path):
     monkeypatch.setattr(datasets, "load_dataset", fake_hub)
     check_pairs(load_records("someone/prefs", "ranking").records)
     res = load_records("someone/prefs:v2", "ranking", split="test")
-    assert res.records[0].responses == ["c", "d"] and res.records[0].meta["location"] == "someone/prefs:v2[test] record 0"
+    assert (
+        res.records[0].responses == ["c", "d"] and res.records[0].meta["location"] == "someone/prefs:v2[test] record 0"
+    )
     assert calls == [("someone/prefs", None, "train"), ("someone/prefs", "v2", "test")]
 
     def offline(name, config=None, *, split):
@@ -385,7 +418,10 @@ def test_missing_and_unsupported_files(tmp_path):
     (tmp_path / "x.xlsx").write_text("?")
     assert "unsupported file type '.xlsx'" in error(tmp_path / "x.xlsx", "ranking")
     (tmp_path / "t.txt").write_text("hello")
-    assert error(tmp_path / "t.txt", "ranking") == f"{tmp_path}/t.txt: a .txt file is plain text, which only kind 'text' reads (not 'ranking')"
+    assert (
+        error(tmp_path / "t.txt", "ranking")
+        == f"{tmp_path}/t.txt: a .txt file is plain text, which only kind 'text' reads (not 'ranking')"
+    )
 
 
 def test_text_kind(tmp_path):
@@ -412,7 +448,8 @@ def test_malformed_jsonl():
     assert res.skipped == [
         (f"{src}:3", "not valid JSON (Expecting ',' delimiter at column 32)"),
         (f"{src}:4", "field 'chosen': expected a non-empty string, got null"),
-        (f"{src}:5", "cannot tell the record type: expected fields prompt+responses, prompt+chosen+rejected, or chosen+rejected (HH text) (found: foo, bar)"),
+        (f"{src}:5", "cannot tell the record type: expected fields prompt+responses, prompt+chosen+rejected, "
+                     "or chosen+rejected (HH text) (found: foo, bar)"),
         (f"{src}:6", "field 'ranks': all responses are tied, so there is no pair to learn from"),
         (f"{src}:7", "field 'messages[0].role': expected one of system, user, assistant, got 'robot'"),
         (f"{src}:9", "expected a JSON object, got a list"),
@@ -443,15 +480,23 @@ def test_malformed_json():
     assert error(src, "demonstration") == f"{src}:7: field 'response': expected a non-empty string, got null"
     res = load_records(src, "demonstration", skip_invalid=True)
     assert [r.meta["location"] for r in res.records] == [f"{src}:2", f"{src}:3", f"{src}:11"]
-    assert res.summary() == f"loaded 3 demonstrations from {src}; skipped 1 (1 × field 'response': expected a non-empty string, got null)"
+    assert res.summary() == (
+        f"loaded 3 demonstrations from {src}; skipped 1 (1 × field 'response': expected a non-empty string, got null)"
+    )
     # a broken .json file cannot be skipped record by record
     broken = FIX / "broken.json"
-    assert error(broken, "demonstration", skip_invalid=True) == f"{broken}:4: not valid JSON (Expecting ',' delimiter at column 3)"
+    assert (
+        error(broken, "demonstration", skip_invalid=True)
+        == f"{broken}:4: not valid JSON (Expecting ',' delimiter at column 3)"
+    )
 
 
 def test_not_utf8(tmp_path):
     (tmp_path / "b.jsonl").write_bytes(b'{"prompt": "Q", "chosen": "a", "rejected": "b"}\n{"prompt": "\xff"}\n')
-    assert error(tmp_path / "b.jsonl", "ranking") == f"{tmp_path}/b.jsonl:2: not UTF-8 text (invalid start byte at column 13)"
+    assert (
+        error(tmp_path / "b.jsonl", "ranking")
+        == f"{tmp_path}/b.jsonl:2: not UTF-8 text (invalid start byte at column 13)"
+    )
     (tmp_path / "b.csv").write_bytes(b"prompt,chosen,rejected\nQ,a,b\nQ,\xff,b\n")
     assert error(tmp_path / "b.csv", "ranking") == f"{tmp_path}/b.csv:3: not UTF-8 text (invalid start byte at byte 31)"
 
@@ -470,7 +515,9 @@ def test_empty_and_all_invalid(tmp_path):
 
 
 def test_limit(tmp_path):
-    src = write_jsonl(tmp_path / "l.jsonl", [{"prompt": f"Q{i}", "chosen": "a", "rejected": "b"} for i in range(10)] + [{"bad": 1}])
+    src = write_jsonl(
+        tmp_path / "l.jsonl", [{"prompt": f"Q{i}", "chosen": "a", "rejected": "b"} for i in range(10)] + [{"bad": 1}]
+    )
     res = load_records(src, "ranking", limit=3)
     assert [r.messages[0]["content"] for r in res.records] == ["Q0", "Q1", "Q2"]
     assert res.summary() == f"loaded 3 rankings from {src} (limit 3)"
@@ -487,7 +534,10 @@ def test_real_hh_rankings(shared_data):
     assert all(r.k == 2 and r.ranks == [0, 1] and r.messages[-1]["role"] == "user" for r in train.records)
     first = json.loads((shared_data / "hh-rlhf-harmless" / "train.jsonl").read_text().splitlines()[0])
     assert train.records[0].messages == parse_hh(first["chosen"])[:-1]
-    assert train.records[0].responses == [parse_hh(first["chosen"])[-1]["content"], parse_hh(first["rejected"])[-1]["content"]]
+    assert train.records[0].responses == [
+        parse_hh(first["chosen"])[-1]["content"],
+        parse_hh(first["rejected"])[-1]["content"],
+    ]
     assert train.summary() == f"loaded 1,850 rankings from {shared_data}/hh-rlhf-harmless/train.jsonl"
     test = load_records(shared_data / "hh-rlhf-harmless" / "test.jsonl", "ranking")
     assert len(test.records) == 462

@@ -164,7 +164,9 @@ def test_rating_errors_name_the_comparison():
         elo_ratings([("A", "A", 1)])
     with pytest.raises(ValueError, match=exactly("comparison 1: a model cannot be compared with itself ('B')")):
         bradley_terry([("A", "B", 1), ("B", "B", 0)])
-    with pytest.raises(ValueError, match=exactly("comparison 1: outcome must be 1 (a wins), 0 (b wins) or 0.5 (tie), got 2.0")):
+    with pytest.raises(
+        ValueError, match=exactly("comparison 1: outcome must be 1 (a wins), 0 (b wins) or 0.5 (tie), got 2.0")
+    ):
         bradley_terry([("A", "B", 1), ("A", "B", 2)])
     with pytest.raises(ValueError, match=exactly("l2 must be > 0 to keep the ratings finite, got 0")):
         bradley_terry([("A", "B", 1)], l2=0)
@@ -213,8 +215,17 @@ def test_bootstrap_is_refitting_resampled_comparisons():
 
 def test_bootstrap_and_win_rate_defaults():
     # three models, enough comparisons that the percentiles move with the seed and n_boot
-    comparisons = COMPARISONS + [("A", "C", 1), ("C", "A", 0.5), ("B", "C", 1), ("C", "B", 1), ("A", "C", 0), ("B", "C", 0.5)]
-    assert bradley_terry_bootstrap(comparisons) == bradley_terry_bootstrap(comparisons, n_boot=1000, confidence=0.95, seed=0)
+    comparisons = COMPARISONS + [
+        ("A", "C", 1),
+        ("C", "A", 0.5),
+        ("B", "C", 1),
+        ("C", "B", 1),
+        ("A", "C", 0),
+        ("B", "C", 0.5),
+    ]
+    assert bradley_terry_bootstrap(comparisons) == bradley_terry_bootstrap(
+        comparisons, n_boot=1000, confidence=0.95, seed=0
+    )
     outcomes = [1, 1, 0.5, 0, 1, 0, 1]
     assert win_rate(outcomes) == win_rate(outcomes, n_boot=1000, confidence=0.95, seed=0)
 

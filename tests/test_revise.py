@@ -7,8 +7,9 @@ from rlhfkit.feedback import rubric
 
 
 def prompt(*instructions: dict) -> Prompt:
-    return Prompt(messages=[{"role": "user", "content": "Tell me about rice."}],
-                  meta={"instructions": list(instructions)})
+    return Prompt(
+        messages=[{"role": "user", "content": "Tell me about rice."}], meta={"instructions": list(instructions)}
+    )
 
 
 ANSWER = "Rice is a grain, eaten all over the world. It grows in paddies, mostly in Asia."
@@ -31,13 +32,17 @@ def test_finish_cuts_back_to_the_last_sentence_or_gives_up():
 
 
 def test_revise_fixes_case_end_phrase_and_commas_and_scores_higher():
-    p = prompt({"kind": "lowercase"}, {"kind": "end_phrase", "phrase": "Is there anything else?"},
-               {"kind": "no_commas"})
+    p = prompt(
+        {"kind": "lowercase"}, {"kind": "end_phrase", "phrase": "Is there anything else?"}, {"kind": "no_commas"}
+    )
     before = rubric.score(p, ANSWER)
     assert before.passed == [False, False, False]
     out = rv.revise(p, ANSWER)
     assert out.edits == ["end_phrase", "no_commas", "lowercase"]
-    assert out.text == "rice is a grain eaten all over the world. it grows in paddies mostly in asia. is there anything else?"
+    assert (
+        out.text
+        == "rice is a grain eaten all over the world. it grows in paddies mostly in asia. is there anything else?"
+    )
     assert rubric.score(p, out.text).passed == [True, True, True]
     assert out.gold_before == before.total and out.gold_after == 1.0 > out.gold_before
 
@@ -66,12 +71,17 @@ def test_revise_drops_an_edit_that_breaks_another_instruction():
 
 def test_with_revisions_adds_revised_answers_after_the_samples_largest_gain_first():
     p = prompt({"kind": "lowercase"}, {"kind": "no_commas"})
-    a = "rice grows in water, mostly in asia."                    # lowercase already: 0.5 -> 1.0
-    b = "Rice, beans and peas grow well here. They need water."   # both fixable: 0.0 -> 1.0
-    c = "peas grow in water too."                                 # follows both: nothing to revise
+    a = "rice grows in water, mostly in asia."  # lowercase already: 0.5 -> 1.0
+    b = "Rice, beans and peas grow well here. They need water."  # both fixable: 0.0 -> 1.0
+    c = "peas grow in water too."  # follows both: nothing to revise
     responses, finished, revised_from = rv.with_revisions(p, [a, b, c], [True, True, True])
-    assert responses == [a, b, c, "rice beans and peas grow well here. they need water.",
-                         "rice grows in water mostly in asia."]
+    assert responses == [
+        a,
+        b,
+        c,
+        "rice beans and peas grow well here. they need water.",
+        "rice grows in water mostly in asia.",
+    ]
     assert revised_from == [None, None, None, 1, 0] and finished == [True] * 5
     # a revision that equals a sampled answer is not added twice
     responses, _, revised_from = rv.with_revisions(p, [a, "rice grows in water mostly in asia."], [True, True])
@@ -92,33 +102,49 @@ def test_with_revisions_caps_the_ranking_at_max_k_and_keeps_finished_flags():
 
 def test_the_rewriting_edits_by_hand():
     text = "Rice is a grain, eaten all over the world. It grows in paddies. People cook it. Some steam it."
-    assert rv.cut_words(text, "at_most", 13) == "Rice is a grain, eaten all over the world. It grows in paddies."  # 9 + 4 words
+    # 9 + 4 words
+    assert rv.cut_words(text, "at_most", 13) == "Rice is a grain, eaten all over the world. It grows in paddies."
     assert rv.cut_words(text, "at_most", 12) == "Rice is a grain, eaten all over the world."
     assert rv.cut_words(text, "at_most", 3) == text  # no leading sentence is short enough: unchanged
     assert rv.cut_words(text, "at_least", 3) == text
     assert rv.cut_sentences(text, "exactly", 1) == "Rice is a grain, eaten all over the world."
     assert rv.delete_words("Rice is a grain, a GRAIN indeed.", ["grain"]) == "Rice is a, a indeed."
-    assert rv.regroup(text, 2, "paragraphs") == ("Rice is a grain, eaten all over the world. It grows in paddies."
-                                                  "\n\nPeople cook it. Some steam it.")
-    assert rv.regroup(text, 3, "bullets") == ("* Rice is a grain, eaten all over the world. It grows in paddies."
-                                               "\n* People cook it.\n* Some steam it.")
+    assert rv.regroup(text, 2, "paragraphs") == (
+        "Rice is a grain, eaten all over the world. It grows in paddies.\n\nPeople cook it. Some steam it."
+    )
+    assert rv.regroup(text, 3, "bullets") == (
+        "* Rice is a grain, eaten all over the world. It grows in paddies.\n* People cook it.\n* Some steam it."
+    )
     assert rv.regroup(text, 2, "sections", "Part").startswith("Part 1\nRice is") and "\n\nPart 2\nPeople" in text.join(
-        ["", rv.regroup(text, 2, "sections", "Part")])
+        ["", rv.regroup(text, 2, "sections", "Part")]
+    )
     assert rv.regroup(text, 5, "lines") == text  # 4 sentences cannot make 5 lines
     assert rv.name_keywords(text, ["rice", "water", "soil"]) == text + " This is about water and soil."
     assert rv.add_title("rice grows. It is good.") == "<<Rice grows It is>>\n\nrice grows. It is good."
-    assert rv.highlight(text, 2) == "*Rice* is a *grain*, eaten all over the world. It grows in paddies. People cook it. Some steam it."
+    assert (
+        rv.highlight(text, 2)
+        == "*Rice* is a *grain*, eaten all over the world. It grows in paddies. People cook it. Some steam it."
+    )
     assert rv.add_placeholders("Dear [who],", 3) == "Dear [who],\n\n[name] [date]"
     assert rv.as_json('Say "hi".') == '{"answer": "Say \\"hi\\"."}'
 
 
 def test_every_rewriting_edit_makes_its_instruction_pass():
     text = "Rice is a grain, eaten all over the world. It grows in paddies. People cook it. Some steam it."
-    specs = [{"kind": "word_count", "relation": "at_most", "n": 12}, {"kind": "sentence_count", "relation": "exactly", "n": 2},
-             {"kind": "forbidden_words", "words": ["grain", "world"]}, {"kind": "paragraph_count", "n": 3},
-             {"kind": "line_count", "n": 2}, {"kind": "numbered_sections", "n": 2}, {"kind": "bullet_count", "n": 4},
-             {"kind": "include_keywords", "keywords": ["water"]}, {"kind": "title"}, {"kind": "highlights", "n": 3},
-             {"kind": "placeholders", "n": 2}, {"kind": "json_format"}]
+    specs = [
+        {"kind": "word_count", "relation": "at_most", "n": 12},
+        {"kind": "sentence_count", "relation": "exactly", "n": 2},
+        {"kind": "forbidden_words", "words": ["grain", "world"]},
+        {"kind": "paragraph_count", "n": 3},
+        {"kind": "line_count", "n": 2},
+        {"kind": "numbered_sections", "n": 2},
+        {"kind": "bullet_count", "n": 4},
+        {"kind": "include_keywords", "keywords": ["water"]},
+        {"kind": "title"},
+        {"kind": "highlights", "n": 3},
+        {"kind": "placeholders", "n": 2},
+        {"kind": "json_format"},
+    ]
     for spec in specs:
         assert not rubric.check_instruction(spec, text)
         out = rv.revise(prompt(spec), text)
@@ -127,7 +153,11 @@ def test_every_rewriting_edit_makes_its_instruction_pass():
 
 
 def test_edit_set_differs_only_in_instructions():
-    p = prompt({"kind": "lowercase"}, {"kind": "end_phrase", "phrase": "Any questions?"}, {"kind": "word_count", "relation": "at_least", "n": 300})
+    p = prompt(
+        {"kind": "lowercase"},
+        {"kind": "end_phrase", "phrase": "Any questions?"},
+        {"kind": "word_count", "relation": "at_least", "n": 300},
+    )
     cut = "Rice is a grain that people eat all over the world every day. It grows in wet fields and"
     done = "Rice grows in water. It is eaten in Asia."
     texts = rv.edit_set(p, [done, cut], [True, False])

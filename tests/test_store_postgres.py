@@ -27,7 +27,9 @@ def _bin(name: str) -> str | None:
 def postgres_url():
     initdb, pg_ctl = _bin("initdb"), _bin("pg_ctl")
     if not initdb or not pg_ctl:
-        pytest.skip("PostgreSQL server binaries not found (apt-get install postgresql; make test does it where apt works)")
+        pytest.skip(
+            "PostgreSQL server binaries not found (apt-get install postgresql; make test does it where apt works)"
+        )
     pytest.importorskip("psycopg", reason="psycopg is not installed: pip install -e '.[dev]'")
     run_as: list[str] = []
     tmp = tempfile.mkdtemp(prefix="rlhfkit-pg-")
@@ -36,11 +38,25 @@ def postgres_url():
         shutil.chown(tmp, user)
         run_as = ["runuser", "-u", user, "--"]
     data, port = os.path.join(tmp, "data"), free_port()
-    subprocess.run(run_as + [initdb, "-D", data, "-U", "postgres", "--auth=trust", "-E", "UTF8"], check=True,
-                   capture_output=True)
-    subprocess.run(run_as + [pg_ctl, "-D", data, "-w", "-l", os.path.join(tmp, "log"), "-o",
-                             f"-p {port} -k {tmp} -c listen_addresses=127.0.0.1 -c fsync=off", "start"],
-                   check=True, capture_output=True)
+    subprocess.run(
+        run_as + [initdb, "-D", data, "-U", "postgres", "--auth=trust", "-E", "UTF8"], check=True, capture_output=True
+    )
+    subprocess.run(
+        run_as
+        + [
+            pg_ctl,
+            "-D",
+            data,
+            "-w",
+            "-l",
+            os.path.join(tmp, "log"),
+            "-o",
+            f"-p {port} -k {tmp} -c listen_addresses=127.0.0.1 -c fsync=off",
+            "start",
+        ],
+        check=True,
+        capture_output=True,
+    )
     try:
         yield f"postgresql://postgres@127.0.0.1:{port}/postgres"
     finally:
@@ -82,8 +98,11 @@ def test_web_app_on_postgresql(postgres_url, tiny_path, tmp_path):
     while app.state.store.task(task["id"]).batch != "pg":  # the store test's tasks come first
         c.post(f"/api/tasks/{task['id']}/skip", headers={"X-CSRF-Token": tok})
         task = c.get("/api/tasks/next").json()["task"]
-    r = c.post(f"/api/tasks/{task['id']}/ranking", json={"ranks": [1, 0], "idempotency_key": "pg-key-1"},
-               headers={"X-CSRF-Token": tok})
+    r = c.post(
+        f"/api/tasks/{task['id']}/ranking",
+        json={"ranks": [1, 0], "idempotency_key": "pg-key-1"},
+        headers={"X-CSRF-Token": tok},
+    )
     assert r.status_code == 201, r.text
     assert not (run / "feedback.db").exists()  # everything went to PostgreSQL
     assert Store(postgres_url).rankings("pg")[0]["ranks"] == [1, 0]

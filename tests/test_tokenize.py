@@ -69,13 +69,16 @@ def test_ranking_shares_prompt_and_ends_in_eos(tiny):
 def test_packing_is_equivalent_to_separate_rows(tiny):
     tok = tiny.tokenizer
     model = tiny.model
-    exs = [encode_demonstration(tok, Demonstration(as_messages(q), a), 64)
-           for q, a in [("Hi", "Hello"), ("What is 2+2?", "4"), ("Name a color", "Blue, like the sky")]]
+    exs = [
+        encode_demonstration(tok, Demonstration(as_messages(q), a), 64)
+        for q, a in [("Hi", "Hello"), ("What is 2+2?", "4"), ("Name a color", "Blue, like the sky")]
+    ]
     packed = collate_packed(exs, tok.pad_token_id, max_length=200)
     assert packed["input_ids"].shape[0] == 1
     with torch.no_grad():
-        logits = model(input_ids=packed["input_ids"], attention_mask=packed["attention_mask"],
-                       position_ids=packed["position_ids"]).logits
+        logits = model(
+            input_ids=packed["input_ids"], attention_mask=packed["attention_mask"], position_ids=packed["position_ids"]
+        ).logits
         at = 0
         for e in exs:
             n = len(e.input_ids)
@@ -96,10 +99,16 @@ def test_shared_prompt_rows_score_like_separate_rows(tiny):
     from rlhfkit.data.tokenize import collate_shared_prompt
 
     tok, model = tiny.tokenizer, tiny.model
-    g1 = encode_ranking(tok, Ranking(as_messages("Name a colour of the sea."), ["Blue.", "It is a deep green today", "Grey"], [0, 1, 2]), 64)
+    g1 = encode_ranking(
+        tok,
+        Ranking(as_messages("Name a colour of the sea."), ["Blue.", "It is a deep green today", "Grey"], [0, 1, 2]),
+        64,
+    )
     g2 = encode_ranking(tok, Ranking(as_messages("Two plus two?"), ["Four, of course.", "5"], [0, 1]), 64)
     # a prompt cut differently for one response (fit keeps >= max_length // 2 prompt tokens) gets a row of its own
-    g3 = encode_ranking(tok, Ranking(as_messages("Tell me about the moon " * 6), ["Short.", "A much longer answer " * 4], [0, 1]), 48)
+    g3 = encode_ranking(
+        tok, Ranking(as_messages("Tell me about the moon " * 6), ["Short.", "A much longer answer " * 4], [0, 1]), 48
+    )
     assert g3[0].input_ids[: g3[0].prompt_len] != g3[1].input_ids[: g3[1].prompt_len]
     batch, where = collate_shared_prompt([g1, g2, g3], tok.pad_token_id)
     assert batch["input_ids"].shape[0] == 4 and len(where) == 7
@@ -107,8 +116,9 @@ def test_shared_prompt_rows_score_like_separate_rows(tiny):
     assert row0[: g1[0].prompt_len] == g1[0].input_ids[: g1[0].prompt_len]
     assert row0.count(tok.eos_token_id) >= 3  # each of the 3 responses ends in its EOS in the one row
     with torch.no_grad():
-        hidden = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                             position_ids=batch["position_ids"]).last_hidden_state
+        hidden = model.model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=batch["position_ids"]
+        ).last_hidden_state
         for (row, col), e in zip(where, [*g1, *g2, *g3]):
             alone = model.model(input_ids=torch.tensor([e.input_ids])).last_hidden_state[0, -1]
             assert batch["input_ids"][row, col] == e.input_ids[-1]
@@ -140,7 +150,11 @@ def test_plain_format_without_chat_template():
     tok = CharTokenizer()
     # every turn becomes "{content}\n\n"; no BOS, and no role names
     assert encode_prompt(tok, as_messages("Hi")) == ids("Hi\n\n")
-    turns = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}, {"role": "user", "content": "Ok?"}]
+    turns = [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Yo"},
+        {"role": "user", "content": "Ok?"},
+    ]
     assert encode_prompt(tok, turns) == ids("Hi\n\nYo\n\nOk?\n\n")
     # the response: its ids, no BOS, then one EOS
     assert encode_response(tok, "ok") == [111, 107, 0]

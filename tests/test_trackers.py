@@ -114,8 +114,19 @@ def assert_same(got: Series, want: Series, merged_steps: bool = False) -> None:
 
 
 def sft_cfg(tiny_path, demos, out, **kw) -> SFTConfig:
-    base = dict(model=tiny_path, data=demos, out=str(out), batch_size=4, max_steps=4, lr=1e-3, warmup_steps=1,
-                precision="fp32", max_length=96, eval_fraction=0.2, eval_every=2)
+    base = dict(
+        model=tiny_path,
+        data=demos,
+        out=str(out),
+        batch_size=4,
+        max_steps=4,
+        lr=1e-3,
+        warmup_steps=1,
+        precision="fp32",
+        max_length=96,
+        eval_fraction=0.2,
+        eval_every=2,
+    )
     return SFTConfig(**(base | kw))
 
 
@@ -154,8 +165,19 @@ def test_rm_wandb_offline_run_holds_the_metrics_and_config(tiny_path, fixtures, 
     from rlhfkit.recipes.reward import train_reward_model
 
     out = tmp_path / "rm"
-    cfg = RewardConfig(model=tiny_path, data=str(fixtures / "hh_pairs.jsonl"), out=str(out), batch_size=4, max_steps=3,
-                       lr=1e-3, warmup_steps=0, precision="fp32", max_length=96, eval_fraction=0.25, report_to="wandb")
+    cfg = RewardConfig(
+        model=tiny_path,
+        data=str(fixtures / "hh_pairs.jsonl"),
+        out=str(out),
+        batch_size=4,
+        max_steps=3,
+        lr=1e-3,
+        warmup_steps=0,
+        precision="fp32",
+        max_length=96,
+        eval_fraction=0.25,
+        report_to="wandb",
+    )
     train_reward_model(cfg, say=lambda *a: None)
     series, config = wandb_run(out)
     want = logged(out)
@@ -170,8 +192,16 @@ def test_pretrain_mlflow_run_holds_the_metrics_and_params(tiny_path, tmp_path):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("The quick brown fox jumps over the lazy dog. " * 40)
     out = tmp_path / "pt"
-    cfg = PretrainConfig(model=tiny_path, data=str(corpus), out=str(out), batch_size=2, max_steps=3, max_length=32,
-                         precision="fp32", report_to="mlflow")
+    cfg = PretrainConfig(
+        model=tiny_path,
+        data=str(corpus),
+        out=str(out),
+        batch_size=2,
+        max_steps=3,
+        max_length=32,
+        precision="fp32",
+        report_to="mlflow",
+    )
     train_pretrain(cfg, say=lambda *a: None)
     series, params = mlflow_run(out)
     assert_same(series, logged(out))
@@ -183,9 +213,21 @@ def test_ppo_report_to_all_feeds_every_installed_tracker(tiny_path, tmp_path):
     from rlhfkit.recipes.ppo import train_ppo
 
     out = tmp_path / "ppo"
-    cfg = PPOConfig(model=tiny_path, critic_model=tiny_path, out=str(out), batch_size=4, max_new_tokens=4, max_steps=2,
-                    precision="fp32", missing_eos_penalty=None, limit=8, report_to="all")
-    train_ppo(cfg, reward_fn=lambda prompts, responses, finished: [r.count(" ") / 4 for r in responses], say=lambda *a: None)
+    cfg = PPOConfig(
+        model=tiny_path,
+        critic_model=tiny_path,
+        out=str(out),
+        batch_size=4,
+        max_new_tokens=4,
+        max_steps=2,
+        precision="fp32",
+        missing_eos_penalty=None,
+        limit=8,
+        report_to="all",
+    )
+    train_ppo(
+        cfg, reward_fn=lambda prompts, responses, finished: [r.count(" ") / 4 for r in responses], say=lambda *a: None
+    )
     want = logged(out)
     assert {"score", "kl", "entropy"} <= set(want) and len(want["score"]) == 2
     assert_same(tensorboard_series(out), want)

@@ -18,10 +18,23 @@ from rlhfkit.web.app import create_app
 
 def test_pipeline_waits_for_people_and_trains_on_their_rankings(tiny_path, tmp_path):
     out = tmp_path / "run"
-    cfg = PipelineConfig(model=tiny_path, out=str(out), train_prompts=3, eval_prompts=2, k=2, max_new_tokens=6,
-                         sft=SFTConfig(batch_size=2), precision="fp32", min_demo_score=-2.0, rounds=1, with_ppo=False,
-                         rank_sft=False,
-                         labeler="human", human_timeout=0.3, human_poll=0.1)
+    cfg = PipelineConfig(
+        model=tiny_path,
+        out=str(out),
+        train_prompts=3,
+        eval_prompts=2,
+        k=2,
+        max_new_tokens=6,
+        sft=SFTConfig(batch_size=2),
+        precision="fp32",
+        min_demo_score=-2.0,
+        rounds=1,
+        with_ppo=False,
+        rank_sft=False,
+        labeler="human",
+        human_timeout=0.3,
+        human_poll=0.1,
+    )
     lines: list[str] = []
     with pytest.raises(UserError, match=r"timed out .*\(0/3 ranked\).*run the same command again"):
         run_pipeline(cfg, say=lines.append)

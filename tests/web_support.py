@@ -33,8 +33,9 @@ def csrf_of(client) -> str:
 
 
 def sign_in(client, name: str, password: str = "password123") -> None:
-    r = client.post("/login", data={"name": name, "password": password, "csrf_token": csrf_of(client)},
-                    follow_redirects=False)
+    r = client.post(
+        "/login", data={"name": name, "password": password, "csrf_token": csrf_of(client)}, follow_redirects=False
+    )
     assert r.status_code == 303, r.text
 
 
@@ -53,12 +54,27 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
 
-    def start(self, timeout: float = 90.0) -> "Server":
+    def start(self, timeout: float = 90.0) -> Server:
         env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
         self.log = open(self.run / f"server-{self.port}.log", "ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "rlhfkit.cli", "serve", "--run", str(self.run),
-                                      "--port", str(self.port), "--precision", "fp32", *self.args],
-                                     stdout=self.log, stderr=subprocess.STDOUT, env=env)
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "rlhfkit.cli",
+                "serve",
+                "--run",
+                str(self.run),
+                "--port",
+                str(self.port),
+                "--precision",
+                "fp32",
+                *self.args,
+            ],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

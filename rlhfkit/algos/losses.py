@@ -50,7 +50,9 @@ def ranking_loss(scores: torch.Tensor, ranks: torch.Tensor, group: torch.Tensor)
     pair_loss = -F.logsigmoid(margin) * better  # (N, N)
     n_groups = int(group.max()) + 1
     loss_sum = torch.zeros(n_groups, dtype=scores.dtype, device=scores.device).index_add(0, group, pair_loss.sum(1))
-    pairs = torch.zeros(n_groups, dtype=scores.dtype, device=scores.device).index_add(0, group, better.sum(1).to(scores.dtype))
+    pairs = torch.zeros(n_groups, dtype=scores.dtype, device=scores.device).index_add(
+        0, group, better.sum(1).to(scores.dtype)
+    )
     return loss_sum / pairs.clamp(min=1), pairs
 
 

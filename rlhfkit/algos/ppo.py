@@ -108,9 +108,7 @@ def masked_var(values: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) 
     return variance
 
 
-def masked_whiten(
-    values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8
-) -> torch.Tensor:
+def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
     """Whiten ``values`` with the mean and (unbiased) variance of the masked positions.
 
     whitened = (x − mean) / sqrt(var + eps); with ``shift_mean=False`` the mean is added back,
@@ -308,7 +306,9 @@ def group_baseline(scores: torch.Tensor, group_size: int) -> torch.Tensor:
     Shapes: ``(B,)`` prompt-major (the k samples of a prompt are adjacent), B divisible by k → ``(B,)``.
     """
     if group_size < 2 or scores.shape[0] % group_size:
-        raise ValueError(f"group_baseline needs group_size >= 2 dividing the batch, got {group_size} for {scores.shape[0]}")
+        raise ValueError(
+            f"group_baseline needs group_size >= 2 dividing the batch, got {group_size} for {scores.shape[0]}"
+        )
     g = scores.view(-1, group_size)
     others = (g.sum(dim=1, keepdim=True) - g) / (group_size - 1)
     return (g - others).reshape(scores.shape)

@@ -47,9 +47,7 @@ def _expected(rating_a: float, rating_b: float) -> float:
     return 1.0 / (1.0 + 10.0 ** ((rating_b - rating_a) / 400.0))
 
 
-def elo_ratings(
-    comparisons: Iterable[Comparison], k: float = 32.0, initial: float = 1000.0
-) -> dict[Hashable, float]:
+def elo_ratings(comparisons: Iterable[Comparison], k: float = 32.0, initial: float = 1000.0) -> dict[Hashable, float]:
     """Online Elo over comparisons in the order given.
 
         E_a = 1 / (1 + 10^((R_b − R_a)/400)),   R_a ← R_a + K (S_a − E_a),   R_b ← R_b − K (S_a − E_a)
@@ -232,9 +230,7 @@ class WinRate(NamedTuple):
     losses: int
 
 
-def win_rate(
-    outcomes: Iterable[float], n_boot: int = 1000, confidence: float = 0.95, seed: int = 0
-) -> WinRate:
+def win_rate(outcomes: Iterable[float], n_boot: int = 1000, confidence: float = 0.95, seed: int = 0) -> WinRate:
     """Win-rate of a model over another, ties counting half, with a bootstrap interval.
 
     ``outcomes`` are 1 (win), 0.5 (tie), 0 (loss) from the first model's side, one per

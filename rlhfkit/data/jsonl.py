@@ -18,8 +18,9 @@ import gzip
 import json
 import os
 import re
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 from rlhfkit.errors import UserError
 
@@ -42,8 +43,10 @@ def dumps_line(record: Any) -> str:
     text = json.dumps(record, ensure_ascii=False)
     bad = _SURROGATE.search(text)
     if bad:
-        raise UserError(f"cannot write {text[max(0, bad.start() - 40): bad.start()]!r}…: a lone surrogate "
-                        f"U+{ord(bad.group()):04X} is not valid Unicode text")
+        raise UserError(
+            f"cannot write {text[max(0, bad.start() - 40) : bad.start()]!r}…: a lone surrogate "
+            f"U+{ord(bad.group()):04X} is not valid Unicode text"
+        )
     return _BREAKS.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
 
 

@@ -139,7 +139,9 @@ def load_records(
     if rows == 0:
         raise UserError(f"{source}: empty (no records)")
     if not result.records:
-        raise UserError(f"{source}: no valid {kind} record; skipped {len(result.skipped):,} ({_reasons(result.skipped)})")
+        raise UserError(
+            f"{source}: no valid {kind} record; skipped {len(result.skipped):,} ({_reasons(result.skipped)})"
+        )
     return result
 
 
@@ -254,7 +256,9 @@ def _json_rows(path: Path, disp: str) -> Rows:
             json.loads(text)
         except json.JSONDecodeError as e:
             raise UserError(f"{disp}:{e.lineno}: {json_error(e)}") from None
-        raise UserError(f"{disp}: expected a JSON list of objects (or JSON Lines), got {describe_value(json.loads(text))}")
+        raise UserError(
+            f"{disp}: expected a JSON list of objects (or JSON Lines), got {describe_value(json.loads(text))}"
+        )
     # walk the list element by element to know the line each record starts on
     dec = json.JSONDecoder()
     i, line, counted = start + 1, 1 + text.count("\n", 0, start), start
@@ -382,7 +386,9 @@ def _hub_rows(source: str, split: str) -> Rows:
     try:
         ds = datasets.load_dataset(name, config or None, split=split)
     except Exception as e:  # noqa: BLE001 — offline, unknown name, unknown split: one line for the user
-        raise UserError(f"{source}: not a local file or directory, and loading it from the hub failed: {_first_line(e)}") from None
+        raise UserError(
+            f"{source}: not a local file or directory, and loading it from the hub failed: {_first_line(e)}"
+        ) from None
     return _dataset_rows(ds, f"{source}[{split}]")
 
 

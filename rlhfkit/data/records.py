@@ -71,7 +71,7 @@ class Ranking:
         return len(self.responses)
 
     @classmethod
-    def from_pair(cls, messages: list[Message], chosen: str, rejected: str, **meta: Any) -> "Ranking":
+    def from_pair(cls, messages: list[Message], chosen: str, rejected: str, **meta: Any) -> Ranking:
         return cls(messages=messages, responses=[chosen, rejected], ranks=[0, 1], meta=dict(meta))
 
     def pairs(self) -> list[tuple[int, int]]:

@@ -185,14 +185,18 @@ def _messages(r: _Row, key: str) -> list[Message]:
     for i, m in enumerate(items):
         where = f"{label}[{i}]"
         if not isinstance(m, dict):
-            raise InvalidRecord(f"field {where!r}: expected a message object {{role, content}}, got {describe_value(m)}")
+            raise InvalidRecord(
+                f"field {where!r}: expected a message object {{role, content}}, got {describe_value(m)}"
+            )
         rk, ck = ("role", "content") if "role" in m or "from" not in m else ("from", "value")
         if rk not in m:
             raise InvalidRecord(f"field {where!r}: missing 'role'")
         role = m[rk]
         role = _ROLE_ALIASES.get(role, role) if isinstance(role, str) else role
         if role not in ROLES:
-            raise InvalidRecord(f"field '{where}.{rk}': expected one of {', '.join(ROLES)}, got {describe_value(m[rk])}")
+            raise InvalidRecord(
+                f"field '{where}.{rk}': expected one of {', '.join(ROLES)}, got {describe_value(m[rk])}"
+            )
         if role == "system" and i > 0:
             raise InvalidRecord(f"field '{where}.{rk}': a system turn may only come first")
         content = m.get(ck)
@@ -267,7 +271,9 @@ def _instances(r: _Row) -> list[tuple[list[Message], Any, int]]:
     out = []
     for i, inst in enumerate(r.list("instances")):
         if not isinstance(inst, dict):
-            raise InvalidRecord(f"field '{label}[{i}]': expected an object {{input, output}}, got {describe_value(inst)}")
+            raise InvalidRecord(
+                f"field '{label}[{i}]': expected an object {{input, output}}, got {describe_value(inst)}"
+            )
         out.append((_instruction_prompt(instruction, inst.get("input"), f"{label}[{i}].input"), inst.get("output"), i))
     return out
 
@@ -299,7 +305,9 @@ def _last_answer(msgs: list[Message], label: str) -> tuple[list[Message], str]:
 
 # -- kinds
 
-_DEMO_SCHEMAS = "instruction+instances, messages, prompt+response, instruction+output, chosen (HH text) or text (HH text)"
+_DEMO_SCHEMAS = (
+    "instruction+instances, messages, prompt+response, instruction+output, chosen (HH text) or text (HH text)"
+)
 _RANK_SCHEMAS = "prompt+responses, prompt+chosen+rejected, or chosen+rejected (HH text)"
 _PROMPT_SCHEMAS = "prompt, messages, instruction, chosen (HH text) or text (HH text)"
 
@@ -322,7 +330,9 @@ def _demonstrations(r: _Row) -> list[Demonstration]:
             key = _prompt_key(r)
             return [Demonstration(messages=_prompt(r, key), response=_hh_strip(r, key, r.text("response")))]
         if has("instruction") and has("output"):
-            prompt = _instruction_prompt(r.text("instruction"), r.get("input") if r.has("input") else "", r.name("input"))
+            prompt = _instruction_prompt(
+                r.text("instruction"), r.get("input") if r.has("input") else "", r.name("input")
+            )
             return [Demonstration(messages=prompt, response=r.text("output"))]
         for key in ("chosen", "text"):
             if has(key):
@@ -340,18 +350,25 @@ def _ranking(r: _Row) -> tuple[Ranking, list[int]]:
             msgs = _prompt(r, _prompt_key(r))
             label = r.name("responses")
             items = r.list("responses")
-            responses = [_hh_strip(r, _prompt_key(r), r.text("", value=v, label=f"{label}[{i}]", allow_empty=True)) for i, v in enumerate(items)]
+            responses = [
+                _hh_strip(r, _prompt_key(r), r.text("", value=v, label=f"{label}[{i}]", allow_empty=True))
+                for i, v in enumerate(items)
+            ]
             if len(responses) < 2:
                 raise InvalidRecord(f"field {label!r}: expected at least 2 responses, got {len(responses)}")
             ranks = _ranks(r, len(responses)) if r.has("ranks") else list(range(len(responses)))
             order = sorted(range(len(responses)), key=lambda i: ranks[i])
             dense = {v: i for i, v in enumerate(sorted(set(ranks)))}
-            return Ranking(messages=msgs, responses=[responses[i] for i in order], ranks=[dense[ranks[i]] for i in order]), order
+            return Ranking(
+                messages=msgs, responses=[responses[i] for i in order], ranks=[dense[ranks[i]] for i in order]
+            ), order
         if has("chosen") and has("rejected"):
             if has("prompt") or has("messages"):
                 msgs = _prompt(r, _prompt_key(r))
                 key = _prompt_key(r)
-                return Ranking.from_pair(msgs, _hh_strip(r, key, _answer(r, "chosen")), _hh_strip(r, key, _answer(r, "rejected"))), [0, 1]
+                return Ranking.from_pair(
+                    msgs, _hh_strip(r, key, _answer(r, "chosen")), _hh_strip(r, key, _answer(r, "rejected"))
+                ), [0, 1]
             a = _conversation(r, "chosen", allow_empty_last=True)
             b = _conversation(r, "rejected", allow_empty_last=True)
             try:

@@ -40,12 +40,14 @@ def encode_response(tokenizer, response: str) -> list[int]:
     return tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
 
 
-def fit(prompt: list[int], response: list[int], max_length: int, eos_last: int | None = None) -> tuple[list[int], list[int], bool]:
+def fit(
+    prompt: list[int], response: list[int], max_length: int, eos_last: int | None = None
+) -> tuple[list[int], list[int], bool]:
     """Apply the truncation rule of the module docstring. Returns (prompt, response, truncated)."""
     if len(prompt) + len(response) <= max_length:
         return prompt, response, False
     keep_prompt = max(min(len(prompt), max_length // 2), max_length - len(response))
-    prompt = prompt[len(prompt) - keep_prompt:] if keep_prompt < len(prompt) else prompt
+    prompt = prompt[len(prompt) - keep_prompt :] if keep_prompt < len(prompt) else prompt
     room = max_length - len(prompt)
     if len(response) > room:
         response = response[:room]
@@ -130,7 +132,9 @@ def collate_packed(examples: list[Encoded], pad_id: int, max_length: int) -> dic
     return {"input_ids": ids, "attention_mask": mask4d[:, None], "position_ids": pos, "loss_mask": loss}
 
 
-def collate_shared_prompt(groups: list[list[Encoded]], pad_id: int) -> tuple[dict[str, torch.Tensor], list[tuple[int, int]]]:
+def collate_shared_prompt(
+    groups: list[list[Encoded]], pad_id: int
+) -> tuple[dict[str, torch.Tensor], list[tuple[int, int]]]:
     """One row per prompt: the prompt once, then each of its responses (the reward model's K answers).
 
     Row layout and attention (``P`` = prompt, ``a``/``b`` = two responses)::
@@ -158,7 +162,7 @@ def collate_shared_prompt(groups: list[list[Encoded]], pad_id: int) -> tuple[dic
             if prompt not in by_prompt:
                 by_prompt[prompt] = len(rows)
                 rows.append((list(prompt), []))
-            rows[by_prompt[prompt]][1].append((seq, e.input_ids[e.prompt_len:]))
+            rows[by_prompt[prompt]][1].append((seq, e.input_ids[e.prompt_len :]))
             seq += 1
     width = max(len(p) + sum(len(r) for _, r in rs) for p, rs in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)

@@ -46,7 +46,7 @@ def share_agreeing_pairs(tasks: list[list[list[int]]]) -> float:
 def average_ranks(ranks: list[int]) -> list[float]:
     """Ranks 1..K with tied answers sharing the mean of the places they occupy.
 
-        [0, 1, 1, 2]  ->  [1, 2.5, 2.5, 4]
+    [0, 1, 1, 2]  ->  [1, 2.5, 2.5, 4]
     """
     order = sorted(range(len(ranks)), key=lambda i: ranks[i])
     out = [0.0] * len(ranks)
@@ -98,5 +98,8 @@ def agreement_summary(tasks: dict[int, list[list[int]]]) -> dict:
     pairs (pooled) and Kendall's W (mean over tasks)."""
     multi = [r for r in tasks.values() if len(r) >= 2]
     ws = [w for w in (kendalls_w(r) for r in multi) if w == w]
-    return {"tasks": len(multi), "pair_agreement": share_agreeing_pairs(multi),
-            "kendalls_w": sum(ws) / len(ws) if ws else float("nan")}
+    return {
+        "tasks": len(multi),
+        "pair_agreement": share_agreeing_pairs(multi),
+        "kendalls_w": sum(ws) / len(ws) if ws else float("nan"),
+    }

@@ -28,13 +28,21 @@ def publish(store: Store, batch: str, rows: list[dict], model: str = "", labels_
     for i, row in enumerate(rows):
         messages = row.get("messages") or [{"role": "user", "content": row["prompt"]}]
         meta = {k: v for k, v in row.items() if k not in ("messages", "prompt", "responses")}
-        tasks.append(TaskIn(messages=messages, responses=list(row["responses"]),
-                            models=[model] * len(row["responses"]), external_id=str(row.get("id", i)), meta=meta))
+        tasks.append(
+            TaskIn(
+                messages=messages,
+                responses=list(row["responses"]),
+                models=[model] * len(row["responses"]),
+                external_id=str(row.get("id", i)),
+                meta=meta,
+            )
+        )
     return store.add_tasks(batch, tasks, labels_per_task=labels_per_task)
 
 
-def wait_for_rankings(store: Store, batch: str, needed: int, timeout: float, poll: float = 5.0,
-                      say=print) -> list[dict]:
+def wait_for_rankings(
+    store: Store, batch: str, needed: int, timeout: float, poll: float = 5.0, say=print
+) -> list[dict]:
     """Wait until ``needed`` tasks of ``batch`` are ranked (a progress line on every change);
     returns the batch's rankings (every ranking of every task, oldest first)."""
     start = time.monotonic()
@@ -43,15 +51,19 @@ def wait_for_rankings(store: Store, batch: str, needed: int, timeout: float, pol
         done = store.count_ranked_tasks(batch)
         if done != last:
             total = store.count_tasks(batch)
-            say(f"[{batch}] {done}/{needed} tasks ranked by people ({total} published; waiting "
-                f"{time.monotonic() - start:.0f}/{timeout:.0f} s)")
+            say(
+                f"[{batch}] {done}/{needed} tasks ranked by people ({total} published; waiting "
+                f"{time.monotonic() - start:.0f}/{timeout:.0f} s)"
+            )
             last = done
         if done >= needed:
             return store.rankings(batch)
         if time.monotonic() - start >= timeout:
-            raise UserError(f"timed out after {timeout:.0f} s waiting for people to rank batch {batch!r} "
-                            f"({done}/{needed} ranked). Rankings are kept in {store.url}: run the same "
-                            "command again to keep waiting (or raise human_timeout)")
+            raise UserError(
+                f"timed out after {timeout:.0f} s waiting for people to rank batch {batch!r} "
+                f"({done}/{needed} ranked). Rankings are kept in {store.url}: run the same "
+                "command again to keep waiting (or raise human_timeout)"
+            )
         time.sleep(poll)
 
 
@@ -65,14 +77,19 @@ class HumanLabeler:
 
     def rank(self, prompt: Prompt, responses: list[str], finished: list[bool] | None = None) -> Ranking:
         ext = str(prompt.meta.get("id", "")) or str(abs(hash((prompt.text, tuple(responses)))))
-        self.store.add_tasks(self.batch, [TaskIn(list(prompt.messages), list(responses), external_id=ext,
-                                                 meta={"finished": finished})])
+        self.store.add_tasks(
+            self.batch, [TaskIn(list(prompt.messages), list(responses), external_id=ext, meta={"finished": finished})]
+        )
         start = time.monotonic()
         while True:
             for r in self.store.rankings(self.batch):
                 if r["meta"]["external_id"] == ext:
-                    return Ranking(messages=r["messages"], responses=r["responses"], ranks=r["ranks"],
-                                   meta={"labeler": r["meta"]["labeler"], "flags": r["meta"]["flags"]})
+                    return Ranking(
+                        messages=r["messages"],
+                        responses=r["responses"],
+                        ranks=r["ranks"],
+                        meta={"labeler": r["meta"]["labeler"], "flags": r["meta"]["flags"]},
+                    )
             if time.monotonic() - start >= self.timeout:
                 raise UserError(f"timed out after {self.timeout:.0f} s waiting for a person to rank task {ext!r}")
             time.sleep(self.poll)
@@ -100,8 +117,17 @@ def export(store: Store, out: str | Path) -> dict[str, str]:
     return paths
 
 
-def rank_round_by_people(store: Store, batch: str, prompts: list[Prompt], samples: list[dict], needed: int,
-                         timeout: float, poll: float = 5.0, fallback=None, say=print) -> list[dict]:
+def rank_round_by_people(
+    store: Store,
+    batch: str,
+    prompts: list[Prompt],
+    samples: list[dict],
+    needed: int,
+    timeout: float,
+    poll: float = 5.0,
+    fallback=None,
+    say=print,
+) -> list[dict]:
     """The pipeline's labeling step with people: publish the round's K answers per prompt as tasks of
     ``batch``, wait until ``needed`` tasks are ranked, and return ranking rows in the pipeline's format
     (``{prompt, responses, ranks, meta}``; ``meta["gold"]`` is the gold rubric of each answer, for the
@@ -118,12 +144,29 @@ def rank_round_by_people(store: Store, batch: str, prompts: list[Prompt], sample
         gold = [rubric.score(p, a, f).total for a, f in zip(s["responses"], s["finished"])]
         people = [r for r in got.get(str(s.get("id", i)), []) if len(set(r["ranks"])) > 1]
         for r in people:
-            rows.append({"prompt": p.text, "responses": r["responses"], "ranks": r["ranks"],
-                         "meta": {"labeler": r["meta"]["labeler"], "gold": gold, "flags": r["meta"]["flags"],
-                                  "task_id": r["meta"]["task_id"], "prompt_id": p.meta.get("id")}})
+            rows.append(
+                {
+                    "prompt": p.text,
+                    "responses": r["responses"],
+                    "ranks": r["ranks"],
+                    "meta": {
+                        "labeler": r["meta"]["labeler"],
+                        "gold": gold,
+                        "flags": r["meta"]["flags"],
+                        "task_id": r["meta"]["task_id"],
+                        "prompt_id": p.meta.get("id"),
+                    },
+                }
+            )
         if not people and fallback is not None:
             rk = fallback.rank(p, s["responses"], s["finished"])
             rows.append(ranking_row(p, rk))
-    say(f"[{batch}] {sum(r['meta']['labeler'] != getattr(fallback, 'name', None) for r in rows)} rankings by people"
-        + (f", {sum(r['meta']['labeler'] == fallback.name for r in rows)} by the {fallback.name} labeler" if fallback else ""))
+    say(
+        f"[{batch}] {sum(r['meta']['labeler'] != getattr(fallback, 'name', None) for r in rows)} rankings by people"
+        + (
+            f", {sum(r['meta']['labeler'] == fallback.name for r in rows)} by the {fallback.name} labeler"
+            if fallback
+            else ""
+        )
+    )
     return rows

@@ -3,11 +3,11 @@ anyone could make by hand satisfies an instruction the answer missed.
 
 Best-of-K rejection sampling can only teach what the base model already does now and then, and
 a 135M model asked to "answer in lowercase" or to "end with the phrase …" almost never does (in
-the K = 6 base-model samples of one demo run: 0 of 84 answers in lowercase when asked, 12 % with the asked end phrase). People
-writing demonstrations would fix those answers before handing them in — the critique-and-revise
-step of Constitutional AI (Bai et al. 2022, "SL-CAI"), done here by rules, because the rules of
-the task are verifiable. Without it neither the SFT model nor the reward model ever sees such an
-answer, and PPO has nothing to reinforce.
+the K = 6 base-model samples of one demo run: 0 of 84 answers in lowercase when asked, 12 % with
+the asked end phrase). People writing demonstrations would fix those answers before handing them
+in — the critique-and-revise step of Constitutional AI (Bai et al. 2022, "SL-CAI"), done here by
+rules, because the rules of the task are verifiable. Without it neither the SFT model nor the
+reward model ever sees such an answer, and PPO has nothing to reinforce.
 
 The edits (each a small pure function, ``text -> text``):
 
@@ -46,8 +46,8 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from rlhfkit.data.records import Prompt
 from rlhfkit.feedback import rubric
@@ -82,7 +82,7 @@ def add_postscript(text: str, marker: str = "P.S.") -> str:
 
 
 def drop_commas(text: str) -> str:
-    """"1,000" -> "1000", "rice, beans" -> "rice beans", a comma before a line end goes."""
+    """ "1,000" -> "1000", "rice, beans" -> "rice beans", a comma before a line end goes."""
     text = re.sub(r"(?<=\d)[,，](?=\d)", "", text)
     text = re.sub(r"[ \t]*[,，][ \t]*(?=\S)", " ", text)
     return re.sub(r"[ \t]*[,，][ \t]*", "", text)
@@ -211,7 +211,15 @@ def apply_edit(spec: dict, text: str) -> str:
     return EDITS[spec["kind"]](text, **{k: v for k, v in spec.items() if k != "kind"})
 
 
-SURFACE_EDITS: tuple[str, ...] = ("start_phrase", "postscript", "end_phrase", "no_commas", "quotation", "lowercase", "uppercase")
+SURFACE_EDITS: tuple[str, ...] = (
+    "start_phrase",
+    "postscript",
+    "end_phrase",
+    "no_commas",
+    "quotation",
+    "lowercase",
+    "uppercase",
+)
 """The edits that keep every word of the answer in place (plus ``finish``): what demonstrations
 and the revisions among the K ranked answers (:func:`with_revisions`) get — the labeler's top
 answer, often a revision, becomes a demonstration. SFT imitates its demonstrations word by word,
@@ -255,8 +263,9 @@ def revise(prompt: Prompt, response: str, finished: bool = True, kinds: tuple[st
     return Revision(text=text, finished=done, edits=edits, gold_before=before, gold_after=best)
 
 
-def with_revisions(prompt: Prompt, responses: list[str], finished: list[bool], max_k: int = 9
-                   ) -> tuple[list[str], list[bool], list[int | None]]:
+def with_revisions(
+    prompt: Prompt, responses: list[str], finished: list[bool], max_k: int = 9
+) -> tuple[list[str], list[bool], list[int | None]]:
     """The K sampled answers plus rule-revised versions of some of them, for the labeler to rank.
 
     The reward model can only learn what its rankings contrast. A 135M policy almost never
@@ -281,8 +290,11 @@ def with_revisions(prompt: Prompt, responses: list[str], finished: list[bool], m
             found.append((rv.gold_after - rv.gold_before, i, rv))
     found.sort(key=lambda t: (-t[0], t[1]))
     extra = found[: max(0, max_k - len(responses))]
-    return ([*responses, *(rv.text for _, _, rv in extra)], [*finished, *(rv.finished for _, _, rv in extra)],
-            [*([None] * len(responses)), *(i for _, i, _ in extra)])
+    return (
+        [*responses, *(rv.text for _, _, rv in extra)],
+        [*finished, *(rv.finished for _, _, rv in extra)],
+        [*([None] * len(responses)), *(i for _, i, _ in extra)],
+    )
 
 
 def edit_set(prompt: Prompt, responses: list[str], finished: list[bool], max_k: int = 9) -> list[str]:

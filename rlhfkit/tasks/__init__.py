@@ -39,5 +39,7 @@ def load_task(split: str = "train") -> list[Prompt]:
                 meta = {k: v for k, v in rec.items() if k != "prompt"}
                 prompts.append(Prompt(messages=as_messages(rec["prompt"]), meta=meta))
             except (ValueError, KeyError, TypeError, AttributeError) as e:
-                raise UserError(f"{path}:{lineno}: bad task record ({e}); expected {{'id', 'prompt', 'instructions'}}") from e
+                raise UserError(
+                    f"{path}:{lineno}: bad task record ({e}); expected {{'id', 'prompt', 'instructions'}}"
+                ) from e
     return prompts

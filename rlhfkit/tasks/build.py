@@ -268,10 +268,21 @@ WEIGHTS = {
     "json_format": 2.0,
 }
 
-_COMMON = {"lowercase", "uppercase", "word_count", "include_keywords", "forbidden_words", "keyword_frequency",
-           "start_phrase", "end_phrase", "no_commas", "title"}
+_COMMON = {
+    "lowercase",
+    "uppercase",
+    "word_count",
+    "include_keywords",
+    "forbidden_words",
+    "keyword_frequency",
+    "start_phrase",
+    "end_phrase",
+    "no_commas",
+    "title",
+}
 ALLOWED = {
-    "prose": _COMMON | {"sentence_count", "paragraph_count", "numbered_sections", "highlights", "postscript", "quotation"},
+    "prose": _COMMON
+    | {"sentence_count", "paragraph_count", "numbered_sections", "highlights", "postscript", "quotation"},
     "list": _COMMON | {"bullet_count", "numbered_sections", "json_format", "line_count", "highlights"},
     "poem": _COMMON | {"line_count", "paragraph_count", "quotation"},
     "letter": _COMMON | {"placeholders", "postscript", "paragraph_count", "sentence_count", "highlights"},
@@ -279,8 +290,15 @@ ALLOWED = {
 }
 
 # at most one instruction that fixes the layout of the whole answer
-LAYOUT = {"bullet_count", "paragraph_count", "numbered_sections", "line_count", "json_format", "quotation",
-          "sentence_count"}
+LAYOUT = {
+    "bullet_count",
+    "paragraph_count",
+    "numbered_sections",
+    "line_count",
+    "json_format",
+    "quotation",
+    "sentence_count",
+}
 # JSON goes only with instructions that make sense inside JSON
 JSON_OK = {"json_format", "lowercase", "include_keywords", "forbidden_words", "word_count"}
 CONFLICTS = {
@@ -303,59 +321,118 @@ START_PHRASES = {
     "product": ["Meet", "Introducing", "Here is"],
 }
 END_PHRASES = {
-    "prose": ["Is there anything else I can help with?", "Hope this helps!", "Let me know if you have additional questions.",
-              "That is all.", "Good luck!"],
+    "prose": [
+        "Is there anything else I can help with?",
+        "Hope this helps!",
+        "Let me know if you have additional questions.",
+        "That is all.",
+        "Good luck!",
+    ],
     "list": ["Is there anything else I can help with?", "Hope this helps!", "Have fun!", "Good luck!"],
     "poem": ["The end.", "And that is all.", "Goodnight."],
     "letter": ["Best wishes.", "Thank you.", "See you soon!", "Kind regards."],
     "data": ["Enjoy!", "Is there anything else I can help with?", "Hope this helps!"],
     "product": ["Order yours today!", "Enjoy!"],
 }
-FORBIDDEN = ["very", "really", "important", "good", "just", "simple", "always", "thing", "great", "best", "easy",
-             "nice", "like", "also"]
+FORBIDDEN = [
+    "very",
+    "really",
+    "important",
+    "good",
+    "just",
+    "simple",
+    "always",
+    "thing",
+    "great",
+    "best",
+    "easy",
+    "nice",
+    "like",
+    "also",
+]
 
 PHRASINGS: dict[str, list[str]] = {
-    "lowercase": ["Your entire response should be in lowercase letters; no capital letters are allowed.",
-                  "Write everything in lowercase, with no capital letters at all.",
-                  "Use only lowercase letters in your answer."],
-    "uppercase": ["Your entire response should be in capital letters only.",
-                  "Write your whole answer in CAPITAL LETTERS.",
-                  "Use only uppercase letters in your answer."],
-    "word_count/at_most": ["Answer in at most {n} words.", "Use no more than {n} words.",
-                           "Keep it short: {n} words or fewer."],
+    "lowercase": [
+        "Your entire response should be in lowercase letters; no capital letters are allowed.",
+        "Write everything in lowercase, with no capital letters at all.",
+        "Use only lowercase letters in your answer.",
+    ],
+    "uppercase": [
+        "Your entire response should be in capital letters only.",
+        "Write your whole answer in CAPITAL LETTERS.",
+        "Use only uppercase letters in your answer.",
+    ],
+    "word_count/at_most": [
+        "Answer in at most {n} words.",
+        "Use no more than {n} words.",
+        "Keep it short: {n} words or fewer.",
+    ],
     "word_count/at_least": ["Write at least {n} words.", "Your answer should contain {n} words or more."],
     "sentence_count/at_most": ["Use at most {n} sentences.", "Answer in no more than {n} sentences."],
     "sentence_count/exactly": ["Answer in exactly {n} sentences.", "Your response must have exactly {n} sentences."],
     "sentence_count/at_least": ["Write at least {n} sentences.", "Use {n} sentences or more."],
-    "paragraph_count": ["Your response should have exactly {n} paragraphs, separated by the markdown divider ***.",
-                        "Write exactly {n} paragraphs separated by blank lines."],
+    "paragraph_count": [
+        "Your response should have exactly {n} paragraphs, separated by the markdown divider ***.",
+        "Write exactly {n} paragraphs separated by blank lines.",
+    ],
     "paragraph_count/poem": ["Write it in exactly {n} stanzas separated by a blank line."],
-    "include_keywords": ["Include {the_words} in your response.", "Make sure to use {the_words}.",
-                         "Mention {the_words} somewhere in your answer."],
-    "forbidden_words": ["Do not use {the_words} anywhere in your answer.", "Avoid {the_words}.",
-                        "Never use {the_words}."],
-    "keyword_frequency": ["Use the word '{kw}' at least {n} times.", "The word '{kw}' should appear {n} times or more."],
-    "bullet_count": ["Give exactly {n} bullet points using markdown, such as '* first point'.",
-                     "Format your answer as exactly {n} markdown bullet points starting with '* '."],
-    "json_format": ["Wrap your entire output in JSON format.",
-                    "Your whole answer must be valid JSON; you may use a ```json code block.",
-                    "Answer only with a JSON object."],
-    "title": ["Include a title wrapped in double angular brackets, such as <<my title>>.",
-              "Give your answer a title in double angular brackets, like <<a title>>."],
+    "include_keywords": [
+        "Include {the_words} in your response.",
+        "Make sure to use {the_words}.",
+        "Mention {the_words} somewhere in your answer.",
+    ],
+    "forbidden_words": [
+        "Do not use {the_words} anywhere in your answer.",
+        "Avoid {the_words}.",
+        "Never use {the_words}.",
+    ],
+    "keyword_frequency": [
+        "Use the word '{kw}' at least {n} times.",
+        "The word '{kw}' should appear {n} times or more.",
+    ],
+    "bullet_count": [
+        "Give exactly {n} bullet points using markdown, such as '* first point'.",
+        "Format your answer as exactly {n} markdown bullet points starting with '* '.",
+    ],
+    "json_format": [
+        "Wrap your entire output in JSON format.",
+        "Your whole answer must be valid JSON; you may use a ```json code block.",
+        "Answer only with a JSON object.",
+    ],
+    "title": [
+        "Include a title wrapped in double angular brackets, such as <<my title>>.",
+        "Give your answer a title in double angular brackets, like <<a title>>.",
+    ],
     "start_phrase": ["Start your answer with the words '{phrase}'.", "Begin your response with '{phrase}'."],
-    "end_phrase": ["Finish your response with this exact phrase, with no other words after it: '{phrase}'",
-                   "End your answer with the exact phrase '{phrase}' and nothing after it."],
-    "quotation": ["Wrap your entire response with double quotation marks.", "Put your whole answer inside double quotes."],
-    "placeholders": ["Include at least {n} placeholders in square brackets, such as [address].",
-                     "Use at least {n} placeholders like [name] for details to fill in later."],
-    "postscript": ["At the end of your response, add a postscript starting with {marker}",
-                   "Add a postscript that begins with {marker} at the end."],
-    "no_commas": ["Do not use any commas in your response.", "Your entire answer must avoid commas.",
-                  "Write without using a single comma."],
-    "numbered_sections": ["Your response must have {n} sections; start each on its own line with {labels}.",
-                          "Split your answer into {n} parts, each beginning on a new line with {labels}."],
-    "highlights": ["Highlight at least {n} phrases with markdown, like *highlighted phrase*.",
-                   "Use markdown to highlight at least {n} key phrases, for example *this one*."],
+    "end_phrase": [
+        "Finish your response with this exact phrase, with no other words after it: '{phrase}'",
+        "End your answer with the exact phrase '{phrase}' and nothing after it.",
+    ],
+    "quotation": [
+        "Wrap your entire response with double quotation marks.",
+        "Put your whole answer inside double quotes.",
+    ],
+    "placeholders": [
+        "Include at least {n} placeholders in square brackets, such as [address].",
+        "Use at least {n} placeholders like [name] for details to fill in later.",
+    ],
+    "postscript": [
+        "At the end of your response, add a postscript starting with {marker}",
+        "Add a postscript that begins with {marker} at the end.",
+    ],
+    "no_commas": [
+        "Do not use any commas in your response.",
+        "Your entire answer must avoid commas.",
+        "Write without using a single comma.",
+    ],
+    "numbered_sections": [
+        "Your response must have {n} sections; start each on its own line with {labels}.",
+        "Split your answer into {n} parts, each beginning on a new line with {labels}.",
+    ],
+    "highlights": [
+        "Highlight at least {n} phrases with markdown, like *highlighted phrase*.",
+        "Use markdown to highlight at least {n} key phrases, for example *this one*.",
+    ],
     "line_count": ["Your answer must be exactly {n} lines long.", "Write exactly {n} lines, no more and no less."],
     "line_count/poem": ["The poem must have exactly {n} lines."],
 }
@@ -376,8 +453,9 @@ def parse_bases(text: str = BASES) -> list[dict[str, Any]]:
         form, request, topics = (p.strip() for p in line.split("|"))
         if form not in FORMS:
             raise ValueError(f"BASES line {lineno}: unknown form {form!r}")
-        bases.append({"base_id": len(bases), "category": category, "form": form, "request": request,
-                      "topics": topics.split()})
+        bases.append(
+            {"base_id": len(bases), "category": category, "form": form, "request": request, "topics": topics.split()}
+        )
     return bases
 
 
@@ -526,13 +604,17 @@ def build(seed: int = SEED) -> tuple[list[dict], list[dict]]:
             seen.add(prompt)
             for s in specs:
                 validate_instruction(s)
-            rec = {"id": f"task-{base['base_id']:03d}-{made}", "prompt": prompt, "instructions": specs,
-                   "category": base["category"], "base_id": base["base_id"], "topic_keywords": base["topics"]}
+            rec = {
+                "id": f"task-{base['base_id']:03d}-{made}",
+                "prompt": prompt,
+                "instructions": specs,
+                "category": base["category"],
+                "base_id": base["base_id"],
+                "topic_keywords": base["topics"],
+            }
             (evals if base["base_id"] in eval_ids else train).append(rec)
             made += 1
     return train, evals
-
-
 
 
 def main() -> None:
