@@ -99,7 +99,9 @@ def test_person_in_a_browser(tiny_path, tmp_path):
             )
             page = ctx.new_page()
             page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
-            page.set_default_timeout(30_000)
+            # generous: the arena and chat generate on the CPU, which other tests (xdist) share
+            page.set_default_timeout(120_000)
+            expect.set_options(timeout=120_000)
 
             # sign in
             page.goto(server.url + "/")

@@ -30,6 +30,7 @@ import secrets
 import threading
 import time
 from contextlib import contextmanager
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -692,9 +693,12 @@ def login(c: TestClient, name: str, password: str):
     return c.post("/login", data={"name": name, "password": password, "csrf_token": csrf_of(c)}, follow_redirects=False)
 
 
-def test_brute_force_is_throttled_and_the_user_signs_in_after_the_window(tmp_path):
-    """The bug this guards against: a stream of wrong passwords was answered 401 every time, never throttled."""
-    window = 3.0
+def test_brute_force_is_throttled_and_the_user_signs_in_after_the_window(tmp_path, monkeypatch):
+    """The bug this guards against: a stream of wrong passwords was answered 401 every time, never throttled.
+    The window is long enough for 20 slow password checks on a loaded machine; the clock is then moved past it."""
+    import rlhfkit.feedback.accounts as accounts
+
+    window = 120.0
     app, store = throttled_app(tmp_path, login_failures=5, login_failures_per_address=50, login_window_s=window)
     attacker = TestClient(app, client=("203.0.113.9", 4000))
     codes = [login(attacker, "ann", f"guess-{i:04d}").status_code for i in range(20)]
@@ -717,7 +721,8 @@ def test_brute_force_is_throttled_and_the_user_signs_in_after_the_window(tmp_pat
     page = admin.get("/admin").text
     assert page.count("<td>203.0.113.9</td><td>wrong password</td>") == 5
     # after the window the real user signs in
-    time.sleep(int(r.headers["retry-after"]) + 0.2)
+    real_now, later = accounts.utc_now, timedelta(seconds=int(r.headers["retry-after"]) + 1)
+    monkeypatch.setattr(accounts, "utc_now", lambda: real_now() + later)
     assert login(user, "ann", "password123").status_code == 303
     store.close()
 
