@@ -263,3 +263,21 @@ def test_dpo_lora_reference_is_the_base_with_adapters_disabled(tiny_path, rankin
         saved["model.layers.0.self_attn.q_proj.weight"] - base["model.layers.0.self_attn.q_proj.weight"]
     ).abs().max() > 1e-5
     assert torch.equal(saved["model.embed_tokens.weight"], base["model.embed_tokens.weight"])
+
+
+def test_dpo_loss_equals_trl_dpotrainer():
+    """benchmarks/dpo_trl_check.py under TRL 1.16 (the venv TRL_VENV names; TRL is never our dependency):
+    the same batch tensors, reference log-probs, loss and metrics, sigmoid and IPO, within 1e-5."""
+    import os
+    import subprocess
+
+    venv = os.environ.get("TRL_VENV")
+    python = Path(venv or "/nonexistent") / "bin" / "python"
+    if not python.exists():
+        pytest.skip("set TRL_VENV to a venv with trl==1.16.0 (see benchmarks/dpo_trl_check.py)")
+    root = Path(__file__).resolve().parents[1]
+    run = subprocess.run(
+        [str(python), str(root / "benchmarks" / "dpo_trl_check.py")], capture_output=True, text=True, timeout=300
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "all within 1e-05" in run.stdout
