@@ -281,3 +281,63 @@ def test_dpo_loss_equals_trl_dpotrainer():
     )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "all within 1e-05" in run.stdout
+
+
+WORKER = """
+import os, sys
+from pathlib import Path
+
+import rlhfkit.recipes.dpo as dpo
+
+make, marks = dpo.make_accelerator, sys.argv[1]
+
+
+def checked(cfg):  # inside each worker: there really are 2 processes, and this is one of them
+    acc = make(cfg)
+    assert acc.num_processes == int(os.environ["WORLD_SIZE"]) == 2, acc.num_processes
+    Path(marks, f"rank{acc.process_index}").write_text(str(acc.num_processes))
+    return acc
+
+
+dpo.make_accelerator = checked
+sys.argv = ["rlhfkit", *sys.argv[2:]]
+from rlhfkit.cli import main
+
+main()
+"""
+
+
+def test_dpo_two_processes_equal_one_process(tiny_path, rankings, tmp_path):
+    """torchrun --nproc_per_node 2 (DDP over gloo) x batch b == 1 process x batch b: the same losses,
+    held-out metrics (reference and eval passes split across the ranks) and weights."""
+    import os
+    import subprocess
+    import sys
+
+    args = ["dpo", "--model", tiny_path, "--data", rankings, "batch_size=8", "max_steps=3", "lr=1e-3"]
+    args += ["warmup_steps=0", "precision=fp32", "max_length=96", "eval_fraction=0.25", "grad_accum=2"]
+    root = str(Path(__file__).resolve().parents[1])  # the worker script lives in tmp_path: import this checkout
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]),
+    }
+    one = subprocess.run(
+        [sys.executable, "-m", "rlhfkit.cli", *args, "--out", str(tmp_path / "one")],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert one.returncode == 0, one.stderr[-2000:]
+    (tmp_path / "worker.py").write_text(WORKER)
+    torchrun = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node", "2"]
+    two = subprocess.run(
+        [*torchrun, str(tmp_path / "worker.py"), str(tmp_path), *args, "--out", str(tmp_path / "two")],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert sorted(p.name for p in tmp_path.glob("rank*")) == ["rank0", "rank1"]
+    rows = [read_metrics(tmp_path / r) for r in ("one", "two")]
+    for key in ("loss", "rewards/margin", "eval_loss", "eval_rewards/margin"):
+        a, b = [m[key] for m in rows[0] if key in m], [m[key] for m in rows[1] if key in m]
+        assert len(a) == len(b) >= 2 and max(abs(x - y) for x, y in zip(a, b)) < 1e-5, (key, a, b)
+    a, b = params_of(tmp_path / "one" / "model"), params_of(tmp_path / "two" / "model")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-4  # a tenth of one AdamW step
