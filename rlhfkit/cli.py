@@ -56,6 +56,8 @@ def _train(stage: str, cfg) -> dict:
         from rlhfkit.recipes.reward import train_reward_model as run
     elif stage == "pretrain":
         from rlhfkit.recipes.pretrain import train_pretrain as run
+    elif stage == "dpo":
+        from rlhfkit.recipes.dpo import train_dpo as run
     elif stage == "ppo":
         from rlhfkit.recipes.ppo import train_ppo as run
     elif stage in ("pipeline", "demo"):

@@ -47,6 +47,8 @@ Schedule = Literal["cosine", "linear", "constant"]
 Switch = Literal["auto", "on", "off"]
 Critic = Literal["rm", "policy_head"]
 ScoreBaseline = Literal["none", "group"]
+DPOLossType = Literal["sigmoid", "ipo"]
+PairWeighting = Literal["per_ranking", "per_pair"]
 Labeler = Literal["simulated", "gold", "human", "mix"]
 
 
@@ -156,6 +158,39 @@ class RewardConfig(TrainConfig):
         "Put the K responses of a prompt in one row after a single copy of the prompt (same scores, fewer tokens; "
         "used when it saves >= 10% of them).",
     )
+
+
+@dataclass
+class DPOConfig(TrainConfig):
+    """Direct Preference Optimization (Rafailov et al. 2023): the policy learns from the rankings directly, with
+    the frozen SFT model as the reference and no reward model or sampling."""
+
+    model: str = opt(
+        "smollm2-135m-instruct", "The SFT model: the policy starts from it and the frozen reference is it."
+    )
+    data: str = opt("", "Rankings or pairs (the formats of `rlhfkit rm`); a ranking of K gives its untied pairs.")
+    batch_size: int = opt(8, "(chosen, rejected) pairs per optimizer step, across all processes and accumulation.")
+    lr: float = opt(1e-6, "Peak learning rate (AdamW); DPO wants a small one (TRL: 1e-6).")
+    warmup_steps: int = opt(5, "Linear warm-up steps from 0 to `lr`.")
+    beta: float = opt(0.1, "beta: strength of the implicit KL to the reference (larger = stay closer).")
+    loss_type: DPOLossType = opt(
+        "sigmoid", "sigmoid (DPO, eq. 7; with label_smoothing: conservative DPO) or ipo (Azar et al. 2023, eq. 17)."
+    )
+    label_smoothing: float = opt(
+        0.0, "Conservative DPO: the share eps of labels assumed flipped (0 = plain DPO; sigmoid loss only)."
+    )
+    pair_weighting: PairWeighting = opt(
+        "per_ranking",
+        "per_ranking: each ranking's pairs weigh 1/(its pair count), so every prompt counts once (InstructGPT's RM); "
+        "per_pair: every pair counts once. The same for plain pairs.",
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.beta <= 0:
+            raise UserError(f"beta={self.beta}: expected > 0")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise UserError(f"label_smoothing={self.label_smoothing}: expected 0 <= eps < 0.5")
 
 
 @dataclass
@@ -391,7 +426,13 @@ class ServeConfig:
         check_literals(self)
 
 
-STAGES: dict[str, type] = {"pretrain": PretrainConfig, "sft": SFTConfig, "rm": RewardConfig, "ppo": PPOConfig}
+STAGES: dict[str, type] = {
+    "pretrain": PretrainConfig,
+    "sft": SFTConfig,
+    "rm": RewardConfig,
+    "dpo": DPOConfig,
+    "ppo": PPOConfig,
+}
 STAGE_FIELDS: dict[str, type] = {"sft": SFTConfig, "rm": RewardConfig, "ppo": PPOConfig}  # PipelineConfig's nesting
 PIPELINE_SETS = ("model", "data", "out", "resume", "seed", "precision", "save_every", "report_to")
 
