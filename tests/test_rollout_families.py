@@ -3,8 +3,8 @@
 Every model's matrices and norm weights are redrawn (seeded), so each family's quirks change the
 answers: Gemma's (1 + weight) norms and sandwich norms, Qwen3/Gemma 3's per-head q/k norms, Qwen2's
 q/k/v biases, Gemma 2's soft-capped attention and logits, Gemma 3's two RoPE bases, LLaMA 3's RoPE
-scaling. Sliding windows are set shorter than the sequences (5 tokens) so that the windowed layers
-hide keys both in the prefill and while decoding.
+scaling, Phi-3's fused projections and partial rotary. Sliding windows are set shorter than the
+sequences (5 tokens) so that the windowed layers hide keys both in the prefill and while decoding.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from rlhfkit.errors import UserError
 from rlhfkit.rollout import Engine, SamplingParams
 from rlhfkit.rollout.runner import Runner, engine_support, layer_windows
 
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3")
 WINDOW = 5
 
 # config changes that make each family's own features bite in a tiny model
@@ -37,6 +37,9 @@ TWEAKS = {
     "qwen3": dict(sliding_window=WINDOW, use_sliding_window=True, layer_types=["full_attention", "sliding_attention"]),
     "gemma2": dict(sliding_window=WINDOW, layer_types=["sliding_attention", "full_attention"]),
     "gemma3": dict(sliding_window=WINDOW, layer_types=["sliding_attention", "full_attention"]),
+    "phi3": dict(
+        sliding_window=WINDOW, rope_parameters=dict(rope_type="default", rope_theta=1e4, partial_rotary_factor=0.5)
+    ),
 }
 
 TEXTS = [
@@ -128,10 +131,11 @@ def test_sampling_n_samples_with_exact_logprobs(family):
 
 def test_bf16_runs_each_family_near_fp32(family):
     """precision='bf16': LLaMA-shaped families (Qwen3 with its q/k norms) take the fast path,
-    Gemma the module path under autocast; log-probs near the fp32 forward's."""
+    Gemma and a partial rotary (Phi-3 here) the module path under autocast; log-probs near the
+    fp32 forward's."""
     name, model, tok = family
     engine = Engine(model, tok, precision="bf16")
-    assert engine.runner.uses_fast_path == (not name.startswith("gemma"))
+    assert engine.runner.uses_fast_path == (not name.startswith("gemma") and name != "phi3")
     prompt = tok(TEXTS[1])["input_ids"]
     out = engine.generate([prompt], SamplingParams(max_new_tokens=6, temperature=0, ignore_eos=True))[0]
     ref = teacher_forced(model, prompt, out.token_ids)
@@ -140,19 +144,23 @@ def test_bf16_runs_each_family_near_fp32(family):
         assert not engine.runner.last_decode_kernel
 
 
-def test_qwen3_bf16_takes_the_decode_kernel(tmp_path_factory):
-    """Qwen3 at a window longer than any sequence: the fast path's C++ decode attention runs
-    (not the fused step, which has no q/k norms), with the SDPA path's numbers."""
+@pytest.mark.parametrize("name", ["qwen3", "phi3"])
+def test_bf16_fast_path_takes_the_decode_kernel(name, tmp_path_factory):
+    """At windows longer than any sequence, the fast path's C++ decode attention runs: Qwen3 with
+    the plain decode step (its q/k norms are not in the fused one), Phi-3 (fused qkv and gate/up
+    projections) with the fused step; the numbers agree with the SDPA path's."""
     from rlhfkit.rollout import attention_cpu
 
     if not attention_cpu.ready(torch.zeros(1, 1, 1, 16, dtype=torch.bfloat16), 1):
         pytest.skip("decode-attention kernel not available here (the engine uses SDPA)")
-    model, tok = lively("qwen3", tmp_path_factory.getbasetemp(), tweaks={})
+    model, tok = lively(name, tmp_path_factory.getbasetemp(), tweaks={})
     engine = Engine(model, tok, precision="bf16")
     prompts = [tok(t)["input_ids"] for t in TEXTS]
     params = SamplingParams(max_new_tokens=6, temperature=0, ignore_eos=True)
     outs = engine.generate(prompts, params)
-    assert engine.runner.last_decode_kernel and not engine.runner.last_decode_fused
+    assert engine.runner.last_decode_kernel and engine.runner.last_decode_fused == (name == "phi3")
+    for p, o in zip(prompts, outs):  # near the fp32 forward (bf16 roundings)
+        assert o.logprobs == pytest.approx(teacher_forced(model, p, o.token_ids).tolist(), abs=0.25)
     engine.runner.decode_kernel = False
     for o, ref in zip(outs, engine.generate(prompts, params)):
         assert not engine.runner.last_decode_kernel
@@ -164,7 +172,17 @@ def test_engine_support_names_what_it_cannot_run():
     import transformers as tf
 
     assert "gpt2" in engine_support(tf.GPT2Config())
-    assert "phi3" in engine_support(tf.Phi3Config())
+    long = tf.Phi3Config(
+        rope_parameters=dict(
+            rope_type="longrope",
+            rope_theta=1e4,
+            short_factor=[1.0] * 48,
+            long_factor=[2.0] * 48,
+            original_max_position_embeddings=4096,
+        ),
+        max_position_embeddings=131072,
+    )
+    assert "longrope" in engine_support(long)  # its frequencies switch with the sequence length
     assert "bidirectional" in engine_support(tf.Gemma3TextConfig(use_bidirectional_attention=True))
     dynamic = tf.LlamaConfig(rope_parameters=dict(rope_type="dynamic", rope_theta=10000.0, factor=2.0))
     assert "dynamic" in engine_support(dynamic)
@@ -175,11 +193,40 @@ def test_engine_support_names_what_it_cannot_run():
         tf.Qwen3Config(),
         tf.Gemma2Config(),
         tf.Gemma3TextConfig(),
+        tf.Phi3Config(),
     ):
         assert engine_support(config) is None, config.model_type
     gpt2 = tf.GPT2LMHeadModel(tf.GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64))
     with pytest.raises(UserError, match="model_type gpt2 has no engine path"):
         Runner(gpt2)
+
+
+def test_engine_support_runs_the_common_small_models():
+    """The config.json of Gemma-3-270M, Qwen3-0.6B and Llama-3.2-1B as published (their shapes;
+    no weights): the engine runs them, Gemma 3 with its 512-token local windows."""
+    import transformers as tf
+
+    local_global = (["sliding_attention"] * 5 + ["full_attention"]) * 3
+    gemma = tf.Gemma3TextConfig.from_dict(
+        dict(hidden_size=640, num_hidden_layers=18, num_attention_heads=4, num_key_value_heads=1, head_dim=256,
+             intermediate_size=2048, sliding_window=512, query_pre_attn_scalar=256, rope_local_base_freq=10000.0,
+             rope_theta=1000000.0, rope_scaling=None, max_position_embeddings=32768, final_logit_softcapping=None,
+             attn_logit_softcapping=None, vocab_size=262144, layer_types=local_global)
+    )  # fmt: skip
+    qwen = tf.Qwen3Config.from_dict(
+        dict(hidden_size=1024, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8, head_dim=128,
+             max_position_embeddings=40960, rope_theta=1000000.0, rope_scaling=None, use_sliding_window=False,
+             sliding_window=None, max_window_layers=28, tie_word_embeddings=True, vocab_size=151936)
+    )  # fmt: skip
+    llama = tf.LlamaConfig.from_dict(
+        dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8, head_dim=64,
+             rope_theta=500000.0, max_position_embeddings=131072, vocab_size=128256,
+             rope_scaling=dict(factor=32.0, high_freq_factor=4.0, low_freq_factor=1.0,
+                               original_max_position_embeddings=8192, rope_type="llama3"))
+    )  # fmt: skip
+    for config in (gemma, qwen, llama):
+        assert engine_support(config) is None, config.model_type
+    assert layer_windows(gemma)[:6] == [512] * 5 + [None] and set(layer_windows(qwen)) == {None}
 
 
 def test_layer_windows_follow_the_config():

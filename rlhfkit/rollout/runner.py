@@ -36,7 +36,7 @@ from rlhfkit.errors import UserError
 from rlhfkit.models.lora import unwrap
 from rlhfkit.rollout import attention_cpu
 
-SUPPORTED_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text")
+SUPPORTED_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3")
 LAYER_TYPES = ("full_attention", "sliding_attention")
 SEQ_LEN_ROPE = ("dynamic", "longrope")  # frequencies that depend on the length of each forward call
 
@@ -76,7 +76,7 @@ def _rope_types(config) -> list[str]:
 def layer_windows(config) -> list[int | None]:
     """Per decoder layer, its sliding attention window (a query at position p sees keys j with
     p - window < j <= p), or None for full attention: from ``layer_types`` where the config has
-    them (Qwen2/3, Gemma 2/3), every layer for Mistral."""
+    them (Qwen2/3, Gemma 2/3), every layer for Mistral and Phi-3."""
     n = config.num_hidden_layers
     window = getattr(config, "sliding_window", None)
     types = getattr(config, "layer_types", None)
@@ -84,7 +84,7 @@ def layer_windows(config) -> list[int | None]:
         return [None] * n
     if types:
         return [window if t == "sliding_attention" else None for t in types[:n]]
-    return [window] * n if config.model_type == "mistral" else [None] * n
+    return [window] * n if config.model_type in ("mistral", "phi3") else [None] * n
 
 
 def _decoder(model: torch.nn.Module) -> torch.nn.Module:
@@ -100,7 +100,11 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding: x (B, H, T, D), cos/sin (B, 1, T, D) -> (B, H, T, D)."""
+    """Rotary embedding: x (B, H, T, D), cos/sin (B, 1, T, R) -> (B, H, T, D). R < D (partial
+    rotary, Phi-3's ``partial_rotary_factor``): the first R dims rotate, the rest pass through."""
+    r = cos.shape[-1]
+    if r < x.shape[-1]:
+        return torch.cat((apply_rope(x[..., :r], cos, sin), x[..., r:]), dim=-1)
     return x * cos + rotate_half(x) * sin
 
 
@@ -154,6 +158,12 @@ class FusedLinear:
         if self.pack:
             return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)
+
+
+def _qkv_mods(attn: torch.nn.Module) -> list[torch.nn.Module]:
+    """The attention's q, k, v projections, or its one fused ``qkv_proj`` (Phi-3: q, k, v heads in
+    that order along the output dim)."""
+    return [attn.qkv_proj] if hasattr(attn, "qkv_proj") else [attn.q_proj, attn.k_proj, attn.v_proj]
 
 
 def _is_plain_linear(m: torch.nn.Module) -> bool:
@@ -234,6 +244,10 @@ class Runner:
         self.rope_kinds = getattr(self.dec.rotary_emb, "layer_types", None)  # None: one table for all layers
         types = getattr(cfg, "layer_types", None)
         self.rope_index = [self.rope_kinds.index(types[i]) if self.rope_kinds else 0 for i in range(self.n_layers)]
+        dummy = torch.empty(0, device=self.device)
+        pos0 = torch.zeros(1, 1, dtype=torch.long, device=self.device)
+        kind = [self.rope_kinds[0]] if self.rope_kinds else []
+        self.rotary_dim = self.dec.rotary_emb(dummy, pos0, *kind)[0].shape[-1]  # < head_dim: partial rotary
         # Gemma 2/3 layers norm the attention and MLP outputs too (pre/post feedforward norms)
         self.sandwich = hasattr(layers[0], "pre_feedforward_layernorm")
         self.lm_head = model.get_output_embeddings()
@@ -276,9 +290,9 @@ class Runner:
 
     @property
     def uses_fast_path(self) -> bool:
-        """bf16 LLaMA-shaped layers: Gemma's extra norms and soft-capping take the module path
+        """bf16 LLaMA-shaped layers: Gemma's extra norms and soft-capping, and partial rotary, take the module path
         (under bf16 autocast), which runs every family."""
-        llama_shaped = not self.sandwich and self.softcap is None
+        llama_shaped = not self.sandwich and self.softcap is None and self.rotary_dim == self.head_dim
         return self.fast and llama_shaped and self.compute_dtype == torch.bfloat16
 
     # ------------------------------------------------------------------ fast path weights
@@ -318,15 +332,16 @@ class Runner:
         for layer in self.dec.layers[: self.n_layers]:
             attn, mlp = layer.self_attn, layer.mlp
             gate, up, down = (getattr(mlp, n, None) for n in ("gate_proj", "up_proj", "down_proj"))
+            gate_up = [gate, up] if gate is not None and up is not None else [getattr(mlp, "gate_up_proj", None)]
             swiglu = None
-            if act_silu and gate is not None and up is not None and down is not None:
-                swiglu = (linear([gate, up]), linear([down]))
-                mlp = _swiglu(*swiglu, gate.out_features)
+            if act_silu and None not in gate_up and down is not None:  # Phi-3: gate and up already fused
+                swiglu = (linear(gate_up), linear([down]))
+                mlp = _swiglu(*swiglu, sum(m.out_features for m in gate_up) // 2)
             norms = (_rms_params(layer.input_layernorm), _rms_params(layer.post_attention_layernorm))
             layers.append(
                 FastLayer(
                     in_norm=self._norm(layer.input_layernorm),
-                    qkv=linear([attn.q_proj, attn.k_proj, attn.v_proj]),
+                    qkv=linear(_qkv_mods(attn)),
                     o=linear([attn.o_proj]),
                     post_norm=self._norm(layer.post_attention_layernorm),
                     mlp=mlp,
@@ -361,11 +376,11 @@ class Runner:
         """
         pos = torch.arange(max_len, device=self.device)[None]  # (1, L)
         dummy = torch.empty(0, dtype=self.compute_dtype, device=self.device)
-        half = self.head_dim // 2
         out = []
         for kind in self.rope_kinds or [None]:
             cos, sin = self.dec.rotary_emb(dummy, pos) if kind is None else self.dec.rotary_emb(dummy, pos, kind)
             cos, sin = cos[0].to(self.compute_dtype), sin[0].to(self.compute_dtype)
+            half = cos.shape[-1] // 2
             out += [cos, sin, torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)]
         return tuple(out)
 
@@ -404,20 +419,23 @@ class Runner:
         if self._bound is not None:
             return self._layers_fast(h, rope, attend)
         B, T, _ = h.shape
+        H, Hkv, D = self.n_heads, self.n_kv, self.head_dim
         for i, layer in enumerate(self.dec.layers[: self.n_layers]):
             cos, sin, _ = self._rope(rope, i)
             cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, D)
             attn = layer.self_attn
             x = layer.input_layernorm(h)
-            q = attn.q_proj(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, H, D)
-            k = attn.k_proj(x).view(B, T, self.n_kv, self.head_dim)  # (B, T, Hkv, D)
-            v = attn.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+            qkv = [m(x) for m in _qkv_mods(attn)]
+            q, k, v = qkv if len(qkv) == 3 else qkv[0].split([H * D, Hkv * D, Hkv * D], dim=-1)
+            q = q.view(B, T, H, D)
+            k = k.view(B, T, Hkv, D)
+            v = v.view(B, T, Hkv, D).transpose(1, 2)  # (B, Hkv, T, D)
             if hasattr(attn, "q_norm"):
                 q, k = attn.q_norm(q), attn.k_norm(k)
             q = apply_rope(q.transpose(1, 2), cos, sin).to(self.compute_dtype)  # (B, H, T, D)
             k = apply_rope(k.transpose(1, 2), cos, sin).to(self.compute_dtype)  # (B, Hkv, T, D)
             o = attend(i, q, k, v.to(self.compute_dtype))  # (B, H, T, D)
-            a = attn.o_proj(o.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+            a = attn.o_proj(o.transpose(1, 2).reshape(B, T, H * D))
             if self.sandwich:
                 h = h + layer.post_attention_layernorm(a)
                 h = h + layer.post_feedforward_layernorm(layer.mlp(layer.pre_feedforward_layernorm(h)))
@@ -624,7 +642,7 @@ class Runner:
         return x
 
 
-_RMS_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm")  # weight · x / rms(x)
+_RMS_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "Phi3RMSNorm")  # weight · x / rms(x)
 
 HEAD_CHUNK = 1024  # vocabulary rows per matmul of ``head_in_chunks`` (2.4 MB of fp32 weights at d = 576)
 HEAD_CHUNK_MAX_ROWS = 128  # above this many rows one matmul is as fast (measured, see head_in_chunks)
