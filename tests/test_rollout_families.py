@@ -168,6 +168,36 @@ def test_bf16_fast_path_takes_the_decode_kernel(name, tmp_path_factory):
         assert k >= 1 and o.logprobs[:k] == pytest.approx(ref.logprobs[:k], abs=0.15)
 
 
+def test_multimodal_gemma3_runs_its_text_model(tmp_path_factory):
+    """What ``AutoModelForCausalLM`` gives for Gemma 3 4B and up, Gemma3ForConditionalGeneration:
+    on text prompts the engine equals its ``generate``."""
+    import transformers as tf
+
+    path = tiny_family("gemma3", tmp_path_factory.getbasetemp())
+    tok = tf.AutoTokenizer.from_pretrained(path)
+    text = tf.AutoConfig.from_pretrained(path).to_dict()
+    text.update(TWEAKS["gemma3"], final_logit_softcapping=None)  # the multimodal class does not cap logits
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28)
+    config = tf.Gemma3Config(
+        text_config=text, vision_config=dict(vision, patch_size=14), mm_tokens_per_image=4, image_token_index=3
+    )
+    assert engine_support(config) is None
+    model = tf.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    assert type(model).__name__ == "Gemma3ForConditionalGeneration"
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            noise = torch.randn(p.shape, generator=g)
+            p.copy_(noise * 0.2 if p.dim() == 2 else noise * 0.3)
+    prompts = [tok(t)["input_ids"] for t in TEXTS]
+    outs = Engine(model, tok, precision="fp32").generate(prompts, SamplingParams(max_new_tokens=10, temperature=0))
+    for p, o in zip(prompts, outs):
+        assert o.token_ids == hf_greedy(model, p, 10)
+        assert torch.tensor(o.logprobs) == pytest.approx(teacher_forced(model, p, o.token_ids), abs=1e-4)
+    capped = tf.Gemma3Config(text_config=dict(text, final_logit_softcapping=30.0), vision_config=vision)
+    assert "soft-capping" in engine_support(capped)
+
+
 def test_engine_support_names_what_it_cannot_run():
     import transformers as tf
 

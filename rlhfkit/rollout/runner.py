@@ -47,9 +47,16 @@ def engine_support(config) -> str | None:
     ``make_generator(backend="auto")`` falls back to transformers' own ``generate`` on a reason; the
     ``Runner`` constructor raises it as a ``UserError``. Sliding windows are supported (masked over
     the full cache); what is not: other architectures, bidirectional attention, RoPE whose
-    frequencies change with the sequence length, layer types other than full and sliding.
+    frequencies change with the sequence length, layer types other than full and sliding. The
+    multimodal Gemma 3 (what ``AutoModelForCausalLM`` loads for Gemma 3 4B and up) runs its text
+    model on text prompts.
     """
     mtype = getattr(config, "model_type", None)
+    if mtype == "gemma3":
+        config = config.get_text_config()
+        if config.final_logit_softcapping is not None:  # applied by Gemma3ForCausalLM only
+            return "final logit soft-capping in the multimodal Gemma 3"
+        mtype = config.model_type
     if mtype not in SUPPORTED_TYPES:
         return f"model_type {mtype} has no engine path (engine families: {', '.join(SUPPORTED_TYPES)})"
     if getattr(config, "use_bidirectional_attention", False):
@@ -228,7 +235,7 @@ class Runner:
             raise UserError(f"rollout engine: {reason}")
         self.model = model
         self.dec = _decoder(model)
-        cfg = model.config
+        cfg = model.config.get_text_config()  # the config itself, or a multimodal Gemma 3's text part
         self.cfg = cfg
         self.n_layers = cfg.num_hidden_layers
         self.n_heads = cfg.num_attention_heads
