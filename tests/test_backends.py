@@ -8,11 +8,11 @@ import sys
 
 import pytest
 import torch
+from families import FAMILIES, tiny_family
 
 from rlhfkit.errors import UserError
 from rlhfkit.rollout import Engine, Generator, SamplingParams, make_generator
 from rlhfkit.rollout.hf import HFGenerator
-from tests.families import tiny_family
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -39,10 +39,17 @@ def lively(tiny_path):
 
 
 @pytest.fixture(scope="module")
-def gpt2(tmp_path_factory):
+def family_dir(tmp_path_factory):
+    """``family_dir(name)``: the tiny ``name`` model of tests/families.py, built once per module."""
+    root = tmp_path_factory.mktemp("families")
+    return lambda name: tiny_family(name, root)
+
+
+@pytest.fixture(scope="module")
+def gpt2(family_dir):
     from rlhfkit.models.loading import load_causal_lm
 
-    return load_causal_lm(tiny_family("gpt2", tmp_path_factory.mktemp("families")))
+    return load_causal_lm(family_dir("gpt2"))
 
 
 def chat(tok, texts):
@@ -61,12 +68,14 @@ def teacher_forced(model, prompt: list[int], tokens: list[int], T: float) -> tor
     return torch.log_softmax(logits / T, -1).gather(-1, torch.tensor(tokens)[:, None])[:, 0]
 
 
-@pytest.mark.parametrize("which", ["lively", "gpt2"])
-def test_hf_logprobs_are_the_teacher_forced_ones(which, request):
+@pytest.mark.parametrize("which", ["lively", *FAMILIES])
+def test_hf_logprobs_are_the_teacher_forced_ones(which, lively, family_dir):
     """Sampled at T = 0.7 from left-padded prompts of different lengths, n = 2, with top-k: each
-    token's log-prob is log_softmax(logits / T) of a plain forward (before top-k), and the top
-    log-probs are that distribution's largest entries."""
-    loaded = request.getfixturevalue(which)
+    token's log-prob is log_softmax(logits / T) of a plain forward (before top-k; after Gemma's
+    logit soft-cap), and the top log-probs are that distribution's largest entries."""
+    from rlhfkit.models.loading import load_causal_lm
+
+    loaded = lively if which == "lively" else load_causal_lm(family_dir(which))
     model, tok = loaded.model, loaded.tokenizer
     gen = HFGenerator(model, tok, precision="fp32")
     prompts = chat(tok, PROMPTS)
@@ -236,14 +245,14 @@ def biased_to(model, token: int) -> None:
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma3"])
-def test_generation_stops_at_the_templates_end_of_turn(family, tiny_path, tmp_path):
+def test_generation_stops_at_the_templates_end_of_turn(family, tiny_path, family_dir):
     """A Gemma-style template ends turns with <end_of_turn> (not EOS): it is a stop token, and the
     engine (llama) and transformers (llama, gemma3) end a sample there by default."""
     from transformers import AutoTokenizer
 
     from rlhfkit.models.loading import load_causal_lm
 
-    gemma_dir = tiny_family("gemma3", tmp_path)
+    gemma_dir = family_dir("gemma3")
     tok = AutoTokenizer.from_pretrained(gemma_dir)
     model = load_causal_lm(tiny_path if family == "llama" else gemma_dir).model
     model.resize_token_embeddings(len(tok))

@@ -98,7 +98,7 @@ def test_precision_resolution():
 
 
 def test_stop_token_ids_from_the_tokenizer_the_template_and_the_generation_config(tiny, tmp_path):
-    from tests.families import tiny_family
+    from families import tiny_family
 
     # ChatML (SmolLM2): the end of turn <|im_end|> is the EOS
     assert loading.end_of_turn_id(tiny.tokenizer) == tiny.tokenizer.eos_token_id == 2

@@ -276,10 +276,10 @@ def test_length_groups_by_hand():
 def test_responses_end_with_the_templates_end_of_turn_not_eos(tmp_path):
     """Gemma's template ends a turn with <end_of_turn>, which is not its EOS: SFT demonstrations and
     RM responses (also cut ones) end with <end_of_turn>, as the template renders the conversation."""
+    from families import tiny_family
     from transformers import AutoTokenizer
 
     from rlhfkit.models.loading import end_of_turn_id
-    from tests.families import tiny_family
 
     tok = AutoTokenizer.from_pretrained(tiny_family("gemma3", tmp_path))
     eot = tok.convert_tokens_to_ids("<end_of_turn>")
