@@ -54,7 +54,7 @@ def write_results(tag: str, run: Path, wall: float | None, title: str, notes: li
     summary = json.loads((run / "summary.json").read_text())
     config = json.loads((run / "pipeline.json").read_text())
     final = summary["final"]
-    ppo_rows = [r for r in summary["ppo"].get(final, []) if "score_raw" in r]
+    ppo_rows = [r for r in summary["training"].get(final, []) if "score_raw" in r]
     res = {"run": str(run), "wall_seconds": wall, "config": config, "summary": summary}
     if ppo_rows:
         res["rm_score_first_last_quarter"] = quarter_means(ppo_rows, "score_raw")

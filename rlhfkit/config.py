@@ -50,6 +50,7 @@ ScoreBaseline = Literal["none", "group"]
 DPOLossType = Literal["sigmoid", "ipo"]
 PairWeighting = Literal["per_ranking", "per_pair"]
 Labeler = Literal["simulated", "gold", "human", "mix"]
+Optimizer = Literal["ppo", "dpo", "none"]
 Backend = Literal["auto", "engine", "hf", "vllm"]
 BACKEND_HELP = "auto (the engine where it supports the model, else transformers), engine, hf or vllm"
 
@@ -347,7 +348,11 @@ class PipelineConfig:
         "Round 1 also ranks K answers of the SFT model to round_prompts fresh prompts, so the "
         "RM learns from SFT samples too (as InstructGPT).",
     )
-    with_ppo: bool = opt(True, "Run PPO in every round (false: SFT and reward models only).")
+    optimizer: Optimizer = opt(
+        "ppo",
+        "The policy optimiser of every round, from the SFT model: ppo (against the round's reward model), dpo (on "
+        "all rankings so far, directly) or none (SFT and reward models only).",
+    )
     precision: Precision = opt("auto", "Precision of every stage: auto (bf16 where the hardware has it), bf16 or fp32.")
     seed: int = opt(0, "Seed for prompt choice, sampling, labeler noise and every stage (PPO of round r: seed + r).")
     save_every: int = opt(
@@ -377,6 +382,7 @@ class PipelineConfig:
     sft: SFTConfig = opt(SFTConfig, "SFT on the demonstrations (the labeler's best answer of each prompt).")
     rm: RewardConfig = opt(RewardConfig, "The reward model of each round, from all rankings so far.")
     ppo: PPOConfig = opt(PPOConfig, "PPO of each round, from the SFT model against that round's reward model.")
+    dpo: DPOConfig = opt(DPOConfig, "DPO of each round (optimizer=dpo), from the SFT model on all rankings so far.")
 
     def __post_init__(self) -> None:
         for name, cls in STAGE_FIELDS.items():
@@ -440,7 +446,12 @@ STAGES: dict[str, type] = {
     "dpo": DPOConfig,
     "ppo": PPOConfig,
 }
-STAGE_FIELDS: dict[str, type] = {"sft": SFTConfig, "rm": RewardConfig, "ppo": PPOConfig}  # PipelineConfig's nesting
+STAGE_FIELDS: dict[str, type] = {
+    "sft": SFTConfig,
+    "rm": RewardConfig,
+    "ppo": PPOConfig,
+    "dpo": DPOConfig,
+}  # PipelineConfig's nesting
 PIPELINE_SETS = ("model", "data", "out", "resume", "seed", "precision", "save_every", "report_to")
 
 

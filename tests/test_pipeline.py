@@ -75,7 +75,7 @@ def test_pipeline_end_to_end_on_tiny(tiny_path, tmp_path, fixtures):
     assert set(summary["versions"]) == {"base", "sft", "ppo1"} and summary["final"] == "ppo1"
     assert 0.0 <= summary["sft_vs_base"]["win_rate"] <= 1.0
     assert summary["ratings"]["sft"]["bt"] == 1000.0  # anchored
-    assert len(summary["ppo"]["ppo1"]) == 1 and "kl" in summary["ppo"]["ppo1"][0]
+    assert len(summary["training"]["ppo1"]) == 1 and "kl" in summary["training"]["ppo1"][0]
     # PPO got the pipeline's settings: 4 samples per prompt, centred on the prompt's others, GAE lambda 1
     import yaml
 
@@ -439,3 +439,31 @@ def test_pipeline_generates_and_runs_ppo_with_its_rollout_backend(tiny_path, mon
     monkeypatch.setattr(pipeline, "make_generator", lambda *a, **kw: made.append(a[2]) or real(*a, **kw))
     rows = pipeline.sample_answers(tiny_path, load_task("train")[:2], 3, cfg, 1.0, say=lambda *a: None)
     assert made == ["hf"] and [len(r["responses"]) for r in rows] == [3, 3]
+
+
+def test_pipeline_with_dpo_as_the_optimizer(tiny_path, tmp_path):
+    """optimizer=dpo: after SFT and the round's reward model, DPO from SFT on the same rankings; the
+    version dpo1 is judged, rated, reported and served like ppo1."""
+    from rlhfkit.web.models import discover_versions
+
+    run = tmp_path / "run"
+    cfg = demo_config(
+        model=tiny_path, out=str(run), train_prompts=6, eval_prompts=4, k=3, max_new_tokens=10, precision="fp32",
+        min_demo_score=-9.0, round_prompts=3, fresh_process=False, optimizer="dpo",
+        sft={"batch_size": 4}, dpo={"max_steps": 2, "batch_size": 4, "lr": 1e-4},
+    )  # fmt: skip
+    summary = run_pipeline(cfg)
+    assert summary["final"] == "dpo1" and set(summary["versions"]) == {"base", "sft", "dpo1"}
+    dpo_rows = summary["training"]["dpo1"]
+    assert [m["step"] for m in dpo_rows if "loss" in m] and "ppo" not in {p.name for p in (run / "round1").iterdir()}
+    assert read_dpo_data(run) == (run / "round1" / "rm_data.jsonl").read_text()  # the RM's rankings
+    assert set(summary["ratings"]) == {"base", "sft", "dpo1"} and "dpo1" in (run / "report.html").read_text()
+    assert discover_versions(run)["dpo1"] == str(run / "round1" / "dpo" / "model")
+
+
+def read_dpo_data(run) -> str:
+    from pathlib import Path
+
+    import yaml
+
+    return Path(yaml.safe_load((run / "round1" / "dpo" / "config.yaml").read_text())["data"]).read_text()

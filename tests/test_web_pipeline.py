@@ -29,7 +29,7 @@ def test_pipeline_waits_for_people_and_trains_on_their_rankings(tiny_path, tmp_p
         precision="fp32",
         min_demo_score=-2.0,
         rounds=1,
-        with_ppo=False,
+        optimizer="none",
         rank_sft=False,
         labeler="human",
         human_timeout=0.3,

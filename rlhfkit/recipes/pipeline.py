@@ -413,6 +413,23 @@ def ppo_phase(run: Run, r: int, sft_model: str) -> str:
     return str(rdir / "ppo" / "model")
 
 
+def dpo_phase(run: Run, r: int, sft_model: str) -> str:
+    """5'. (optimizer=dpo) Round r's DPO from the SFT model (also its reference) on the rankings the
+    round's reward model learned from (round{r}/rm_data.jsonl): the same preferences, without the RM."""
+    rdir = run.out / f"round{r}"
+    if not (rdir / "dpo" / "model" / "config.json").exists():
+        from rlhfkit.recipes.dpo import train_dpo
+
+        data = str(rdir / "rm_data.jsonl")
+        run_stage(
+            run.cfg,
+            train_dpo,
+            stage_config(run.cfg, run.cfg.dpo, model=sft_model, data=data, out=str(rdir / "dpo")),
+            run.say,
+        )
+    return str(rdir / "dpo" / "model")
+
+
 def judge_phase(run: Run, versions: dict[str, str]) -> tuple[dict[str, list[dict]], dict[str, dict]]:
     """6. Every version answers the held-out prompts (greedy, kept in eval/NAME.jsonl); the gold rubric
     judges them, and the newest reward model scores them too — a policy that climbs the RM while the
@@ -458,7 +475,7 @@ def summarize(
         "sft_vs_base": compare(judged["sft"]["scores"], judged["base"]["scores"]),
         "ratings": ratings(judged),
         "rm_accuracy": rm_accuracy,
-        "ppo": {n: read_metrics(Path(p).parent) for n, p in versions.items() if n.startswith("ppo")},
+        "training": {n: read_metrics(Path(p).parent) for n, p in versions.items() if n not in ("base", "sft")},
         "seconds": {
             **{k: round(v, 1) for k, v in run.timings.items()},
             "total": round(time.perf_counter() - t_start, 1),
@@ -469,8 +486,8 @@ def summarize(
 
         summary["eval_suites"] = {"rows": summary_rows(suites), "report": "eval/suites.html"}
     if final != "sft":
-        last = summary["ppo"][final][-1] if summary["ppo"][final] else {}
-        summary["final_kl_to_sft"] = last.get("kl")
+        last = summary["training"][final][-1] if summary["training"][final] else {}
+        summary["final_kl_to_sft"] = last.get("kl")  # PPO's KL per response; DPO logs none
     return summary
 
 
@@ -488,7 +505,7 @@ def run_pipeline(cfg: PipelineConfig, say=print) -> dict:
         demos, sft_model = sft_phase(run, rankings0, samples0)
     versions = {"base": cfg.model, "sft": sft_model}
 
-    # rounds of iterated online RLHF: rank answers of the newest policy, RM on all rankings, PPO from SFT
+    # rounds of iterated online RLHF: rank answers of the newest policy, RM on all rankings, PPO (or DPO) from SFT
     all_rankings, policy, rm_accuracy = rankings0 + edit_rankings0, sft_model, []
     for r in range(1, cfg.rounds + 1):
         (run.out / f"round{r}").mkdir(exist_ok=True)
@@ -498,9 +515,12 @@ def run_pipeline(cfg: PipelineConfig, say=print) -> dict:
                 all_rankings += rankings + edit_rankings
         with run.timed(f"round{r}_rm"):
             rm_accuracy.append(rm_phase(run, r, sft_model, all_rankings))
-        if cfg.with_ppo:
+        if cfg.optimizer == "ppo":
             with run.timed(f"round{r}_ppo"):
                 policy = versions[f"ppo{r}"] = ppo_phase(run, r, sft_model)
+        elif cfg.optimizer == "dpo":
+            with run.timed(f"round{r}_dpo"):
+                policy = versions[f"dpo{r}"] = dpo_phase(run, r, sft_model)
 
     with run.timed("judge"):
         answers, judged = judge_phase(run, versions)
@@ -611,7 +631,7 @@ def render_summary(s: dict) -> str:
         )
     for key, label in (("sft_vs_base", "SFT vs base"), ("final_vs_sft", f"{s['final']} vs SFT")):
         if key == "final_vs_sft" and s["final"] == "sft":
-            continue  # no PPO (with_ppo=false): SFT against itself says nothing
+            continue  # no optimiser (optimizer=none): SFT against itself says nothing
         w = s[key]
         lines.append(
             f"{label} on {s['prompts']['held_out']} held-out prompts: win-rate {w['win_rate']:.1%} "

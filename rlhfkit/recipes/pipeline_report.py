@@ -119,8 +119,8 @@ def write_report(
             1000.0,
         )
     )
-    for n, rows_ in summary.get("ppo", {}).items():
-        if rows_:
+    for n, rows_ in summary.get("training", {}).items():
+        if rows_ and n.startswith("ppo"):
             parts.append(f"<h2>PPO {esc(n)}</h2>" + _ppo_plot(n, [r for r in rows_ if "score" in r]))
     accs = [a for a in summary.get("rm_accuracy", []) if a.get("after") is not None]
     if accs:

@@ -7,6 +7,7 @@ A pipeline run directory (``rlhfkit pipeline``) holds the versions
     base      pipeline.json's "model"          (only when that spec is a local directory)
     sft       sft/model
     ppo{r}    round{r}/ppo/model
+    dpo{r}    round{r}/dpo/model          (optimizer=dpo)
 
 Reward models (round{r}/rm/model) are scorers, not chat models, and are not served. Extra versions
 come from ``--model name=spec``.
@@ -41,12 +42,13 @@ def discover_versions(run: str | Path, extra: list[str] = ()) -> dict[str, str]:
             found["base"] = base
     if (run / "sft" / "model" / "config.json").exists():
         found["sft"] = str(run / "sft" / "model")
-    rounds = sorted(
-        (p for p in run.glob("round*/ppo/model/config.json")),
-        key=lambda p: int(p.parts[-4][5:]) if p.parts[-4][5:].isdigit() else 0,
-    )
-    for p in rounds:
-        found[f"ppo{p.parts[-4][5:]}"] = str(p.parent)
+    for optimizer in ("ppo", "dpo"):
+        rounds = sorted(
+            (p for p in run.glob(f"round*/{optimizer}/model/config.json")),
+            key=lambda p: int(p.parts[-4][5:]) if p.parts[-4][5:].isdigit() else 0,
+        )
+        for p in rounds:
+            found[f"{optimizer}{p.parts[-4][5:]}"] = str(p.parent)
     for item in extra:
         name, sep, spec = item.partition("=")
         if not sep or not name.strip() or not spec.strip():
