@@ -178,3 +178,11 @@ def test_serve_options_come_from_its_config(monkeypatch):
     result = runner.invoke(app, ["serve", "--port", "9001", "--model", "a=x", "--model", "b=y", "rate_limit=5"])
     assert result.exit_code == 0, result.output
     assert got == [ServeConfig(port=9001, models=["a=x", "b=y"], rate_limit=5.0)]
+
+
+def test_the_second_family_preset_is_the_demo_on_qwen3():
+    from rlhfkit.config import PipelineConfig
+
+    qwen, demo = build_config(PipelineConfig, "pipeline-qwen"), build_config(PipelineConfig, "demo")
+    assert qwen.model == "Qwen/Qwen3-0.6B" and qwen.sft.lr == 2e-5 and qwen.ppo.lr == 3e-6
+    assert dataclasses.replace(qwen, model=demo.model, sft=demo.sft, ppo=demo.ppo) == demo
