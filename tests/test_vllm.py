@@ -198,3 +198,76 @@ def test_unsupported_head_size_is_one_clear_error(tiny):
     # tiny-random's head size is 16; vLLM's CPU attention has no kernel for it
     with pytest.raises(UserError, match="head sizes"):
         VLLMGenerator(tiny.model, tiny.tokenizer, say=lambda *a: None)
+
+
+@pytest.fixture(scope="module")
+def tiny32(tiny_path, tmp_path_factory) -> str:
+    """tiny-random with head size 32 (vLLM's CPU attention has no kernel for its 16) and its final
+    norm ×12 (peaked samples, see tests/test_ppo.py)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(tiny_path)
+    config.num_attention_heads, config.num_key_value_heads, config.head_dim = 2, 1, 32
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        model.model.norm.weight.fill_(12.0)
+    path = tmp_path_factory.mktemp("models") / "tiny32"
+    model.save_pretrained(path)
+    AutoTokenizer.from_pretrained(tiny_path).save_pretrained(path)
+    return str(path)
+
+
+def test_ppo_with_vllm_samples_from_the_pushed_policy(tiny32, tmp_path, monkeypatch):
+    """2 PPO iterations with rollout_backend=vllm: KL 0 at iteration 0, and at each iteration
+    vLLM's log-probs are those of the policy as it is then (after the optimizer step), not the
+    initial one: the weights were pushed."""
+    from rlhfkit.config import PPOConfig
+    from rlhfkit.recipes.common import read_metrics
+    from rlhfkit.recipes.ppo import train_ppo
+
+    initial = load_causal_lm(tiny32).model.eval()
+    seen: list[tuple[float, float]] = []  # per generate call: max |Δ| vs the current / the initial policy
+    pushed: list = []
+    push, generate = VLLMGenerator.push_weights, VLLMGenerator.generate
+
+    def spy_push(self, model):
+        pushed.append(model)
+        return push(self, model)
+
+    def spy_generate(self, prompts, params=None, n=1, progress=False):
+        outs = generate(self, prompts, params, n, progress)
+        T = params.temperature
+
+        def worst(model):
+            return max(
+                (torch.tensor(c.logprobs) - teacher_forced(model, c.prompt_token_ids, c.token_ids, T)).abs().max()
+                for c in outs
+            )
+
+        seen.append((float(worst(pushed[-1])), float(worst(initial))))
+        return outs
+
+    monkeypatch.setattr(VLLMGenerator, "push_weights", spy_push)
+    monkeypatch.setattr(VLLMGenerator, "generate", spy_generate)
+    cfg = PPOConfig(
+        model=tiny32,
+        out=str(tmp_path / "ppo"),
+        rollout_backend="vllm",
+        batch_size=8,
+        max_new_tokens=12,
+        temperature=1.0,
+        lr=3e-3,
+        precision="fp32",
+        missing_eos_penalty=None,
+        limit=16,
+        max_steps=2,
+    )
+    train_ppo(cfg, reward_fn=lambda p, r, f: [x.count("\n") / 4 for x in r], say=lambda *a: None)
+    rows = read_metrics(tmp_path / "ppo")
+    assert len(rows) == 2 and len(seen) == 2
+    assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-5)  # fp32: the policy starts as the reference
+    assert all(r["time_push"] > 0 for r in rows)
+    assert seen[0][0] < 1e-3 and seen[0][1] < 1e-3  # iteration 0: the initial weights
+    assert seen[1][0] < 1e-3 < seen[1][1]  # iteration 1: the updated policy's, which differ from the initial

