@@ -9,7 +9,8 @@ temperature 0.7, 1 epoch, 2 minibatches, bf16; the critic a value head on the po
 (``--critic``). ``--iterations`` (3) iterations, the first excluded (warm-up): the split is the
 median of iterations 2.. of each phase — generate, push (the policy's weights into vLLM before each
 rollout; 0 for the engine, which runs on the live modules), score, forward, train. Each side runs
-in its own subprocess (``OMP_WAIT_POLICY=PASSIVE``); rounds alternate engine and vLLM. Start-up
+in its own subprocess (``OMP_WAIT_POLICY=PASSIVE``); each round runs both, engine first in odd
+rounds and vLLM first in even ones (the load of a shared machine drifts). Start-up
 (loading the models, and for vLLM saving the policy and starting the engine) is reported apart.
 The machine is shared and noisy: compare the two sides within a round. Nothing here asserts a time.
 """
@@ -35,7 +36,7 @@ PHASES = ("generate", "push", "score", "forward", "train")
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--iterations", type=int, default=3)
-    ap.add_argument("--rounds", type=int, default=1, help="rounds of (engine, vLLM)")
+    ap.add_argument("--rounds", type=int, default=2, help="rounds of both sides (the order alternates)")
     ap.add_argument("--critic", default="policy_head", help="policy_head or rm (benchmarks/ppo.py's variants)")
     ap.add_argument("--threads", type=int, default=0, help="OMP_NUM_THREADS (0 = torch's default: all cores)")
     ap.add_argument("--precision", default="bf16", choices=["bf16", "fp32"])
@@ -49,7 +50,7 @@ def main() -> None:
     rounds = []
     for k in range(args.rounds):
         row = {"loadavg_start": os.getloadavg()[0]}
-        for backend in BACKENDS:
+        for backend in BACKENDS if k % 2 == 0 else BACKENDS[::-1]:  # the order alternates: the load drifts
             row[backend] = ppo.spawn_ours(
                 tmp, args.critic, args.iterations, prompts_file, f"-r{k}", args.precision, backend
             )
@@ -77,7 +78,8 @@ def markdown(r: dict) -> str:
         "",
         f"{r['benchmark']} (TRL's settings, as `benchmarks/ppo.py`). Started {r['started']}; "
         f"OMP_NUM_THREADS={r['omp_num_threads']}, OMP_WAIT_POLICY=PASSIVE; each side in its own process. "
-        "Seconds per iteration: median over iterations 2.. (the first is warm-up); the phases likewise.",
+        "Seconds per iteration: median over iterations 2.. (the first is warm-up); the phases likewise. "
+        "Each round runs both sides, engine first in odd rounds and vLLM first in even ones.",
         "",
         "| round | load avg | backend | start-up s | s / iteration | "
         + " | ".join(PHASES)
