@@ -79,34 +79,34 @@ def test_greedy_equals_engine_and_transformers(smol):
 
 def test_completion_fields_stops_and_text(smol):
     gen, model, tok, prompts = smol
-    short, free = gen.generate([prompts[0], prompts[2]], SamplingParams(max_new_tokens=NEW, temperature=0))
+    params = SamplingParams(max_new_tokens=NEW, temperature=0)
+    short, free = gen.generate([prompts[0], prompts[2]], params)
     # the short answer ends with the end-of-turn token: kept as the last token, the reason is its id
+    assert tok.eos_token_id in gen.eos_ids
     assert (short.finish_reason, short.stop_reason) == ("stop", short.token_ids[-1])
     assert short.stop_reason in gen.eos_ids and short.stop_reason not in short.token_ids[:-1]
     assert short.text == tok.decode(short.token_ids[:-1]) and "<|im_end|>" not in short.text
     assert free.finish_reason == "length" and free.stop_reason is None and len(free.token_ids) == NEW
     assert free.text == tok.decode(free.token_ids, skip_special_tokens=True)
     assert free.prompt_token_ids == prompts[2] and (free.prompt_index, free.sample_index) == (1, 0)
-    prompts = prompts[2:]
-    # a stop token: kept as the last token, the reason is its id
+    # ignore_eos: generation runs on through the end-of-turn token
+    on = gen.generate(prompts[:1], SamplingParams(max_new_tokens=NEW, temperature=0, ignore_eos=True))[0]
+    assert on.finish_reason == "length" and len(on.token_ids) == NEW
+    assert on.token_ids[: len(short.token_ids)] == short.token_ids
+    # a stop token of our own (EOS then no longer stops): kept as the last token, the reason is its id
     stop_at = free.token_ids[5]
     first = free.token_ids.index(stop_at)
-    c = gen.generate(prompts[:1], SamplingParams(max_new_tokens=NEW, temperature=0, stop_token_ids=[stop_at]))[0]
+    c = gen.generate([prompts[2]], SamplingParams(max_new_tokens=NEW, temperature=0, stop_token_ids=[stop_at]))[0]
     assert c.token_ids == free.token_ids[: first + 1]
     assert (c.finish_reason, c.stop_reason) == ("stop", stop_at)
-    # the tokenizer's EOS stops by default and not with ignore_eos
-    eos = next(iter(gen.eos_ids))
-    assert gen._vllm_params(SamplingParams(), 1).stop_token_ids == sorted(gen.eos_ids)
-    assert gen._vllm_params(SamplingParams(ignore_eos=True), 1).stop_token_ids == []
-    assert eos == tok.eos_token_id
     # a stop string: the text ends before it, the token that completed it is the last one
     word = free.text.split()[3]
-    s = gen.generate(prompts[:1], SamplingParams(max_new_tokens=NEW, temperature=0, stop=[word]))[0]
+    s = gen.generate([prompts[2]], SamplingParams(max_new_tokens=NEW, temperature=0, stop=[word]))[0]
     assert (s.finish_reason, s.stop_reason) == ("stop", word)
     assert s.text == free.text[: free.text.index(word)]
     assert word in tok.decode(s.token_ids) and word not in tok.decode(s.token_ids[:-1])
     # stream: one finished event per sample, after generation
-    events = list(gen.stream(prompts + smol[3][:1], SamplingParams(max_new_tokens=4, temperature=0), n=1))
+    events = list(gen.stream([prompts[2], prompts[0]], SamplingParams(max_new_tokens=4, temperature=0)))
     assert [(e.prompt_index, e.finished) for e in events] == [(0, True), (1, True)]
     assert events[0].completion.token_ids == free.token_ids[:4] and events[0].text == events[0].completion.text
 
