@@ -68,7 +68,10 @@ def teacher_forced(model, prompt, tokens, temperature):
 
 
 def test_greedy_equals_engine_and_transformers(smol):
+    from rlhfkit.rollout.backends import Generator
+
     gen, model, tok, prompts = smol
+    assert isinstance(gen, Generator) and gen.device.type in ("cpu", "cuda")
     ours = greedy(gen, prompts)
     assert ours == greedy(Engine(model, tok, precision="fp32"), prompts)
     # generate stops at EOS; ours run on through it only if EOS never came
