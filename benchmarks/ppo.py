@@ -51,12 +51,15 @@ def trl_prompts() -> list[str]:
     return ns["INSTRUCTIONS"]
 
 
-def run_ours(out: Path, iterations: int, variant: str, prompts_file: Path, precision: str = "bf16") -> dict:
+def run_ours(
+    out: Path, iterations: int, variant: str, prompts_file: Path, precision: str = "bf16", backend: str = "engine"
+) -> dict:
     """Child process: one PPO run; returns per-iteration timings and this process's peak RSS.
 
     ``variant``: 'rm' (critic = a copy of the RM, full fine-tuning: the like-for-like setting),
     'policy_head' (value head on the policy trunk), either with '+lora' (LoRA r=16 on all linear
-    layers of policy and critic; the reference is the policy with adapters disabled).
+    layers of policy and critic; the reference is the policy with adapters disabled). ``backend``:
+    the rollout backend (``benchmarks/ppo_vllm.py`` compares engine and vllm).
     """
     critic = variant.split("+")[0]
     from rlhfkit.config import PPOConfig
@@ -87,19 +90,23 @@ def run_ours(out: Path, iterations: int, variant: str, prompts_file: Path, preci
         # (12.6 vs 11.4 s per iteration, 4.2 vs 3.9 GiB peak, one run each on the Zen 5 EPYC)
         grad_accum=1,
         forward_batch_size=16,
+        rollout_backend=backend,
     )
     t0 = time.perf_counter()
-    train_ppo(cfg, say=lambda *a: None)
+    result = train_ppo(cfg, say=lambda *a: None)
     rows = read_metrics(out)
     walls = [b["time"] - a["time"] for a, b in zip(rows, rows[1:])]  # iteration 2.. end-to-end
-    keys = ("time_generate", "time_score", "time_forward", "time_train", "time_iteration")
+    keys = ("time_generate", "time_push", "time_score", "time_forward", "time_train", "time_iteration")
+    keys = tuple(k for k in keys if k in rows[0])
     measured = rows[1:]
     return {
         "variant": variant,
         "critic": critic,
         "lora": "+lora" in variant,
         "iterations": len(rows),
+        "backend": backend,
         "total_s": time.perf_counter() - t0,
+        "setup_s": time.perf_counter() - t0 - result["train_seconds"],  # loading models (and starting vLLM)
         "median_step_s": statistics.median(walls),
         "split_median_s": {k.removeprefix("time_"): statistics.median(r[k] for r in measured) for k in keys},
         "steps": [{k: r[k] for k in ("step", "time", *keys, "response_length", "kl", "score")} for r in rows],
@@ -109,7 +116,7 @@ def run_ours(out: Path, iterations: int, variant: str, prompts_file: Path, preci
 
 
 def child(args) -> None:
-    result = run_ours(Path(args.out), args.iterations, args.critic, Path(args.prompts), args.precision)
+    result = run_ours(Path(args.out), args.iterations, args.critic, Path(args.prompts), args.precision, args.backend)
     Path(args.result).write_text(json.dumps(result, indent=1))
 
 
@@ -143,9 +150,15 @@ def wait_for_memory(gib: float, timeout_s: float = 900) -> bool:
 
 
 def spawn_ours(
-    tmp: Path, critic: str, iterations: int, prompts_file: Path, tag: str = "", precision: str = "bf16"
+    tmp: Path,
+    critic: str,
+    iterations: int,
+    prompts_file: Path,
+    tag: str = "",
+    precision: str = "bf16",
+    backend: str = "engine",
 ) -> dict:
-    name = f"{critic}{tag}".replace("+", "-")
+    name = f"{critic}-{backend}{tag}".replace("+", "-")
     res = tmp / f"ours-{name}.json"
     need = OURS_NEEDS_GIB[critic.split("+")[0]]
     if not wait_for_memory(need):
@@ -166,6 +179,8 @@ def spawn_ours(
         str(res),
         "--precision",
         precision,
+        "--backend",
+        backend,
     ]
     subprocess.run(cmd, check=True, cwd=ROOT, env=bench_env(THREADS, WAIT_POLICY), preexec_fn=_expendable)
     return json.loads(res.read_text())
@@ -194,6 +209,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--critic", default="rm")
+    ap.add_argument("--backend", default="engine", help=argparse.SUPPRESS)
     ap.add_argument("--iterations", type=int, default=4)
     ap.add_argument("--prompts")
     ap.add_argument("--out")

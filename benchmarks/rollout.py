@@ -17,6 +17,15 @@ and after ``transformers.generate`` (the load drifts), and its mean is what the 
 Timings are noisy on a shared 2-core machine: compare the ratios, which come from one run.
 Nothing here asserts a time.
 
+``--vllm`` (run it with a Python that has vLLM, e.g. vLLM's CPU build, see docs/performance.md)
+compares three generators in one process instead, writing ``results/rollout_vllm.{json,md}``: our
+engine, vLLM through ``rlhfkit.rollout.vllm.VLLMGenerator`` (what ``rollout_backend=vllm`` runs:
+in-process, enforce_eager on a CPU, with the per-token log-probs PPO's generators return) and
+``transformers.generate``, at the same two cases, plus vLLM's start-up seconds (saving the model
+to /dev/shm and starting the engine) and the seconds of a weight push. vLLM is also timed bare
+(``vllm.LLM.generate`` without log-probs) to show what the wrapper costs. The ceiling and kernel
+microbenchmarks are skipped there (``rollout.md`` has them), to keep the run within minutes.
+
 ``--precision auto`` (the default) runs bf16 where the CPU has bf16 matmul instructions (AMX-bf16 /
 AVX512-bf16) and fp32 elsewhere (an AVX2-only CPU emulates bf16, slower than
 fp32), as the engine's own ``precision=auto`` does; the results go to ``rollout.{json,md}`` for bf16
@@ -273,8 +282,18 @@ def main() -> None:
         "--out", default=None, help="results path without suffix (default: results/rollout, or rollout_fp32 in fp32)"
     )
     ap.add_argument("--render", action="store_true", help="only rewrite the .md from the existing .json")
+    ap.add_argument("--vllm", action="store_true", help="engine vs vLLM vs transformers.generate (rollout_vllm.*)")
+    ap.add_argument("--runs", type=int, default=2, help="--vllm: runs of the engine and of vLLM per case")
     args = ap.parse_args()
     precision = resolve_precision(args.precision)
+    if args.vllm:
+        out = Path(args.out or RESULTS / "rollout_vllm")
+        if args.render:
+            res = json.loads(out.with_suffix(".json").read_text())
+            write_result(out.name, res, markdown_vllm(res), out.parent, fresh=False)
+        else:
+            compare_vllm(args, precision, out)
+        return
     out = Path(args.out or RESULTS / ("rollout" if precision == "bf16" else "rollout_fp32"))
     if args.render:
         res = json.loads(out.with_suffix(".json").read_text())
@@ -353,6 +372,126 @@ def main() -> None:
 
     write_result(out.name, res, markdown(res), out.parent)
     print(markdown(res))
+
+
+VLLM_INPROC = "VLLM_ENABLE_V1_MULTIPROCESSING"
+
+
+def vllm_bare(gen, prompts, new, n, sample):
+    """vLLM's own ``LLM.generate`` on token prompts, no log-probs (what vLLM alone costs)."""
+    import vllm
+    from vllm.inputs import TokensPrompt
+
+    sp = vllm.SamplingParams(n=n, temperature=1.0 if sample else 0.0, max_tokens=new, ignore_eos=True)
+    outs = gen.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], sp, use_tqdm=False)
+    return sum(len(c.token_ids) for o in outs for c in o.outputs)
+
+
+def compare_vllm(args, precision: str, out: Path) -> None:
+    """Engine vs vLLM (VLLMGenerator, and bare) vs transformers.generate in one process (--vllm)."""
+    t0 = time.perf_counter()
+    import vllm
+
+    from rlhfkit.rollout.vllm import VLLMGenerator
+
+    import_s = time.perf_counter() - t0
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    loaded = load_causal_lm(args.model, dtype)
+    model, tok = loaded.model, loaded.tokenizer
+    engine = Engine(model, tok, precision=precision, max_batch=args.prompts * args.k)
+    gen = VLLMGenerator(model, tok, precision=precision)
+    prompts = chat_prompts(tok, args.prompts)
+    res: dict = {
+        "model": args.model,
+        "dtype": precision,
+        "vllm_version": vllm.__version__,
+        "threads": torch.get_num_threads(),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+        "vllm_env": {k: v for k, v in os.environ.items() if k.startswith("VLLM_CPU_") or k == VLLM_INPROC},
+        "load_avg_start": os.getloadavg(),
+        "prompt_tokens_mean": sum(map(len, prompts)) / len(prompts),
+        "vllm_import_s": import_s,
+        "vllm_start_s": gen.start_seconds,
+        "cases": {},
+    }
+    # warm-ups: first calls allocate and pick kernels (and build/load the engine's C++ step)
+    engine_generate(engine, prompts[:8], 8, 2, True)
+    engine_generate(gen, prompts[:8], 8, 2, True)
+    if not args.skip_hf:
+        hf_generate(model, tok, prompts[:8], 4, 1, True)
+    pushes = [gen.push_weights(model) for _ in range(3)]
+    res["vllm_push_s"] = pushes
+    cases = [
+        (f"{args.prompts} prompts x K={args.k}, T=1.0", prompts, args.k, True),
+        ("batch 8 greedy", prompts[:8], 1, False),
+    ]
+    for name, ps, n, sample in cases:
+        row: dict = {"sequences": len(ps) * n, "new_tokens_per_seq": args.new_tokens}
+        runs: dict[str, list[float]] = {"engine": [], "vllm": []}
+        for r in range(args.runs):  # engine and vLLM alternate (the load drifts); transformers once, between
+            for side, g in (("engine", engine), ("vllm", gen)):
+                toks, dt = timed(engine_generate, g, ps, args.new_tokens, n, sample)
+                assert toks == len(ps) * n * args.new_tokens, (side, toks)
+                runs[side].append(toks / dt)
+            if r == 0:
+                toks, dt = timed(vllm_bare, gen, ps, args.new_tokens, n, sample)
+                row["vllm_bare_tok_s"] = toks / dt
+                if not args.skip_hf:
+                    toks, dt = timed(hf_generate, model, tok, ps, args.new_tokens, n, sample)
+                    row["hf_generate_tok_s"] = toks / dt
+        for side, rs in runs.items():
+            row[f"{side}_runs_tok_s"] = rs
+            row[f"{side}_tok_s"] = sum(rs) / len(rs)
+        row["engine_over_vllm"] = row["engine_tok_s"] / row["vllm_tok_s"]
+        res["cases"][name] = row
+        print(name, json.dumps(row, indent=1), flush=True)
+    res["load_avg_end"] = os.getloadavg()
+    write_result(out.name, res, markdown_vllm(res), out.parent)
+    print(markdown_vllm(res))
+
+
+def markdown_vllm(res: dict) -> str:
+    """benchmarks/results/rollout_vllm.md from the --vllm results dict."""
+    new_tokens = next(iter(res["cases"].values()))["new_tokens_per_seq"]
+    pushes = res["vllm_push_s"]
+    env = ", ".join(f"{k}={v}" for k, v in sorted(res["vllm_env"].items()))
+    n_runs = len(next(iter(res["cases"].values()))["engine_runs_tok_s"])
+    lines = [
+        "# Rollout: our engine vs vLLM vs transformers.generate",
+        "",
+        f"SmolLM2-135M-Instruct, {res['dtype']}, one process, {res['threads']} threads; vLLM {res['vllm_version']} "
+        f"(the CPU build, in-process, enforce_eager; {env}); load average {res['load_avg_start'][0]:.1f} at "
+        f"start, {res['load_avg_end'][0]:.1f} at end (a shared 2-core machine: compare the ratios). Prompts: "
+        f"self-instruct seed instructions in the chat template (mean {res['prompt_tokens_mean']:.0f} tokens); "
+        f"exactly {new_tokens} new tokens per sample on every side (ignore_eos / min_new_tokens).",
+        "",
+        f"vLLM start-up: {res['vllm_start_s']:.1f} s (save the model to /dev/shm, start the engine; importing "
+        f"vllm took another {res['vllm_import_s']:.1f} s). Weight push (`VLLMGenerator.push_weights`: "
+        "`reload_weights` from the live tensors + re-packing the tied lm_head): "
+        + ", ".join(f"{p:.2f}" for p in pushes)
+        + " s.",
+        "",
+        f"Engine and vLLM: mean of {n_runs} runs each, alternated; vLLM bare (its own `LLM.generate`, no "
+        "log-probs) and transformers.generate: one run each, after the first pair.",
+        "",
+        "| case | engine tok/s (runs) | vLLM tok/s (runs) | vLLM bare | transformers.generate | engine / vLLM |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for name, row in res["cases"].items():
+        e = ", ".join(f"{r:,.0f}" for r in row["engine_runs_tok_s"])
+        v = ", ".join(f"{r:,.0f}" for r in row["vllm_runs_tok_s"])
+        hf = f"{row['hf_generate_tok_s']:,.0f}" if "hf_generate_tok_s" in row else "—"
+        lines.append(
+            f"| {name} | {row['engine_tok_s']:,.0f} ({e}) | {row['vllm_tok_s']:,.0f} ({v}) | "
+            f"{row['vllm_bare_tok_s']:,.0f} | {hf} | {row['engine_over_vllm']:.2f}× |"
+        )
+    lines += [
+        "",
+        "vLLM through `VLLMGenerator` asks for the sampled token's log-prob at every step "
+        '(`logprobs=1`, `logprobs_mode="processed_logprobs"`: one log-softmax over the vocabulary per '
+        "step) and converts vLLM's outputs to `Completion`s; the bare column is vLLM without either.",
+    ]
+    return "\n".join(lines) + "\n"
 
 
 def markdown(res: dict) -> str:
