@@ -112,14 +112,17 @@ def md_table(header: list[str], rows: Iterable[Iterable], align: str = "") -> li
     ]
 
 
-def save_row(name: str, tag: str, row: dict, render: Callable[[dict], str], out_dir: Path = RESULTS) -> None:
+def save_row(
+    name: str, tag: str, row: dict, render: Callable[[dict], str], out_dir: Path = RESULTS, fresh: bool = True
+) -> None:
     """A result that collects one row per variant: add (or replace) ``tag``'s row of
     ``results/<name>.json`` (``{"rows": {tag: row}}``; each row keeps the provenance of the run that
     made it) and rewrite ``<name>.md`` from all rows with ``render``, keeping a hand-written
-    "## Notes" section at its end; print the new row."""
+    "## Notes" section at its end; print the new row. ``fresh``: the row is a new run (False: an
+    earlier row re-rendered, its provenance kept)."""
     path, md = out_dir / f"{name}.json", out_dir / f"{name}.md"
     rows = json.loads(path.read_text()).get("rows", {}) if path.exists() else {}
-    prov = provenance()  # the file's is that of the run that wrote its latest row
+    prov = provenance() if fresh or "provenance" not in row else row["provenance"]
     rows[tag] = {**row, "provenance": prov}
     notes = md.read_text().partition("\n## Notes")[2] if md.exists() else ""  # hand-written notes stay
     data = {"provenance": prov, "rows": rows}

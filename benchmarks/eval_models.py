@@ -3,8 +3,9 @@
     .venv/bin/python benchmarks/eval_models.py                       # base model only
     .venv/bin/python benchmarks/eval_models.py --demo runs/demo/policy   # demo policy vs base
 
-Writes ``benchmarks/results/eval_<tag>.{json,md}``; the HTML report with plots (and the same
-JSON) goes to the run directory, ``runs/eval_<tag>/`` unless ``--out`` says otherwise. The caps
+Writes the row ``<tag>`` of ``benchmarks/results/eval_models.{json,md}`` (one row per tag: base,
+demo, …); the HTML report with plots (and the same JSON) goes to the run directory,
+``runs/eval_<tag>/`` unless ``--out`` says otherwise. The caps
 below keep one run within
 tens of minutes on a 2-core CPU (TruthfulQA MC on all 790 questions costs ~15 min alone
 there); pass ``--full`` for the whole data sets (the RTP paper's k = 25 included).
@@ -17,7 +18,8 @@ import json
 import time
 from pathlib import Path
 
-from common import DATA, ROOT, md_table, write_result
+from common import DATA, RESULTS, ROOT, md_table, save_row
+from provenance import describe
 
 
 def main() -> None:
@@ -27,7 +29,7 @@ def main() -> None:
     ap.add_argument("--demo", default=None, help="the `make demo` policy directory (evaluated against --base)")
     ap.add_argument("--name", default="demo", help="label of the --demo model in the tables")
     ap.add_argument("--suites", default="helpful,truthful,harmless,tax")
-    ap.add_argument("--tag", default=None, help="results file name: eval_<tag> (default: base or demo)")
+    ap.add_argument("--tag", default=None, help="row of results/eval_models (default: base or demo)")
     ap.add_argument("--full", action="store_true", help="whole data sets, k = 25 (hours on a laptop CPU)")
     ap.add_argument("--tqa", type=int, default=100, help="TruthfulQA MC questions (without --full)")
     ap.add_argument("--crows", type=int, default=500, help="CrowS-Pairs pairs (without --full)")
@@ -36,12 +38,12 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--out", default=None, help="run directory for the HTML report (default: runs/eval_<tag>)")
     ap.add_argument(
-        "--render", default=None, help="re-render the tables/report of an earlier results JSON (with --tag)"
+        "--render", action="store_true", help="re-render the tables/report of row --tag of results/eval_models.json"
     )
     a = ap.parse_args()
-    if a.render:
-        res = json.loads(Path(a.render).read_text())
-        render(res, a.tag or Path(a.render).stem.removeprefix("eval_"), a, res["config"]["suites"], fresh=False)
+    if a.render:  # re-render row --tag of results/eval_models.json
+        res = json.loads((RESULTS / "eval_models.json").read_text())["rows"][a.tag]
+        render(res, a.tag, a, res["config"]["suites"], fresh=False)
         return
 
     suites = a.suites.split(",")
@@ -102,7 +104,7 @@ def render(res: dict, tag: str, a, suites: list[str], fresh: bool = True) -> Non
     _, hp = write_report(res, run_dir / "eval.json", title=f"rlhfkit eval: {tag}")
     versions = res["versions"]
     md = [
-        f"# rlhfkit eval: {tag}",
+        f"## {tag}",
         "",
         *([str(res["note"]), ""] if res.get("note") else []),
         f"Models: {', '.join(versions)}; suites: {', '.join(suites)}; {caps_text(a, suites)}; "
@@ -131,9 +133,15 @@ def render(res: dict, tag: str, a, suites: list[str], fresh: bool = True) -> Non
     scorer = next(iter(res["models"].values())).get("harmless", {}).get("toxicity_scorer")
     report = hp.relative_to(ROOT) if hp.is_relative_to(ROOT) else hp
     md += ["", (f"Toxicity scorer: {scorer}. " if scorer else "") + f"Report with plots: `{report}` (not kept here)."]
-    write_result(f"eval_{tag}", res, "\n".join(md), fresh=fresh)
-    print("\n".join(md))
+    res["markdown"] = "\n".join(md)
+    save_row("eval_models", tag, res, render_rows, fresh=fresh)
     print(json.dumps(res["models"][res["versions"][-1]].get("timings_s", {})))
+
+
+def render_rows(rows: dict) -> str:
+    """The Markdown of eval_models.md: one section per tag."""
+    head = "# rlhfkit eval: the eval suites per model (`benchmarks/eval_models.py`, one section per tag)"
+    return "\n\n".join([head, *(f"{r['markdown']}\n\nThis row — {describe(r['provenance'])}" for r in rows.values())])
 
 
 if __name__ == "__main__":
