@@ -5,7 +5,7 @@ final norm, ``lm_head``) in the order of HF's LLaMA forward, with attention over
 instead of calling HF ``forward``, whose per-step overhead dominates small models on a CPU. Every
 step reads the parameters the optimizer updates, so PPO samples right after ``optimizer.step()``;
 LoRA-wrapped projections work because the modules are called. Supported: ``LlamaForCausalLM``-like
-models (``check_supported``).
+models (``engine_support``).
 
 Cache: per layer one key and one value tensor ``(S, Hkv, L, D)``; slot ``s`` holds positions
 ``0..lens[s]-1`` of its own sequence (a full copy of its prompt), so RoPE positions are slot offsets
@@ -32,17 +32,19 @@ from rlhfkit.rollout import attention_cpu
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
 
 
-def check_supported(model: torch.nn.Module) -> None:
-    """Raise a clear error for models whose forward we do not reproduce exactly."""
-    cfg = getattr(model, "config", None)
-    mtype = getattr(cfg, "model_type", None)
+def engine_support(config) -> str | None:
+    """None when the engine reproduces this model config's forward exactly, else a short reason why not.
+
+    ``make_generator(backend="auto")`` falls back to transformers' own ``generate`` on a reason; the
+    ``Runner`` constructor raises it as a ``UserError``.
+    """
+    mtype = getattr(config, "model_type", None)
     if mtype not in SUPPORTED_TYPES:
-        raise UserError(
-            f"rollout engine: model_type={mtype!r} is not supported (supported: {', '.join(SUPPORTED_TYPES)})"
-        )
-    window = getattr(cfg, "sliding_window", None)
-    if window and getattr(cfg, "use_sliding_window", mtype == "mistral"):
-        raise UserError(f"rollout engine: sliding-window attention ({mtype}, window {window}) is not supported")
+        return f"model_type {mtype} has no engine path (engine families: {', '.join(SUPPORTED_TYPES)})"
+    window = getattr(config, "sliding_window", None)
+    if window and getattr(config, "use_sliding_window", mtype == "mistral"):
+        return f"sliding-window attention (window {window}) is not supported"
+    return None
 
 
 def _decoder(model: torch.nn.Module) -> torch.nn.Module:
@@ -170,7 +172,9 @@ class Runner:
     """
 
     def __init__(self, model: torch.nn.Module, precision: str = "fp32"):
-        check_supported(model)
+        reason = engine_support(getattr(model, "config", None))
+        if reason is not None:
+            raise UserError(f"rollout engine: {reason}")
         self.model = model
         self.dec = _decoder(model)
         cfg = model.config
