@@ -67,14 +67,18 @@ def short_row_attention(
 
 
 def additive_attention_mask(model: torch.nn.Module, mask: torch.Tensor) -> torch.Tensor:
-    """A ready 4-D boolean mask (True = attend; transformers passes such masks on unchanged) as
-    the additive float mask ``short_row_attention`` is fast with, when ``model`` attends with it;
-    otherwise ``mask`` itself."""
-    if (
-        mask.dim() != 4
-        or mask.dtype != torch.bool
-        or getattr(model.config, "_attn_implementation", None) != ATTENTION_NAME
-    ):
+    """A ready 4-D boolean mask (True = attend; transformers passes such masks on unchanged) as an
+    additive float mask (0 = attend, the lowest float elsewhere), unless ``model`` attends with SDPA,
+    which takes the boolean one as it is.
+
+    Why: ``short_row_attention`` is fast with the additive form, and the eager attention of
+    transformers' models (Gemma 2's default: SDPA cannot soft-cap) *adds* the mask to the scores,
+    so a boolean one would silently attend everywhere. A model wrapped beyond recognition (no
+    ``config`` in reach) gets the additive mask, which every attention takes."""
+    if mask.dim() != 4 or mask.dtype != torch.bool:
+        return mask
+    config = getattr(model, "config", None) or getattr(getattr(model, "module", None), "config", None)
+    if getattr(config, "_attn_implementation", None) == "sdpa":
         return mask
     return torch.zeros(mask.shape, device=mask.device).masked_fill_(~mask, torch.finfo(torch.float32).min)
 
