@@ -48,6 +48,8 @@ Switch = Literal["auto", "on", "off"]
 Critic = Literal["rm", "policy_head"]
 ScoreBaseline = Literal["none", "group"]
 Labeler = Literal["simulated", "gold", "human", "mix"]
+Backend = Literal["auto", "engine", "hf", "vllm"]
+BACKEND_HELP = "auto (the engine where it supports the model, else transformers), engine, hf or vllm"
 
 
 @dataclass
@@ -187,6 +189,7 @@ class PPOConfig(TrainConfig):
     )
     max_prompt_length: int = opt(256, "Prompts longer than this keep their last tokens (counted and reported).")
     temperature: float = opt(0.7, "Sampling temperature; log-probs are always recomputed from logits / temperature.")
+    rollout_backend: Backend = opt("auto", "Generator of the rollouts: " + BACKEND_HELP + ".")
     ignore_eos: bool = opt(
         False,
         "Always generate max_new_tokens (benchmarks, TRL's default); responses are still cut after the first EOS.",
@@ -245,7 +248,7 @@ class PipelineConfig:
 
     The stages' settings are nested: ``sft.lr=1e-4``, ``rm.epochs=2``, ``ppo.kl_coef=0.02``. The
     pipeline itself sets each stage's model, data, out, seed, precision, save_every, report_to and
-    resume (and PPO's reward_model); ``make demo`` runs it with the preset ``demo``.
+    resume (and PPO's reward_model and rollout_backend); ``make demo`` runs it with the preset ``demo``.
     """
 
     model: str = opt("smollm2-135m-instruct", "Base model (any --model spec).")
@@ -257,6 +260,7 @@ class PipelineConfig:
     )
     max_new_tokens: int = opt(128, "Longest answer sampled for ranking and judging, in tokens.")
     temperature: float = opt(1.0, "Sampling temperature of the K answers to rank.")
+    rollout_backend: Backend = opt("auto", "Generator of the sampling, judging and PPO rollouts: " + BACKEND_HELP + ".")
     labeler: Labeler = opt(
         "simulated",
         "Who ranks: simulated (gold rubric + human-like noise), gold (no noise), "
@@ -345,7 +349,7 @@ class PipelineConfig:
             if isinstance(value, dict):  # e.g. read back from a run's pipeline.json
                 value = config_from_dict(cls, value, f"{name}.")
                 setattr(self, name, value)
-            for key in PIPELINE_SETS + (("reward_model",) if name == "ppo" else ()):
+            for key in PIPELINE_SETS + (("reward_model", "rollout_backend") if name == "ppo" else ()):
                 if getattr(value, key) != getattr(cls(), key):
                     raise UserError(
                         f"{name}.{key}: the pipeline sets each stage's {key} itself; "
@@ -370,6 +374,9 @@ class ServeConfig:
     )
     precision: Precision = opt("auto", "auto (bf16 where the hardware has it), bf16 or fp32.")
     max_new_tokens: int = opt(256, "Longest answer in chat, the arena and the API (tokens); requests may ask for less.")
+    rollout_backend: Backend = opt(
+        "auto", "Generator of chat, the arena, the API and labeling batches: " + BACKEND_HELP + "."
+    )
     rate_limit: float = opt(30.0, "Chat, arena and API requests per minute per user (0 = no limit).")
     max_body_kb: int = opt(256, "Largest request body (KiB); larger requests get 413.")
     public_url: str = opt(

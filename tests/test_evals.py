@@ -310,9 +310,9 @@ def test_perplexity_is_exp_mean_nll_by_hand(tiny):
 
 
 def test_generate_fn_shape_and_greedy_determinism(tiny):
-    from rlhfkit.evals.generation import engine_generate_fn
+    from rlhfkit.evals.generation import generator_fn
 
-    gen = engine_generate_fn(tiny.model, tiny.tokenizer, show_progress=False)
+    gen = generator_fn(tiny.model, tiny.tokenizer, show_progress=False)
     out = gen(["Hello", "The sky is"], 2, 4, 0.0)
     assert len(out) == 2 and all(len(o) == 2 for o in out)
     assert out[0][0] == out[0][1]  # greedy
@@ -859,10 +859,11 @@ def test_eval_command_is_generated_from_its_config(monkeypatch):
     assert res.exit_code == 2 and "precision expects one of auto, bf16, fp32" in res.output
 
 
-def test_engine_generate_fn_matches_the_interface(tiny):
-    from rlhfkit.evals.generation import engine_generate_fn
+@pytest.mark.parametrize("backend", ["engine", "hf"])
+def test_generator_fn_matches_the_interface(tiny, backend):
+    from rlhfkit.evals.generation import generator_fn
 
-    eng = engine_generate_fn(tiny.model, tiny.tokenizer, show_progress=False)
+    eng = generator_fn(tiny.model, tiny.tokenizer, show_progress=False, backend=backend)
     out = eng(["Hello", "The sky is"], 2, 4, 0.0)
     assert len(out) == 2 and all(len(o) == 2 and o[0] == o[1] for o in out)
     ids = tiny.tokenizer("The sky is", return_tensors="pt", add_special_tokens=False)["input_ids"]

@@ -1,10 +1,12 @@
 """Records -> token ids -> padded tensors.
 
 A prompt is rendered with the tokenizer's chat template (``add_generation_prompt=True``); the
-response is the assistant text followed by one EOS token — exactly what a policy produces when
-it samples that answer, so SFT, the reward model and PPO all see the same token layout:
+response is the assistant text followed by the token the template ends an assistant turn with
+(``end_of_turn_id``: ``<|im_end|>``, ``<end_of_turn>``, ``<|eot_id|>``, …; EOS without a
+template) — exactly what a chat policy produces when it samples that answer and stops, so SFT,
+the reward model and PPO all see the same token layout:
 
-    [ chat-formatted prompt ............ ][ response tokens ... EOS ]
+    [ chat-formatted prompt ............ ][ response tokens ... END ]
                                           ^ loss / reward starts here
 
 A tokenizer without a chat template gets the plain format ``"{user}\\n\\n"`` per turn.
@@ -13,7 +15,7 @@ Truncation rule (``max_length`` = prompt + response tokens), applied to every st
   1. the prompt is cut from the left (oldest context first) but keeps at least
      ``max_length // 2`` tokens (or all of it when shorter);
   2. if it still does not fit, the response is cut from the right; for the reward model its
-     last kept token is replaced by EOS, so the scalar head always reads an EOS.
+     last kept token is replaced by the end-of-turn token, so the scalar head always reads one.
 Each truncated example is counted and the count is reported.
 """
 
@@ -24,6 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from rlhfkit.data.records import Demonstration, Message, Ranking
+from rlhfkit.models.loading import end_of_turn_id
 
 
 def encode_prompt(tokenizer, messages: list[Message]) -> list[int]:
@@ -35,9 +38,10 @@ def encode_prompt(tokenizer, messages: list[Message]) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def encode_response(tokenizer, response: str) -> list[int]:
-    """Response token ids followed by one EOS."""
-    return tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+def encode_response(tokenizer, response: str, end: int | None = None) -> list[int]:
+    """Response token ids followed by the end-of-turn token (``end``, default ``end_of_turn_id``)."""
+    end = end_of_turn_id(tokenizer) if end is None else end
+    return tokenizer(response, add_special_tokens=False)["input_ids"] + [end]
 
 
 def fit(
@@ -73,9 +77,10 @@ def encode_demonstration(tokenizer, demo: Demonstration, max_length: int) -> Enc
 def encode_ranking(tokenizer, ranking: Ranking, max_length: int) -> list[Encoded]:
     """All K responses of one ranking, each after the same prompt."""
     prompt = encode_prompt(tokenizer, ranking.messages)
+    end = end_of_turn_id(tokenizer)
     out = []
     for text in ranking.responses:
-        p, r, cut = fit(prompt, encode_response(tokenizer, text), max_length, eos_last=tokenizer.eos_token_id)
+        p, r, cut = fit(prompt, encode_response(tokenizer, text, end), max_length, eos_last=end)
         out.append(Encoded(p + r, len(p), cut))
     return out
 
@@ -85,7 +90,7 @@ def collate(examples: list[Encoded], pad_id: int, response_only: bool = True) ->
 
     Returns input_ids (B, T), attention_mask (B, T), loss_mask (B, T) — 1 on response tokens
     (``response_only``) or on every real token — and last_index (B,), the position of each
-    sequence's final token (the EOS the reward head reads).
+    sequence's final token (the end-of-turn token the reward head reads).
     """
     width = max(len(e.input_ids) for e in examples)
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
@@ -150,7 +155,7 @@ def collate_shared_prompt(
     for K = 6 answers of ~90 tokens after a ~55-token prompt.)
 
     Returns (batch, where): batch has input_ids (R, T), attention_mask (R, 1, T, T) bool,
-    position_ids (R, T); ``where[i]`` = (row, column) of the last token (the EOS) of the i-th
+    position_ids (R, T); ``where[i]`` = (row, column) of the last token (the end-of-turn token) of the i-th
     sequence of ``groups``, flattened in order.
     """
     rows: list[tuple[list[int], list[tuple[int, list[int]]]]] = []  # (prompt ids, [(seq index, response ids)])

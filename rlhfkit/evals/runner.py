@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from rlhfkit.config import Precision, check_literals, opt
+from rlhfkit.config import BACKEND_HELP, Backend, Precision, check_literals, opt
 from rlhfkit.errors import UserError
 from rlhfkit.evals.data import HubDataset, HubUnavailable
 from rlhfkit.evals.toxicity import challenging_prompts, nontoxic_prompts
@@ -136,6 +136,7 @@ class EvalConfig:
     tax_window: int = opt(512, "Tokens per perplexity window.")
     limit: int | None = opt(None, "Cap on items of every suite (quick runs); the per-suite caps still apply.")
     precision: Precision = opt("fp32", "fp32, bf16 or auto.")
+    rollout_backend: Backend = opt("auto", "Generator of the generation suites: " + BACKEND_HELP + ".")
     batch_size: int = opt(16, "Batch size for scoring and generation.")
     threads: int | None = opt(None, "torch CPU threads (default: torch's choice).")
     seed: int = opt(0, "Random seed (sampling, bootstrap).")
@@ -280,7 +281,7 @@ def _hub_failure_message(failed: list[tuple[str, HubUnavailable]], offline: HubU
 def evaluate_model(spec: str, cfg: EvalConfig, data: dict, need_help_answers: list[str] | None) -> dict:
     """All per-model suites for one model on the loaded ``data``; returns its results (and its helpful answers)."""
     from rlhfkit.evals.crows_pairs import crows_pairs_eval
-    from rlhfkit.evals.generation import chat_prompt, engine_generate_fn
+    from rlhfkit.evals.generation import chat_prompt, generator_fn
     from rlhfkit.evals.loglik import LoglikScorer
     from rlhfkit.evals.tax import perplexity_eval
     from rlhfkit.evals.toxicity import ClassifierToxicity, LexiconToxicity, rtp_eval
@@ -290,8 +291,14 @@ def evaluate_model(spec: str, cfg: EvalConfig, data: dict, need_help_answers: li
     model, tok = loaded.model, loaded.tokenizer
     scorer = LoglikScorer(model, tok, batch_size=cfg.batch_size, show_progress=cfg.show_progress)
     # the ONE generation function every generation suite uses (a GenerateFn, generation.py)
-    gen = engine_generate_fn(
-        model, tok, top_p=cfg.rtp_top_p, seed=cfg.seed, show_progress=cfg.show_progress, precision=cfg.precision
+    gen = generator_fn(
+        model,
+        tok,
+        top_p=cfg.rtp_top_p,
+        seed=cfg.seed,
+        show_progress=cfg.show_progress,
+        precision=cfg.precision,
+        backend=cfg.rollout_backend,
     )
     res: dict = {"path": loaded.path, "timings_s": {}}
 

@@ -234,3 +234,47 @@ def disable_dropout(model: torch.nn.Module) -> None:
     for name in ("attention_dropout", "hidden_dropout", "dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop"):
         if cfg is not None and isinstance(getattr(cfg, name, None), float):
             setattr(cfg, name, 0.0)
+
+
+# ---------------------------------------------------------------- stop tokens
+
+_PROBE = "rlhfkit end-of-turn probe"  # assistant content whose end we look for in the rendered template
+
+
+def end_of_turn_id(tokenizer) -> int:
+    """The token the chat template ends an assistant turn with; EOS without a template or when none is found.
+
+    The template is rendered for one user and one assistant message, and the first special token
+    after the assistant's content is taken (``<|im_end|>`` for ChatML, ``<end_of_turn>`` for Gemma,
+    ``<|eot_id|>`` for Llama 3, ``<|end|>`` for Phi-3, ``</s>`` for Mistral). Only whitespace may
+    stand between the content and that token. Training ends every response with it, which is the
+    token a chat model produces when it has answered (for Gemma it is not EOS).
+    """
+    eos = tokenizer.eos_token_id
+    if not getattr(tokenizer, "chat_template", None):
+        return eos
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": _PROBE}]
+    try:
+        text = tokenizer.apply_chat_template(messages, tokenize=False)
+    except Exception:  # templates that refuse this conversation (jinja errors of any kind)
+        return eos
+    at = text.rfind(_PROBE)
+    if at < 0:
+        return eos
+    special = set(tokenizer.all_special_ids)
+    special |= {i for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items() if t.special}
+    for t in tokenizer(text[at + len(_PROBE) :], add_special_tokens=False)["input_ids"]:
+        if t in special:
+            return t
+        if tokenizer.decode([t]).strip():  # text after the content before any special token: none found
+            break
+    return eos
+
+
+def stop_token_ids(tokenizer, model: torch.nn.Module | None = None) -> frozenset[int]:
+    """The tokens that end a sample: the tokenizer's EOS, every id of the model's
+    ``generation_config.eos_token_id`` (an int or a list) and the chat template's end-of-turn token."""
+    ids = {tokenizer.eos_token_id, end_of_turn_id(tokenizer)}
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids |= set(gen_eos) if isinstance(gen_eos, (list, tuple)) else {gen_eos}
+    return frozenset(int(i) for i in ids if isinstance(i, int))

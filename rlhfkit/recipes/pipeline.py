@@ -2,7 +2,7 @@
 
   0. prompts       the built-in task (rlhfkit/tasks): train prompts for learning, held-out eval
                    prompts only for judging
-  1. sample        K answers per train prompt from the base model (the rollout engine)
+  1. sample        K answers per train prompt from the base model (the rollout backend)
   2. label         a labeler ranks each prompt's K answers (simulated: gold rubric + noise); with
                    rank_revisions also versions of them revised by the edits that keep their
                    words, so the RM sees answers that meet instructions the policy hardly ever
@@ -52,25 +52,24 @@ from rlhfkit.feedback import rubric
 from rlhfkit.feedback.labelers import GoldLabeler, SimulatedLabeler, SimulatedLabelerConfig
 from rlhfkit.models.loading import load_causal_lm
 from rlhfkit.recipes.common import latest_checkpoint, read_metrics, report_to_trackers
-from rlhfkit.rollout.engine import Engine
-from rlhfkit.rollout.sampling import SamplingParams
+from rlhfkit.rollout import SamplingParams, make_generator
 from rlhfkit.tasks import load_task
 
 
 def sample_answers(
     model_spec: str, prompts: list[Prompt], k: int, cfg: PipelineConfig, temperature: float, say=print
 ) -> list[dict]:
-    """K answers per prompt from ``model_spec`` with the rollout engine; one row per prompt."""
+    """K answers per prompt from ``model_spec`` with ``cfg.rollout_backend``; one row per prompt."""
     loaded = load_causal_lm(model_spec)
     loaded.model.eval()
-    engine = Engine(loaded.model, loaded.tokenizer, precision=cfg.precision)
+    generator = make_generator(loaded.model, loaded.tokenizer, cfg.rollout_backend, cfg.precision, say)
     ids = [encode_prompt(loaded.tokenizer, p.messages) for p in prompts]
     params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=temperature, seed=cfg.seed)
     t0 = time.perf_counter()
     with torch.no_grad():
-        outs = engine.generate(ids, params, n=k, progress=True)
+        outs = generator.generate(ids, params, n=k, progress=True)
     seconds = time.perf_counter() - t0
-    del engine, loaded
+    del generator, loaded
     release_memory()
     new_tokens = sum(len(c.token_ids) for c in outs)
     say(f"sampled {len(outs)} answers from {model_spec} in {seconds:.0f} s ({new_tokens / seconds:.0f} new tokens/s)")
@@ -195,8 +194,17 @@ def stage_config(cfg: PipelineConfig, stage, **where):
 
 
 def ppo_config(cfg: PipelineConfig, sft_model: str, reward_model: str, out: str, round_: int) -> PPOConfig:
-    """Round ``round_``'s PPO config: ``cfg.ppo`` from the SFT model against that round's reward model."""
-    return stage_config(cfg, cfg.ppo, model=sft_model, reward_model=reward_model, out=out, seed=cfg.seed + round_)
+    """Round ``round_``'s PPO config: ``cfg.ppo`` from the SFT model against that round's reward model,
+    generating with the pipeline's rollout_backend."""
+    return stage_config(
+        cfg,
+        cfg.ppo,
+        model=sft_model,
+        reward_model=reward_model,
+        out=out,
+        seed=cfg.seed + round_,
+        rollout_backend=cfg.rollout_backend,
+    )
 
 
 def run_stage(cfg: PipelineConfig, train, stage_cfg, say=print) -> dict:
@@ -561,6 +569,7 @@ def run_suites(cfg: PipelineConfig, versions: dict[str, str], where: Path) -> di
             gen_limit=min(limit or 100, 100),
             rtp_prompts=min(limit or 50, 50),
             precision=cfg.precision,
+            rollout_backend=cfg.rollout_backend,
             seed=cfg.seed,
         )
     )

@@ -12,11 +12,12 @@ The models (one process; all forwards in the training precision, bf16 autocast b
 
 Each iteration, numbered as in the algorithm:
   1. prompts       a seeded batch of prompts (the batch plan of the run, so resume is exact)
-  2. generate      responses from the live policy weights with the rollout engine (never HF generate)
+  2. generate      responses from the policy's current weights (rollout_backend: the engine, HF generate
+                   or vLLM, which gets the weights pushed first)
   3. score         cut after the first EOS; RM score or reward_fn; score clipping; missing-EOS penalty;
                    optionally minus the leave-one-out mean of the prompt's other samples (score_baseline)
   4. forwards      log-probs of policy and reference and the critic's values, without grad, in
-                   the training precision (the engine's log-probs are NOT reused for the ratio)
+                   the training precision (the generator's log-probs are NOT reused for the ratio)
   5. rewards       r_t = −β (log π − log π_ref), plus the score on the last response token
   6. advantages    GAE(γ, λ), then whitened over the batch
   7. PPO           ppo_epochs × num_minibatches steps of policy loss + vf_coef · value loss
@@ -94,7 +95,7 @@ from rlhfkit.recipes.ppo_models import (
     rm_scores,
     rollout_forwards,
 )
-from rlhfkit.rollout import Completion, Engine, SamplingParams
+from rlhfkit.rollout import Completion, Generator, SamplingParams, make_generator
 
 RSS_SLACK = 1.25  # hand freed memory back to the OS when the resident size grew by this factor
 RewardFn = Callable[[list[Prompt], list[str], list[bool]], Sequence[float]]
@@ -175,14 +176,14 @@ def _seeded(*parts: int) -> torch.Generator:
 
 @dataclass
 class Models:
-    """PPO's models (see the module docstring) and the engine that samples from the policy."""
+    """PPO's models (see the module docstring) and the generator that samples from the policy."""
 
     policy: nn.Module
     ref: nn.Module | None  # None with LoRA: the policy with its adapters disabled
     critic: Critic
     rm: RewardModel | None  # None with a reward_fn
     tok: Any
-    engine: Engine
+    generator: Generator  # rollout_backend's: the engine, transformers' generate or vLLM
     autocast: Callable[[], Any]  # the training precision's autocast context (or a null one)
 
 
@@ -268,7 +269,7 @@ def train_ppo(
         idx = plan[it]
         batch_prompts = [prompts[i] for i in idx for _ in range(cfg.samples_per_prompt)]
         batch_queries = [queries[i] for i in idx for _ in range(cfg.samples_per_prompt)]
-        times: dict[str, float] = {}
+        times = {"time_push": m.generator.push_weights(m.policy)}  # the policy's weights to the generator
         with timed(times, "time_generate"):  # 2. generate on the live weights
             completions = generate(m, cfg, [queries[i] for i in idx], it)
         with timed(times, "time_score"):  # 3. cut after the first EOS, then score
@@ -330,10 +331,10 @@ def load_models(cfg: PPOConfig, device, precision: str, reward_fn: RewardFn | No
         prepare_for_inference(rm.seq_model, cfg, device, like=accel, say=say, name="reward model")
     policy.train()
     critic.train()
-    engine = Engine(policy, tok, precision=precision)
-    if not engine.eos_ids:
+    generator = make_generator(policy, tok, cfg.rollout_backend, precision, say)
+    if not generator.eos_ids:
         raise UserError(f"{cfg.model}: the tokenizer has no EOS token; responses could never end")
-    return Models(policy, ref, critic, rm, tok, engine, autocast_of(device, precision))
+    return Models(policy, ref, critic, rm, tok, generator, autocast_of(device, precision))
 
 
 def load_critic(cfg: PPOConfig, policy: nn.Module, device, say=print) -> Critic:
@@ -401,7 +402,7 @@ def timed(times: dict[str, float], name: str) -> Iterator[None]:
 
 def generate(m: Models, cfg: PPOConfig, queries: list[list[int]], it: int) -> list[Completion]:
     """``samples_per_prompt`` responses to each query from the live policy weights, with the rollout
-    engine (never HF generate); seeded per iteration, so a resumed run samples the same."""
+    generator (rollout_backend); seeded per iteration, so a resumed run samples the same."""
     params = SamplingParams(
         max_new_tokens=cfg.max_new_tokens,
         temperature=cfg.temperature,
@@ -411,7 +412,7 @@ def generate(m: Models, cfg: PPOConfig, queries: list[list[int]], it: int) -> li
         seed=_seed(cfg.seed, it, 7),
     )
     with torch.no_grad():
-        return m.engine.generate(queries, params, n=cfg.samples_per_prompt)
+        return m.generator.generate(queries, params, n=cfg.samples_per_prompt)
 
 
 def score(
@@ -426,7 +427,7 @@ def score(
     scores, penalise a missing EOS, and with score_baseline=group subtract the leave-one-out mean of
     the prompt's other samples."""
     pad_id = m.tok.pad_token_id
-    response, response_mask, ended = cut_responses(completions, m.engine.eos_ids, pad_id)
+    response, response_mask, ended = cut_responses(completions, m.generator.eos_ids, pad_id)
     batch = make_batch(queries, response, response_mask, pad_id)
     texts = [m.tok.decode(r[k].tolist(), skip_special_tokens=True) for r, k in zip(batch.response, batch.response_mask)]
     if reward_fn is not None:
@@ -447,7 +448,7 @@ def score(
 
 def forwards(m: Models, cfg: PPOConfig, batch: Batch) -> dict[str, torch.Tensor]:
     """Log-probs and entropy of the policy, log-probs of the reference, values of the critic: no
-    grad, logits / temperature, in the training precision (the engine's log-probs are not reused)."""
+    grad, logits / temperature, in the training precision (the generator's log-probs are not reused)."""
     return rollout_forwards(
         m.policy, m.ref, m.critic, batch, cfg.temperature, cfg.forward_batch_size, m.autocast, m.ref is None
     )

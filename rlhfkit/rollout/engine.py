@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 import torch
 
 from rlhfkit.errors import UserError
-from rlhfkit.models.loading import resolve_precision
+from rlhfkit.models.loading import resolve_precision, stop_token_ids
 from rlhfkit.rollout.attention_cpu import PrefixGroups
 from rlhfkit.rollout.runner import KVCache, Runner
 from rlhfkit.rollout.sampling import SamplingParams, sample_next, sampling_workspace, top_logprobs
@@ -129,11 +129,7 @@ class Engine:
         self.runner.precision = self.precision
         self.max_batch = max_batch
         self.max_prefill_tokens = max_prefill_tokens
-        eos = getattr(tokenizer, "eos_token_id", None)
-        gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-        ids = set([eos] if isinstance(eos, int) else [])
-        ids |= set(gen_eos if isinstance(gen_eos, list) else [gen_eos] if isinstance(gen_eos, int) else [])
-        self.eos_ids = frozenset(ids)
+        self.eos_ids = stop_token_ids(tokenizer, model)  # EOS, generation_config's, the chat template's end of turn
         self._cache: KVCache | None = None
         self._busy = False  # one call at a time: calls share the KV cache
 
@@ -142,6 +138,10 @@ class Engine:
         return self.runner.device
 
     # ------------------------------------------------------------------ public API
+
+    def push_weights(self, model: torch.nn.Module) -> float:
+        """Nothing to do (the ``Generator`` protocol): every call reads the live modules' weights."""
+        return 0.0
 
     def generate(
         self,

@@ -44,7 +44,9 @@ STATIC = Path(__file__).parent / "static"
 def create_app(cfg: ServeConfig, store: Store | None = None, pool: ModelPool | None = None) -> FastAPI:
     store = store or Store.for_run(cfg.run, cfg.db or None)
     if pool is None:
-        pool = ModelPool(discover_versions(cfg.run, cfg.models), precision=cfg.precision)
+        pool = ModelPool(
+            discover_versions(cfg.run, cfg.models), precision=cfg.precision, rollout_backend=cfg.rollout_backend
+        )
     store.register_models(pool.versions)
     app = FastAPI(title="rlhfkit", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.store, app.state.pool, app.state.cfg = store, pool, cfg

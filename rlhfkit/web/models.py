@@ -1,5 +1,6 @@
 """Model versions the web app serves: found in a run directory, loaded on first use, generated
-with the rollout engine (the project's one generation path).
+with a rollout backend (``rlhfkit.rollout.make_generator``: the engine where it runs the model,
+else transformers, or vLLM; ``ServeConfig.rollout_backend``).
 
 A pipeline run directory (``rlhfkit pipeline``) holds the versions
 
@@ -23,8 +24,7 @@ from pathlib import Path
 from rlhfkit.data.tokenize import encode_prompt
 from rlhfkit.errors import NotFound, UserError
 from rlhfkit.models.loading import load_causal_lm
-from rlhfkit.rollout.engine import Engine
-from rlhfkit.rollout.sampling import SamplingParams
+from rlhfkit.rollout import SamplingParams, make_generator
 
 
 def discover_versions(run: str | Path, extra: list[str] = ()) -> dict[str, str]:
@@ -90,13 +90,16 @@ class Reply:
 
 class ModelPool:
     """Loads versions on demand (at most ``max_loaded`` at once, least recently used evicted) and
-    generates with one lock per version: an Engine runs one call at a time."""
+    generates with one lock per version: a generator runs one call at a time."""
 
-    def __init__(self, versions: dict[str, str], precision: str = "auto", max_loaded: int = 3):
+    def __init__(
+        self, versions: dict[str, str], precision: str = "auto", max_loaded: int = 3, rollout_backend: str = "auto"
+    ):
         self.versions = dict(versions)
         self.precision = precision
+        self.rollout_backend = rollout_backend
         self.max_loaded = max_loaded
-        self._loaded: OrderedDict[str, tuple] = OrderedDict()  # name -> (engine, tokenizer, lock)
+        self._loaded: OrderedDict[str, tuple] = OrderedDict()  # name -> (generator, tokenizer, lock)
         self._load_lock = threading.Lock()
 
     def names(self) -> list[str]:
@@ -112,7 +115,7 @@ class ModelPool:
             loaded = load_causal_lm(self.versions[name])
             loaded.model.eval()
             entry = (
-                Engine(loaded.model, loaded.tokenizer, precision=self.precision, max_batch=16),
+                make_generator(loaded.model, loaded.tokenizer, self.rollout_backend, self.precision, max_batch=16),
                 loaded.tokenizer,
                 threading.Lock(),
             )
@@ -160,10 +163,10 @@ class ModelPool:
         """One conversation's ``n`` samples (one shared prefill): :class:`Delta` items as text is made,
         one :class:`Reply` per sample as it ends. ``logprobs``: None = none, k >= 0 = each token's
         log-prob and its k likeliest alternatives."""
-        engine, tok, lock = self._get(name)
+        generator, tok, lock = self._get(name)
         with lock:
             yield from self._stream(
-                engine,
+                generator,
                 tok,
                 [self._encode(tok, messages)],
                 n,
@@ -184,13 +187,13 @@ class ModelPool:
         top_k: int = 0,
         logprobs: int | None = None,
     ) -> Iterator[Delta | Reply]:
-        """``stream`` for plain text prompts (no chat template; /v1/completions), all in one engine
+        """``stream`` for plain text prompts (no chat template; /v1/completions), all in one generator
         call; sample j of prompt i has index i·n + j."""
-        engine, tok, lock = self._get(name)
+        generator, tok, lock = self._get(name)
         with lock:
             ids = [tok(p)["input_ids"] for p in prompts]  # the tokenizer's own special tokens (BOS), as HF does
             yield from self._stream(
-                engine,
+                generator,
                 tok,
                 ids,
                 n,
@@ -199,7 +202,7 @@ class ModelPool:
             )
 
     @staticmethod
-    def _stream(engine, tok, ids: list[list[int]], n: int, logprobs: int | None, params) -> Iterator[Delta | Reply]:
+    def _stream(generator, tok, ids: list[list[int]], n: int, logprobs: int | None, params) -> Iterator[Delta | Reply]:
         def token(t: int) -> str:  # special tokens by name (the EOS that ended a sample: '<|im_end|>')
             return tok.decode([t], skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
@@ -210,7 +213,7 @@ class ModelPool:
                 for t, lp, top in zip(token_ids, lps, tops)
             ]
 
-        for ev in engine.stream(ids, params, n=n):
+        for ev in generator.stream(ids, params, n=n):
             index = ev.prompt_index * n + ev.sample_index
             lps = None if logprobs is None else entries(ev.token_ids, ev.logprobs, ev.top_logprobs)
             if ev.text or lps:
@@ -237,12 +240,12 @@ class ModelPool:
     def sample(
         self, name: str, prompts: list[list[dict]], k: int, max_new_tokens: int, temperature: float = 1.0, seed: int = 0
     ) -> list[list[tuple[str, bool]]]:
-        """K answers per prompt (text, finished) in one engine call: labeling batches."""
-        engine, tok, lock = self._get(name)
+        """K answers per prompt (text, finished) in one generator call: labeling batches."""
+        generator, tok, lock = self._get(name)
         params = self._params(max_new_tokens, temperature, 1.0, [], seed)
         with lock:
             ids = [self._encode(tok, m) for m in prompts]
-            outs = engine.generate(ids, params, n=k)
+            outs = generator.generate(ids, params, n=k)
         return [
             [(c.text.strip(), c.finish_reason == "stop") for c in outs[i * k : (i + 1) * k]]
             for i in range(len(prompts))

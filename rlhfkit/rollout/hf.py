@@ -1,0 +1,362 @@
+"""Generation with transformers' ``model.generate``: the rollout backend for any causal LM.
+
+    gen = HFGenerator(model, tokenizer)                    # precision="auto": bf16 autocast where fast
+    outs = gen.generate(prompts, SamplingParams(max_new_tokens=128), n=4)   # the Engine's Completions
+
+It returns what ``Engine`` returns (see ``rlhfkit.rollout.backends.Generator``) for models the
+engine does not run. How a call runs:
+ 1. every sample is a row of its own (prompt × n, prompt-major); rows whose SamplingParams give the
+    same ``generate`` settings are batched, at most ``max_batch`` rows per call, left-padded
+    (prompts sorted by length within a settings group, so rows of a batch pad little);
+ 2. ``model.generate`` samples with a ``GenerationConfig`` that spells out every setting (temperature,
+    top-k, top-p, no penalties), so a checkpoint's ``generation_config.json`` defaults (Qwen's
+    top_k=20, a repetition penalty) do not change what is sampled. Fields without a neutral value
+    (suppress_tokens, bad_words_ids, min_p, ...) would still come from it; chat models set none;
+ 3. each step, the raw logits of the step (``outputs.logits[:, -1]`` in fp32, exactly what
+    ``output_logits=True`` returns) are caught by a forward hook on the model, and a stopping
+    criterion (``_Rows``) reads the tokens just sampled: it records each token's log-prob
+    log_softmax(logits / T)[token] (T = 1 for greedy; before top-k/top-p, as the engine), checks the
+    stop tokens, stop strings and max_new_tokens exactly as the engine does, and tells ``generate``
+    which rows are done. So ``stream`` sees every step: it runs ``generate`` in a worker thread and
+    yields the rows' StreamEvents as they are made (chat shows text before the answer ends).
+    Tokens after a row's stop are discarded.
+
+Seeds: ``generate`` samples with ``torch.multinomial`` on the global RNG and takes no generator, so
+a seeded call (``SamplingParams.seed`` of the first request, as the engine) runs inside
+``torch.random.fork_rng`` with ``torch.manual_seed(seed)``: reproducible, and the caller's RNG stream
+is left as it was. Seeded calls hold a process-wide lock, so two of them never interleave their
+draws; an unseeded sampling call in another thread at the same time can still perturb one.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+
+import torch
+from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
+
+from rlhfkit.errors import UserError
+from rlhfkit.models.loading import resolve_precision, stop_token_ids
+from rlhfkit.models.lora import unwrap
+from rlhfkit.rollout.engine import Completion, StreamEvent
+from rlhfkit.rollout.sampling import SamplingParams
+from rlhfkit.rollout.text import IncrementalText, find_stop, held_back
+
+_SEEDED = threading.Lock()  # seeded calls reseed the global RNG: one at a time
+
+
+def prepare_requests(tokenizer, model, prompts, params, n: int) -> tuple[list[list[int]], list[SamplingParams]]:
+    """Token ids of each prompt and its SamplingParams (one for all, or one per prompt), checked:
+    n >= 1, no empty prompt, prompt + max_new_tokens within the model's positions."""
+    if n < 1:
+        raise UserError(f"n={n}: expected >= 1 samples per prompt")
+    params = params if params is not None else SamplingParams()
+    if isinstance(params, SamplingParams):
+        params = [params] * len(prompts)
+    if len(params) != len(prompts):
+        raise UserError(f"{len(params)} SamplingParams for {len(prompts)} prompts: give one, or one per prompt")
+    ids = []
+    for i, p in enumerate(prompts):
+        if isinstance(p, str):
+            p = tokenizer(p, add_special_tokens=False)["input_ids"]
+        p = [int(t) for t in p]
+        if not p:
+            raise UserError(f"prompt {i} is empty: generation needs at least one token")
+        ids.append(p)
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    for i, (p, sp) in enumerate(zip(ids, params)):
+        if limit and len(p) + sp.max_new_tokens > limit:
+            raise UserError(
+                f"prompt {i}: {len(p)} tokens + max_new_tokens {sp.max_new_tokens} > the model's {limit} positions"
+            )
+    return ids, params
+
+
+@dataclass
+class _Row:
+    """One sample in flight: host-side state of one row of a ``generate`` batch."""
+
+    req: int
+    sample: int
+    params: SamplingParams
+    stop_ids: frozenset
+    prompt: list[int]
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    top: list[list[tuple[int, float]]] | None = None  # SamplingParams.logprobs > 0
+    detok: IncrementalText | None = None
+    streamed: int = 0  # characters of detok.text already streamed
+    done: Completion | None = None
+
+
+class HFGenerator:
+    """Generation with ``model.generate`` on the live module (see the module docstring).
+
+    model: any transformers causal LM (also PEFT-wrapped), on CPU or CUDA; used as it is, never copied.
+    precision: 'auto' (bf16 where the hardware has it), 'bf16' or 'fp32'; an fp32 model runs under
+        bf16 autocast when it resolves to bf16, a bf16 model runs in bf16.
+    max_batch: rows (samples) per ``generate`` call.
+    """
+
+    def __init__(self, model: torch.nn.Module, tokenizer, precision: str = "auto", max_batch: int = 64):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_batch = max_batch
+        param = next(model.parameters())
+        self.precision = "bf16" if param.dtype == torch.bfloat16 else resolve_precision(precision, param.device)
+        self.eos_ids = stop_token_ids(tokenizer, model)
+        pad = tokenizer.pad_token_id
+        self.pad_id = pad if pad is not None else min(self.eos_ids, default=0)
+        self._busy = False
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def push_weights(self, model: torch.nn.Module) -> float:
+        """Nothing to do (the ``Generator`` protocol): ``generate`` runs the live module."""
+        return 0.0
+
+    # ------------------------------------------------------------------ public API
+
+    def generate(
+        self,
+        prompts: list[list[int]] | list[str],
+        params: SamplingParams | list[SamplingParams] | None = None,
+        n: int = 1,
+        progress: bool = False,
+    ) -> list[Completion]:
+        """All samples of all prompts, prompt-major: [p0 s0, p0 s1, …, p1 s0, …] (len = n·len(prompts))."""
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=n * len(prompts), desc="generate", unit="sample")
+        out: list[Completion] = []
+
+        def collect(events: list[StreamEvent]) -> None:
+            for ev in events:
+                if ev.finished:
+                    out.append(ev.completion)
+                    if bar is not None:
+                        bar.update(1)
+
+        try:
+            self._run(prompts, params, n, text_events=False, emit=collect)
+        finally:
+            if bar is not None:
+                bar.close()
+        out.sort(key=lambda c: (c.prompt_index, c.sample_index))
+        return out
+
+    def stream(
+        self,
+        prompts: list[list[int]] | list[str],
+        params: SamplingParams | list[SamplingParams] | None = None,
+        n: int = 1,
+    ) -> Iterator[StreamEvent]:
+        """Like ``generate`` but yields StreamEvents as tokens are made: ``generate`` runs in a worker
+        thread and hands each step's events over; closing the iterator stops it at the next step."""
+        prepare_requests(self.tokenizer, self.model, prompts, params, n)  # bad input fails here, not in the thread
+        events: queue.Queue = queue.Queue()
+        cancel = threading.Event()
+
+        def work() -> None:
+            try:
+                self._run(prompts, params, n, text_events=True, emit=events.put, cancel=cancel)
+            except BaseException as e:  # handed to the consumer, raised there
+                events.put(e)
+            finally:
+                events.put(None)
+
+        thread = threading.Thread(target=work, name="hf-generate", daemon=True)
+        thread.start()
+        try:
+            while (item := events.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                yield from item
+        finally:
+            cancel.set()
+            thread.join()
+
+    # ------------------------------------------------------------------ the calls
+
+    def _run(self, prompts, params, n, text_events: bool, emit: Callable, cancel: threading.Event | None = None):
+        ids, params = prepare_requests(self.tokenizer, self.model, prompts, params, n)
+        if not ids:
+            return
+        if self._busy:
+            raise UserError("this generator is already generating (finish or close the other stream first)")
+        self._busy = True
+        model = unwrap(self.model)  # PEFT: the transformers model, LoRA layers still in its modules
+        logits: list[torch.Tensor] = []  # the latest step's raw logits (B, V) fp32
+
+        def catch(module, args, output) -> None:
+            logits[:] = [output.logits[:, -1].float()]
+
+        hook = model.register_forward_hook(catch)
+        try:
+            with self._seeded(params[0].seed), torch.no_grad(), self._autocast():
+                for batch in self._batches(ids, params, n):
+                    rows = [self._row(r, s, ids[r], params[r], text_events) for r, s in batch]
+                    self._generate(model, rows, logits, text_events, emit, cancel)
+                    if cancel is not None and cancel.is_set():
+                        break
+        finally:
+            hook.remove()
+            self._busy = False
+
+    def _batches(self, ids: list[list[int]], params: list[SamplingParams], n: int) -> list[list[tuple[int, int]]]:
+        """(prompt, sample) rows in batches of at most max_batch that share one generate setting,
+        each setting's prompts sorted by length (samples of a prompt stay together)."""
+        groups: dict[tuple, list[int]] = {}
+        for r, sp in enumerate(params):
+            groups.setdefault(_settings(sp), []).append(r)
+        batches = []
+        for reqs in groups.values():
+            rows = [(r, s) for r in sorted(reqs, key=lambda r: len(ids[r])) for s in range(n)]
+            batches += [rows[i : i + self.max_batch] for i in range(0, len(rows), self.max_batch)]
+        return batches
+
+    def _row(self, r: int, s: int, prompt: list[int], sp: SamplingParams, text_events: bool) -> _Row:
+        stop_ids = self.eos_ids if sp.stop_token_ids is None else frozenset(sp.stop_token_ids)
+        row = _Row(r, s, sp, frozenset() if sp.ignore_eos else stop_ids, prompt, top=[] if sp.logprobs else None)
+        if sp.stop or text_events:
+            row.detok = IncrementalText(self.tokenizer)
+        return row
+
+    def _generate(self, model, rows: list[_Row], logits: list, text_events: bool, emit: Callable, cancel) -> None:
+        """One ``generate`` call for rows of one setting; emits each step's StreamEvents."""
+        sp = rows[0].params
+        dev = self.device
+        L = max(len(q.prompt) for q in rows)
+        input_ids = torch.full((len(rows), L), self.pad_id, dtype=torch.long)  # (B, L) left-padded
+        attention_mask = torch.zeros(len(rows), L, dtype=torch.long)
+        for i, q in enumerate(rows):
+            input_ids[i, L - len(q.prompt) :] = torch.tensor(q.prompt)
+            attention_mask[i, L - len(q.prompt) :] = 1
+        # every setting spelled out: one left None is filled from the checkpoint's generation_config
+        sampling = {} if sp.greedy else dict(temperature=sp.temperature, top_k=sp.top_k, top_p=sp.top_p)
+        config = GenerationConfig(
+            max_new_tokens=sp.max_new_tokens,
+            min_new_tokens=0,
+            do_sample=not sp.greedy,
+            **sampling,
+            typical_p=1.0,
+            epsilon_cutoff=0.0,
+            eta_cutoff=0.0,
+            repetition_penalty=1.0,
+            encoder_repetition_penalty=1.0,
+            no_repeat_ngram_size=0,
+            guidance_scale=1.0,
+            num_beams=1,
+            num_return_sequences=1,
+            renormalize_logits=False,
+            remove_invalid_values=False,
+            use_cache=True,
+            eos_token_id=[],  # stops are the _Rows criterion's: no EOS check of generate's own
+            pad_token_id=self.pad_id,
+            output_logits=False,
+            return_dict_in_generate=False,
+        )
+        watch = _Rows(self, rows, logits, text_events, emit, cancel)
+        model.generate(
+            input_ids=input_ids.to(dev),
+            attention_mask=attention_mask.to(dev),
+            generation_config=config,
+            stopping_criteria=StoppingCriteriaList([watch]),
+        )
+
+    @contextmanager
+    def _seeded(self, seed: int | None):
+        """A seeded call: the global RNG (CPU, and the model's CUDA device) forked and seeded."""
+        if seed is None:
+            yield
+            return
+        cuda = [self.device] if self.device.type == "cuda" else []
+        with _SEEDED, torch.random.fork_rng(devices=cuda, device_type="cuda"):
+            torch.manual_seed(seed)
+            yield
+
+    def _autocast(self):
+        """bf16 autocast for an fp32 model when precision resolves to bf16 (as the engine)."""
+        if self.precision == "bf16" and next(self.model.parameters()).dtype != torch.bfloat16:
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return nullcontext()
+
+
+def _settings(sp: SamplingParams) -> tuple:
+    """What a ``generate`` call needs to be the same for all its rows (stop strings, log-prob counts
+    and stop tokens are checked per row)."""
+    return (sp.max_new_tokens, sp.greedy, sp.temperature, sp.top_k, sp.top_p, sp.ignore_eos, sp.stop_token_ids)
+
+
+class _Rows(StoppingCriteria):
+    """Called by ``generate`` after each step: records the step's token and log-prob of every live
+    row, checks its stops (as ``Engine._check``), emits the step's StreamEvents, and returns which
+    rows are done. ``logits`` holds the step's raw logits (B, V) fp32 (the forward hook's)."""
+
+    def __init__(self, gen: HFGenerator, rows: list[_Row], logits: list, text_events: bool, emit, cancel):
+        self.gen, self.rows, self.logits = gen, rows, logits
+        self.text_events, self.emit, self.cancel = text_events, emit, cancel
+        sp = rows[0].params
+        self.temperature = 1.0 if sp.greedy else sp.temperature
+        self.k = max(q.params.logprobs for q in rows)
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        tokens = input_ids[:, -1]  # (B,)
+        logp = torch.log_softmax(self.logits[0] / self.temperature, dim=-1)  # (B, V)
+        picked = logp.gather(-1, tokens[:, None])[:, 0].tolist()
+        if self.k:
+            top_lps, top_ids = (x.tolist() for x in torch.topk(logp, min(self.k, logp.shape[-1]), dim=-1))
+        events = []
+        for b, (q, t, lp) in enumerate(zip(self.rows, tokens.tolist(), picked)):
+            if q.done is not None:
+                continue
+            q.tokens.append(t)
+            q.logprobs.append(lp)
+            if q.top is not None:
+                q.top.append(list(zip(top_ids[b], top_lps[b]))[: q.params.logprobs])
+            ev = self._check(q, t)
+            if ev is not None:
+                events.append(ev)
+        if events:
+            self.emit(events)
+        stop = self.cancel is not None and self.cancel.is_set()
+        return torch.tensor([stop or q.done is not None for q in self.rows], device=input_ids.device)
+
+    def _check(self, q: _Row, t: int) -> StreamEvent | None:
+        """Stop checks for the token just appended to q (those of ``Engine._check``); the event to emit."""
+        reason, stop, cut = None, None, None
+        if q.detok is not None:
+            start = len(q.detok.text)
+            q.detok.add([t])
+            if q.params.stop:
+                hit = find_stop(q.detok.text, q.params.stop, start)
+                if hit is not None:
+                    cut, stop, reason = hit[0], hit[1], "stop"
+        if reason is None and t in q.stop_ids:
+            reason, stop = "stop", t
+        if reason is None and len(q.tokens) >= q.params.max_new_tokens:
+            reason = "length"
+        last_top = None if q.top is None else q.top[-1:]
+        if reason is not None:
+            if cut is not None:
+                text = q.detok.text[:cut]
+            else:
+                tok = self.gen.tokenizer
+                text = tok.decode(q.tokens, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+            q.done = Completion(q.req, q.sample, q.prompt, q.tokens, q.logprobs, text, reason, stop, q.top)
+            delta = text[q.streamed :] if self.text_events else ""
+            return StreamEvent(q.req, q.sample, [t], delta, True, q.done, q.logprobs[-1:], last_top)
+        if not self.text_events:
+            return None
+        safe = len(q.detok.text) - held_back(q.detok.text, q.params.stop)
+        delta = q.detok.text[q.streamed : safe] if safe > q.streamed else ""
+        q.streamed = max(q.streamed, safe)
+        return StreamEvent(q.req, q.sample, [t], delta, logprobs=q.logprobs[-1:], top_logprobs=last_top)
