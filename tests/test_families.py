@@ -5,7 +5,9 @@ Two kinds of test. The layout tests check numbers: PPO's log-probs (policy and r
 reward model's scores however a row is padded or shared, and the evals' log-likelihoods equal what
 the model's own ``forward`` gives — on models whose logits are made large, so that a missed
 soft-cap (Gemma) would show. The end-to-end tests run SFT, the reward model, two PPO iterations,
-a small pipeline, TruthfulQA MC and a chat turn of the OpenAI API on each family, each in seconds.
+a small pipeline (about ten seconds), TruthfulQA MC and a chat turn of the OpenAI API on each
+family, the others in seconds. Families the rollout engine does not run generate with
+transformers' ``generate`` (rollout_backend=auto).
 """
 
 from __future__ import annotations
@@ -360,7 +362,8 @@ def test_ppo_two_iterations(family, family_path, tmp_path):
 
 
 def test_pipeline_quick(family, family_path, tmp_path):
-    """The main job's loop, made tiny: sample, label, SFT, RM, one PPO round, judge, eval suites."""
+    """The main job's loop, made tiny (pipeline-quick without the rule-based revisions): sample and
+    label, SFT, one round of RM and PPO, judge every version."""
     from rlhfkit.config import PipelineConfig, build_config
     from rlhfkit.recipes.pipeline import run_pipeline
 
@@ -377,20 +380,21 @@ def test_pipeline_quick(family, family_path, tmp_path):
         precision="fp32",
         fresh_process=False,
         min_demo_score=-10.0,
-        eval_suites="truthful",
-        eval_data_dir=str(FIXTURES / "evals"),
-        eval_limit=2,
+        revise_demos=False,
+        rank_revisions=False,
+        rank_edit_sets=False,
         sft=dataclasses.replace(cfg.sft, batch_size=2, max_steps=2),
         rm=dataclasses.replace(cfg.rm, batch_size=2, max_steps=2),
         ppo=dataclasses.replace(cfg.ppo, max_steps=1, batch_size=2, max_new_tokens=8),
     )
     summary = run_pipeline(cfg, say=lambda *a: None)
     run = tmp_path / "run"
-    assert summary["final"] in summary["versions"] and "sft" in summary["versions"]
-    assert (run / "sft" / "model" / "config.json").exists()
-    assert all(json.loads(x)["responses"] for x in (run / "round0" / "samples.jsonl").read_text().splitlines())
-    suites = json.loads((run / "eval" / "suites.json").read_text())
-    assert all(suites["models"][v]["truthful"]["mc"]["n"] == 2 for v in suites["versions"])
+    samples = [json.loads(x) for x in (run / "round0" / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 4 and all(len(s["responses"]) == 2 for s in samples)
+    for d in ("sft", "round1/rm", "round1/ppo"):
+        assert (run / d / "model" / "config.json").exists(), d
+    assert set(summary["versions"]) == {"base", "sft", "ppo1"} and summary["final"] == "ppo1"
+    assert len(summary["ppo"]["ppo1"]) == 1 and math.isfinite(summary["ppo"]["ppo1"][0]["kl"])
 
 
 def test_truthfulqa_mc(family, family_path, tmp_path):
