@@ -17,7 +17,9 @@ trunk + ``head_logits`` gives exactly the logits of ``model(input_ids)``, and wh
 
 from __future__ import annotations
 
+import sys
 import weakref
+from contextlib import nullcontext
 
 import torch
 from torch import nn
@@ -68,7 +70,7 @@ def head_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
 
 def split_is_exact(model: nn.Module) -> bool:
     """Whether trunk + ``head_logits`` reproduce ``model(input_ids).logits`` (checked once per model
-    on eight tokens in eval mode, without autocast or grad; the answer is cached)."""
+    on eight tokens in eval mode, without grad; the answer is cached)."""
     base = unwrap(model)
     if base in _exact:
         return _exact[base]
@@ -77,7 +79,7 @@ def split_is_exact(model: nn.Module) -> bool:
     modes = {m: m.training for m in base.modules()}
     base.eval()  # LoRA's dropout would make any two forwards differ
     try:
-        with torch.no_grad(), torch.autocast(device.type, enabled=False):
+        with torch.no_grad(), _eager():  # in the caller's autocast: the same ops both ways
             whole = base(input_ids=ids, use_cache=False).logits
             split = head_logits(base, trunk(base)(input_ids=ids, use_cache=False).last_hidden_state)
     finally:
@@ -86,6 +88,14 @@ def split_is_exact(model: nn.Module) -> bool:
     exact = whole.shape == split.shape and torch.allclose(whole.float(), split.float(), rtol=1e-5, atol=1e-6)
     _exact[base] = exact
     return exact
+
+
+def _eager():
+    """Compiled blocks run their eager forward inside (a probe must not cost a compile of its own);
+    where nothing imported torch's compiler, nothing is compiled, and importing it would take seconds."""
+    if "torch._dynamo" not in sys.modules:
+        return nullcontext()
+    return torch.compiler.set_stance("force_eager")
 
 
 def gather_positions(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
