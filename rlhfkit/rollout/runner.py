@@ -1,19 +1,26 @@
 """The model side of the engine: a preallocated KV cache and a decode loop over the live weights.
 
 Generation walks the model's own modules (embeddings, each layer's norms, projections and MLP, the
-final norm, ``lm_head``) in the order of HF's LLaMA forward, with attention over our own cache,
-instead of calling HF ``forward``, whose per-step overhead dominates small models on a CPU. Every
-step reads the parameters the optimizer updates, so PPO samples right after ``optimizer.step()``;
-LoRA-wrapped projections work because the modules are called. Supported: ``LlamaForCausalLM``-like
-models (``engine_support``).
+final norm, ``lm_head``) in the order of HF's forward, with attention over our own cache, instead
+of calling HF ``forward``, whose per-step overhead dominates small models on a CPU. Every step
+reads the parameters the optimizer updates, so PPO samples right after ``optimizer.step()``;
+LoRA-wrapped projections work because the modules are called. Families (``engine_support``):
+LLaMA 1-3 (RoPE scaling comes with the model's rotary module), Mistral and Qwen2 (sliding windows
+masked over the full cache, q/k/v biases), Qwen3 (per-head q/k norms), Gemma 1-3 (their own
+(1 + weight) norms, scaled embeddings and GELU MLP as modules; pre/post feedforward norms,
+attention and final logit soft-capping, ``query_pre_attn_scalar``, local/global layers with their
+own RoPE bases). Anything else gets a reason and ``make_generator(backend="auto")`` uses HF.
 
 Cache: per layer one key and one value tensor ``(S, Hkv, L, D)``; slot ``s`` holds positions
 ``0..lens[s]-1`` of its own sequence (a full copy of its prompt), so RoPE positions are slot offsets
 and prompts need no left padding. Two paths through a layer, the same math: the module path (fp32,
-HF's exact numerics) and the bf16 fast path (q/k/v and gate/up fused, weights prepacked for oneDNN
-at every call so they are never stale, and the fused decode step of ``attention_cpu``, which reads
-shared prompt prefixes once). Switches for comparisons: ``share_prefix``, ``fuse_autocast``,
-``decode_kernel``. Why and how much faster: see docs/performance.md.
+HF's exact numerics; every family) and the bf16 fast path for LLaMA-shaped layers (q/k/v and
+gate/up fused, weights prepacked for oneDNN at every call so they are never stale, and the fused
+decode step of ``attention_cpu``, which reads shared prompt prefixes once; Qwen3's q/k norms and
+sliding windows shorter than the cache take the plain decode attention instead of the fused step
+or the C++ kernel). Gemma runs the module path under bf16 autocast. Switches for comparisons:
+``share_prefix``, ``fuse_autocast``, ``decode_kernel``. Why and how much faster: see
+docs/performance.md.
 """
 
 from __future__ import annotations
@@ -29,22 +36,62 @@ from rlhfkit.errors import UserError
 from rlhfkit.models.lora import unwrap
 from rlhfkit.rollout import attention_cpu
 
-SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
+SUPPORTED_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3")
+LAYER_TYPES = ("full_attention", "sliding_attention")
+SEQ_LEN_ROPE = ("dynamic", "longrope")  # frequencies that depend on the length of each forward call
 
 
 def engine_support(config) -> str | None:
     """None when the engine reproduces this model config's forward exactly, else a short reason why not.
 
     ``make_generator(backend="auto")`` falls back to transformers' own ``generate`` on a reason; the
-    ``Runner`` constructor raises it as a ``UserError``.
+    ``Runner`` constructor raises it as a ``UserError``. Sliding windows are supported (masked over
+    the full cache); what is not: other architectures, bidirectional attention, RoPE whose
+    frequencies change with the sequence length, layer types other than full and sliding. The
+    multimodal Gemma 3 (what ``AutoModelForCausalLM`` loads for Gemma 3 4B and up) runs its text
+    model on text prompts.
     """
     mtype = getattr(config, "model_type", None)
+    if mtype == "gemma3":
+        config = config.get_text_config()
+        if config.final_logit_softcapping is not None:  # applied by Gemma3ForCausalLM only
+            return "final logit soft-capping in the multimodal Gemma 3"
+        mtype = config.model_type
     if mtype not in SUPPORTED_TYPES:
         return f"model_type {mtype} has no engine path (engine families: {', '.join(SUPPORTED_TYPES)})"
-    window = getattr(config, "sliding_window", None)
-    if window and getattr(config, "use_sliding_window", mtype == "mistral"):
-        return f"sliding-window attention (window {window}) is not supported"
+    if getattr(config, "use_bidirectional_attention", False):
+        return "bidirectional attention"
+    other = sorted(set(getattr(config, "layer_types", None) or ()) - set(LAYER_TYPES))
+    if other:
+        return f"layer types {', '.join(other)}"
+    rope = [r for r in _rope_types(config) if r in SEQ_LEN_ROPE]
+    if rope:
+        return f"rope type {rope[0]} (its frequencies depend on the sequence length)"
     return None
+
+
+def _rope_types(config) -> list[str]:
+    """The RoPE types a config names: ``rope_parameters`` (one dict, or one per layer type) or the
+    older ``rope_scaling``."""
+    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    if not isinstance(params, dict):
+        return []
+    dicts = [v for v in params.values() if isinstance(v, dict)] or [params]
+    return [d.get("rope_type") or d.get("type") or "default" for d in dicts]
+
+
+def layer_windows(config) -> list[int | None]:
+    """Per decoder layer, its sliding attention window (a query at position p sees keys j with
+    p - window < j <= p), or None for full attention: from ``layer_types`` where the config has
+    them (Qwen2/3, Gemma 2/3), every layer for Mistral and Phi-3."""
+    n = config.num_hidden_layers
+    window = getattr(config, "sliding_window", None)
+    types = getattr(config, "layer_types", None)
+    if not window:
+        return [None] * n
+    if types:
+        return [window if t == "sliding_attention" else None for t in types[:n]]
+    return [window] * n if config.model_type in ("mistral", "phi3") else [None] * n
 
 
 def _decoder(model: torch.nn.Module) -> torch.nn.Module:
@@ -60,7 +107,11 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding: x (B, H, T, D), cos/sin (B, 1, T, D) -> (B, H, T, D)."""
+    """Rotary embedding: x (B, H, T, D), cos/sin (B, 1, T, R) -> (B, H, T, D). R < D (partial
+    rotary, Phi-3's ``partial_rotary_factor``): the first R dims rotate, the rest pass through."""
+    r = cos.shape[-1]
+    if r < x.shape[-1]:
+        return torch.cat((apply_rope(x[..., :r], cos, sin), x[..., r:]), dim=-1)
     return x * cos + rotate_half(x) * sin
 
 
@@ -116,6 +167,12 @@ class FusedLinear:
         return F.linear(x, self.weight, self.bias)
 
 
+def _qkv_mods(attn: torch.nn.Module) -> list[torch.nn.Module]:
+    """The attention's q, k, v projections, or its one fused ``qkv_proj`` (Phi-3: q, k, v heads in
+    that order along the output dim)."""
+    return [attn.qkv_proj] if hasattr(attn, "qkv_proj") else [attn.q_proj, attn.k_proj, attn.v_proj]
+
+
 def _is_plain_linear(m: torch.nn.Module) -> bool:
     return type(m) is torch.nn.Linear  # a PEFT LoRA layer is a subclass of nn.Module, not Linear
 
@@ -138,6 +195,7 @@ class FastLayer:
     # the SwiGLU MLP's (gate_up, down) matmuls; None where the layer is not laid out that way
     norms: tuple | None = None
     swiglu: tuple | None = None
+    qk_norm: tuple | None = None  # Qwen3's per-head (q_norm, k_norm) modules, before RoPE
 
 
 @dataclass
@@ -177,13 +235,28 @@ class Runner:
             raise UserError(f"rollout engine: {reason}")
         self.model = model
         self.dec = _decoder(model)
-        cfg = model.config
+        cfg = model.config.get_text_config()  # the config itself, or a multimodal Gemma 3's text part
         self.cfg = cfg
         self.n_layers = cfg.num_hidden_layers
         self.n_heads = cfg.num_attention_heads
         self.n_kv = cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        self.scaling = self.head_dim**-0.5
+        layers = self.dec.layers[: self.n_layers]
+        # per layer: the attention's own scale (Gemma: query_pre_attn_scalar**-0.5), sliding window,
+        # and which RoPE table it uses (Gemma 3: one per layer type, with different bases)
+        self.scalings = [float(getattr(layer.self_attn, "scaling", self.head_dim**-0.5)) for layer in layers]
+        self.windows = layer_windows(cfg)
+        self.softcap = getattr(cfg, "attn_logit_softcapping", None)  # Gemma 2: tanh-capped attention logits
+        self.final_softcap = getattr(cfg, "final_logit_softcapping", None)
+        self.rope_kinds = getattr(self.dec.rotary_emb, "layer_types", None)  # None: one table for all layers
+        types = getattr(cfg, "layer_types", None)
+        self.rope_index = [self.rope_kinds.index(types[i]) if self.rope_kinds else 0 for i in range(self.n_layers)]
+        dummy = torch.empty(0, device=self.device)
+        pos0 = torch.zeros(1, 1, dtype=torch.long, device=self.device)
+        kind = [self.rope_kinds[0]] if self.rope_kinds else []
+        self.rotary_dim = self.dec.rotary_emb(dummy, pos0, *kind)[0].shape[-1]  # < head_dim: partial rotary
+        # Gemma 2/3 layers norm the attention and MLP outputs too (pre/post feedforward norms)
+        self.sandwich = hasattr(layers[0], "pre_feedforward_layernorm")
         self.lm_head = model.get_output_embeddings()
         self.precision = precision
         self.fast = True  # use the fast path in bf16 (tests turn it off to compare with modules)
@@ -224,7 +297,10 @@ class Runner:
 
     @property
     def uses_fast_path(self) -> bool:
-        return self.fast and self.compute_dtype == torch.bfloat16
+        """bf16 LLaMA-shaped layers: Gemma's extra norms and soft-capping, and partial rotary, take the module path
+        (under bf16 autocast), which runs every family."""
+        llama_shaped = not self.sandwich and self.softcap is None and self.rotary_dim == self.head_dim
+        return self.fast and llama_shaped and self.compute_dtype == torch.bfloat16
 
     # ------------------------------------------------------------------ fast path weights
 
@@ -263,20 +339,22 @@ class Runner:
         for layer in self.dec.layers[: self.n_layers]:
             attn, mlp = layer.self_attn, layer.mlp
             gate, up, down = (getattr(mlp, n, None) for n in ("gate_proj", "up_proj", "down_proj"))
+            gate_up = [gate, up] if gate is not None and up is not None else [getattr(mlp, "gate_up_proj", None)]
             swiglu = None
-            if act_silu and gate is not None and up is not None and down is not None:
-                swiglu = (linear([gate, up]), linear([down]))
-                mlp = _swiglu(*swiglu, gate.out_features)
+            if act_silu and None not in gate_up and down is not None:  # Phi-3: gate and up already fused
+                swiglu = (linear(gate_up), linear([down]))
+                mlp = _swiglu(*swiglu, sum(m.out_features for m in gate_up) // 2)
             norms = (_rms_params(layer.input_layernorm), _rms_params(layer.post_attention_layernorm))
             layers.append(
                 FastLayer(
                     in_norm=self._norm(layer.input_layernorm),
-                    qkv=linear([attn.q_proj, attn.k_proj, attn.v_proj]),
+                    qkv=linear(_qkv_mods(attn)),
                     o=linear([attn.o_proj]),
                     post_norm=self._norm(layer.post_attention_layernorm),
                     mlp=mlp,
                     norms=norms if None not in norms else None,
                     swiglu=swiglu,
+                    qk_norm=(attn.q_norm, attn.k_norm) if hasattr(attn, "q_norm") else None,
                 )
             )
         self._bound = (layers, linear([self.lm_head]))
@@ -296,55 +374,101 @@ class Runner:
         v = [torch.zeros(shape, **kw) for _ in range(self.n_layers)]
         return KVCache(k, v, torch.zeros(slots, dtype=torch.long, device=self.device))
 
-    def rope_tables(self, max_len: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def rope_tables(self, max_len: int) -> tuple[torch.Tensor, ...]:
         """cos, sin, sin_signed for positions 0..max_len-1 from the model's rotary module: (L, D) each.
 
-        sin_signed = [-sin[:D/2], sin[D/2:]] (see apply_rope_fused).
+        sin_signed = [-sin[:D/2], sin[D/2:]] (see apply_rope_fused). A rotary module with one table
+        per layer type (Gemma 3) gives these three for each type in turn (``rope_index``); the
+        engine passes the tuple through as it is.
         """
         pos = torch.arange(max_len, device=self.device)[None]  # (1, L)
         dummy = torch.empty(0, dtype=self.compute_dtype, device=self.device)
-        cos, sin = self.dec.rotary_emb(dummy, pos)
-        cos, sin = cos[0].to(self.compute_dtype), sin[0].to(self.compute_dtype)
-        half = self.head_dim // 2
-        sin_signed = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)
-        return cos, sin, sin_signed
+        out = []
+        for kind in self.rope_kinds or [None]:
+            cos, sin = self.dec.rotary_emb(dummy, pos) if kind is None else self.dec.rotary_emb(dummy, pos, kind)
+            cos, sin = cos[0].to(self.compute_dtype), sin[0].to(self.compute_dtype)
+            half = cos.shape[-1] // 2
+            out += [cos, sin, torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)]
+        return tuple(out)
+
+    def _rope(self, rope: tuple, i: int) -> tuple:
+        """Layer i's (cos, sin, sin_signed) out of ``rope_tables``' tuple (or slices of it)."""
+        r = self.rope_index[i]
+        return rope[3 * r : 3 * r + 3]
+
+    def _mask(self, keep: torch.Tensor) -> torch.Tensor:
+        """Boolean keep mask -> additive mask (0 / -inf) in the compute dtype (one conversion, not
+        one per attention call)."""
+        return torch.zeros(keep.shape, dtype=self.compute_dtype, device=keep.device).masked_fill_(~keep, float("-inf"))
+
+    def _attention(self, i: int, q, k, v, mask) -> torch.Tensor:
+        """Layer i's attention: q (B, H, T, D), k/v (B, Hkv, S, D), additive mask broadcastable to
+        (B, H, T, S) -> (B, H, T, D). SDPA; with logit soft-capping (Gemma 2) the eager math of HF's
+        ``eager_attention_forward``: scores·scale, tanh cap, mask, softmax in fp32."""
+        if self.softcap is None:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scalings[i], enable_gqa=True)
+        rep = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        w = torch.matmul(q, k.transpose(2, 3)) * self.scalings[i]
+        w = torch.tanh(w / self.softcap) * self.softcap + mask
+        return torch.matmul(F.softmax(w, dim=-1, dtype=torch.float32).to(q.dtype), v)
 
     # ------------------------------------------------------------------ forward
 
     def _layers(self, h, rope, attend):
-        """Run all decoder layers and the final norm. h (B, T, d); rope = (cos, sin, sin_signed),
+        """Run all decoder layers and the final norm. h (B, T, d); rope = ``rope_tables``' tensors,
         each (B or 1, T, D) for the positions of h; attend(layer, q, k, v) -> (B, H, T, D) with
-        q (B, H, T, D), k/v (B, Hkv, T, D)."""
+        q (B, H, T, D), k/v (B, Hkv, T, D).
+
+        The module path, in the order of HF's forward of each family: per-head q/k RMSNorms before
+        RoPE (Qwen3, Gemma 3), and Gemma 2/3's norms on the attention and MLP outputs; norms,
+        MLPs and embeddings are the model's own modules (Gemma's (1 + weight) norms, its GELU)."""
         if self._bound is not None:
             return self._layers_fast(h, rope, attend)
         B, T, _ = h.shape
-        cos, sin = rope[0][:, None], rope[1][:, None]  # (B, 1, T, D)
+        H, Hkv, D = self.n_heads, self.n_kv, self.head_dim
         for i, layer in enumerate(self.dec.layers[: self.n_layers]):
+            cos, sin, _ = self._rope(rope, i)
+            cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, D)
             attn = layer.self_attn
             x = layer.input_layernorm(h)
-            q = attn.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-            k = attn.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
-            v = attn.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
-            q = apply_rope(q, cos, sin).to(self.compute_dtype)
-            k = apply_rope(k, cos, sin).to(self.compute_dtype)
+            qkv = [m(x) for m in _qkv_mods(attn)]
+            q, k, v = qkv if len(qkv) == 3 else qkv[0].split([H * D, Hkv * D, Hkv * D], dim=-1)
+            q = q.view(B, T, H, D)
+            k = k.view(B, T, Hkv, D)
+            v = v.view(B, T, Hkv, D).transpose(1, 2)  # (B, Hkv, T, D)
+            if hasattr(attn, "q_norm"):
+                q, k = attn.q_norm(q), attn.k_norm(k)
+            q = apply_rope(q.transpose(1, 2), cos, sin).to(self.compute_dtype)  # (B, H, T, D)
+            k = apply_rope(k.transpose(1, 2), cos, sin).to(self.compute_dtype)  # (B, Hkv, T, D)
             o = attend(i, q, k, v.to(self.compute_dtype))  # (B, H, T, D)
-            h = h + attn.o_proj(o.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
+            a = attn.o_proj(o.transpose(1, 2).reshape(B, T, H * D))
+            if self.sandwich:
+                h = h + layer.post_attention_layernorm(a)
+                h = h + layer.post_feedforward_layernorm(layer.mlp(layer.pre_feedforward_layernorm(h)))
+            else:
+                h = h + a
+                h = h + layer.mlp(layer.post_attention_layernorm(h))
         return self.dec.norm(h)
 
     def _layers_fast(self, h, rope, attend):
         """``_layers`` on the bound weights (see the module docstring). The residual stream h keeps
-        its dtype (bf16 for a bf16 model, fp32 under autocast, as in HF); matmul inputs are bf16."""
+        its dtype (bf16 for a bf16 model, fp32 under autocast, as in HF); matmul inputs are bf16.
+        LLaMA-shaped layers only (``bind``), with Qwen3's q/k norms as modules."""
         B, T, _ = h.shape
         H, Hkv, D = self.n_heads, self.n_kv, self.head_dim
         dt = self.compute_dtype
-        cos, sin_signed = rope[0][:, :, None], rope[2][:, :, None]  # (B, T, 1, D)
         layers, _ = self._bound
         for i, layer in enumerate(layers):
+            cos, _, sin_signed = self._rope(rope, i)
+            cos, sin_signed = cos[:, :, None], sin_signed[:, :, None]  # (B, T, 1, D)
             x = layer.in_norm(h).to(dt)
             qkv = layer.qkv(x).view(B, T, H + 2 * Hkv, D)
+            qk = qkv[:, :, : H + Hkv]
+            if layer.qk_norm is not None:
+                qk = torch.cat([layer.qk_norm[0](qk[:, :, :H]), layer.qk_norm[1](qk[:, :, H:])], dim=2)
             # q and k heads rotated together in one pass: (B, T, H + Hkv, D)
-            qk = apply_rope_fused(qkv[:, :, : H + Hkv], cos, sin_signed).to(dt)
+            qk = apply_rope_fused(qk, cos, sin_signed).to(dt)
             q = qk[:, :, :H].transpose(1, 2)  # (B, H, T, D)
             k = qk[:, :, H:].transpose(1, 2)  # (B, Hkv, T, D)
             v = qkv[:, :, H + Hkv :].transpose(1, 2).to(dt)  # (B, Hkv, T, D)
@@ -355,6 +479,12 @@ class Runner:
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         """lm_head on final hidden states (…, d) -> (…, V) in the compute dtype (fp32 on the module path)."""
+        logits = self._head(h)
+        if self.final_softcap is not None:  # Gemma 2/3
+            logits = torch.tanh(logits / self.final_softcap) * self.final_softcap
+        return logits
+
+    def _head(self, h: torch.Tensor) -> torch.Tensor:
         if self._bound is not None:
             return self._bound[1](h.to(self.compute_dtype))
         w = self.lm_head.weight
@@ -387,15 +517,21 @@ class Runner:
         Returns the next-token logits of each slot's prompt: (N, V) (see ``_logits``).
         """
         P, T = ids.shape
-        key_ok = torch.arange(T, device=ids.device)[None, :] < lens[:, None]  # (P, T)
+        idx = torch.arange(T, device=ids.device)
+        key_ok = idx[None, :] < lens[:, None]  # (P, T)
         causal = torch.ones(T, T, dtype=torch.bool, device=ids.device).tril()  # (T, T)
         keep = (causal[None] & key_ok[:, None, :])[:, None]  # (P, 1, T, T)
-        mask = torch.zeros(keep.shape, dtype=self.compute_dtype, device=ids.device).masked_fill_(~keep, float("-inf"))
+        masks = {None: self._mask(keep)}
+        for w in set(self.windows) - {None}:
+            # sliding layers: keys within the window of each real query; padded queries keep
+            # the causal mask, so no row is fully masked (that would give NaN keys downstream)
+            near = (idx[:, None] - idx[None, :] < w)[None] | ~key_ok[:, :, None]  # (P, T, T)
+            masks[w] = self._mask(keep & near[:, None])
 
         def attend(i, q, k, v):
             cache.k[i][slots, :, :T] = k[src]
             cache.v[i][slots, :, :T] = v[src]
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scaling, enable_gqa=True)
+            return self._attention(i, q, k, v, masks[self.windows[i]])
 
         h = self.dec.embed_tokens(ids)  # (P, T, d)
         h = self._layers(h, tuple(t[:T][None] for t in rope), attend)  # rope (1, T, D)
@@ -425,7 +561,15 @@ class Runner:
         # bf16 fast path on a CPU: the C++ decode-attention kernel (attention_cpu.py) reads each
         # row's pos + 1 valid positions, no mask; SDPA over row chunks otherwise (and as fallback)
         n_valid = pos + 1  # (B,) keys per row once this step's key is written
-        kernel = self.decode_kernel and self._bound is not None and attention_cpu.ready(cache.k[0], self.n_heads)
+        # a sliding window at least as long as the cache never hides a key; a shorter one needs
+        # masks (SDPA), the kernel reads from position 0
+        windows = [w if w is not None and w < cache.max_len else None for w in self.windows]
+        kernel = (
+            self.decode_kernel
+            and self._bound is not None
+            and all(w is None for w in windows)
+            and attention_cpu.ready(cache.k[0], self.n_heads)
+        )
         self.last_decode_kernel = kernel
         groups = groups if kernel and self.share_prefix else None
         self.last_decode_shared = 0 if groups is None else B - len(groups.plen)
@@ -433,9 +577,11 @@ class Runner:
             chunks = attention_chunks(pos.tolist())  # [(row0, row1, span)]
             span = max(c[2] for c in chunks)
             # additive mask built once per step (a bool mask is converted inside every SDPA call)
-            keep = torch.arange(span, device=tokens.device)[None, :] <= pos[:, None]  # (B, span)
-            mask = torch.zeros(B, 1, 1, span, dtype=self.compute_dtype, device=tokens.device)
-            mask.masked_fill_(~keep[:, None, None], float("-inf"))  # (B, 1, 1, span)
+            keys = torch.arange(span, device=tokens.device)[None, :]  # (1, span)
+            keep = keys <= pos[:, None]  # (B, span)
+            masks = {None: self._mask(keep[:, None, None])}  # (B, 1, 1, span)
+            for w in set(windows) - {None}:
+                masks[w] = self._mask((keep & (keys > pos[:, None] - w))[:, None, None])
         # where each row's new key goes in the flattened cache (S·Hkv·L, D): one index_copy_
         # per layer instead of an advanced-index write
         L = cache.max_len
@@ -447,19 +593,12 @@ class Runner:
             kc.view(-1, self.head_dim).index_copy_(0, dest, k.reshape(B * self.n_kv, self.head_dim))
             vc.view(-1, self.head_dim).index_copy_(0, dest, v.reshape(B * self.n_kv, self.head_dim))
             if kernel:
-                return attention_cpu.decode_attention(q, kc, vc, n_valid, self.scaling, groups)  # (B, H, 1, D)
+                return attention_cpu.decode_attention(q, kc, vc, n_valid, self.scalings[i], groups)  # (B, H, 1, D)
             # one query position per head against the kv head it shares (enable_gqa: no repeat
             # of K/V; head h uses kv head h // (H / Hkv), as in HF's repeat_kv)
+            mask = masks[windows[i]]
             outs = [
-                F.scaled_dot_product_attention(
-                    q[a:b],
-                    kc[a:b, :, :s],
-                    vc[a:b, :, :s],
-                    attn_mask=mask[a:b, ..., :s],
-                    scale=self.scaling,
-                    enable_gqa=True,
-                )
-                for a, b, s in chunks
+                self._attention(i, q[a:b], kc[a:b, :, :s], vc[a:b, :, :s], mask[a:b, ..., :s]) for a, b, s in chunks
             ]
             return outs[0] if len(outs) == 1 else torch.cat(outs)  # (B, H, 1, D)
 
@@ -470,19 +609,21 @@ class Runner:
             cache.lens[:B] += 1
             return self._logits(h)
         h = self.dec.embed_tokens(tokens[:, None])  # (B, 1, d)
-        h = self._layers(h, tuple(t[pos][:, None] for t in rope), attend)  # rope (B, 1, D)
+        h = self._layers(h, tuple(t[pos][:, None] for t in rope), attend)  # rope (B, 1, D) each
         cache.lens[:B] += 1
         return self._logits(h[:, 0])  # (B, V)
 
     def _fusable(self) -> bool:
         """Whether the whole decode step can take the fused C++ ops (residual stream in bf16): a bf16
         model, or an fp32 one under bf16 autocast unless ``fuse_autocast`` is off, whose layers are
-        RMSNorm + SwiGLU and whose final norm is an RMSNorm."""
+        RMSNorm + SwiGLU without q/k norms and whose final norm is an RMSNorm (the caller checks that
+        no sliding window applies)."""
         layers = self._bound[0]
         return (
             (self.param_dtype == torch.bfloat16 or (self.fuse_autocast and self.compute_dtype == torch.bfloat16))
-            and all(layer.norms is not None and layer.swiglu is not None for layer in layers)
+            and all(layer.norms is not None and layer.swiglu is not None and layer.qk_norm is None for layer in layers)
             and self._final_norm is not None
+            and not self.rope_kinds
         )
 
     def _decode_fused(self, h: torch.Tensor, pos: torch.Tensor, cache: KVCache, rope, groups=None) -> torch.Tensor:
@@ -498,7 +639,7 @@ class Runner:
         for i, layer in enumerate(layers):
             qkv = layer.qkv(x).contiguous()  # (B, (H + 2·Hkv)·D)
             o = attention_cpu.rope_cache_attention(
-                qkv, cos, sin_signed, pos, cache.k[i], cache.v[i], self.n_heads, self.scaling, groups
+                qkv, cos, sin_signed, pos, cache.k[i], cache.v[i], self.n_heads, self.scalings[i], groups
             )
             x = attention_cpu.add_rms_norm(h, layer.o(o).contiguous(), *layer.norms[1])  # h += o(attn)
             gate_up, down = layer.swiglu
@@ -508,7 +649,7 @@ class Runner:
         return x
 
 
-_RMS_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm")
+_RMS_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "Phi3RMSNorm")  # weight · x / rms(x)
 
 HEAD_CHUNK = 1024  # vocabulary rows per matmul of ``head_in_chunks`` (2.4 MB of fp32 weights at d = 576)
 HEAD_CHUNK_MAX_ROWS = 128  # above this many rows one matmul is as fast (measured, see head_in_chunks)
