@@ -95,3 +95,22 @@ def test_precision_resolution():
     assert resolve_precision("auto") in ("bf16", "fp32")
     with pytest.raises(UserError, match="expected auto, bf16 or fp32"):
         resolve_precision("fp8")
+
+
+def test_stop_token_ids_from_the_tokenizer_the_template_and_the_generation_config(tiny, tmp_path):
+    from families import tiny_family
+
+    # ChatML (SmolLM2): the end of turn <|im_end|> is the EOS
+    assert loading.end_of_turn_id(tiny.tokenizer) == tiny.tokenizer.eos_token_id == 2
+    assert loading.stop_token_ids(tiny.tokenizer, tiny.model) == {2}
+    gemma = load_causal_lm(tiny_family("gemma3", tmp_path))
+    tok, model = gemma.tokenizer, gemma.model
+    eos, eot = tok.eos_token_id, tok.convert_tokens_to_ids("<end_of_turn>")
+    assert eot != eos and loading.end_of_turn_id(tok) == eot
+    assert loading.stop_token_ids(tok) == {eos, eot}
+    model.generation_config.eos_token_id = [eos, 7, 9]  # a list: every id
+    assert loading.stop_token_ids(tok, model) == {eos, eot, 7, 9}
+    model.generation_config.eos_token_id = 5
+    assert loading.stop_token_ids(tok, model) == {eos, eot, 5}
+    tok.chat_template = None
+    assert loading.end_of_turn_id(tok) == eos and loading.stop_token_ids(tok) == {eos}

@@ -420,3 +420,22 @@ def test_the_main_job_survives_what_a_model_writes(tiny_path, tmp_path, monkeypa
     assert "ppo1" in (run / "report.html").read_text(encoding="utf-8")
     for d in ("sft", "round1/rm", "round1/ppo"):  # the pipeline's report_to reached every stage
         assert list((run / d / "tensorboard").rglob("events.out.tfevents.*")), d
+
+
+def test_pipeline_generates_and_runs_ppo_with_its_rollout_backend(tiny_path, monkeypatch):
+    """rollout_backend reaches the sampling (and judging) generator and every round's PPO config;
+    a stage's own ppo.rollout_backend is refused like the other settings the pipeline owns."""
+    from rlhfkit.errors import UserError
+    from rlhfkit.recipes import pipeline
+    from rlhfkit.rollout import backends
+    from rlhfkit.tasks import load_task
+
+    cfg = demo_config(rollout_backend="hf", max_new_tokens=4)
+    assert pipeline.ppo_config(cfg, "sft", "rm", "out", 1).rollout_backend == "hf"
+    with pytest.raises(UserError, match="ppo.rollout_backend: the pipeline sets"):
+        demo_config(ppo={"rollout_backend": "hf"})
+    made = []
+    real = backends.make_generator
+    monkeypatch.setattr(pipeline, "make_generator", lambda *a, **kw: made.append(a[2]) or real(*a, **kw))
+    rows = pipeline.sample_answers(tiny_path, load_task("train")[:2], 3, cfg, 1.0, say=lambda *a: None)
+    assert made == ["hf"] and [len(r["responses"]) for r in rows] == [3, 3]

@@ -271,3 +271,27 @@ def test_length_groups_by_hand():
     # equal lengths never pad: one group however many (the real tokens add up: 3·10 <= 1.25·30)
     assert length_groups([10, 10, 10]) == [[0, 1, 2]]
     assert length_groups([]) == []
+
+
+def test_responses_end_with_the_templates_end_of_turn_not_eos(tmp_path):
+    """Gemma's template ends a turn with <end_of_turn>, which is not its EOS: SFT demonstrations and
+    RM responses (also cut ones) end with <end_of_turn>, as the template renders the conversation."""
+    from families import tiny_family
+    from transformers import AutoTokenizer
+
+    from rlhfkit.models.loading import end_of_turn_id
+
+    tok = AutoTokenizer.from_pretrained(tiny_family("gemma3", tmp_path))
+    eot = tok.convert_tokens_to_ids("<end_of_turn>")
+    assert eot != tok.eos_token_id and end_of_turn_id(tok) == eot
+    demo = Demonstration(as_messages("Name a fruit."), "Apple.")
+    e = encode_demonstration(tok, demo, 512)
+    assert tok.decode(e.input_ids[e.prompt_len :]) == "Apple.<end_of_turn>"
+    full = tok.apply_chat_template(demo.messages + [{"role": "assistant", "content": "Apple."}], tokenize=False)
+    assert full.startswith(tok.decode(e.input_ids))
+    r = Ranking(as_messages("Hi"), ["ok", "a much longer answer than the room left for it"], [0, 1])
+    room = len(encode_prompt(tok, r.messages)) + 4
+    short, long_ = encode_ranking(tok, r, room)
+    assert short.input_ids[-1] == long_.input_ids[-1] == eot and long_.truncated and len(long_.input_ids) == room
+    tok.chat_template = None  # no template: EOS
+    assert encode_demonstration(tok, demo, 512).input_ids[-1] == tok.eos_token_id

