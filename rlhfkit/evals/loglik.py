@@ -30,6 +30,8 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
+from rlhfkit.models.layout import head_logits, split_is_exact, trunk
+
 Request = tuple[str, str]  # (context, continuation)
 
 
@@ -128,14 +130,13 @@ class LoglikScorer:
         return torch.gather(F.log_softmax(logits, dim=-1), 1, targets[:, None])[:, 0]
 
     def _body(self, **kw):
-        """The decoder without its LM head (the head runs only where a continuation token is)."""
-        get = getattr(self.model, "get_decoder", None)
-        head = self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None
-        if get is not None and head is not None and not getattr(self.model.config, "final_logit_softcapping", None):
-            out = get()(**kw)
-            self._lm_head = head
+        """The trunk without its LM head (the head runs only where a continuation token is), where
+        trunk + head give the model's own logits (``rlhfkit.models.layout``: Gemma's soft-capping
+        included); else the whole model, whose logits pass through an identity "head"."""
+        if split_is_exact(self.model):
+            out = trunk(self.model)(**kw)
+            self._lm_head = lambda h: head_logits(self.model, h)
             return out.last_hidden_state, out.past_key_values if kw.get("use_cache") else None
-        # generic fallback: full logits; log_softmax of identity-head "hidden" = logits
         out = self.model(**kw)
         self._lm_head = lambda h: h
         return out.logits, out.past_key_values if kw.get("use_cache") else None

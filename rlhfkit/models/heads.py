@@ -6,7 +6,8 @@ head (no bias), loadable by ``AutoModelForSequenceClassification.from_pretrained
 
 What is ours:
   - the head reads the hidden state of the *last response token* (the EOS), found from the
-    attention mask, never from the pad id (SmolLM2's pad token *is* its EOS);
+    attention mask (padded right or left), never from the pad id (SmolLM2's pad token *is* its EOS,
+    GPT-2 has none); any causal LM's trunk works (``rlhfkit.models.layout.trunk``);
   - the head is initialised N(0, 1/(d+1)) (Stiennon et al. 2020, appendix; d = hidden size);
   - the normalisation offset (so the mean score of the reference answers is 0) is stored in
     ``config.json`` as ``reward_offset`` and subtracted by ``RewardModel.score``. With plain
@@ -24,6 +25,7 @@ from torch import nn
 
 from rlhfkit.accel.attention import additive_attention_mask
 from rlhfkit.errors import UserError
+from rlhfkit.models.layout import trunk
 from rlhfkit.models.loading import disable_dropout, load_tokenizer, resolve_model_path
 from rlhfkit.models.lora import unwrap
 
@@ -43,7 +45,7 @@ class RewardModel(nn.Module):
 
     @property
     def trunk(self) -> nn.Module:
-        return getattr(self._inner, self._inner.base_model_prefix)
+        return trunk(self._inner)
 
     @property
     def head(self) -> nn.Module:
@@ -62,15 +64,18 @@ class RewardModel(nn.Module):
         row_index: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Raw scores (N,) read at (``row_index``, ``last_index``) — by default one per row (N = B), at
-        the last attended token of a right-padded 2-D mask. Several scores per row (a prompt shared by
-        its K responses, ``collate_shared_prompt``): a 4-D mask, ``position_ids`` and ``row_index``."""
+        the last attended token of a 2-D mask, padded right or left (positions count the attended
+        tokens only, so a row scores the same however it is padded). Several scores per row (a prompt
+        shared by its K responses, ``collate_shared_prompt``): a 4-D mask, ``position_ids`` and ``row_index``."""
         if attention_mask.dim() == 4:
             attention_mask = additive_attention_mask(self.trunk, attention_mask)
+        elif position_ids is None:
+            position_ids = (attention_mask.long().cumsum(1) - 1).clamp(min=0)  # (B, T)
         hidden = self.trunk(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
         ).last_hidden_state  # (B, T, d)
-        if last_index is None:
-            last_index = attention_mask.sum(1) - 1  # right padding
+        if last_index is None:  # the last attended column: right or left padding
+            last_index = attention_mask.shape[1] - 1 - attention_mask.long().flip(1).argmax(1)
         if row_index is None:
             row_index = torch.arange(hidden.shape[0], device=hidden.device)
         h = hidden[row_index, last_index]  # (N, d)
@@ -126,6 +131,6 @@ def load_reward_model(spec: str, dtype: torch.dtype = torch.float32) -> tuple[Re
         raise UserError(f"--model {spec}: cannot load as a reward model ({str(e).splitlines()[0]})") from None
     disable_dropout(seq_model)
     if new_head:
-        init_reward_head(seq_model.score, config.hidden_size)
+        init_reward_head(seq_model.score, seq_model.score.in_features)
         seq_model.config.reward_offset = 0.0
     return RewardModel(seq_model), tok

@@ -69,6 +69,7 @@ from rlhfkit.data.records import Prompt
 from rlhfkit.data.tokenize import encode_prompt
 from rlhfkit.errors import UserError
 from rlhfkit.models.heads import RewardModel, load_reward_model
+from rlhfkit.models.layout import hidden_size, scored_forward
 from rlhfkit.models.loading import load_causal_lm, resolve_precision
 from rlhfkit.models.lora import unwrap
 from rlhfkit.recipes.common import (
@@ -90,8 +91,7 @@ from rlhfkit.recipes.ppo_models import (
     cut_responses,
     length_chunks,
     make_batch,
-    policy_hidden,
-    response_logits,
+    policy_forward,
     rm_scores,
     rollout_forwards,
 )
@@ -150,11 +150,10 @@ def ptx_loss(policy, chunks: list[list[int]], pad_id: int) -> torch.Tensor:
     for i, c in enumerate(chunks):
         ids[i, : len(c)] = torch.tensor(c)
         mask[i, : len(c)] = 1
-    base = unwrap(policy)
-    hidden = base.model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state[:, :-1]  # (B, T-1, d)
-    logits = base.lm_head(hidden).float()  # (B, T-1, V)
+    positions = torch.arange(T - 1).expand(len(chunks), -1)  # (B, T-1): position t predicts token t + 1
+    _, logits = scored_forward(policy, ids, mask, positions)  # (B, T-1, V), the model's own logits
     target_mask = mask[:, 1:].bool()
-    nll = torch.nn.functional.cross_entropy(logits[target_mask], ids[:, 1:][target_mask])
+    nll = torch.nn.functional.cross_entropy(logits.float()[target_mask], ids[:, 1:][target_mask])
     return nll
 
 
@@ -341,7 +340,7 @@ def load_models(cfg: PPOConfig, device, precision: str, reward_fn: RewardFn | No
 def load_critic(cfg: PPOConfig, policy: nn.Module, device, say=print) -> Critic:
     """A value head on the policy's trunk (critic='policy_head'), or a copy of the reward model."""
     if cfg.critic == "policy_head":
-        head = nn.Linear(unwrap(policy).config.hidden_size, 1, bias=False)
+        head = nn.Linear(hidden_size(policy), 1, bias=False)
         # zero: the first advantages are plain Monte-Carlo returns. A random head gives values of
         # a few units, and GAE charges that bias to the last token — the EOS — so the policy
         # learns not to stop (seen on SmolLM2: the no-EOS share more than doubled in a few iterations).
@@ -531,14 +530,14 @@ def micro_step(
         vl = ppo_value_loss(values, old_v, ret, m_mask, cfg.cliprange_value)
         (weight * cfg.vf_coef * vl.loss).backward()
         with m.autocast():
-            h = policy_hidden(m.policy, b)  # (b, r, d)
-            new_logprobs = logprobs_from_logits(response_logits(m.policy, h), b.response, cfg.temperature)
+            _, logits = policy_forward(m.policy, b)  # (b, r, V)
+            new_logprobs = logprobs_from_logits(logits, b.response, cfg.temperature)
         pl = ppo_policy_loss(new_logprobs, old_lp, advantages, m_mask, cfg.cliprange)
         (weight * pl.loss).backward()
     else:  # one trunk forward gives both the log-probs and the values
         with m.autocast():
-            h = policy_hidden(m.policy, b)
-            new_logprobs = logprobs_from_logits(response_logits(m.policy, h), b.response, cfg.temperature)
+            h, logits = policy_forward(m.policy, b)  # (b, r, d), (b, r, V)
+            new_logprobs = logprobs_from_logits(logits, b.response, cfg.temperature)
             values = m.critic.values(b, hidden=h)
         pl = ppo_policy_loss(new_logprobs, old_lp, advantages, m_mask, cfg.cliprange)
         vl = ppo_value_loss(values, old_v, ret, m_mask, cfg.cliprange_value)

@@ -3,7 +3,8 @@ forwards of one iteration (policy and reference log-probs, entropy, values, rewa
 
 The loop that uses them is ``rlhfkit/recipes/ppo.py``; the math is ``rlhfkit/algos/ppo.py``.
 Speed: each sequence's trunk runs once per model per phase; only the hidden states at response
-positions go through the (large) LM head.
+positions go through the (large) LM head. No model layout is assumed: the trunk, head and the
+family's logit post-processing come from ``rlhfkit.models.layout``.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 from torch import nn
 
 from rlhfkit.algos.ppo import logprobs_from_logits, truncate_after_eos
+from rlhfkit.models.layout import gather_positions, scored_forward, trunk
 from rlhfkit.models.lora import unwrap
 from rlhfkit.recipes.common import load_weights
 
@@ -90,23 +92,14 @@ def cut_responses(completions, eos_ids, pad_id: int) -> tuple[torch.Tensor, torc
     return response.masked_fill(~response_mask, pad_id), response_mask, ended
 
 
-def _gather(hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """hidden (B, L, d), positions (B, R) -> (B, R, d)."""
-    return hidden.gather(1, positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
+def policy_forward(model: nn.Module, b: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """The policy's last hidden states and logits at the response positions: (B, R, d), (B, R, V).
 
-
-def policy_hidden(model: nn.Module, b: Batch) -> torch.Tensor:
-    """The policy trunk's last hidden states at the response positions: (B, R, d)."""
-    trunk = unwrap(model).model
-    hidden = trunk(
-        input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False
-    ).last_hidden_state  # (B, L, d)
-    return _gather(hidden, b.positions)
-
-
-def response_logits(model: nn.Module, h: torch.Tensor) -> torch.Tensor:
-    """LM head on response positions only: (B, R, d) -> (B, R, V)."""
-    return unwrap(model).lm_head(h)
+    The logits are the model's own (``rlhfkit.models.layout``: Gemma's soft-capping included), so
+    the log-probs PPO trains on are those of ``model(input_ids).logits``; the LM head runs on the
+    response positions only wherever the model's layout allows it.
+    """
+    return scored_forward(model, b.input_ids, b.attention_mask, b.positions)
 
 
 class Critic(nn.Module):
@@ -127,14 +120,13 @@ class Critic(nn.Module):
         if self.kind == "policy_head":
             return self.head(hidden).squeeze(-1).float()
         base = unwrap(self.seq_model)
-        trunk = getattr(base, base.base_model_prefix)
-        h = trunk(
+        h = trunk(base)(
             input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False
         ).last_hidden_state  # (B, L, d)
         # on the scale of the rewards: the RM's scores are normalised by its stored offset, so its
         # raw head output would overestimate every value by that offset (see policy_head's init)
         offset = float(getattr(base.config, "reward_offset", 0.0) or 0.0)
-        return base.score(_gather(h, b.positions)).squeeze(-1).float() - offset  # (B, R)
+        return base.score(gather_positions(h, b.positions)).squeeze(-1).float() - offset  # (B, R)
 
     def save(self, path: Path, merge: bool = False) -> None:
         path.mkdir(parents=True, exist_ok=True)
@@ -192,8 +184,7 @@ def rollout_forwards(
         b = batch.rows(rows)
         # one autocast context per model: its cache of bf16 weight casts is freed on exit
         with autocast():
-            h = policy_hidden(policy, b)  # (b, r, d)
-            logits = response_logits(policy, h)  # (b, r, V)
+            h, logits = policy_forward(policy, b)  # (b, r, d), (b, r, V)
             logprobs, entropy = logprobs_and_entropy(logits, b.response, temperature)
             out["logprobs"].append(pad(logprobs))
             out["entropy"].append(pad(entropy))
@@ -206,9 +197,9 @@ def rollout_forwards(
         with autocast():
             if lora_ref:
                 with policy.disable_adapter():
-                    ref_logits = response_logits(policy, policy_hidden(policy, b))
+                    ref_logits = policy_forward(policy, b)[1]
             else:
-                ref_logits = response_logits(ref, policy_hidden(ref, b))
+                ref_logits = policy_forward(ref, b)[1]
             out["ref_logprobs"].append(pad(logprobs_from_logits(ref_logits, b.response, temperature)))
             del ref_logits
     back = torch.argsort(torch.cat(chunks))  # rows back into batch order

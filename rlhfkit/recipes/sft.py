@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from rlhfkit.accel import prepare_for_training
+from rlhfkit.accel.attention import additive_attention_mask
 from rlhfkit.accel.optim import clip_and_step
 from rlhfkit.algos.losses import masked_nll_sum
 from rlhfkit.config import SFTConfig, TrainConfig
@@ -111,6 +112,7 @@ def run_lm_training(
         for part in parts:
             batch = batch_inputs(part)
             kw = {k: v.to(acc.device) for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids")}
+            kw["attention_mask"] = additive_attention_mask(model, kw["attention_mask"])  # packed rows: 4-D
             logits = model(**kw, use_cache=False).logits  # (B, T, V)
             nll, _ = masked_nll_sum(logits, kw["input_ids"], batch["loss_mask"].to(acc.device))
             total = total + nll
