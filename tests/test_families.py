@@ -394,7 +394,7 @@ def test_pipeline_quick(family, family_path, tmp_path):
     for d in ("sft", "round1/rm", "round1/ppo"):
         assert (run / d / "model" / "config.json").exists(), d
     assert set(summary["versions"]) == {"base", "sft", "ppo1"} and summary["final"] == "ppo1"
-    assert len(summary["ppo"]["ppo1"]) == 1 and math.isfinite(summary["ppo"]["ppo1"][0]["kl"])
+    assert len(summary["training"]["ppo1"]) == 1 and math.isfinite(summary["training"]["ppo1"][0]["kl"])
 
 
 def test_truthfulqa_mc(family, family_path, tmp_path):
