@@ -569,3 +569,55 @@ def test_rm_gold_accuracy_against_the_rubric_behind_the_labeler(tiny_path, tmp_p
     assert reverse["gold_accuracy"] == pytest.approx(1 - same["accuracy"])
     assert tied["gold_pairs"] == 6 * 4  # only the 4 pairs across the two gold levels, per ranking
     assert "gold_accuracy" not in none
+
+
+LLAMA_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def lora_modules(model) -> list[str]:
+    return sorted(name for name, m in model.named_modules() if hasattr(m, "lora_A"))
+
+
+def test_lora_all_linear_on_llama_is_the_seven_projections(tiny_path):
+    """The default lora_targets=["all-linear"] adapts what the old LLaMA-named default did."""
+    from transformers import AutoModelForCausalLM
+
+    from rlhfkit.recipes.common import apply_lora
+
+    assert SFTConfig().lora_targets == ["all-linear"]
+    default = apply_lora(AutoModelForCausalLM.from_pretrained(tiny_path), SFTConfig(lora=True))
+    named = apply_lora(
+        AutoModelForCausalLM.from_pretrained(tiny_path), SFTConfig(lora=True, lora_targets=LLAMA_PROJECTIONS)
+    )
+    assert lora_modules(default) == lora_modules(named)
+    assert {n.split(".")[-1] for n in lora_modules(default)} == set(LLAMA_PROJECTIONS)
+
+
+def test_sft_lora_runs_on_gpt2(demos, tmp_path):
+    """GPT-2's projections are c_attn / c_proj / c_fc (Conv1D): the all-linear default finds them."""
+    from families import tiny_family
+
+    from rlhfkit.recipes.sft import train_sft
+
+    model = tiny_family("gpt2", tmp_path)
+    cfg = SFTConfig(
+        model=str(model),
+        data=demos,
+        out=str(tmp_path / "lora"),
+        batch_size=8,
+        max_steps=2,
+        lr=1e-2,
+        warmup_steps=0,
+        precision="fp32",
+        max_length=128,
+        lora=True,
+        lora_r=4,
+        eval_fraction=0.2,
+    )
+    train_sft(cfg, say=lambda *a: None)
+    assert len(losses(tmp_path / "lora")) == 2
+    before, after = params_of(str(model)), params_of(str(tmp_path / "lora" / "model"))
+    assert set(before) == set(after)  # merged: a plain model, no adapter tensors
+    key = "transformer.h.0.attn.c_attn.weight"
+    assert not torch.equal(before[key], after[key])
+    assert torch.equal(before["transformer.wte.weight"], after["transformer.wte.weight"])  # not a LoRA target

@@ -183,7 +183,7 @@ def test_rm_wandb_offline_run_holds_the_metrics_and_config(tiny_path, fixtures, 
     want = logged(out)
     assert {"loss", "accuracy", "eval_accuracy", "reward_offset"} <= set(want)
     assert_same(series, want, merged_steps=True)
-    assert config["lr"] == 1e-3 and config["report_to"] == "wandb" and config["lora_targets"].startswith('["q_proj"')
+    assert config["lr"] == 1e-3 and config["report_to"] == "wandb" and config["lora_targets"] == '["all-linear"]'
 
 
 def test_pretrain_mlflow_run_holds_the_metrics_and_params(tiny_path, tmp_path):
