@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import Crash, crash_after
 
 from rlhfkit.config import PretrainConfig, RewardConfig, SFTConfig, build_config
 from rlhfkit.data.jsonl import read_jsonl, write_jsonl
@@ -225,22 +226,6 @@ def grad_norms(out) -> list[float]:
     return [m["grad_norm"] for m in read_metrics(out) if "grad_norm" in m]
 
 
-class _Crash(Exception):
-    """A simulated crash, raised right after a checkpoint was (or would have been) written."""
-
-
-def crash_after(monkeypatch, recipe, step: int) -> None:
-    """Make ``recipe``'s run die right after its periodic checkpoint of optimizer step ``step``."""
-    real = recipe.periodic_checkpoint
-
-    def checkpoint_then_crash(acc, cfg, out, done, *args):
-        real(acc, cfg, out, done, *args)
-        if done >= step:
-            raise _Crash(done)
-
-    monkeypatch.setattr(recipe, "periodic_checkpoint", checkpoint_then_crash)
-
-
 def assert_same_weights(a_dir, b_dir, atol: float) -> None:
     a, b = params_of(str(a_dir)), params_of(str(b_dir))
     assert a.keys() == b.keys()
@@ -270,7 +255,7 @@ def test_resume_is_exact(stage, tiny_path, varied, tmp_path, monkeypatch):
         schedule="linear",
     )
     run(cls(out=str(tmp_path / "straight"), **common))
-    with monkeypatch.context() as patch, pytest.raises(_Crash):
+    with monkeypatch.context() as patch, pytest.raises(Crash):
         crash_after(patch, recipe, 3)  # dies after step 3; checkpoint at 2
         run(cls(out=str(tmp_path / "resumed"), **common))
     run(cls(out=str(tmp_path / "resumed"), resume=True, **common))
