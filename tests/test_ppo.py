@@ -20,15 +20,7 @@ from helpers import Crash
 from rlhfkit.config import PPOConfig
 from rlhfkit.recipes.common import read_metrics
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one thread is faster, and far faster on a shared, loaded machine (OpenMP
-    threads spin-waiting for a busy core made these tests 10x slower with 2 threads)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def newline_reward(prompts, responses, finished):
