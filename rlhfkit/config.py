@@ -113,7 +113,9 @@ class TrainConfig:
     lora_alpha: int = opt(32, "LoRA alpha.")
     lora_dropout: float = opt(0.0, "LoRA dropout (0 keeps log-probs deterministic).")
     lora_targets: list = opt(
-        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], "Module names LoRA adapts."
+        ["all-linear"],
+        "Module names LoRA adapts (e.g. [q_proj, v_proj]); all-linear: every linear layer but the output layer "
+        "(LLaMA: the 7 attention and MLP projections; GPT-2: c_attn, c_proj, c_fc).",
     )
     gradient_checkpointing: bool = opt(False, "Recompute activations in the backward pass (less memory, ~30% slower).")
     compile: Switch = opt(

@@ -49,6 +49,17 @@ def shared_data() -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module of tiny-tensor tests (``pytestmark =
+    pytest.mark.usefixtures("one_thread")``): faster, and far faster on a shared, loaded machine
+    (OpenMP threads spin-waiting for a busy core made them 10x slower with 2 threads)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_path() -> str:
     from rlhfkit.models.loading import tiny_random_dir

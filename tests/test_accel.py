@@ -12,14 +12,7 @@ import torch
 from rlhfkit.config import PPOConfig, RewardConfig
 from rlhfkit.recipes.common import read_metrics
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one thread is faster on a shared, loaded machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def test_prepare_applies_what_fits_and_says_so_in_one_line(tiny_path):

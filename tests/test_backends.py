@@ -14,13 +14,7 @@ from rlhfkit.errors import UserError
 from rlhfkit.rollout import Engine, Generator, SamplingParams, make_generator
 from rlhfkit.rollout.hf import HFGenerator
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 @pytest.fixture(scope="module")

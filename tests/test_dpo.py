@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import Crash, crash_after
 
 from rlhfkit.algos.dpo import Pair, dpo_loss, ranking_pairs, sequence_logprobs
 from rlhfkit.config import DPOConfig
@@ -199,25 +200,14 @@ def test_dpo_cli_ipo_per_pair(tiny_path, rankings, tmp_path):
     assert (tmp_path / "ipo" / "model" / "config.json").exists()
 
 
-class _Crash(Exception):
-    """A simulated crash right after a checkpoint (as in test_recipes.py)."""
-
-
 def test_dpo_resume_is_exact(tiny_path, rankings, tmp_path, monkeypatch):
     """2 steps, crash after 3, resume: the same losses, learning rates and weights as 4 steps straight."""
     from rlhfkit.recipes import dpo
 
     kw = dict(max_steps=4, save_every=2, schedule="linear", warmup_steps=1, batch_size=4)
     dpo.train_dpo(tiny_cfg(tiny_path, rankings, tmp_path / "straight", **kw))
-    real = dpo.periodic_checkpoint
-
-    def checkpoint_then_crash(acc, cfg, out, done, *args):
-        real(acc, cfg, out, done, *args)
-        if done >= 3:
-            raise _Crash(done)
-
-    with monkeypatch.context() as patch, pytest.raises(_Crash):
-        patch.setattr(dpo, "periodic_checkpoint", checkpoint_then_crash)
+    with monkeypatch.context() as patch, pytest.raises(Crash):
+        crash_after(patch, dpo, 3)
         dpo.train_dpo(tiny_cfg(tiny_path, rankings, tmp_path / "resumed", **kw))
     dpo.train_dpo(tiny_cfg(tiny_path, rankings, tmp_path / "resumed", resume=True, **kw))
     rows = [[m for m in read_metrics(tmp_path / r) if "loss" in m] for r in ("straight", "resumed")]

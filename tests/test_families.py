@@ -28,13 +28,7 @@ FIXTURES = Path(__file__).resolve().parent / "fixtures"
 CAP = 30.0  # the tiny Gemmas' final_logit_softcapping
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one thread is faster on a shared, loaded machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 @pytest.fixture(scope="session")

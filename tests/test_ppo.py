@@ -15,19 +15,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import Crash
 
 from rlhfkit.config import PPOConfig
 from rlhfkit.recipes.common import read_metrics
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one thread is faster, and far faster on a shared, loaded machine (OpenMP
-    threads spin-waiting for a busy core made these tests 10x slower with 2 threads)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def newline_reward(prompts, responses, finished):
@@ -148,10 +141,6 @@ def test_group_baseline_needs_several_samples(tiny_path, tmp_path):
             )
 
 
-class _Crash(Exception):
-    """A simulated crash, raised right after a checkpoint was written."""
-
-
 def test_ppo_exact_resume(sharp_path, tiny_path, tmp_path, monkeypatch):
     """2 iterations + crash + resume for 2 more == 4 straight (fp32, adaptive β, all metrics)."""
     from safetensors.torch import load_file
@@ -164,7 +153,7 @@ def test_ppo_exact_resume(sharp_path, tiny_path, tmp_path, monkeypatch):
     def checkpoint_then_crash(out, step, *args, **kwargs):
         real(out, step, *args, **kwargs)
         if step == 2:
-            raise _Crash(step)
+            raise Crash(step)
 
     kw = dict(
         max_steps=4,
@@ -180,7 +169,7 @@ def test_ppo_exact_resume(sharp_path, tiny_path, tmp_path, monkeypatch):
     )
     straight, crashed = tmp_path / "straight", tmp_path / "crashed"
     train_ppo(ppo_cfg(sharp_path, tiny_path, straight, **kw), reward_fn=newline_reward, say=lambda *a: None)
-    with monkeypatch.context() as patch, pytest.raises(_Crash):
+    with monkeypatch.context() as patch, pytest.raises(Crash):
         patch.setattr(ppo, "save_checkpoint", checkpoint_then_crash)  # dies right after step 2's checkpoint
         train_ppo(ppo_cfg(sharp_path, tiny_path, crashed, **kw), reward_fn=newline_reward, say=lambda *a: None)
     train_ppo(ppo_cfg(sharp_path, tiny_path, crashed, resume=True, **kw), reward_fn=newline_reward, say=lambda *a: None)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import Crash, crash_after
 
 from rlhfkit.config import PretrainConfig, RewardConfig, SFTConfig, build_config
 from rlhfkit.data.jsonl import read_jsonl, write_jsonl
@@ -225,22 +226,6 @@ def grad_norms(out) -> list[float]:
     return [m["grad_norm"] for m in read_metrics(out) if "grad_norm" in m]
 
 
-class _Crash(Exception):
-    """A simulated crash, raised right after a checkpoint was (or would have been) written."""
-
-
-def crash_after(monkeypatch, recipe, step: int) -> None:
-    """Make ``recipe``'s run die right after its periodic checkpoint of optimizer step ``step``."""
-    real = recipe.periodic_checkpoint
-
-    def checkpoint_then_crash(acc, cfg, out, done, *args):
-        real(acc, cfg, out, done, *args)
-        if done >= step:
-            raise _Crash(done)
-
-    monkeypatch.setattr(recipe, "periodic_checkpoint", checkpoint_then_crash)
-
-
 def assert_same_weights(a_dir, b_dir, atol: float) -> None:
     a, b = params_of(str(a_dir)), params_of(str(b_dir))
     assert a.keys() == b.keys()
@@ -270,7 +255,7 @@ def test_resume_is_exact(stage, tiny_path, varied, tmp_path, monkeypatch):
         schedule="linear",
     )
     run(cls(out=str(tmp_path / "straight"), **common))
-    with monkeypatch.context() as patch, pytest.raises(_Crash):
+    with monkeypatch.context() as patch, pytest.raises(Crash):
         crash_after(patch, recipe, 3)  # dies after step 3; checkpoint at 2
         run(cls(out=str(tmp_path / "resumed"), **common))
     run(cls(out=str(tmp_path / "resumed"), resume=True, **common))
@@ -569,3 +554,55 @@ def test_rm_gold_accuracy_against_the_rubric_behind_the_labeler(tiny_path, tmp_p
     assert reverse["gold_accuracy"] == pytest.approx(1 - same["accuracy"])
     assert tied["gold_pairs"] == 6 * 4  # only the 4 pairs across the two gold levels, per ranking
     assert "gold_accuracy" not in none
+
+
+LLAMA_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def lora_modules(model) -> list[str]:
+    return sorted(name for name, m in model.named_modules() if hasattr(m, "lora_A"))
+
+
+def test_lora_all_linear_on_llama_is_the_seven_projections(tiny_path):
+    """The default lora_targets=["all-linear"] adapts what the old LLaMA-named default did."""
+    from transformers import AutoModelForCausalLM
+
+    from rlhfkit.recipes.common import apply_lora
+
+    assert SFTConfig().lora_targets == ["all-linear"]
+    default = apply_lora(AutoModelForCausalLM.from_pretrained(tiny_path), SFTConfig(lora=True))
+    named = apply_lora(
+        AutoModelForCausalLM.from_pretrained(tiny_path), SFTConfig(lora=True, lora_targets=LLAMA_PROJECTIONS)
+    )
+    assert lora_modules(default) == lora_modules(named)
+    assert {n.split(".")[-1] for n in lora_modules(default)} == set(LLAMA_PROJECTIONS)
+
+
+def test_sft_lora_runs_on_gpt2(demos, tmp_path):
+    """GPT-2's projections are c_attn / c_proj / c_fc (Conv1D): the all-linear default finds them."""
+    from families import tiny_family
+
+    from rlhfkit.recipes.sft import train_sft
+
+    model = tiny_family("gpt2", tmp_path)
+    cfg = SFTConfig(
+        model=str(model),
+        data=demos,
+        out=str(tmp_path / "lora"),
+        batch_size=8,
+        max_steps=2,
+        lr=1e-2,
+        warmup_steps=0,
+        precision="fp32",
+        max_length=128,
+        lora=True,
+        lora_r=4,
+        eval_fraction=0.2,
+    )
+    train_sft(cfg, say=lambda *a: None)
+    assert len(losses(tmp_path / "lora")) == 2
+    before, after = params_of(str(model)), params_of(str(tmp_path / "lora" / "model"))
+    assert set(before) == set(after)  # merged: a plain model, no adapter tensors
+    key = "transformer.h.0.attn.c_attn.weight"
+    assert not torch.equal(before[key], after[key])
+    assert torch.equal(before["transformer.wte.weight"], after["transformer.wte.weight"])  # not a LoRA target

@@ -12,6 +12,7 @@ import struct
 from pathlib import Path
 
 import pytest
+from helpers import Crash, crash_after
 
 from rlhfkit.config import PPOConfig, PretrainConfig, RewardConfig, SFTConfig
 from rlhfkit.errors import UserError
@@ -130,10 +131,6 @@ def sft_cfg(tiny_path, demos, out, **kw) -> SFTConfig:
     return SFTConfig(**(base | kw))
 
 
-class _Crash(Exception):
-    """A simulated crash, raised right after the periodic checkpoint of a step."""
-
-
 def test_sft_tensorboard_holds_the_metrics_and_resume_continues_its_steps(tiny_path, demos, tmp_path, monkeypatch):
     """TensorBoard's scalars are metrics.jsonl's; a run killed after step 3 and resumed from its
     step-2 checkpoint shows steps 0..4 once each (the killed run's step 3 hidden by purge_step)."""
@@ -146,15 +143,8 @@ def test_sft_tensorboard_holds_the_metrics_and_resume_continues_its_steps(tiny_p
     assert_same(tensorboard_series(tmp_path / "sft"), want)
 
     out = tmp_path / "resumed"
-    real = sft.periodic_checkpoint
-
-    def checkpoint_then_crash(acc, cfg, out, done, *args):
-        real(acc, cfg, out, done, *args)
-        if done == 3:
-            raise _Crash(done)
-
-    with monkeypatch.context() as patch, pytest.raises(_Crash):
-        patch.setattr(sft, "periodic_checkpoint", checkpoint_then_crash)
+    with monkeypatch.context() as patch, pytest.raises(Crash):
+        crash_after(patch, sft, 3)
         train_sft(sft_cfg(tiny_path, demos, out, report_to="tensorboard", save_every=2), say=lambda *a: None)
     train_sft(sft_cfg(tiny_path, demos, out, report_to="tensorboard", save_every=2, resume=True), say=lambda *a: None)
     assert [s for s, _ in logged(out)["loss"]] == [1, 2, 3, 4]
@@ -183,7 +173,7 @@ def test_rm_wandb_offline_run_holds_the_metrics_and_config(tiny_path, fixtures, 
     want = logged(out)
     assert {"loss", "accuracy", "eval_accuracy", "reward_offset"} <= set(want)
     assert_same(series, want, merged_steps=True)
-    assert config["lr"] == 1e-3 and config["report_to"] == "wandb" and config["lora_targets"].startswith('["q_proj"')
+    assert config["lr"] == 1e-3 and config["report_to"] == "wandb" and config["lora_targets"] == '["all-linear"]'
 
 
 def test_pretrain_mlflow_run_holds_the_metrics_and_params(tiny_path, tmp_path):

@@ -192,10 +192,13 @@ def apply_lora(model: torch.nn.Module, cfg: TrainConfig, task_type: str = "CAUSA
         return model
     from peft import LoraConfig, get_peft_model
 
-    present = {name.split(".")[-1] for name, _ in model.named_modules()}
-    targets = [t for t in cfg.lora_targets if t in present]
-    if not targets:
-        raise UserError(f"lora_targets={cfg.lora_targets}: none of these modules exist in the model")
+    if list(cfg.lora_targets) == ["all-linear"]:
+        targets = "all-linear"  # peft: every linear layer except the output layer (and a SEQ_CLS head)
+    else:
+        present = {name.split(".")[-1] for name, _ in model.named_modules()}
+        targets = [t for t in cfg.lora_targets if t in present]
+        if not targets:
+            raise UserError(f"lora_targets={cfg.lora_targets}: none of these modules exist in the model")
     lcfg = LoraConfig(
         r=cfg.lora_r,
         lora_alpha=cfg.lora_alpha,

@@ -5,7 +5,8 @@
     completions = gen.generate(prompt_ids, SamplingParams(max_new_tokens=128, temperature=1.0), n=4)
 
 See ``backends.py`` for the backends (engine, hf, vllm), ``engine.py`` for how the engine runs a
-call, ``hf.py`` for transformers' generate, and ``sampling.py`` for which log-probs are returned.
+call, ``hf.py`` for transformers' generate, ``requests.py`` for what a call takes and returns (shared by
+all three), and ``sampling.py`` for which log-probs are returned.
 """
 
 from rlhfkit.rollout.backends import Generator, make_generator

@@ -11,7 +11,8 @@
           (``push_weights`` copies the policy's into it)
   auto    the engine where it supports the model, else hf (with one line saying why)
 
-All three return the same ``Completion``s and ``StreamEvent``s (``rlhfkit.rollout.engine``).
+All three return the same ``Completion``s and ``StreamEvent``s and check requests and stops the same
+way (``rlhfkit.rollout.requests``).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 
 from rlhfkit.errors import UserError
-from rlhfkit.rollout.engine import Completion, StreamEvent
+from rlhfkit.rollout.requests import Completion, StreamEvent
 from rlhfkit.rollout.sampling import SamplingParams
 
 BACKENDS = ("auto", "engine", "hf", "vllm")
@@ -48,7 +49,8 @@ class Generator(Protocol):
         n: int = 1,
         progress: bool = False,
     ) -> list[Completion]:
-        """All samples of all prompts, prompt-major; ``params`` one for all prompts or one per prompt."""
+        """All samples of all prompts, prompt-major: [p0 s0, p0 s1, …, p1 s0, …] (len = n·len(prompts));
+        ``params`` one SamplingParams for all prompts or one per prompt (``requests.prepare_requests``)."""
         ...
 
     def stream(

@@ -29,75 +29,15 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 
 import torch
 
 from rlhfkit.errors import UserError
 from rlhfkit.models.loading import resolve_precision, stop_token_ids
 from rlhfkit.rollout.attention_cpu import PrefixGroups
+from rlhfkit.rollout.requests import Completion, Row, StreamEvent, check_stop, new_row, prepare_requests
 from rlhfkit.rollout.runner import KVCache, Runner
 from rlhfkit.rollout.sampling import SamplingParams, sample_next, sampling_workspace, top_logprobs
-from rlhfkit.rollout.text import IncrementalText, find_stop, held_back
-
-
-@dataclass
-class Completion:
-    """One sample of one prompt."""
-
-    prompt_index: int
-    sample_index: int
-    prompt_token_ids: list[int]
-    token_ids: list[int]
-    """Generated tokens; includes the stop token (EOS) or the token that completed a stop string."""
-    logprobs: list[float]
-    """log_softmax(logits / T)[token] of each generated token, before top-k/top-p (see sampling.py)."""
-    text: str
-    """Decoded tokens without special tokens, cut before a matched stop string."""
-    finish_reason: str
-    """'stop' (stop token or stop string) or 'length' (max_new_tokens reached)."""
-    stop_reason: int | str | None = None
-    """The stop token id or stop string that ended the sample, None for 'length'."""
-    top_logprobs: list[list[tuple[int, float]]] | None = None
-    """With ``SamplingParams.logprobs = k > 0``: per generated token, the k most likely
-    (token id, log-prob) under the same distribution as ``logprobs``, most likely first."""
-
-
-@dataclass
-class StreamEvent:
-    """New output of one sample after a step (``Engine.stream``)."""
-
-    prompt_index: int
-    sample_index: int
-    token_ids: list[int]
-    """Tokens made in this step (one, or none when only text was released)."""
-    text: str
-    """Text newly safe to show (never part of a possible stop string)."""
-    finished: bool = False
-    completion: Completion | None = None
-    """The whole sample, on its last event."""
-    logprobs: list[float] = field(default_factory=list)
-    """The log-probs of ``token_ids``."""
-    top_logprobs: list[list[tuple[int, float]]] | None = None
-    """With ``SamplingParams.logprobs > 0``: the alternatives of each of ``token_ids``."""
-
-
-@dataclass
-class _Seq:
-    """A sample in flight (host-side state of one decode row)."""
-
-    req: int
-    sample: int
-    params: SamplingParams
-    stop_ids: frozenset
-    prompt: list[int]
-    tokens: list[int] = field(default_factory=list)
-    logprobs: list[float] = field(default_factory=list)
-    top: list[list[tuple[int, float]]] | None = None  # SamplingParams.logprobs > 0
-    detok: IncrementalText | None = None
-    streamed: int = 0  # characters of detok.text already streamed
-    done: Completion | None = None
-    group: int = -1  # samples of one prompt admitted together (one prefill): same prompt keys/values
 
 
 class Engine:
@@ -150,11 +90,7 @@ class Engine:
         n: int = 1,
         progress: bool = False,
     ) -> list[Completion]:
-        """All samples of all prompts, prompt-major: [p0 s0, p0 s1, …, p1 s0, …] (len = n·len(prompts)).
-
-        ``params`` is one SamplingParams for all prompts or one per prompt; ``n`` samples per prompt
-        share one prefill.
-        """
+        """``Generator.generate`` (``rlhfkit.rollout.backends``); the ``n`` samples of a prompt share one prefill."""
         out: list[Completion] = []
         bar = None
         if progress:
@@ -187,32 +123,9 @@ class Engine:
 
     # ------------------------------------------------------------------ the loop
 
-    def _prepare(self, prompts, params, n):
-        if n < 1:
-            raise UserError(f"n={n}: expected >= 1 samples per prompt")
-        params = params if params is not None else SamplingParams()
-        if isinstance(params, SamplingParams):
-            params = [params] * len(prompts)
-        if len(params) != len(prompts):
-            raise UserError(f"{len(params)} SamplingParams for {len(prompts)} prompts: give one, or one per prompt")
-        ids = []
-        for i, p in enumerate(prompts):
-            if isinstance(p, str):
-                p = self.tokenizer(p, add_special_tokens=False)["input_ids"]
-            p = [int(t) for t in p]
-            if not p:
-                raise UserError(f"prompt {i} is empty: generation needs at least one token")
-            ids.append(p)
-        limit = getattr(self.model.config, "max_position_embeddings", None)
-        for i, (p, sp) in enumerate(zip(ids, params)):
-            if limit and len(p) + sp.max_new_tokens > limit:
-                raise UserError(
-                    f"prompt {i}: {len(p)} tokens + max_new_tokens {sp.max_new_tokens} > the model's {limit} positions"
-                )
-        return ids, params
-
     def _run(self, prompts, params, n, text_events: bool) -> Iterator[list[StreamEvent]]:
-        ids, params = self._prepare(prompts, params, n)
+        limit = getattr(self.model.config, "max_position_embeddings", None)
+        ids, params = prepare_requests(self.tokenizer, prompts, params, n, limit)
         if not ids:
             return
         if self._busy:
@@ -241,16 +154,16 @@ class Engine:
         run.bind(rows_hint=S)
         # fp32 probabilities of every row, reused each step (sampling.sampling_workspace)
         work = None if all(sp.greedy for sp in params) else sampling_workspace(S, run.vocab_size, dev)
-        rows: list[_Seq] = []  # live rows, row i <-> cache slot i
+        rows: list[Row] = []  # live rows, row i <-> cache slot i
         pending: list[int] = []  # per row: the sampled token not yet in the cache
         groups: PrefixGroups | None = None  # rows sharing a prompt prefix, rebuilt when rows change
-        n_groups = 0  # prefill groups made so far (_Seq.group)
+        n_groups = 0  # prefill groups made so far (Row.group)
 
         while queue or rows:
             events: list[StreamEvent] = []
             with torch.no_grad(), run.autocast():  # per step: nothing leaks into the caller between yields
                 # 2. admit waiting samples into free rows, one prefill per prompt
-                new: list[_Seq] = []
+                new: list[Row] = []
                 budget = self.max_prefill_tokens
                 while queue and len(rows) + len(new) < S:
                     r, s = queue[0]
@@ -259,12 +172,8 @@ class Engine:
                         break
                     queue.popleft()
                     budget -= len(ids[r]) if fresh else 0
-                    sp = params[r]
-                    stop_ids = self.eos_ids if sp.stop_token_ids is None else frozenset(sp.stop_token_ids)
-                    stop_ids = frozenset() if sp.ignore_eos else stop_ids
-                    seq = _Seq(r, s, sp, stop_ids, ids[r], group=n_groups + r, top=[] if sp.logprobs else None)
-                    if sp.stop or text_events:
-                        seq.detok = IncrementalText(self.tokenizer)
+                    seq = new_row(r, s, ids[r], params[r], self.eos_ids, self.tokenizer, text_events)
+                    seq.group = n_groups + r
                     new.append(seq)
                 if new:
                     n_groups += len(ids)  # group ids of the next admission never meet these
@@ -300,7 +209,7 @@ class Engine:
             c = self._cache = self.runner.new_cache(slots, max_len)
         return c
 
-    def _prefill(self, cache: KVCache, new: list[_Seq], first_row: int, rope) -> torch.Tensor:
+    def _prefill(self, cache: KVCache, new: list[Row], first_row: int, rope) -> torch.Tensor:
         """Prefill the distinct prompts of ``new`` into rows first_row.. ; returns logits (N, V).
 
         Prompts are grouped by length so right-padding wastes little compute: sorted by length,
@@ -352,42 +261,12 @@ class Engine:
             q.logprobs.append(lp)
             if q.top is not None:
                 q.top.append(list(zip(top_ids[j], top_lps[j]))[: q.params.logprobs])
-            ev = self._check(q, t, text_events)
+            ev = check_stop(q, t, self.tokenizer, text_events)
             if ev is not None:
                 events.append(ev)
 
-    def _check(self, q: _Seq, t: int, text_events: bool) -> StreamEvent | None:
-        """Stop checks for the token just appended to q; the StreamEvent to emit (or None)."""
-        reason, stop = None, None
-        cut = None
-        if q.detok is not None:
-            start = len(q.detok.text)
-            q.detok.add([t])
-            if q.params.stop:
-                hit = find_stop(q.detok.text, q.params.stop, start)
-                if hit is not None:
-                    cut, stop, reason = hit[0], hit[1], "stop"
-        if reason is None and t in q.stop_ids:
-            reason, stop = "stop", t
-        if reason is None and len(q.tokens) >= q.params.max_new_tokens:
-            reason = "length"
-        if reason is not None:
-            if cut is not None:
-                text = q.detok.text[:cut]
-            else:
-                text = self.tokenizer.decode(q.tokens, skip_special_tokens=True, clean_up_tokenization_spaces=False)
-            q.done = Completion(q.req, q.sample, q.prompt, q.tokens, q.logprobs, text, reason, stop, q.top)
-            delta = text[q.streamed :] if text_events else ""
-            return StreamEvent(q.req, q.sample, [t], delta, True, q.done, q.logprobs[-1:], _last(q.top))
-        if not text_events:
-            return None
-        safe = len(q.detok.text) - held_back(q.detok.text, q.params.stop)
-        delta = q.detok.text[q.streamed : safe] if safe > q.streamed else ""
-        q.streamed = max(q.streamed, safe)
-        return StreamEvent(q.req, q.sample, [t], delta, logprobs=q.logprobs[-1:], top_logprobs=_last(q.top))
-
     @staticmethod
-    def _compact(cache: KVCache, rows: list[_Seq], pending: list[int]) -> bool:
+    def _compact(cache: KVCache, rows: list[Row], pending: list[int]) -> bool:
         """Remove finished rows, moving the last live rows into their holes (rows stay packed).
         Returns whether any row left."""
         src, dst = [], []
@@ -413,10 +292,6 @@ class Engine:
             src_t, dst_t = torch.tensor(src, device=dev), torch.tensor(dst, device=dev)
             cache.move_rows(src_t, dst_t, int(cache.lens[src_t].max()))
         return len(rows) != before
-
-
-def _last(top: list | None) -> list | None:
-    return None if top is None else top[-1:]
 
 
 __all__ = ["Completion", "Engine", "SamplingParams", "StreamEvent"]

@@ -14,7 +14,7 @@ engine does not run. How a call runs:
     (suppress_tokens, bad_words_ids, min_p, ...) would still come from it; chat models set none;
  3. each step, the raw logits of the step (``outputs.logits[:, -1]`` in fp32, exactly what
     ``output_logits=True`` returns) are caught by a forward hook on the model, and a stopping
-    criterion (``_Rows``) reads the tokens just sampled: it records each token's log-prob
+    criterion (``Rows``) reads the tokens just sampled: it records each token's log-prob
     log_softmax(logits / T)[token] (T = 1 for greedy; before top-k/top-p, as the engine), checks the
     stop tokens, stop strings and max_new_tokens exactly as the engine does, and tells ``generate``
     which rows are done. So ``stream`` sees every step: it runs ``generate`` in a worker thread and
@@ -34,7 +34,6 @@ import queue
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
 
 import torch
 from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
@@ -42,55 +41,10 @@ from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaLis
 from rlhfkit.errors import UserError
 from rlhfkit.models.loading import resolve_precision, stop_token_ids
 from rlhfkit.models.lora import unwrap
-from rlhfkit.rollout.engine import Completion, StreamEvent
+from rlhfkit.rollout.requests import Completion, Row, StreamEvent, check_stop, new_row, prepare_requests
 from rlhfkit.rollout.sampling import SamplingParams
-from rlhfkit.rollout.text import IncrementalText, find_stop, held_back
 
 _SEEDED = threading.Lock()  # seeded calls reseed the global RNG: one at a time
-
-
-def prepare_requests(tokenizer, model, prompts, params, n: int) -> tuple[list[list[int]], list[SamplingParams]]:
-    """Token ids of each prompt and its SamplingParams (one for all, or one per prompt), checked:
-    n >= 1, no empty prompt, prompt + max_new_tokens within the model's positions."""
-    if n < 1:
-        raise UserError(f"n={n}: expected >= 1 samples per prompt")
-    params = params if params is not None else SamplingParams()
-    if isinstance(params, SamplingParams):
-        params = [params] * len(prompts)
-    if len(params) != len(prompts):
-        raise UserError(f"{len(params)} SamplingParams for {len(prompts)} prompts: give one, or one per prompt")
-    ids = []
-    for i, p in enumerate(prompts):
-        if isinstance(p, str):
-            p = tokenizer(p, add_special_tokens=False)["input_ids"]
-        p = [int(t) for t in p]
-        if not p:
-            raise UserError(f"prompt {i} is empty: generation needs at least one token")
-        ids.append(p)
-    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-    for i, (p, sp) in enumerate(zip(ids, params)):
-        if limit and len(p) + sp.max_new_tokens > limit:
-            raise UserError(
-                f"prompt {i}: {len(p)} tokens + max_new_tokens {sp.max_new_tokens} > the model's {limit} positions"
-            )
-    return ids, params
-
-
-@dataclass
-class _Row:
-    """One sample in flight: host-side state of one row of a ``generate`` batch."""
-
-    req: int
-    sample: int
-    params: SamplingParams
-    stop_ids: frozenset
-    prompt: list[int]
-    tokens: list[int] = field(default_factory=list)
-    logprobs: list[float] = field(default_factory=list)
-    top: list[list[tuple[int, float]]] | None = None  # SamplingParams.logprobs > 0
-    detok: IncrementalText | None = None
-    streamed: int = 0  # characters of detok.text already streamed
-    done: Completion | None = None
 
 
 class HFGenerator:
@@ -130,7 +84,7 @@ class HFGenerator:
         n: int = 1,
         progress: bool = False,
     ) -> list[Completion]:
-        """All samples of all prompts, prompt-major: [p0 s0, p0 s1, …, p1 s0, …] (len = n·len(prompts))."""
+        """``Generator.generate`` (``rlhfkit.rollout.backends``): rows batched by setting, see the module docstring."""
         bar = None
         if progress:
             from tqdm.auto import tqdm
@@ -161,7 +115,7 @@ class HFGenerator:
     ) -> Iterator[StreamEvent]:
         """Like ``generate`` but yields StreamEvents as tokens are made: ``generate`` runs in a worker
         thread and hands each step's events over; closing the iterator stops it at the next step."""
-        prepare_requests(self.tokenizer, self.model, prompts, params, n)  # bad input fails here, not in the thread
+        self._prepare(prompts, params, n)  # bad input fails here, not in the thread
         events: queue.Queue = queue.Queue()
         cancel = threading.Event()
 
@@ -187,7 +141,7 @@ class HFGenerator:
     # ------------------------------------------------------------------ the calls
 
     def _run(self, prompts, params, n, text_events: bool, emit: Callable, cancel: threading.Event | None = None):
-        ids, params = prepare_requests(self.tokenizer, self.model, prompts, params, n)
+        ids, params = self._prepare(prompts, params, n)
         if not ids:
             return
         if self._busy:
@@ -207,7 +161,9 @@ class HFGenerator:
         try:
             with self._seeded(params[0].seed), torch.no_grad(), self._autocast():
                 for batch in self._batches(ids, params, n):
-                    rows = [self._row(r, s, ids[r], params[r], text_events) for r, s in batch]
+                    rows = [
+                        new_row(r, s, ids[r], params[r], self.eos_ids, self.tokenizer, text_events) for r, s in batch
+                    ]
                     self._generate(model, rows, logits, text_events, emit, cancel)
                     if cancel is not None and cancel.is_set():
                         break
@@ -215,6 +171,10 @@ class HFGenerator:
             model.train(training)
             hook.remove()
             self._busy = False
+
+    def _prepare(self, prompts, params, n: int) -> tuple[list[list[int]], list[SamplingParams]]:
+        limit = getattr(getattr(self.model, "config", None), "max_position_embeddings", None)
+        return prepare_requests(self.tokenizer, prompts, params, n, limit)
 
     def _batches(self, ids: list[list[int]], params: list[SamplingParams], n: int) -> list[list[tuple[int, int]]]:
         """(prompt, sample) rows in batches of at most max_batch that share one generate setting,
@@ -228,14 +188,7 @@ class HFGenerator:
             batches += [rows[i : i + self.max_batch] for i in range(0, len(rows), self.max_batch)]
         return batches
 
-    def _row(self, r: int, s: int, prompt: list[int], sp: SamplingParams, text_events: bool) -> _Row:
-        stop_ids = self.eos_ids if sp.stop_token_ids is None else frozenset(sp.stop_token_ids)
-        row = _Row(r, s, sp, frozenset() if sp.ignore_eos else stop_ids, prompt, top=[] if sp.logprobs else None)
-        if sp.stop or text_events:
-            row.detok = IncrementalText(self.tokenizer)
-        return row
-
-    def _generate(self, model, rows: list[_Row], logits: list, text_events: bool, emit: Callable, cancel) -> None:
+    def _generate(self, model, rows: list[Row], logits: list, text_events: bool, emit: Callable, cancel) -> None:
         """One ``generate`` call for rows of one setting; emits each step's StreamEvents."""
         sp = rows[0].params
         dev = self.device
@@ -264,12 +217,12 @@ class HFGenerator:
             renormalize_logits=False,
             remove_invalid_values=False,
             use_cache=True,
-            eos_token_id=[],  # stops are the _Rows criterion's: no EOS check of generate's own
+            eos_token_id=[],  # stops are the Rows criterion's: no EOS check of generate's own
             pad_token_id=self.pad_id,
             output_logits=False,
             return_dict_in_generate=False,
         )
-        watch = _Rows(self, rows, logits, text_events, emit, cancel)
+        watch = Rows(self, rows, logits, text_events, emit, cancel)
         model.generate(
             input_ids=input_ids.to(dev),
             attention_mask=attention_mask.to(dev),
@@ -301,12 +254,12 @@ def _settings(sp: SamplingParams) -> tuple:
     return (sp.max_new_tokens, sp.greedy, sp.temperature, sp.top_k, sp.top_p)
 
 
-class _Rows(StoppingCriteria):
+class Rows(StoppingCriteria):
     """Called by ``generate`` after each step: records the step's token and log-prob of every live
-    row, checks its stops (as ``Engine._check``), emits the step's StreamEvents, and returns which
+    row, checks its stops (``check_stop``, as the engine), emits the step's StreamEvents, and returns which
     rows are done. ``logits`` holds the step's raw logits (B, V) fp32 (the forward hook's)."""
 
-    def __init__(self, gen: HFGenerator, rows: list[_Row], logits: list, text_events: bool, emit, cancel):
+    def __init__(self, gen: HFGenerator, rows: list[Row], logits: list, text_events: bool, emit, cancel):
         self.gen, self.rows, self.logits = gen, rows, logits
         self.text_events, self.emit, self.cancel = text_events, emit, cancel
         sp = rows[0].params
@@ -327,41 +280,10 @@ class _Rows(StoppingCriteria):
             q.logprobs.append(lp)
             if q.top is not None:
                 q.top.append(list(zip(top_ids[b], top_lps[b]))[: q.params.logprobs])
-            ev = self._check(q, t)
+            ev = check_stop(q, t, self.gen.tokenizer, self.text_events)
             if ev is not None:
                 events.append(ev)
         if events:
             self.emit(events)
         stop = self.cancel is not None and self.cancel.is_set()
         return torch.tensor([stop or q.done is not None for q in self.rows], device=input_ids.device)
-
-    def _check(self, q: _Row, t: int) -> StreamEvent | None:
-        """Stop checks for the token just appended to q (those of ``Engine._check``); the event to emit."""
-        reason, stop, cut = None, None, None
-        if q.detok is not None:
-            start = len(q.detok.text)
-            q.detok.add([t])
-            if q.params.stop:
-                hit = find_stop(q.detok.text, q.params.stop, start)
-                if hit is not None:
-                    cut, stop, reason = hit[0], hit[1], "stop"
-        if reason is None and t in q.stop_ids:
-            reason, stop = "stop", t
-        if reason is None and len(q.tokens) >= q.params.max_new_tokens:
-            reason = "length"
-        last_top = None if q.top is None else q.top[-1:]
-        if reason is not None:
-            if cut is not None:
-                text = q.detok.text[:cut]
-            else:
-                tok = self.gen.tokenizer
-                text = tok.decode(q.tokens, skip_special_tokens=True, clean_up_tokenization_spaces=False)
-            q.done = Completion(q.req, q.sample, q.prompt, q.tokens, q.logprobs, text, reason, stop, q.top)
-            delta = text[q.streamed :] if self.text_events else ""
-            return StreamEvent(q.req, q.sample, [t], delta, True, q.done, q.logprobs[-1:], last_top)
-        if not self.text_events:
-            return None
-        safe = len(q.detok.text) - held_back(q.detok.text, q.params.stop)
-        delta = q.detok.text[q.streamed : safe] if safe > q.streamed else ""
-        q.streamed = max(q.streamed, safe)
-        return StreamEvent(q.req, q.sample, [t], delta, logprobs=q.logprobs[-1:], top_logprobs=last_top)

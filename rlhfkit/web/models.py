@@ -150,38 +150,35 @@ class ModelPool:
         return encode_prompt(tok, messages)
 
     def stream(
-        self,
-        name: str,
-        messages: list[dict],
-        max_new_tokens: int = 128,
-        temperature: float = 0.7,
-        top_p: float = 1.0,
-        stop: list[str] = (),
-        seed: int | None = None,
-        n: int = 1,
-        top_k: int = 0,
-        logprobs: int | None = None,
+        self, name: str, messages: list[dict], max_new_tokens: int = 128, temperature: float = 0.7, **kw
     ) -> Iterator[Delta | Reply]:
         """One conversation's ``n`` samples (one shared prefill): :class:`Delta` items as text is made,
         one :class:`Reply` per sample as it ends. ``logprobs``: None = none, k >= 0 = each token's
-        log-prob and its k likeliest alternatives."""
-        generator, tok, lock = self._get(name)
-        with lock:
-            yield from self._stream(
-                generator,
-                tok,
-                [self._encode(tok, messages)],
-                n,
-                logprobs,
-                self._params(max_new_tokens, temperature, top_p, stop, seed, top_k, logprobs or 0),
-            )
+        log-prob and its k likeliest alternatives. Other settings: ``_generate_stream``."""
+
+        def encode(tok) -> list[list[int]]:
+            return [self._encode(tok, messages)]
+
+        return self._generate_stream(name, encode, max_new_tokens=max_new_tokens, temperature=temperature, **kw)
 
     def stream_text(
+        self, name: str, prompts: list[str], max_new_tokens: int = 16, temperature: float = 1.0, **kw
+    ) -> Iterator[Delta | Reply]:
+        """``stream`` for plain text prompts (no chat template; /v1/completions), all in one generator
+        call; sample j of prompt i has index i·n + j."""
+
+        def encode(tok) -> list[list[int]]:
+            return [tok(p)["input_ids"] for p in prompts]  # the tokenizer's own special tokens (BOS), as HF does
+
+        return self._generate_stream(name, encode, max_new_tokens=max_new_tokens, temperature=temperature, **kw)
+
+    def _generate_stream(
         self,
         name: str,
-        prompts: list[str],
-        max_new_tokens: int = 16,
-        temperature: float = 1.0,
+        encode,
+        *,
+        max_new_tokens: int,
+        temperature: float,
         top_p: float = 1.0,
         stop: list[str] = (),
         seed: int | None = None,
@@ -189,19 +186,12 @@ class ModelPool:
         top_k: int = 0,
         logprobs: int | None = None,
     ) -> Iterator[Delta | Reply]:
-        """``stream`` for plain text prompts (no chat template; /v1/completions), all in one generator
-        call; sample j of prompt i has index i·n + j."""
+        """``stream`` and ``stream_text``: the prompts ``encode(tokenizer)`` gives, generated under the
+        model's lock (one call at a time per model)."""
         generator, tok, lock = self._get(name)
         with lock:
-            ids = [tok(p)["input_ids"] for p in prompts]  # the tokenizer's own special tokens (BOS), as HF does
-            yield from self._stream(
-                generator,
-                tok,
-                ids,
-                n,
-                logprobs,
-                self._params(max_new_tokens, temperature, top_p, stop, seed, top_k, logprobs or 0),
-            )
+            params = self._params(max_new_tokens, temperature, top_p, stop, seed, top_k, logprobs or 0)
+            yield from self._stream(generator, tok, encode(tok), n, logprobs, params)
 
     @staticmethod
     def _stream(generator, tok, ids: list[list[int]], n: int, logprobs: int | None, params) -> Iterator[Delta | Reply]:

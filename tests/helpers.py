@@ -1,0 +1,20 @@
+"""Helpers shared by test modules (fixtures live in conftest.py)."""
+
+from __future__ import annotations
+
+
+class Crash(Exception):
+    """A simulated crash, raised right after a checkpoint was (or would have been) written."""
+
+
+def crash_after(monkeypatch, recipe, step: int) -> None:
+    """Make ``recipe``'s run (the module ``rlhfkit.recipes.sft``, ``reward``, ``dpo``) die with
+    ``Crash`` right after its periodic checkpoint of optimizer step ``step``: resume tests."""
+    real = recipe.periodic_checkpoint
+
+    def checkpoint_then_crash(acc, cfg, out, done, *args):
+        real(acc, cfg, out, done, *args)
+        if done >= step:
+            raise Crash(done)
+
+    monkeypatch.setattr(recipe, "periodic_checkpoint", checkpoint_then_crash)
