@@ -143,14 +143,14 @@ def ptx_chunks(cfg: PPOConfig, docs: list[str], tok) -> list[list[int]]:
 
 
 def ptx_loss(policy, chunks: list[list[int]], pad_id: int) -> torch.Tensor:
-    """Mean next-token NLL over the tokens of ``chunks`` (InstructGPT's PPO-ptx term)."""
+    """Mean next-token NLL over the tokens of ``chunks`` (InstructGPT's PPO-ptx term), the
+    batch made on the policy's device."""
+    device = next(policy.parameters()).device
     T = max(len(c) for c in chunks)
-    ids = torch.full((len(chunks), T), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(chunks), T, dtype=torch.long)
-    for i, c in enumerate(chunks):
-        ids[i, : len(c)] = torch.tensor(c)
-        mask[i, : len(c)] = 1
-    positions = torch.arange(T - 1).expand(len(chunks), -1)  # (B, T-1): position t predicts token t + 1
+    ids = torch.tensor([c + [pad_id] * (T - len(c)) for c in chunks], dtype=torch.long, device=device)
+    mask = torch.tensor([[1] * len(c) + [0] * (T - len(c)) for c in chunks], dtype=torch.long, device=device)
+    # (B, T-1): position t predicts token t + 1
+    positions = torch.arange(T - 1, device=device).expand(len(chunks), -1)
     _, logits = scored_forward(policy, ids, mask, positions)  # (B, T-1, V), the model's own logits
     target_mask = mask[:, 1:].bool()
     nll = torch.nn.functional.cross_entropy(logits.float()[target_mask], ids[:, 1:][target_mask])
@@ -185,6 +185,7 @@ class Models:
     tok: Any
     generator: Generator  # rollout_backend's: the engine, transformers' generate or vLLM
     autocast: Callable[[], Any]  # the training precision's autocast context (or a null one)
+    device: torch.device = torch.device("cpu")  # the policy's: every tensor PPO makes is made there
 
 
 @dataclass
@@ -334,18 +335,18 @@ def load_models(cfg: PPOConfig, device, precision: str, reward_fn: RewardFn | No
     generator = make_generator(policy, tok, cfg.rollout_backend, precision, say)
     if not generator.eos_ids:
         raise UserError(f"{cfg.model}: the tokenizer has no EOS token; responses could never end")
-    return Models(policy, ref, critic, rm, tok, generator, autocast_of(device, precision))
+    return Models(policy, ref, critic, rm, tok, generator, autocast_of(device, precision), torch.device(device))
 
 
 def load_critic(cfg: PPOConfig, policy: nn.Module, device, say=print) -> Critic:
     """A value head on the policy's trunk (critic='policy_head'), or a copy of the reward model."""
     if cfg.critic == "policy_head":
-        head = nn.Linear(hidden_size(policy), 1, bias=False)
+        head = nn.Linear(hidden_size(policy), 1, bias=False, device=device)
         # zero: the first advantages are plain Monte-Carlo returns. A random head gives values of
         # a few units, and GAE charges that bias to the last token — the EOS — so the policy
         # learns not to stop (seen on SmolLM2: the no-EOS share more than doubled in a few iterations).
         nn.init.zeros_(head.weight)
-        return Critic("policy_head", head=head.to(device))
+        return Critic("policy_head", head=head)
     seq_model = load_reward_model(cfg.critic_model or cfg.reward_model or cfg.model)[0].seq_model
     if cfg.gradient_checkpointing:
         seq_model.gradient_checkpointing_enable()
@@ -427,11 +428,14 @@ def score(
     scores, penalise a missing EOS, and with score_baseline=group subtract the leave-one-out mean of
     the prompt's other samples."""
     pad_id = m.tok.pad_token_id
-    response, response_mask, ended = cut_responses(completions, m.generator.eos_ids, pad_id)
+    # the one place rollout data enters the device: every later tensor follows the batch's
+    response, response_mask, ended = cut_responses(completions, m.generator.eos_ids, pad_id, m.device)
     batch = make_batch(queries, response, response_mask, pad_id)
     texts = [m.tok.decode(r[k].tolist(), skip_special_tokens=True) for r, k in zip(batch.response, batch.response_mask)]
     if reward_fn is not None:
-        raw = torch.tensor([float(s) for s in reward_fn(prompts, texts, ended.tolist())], dtype=torch.float32)
+        raw = torch.tensor(
+            [float(s) for s in reward_fn(prompts, texts, ended.tolist())], dtype=torch.float32, device=m.device
+        )
         if raw.shape != (len(texts),):
             got = raw.shape[0] if raw.dim() else "a scalar"
             raise UserError(f"reward_fn returned {got} scores for {len(texts)} responses")
@@ -478,7 +482,8 @@ def update(
     mb_size = math.ceil(N / cfg.num_minibatches)
     stats: dict[str, list[float]] = {}
     for epoch in range(cfg.ppo_epochs):
-        perm = torch.randperm(N, generator=_seeded(cfg.seed, it, epoch, 11))
+        # drawn by a CPU generator (the same permutation on any device), moved once to the batch's
+        perm = torch.randperm(N, generator=_seeded(cfg.seed, it, epoch, 11), device="cpu").to(mask.device)
         for k, mb_start in enumerate(range(0, N, mb_size)):
             mb = perm[mb_start : mb_start + mb_size]
             n_tokens = mask[mb].sum()
@@ -486,7 +491,8 @@ def update(
             for rows in length_chunks(batch, mb, math.ceil(len(mb) / max(1, min(cfg.grad_accum, len(mb))))):
                 micro_step(m, cfg, ro, adv, rows, n_tokens, stats)
             if ptx is not None:
-                order = torch.randperm(len(ptx), generator=_seeded(cfg.seed, it, epoch, k, 13))[: cfg.ptx_batch_size]
+                g = _seeded(cfg.seed, it, epoch, k, 13)
+                order = torch.randperm(len(ptx), generator=g, device="cpu")[: cfg.ptx_batch_size]  # Python indices
                 with m.autocast():
                     nll = ptx_loss(m.policy, [ptx[i] for i in order.tolist()], m.tok.pad_token_id)
                 (cfg.ptx_coef * nll).backward()
