@@ -2,7 +2,16 @@
 model (InstructGPT §3.5 "Reinforcement learning"; the details follow Huang et al. 2024, "The N
 Implementation Details of RLHF with PPO", and its code vwxyzjn/summarize_from_feedback_details).
 
-The models (one process; all forwards in the training precision, bf16 autocast by default):
+Processes: one, or several under torchrun / accelerate launch (gloo on CPU, NCCL on GPUs). Each
+process generates, scores and forwards its contiguous share of an iteration's prompts; the rows are
+all-gathered into the global batch, on which every process computes the rewards, the advantages
+(whitened over the global batch), the KL controller's update and the metrics; each PPO minibatch
+is the global one, each process back-propagating its rows of it (weighted by the minibatch's
+global token count) and the gradients summed over the processes before the one clipped step:
+N processes take the steps one process takes (tests/test_ppo_processes.py). The main process logs
+and saves. Sampling differs: each process's engine draws one stream per call.
+
+The models (each process; all forwards in the training precision, bf16 autocast by default):
   policy     the SFT model, trained (or LoRA adapters on it)
   reference  the frozen SFT model — with LoRA the same weights with the adapters disabled
   critic     a copy of the reward model whose scalar head is applied at every token
@@ -83,6 +92,8 @@ from rlhfkit.recipes.common import (
     progress,
     save_checkpoint,
     save_model_dir,
+    shard,
+    world,
 )
 from rlhfkit.recipes.ppo_models import (
     Batch,
@@ -143,14 +154,14 @@ def ptx_chunks(cfg: PPOConfig, docs: list[str], tok) -> list[list[int]]:
 
 
 def ptx_loss(policy, chunks: list[list[int]], pad_id: int) -> torch.Tensor:
-    """Mean next-token NLL over the tokens of ``chunks`` (InstructGPT's PPO-ptx term)."""
+    """Mean next-token NLL over the tokens of ``chunks`` (InstructGPT's PPO-ptx term), the
+    batch made on the policy's device."""
+    device = next(policy.parameters()).device
     T = max(len(c) for c in chunks)
-    ids = torch.full((len(chunks), T), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(chunks), T, dtype=torch.long)
-    for i, c in enumerate(chunks):
-        ids[i, : len(c)] = torch.tensor(c)
-        mask[i, : len(c)] = 1
-    positions = torch.arange(T - 1).expand(len(chunks), -1)  # (B, T-1): position t predicts token t + 1
+    ids = torch.tensor([c + [pad_id] * (T - len(c)) for c in chunks], dtype=torch.long, device=device)
+    mask = torch.tensor([[1] * len(c) + [0] * (T - len(c)) for c in chunks], dtype=torch.long, device=device)
+    # (B, T-1): position t predicts token t + 1
+    positions = torch.arange(T - 1, device=device).expand(len(chunks), -1)
     _, logits = scored_forward(policy, ids, mask, positions)  # (B, T-1, V), the model's own logits
     target_mask = mask[:, 1:].bool()
     nll = torch.nn.functional.cross_entropy(logits.float()[target_mask], ids[:, 1:][target_mask])
@@ -185,6 +196,7 @@ class Models:
     tok: Any
     generator: Generator  # rollout_backend's: the engine, transformers' generate or vLLM
     autocast: Callable[[], Any]  # the training precision's autocast context (or a null one)
+    device: torch.device = torch.device("cpu")  # the policy's: every tensor PPO makes is made there
 
 
 @dataclass
@@ -224,6 +236,16 @@ class Optimization:
     rss_base: float = 0.0
 
 
+@dataclass
+class Share:
+    """This process's rows of the iteration's global batch (rows ``offset … offset + n_local - 1``
+    of ``mask``'s N): what ``update`` needs to take the global minibatches' local part."""
+
+    acc: Any
+    offset: int
+    mask: torch.Tensor  # (N, R) the global batch's response mask
+
+
 def train_ppo(
     cfg: PPOConfig, reward_fn: RewardFn | None = None, say=print, rollout_metrics: RolloutMetrics | None = None
 ) -> dict:
@@ -238,8 +260,8 @@ def train_ppo(
     """
     check_config(cfg, reward_fn)
     acc = make_accelerator(cfg)
-    if acc.num_processes > 1:
-        raise UserError("rlhfkit ppo runs in one process (multi-process PPO is not implemented)")
+    rank, n_proc = world(acc)
+    say = say if acc.is_main_process else (lambda *a, **k: None)
     out, ckpt = prepare_out(cfg, acc)
     precision = resolve_precision(cfg.precision, acc.device)
 
@@ -251,6 +273,8 @@ def train_ppo(
     # 2. prompts, batch plan (one batch of prompts per iteration), PPO-ptx corpus
     queries = encode_queries(cfg, prompts, m.tok, say)
     plan = batch_plan(len(prompts), cfg)
+    if len(plan[0]) < n_proc:
+        raise UserError(f"batch_size={len(plan[0])} prompts cannot be shared by {n_proc} processes")
     ptx = ptx_chunks(cfg, ptx_docs, m.tok) if ptx_docs is not None else None
     say(
         f"PPO: {len(plan)} iterations x {min(cfg.batch_size, len(prompts))} prompts x {cfg.samples_per_prompt} "
@@ -261,12 +285,13 @@ def train_ppo(
     opt, start = setup_optimization(cfg, m, len(plan), ckpt, say)
     log = MetricsLog(out, acc, cfg, resume_step=start if ckpt else None)
 
-    bar = progress(len(plan), start, True, "ppo")
+    bar = progress(len(plan), start, acc.is_main_process, "ppo")
     last: dict = {}
     t_run = time.perf_counter()
     for it in range(start, len(plan)):
-        # 1. prompts of this iteration (each repeated samples_per_prompt times, prompt-major)
-        idx = plan[it]
+        # 1. prompts of this iteration (each repeated samples_per_prompt times, prompt-major); with
+        # several processes each takes a contiguous share of them (sft's ``shard``)
+        idx = sum(shard(plan[it], rank, n_proc, 1), [])
         batch_prompts = [prompts[i] for i in idx for _ in range(cfg.samples_per_prompt)]
         batch_queries = [queries[i] for i in idx for _ in range(cfg.samples_per_prompt)]
         times = {"time_push": m.generator.push_weights(m.policy)}  # the policy's weights to the generator
@@ -276,19 +301,23 @@ def train_ppo(
             ro = score(m, cfg, batch_prompts, batch_queries, completions, reward_fn)
         with timed(times, "time_forward"):  # 4. log-probs (policy, reference) and values, no grad
             ro.fw = forwards(m, cfg, ro.batch)
-        # 5.-6. per-token rewards with the KL penalty, GAE advantages and returns
-        adv = rewards_and_advantages(cfg, ro, opt.kl_ctl.value)
+        # the global batch: every process's rows, in prompt order (one process: ro itself)
+        whole, share = global_rollout(acc, ro, [p for i in plan[it] for p in [prompts[i]] * cfg.samples_per_prompt])
+        # 5.-6. per-token rewards with the KL penalty, GAE advantages and returns, over the global batch
+        adv = rewards_and_advantages(cfg, whole, opt.kl_ctl.value)
         with timed(times, "time_train"):  # 7. PPO epochs over minibatches
-            stats = update(m, cfg, ro, adv, opt, it, ptx)
+            stats = update(m, cfg, ro, adv, opt, it, ptx, share)
         # 8. KL controller, metrics, memory, checkpoint
-        extra = rollout_metrics(ro.prompts, ro.texts, ro.ended.tolist()) if rollout_metrics else {}
-        last = log_and_checkpoint(cfg, it + 1, len(plan), m, ro, adv, opt, stats | extra, times, log, out)
+        extra = rollout_metrics(whole.prompts, whole.texts, whole.ended.tolist()) if rollout_metrics else {}
+        last = log_and_checkpoint(cfg, it + 1, len(plan), m, whole, adv, opt, stats | extra, times, log, out, acc)
         bar.update(1)
         bar.set_postfix(score=f"{last['score']:.3f}", kl=f"{last['kl']:.3f}")
     bar.close()
     log.close()
     result = {"step": len(plan), **last, "train_seconds": time.perf_counter() - t_run}
-    save_final(cfg, m, opt, len(plan), out, last, say)
+    if acc.is_main_process:
+        save_final(cfg, m, opt, len(plan), out, last, say)
+    acc.wait_for_everyone()
     return result
 
 
@@ -334,18 +363,18 @@ def load_models(cfg: PPOConfig, device, precision: str, reward_fn: RewardFn | No
     generator = make_generator(policy, tok, cfg.rollout_backend, precision, say)
     if not generator.eos_ids:
         raise UserError(f"{cfg.model}: the tokenizer has no EOS token; responses could never end")
-    return Models(policy, ref, critic, rm, tok, generator, autocast_of(device, precision))
+    return Models(policy, ref, critic, rm, tok, generator, autocast_of(device, precision), torch.device(device))
 
 
 def load_critic(cfg: PPOConfig, policy: nn.Module, device, say=print) -> Critic:
     """A value head on the policy's trunk (critic='policy_head'), or a copy of the reward model."""
     if cfg.critic == "policy_head":
-        head = nn.Linear(hidden_size(policy), 1, bias=False)
+        head = nn.Linear(hidden_size(policy), 1, bias=False, device=device)
         # zero: the first advantages are plain Monte-Carlo returns. A random head gives values of
         # a few units, and GAE charges that bias to the last token — the EOS — so the policy
         # learns not to stop (seen on SmolLM2: the no-EOS share more than doubled in a few iterations).
         nn.init.zeros_(head.weight)
-        return Critic("policy_head", head=head.to(device))
+        return Critic("policy_head", head=head)
     seq_model = load_reward_model(cfg.critic_model or cfg.reward_model or cfg.model)[0].seq_model
     if cfg.gradient_checkpointing:
         seq_model.gradient_checkpointing_enable()
@@ -427,11 +456,14 @@ def score(
     scores, penalise a missing EOS, and with score_baseline=group subtract the leave-one-out mean of
     the prompt's other samples."""
     pad_id = m.tok.pad_token_id
-    response, response_mask, ended = cut_responses(completions, m.generator.eos_ids, pad_id)
+    # the one place rollout data enters the device: every later tensor follows the batch's
+    response, response_mask, ended = cut_responses(completions, m.generator.eos_ids, pad_id, m.device)
     batch = make_batch(queries, response, response_mask, pad_id)
     texts = [m.tok.decode(r[k].tolist(), skip_special_tokens=True) for r, k in zip(batch.response, batch.response_mask)]
     if reward_fn is not None:
-        raw = torch.tensor([float(s) for s in reward_fn(prompts, texts, ended.tolist())], dtype=torch.float32)
+        raw = torch.tensor(
+            [float(s) for s in reward_fn(prompts, texts, ended.tolist())], dtype=torch.float32, device=m.device
+        )
         if raw.shape != (len(texts),):
             got = raw.shape[0] if raw.dim() else "a scalar"
             raise UserError(f"reward_fn returned {got} scores for {len(texts)} responses")
@@ -454,6 +486,54 @@ def forwards(m: Models, cfg: PPOConfig, batch: Batch) -> dict[str, torch.Tensor]
     )
 
 
+def gather_rows(acc, t: torch.Tensor) -> torch.Tensor:
+    """Every process's rows of ``t`` (n_p, …) concatenated in rank order; the columns of a 2-d
+    ``t`` are padded with zeros (False) to the widest. One process: ``t`` itself."""
+    if acc.num_processes == 1:
+        return t
+    import torch.distributed as dist
+
+    dtype = t.dtype
+    x = t.to(torch.uint8) if dtype == torch.bool else t  # gloo gathers no bool
+    shape = torch.tensor([x.shape[0], x.shape[1] if x.dim() > 1 else 1], device=x.device)
+    shapes = [torch.zeros_like(shape) for _ in range(acc.num_processes)]
+    dist.all_gather(shapes, shape)
+    n_max, c_max = (max(int(s[j]) for s in shapes) for j in (0, 1))
+    pad = (0, c_max - x.shape[1], 0, n_max - x.shape[0]) if x.dim() > 1 else (0, n_max - x.shape[0])
+    x = torch.nn.functional.pad(x, pad)
+    parts = [torch.empty_like(x) for _ in range(acc.num_processes)]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat([part[: int(s[0])] for part, s in zip(parts, shapes)]).to(dtype)
+
+
+def global_rollout(acc, ro: Rollout, prompts: list[Prompt]) -> tuple[Rollout, Share]:
+    """The iteration's global batch — every process's rows of ``ro`` in rank (= prompt) order,
+    responses padded to the longest — and this process's share of it. Rewards, advantages (their
+    whitening), the KL controller and the metrics are computed on it, alike on every process and
+    as one process would. ``input_ids`` of the global batch are padded with 0 (unused there)."""
+    if acc.num_processes == 1:
+        return ro, Share(acc, 0, ro.batch.response_mask)
+    import torch.distributed as dist
+
+    b = ro.batch
+    batch = Batch(*(gather_rows(acc, x) for x in (b.input_ids, b.attention_mask, b.positions, b.response)),
+                  gather_rows(acc, b.response_mask), gather_rows(acc, b.last_index))  # fmt: skip
+    texts: list[list[str]] = [[] for _ in range(acc.num_processes)]
+    dist.all_gather_object(texts, ro.texts)
+    sizes = [len(x) for x in texts]
+    whole = Rollout(
+        prompts,
+        batch,
+        [t for part in texts for t in part],
+        gather_rows(acc, ro.ended),
+        gather_rows(acc, ro.raw),
+        gather_rows(acc, ro.penalised),
+        gather_rows(acc, ro.scores),
+        {k: gather_rows(acc, v) for k, v in ro.fw.items()},
+    )
+    return whole, Share(acc, sum(sizes[: acc.process_index]), batch.response_mask)
+
+
 def rewards_and_advantages(cfg: PPOConfig, ro: Rollout, beta: float) -> Advantages:
     """r_t = −β (log π − log π_ref) on every token plus the score on the last one (optionally
     whitened); GAE(γ, λ) advantages and returns; advantages whitened over the batch."""
@@ -468,40 +548,97 @@ def rewards_and_advantages(cfg: PPOConfig, ro: Rollout, beta: float) -> Advantag
 
 
 def update(
-    m: Models, cfg: PPOConfig, ro: Rollout, adv: Advantages, opt: Optimization, it: int, ptx: list[list[int]] | None
+    m: Models,
+    cfg: PPOConfig,
+    ro: Rollout,
+    adv: Advantages,
+    opt: Optimization,
+    it: int,
+    ptx: list[list[int]] | None,
+    share: Share | None = None,
 ) -> dict[str, float]:
-    """``ppo_epochs`` passes over seeded minibatches: per minibatch the token-weighted policy and
-    value losses of its micro-batches (+ ``ptx_coef`` · pretraining NLL), one gradient clip, one
-    AdamW step. Returns the per-step means of the losses and diagnostics."""
-    batch, mask = ro.batch, ro.batch.response_mask
-    N = len(ro.texts)
+    """``ppo_epochs`` passes over seeded minibatches of the global batch: per minibatch the
+    token-weighted policy and value losses of its micro-batches (+ ``ptx_coef`` · pretraining
+    NLL), one gradient clip, one AdamW step. Returns the per-step means of the losses and diagnostics.
+
+    ``ro`` is this process's rows, ``adv`` the global batch's (``share``: where ``ro``'s rows are in
+    it; None: one process, ``ro`` is the global batch). Each process runs the micro-batches of its
+    rows of each minibatch, weighted by the minibatch's global token count; the gradients are then
+    summed over the processes, so N processes take the step one process would. The PPO-ptx term
+    is the main process's."""
+    share = share or Share(None, 0, ro.batch.response_mask)
+    acc, batch, mask = share.acc, ro.batch, share.mask
+    several = acc is not None and acc.num_processes > 1
+    main = not several or acc.is_main_process
+    N, n_local = mask.shape[0], len(ro.texts)
+    local_adv = Advantages(
+        adv.beta,
+        *(x[share.offset : share.offset + n_local] for x in (adv.rewards, adv.kl, adv.advantages, adv.returns)),
+    )
     mb_size = math.ceil(N / cfg.num_minibatches)
     stats: dict[str, list[float]] = {}
     for epoch in range(cfg.ppo_epochs):
-        perm = torch.randperm(N, generator=_seeded(cfg.seed, it, epoch, 11))
+        # drawn by a CPU generator (the same permutation on any device), moved once to the batch's
+        perm = torch.randperm(N, generator=_seeded(cfg.seed, it, epoch, 11), device="cpu").to(mask.device)
         for k, mb_start in enumerate(range(0, N, mb_size)):
             mb = perm[mb_start : mb_start + mb_size]
             n_tokens = mask[mb].sum()
+            mine = mb[(mb >= share.offset) & (mb < share.offset + n_local)] - share.offset  # local row indices
             # micro-batches of rows of similar length (length_chunks): less padding, same loss
-            for rows in length_chunks(batch, mb, math.ceil(len(mb) / max(1, min(cfg.grad_accum, len(mb))))):
-                micro_step(m, cfg, ro, adv, rows, n_tokens, stats)
-            if ptx is not None:
-                order = torch.randperm(len(ptx), generator=_seeded(cfg.seed, it, epoch, k, 13))[: cfg.ptx_batch_size]
+            if len(mine):
+                size = math.ceil(len(mine) / max(1, min(cfg.grad_accum, len(mine))))
+                for rows in length_chunks(batch, mine, size):
+                    micro_step(m, cfg, ro, local_adv, rows, n_tokens, stats)
+            if ptx is not None and main:
+                g = _seeded(cfg.seed, it, epoch, k, 13)
+                order = torch.randperm(len(ptx), generator=g, device="cpu")[: cfg.ptx_batch_size]  # Python indices
                 with m.autocast():
                     nll = ptx_loss(m.policy, [ptx[i] for i in order.tolist()], m.tok.pad_token_id)
                 (cfg.ptx_coef * nll).backward()
                 stats.setdefault("ptx_loss", []).append(nll.item())
+            if several:
+                sum_gradients(opt.trainable)
             grad_norm = clip_and_step(opt.optimizer, opt.trainable, cfg.max_grad_norm)
             opt.scheduler.step()
             opt.optimizer.zero_grad(set_to_none=True)
-            if grad_norm is not None:
+            if grad_norm is not None and main:
                 stats.setdefault("grad_norm", []).append(float(grad_norm))
     # per-step means (token-weighted over micro-batches, then averaged over the optimizer steps)
     n_steps = cfg.ppo_epochs * math.ceil(N / mb_size)
-    return {
-        name: sum(v) / n_steps if name not in ("ptx_loss", "grad_norm") else sum(v) / len(v)
-        for name, v in stats.items()
-    }
+    if several:  # each process's sums (and counts) -> the global ones; the same names on every process
+        names = ["policy_loss", "clipfrac", "approx_kl", "value_loss", "value_clipfrac", "ratio_mean"]
+        names += ["ptx_loss", "grad_norm"]
+        import torch.distributed as dist
+
+        both = torch.tensor(
+            [[sum(stats.get(n, [])), len(stats.get(n, []))] for n in names], dtype=torch.float64, device=mask.device
+        )
+        dist.all_reduce(both)
+        sums = {n: (float(s), int(c)) for n, (s, c) in zip(names, both.tolist())}
+    else:
+        sums = {n: (sum(v), len(v)) for n, v in stats.items()}
+    return {name: s / n_steps if name not in ("ptx_loss", "grad_norm") else s / c for name, (s, c) in sums.items() if c}
+
+
+def sum_gradients(params: list[nn.Parameter]) -> None:
+    """Sum each parameter's gradient over the processes (a process without one adds zeros; a
+    parameter no process has a gradient for keeps none, as with one process)."""
+    import torch.distributed as dist
+
+    has = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=params[0].device)
+    dist.all_reduce(has)
+    live = [p for p, h in zip(params, has.tolist()) if h > 0]
+    for p in live:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    by_dtype: dict[torch.dtype, list[nn.Parameter]] = {}
+    for p in live:
+        by_dtype.setdefault(p.grad.dtype, []).append(p)
+    for group in by_dtype.values():
+        flat = torch.cat([p.grad.reshape(-1) for p in group])
+        dist.all_reduce(flat)
+        for p, g in zip(group, flat.split([p.numel() for p in group])):
+            p.grad.copy_(g.view_as(p.grad))
 
 
 def micro_step(
@@ -566,6 +703,7 @@ def log_and_checkpoint(
     times: dict[str, float],
     log: MetricsLog,
     out: Path,
+    acc=None,
 ) -> dict:
     """Update the KL controller, write the iteration's metrics line, hand memory back to the OS
     when the resident size grew, and checkpoint every ``save_every`` iterations. Returns the metrics."""
@@ -595,7 +733,7 @@ def log_and_checkpoint(
     last |= stats
     if done % cfg.log_every == 0 or done == total:
         log.log(done, **last)
-    if cfg.save_every and done % cfg.save_every == 0 and done != total:
+    if cfg.save_every and done % cfg.save_every == 0 and done != total and (acc is None or acc.is_main_process):
         save_checkpoint(
             out,
             done,
@@ -604,6 +742,8 @@ def log_and_checkpoint(
             opt.scheduler,
             extra={"kl_ctl": opt.kl_ctl.state_dict()},
         )
+    if acc is not None:
+        acc.wait_for_everyone()
     return last
 
 

@@ -53,26 +53,33 @@ class Batch:
 
 
 def make_batch(queries: list[list[int]], response: torch.Tensor, response_mask: torch.Tensor, pad_id: int) -> Batch:
-    """Right-padded ``query + response`` rows; the response columns are trimmed to the longest."""
+    """Right-padded ``query + response`` rows; the response columns are trimmed to the longest.
+
+    Every tensor is made on ``response``'s device (the policy's, see ``cut_responses``): the rows
+    are laid out in Python and each tensor is created there once, with ``device=``.
+    """
+    device = response.device
     lengths = response_mask.long().sum(1)  # (N,)
     R = int(lengths.max())
     response, response_mask = response[:, :R], response_mask[:, :R]
-    q = torch.tensor([len(x) for x in queries])  # (N,)
-    L = int((q + lengths).max())
-    N = len(queries)
-    input_ids = torch.full((N, L), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros(N, L, dtype=torch.long)
-    for i, (query, n) in enumerate(zip(queries, lengths.tolist())):
-        input_ids[i, : len(query)] = torch.tensor(query)
-        input_ids[i, len(query) : len(query) + n] = response[i, :n]
-        attention_mask[i, : len(query) + n] = 1
-    positions = (q - 1).unsqueeze(1) + torch.arange(R).unsqueeze(0)  # (N, R)
+    n_resp, rows = lengths.tolist(), response.tolist()
+    q_len = [len(x) for x in queries]
+    L = max(a + b for a, b in zip(q_len, n_resp))
+    ids = [query + row[:n] + [pad_id] * (L - len(query) - n) for query, row, n in zip(queries, rows, n_resp)]
+    attn = [[1] * (len(query) + n) + [0] * (L - len(query) - n) for query, n in zip(queries, n_resp)]
+    input_ids = torch.tensor(ids, dtype=torch.long, device=device)  # (N, L)
+    attention_mask = torch.tensor(attn, dtype=torch.long, device=device)  # (N, L)
+    q = torch.tensor(q_len, dtype=torch.long, device=device)  # (N,)
+    positions = (q - 1).unsqueeze(1) + torch.arange(R, device=device).unsqueeze(0)  # (N, R)
     positions = positions.clamp(max=L - 1)  # padding columns of short responses: any valid index
     return Batch(input_ids, attention_mask, positions, response, response_mask, q + lengths - 1)
 
 
-def cut_responses(completions, eos_ids, pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The engine's samples as ``(response (N, R), response_mask (N, R) bool, ended (N,) bool)``.
+def cut_responses(
+    completions, eos_ids, pad_id: int, device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The engine's samples as ``(response (N, R), response_mask (N, R) bool, ended (N,) bool)``,
+    made on ``device`` (PPO passes the policy's: every later tensor of the batch follows them).
 
     Everything after the first EOS is cut [N-details, "EOS trick"]: with ``ignore_eos`` (or stop
     strings) tokens may follow it, and they are not the policy's answer. ``ended`` says whether a
@@ -82,13 +89,13 @@ def cut_responses(completions, eos_ids, pad_id: int) -> tuple[torch.Tensor, torc
     """
     eos = sorted(eos_ids)
     filler = next(i for i in range(len(eos) + 1) if i not in eos)
-    lengths = torch.tensor([len(c.token_ids) for c in completions])  # (N,)
-    R = int(lengths.max())
-    response = torch.full((len(completions), R), filler, dtype=torch.long)
-    for i, c in enumerate(completions):
-        response[i, : len(c.token_ids)] = torch.tensor(c.token_ids)
+    n_tokens = [len(c.token_ids) for c in completions]
+    R = max(n_tokens)
+    rows = [list(c.token_ids) + [filler] * (R - n) for c, n in zip(completions, n_tokens)]
+    lengths = torch.tensor(n_tokens, dtype=torch.long, device=device)  # (N,)
+    response = torch.tensor(rows, dtype=torch.long, device=device).reshape(len(completions), R)
     response, response_mask, ended = truncate_after_eos(response, eos, pad_id)
-    response_mask &= torch.arange(R)[None, :] < lengths[:, None]
+    response_mask &= torch.arange(R, device=device)[None, :] < lengths[:, None]
     return response.masked_fill(~response_mask, pad_id), response_mask, ended
 
 
@@ -179,7 +186,7 @@ def rollout_forwards(
     def pad(x: torch.Tensor) -> torch.Tensor:  # (b, r) -> (b, R): chunks are trimmed to their own length
         return torch.nn.functional.pad(x, (0, R - x.shape[1]))
 
-    chunks = length_chunks(batch, torch.arange(N), chunk)
+    chunks = length_chunks(batch, torch.arange(N, device=batch.response.device), chunk)
     for rows in chunks:
         b = batch.rows(rows)
         # one autocast context per model: its cache of bf16 weight casts is freed on exit
@@ -246,7 +253,7 @@ def logprobs_and_entropy(
 def rm_scores(rm, batch: Batch, chunk: int, autocast) -> torch.Tensor:
     """Normalised reward-model scores (N,), read at each response's last token (its EOS)."""
     scores = []
-    chunks = length_chunks(batch, torch.arange(len(batch.response)), chunk)
+    chunks = length_chunks(batch, torch.arange(len(batch.response), device=batch.response.device), chunk)
     for rows in chunks:
         b = batch.rows(rows)
         with autocast():
