@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+MACHINE_METRICS = frozenset(
+    {"time", "time_generate", "time_score", "time_forward", "time_train", "time_iteration", "rss_mb", "peak_rss_mb"}
+)
+"""PPO metrics of the machine (seconds, memory): they differ between two runs of the same trajectory."""
+
 
 class Crash(Exception):
     """A simulated crash, raised right after a checkpoint was (or would have been) written."""

@@ -8,6 +8,7 @@ from unittest import mock
 
 import pytest
 import torch
+from helpers import MACHINE_METRICS
 
 from rlhfkit.config import PPOConfig, RewardConfig
 from rlhfkit.recipes.common import read_metrics
@@ -98,16 +99,7 @@ def test_a_failed_compile_is_reported_once_and_runs_eagerly(tiny_path, tmp_path,
     assert any("compiled" in line and "blocks" in line for line in lines)  # it did try
     failures = [line for line in lines if "torch.compile failed" in line]
     assert len(failures) == 1 and "RuntimeError: no C++ toolchain today" in failures[0], lines
-    skip = {
-        "time",
-        "time_generate",
-        "time_score",
-        "time_forward",
-        "time_train",
-        "time_iteration",
-        "rss_mb",
-        "peak_rss_mb",
-    }
+    skip = MACHINE_METRICS
     assert len(eager) == len(failed) == 2
     for a, b in zip(eager, failed):
         assert {k: v for k, v in a.items() if k not in skip} == {k: v for k, v in b.items() if k not in skip}

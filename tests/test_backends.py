@@ -18,21 +18,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 @pytest.fixture(scope="module")
-def lively(tiny_path):
-    """tiny-random with its matrices redrawn at std 0.2 (seeded): greedy answers change token by
-    token and with every prompt, so a position off by one or a wrong pad changes them."""
-    from rlhfkit.models.loading import load_causal_lm
-
-    loaded = load_causal_lm(tiny_path)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in loaded.model.parameters():
-            if p.dim() == 2:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-    return loaded
-
-
-@pytest.fixture(scope="module")
 def family_dir(tmp_path_factory):
     """``family_dir(name)``: the tiny ``name`` model of tests/families.py, built once per module."""
     root = tmp_path_factory.mktemp("families")

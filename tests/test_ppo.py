@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import Crash
+from helpers import MACHINE_METRICS, Crash
 
 from rlhfkit.config import PPOConfig
 from rlhfkit.recipes.common import read_metrics
@@ -176,16 +176,7 @@ def test_ppo_exact_resume(sharp_path, tiny_path, tmp_path, monkeypatch):
     a, b = read_metrics(straight), read_metrics(crashed)
     assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3, 4]
     assert len({r["beta"] for r in a}) > 1  # the adaptive controller moved (so its state was restored)
-    skip = {
-        "time",
-        "time_generate",
-        "time_score",
-        "time_forward",
-        "time_train",
-        "time_iteration",
-        "rss_mb",
-        "peak_rss_mb",
-    }
+    skip = MACHINE_METRICS
     for ra, rb in zip(a, b):
         for k in ra:
             if k not in skip and ra[k] is not None:

@@ -83,15 +83,13 @@ def test_sft_smoke_loss_falls_and_weights_change(tiny_path, demos, tmp_path):
     assert torch.equal(model.state_dict()["model.norm.weight"], after["model.norm.weight"])
 
 
-def test_sft_lora_trains_adapters_and_saves_merged(tiny_path, demos, tmp_path):
-    from rlhfkit.recipes.sft import train_sft
-
-    cfg = SFTConfig(
-        model=tiny_path,
+def lora_sft_cfg(model: str, demos: str, out, max_steps: int) -> SFTConfig:
+    return SFTConfig(
+        model=model,
         data=demos,
-        out=str(tmp_path / "lora"),
+        out=str(out),
         batch_size=8,
-        max_steps=4,
+        max_steps=max_steps,
         lr=1e-2,
         warmup_steps=0,
         precision="fp32",
@@ -100,7 +98,12 @@ def test_sft_lora_trains_adapters_and_saves_merged(tiny_path, demos, tmp_path):
         lora_r=4,
         eval_fraction=0.2,
     )
-    train_sft(cfg)
+
+
+def test_sft_lora_trains_adapters_and_saves_merged(tiny_path, demos, tmp_path):
+    from rlhfkit.recipes.sft import train_sft
+
+    train_sft(lora_sft_cfg(tiny_path, demos, tmp_path / "lora", max_steps=4))
     ls = losses(tmp_path / "lora")
     assert ls[-1] < ls[0]
     before, after = params_of(tiny_path), params_of(str(tmp_path / "lora" / "model"))
@@ -585,21 +588,7 @@ def test_sft_lora_runs_on_gpt2(demos, tmp_path):
     from rlhfkit.recipes.sft import train_sft
 
     model = tiny_family("gpt2", tmp_path)
-    cfg = SFTConfig(
-        model=str(model),
-        data=demos,
-        out=str(tmp_path / "lora"),
-        batch_size=8,
-        max_steps=2,
-        lr=1e-2,
-        warmup_steps=0,
-        precision="fp32",
-        max_length=128,
-        lora=True,
-        lora_r=4,
-        eval_fraction=0.2,
-    )
-    train_sft(cfg, say=lambda *a: None)
+    train_sft(lora_sft_cfg(model, demos, tmp_path / "lora", max_steps=2), say=lambda *a: None)
     assert len(losses(tmp_path / "lora")) == 2
     before, after = params_of(str(model)), params_of(str(tmp_path / "lora" / "model"))
     assert set(before) == set(after)  # merged: a plain model, no adapter tensors

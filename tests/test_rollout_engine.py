@@ -16,22 +16,6 @@ def tiny_mod(tiny_path):
     return load_causal_lm(tiny_path)
 
 
-@pytest.fixture(scope="module")
-def lively(tiny_path):
-    """tiny-random with its matrices redrawn at std 0.2 (seeded): its greedy answers change with
-    every prompt and token by token, so a position off by one, a dropped key or a short cache
-    changes them (the plain tiny model answers the same few tokens to everything)."""
-    from rlhfkit.models.loading import load_causal_lm
-
-    loaded = load_causal_lm(tiny_path)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in loaded.model.parameters():
-            if p.dim() == 2:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-    return loaded
-
-
 def prompts_of(tok, n=20):
     """The first ``n`` requests of the built-in task's eval split, chat-formatted."""
     from rlhfkit.data.tokenize import encode_prompt
