@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from rlhfkit.algos.critic_free import grpo_advantages, grpo_loss, rloo_advantages
+from rlhfkit.algos.critic_free import grpo_advantages, grpo_loss, rloo_advantages, rloo_loss
 from rlhfkit.config import GRPOConfig, PPOConfig, RLOOConfig
 from rlhfkit.errors import UserError
 from rlhfkit.recipes.common import read_metrics
@@ -39,6 +39,24 @@ def test_group_size_checked(fn):
         fn(torch.zeros(4), k=3)
     with pytest.raises(ValueError):
         fn(torch.zeros(4), k=1)
+
+
+def test_rloo_loss_sequence_ratio_by_hand():
+    # two responses (2 and 1 tokens), A = [+1, −2], ε = 0.2
+    # seq 1: log ρ = 0.05 + 0.05 = 0.1, ρ = e^0.1 ≈ 1.105 (inside the clip): −A ρ = −e^0.1
+    # seq 2: log ρ = −0.5, ρ = e^−0.5 ≈ 0.607 < 0.8 with A < 0: max(2 ρ, 2 · 0.8) = 1.6 (clipped)
+    # L = (−e^0.1 + 1.6) / 2, clipfrac 1/2
+    old = torch.zeros(2, 2)
+    new = torch.tensor([[0.05, 0.05], [-0.5, 123.0]])  # the padded position is masked
+    mask = torch.tensor([[1, 1], [1, 0]])
+    out = rloo_loss(new, old, torch.tensor([1.0, -2.0]), mask, clip_eps=0.2)
+    assert out.loss.item() == pytest.approx((-math.exp(0.1) + 1.6) / 2, rel=1e-6)
+    assert out.clipfrac.item() == 0.5
+    assert out.approx_kl.item() == pytest.approx((0.5 * 0.1**2 + 0.5 * 0.25) / 2, rel=1e-6)
+    # at ρ = 1 the gradient is REINFORCE's: ∂L/∂log π(y_t) = −A_i / B on each token
+    lp = torch.zeros(2, 2, requires_grad=True)
+    rloo_loss(lp, old, torch.tensor([1.0, -2.0]), mask).loss.backward()
+    assert lp.grad.flatten().tolist() == pytest.approx([-0.5, -0.5, 1.0, 0.0])
 
 
 def test_grpo_loss_kl_in_the_loss_by_hand():

@@ -49,6 +49,40 @@ def grpo_advantages(scores: torch.Tensor, k: int, eps: float = 1e-4) -> torch.Te
     return ((g - mean) / (std + eps)).reshape(scores.shape)
 
 
+class RLOOLossOutput(NamedTuple):
+    loss: torch.Tensor  # scalar, differentiable
+    clipfrac: torch.Tensor  # share of sequences whose clipped term is the larger one
+    approx_kl: torch.Tensor  # ½ (log ρ)² per sequence, mean
+
+
+def rloo_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    clip_eps: float = 0.2,
+) -> RLOOLossOutput:
+    """[RLOO] treats the whole response as one action (REINFORCE on sequences), so the importance
+    ratio is the sequence's, clipped as PPO's — as TRL's RLOOTrainer computes it:
+
+        ρ_i = exp(Σ_t log π(y_t) − Σ_t log π_old(y_t))
+        L   = 1/B Σ_i −min(ρ_i A_i, clip(ρ_i, 1−ε, 1+ε) A_i)
+
+    On the first step of an iteration ρ = 1 and the gradient is REINFORCE's −A_i ∇ log π(y_i).
+    Shapes: ``logprobs``, ``old_logprobs``, ``response_mask`` ``(B, T)``; ``advantages`` ``(B,)``.
+    """
+    mask = response_mask.to(logprobs.dtype)
+    log_ratio = ((logprobs - old_logprobs) * mask).sum(1)  # (B,)
+    ratio = torch.exp(log_ratio)
+    pg = -advantages * ratio
+    pg_clipped = -advantages * torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps)
+    loss = torch.maximum(pg, pg_clipped).mean()
+    with torch.no_grad():
+        clipfrac = (pg_clipped > pg).to(mask.dtype).mean()
+        approx_kl = (0.5 * log_ratio**2).mean()
+    return RLOOLossOutput(loss, clipfrac, approx_kl)
+
+
 class GRPOLossOutput(NamedTuple):
     loss: torch.Tensor  # scalar, differentiable
     policy_loss: torch.Tensor  # the clipped-ratio part (detached)

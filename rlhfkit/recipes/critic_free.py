@@ -6,8 +6,8 @@ same functions — then, instead of GAE and the value loss:
 
   RLOO [Ahmadian et al. 2024]  5. R_i = score_i − β Σ_t (log π − log π_ref) (the KL in the reward)
                                6. A_i = R_i − mean of the other k−1 samples' R (eq. 5), on every token
-                               7. PPO's clipped-ratio loss, a mean over the minibatch's tokens (as
-                                  TRL's RLOOTrainer, which clips the ratio too)
+                               7. the clipped ratio of the whole sequence (REINFORCE on responses;
+                                  TRL's RLOOTrainer's loss), a mean over the sequences
   GRPO [Shao et al. 2024]      5.-6. Â_i = (score_i − group mean) / (group std + 1e-4)
                                7. clipped ratio − β · k3 KL to the reference, in the loss (eq. 3),
                                   a mean over each sequence's tokens, then over the sequences
@@ -24,8 +24,8 @@ import time
 import torch
 
 from rlhfkit.accel.optim import clip_and_step
-from rlhfkit.algos.critic_free import grpo_advantages, grpo_loss, rloo_advantages
-from rlhfkit.algos.ppo import compute_rewards, logprobs_from_logits, ppo_policy_loss
+from rlhfkit.algos.critic_free import grpo_advantages, grpo_loss, rloo_advantages, rloo_loss
+from rlhfkit.algos.ppo import compute_rewards, logprobs_from_logits
 from rlhfkit.config import GRPOConfig, RLOOConfig
 from rlhfkit.errors import UserError
 from rlhfkit.models.loading import resolve_precision
@@ -141,7 +141,7 @@ def update(
     m: Models, cfg: RLOOConfig, algo: str, ro: Rollout, adv: Advantages, opt: Optimization, it: int
 ) -> dict[str, float]:
     """``ppo_epochs`` passes over seeded minibatches: per minibatch the loss of its micro-batches
-    (RLOO: weighted by tokens — a token mean; GRPO: by sequences — a sequence mean), one gradient
+    (weighted by their share of its sequences: both losses are means over sequences), one gradient
     clip, one AdamW step. Returns the per-step means."""
     mask = ro.batch.response_mask
     N = mask.shape[0]
@@ -151,7 +151,6 @@ def update(
         perm = torch.randperm(N, generator=_seeded(cfg.seed, it, epoch, 11), device="cpu").to(mask.device)
         for mb_start in range(0, N, mb_size):
             mb = perm[mb_start : mb_start + mb_size]
-            n_tokens = mask[mb].sum()
             size = math.ceil(len(mb) / max(1, min(cfg.grad_accum, len(mb))))
             for rows in length_chunks(ro.batch, mb, size):
                 b = ro.batch.rows(rows)
@@ -160,14 +159,13 @@ def update(
                     _, logits = policy_forward(m.policy, b)  # (b, r, V)
                     logprobs = logprobs_from_logits(logits, b.response, cfg.temperature)
                 old = ro.fw["logprobs"][rows, :cols]
+                seq_adv = adv.advantages[rows, 0]  # every response has >= 1 token (compute_rewards checks)
+                weight = len(rows) / len(mb)
                 if algo == "rloo":
-                    weight = b.response_mask.sum() / n_tokens
-                    pl = ppo_policy_loss(logprobs, old, adv.advantages[rows, :cols], b.response_mask, cfg.cliprange)
-                    parts = {"policy_loss": pl.loss.detach(), "clipfrac": pl.clipfrac, "approx_kl": pl.approx_kl}
-                    loss = pl.loss
+                    rl = rloo_loss(logprobs, old, seq_adv, b.response_mask, cfg.cliprange)
+                    parts = {"policy_loss": rl.loss, "clipfrac": rl.clipfrac, "approx_kl": rl.approx_kl}
+                    loss = rl.loss
                 else:
-                    weight = torch.tensor(len(rows) / len(mb))
-                    seq_adv = adv.advantages[rows, 0]  # every response has >= 1 token (compute_rewards checks)
                     ref = ro.fw["ref_logprobs"][rows, :cols]
                     gl = grpo_loss(logprobs, old, ref, seq_adv, b.response_mask, cfg.cliprange, adv.beta)
                     parts = {"policy_loss": gl.policy_loss, "kl_loss": gl.kl, "clipfrac": gl.clipfrac}
@@ -175,7 +173,7 @@ def update(
                     loss = gl.loss
                 (weight * loss).backward()
                 for name, v in parts.items():
-                    stats.setdefault(name, []).append(float(weight) * v.item())
+                    stats.setdefault(name, []).append(weight * v.item())
             grad_norm = clip_and_step(opt.optimizer, opt.trainable, cfg.max_grad_norm)
             opt.scheduler.step()
             opt.optimizer.zero_grad(set_to_none=True)
