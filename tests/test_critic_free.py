@@ -147,3 +147,16 @@ def test_smoke_reward_rises(algo, sharp_path, tmp_path):
     before, after = load_file(f"{sharp_path}/model.safetensors"), load_file(out / "model" / "model.safetensors")
     assert any(not torch.equal(before[n], after[n]) for n in before if n in after)
     assert not (out / "critic").exists()
+
+
+@pytest.mark.parametrize("stage", ["rloo", "grpo"])
+def test_cli_one_sample_is_one_line_error(stage):
+    from typer.testing import CliRunner
+
+    from rlhfkit.cli import app
+
+    result = CliRunner().invoke(app, [stage, "--model", "tiny-random", "samples_per_prompt=1"])
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines() == [
+        "error: samples_per_prompt=1: critic-free training compares the samples of a prompt, expected >= 2"
+    ]
