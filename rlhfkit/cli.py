@@ -60,6 +60,10 @@ def _train(stage: str, cfg) -> dict:
         from rlhfkit.recipes.dpo import train_dpo as run
     elif stage == "ppo":
         from rlhfkit.recipes.ppo import train_ppo as run
+    elif stage == "rloo":
+        from rlhfkit.recipes.critic_free import train_rloo as run
+    elif stage == "grpo":
+        from rlhfkit.recipes.critic_free import train_grpo as run
     elif stage in ("pipeline", "demo"):
         from rlhfkit.recipes.pipeline import run_pipeline as run
     else:  # pragma: no cover

@@ -46,6 +46,7 @@ Precision = Literal["auto", "bf16", "fp32"]
 Schedule = Literal["cosine", "linear", "constant"]
 Switch = Literal["auto", "on", "off"]
 Critic = Literal["rm", "policy_head"]
+NoCritic = Literal["none"]  # RLOO, GRPO
 ScoreBaseline = Literal["none", "group"]
 DPOLossType = Literal["sigmoid", "ipo"]
 PairWeighting = Literal["per_ranking", "per_pair"]
@@ -281,6 +282,34 @@ class PPOConfig(TrainConfig):
 
 
 @dataclass
+class RLOOConfig(PPOConfig):
+    """RLOO (Ahmadian et al. 2024): k samples per prompt, each one's reward (score − β·KL) minus the
+    mean of the other k−1 is its advantage; PPO's clipped ratio, no critic (the GAE/value fields are unused)."""
+
+    critic: NoCritic = opt("none", "No critic: the baseline is the other samples of the prompt.")
+    samples_per_prompt: int = opt(4, "k: responses sampled per prompt (>= 2), the group of the baseline.")
+    lr: float = opt(1e-6, "Learning rate of the policy (AdamW).")
+    kl_coef: float = opt(0.05, "beta: the sequence reward is score − beta · Σ_t (log pi − log pi_ref).")
+    whiten_advantages: bool = opt(False, "RLOO: whiten the advantages over the batch (GRPO: unused).")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.samples_per_prompt < 2:
+            raise UserError(
+                f"samples_per_prompt={self.samples_per_prompt}: critic-free training compares the samples of a "
+                "prompt, expected >= 2"
+            )
+
+
+@dataclass
+class GRPOConfig(RLOOConfig):
+    """GRPO (Shao et al. 2024): advantages (score − group mean) / (group std + eps); clipped ratio and
+    beta · k3 KL to the reference in the loss, averaged per sequence then over the group."""
+
+    kl_coef: float = opt(0.04, "beta of the k3 KL term in the loss (DeepSeekMath: 0.04).")
+
+
+@dataclass
 class PipelineConfig:
     """The RLHF loop on the built-in task: sample -> label -> SFT (best-of-K) -> reward model -> PPO -> judge.
 
@@ -447,6 +476,8 @@ STAGES: dict[str, type] = {
     "rm": RewardConfig,
     "dpo": DPOConfig,
     "ppo": PPOConfig,
+    "rloo": RLOOConfig,
+    "grpo": GRPOConfig,
 }
 STAGE_FIELDS: dict[str, type] = {
     "sft": SFTConfig,

@@ -367,7 +367,10 @@ def load_models(cfg: PPOConfig, device, precision: str, reward_fn: RewardFn | No
 
 
 def load_critic(cfg: PPOConfig, policy: nn.Module, device, say=print) -> Critic:
-    """A value head on the policy's trunk (critic='policy_head'), or a copy of the reward model."""
+    """A value head on the policy's trunk (critic='policy_head'), a copy of the reward model, or
+    none (critic='none': RLOO, GRPO)."""
+    if cfg.critic == "none":
+        return Critic("none")
     if cfg.critic == "policy_head":
         head = nn.Linear(hidden_size(policy), 1, bias=False, device=device)
         # zero: the first advantages are plain Monte-Carlo returns. A random head gives values of
@@ -716,8 +719,6 @@ def log_and_checkpoint(
         "entropy": float(masked_mean(fw["entropy"], mask)),
         "non_score_reward": float((-adv.beta * adv.kl).sum(1).mean()), "reward": float(adv.rewards.sum(1).mean()),
         "beta": adv.beta,
-        "explained_variance": float(explained_variance(fw["values"], adv.returns, mask)),
-        "value_mean": float(masked_mean(fw["values"], mask)), "return_mean": float(masked_mean(adv.returns, mask)),
         "response_length": float(mask.sum(1).float().mean()), "no_eos_fraction": float((~ro.ended).float().mean()),
         "lr": opt.scheduler.get_last_lr()[0],
         **times, "time_iteration": sum(times.values()),
@@ -725,6 +726,10 @@ def log_and_checkpoint(
     # Freed memory is kept for the next iteration's tensors (reuse_freed_memory): handing it back
     # every iteration made each one page-fault its GBs afresh. It is handed back only if the
     # resident size grew by a quarter over the first iteration's, so fragmentation cannot make it creep.
+    if "values" in fw:  # not without a critic (RLOO, GRPO)
+        last["explained_variance"] = float(explained_variance(fw["values"], adv.returns, mask))
+        last["value_mean"] = float(masked_mean(fw["values"], mask))
+        last["return_mean"] = float(masked_mean(adv.returns, mask))
     last["rss_mb"], last["peak_rss_mb"] = rss_mb()
     opt.rss_base = opt.rss_base or last["rss_mb"]
     if last["rss_mb"] > RSS_SLACK * opt.rss_base:
@@ -759,11 +764,9 @@ def save_final(cfg: PPOConfig, m: Models, opt: Optimization, total: int, out: Pa
             opt.scheduler,
             extra={"kl_ctl": opt.kl_ctl.state_dict()},
         )
-    m.critic.save(out / "critic", merge=True)
+    m.critic.save(out / "critic", merge=True)  # critic 'none': nothing
     if m.critic.kind == "rm":
         m.tok.save_pretrained(out / "critic")
     save_model_dir(unwrap(m.policy, merge=True), m.tok, out / "model")
-    say(
-        f"saved {out / 'model'} and {out / 'critic'}; last score {last.get('score', float('nan')):.4f}, "
-        f"KL {last.get('kl', float('nan')):.4f}"
-    )
+    saved = f"{out / 'model'}" + (f" and {out / 'critic'}" if m.critic.kind != "none" else "")
+    say(f"saved {saved}; last score {last.get('score', float('nan')):.4f}, KL {last.get('kl', float('nan')):.4f}")

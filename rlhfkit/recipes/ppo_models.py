@@ -113,7 +113,8 @@ class Critic(nn.Module):
     """V(query, response[:t]) for every response position t.
 
     kind 'rm': a reward model (trunk + linear head) applied at every position; kind
-    'policy_head': a linear head on the policy's hidden states (``values(..., hidden=h)``).
+    'policy_head': a linear head on the policy's hidden states (``values(..., hidden=h)``); kind
+    'none': no critic (RLOO, GRPO) — no parameters, nothing saved, no values.
     """
 
     def __init__(self, kind: str, seq_model: nn.Module | None = None, head: nn.Linear | None = None):
@@ -136,6 +137,8 @@ class Critic(nn.Module):
         return base.score(gather_positions(h, b.positions)).squeeze(-1).float() - offset  # (B, R)
 
     def save(self, path: Path, merge: bool = False) -> None:
+        if self.kind == "none":
+            return
         path.mkdir(parents=True, exist_ok=True)
         if self.kind == "policy_head":
             from safetensors.torch import save_file
@@ -149,6 +152,8 @@ class Critic(nn.Module):
     def load(self, path: Path) -> None:
         from safetensors.torch import load_file
 
+        if self.kind == "none":
+            return
         if self.kind == "policy_head":
             self.head.load_state_dict(load_file(str(path / "value_head.safetensors")))
             return
@@ -210,7 +215,8 @@ def rollout_forwards(
             out["ref_logprobs"].append(pad(logprobs_from_logits(ref_logits, b.response, temperature)))
             del ref_logits
     back = torch.argsort(torch.cat(chunks))  # rows back into batch order
-    return {k: torch.cat(v)[back] * batch.response_mask for k, v in out.items()}
+    # critic 'none': no "values"
+    return {k: torch.cat(v)[back] * batch.response_mask for k, v in out.items() if v}
 
 
 def length_chunks(batch: Batch, rows: torch.Tensor, size: int) -> list[torch.Tensor]:

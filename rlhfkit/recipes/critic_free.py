@@ -1,0 +1,183 @@
+"""RLOO and GRPO: critic-free policy gradients on PPO's phases (``rlhfkit/recipes/ppo.py``).
+
+An iteration is PPO's without the critic: 1. prompts, 2. generate k = samples_per_prompt
+responses each, 3. score, 4. no-grad forwards (policy and reference log-probs, no values) — the
+same functions — then, instead of GAE and the value loss:
+
+  RLOO [Ahmadian et al. 2024]  5. R_i = score_i − β Σ_t (log π − log π_ref) (the KL in the reward)
+                               6. A_i = R_i − mean of the other k−1 samples' R (eq. 5), on every token
+                               7. the clipped ratio of the whole sequence (REINFORCE on responses;
+                                  TRL's RLOOTrainer's loss), a mean over the sequences
+  GRPO [Shao et al. 2024]      5.-6. Â_i = (score_i − group mean) / (group std + 1e-4)
+                               7. clipped ratio − β · k3 KL to the reference, in the loss (eq. 3),
+                                  a mean over each sequence's tokens, then over the sequences
+
+The math is in ``rlhfkit/algos/critic_free.py``. One process (the multi-process gather of PPO is
+not wired here yet). Writes what PPO writes, without ``out/critic``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+
+from rlhfkit.accel.optim import clip_and_step
+from rlhfkit.algos.critic_free import grpo_advantages, grpo_loss, rloo_advantages, rloo_loss
+from rlhfkit.algos.ppo import compute_rewards, logprobs_from_logits
+from rlhfkit.config import GRPOConfig, RLOOConfig
+from rlhfkit.errors import UserError
+from rlhfkit.models.loading import resolve_precision
+from rlhfkit.recipes.common import MetricsLog, batch_plan, make_accelerator, prepare_out, progress, world
+from rlhfkit.recipes.ppo import (
+    Advantages,
+    Models,
+    Optimization,
+    RewardFn,
+    Rollout,
+    RolloutMetrics,
+    _seeded,
+    check_config,
+    encode_queries,
+    forwards,
+    generate,
+    load_models,
+    load_prompts,
+    log_and_checkpoint,
+    save_final,
+    score,
+    setup_optimization,
+    timed,
+)
+from rlhfkit.recipes.ppo_models import length_chunks, policy_forward
+
+
+def train_rloo(
+    cfg: RLOOConfig, reward_fn: RewardFn | None = None, say=print, rollout_metrics: RolloutMetrics | None = None
+) -> dict:
+    """RLOO on ``cfg.model`` against ``cfg.reward_model`` (or ``reward_fn``, as ``train_ppo``'s)."""
+    return train_critic_free(cfg, "rloo", reward_fn, say, rollout_metrics)
+
+
+def train_grpo(
+    cfg: GRPOConfig, reward_fn: RewardFn | None = None, say=print, rollout_metrics: RolloutMetrics | None = None
+) -> dict:
+    """GRPO on ``cfg.model`` against ``cfg.reward_model`` (or ``reward_fn``, as ``train_ppo``'s)."""
+    return train_critic_free(cfg, "grpo", reward_fn, say, rollout_metrics)
+
+
+def train_critic_free(
+    cfg: RLOOConfig, algo: str, reward_fn: RewardFn | None, say=print, rollout_metrics: RolloutMetrics | None = None
+) -> dict:
+    """The loop of ``train_ppo`` with ``advantages`` and ``update`` below in place of GAE and the
+    critic; returns the final metrics."""
+    check_config(cfg, reward_fn)
+    if cfg.score_baseline != "none":
+        raise UserError(f"score_baseline={cfg.score_baseline}: {algo} has its own group baseline; keep 'none'")
+    if cfg.ptx_coef > 0:
+        raise UserError(f"ptx_coef={cfg.ptx_coef}: PPO-ptx is PPO's (`rlhfkit ppo`)")
+    acc = make_accelerator(cfg)
+    if world(acc)[1] > 1:
+        raise UserError(f"{algo} runs on one process (several: `rlhfkit ppo score_baseline=group`)")
+    out, ckpt = prepare_out(cfg, acc)
+    precision = resolve_precision(cfg.precision, acc.device)
+
+    prompts = load_prompts(cfg, say)  # 0. data first
+    m = load_models(cfg, acc.device, precision, reward_fn, say)  # 1. policy, reference, RM; no critic
+    queries = encode_queries(cfg, prompts, m.tok, say)
+    plan = batch_plan(len(prompts), cfg)
+    k = cfg.samples_per_prompt
+    say(
+        f"{algo.upper()}: {len(plan)} iterations x {min(cfg.batch_size, len(prompts))} prompts x {k} samples, "
+        f"reward={'reward_fn' if reward_fn else cfg.reward_model}, {precision}"
+    )
+    opt, start = setup_optimization(cfg, m, len(plan), ckpt, say)  # 3. AdamW over the policy, beta, resume
+    log = MetricsLog(out, acc, cfg, resume_step=start if ckpt else None)
+    bar = progress(len(plan), start, True, algo)
+    last: dict = {}
+    t_run = time.perf_counter()
+    for it in range(start, len(plan)):
+        idx = plan[it]  # 1. prompts, each repeated k times (prompt-major)
+        batch_prompts = [prompts[i] for i in idx for _ in range(k)]
+        batch_queries = [queries[i] for i in idx for _ in range(k)]
+        times = {"time_push": m.generator.push_weights(m.policy)}
+        with timed(times, "time_generate"):  # 2. k responses per prompt on the live weights
+            completions = generate(m, cfg, [queries[i] for i in idx], it)
+        with timed(times, "time_score"):  # 3. cut after the first EOS, then score
+            ro = score(m, cfg, batch_prompts, batch_queries, completions, reward_fn)
+        with timed(times, "time_forward"):  # 4. log-probs of policy and reference, no grad
+            ro.fw = forwards(m, cfg, ro.batch)
+        adv = advantages(cfg, algo, ro, opt.kl_ctl.value)  # 5.-6. group baselines
+        with timed(times, "time_train"):  # 7. clipped-ratio epochs over minibatches
+            stats = update(m, cfg, algo, ro, adv, opt, it)
+        extra = rollout_metrics(ro.prompts, ro.texts, ro.ended.tolist()) if rollout_metrics else {}
+        last = log_and_checkpoint(cfg, it + 1, len(plan), m, ro, adv, opt, stats | extra, times, log, out, acc)
+        bar.update(1)
+        bar.set_postfix(score=f"{last['score']:.3f}", kl=f"{last['kl']:.3f}")
+    bar.close()
+    log.close()
+    result = {"step": len(plan), **last, "train_seconds": time.perf_counter() - t_run}
+    save_final(cfg, m, opt, len(plan), out, last, say)
+    return result
+
+
+def advantages(cfg: RLOOConfig, algo: str, ro: Rollout, beta: float) -> Advantages:
+    """One advantage per sequence, broadcast to its response tokens (``advantages``; ``returns``
+    are zeros: there is no critic). ``rewards``/``kl`` are per token as PPO's: −β·KL, plus the
+    score on the last token (their row sum is RLOO's sequence reward; GRPO logs them only)."""
+    mask = ro.batch.response_mask
+    rewards, kl = compute_rewards(ro.scores, ro.fw["logprobs"], ro.fw["ref_logprobs"], mask, beta)  # (N, R)
+    if algo == "rloo":
+        seq = rloo_advantages(rewards.sum(1), cfg.samples_per_prompt)  # (N,)
+        if cfg.whiten_advantages:  # TRL's normalize_advantages
+            seq = (seq - seq.mean()) / (seq.std() + 1e-8)
+    else:
+        seq = grpo_advantages(ro.scores, cfg.samples_per_prompt)  # (N,), KL in the loss instead
+    return Advantages(beta, rewards, kl, seq.unsqueeze(1) * mask, torch.zeros_like(rewards))
+
+
+def update(
+    m: Models, cfg: RLOOConfig, algo: str, ro: Rollout, adv: Advantages, opt: Optimization, it: int
+) -> dict[str, float]:
+    """``ppo_epochs`` passes over seeded minibatches: per minibatch the loss of its micro-batches
+    (weighted by their share of its sequences: both losses are means over sequences), one gradient
+    clip, one AdamW step. Returns the per-step means."""
+    mask = ro.batch.response_mask
+    N = mask.shape[0]
+    mb_size = math.ceil(N / cfg.num_minibatches)
+    stats: dict[str, list[float]] = {}
+    for epoch in range(cfg.ppo_epochs):
+        perm = torch.randperm(N, generator=_seeded(cfg.seed, it, epoch, 11), device="cpu").to(mask.device)
+        for mb_start in range(0, N, mb_size):
+            mb = perm[mb_start : mb_start + mb_size]
+            size = math.ceil(len(mb) / max(1, min(cfg.grad_accum, len(mb))))
+            for rows in length_chunks(ro.batch, mb, size):
+                b = ro.batch.rows(rows)
+                cols = b.response.shape[1]
+                with m.autocast():
+                    _, logits = policy_forward(m.policy, b)  # (b, r, V)
+                    logprobs = logprobs_from_logits(logits, b.response, cfg.temperature)
+                old = ro.fw["logprobs"][rows, :cols]
+                seq_adv = adv.advantages[rows, 0]  # every response has >= 1 token (compute_rewards checks)
+                weight = len(rows) / len(mb)
+                if algo == "rloo":
+                    rl = rloo_loss(logprobs, old, seq_adv, b.response_mask, cfg.cliprange)
+                    parts = {"policy_loss": rl.loss, "clipfrac": rl.clipfrac, "approx_kl": rl.approx_kl}
+                    loss = rl.loss
+                else:
+                    ref = ro.fw["ref_logprobs"][rows, :cols]
+                    gl = grpo_loss(logprobs, old, ref, seq_adv, b.response_mask, cfg.cliprange, adv.beta)
+                    parts = {"policy_loss": gl.policy_loss, "kl_loss": gl.kl, "clipfrac": gl.clipfrac}
+                    parts |= {"approx_kl": gl.approx_kl, "loss": gl.loss}
+                    loss = gl.loss
+                (weight * loss).backward()
+                for name, v in parts.items():
+                    stats.setdefault(name, []).append(weight * v.item())
+            grad_norm = clip_and_step(opt.optimizer, opt.trainable, cfg.max_grad_norm)
+            opt.scheduler.step()
+            opt.optimizer.zero_grad(set_to_none=True)
+            if grad_norm is not None:
+                stats.setdefault("grad_norm", []).append(float(grad_norm))
+    n_steps = cfg.ppo_epochs * math.ceil(N / mb_size)
+    return {n: sum(v) / (n_steps if n != "grad_norm" else len(v)) for n, v in stats.items() if v}
