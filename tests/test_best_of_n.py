@@ -118,3 +118,79 @@ def test_eval_best_of_without_reward_model_is_a_user_error(tiny_path):
         run_eval(_bon_cfg(tiny_path, best_of=4))
     with pytest.raises(UserError, match="no such directory"):
         run_eval(_bon_cfg(tiny_path, best_of=2, reward_model="/nonexistent/rm"))
+
+
+# ---------------------------------------------------------------- serve: the API answers with the RM's best of 3
+
+
+def _scorer():
+    """A stub reward model: a deterministic score of each text; records what it scored."""
+    seen: list[tuple[list, list[str], list[float]]] = []
+
+    def reward(prompts, responses):
+        scores = [float(sum(map(ord, r)) % 97) + 0.001 * len(r) for r in responses]
+        seen.append((list(prompts), list(responses), scores))
+        return scores
+
+    return reward, seen
+
+
+def test_serve_best_of_3_returns_the_highest_scored_sample(tiny_path, tmp_path, monkeypatch):
+    import json
+
+    from fastapi.testclient import TestClient
+    from web_support import make_run
+
+    import rlhfkit.evals.helpful as helpful
+    from rlhfkit.algos.best_of_n import best_index
+    from rlhfkit.config import ServeConfig
+    from rlhfkit.web.app import create_app
+
+    reward, seen = _scorer()
+    monkeypatch.setattr(helpful, "hf_reward_fn", lambda path, batch_size=8: reward)
+    rm_dir = tmp_path / "rm"
+    rm_dir.mkdir()
+    run = make_run(tmp_path / "run", tiny_path)
+    cfg = ServeConfig(
+        run=str(run), max_new_tokens=6, precision="fp32", rate_limit=10_000, best_of=3, reward_model=str(rm_dir)
+    )
+    app = create_app(cfg)
+    app.state.store.create_user("ann", password="password123")
+    key = app.state.store.new_api_key("ann")
+    c = TestClient(app)
+    h = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
+    msgs = [{"role": "user", "content": "Say hi."}]
+
+    def picked():
+        prompts, texts, scores = seen[-1]
+        return prompts, texts, texts[best_index(scores)]
+
+    r = c.post("/v1/chat/completions", json={"model": "sft", "messages": msgs, "max_tokens": 6}, headers=h)
+    assert r.status_code == 200, r.text
+    prompts, texts, best = picked()
+    assert len(texts) == 3 and prompts[0] == msgs  # the RM sees the conversation
+    assert r.json()["choices"][0]["message"]["content"] == best
+    # streaming: the N first, then the picked answer's text
+    body = {"model": "sft", "messages": msgs, "max_tokens": 6, "stream": True}
+    r = c.post("/v1/chat/completions", json=body, headers=h)
+    chunks = [json.loads(x[6:]) for x in r.text.splitlines() if x.startswith("data: {")]
+    text = "".join(ch["choices"][0]["delta"].get("content") or "" for ch in chunks if ch["choices"])
+    assert text == picked()[2]
+    # completions: the request's best_of up to the server's cap (3), n best returned
+    r = c.post("/v1/completions", json={"model": "sft", "prompt": "Hello", "max_tokens": 4, "best_of": 3}, headers=h)
+    assert r.status_code == 200, r.text
+    assert len(seen[-1][1]) == 3 and r.json()["choices"][0]["text"] == picked()[2]
+    r = c.post("/v1/completions", json={"model": "sft", "prompt": "Hello", "max_tokens": 4, "best_of": 4}, headers=h)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "best_of"
+
+
+def test_serve_best_of_without_reward_model_is_a_user_error(tmp_path):
+    from rlhfkit.config import ServeConfig
+    from rlhfkit.errors import UserError
+    from rlhfkit.web.app import serve_reward_fn
+
+    with pytest.raises(UserError, match="--best-of 3 needs --reward-model"):
+        serve_reward_fn(ServeConfig(run=str(tmp_path), best_of=3))
+    with pytest.raises(UserError, match="no such directory"):
+        serve_reward_fn(ServeConfig(run=str(tmp_path), best_of=3, reward_model=str(tmp_path / "nope")))
+    assert serve_reward_fn(ServeConfig(run=str(tmp_path))) is None
