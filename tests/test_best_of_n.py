@@ -108,6 +108,10 @@ def test_eval_best_of_picks_reward_models_favourite(tiny_path, tmp_path, monkeyp
     # the RM saw the user's text, not the chat-formatted prompt; 3 samples at temperature 1.0
     assert h["examples"][0]["prompt"] in seen
     assert (2, 3, 1.0) in stub.calls and (1, 3, 1.0) in stub.calls  # helpful (2 prompts) and TruthfulQA gen (1)
+    from rlhfkit.evals.report import write_report
+
+    _, page = write_report(res, tmp_path / "report")
+    assert "Best-of-N" in page.read_text() and "gold score" in page.read_text()
 
 
 def test_eval_best_of_without_reward_model_is_a_user_error(tiny_path):
