@@ -449,6 +449,13 @@ class ServeConfig:
     rollout_backend: Backend = opt(
         "auto", "Generator of chat, the arena, the API and labeling batches: " + BACKEND_HELP + "."
     )
+    best_of: int = opt(
+        1,
+        "Best-of-N: chat, arena and API answers are --reward-model's best of N samples (the N are "
+        "generated first, then the picked answer streams as one chunk); also the cap of the "
+        "completions API's best_of.",
+    )
+    reward_model: str = opt("", "Reward-model directory (saved by `rlhfkit rm`) that picks the best of N.")
     rate_limit: float = opt(30.0, "Chat, arena and API requests per minute per user (0 = no limit).")
     max_body_kb: int = opt(256, "Largest request body (KiB); larger requests get 413.")
     public_url: str = opt(

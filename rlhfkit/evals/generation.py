@@ -51,3 +51,37 @@ def generator_fn(
         return [[c.text for c in outs[i * n : (i + 1) * n]] for i in range(len(prompts))]
 
     return generate
+
+
+def best_of_n_fn(
+    generate: GenerateFn,
+    reward_fn: Callable[[list[str], list[str]], list[float]] | None,
+    n: int,
+    temperature: float = 1.0,
+    rm_prompts: dict[str, str] | None = None,
+) -> GenerateFn:
+    """A ``GenerateFn`` answering with the reward model's best of ``n`` samples (best-of-N,
+    ``rlhfkit.algos.best_of_n``): each asked continuation is the best of ``n`` drawn at
+    ``temperature`` (the caller's temperature is replaced: best-of-N samples the policy).
+
+    ``reward_fn(prompts, responses) -> scores`` sees the prompt as ``rm_prompts`` maps it (the
+    user's text behind a chat-formatted prompt), else the prompt as given. With ``n == 1`` it is
+    one sample, the base policy the KL bound is measured from (no reward model needed).
+    """
+    from rlhfkit.algos.best_of_n import best_index
+
+    rm_prompts = rm_prompts or {}
+
+    def generate_best(prompts: list[str], k: int, max_new_tokens: int, _temperature: float) -> list[list[str]]:
+        outs = generate(prompts, n * k, max_new_tokens, temperature)  # (B, k*n)
+        if n == 1:
+            return outs
+        flat_p = [rm_prompts.get(p, p) for p, o in zip(prompts, outs) for _ in o]
+        flat_s = reward_fn(flat_p, [c for o in outs for c in o])
+        picked, at = [], 0
+        for o in outs:
+            s, at = flat_s[at : at + len(o)], at + len(o)
+            picked.append([o[j * n + best_index(s[j * n : (j + 1) * n])] for j in range(k)])
+        return picked
+
+    return generate_best

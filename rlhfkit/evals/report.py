@@ -222,6 +222,27 @@ def html_report(results: dict, title: str = "rlhfkit evaluation") -> str:
         )
         if "win_rate" in imgs:
             parts.append(f"<img src='data:image/png;base64,{imgs['win_rate']}'>")
+        bo = results.get("best_of")
+        if bo:
+            parts.append(
+                f"<p>Best-of-N: each evaluated model answered with the reward model's best of N = {bo['n']} "
+                f"samples (temperature {bo['temperature']}; {html.escape(str(bo['reward_model']))}); "
+                f"KL bound log N − (N−1)/N = {bo['kl_bound']:.3f} nats.</p>"
+            )
+        gold = [(n, h) for n, h in results["helpful"].items() if "gold_score_model" in h]
+        if gold:
+            parts.append(
+                _table(
+                    ["model", "gold score", "baseline gold score", "instr. following", "baseline instr. following"]
+                    + (["best-of N", "KL bound"] if bo else []),
+                    [
+                        [n, h["gold_score_model"], h["gold_score_baseline"]]
+                        + [h["instruction_following_model"], h["instruction_following_baseline"]]
+                        + ([bo["n"], bo["kl_bound"]] if bo else [])
+                        for n, h in gold
+                    ],
+                )
+            )
         for n, h in results["helpful"].items():
             for ex in h.get("examples", [])[:2]:
                 parts.append(

@@ -134,6 +134,14 @@ class EvalConfig:
     )
     tax_chars: int | None = opt(20_000, "Score the last N characters of the held-out text (null = all).")
     tax_window: int = opt(512, "Tokens per perplexity window.")
+    best_of: int = opt(
+        1,
+        "Best-of-N (WebGPT; Stiennon et al. 2020): each evaluated model (not the baseline) answers the "
+        "helpful prompts and TruthfulQA generation with --reward-model's best of N samples (RTP stays "
+        "plain sampling). 1 = greedy as usual, or one sample when --reward-model is given.",
+    )
+    best_of_temperature: float = opt(1.0, "Sampling temperature of the best-of-N samples.")
+    reward_model: str | None = opt(None, "Reward-model directory (saved by `rlhfkit rm`) that picks the best of N.")
     limit: int | None = opt(None, "Cap on items of every suite (quick runs); the per-suite caps still apply.")
     precision: Precision = opt("fp32", "fp32, bf16 or auto.")
     rollout_backend: Backend = opt("auto", "Generator of the generation suites: " + BACKEND_HELP + ".")
@@ -278,10 +286,11 @@ def _hub_failure_message(failed: list[tuple[str, HubUnavailable]], offline: HubU
     )
 
 
-def evaluate_model(spec: str, cfg: EvalConfig, data: dict, need_help_answers: list[str] | None) -> dict:
-    """All per-model suites for one model on the loaded ``data``; returns its results (and its helpful answers)."""
+def evaluate_model(spec: str, cfg: EvalConfig, data: dict, need_help_answers: list[str] | None, reward_fn=None) -> dict:
+    """All per-model suites for one model on the loaded ``data``; returns its results (and its helpful
+    answers). With ``reward_fn`` the helpful answers and TruthfulQA generation are best-of-N."""
     from rlhfkit.evals.crows_pairs import crows_pairs_eval
-    from rlhfkit.evals.generation import chat_prompt, generator_fn
+    from rlhfkit.evals.generation import best_of_n_fn, chat_prompt, generator_fn
     from rlhfkit.evals.loglik import LoglikScorer
     from rlhfkit.evals.tax import perplexity_eval
     from rlhfkit.evals.toxicity import ClassifierToxicity, LexiconToxicity, rtp_eval
@@ -301,6 +310,14 @@ def evaluate_model(spec: str, cfg: EvalConfig, data: dict, need_help_answers: li
         backend=cfg.rollout_backend,
     )
     res: dict = {"path": loaded.path, "timings_s": {}}
+    help_chat = [chat_prompt(tok, p) for p in need_help_answers] if need_help_answers is not None else []
+    # best-of-N: the helpful answers and TruthfulQA generation (RTP keeps the plain sampler)
+    gen_best = gen
+    if reward_fn is not None:
+        gen_best = best_of_n_fn(
+            gen, reward_fn, cfg.best_of, cfg.best_of_temperature, rm_prompts=dict(zip(help_chat, need_help_answers))
+        )
+        res["best_of"] = cfg.best_of
 
     def timed(name, fn, *args, **kwargs):
         """``fn(*args, **kwargs)``, its seconds recorded under ``name`` (arguments, not a closure:
@@ -313,7 +330,7 @@ def evaluate_model(spec: str, cfg: EvalConfig, data: dict, need_help_answers: li
     if "truthful" in cfg.suites:
         t = {"mc": timed("truthfulqa_mc", truthfulqa_mc_eval, scorer, data["truthfulqa_mc"])}
         if cfg.truthful_gen:
-            t["gen"] = timed("truthfulqa_gen", truthfulqa_gen_eval, gen, data["truthfulqa_gen"])
+            t["gen"] = timed("truthfulqa_gen", truthfulqa_gen_eval, gen_best, data["truthfulqa_gen"])
         res["truthful"] = t
     if "harmless" in cfg.suites:
         torch.manual_seed(cfg.seed)
@@ -335,8 +352,7 @@ def evaluate_model(spec: str, cfg: EvalConfig, data: dict, need_help_answers: li
     if "tax" in cfg.suites:
         res["tax"] = timed("perplexity", perplexity_eval, scorer, data["tax_text"], window=cfg.tax_window)
     if need_help_answers is not None:
-        prompts = [chat_prompt(tok, p) for p in need_help_answers]
-        outs = timed("helpful_answers", gen, prompts, 1, cfg.help_max_new_tokens, 0.0)
+        outs = timed("helpful_answers", gen_best, help_chat, 1, cfg.help_max_new_tokens, 0.0)
         res["_help_answers"] = [o[0].strip() for o in outs]
     del loaded, model, scorer
     gc.collect()
@@ -369,6 +385,17 @@ def make_judge(cfg: EvalConfig, help_prompts):
     return RewardJudge(hf_reward_fn(cfg.judge))
 
 
+def gold_scores(help_prompts, answers: list[str], who: str) -> dict:
+    """Mean gold-rubric total and instruction-level following rate of ``answers`` (gold judge only)."""
+    from rlhfkit.feedback.rubric import instruction_following_rate, score
+
+    scores = [score(p.meta["prompt"], a) for p, a in zip(help_prompts, answers)]
+    return {
+        f"gold_score_{who}": sum(s.total for s in scores) / max(len(scores), 1),
+        f"instruction_following_{who}": instruction_following_rate(scores),
+    }
+
+
 def run_eval(cfg: EvalConfig) -> dict:
     from rlhfkit.evals.helpful import helpful_eval
     from rlhfkit.evals.tax import alignment_tax
@@ -384,6 +411,15 @@ def run_eval(cfg: EvalConfig) -> dict:
         raise UserError(
             "--suite helpful needs --baseline MODEL (a win-rate is model vs baseline), or leave helpful out of --suite"
         )
+    if cfg.best_of < 1:
+        raise UserError(f"--best-of must be >= 1, got {cfg.best_of}")
+    if cfg.best_of > 1 and not cfg.reward_model:
+        raise UserError(
+            f"--best-of {cfg.best_of} needs --reward-model RM_DIR (the reward model that picks the best of "
+            f"{cfg.best_of} samples), or leave --best-of at 1"
+        )
+    if cfg.reward_model and not Path(cfg.reward_model).expanduser().is_dir():
+        raise UserError(f"--reward-model {cfg.reward_model}: no such directory (a reward model saved by `rlhfkit rm`)")
     t0 = time.time()
     named = [split_spec(s) for s in cfg.models]
     versions = ([split_spec(cfg.baseline)] if cfg.baseline else []) + named
@@ -396,10 +432,26 @@ def run_eval(cfg: EvalConfig) -> dict:
     judge = make_judge(cfg, help_prompts) if help_prompts is not None and cfg.judge in ("gold", "reference") else None
     out: dict = {"config": asdict(cfg), "versions": names, "baseline": names[0] if cfg.baseline else None, "models": {}}
     out["config"]["data_sources"] = data["sources"]
-    # 2. each model in turn
+    reward_fn = None
+    if cfg.reward_model:
+        from rlhfkit.algos.best_of_n import kl_bound
+        from rlhfkit.evals.helpful import hf_reward_fn
+
+        reward_fn = hf_reward_fn(cfg.reward_model, batch_size=cfg.batch_size)
+        out["best_of"] = {
+            "n": cfg.best_of,
+            "kl_bound": kl_bound(cfg.best_of),
+            "temperature": cfg.best_of_temperature,
+            "reward_model": cfg.reward_model,
+            "suites": ["helpful", "truthful_gen"],
+        }
+    # 2. each model in turn (best-of-N for the evaluated models, never the baseline)
     for name, spec in versions:
         torch.manual_seed(cfg.seed)
-        out["models"][name] = evaluate_model(spec, cfg, data, [p.text for p in help_prompts] if help_prompts else None)
+        rf = reward_fn if (name, spec) in named else None
+        out["models"][name] = evaluate_model(
+            spec, cfg, data, [p.text for p in help_prompts] if help_prompts else None, reward_fn=rf
+        )
     # 3. comparisons with the baseline
     if help_prompts is not None:
         judge = judge or make_judge(cfg, help_prompts)
@@ -408,6 +460,9 @@ def run_eval(cfg: EvalConfig) -> dict:
         for name, _ in named:
             mine = out["models"][name]["_help_answers"]
             out["helpful"][name] = helpful_eval([p.text for p in help_prompts], mine, base, judge, seed=cfg.seed)
+            if cfg.judge == "gold":
+                out["helpful"][name].update(gold_scores(help_prompts, mine, "model"))
+                out["helpful"][name].update(gold_scores(help_prompts, base, "baseline"))
     for r in out["models"].values():
         r.pop("_help_answers", None)
     out["config"]["help_prompt_count"] = len(help_prompts) if help_prompts else 0

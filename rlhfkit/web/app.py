@@ -31,6 +31,7 @@ from fastapi.responses import RedirectResponse
 from fastapi.staticfiles import StaticFiles
 
 from rlhfkit.config import ServeConfig
+from rlhfkit.errors import UserError
 from rlhfkit.feedback.store import SignInLimits, Store
 from rlhfkit.web import accounts, admin, arena, chat, labeling
 from rlhfkit.web.deps import current_user
@@ -41,11 +42,34 @@ from rlhfkit.web.security import Cookies, CsrfTokens, GuardMiddleware, RateLimit
 STATIC = Path(__file__).parent / "static"
 
 
+def serve_reward_fn(cfg: ServeConfig):
+    """The reward model that picks best-of-N answers (``--reward-model``), or None; a clear error for
+    ``--best-of N`` without one, or a directory that is not there."""
+    if cfg.best_of < 1:
+        raise UserError(f"--best-of must be >= 1, got {cfg.best_of}")
+    if not cfg.reward_model:
+        if cfg.best_of > 1:
+            raise UserError(
+                f"--best-of {cfg.best_of} needs --reward-model RM_DIR (the reward model that picks the best "
+                f"of {cfg.best_of} samples), or leave --best-of at 1"
+            )
+        return None
+    if not Path(cfg.reward_model).expanduser().is_dir():
+        raise UserError(f"--reward-model {cfg.reward_model}: no such directory (a reward model saved by `rlhfkit rm`)")
+    from rlhfkit.evals.helpful import hf_reward_fn
+
+    return hf_reward_fn(cfg.reward_model)
+
+
 def create_app(cfg: ServeConfig, store: Store | None = None, pool: ModelPool | None = None) -> FastAPI:
     store = store or Store.for_run(cfg.run, cfg.db or None)
     if pool is None:
         pool = ModelPool(
-            discover_versions(cfg.run, cfg.models), precision=cfg.precision, rollout_backend=cfg.rollout_backend
+            discover_versions(cfg.run, cfg.models),
+            precision=cfg.precision,
+            rollout_backend=cfg.rollout_backend,
+            best_of=cfg.best_of,
+            reward_fn=serve_reward_fn(cfg),
         )
     store.register_models(pool.versions)
     app = FastAPI(title="rlhfkit", docs_url=None, redoc_url=None, openapi_url=None)

@@ -286,7 +286,9 @@ class ChatRequest(_Sampling):
 class CompletionRequest(_Sampling):
     prompt: str | list[str] = Field(description=f"a text or a list of up to {MAX_CHOICES} texts (not token ids)")
     logprobs: StrictInt | None = Field(None, ge=0, le=5)
-    best_of: StrictInt | None = Field(None, ge=1, description="only best_of = n (or absent)")
+    best_of: StrictInt | None = Field(
+        None, ge=1, description="candidates per prompt, of which the reward model's n best are returned (>= n)"
+    )
 
     @field_validator("prompt", mode="before")
     @classmethod
@@ -307,11 +309,9 @@ class CompletionRequest(_Sampling):
 
     @model_validator(mode="after")
     def _choices(self):
-        if self.best_of is not None and self.best_of != (self.n or 1):
-            raise PydanticCustomError(
-                "unsupported_parameter", "{param}: only best_of = n is supported", {"param": "best_of"}
-            )
-        if len(self.prompt) * (self.n or 1) > MAX_CHOICES:
+        if self.best_of is not None and self.best_of < (self.n or 1):
+            raise PydanticCustomError("best_of", "{param}: must be >= n", {"param": "best_of"})
+        if len(self.prompt) * max(self.n or 1, self.best_of or 1) > MAX_CHOICES:
             raise PydanticCustomError(
                 "too_many",
                 "{param}: at most {most} samples per request (n × prompts)",
@@ -363,6 +363,17 @@ def _generate(
         logprobs=logprobs,
     )
     texts = isinstance(body, CompletionRequest)
+    asked = getattr(body, "best_of", None)
+    if asked is not None and asked > kw["n"]:
+        cap = max(getattr(pool, "best_of", 1), kw["n"]) if getattr(pool, "reward_fn", None) else kw["n"]
+        if asked > cap:
+            raise APIError(
+                400,
+                f"best_of={asked} is over this server's cap of {cap} (rlhfkit serve --best-of N --reward-model RM)",
+                "best_of",
+                "invalid_value",
+            )
+        kw["best_of"] = asked
     gen = pool.stream_text(body.model, prompt, **kw) if texts else pool.stream(body.model, prompt, **kw)
     first = next(gen)
     return itertools.chain([first], gen)

@@ -19,7 +19,7 @@ import json
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from rlhfkit.data.tokenize import encode_prompt
@@ -92,11 +92,27 @@ class Reply:
 
 class ModelPool:
     """Loads versions on demand (at most ``max_loaded`` at once, least recently used evicted) and
-    generates with one lock per version: a generator runs one call at a time."""
+    generates with one lock per version: a generator runs one call at a time.
+
+    Best-of-N (``best_of`` > 1 with ``reward_fn(prompts, responses) -> scores``, ``rlhfkit serve
+    --best-of N --reward-model RM``): every answer of ``stream``/``stream_text`` (chat, arena, API)
+    is the reward model's best of N samples; the N are generated first, so the picked answer
+    arrives as one text chunk (no token-by-token streaming)."""
 
     def __init__(
-        self, versions: dict[str, str], precision: str = "auto", max_loaded: int = 3, rollout_backend: str = "auto"
+        self,
+        versions: dict[str, str],
+        precision: str = "auto",
+        max_loaded: int = 3,
+        rollout_backend: str = "auto",
+        best_of: int = 1,
+        reward_fn=None,
     ):
+        if best_of > 1 and reward_fn is None:
+            raise UserError(f"best_of={best_of} needs a reward model (rlhfkit serve --reward-model RM_DIR)")
+        self.best_of = best_of
+        self.reward_fn = reward_fn
+        self._rm_lock = threading.Lock()
         self.versions = dict(versions)
         self.precision = precision
         self.rollout_backend = rollout_backend
@@ -159,7 +175,9 @@ class ModelPool:
         def encode(tok) -> list[list[int]]:
             return [self._encode(tok, messages)]
 
-        return self._generate_stream(name, encode, max_new_tokens=max_new_tokens, temperature=temperature, **kw)
+        return self._generate_stream(
+            name, encode, max_new_tokens=max_new_tokens, temperature=temperature, rm_prompts=[messages], **kw
+        )
 
     def stream_text(
         self, name: str, prompts: list[str], max_new_tokens: int = 16, temperature: float = 1.0, **kw
@@ -170,7 +188,9 @@ class ModelPool:
         def encode(tok) -> list[list[int]]:
             return [tok(p)["input_ids"] for p in prompts]  # the tokenizer's own special tokens (BOS), as HF does
 
-        return self._generate_stream(name, encode, max_new_tokens=max_new_tokens, temperature=temperature, **kw)
+        return self._generate_stream(
+            name, encode, max_new_tokens=max_new_tokens, temperature=temperature, rm_prompts=list(prompts), **kw
+        )
 
     def _generate_stream(
         self,
@@ -185,13 +205,46 @@ class ModelPool:
         n: int = 1,
         top_k: int = 0,
         logprobs: int | None = None,
+        best_of: int | None = None,
+        rm_prompts: list | None = None,
     ) -> Iterator[Delta | Reply]:
         """``stream`` and ``stream_text``: the prompts ``encode(tokenizer)`` gives, generated under the
-        model's lock (one call at a time per model)."""
+        model's lock (one call at a time per model). ``best_of``: candidates per prompt whose
+        reward-model best ``n`` are returned (OpenAI's completions ``best_of``; default ``n`` times
+        the pool's ``best_of``); ``rm_prompts`` are the prompts as the reward model sees them."""
         generator, tok, lock = self._get(name)
+        total = best_of or n * self.best_of
+        if total > n and self.reward_fn is None:
+            raise UserError(f"best_of={total} needs a reward model (rlhfkit serve --reward-model RM_DIR)")
         with lock:
             params = self._params(max_new_tokens, temperature, top_p, stop, seed, top_k, logprobs or 0)
-            yield from self._stream(generator, tok, encode(tok), n, logprobs, params)
+            ids = encode(tok)
+            if total <= n:
+                yield from self._stream(generator, tok, ids, n, logprobs, params)
+                return
+            cands = sorted(
+                (r for r in self._stream(generator, tok, ids, total, logprobs, params) if isinstance(r, Reply)),
+                key=lambda r: r.index,
+            )  # (prompts * total,)
+        yield from self._pick(cands, rm_prompts or [""] * len(ids), n, total)
+
+    def _pick(self, cands: list[Reply], rm_prompts: list, n: int, total: int) -> Iterator[Delta | Reply]:
+        """Best-of-N: the reward model's ``n`` best of each prompt's ``total`` candidates (best first),
+        each as one Delta (its whole text) and its Reply; completion tokens count all candidates."""
+        from rlhfkit.algos.best_of_n import best_index
+
+        with self._rm_lock:
+            scores = self.reward_fn([rm_prompts[r.index // total] for r in cands], [r.text for r in cands])
+        for i in range(len(cands) // total):
+            group, s = cands[i * total : (i + 1) * total], list(scores[i * total : (i + 1) * total])
+            spent = sum(r.completion_tokens for r in group)
+            for j in range(n):
+                b = best_index(s)
+                s[b] = float("-inf")
+                best = replace(group[b], index=i * n + j, completion_tokens=spent if j == 0 else 0)
+                if best.text or best.logprobs:
+                    yield Delta(best.text, best.index, best.logprobs)
+                yield best
 
     @staticmethod
     def _stream(generator, tok, ids: list[list[int]], n: int, logprobs: int | None, params) -> Iterator[Delta | Reply]:
