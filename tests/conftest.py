@@ -99,6 +99,21 @@ def smollm2_path() -> str:
     return str(embedded_model_dir())
 
 
+@pytest.fixture(scope="session")
+def sharp_path(tiny_path, tmp_path_factory) -> str:
+    """A directory of the tiny model with its final norm x12: peaked samples with newlines among them
+    (the RL smoke tests' synthetic reward, ``helpers.newline_reward``, then has something to find)."""
+    from rlhfkit.models.loading import load_causal_lm
+
+    loaded = load_causal_lm(tiny_path)
+    with torch.no_grad():
+        loaded.model.model.norm.weight.fill_(12.0)
+    path = tmp_path_factory.mktemp("models") / "tiny-sharp"
+    loaded.model.save_pretrained(path)
+    loaded.tokenizer.save_pretrained(path)
+    return str(path)
+
+
 @pytest.fixture(scope="module")
 def sharp(tiny_path):
     """tiny-random with logits ×25 (final norm scaled): peaked, context-dependent distributions

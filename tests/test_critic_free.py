@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from helpers import newline_reward
 
 from rlhfkit.algos.critic_free import grpo_advantages, grpo_loss, rloo_advantages, rloo_loss
 from rlhfkit.config import GRPOConfig, PPOConfig, RLOOConfig
@@ -101,24 +102,6 @@ def test_ppo_keeps_its_critics():
 
 
 # ------------------------------------------------------------------ tiny-model runs
-
-
-def newline_reward(prompts, responses, finished):
-    return [r.count("\n") / 4 for r in responses]
-
-
-@pytest.fixture(scope="module")
-def sharp_path(tiny_path, tmp_path_factory) -> str:
-    """tests/test_ppo.py's: the tiny model with its final norm ×12, peaked samples with newlines among them."""
-    from rlhfkit.models.loading import load_causal_lm
-
-    loaded = load_causal_lm(tiny_path)
-    with torch.no_grad():
-        loaded.model.model.norm.weight.fill_(12.0)
-    path = tmp_path_factory.mktemp("models") / "tiny-sharp"
-    loaded.model.save_pretrained(path)
-    loaded.tokenizer.save_pretrained(path)
-    return str(path)
 
 
 @pytest.mark.usefixtures("one_thread")

@@ -15,29 +15,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import MACHINE_METRICS, Crash
+from helpers import MACHINE_METRICS, Crash, newline_reward
 
 from rlhfkit.config import PPOConfig
 from rlhfkit.recipes.common import read_metrics
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
-
-
-def newline_reward(prompts, responses, finished):
-    return [r.count("\n") / 4 for r in responses]
-
-
-@pytest.fixture(scope="module")
-def sharp_path(tiny_path, tmp_path_factory) -> str:
-    from rlhfkit.models.loading import load_causal_lm
-
-    loaded = load_causal_lm(tiny_path)
-    with torch.no_grad():
-        loaded.model.model.norm.weight.fill_(12.0)
-    path = tmp_path_factory.mktemp("models") / "tiny-sharp"
-    loaded.model.save_pretrained(path)
-    loaded.tokenizer.save_pretrained(path)
-    return str(path)
 
 
 def ppo_cfg(model: str, critic_model: str, out: Path, **kw) -> PPOConfig:
