@@ -51,7 +51,7 @@ ScoreBaseline = Literal["none", "group"]
 DPOLossType = Literal["sigmoid", "ipo"]
 PairWeighting = Literal["per_ranking", "per_pair"]
 Labeler = Literal["simulated", "gold", "human", "mix"]
-Optimizer = Literal["ppo", "dpo", "none"]
+Optimizer = Literal["ppo", "rloo", "grpo", "dpo", "none"]
 Backend = Literal["auto", "engine", "hf", "vllm"]
 BACKEND_HELP = "auto (the engine where it supports the model, else transformers), engine, hf or vllm"
 
@@ -381,8 +381,8 @@ class PipelineConfig:
     )
     optimizer: Optimizer = opt(
         "ppo",
-        "The policy optimiser of every round, from the SFT model: ppo (against the round's reward model), dpo (on "
-        "all rankings so far, directly) or none (SFT and reward models only).",
+        "The policy optimiser of every round, from the SFT model: ppo, rloo or grpo (against the round's reward "
+        "model), dpo (on all rankings so far, directly) or none (SFT and reward models only).",
     )
     precision: Precision = opt("auto", "Precision of every stage: auto (bf16 where the hardware has it), bf16 or fp32.")
     seed: int = opt(0, "Seed for prompt choice, sampling, labeler noise and every stage (PPO of round r: seed + r).")
@@ -414,6 +414,8 @@ class PipelineConfig:
     rm: RewardConfig = opt(RewardConfig, "The reward model of each round, from all rankings so far.")
     ppo: PPOConfig = opt(PPOConfig, "PPO of each round, from the SFT model against that round's reward model.")
     dpo: DPOConfig = opt(DPOConfig, "DPO of each round (optimizer=dpo), from the SFT model on all rankings so far.")
+    rloo: RLOOConfig = opt(RLOOConfig, "RLOO of each round (optimizer=rloo), from the SFT model against its RM.")
+    grpo: GRPOConfig = opt(GRPOConfig, "GRPO of each round (optimizer=grpo), from the SFT model against its RM.")
 
     def __post_init__(self) -> None:
         for name, cls in STAGE_FIELDS.items():
@@ -421,7 +423,7 @@ class PipelineConfig:
             if isinstance(value, dict):  # e.g. read back from a run's pipeline.json
                 value = config_from_dict(cls, value, f"{name}.")
                 setattr(self, name, value)
-            for key in PIPELINE_SETS + (("reward_model", "rollout_backend") if name == "ppo" else ()):
+            for key in PIPELINE_SETS + (("reward_model", "rollout_backend") if name in RL_STAGES else ()):
                 if getattr(value, key) != getattr(cls(), key):
                     raise UserError(
                         f"{name}.{key}: the pipeline sets each stage's {key} itself; "
@@ -491,7 +493,10 @@ STAGE_FIELDS: dict[str, type] = {
     "rm": RewardConfig,
     "ppo": PPOConfig,
     "dpo": DPOConfig,
+    "rloo": RLOOConfig,
+    "grpo": GRPOConfig,
 }  # PipelineConfig's nesting
+RL_STAGES = ("ppo", "rloo", "grpo")  # the pipeline's optimisers that sample against its reward model
 PIPELINE_SETS = ("model", "data", "out", "resume", "seed", "precision", "save_every", "report_to")
 
 

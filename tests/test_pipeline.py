@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from rlhfkit.config import PipelineConfig, build_config
+from rlhfkit.errors import UserError
 from rlhfkit.recipes.pipeline import run_pipeline
 
 
@@ -467,3 +468,27 @@ def read_dpo_data(run) -> str:
     import yaml
 
     return Path(yaml.safe_load((run / "round1" / "dpo" / "config.yaml").read_text())["data"]).read_text()
+
+
+@pytest.mark.parametrize("optimizer", ["rloo", "grpo"])
+def test_pipeline_with_a_critic_free_optimizer(optimizer, tiny_path, tmp_path):
+    """optimizer=rloo|grpo: the round's policy is trained against its reward model without a critic,
+    with the gold rubric logged beside the RM's score, and judged and served as rloo1 / grpo1."""
+    from rlhfkit.web.models import discover_versions
+
+    run = tmp_path / "run"
+    cfg = demo_config(
+        model=tiny_path, out=str(run), train_prompts=6, eval_prompts=4, k=3, max_new_tokens=10, precision="fp32",
+        min_demo_score=-9.0, round_prompts=3, fresh_process=False, optimizer=optimizer, sft={"batch_size": 4},
+    )  # fmt: skip
+    cfg = dataclasses.replace(cfg, **{optimizer: dataclasses.replace(getattr(cfg, optimizer), max_steps=2,
+                                                                     batch_size=2, max_new_tokens=10)})  # fmt: skip
+    summary = run_pipeline(cfg)
+    name = f"{optimizer}1"
+    assert summary["final"] == name and set(summary["versions"]) == {"base", "sft", name}
+    rows = summary["training"][name]
+    assert len(rows) == 2 and all("gold_score" in m and "kl" in m for m in rows)
+    assert not (run / "round1" / optimizer / "critic").exists()
+    assert discover_versions(run)[name] == str(run / "round1" / optimizer / "model")
+    with pytest.raises(UserError, match=f"{optimizer}.reward_model: the pipeline sets"):
+        build_config(PipelineConfig, "demo", [f"{optimizer}.reward_model=x"])

@@ -193,12 +193,14 @@ def stage_config(cfg: PipelineConfig, stage, **where):
     return dataclasses.replace(stage, precision=cfg.precision, **({"seed": cfg.seed} | where))
 
 
-def ppo_config(cfg: PipelineConfig, sft_model: str, reward_model: str, out: str, round_: int) -> PPOConfig:
-    """Round ``round_``'s PPO config: ``cfg.ppo`` from the SFT model against that round's reward model,
-    generating with the pipeline's rollout_backend."""
+def ppo_config(
+    cfg: PipelineConfig, sft_model: str, reward_model: str, out: str, round_: int, optimizer: str = "ppo"
+) -> PPOConfig:
+    """Round ``round_``'s config of an RL optimiser (``cfg.ppo``, ``cfg.rloo`` or ``cfg.grpo``) from the
+    SFT model against that round's reward model, generating with the pipeline's rollout_backend."""
     return stage_config(
         cfg,
-        cfg.ppo,
+        getattr(cfg, optimizer),
         model=sft_model,
         reward_model=reward_model,
         out=out,
@@ -401,16 +403,19 @@ def rm_phase(run: Run, r: int, sft_model: str, rankings: list[dict]) -> dict:
     }
 
 
-def ppo_phase(run: Run, r: int, sft_model: str) -> str:
-    """5. Round r's PPO from the SFT model (also the KL reference) against round r's reward model; the
-    gold rubric's mean score of each iteration's rollouts is logged beside the RM's (gold_score)."""
+def ppo_phase(run: Run, r: int, sft_model: str, optimizer: str = "ppo") -> str:
+    """5. Round r's PPO (or, with optimizer=rloo/grpo, the critic-free RLOO or GRPO) from the SFT model
+    (also the KL reference) against round r's reward model; the gold rubric's mean score of each
+    iteration's rollouts is logged beside the RM's (gold_score)."""
     rdir = run.out / f"round{r}"
-    if not (rdir / "ppo" / "model" / "config.json").exists():
+    if not (rdir / optimizer / "model" / "config.json").exists():
+        from rlhfkit.recipes.critic_free import train_grpo, train_rloo
         from rlhfkit.recipes.ppo import train_ppo
 
-        ppo_cfg = ppo_config(run.cfg, sft_model, str(rdir / "rm" / "model"), str(rdir / "ppo"), r)
-        run_stage(run.cfg, functools.partial(train_ppo, rollout_metrics=rubric.gold_metrics), ppo_cfg, run.say)
-    return str(rdir / "ppo" / "model")
+        train = {"ppo": train_ppo, "rloo": train_rloo, "grpo": train_grpo}[optimizer]
+        stage_cfg = ppo_config(run.cfg, sft_model, str(rdir / "rm" / "model"), str(rdir / optimizer), r, optimizer)
+        run_stage(run.cfg, functools.partial(train, rollout_metrics=rubric.gold_metrics), stage_cfg, run.say)
+    return str(rdir / optimizer / "model")
 
 
 def dpo_phase(run: Run, r: int, sft_model: str) -> str:
@@ -515,9 +520,9 @@ def run_pipeline(cfg: PipelineConfig, say=print) -> dict:
                 all_rankings += rankings + edit_rankings
         with run.timed(f"round{r}_rm"):
             rm_accuracy.append(rm_phase(run, r, sft_model, all_rankings))
-        if cfg.optimizer == "ppo":
-            with run.timed(f"round{r}_ppo"):
-                policy = versions[f"ppo{r}"] = ppo_phase(run, r, sft_model)
+        if cfg.optimizer in ("ppo", "rloo", "grpo"):
+            with run.timed(f"round{r}_{cfg.optimizer}"):
+                policy = versions[f"{cfg.optimizer}{r}"] = ppo_phase(run, r, sft_model, cfg.optimizer)
         elif cfg.optimizer == "dpo":
             with run.timed(f"round{r}_dpo"):
                 policy = versions[f"dpo{r}"] = dpo_phase(run, r, sft_model)

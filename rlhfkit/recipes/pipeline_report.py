@@ -41,7 +41,7 @@ def _ppo_plot(name: str, rows: list[dict]) -> str:
         if any(y is not None for y in ys):
             ax.plot(steps, [y if y is not None else float("nan") for y in ys], marker=".")
         ax.set_title(f"{name}: {title}", fontsize=9)
-        ax.set_xlabel("PPO iteration")
+        ax.set_xlabel("iteration")
         ax.grid(alpha=0.3)
     return _png(fig)
 
@@ -120,8 +120,8 @@ def write_report(
         )
     )
     for n, rows_ in summary.get("training", {}).items():
-        if rows_ and n.startswith("ppo"):
-            parts.append(f"<h2>PPO {esc(n)}</h2>" + _ppo_plot(n, [r for r in rows_ if "score" in r]))
+        if rows_ and not n.startswith("dpo"):  # PPO, RLOO, GRPO: score and KL per iteration
+            parts.append(f"<h2>{esc(n)}: training</h2>" + _ppo_plot(n, [r for r in rows_ if "score" in r]))
     accs = [a for a in summary.get("rm_accuracy", []) if a.get("after") is not None]
     if accs:
         fmt = lambda x: "–" if x is None else f"{x:.3f}"  # noqa: E731
