@@ -9,7 +9,7 @@ default device and the policy's device are the same, so a plain run cannot see i
 How the test sees it anyway: ``ElsewhereByDefault`` is a ``TorchFunctionMode`` that makes the
 default device *differ* from the policy's, for PPO's own code only. Every tensor factory
 (``torch.tensor``, ``zeros``, ``full``, ``arange``, ``randperm`` …) called from
-``rlhfkit/recipes/ppo.py``, ``rlhfkit/recipes/ppo_models.py`` or ``rlhfkit/algos/ppo.py`` without
+``rlhfkit/recipes/ppo.py``, ``ppo_models.py``, ``ppo_processes.py`` or ``rlhfkit/algos/ppo.py`` without
 an explicit ``device=`` is redirected to the ``meta`` device — what a CUDA run does to it (it lands
 on the CPU, away from the model) — and its call site is recorded. A meta tensor mixed with the
 model's CPU tensors fails like a CPU tensor mixed with CUDA ones (stricter: ``.tolist()`` and
@@ -33,10 +33,11 @@ from torch.overrides import TorchFunctionMode
 import rlhfkit.algos.ppo as algos_ppo
 import rlhfkit.recipes.ppo as recipe_ppo
 import rlhfkit.recipes.ppo_models as ppo_models
+import rlhfkit.recipes.ppo_processes as ppo_processes
 from rlhfkit.config import PPOConfig
 from rlhfkit.recipes.common import read_metrics
 
-PPO_FILES = {str(Path(mod.__file__).resolve()) for mod in (algos_ppo, recipe_ppo, ppo_models)}
+PPO_FILES = {str(Path(mod.__file__).resolve()) for mod in (algos_ppo, recipe_ppo, ppo_models, ppo_processes)}
 TORCH_DIR = str(Path(torch.__file__).resolve().parent)
 FACTORIES = {
     torch.tensor,

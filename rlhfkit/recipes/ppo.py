@@ -2,14 +2,11 @@
 model (InstructGPT §3.5 "Reinforcement learning"; the details follow Huang et al. 2024, "The N
 Implementation Details of RLHF with PPO", and its code vwxyzjn/summarize_from_feedback_details).
 
-Processes: one, or several under torchrun / accelerate launch (gloo on CPU, NCCL on GPUs). Each
-process generates, scores and forwards its contiguous share of an iteration's prompts; the rows are
-all-gathered into the global batch, on which every process computes the rewards, the advantages
-(whitened over the global batch), the KL controller's update and the metrics; each PPO minibatch
-is the global one, each process back-propagating its rows of it (weighted by the minibatch's
-global token count) and the gradients summed over the processes before the one clipped step:
-N processes take the steps one process takes (tests/test_ppo_processes.py). The main process logs
-and saves. Sampling differs: each process's engine draws one stream per call.
+Processes: one, or several under torchrun / accelerate launch: each process generates, scores and
+forwards its share of the prompts; rewards, advantages and metrics are computed on the all-gathered
+global batch and each step's gradients are summed over the processes, so N processes take the steps
+one process takes (``ppo_processes.py``; tests/test_ppo_processes.py). The main process logs and
+saves. Sampling differs: each process's engine draws one stream per call.
 
 The models (each process; all forwards in the training precision, bf16 autocast by default):
   policy     the SFT model, trained (or LoRA adapters on it)
@@ -34,10 +31,10 @@ Each iteration, numbered as in the algorithm:
   8. log           KL controller update, metrics.jsonl line, checkpoint
 
 ``train_ppo`` reads top to bottom; each phase is a function of its own below it, in this order.
-The models and their no-grad forwards (batch layout, critic, log-probs, scores) live in
-``ppo_models.py``; the math (GAE, KL, clipped losses) in ``rlhfkit/algos/ppo.py``. The log-probs
-divide the logits by the sampling temperature [N-details, "scale the logits by the sampling
-temperature"].
+The models, their loading and no-grad forwards (batch layout, critic, log-probs, scores) live in
+``ppo_models.py``; the rollout and its sharing between processes in ``ppo_processes.py``; the math
+(GAE, KL, clipped losses) in ``rlhfkit/algos/ppo.py``. The log-probs divide the logits by the
+sampling temperature [N-details, "scale the logits by the sampling temperature"].
 """
 
 from __future__ import annotations
@@ -45,15 +42,14 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from rlhfkit.accel import prepare_for_inference, prepare_for_training
 from rlhfkit.accel.memory import release_memory, rss_mb
 from rlhfkit.accel.optim import clip_and_step
 from rlhfkit.algos.ppo import (
@@ -77,13 +73,11 @@ from rlhfkit.config import PPOConfig
 from rlhfkit.data.records import Prompt
 from rlhfkit.data.tokenize import encode_prompt
 from rlhfkit.errors import UserError
-from rlhfkit.models.heads import RewardModel, load_reward_model
-from rlhfkit.models.layout import hidden_size, scored_forward
-from rlhfkit.models.loading import load_causal_lm, resolve_precision
+from rlhfkit.models.layout import scored_forward
+from rlhfkit.models.loading import resolve_precision
 from rlhfkit.models.lora import unwrap
 from rlhfkit.recipes.common import (
     MetricsLog,
-    apply_lora,
     batch_plan,
     load_checkpoint,
     make_accelerator,
@@ -97,16 +91,18 @@ from rlhfkit.recipes.common import (
 )
 from rlhfkit.recipes.ppo_models import (
     Batch,
-    Critic,
+    Models,
     _Checkpoint,
     cut_responses,
     length_chunks,
+    load_models,
     make_batch,
     policy_forward,
     rm_scores,
     rollout_forwards,
 )
-from rlhfkit.rollout import Completion, Generator, SamplingParams, make_generator
+from rlhfkit.recipes.ppo_processes import Rollout, Share, global_rollout, sum_gradients, sum_stats
+from rlhfkit.rollout import Completion, SamplingParams
 
 RSS_SLACK = 1.25  # hand freed memory back to the OS when the resident size grew by this factor
 RewardFn = Callable[[list[Prompt], list[str], list[bool]], Sequence[float]]
@@ -186,34 +182,6 @@ def _seeded(*parts: int) -> torch.Generator:
 
 
 @dataclass
-class Models:
-    """PPO's models (see the module docstring) and the generator that samples from the policy."""
-
-    policy: nn.Module
-    ref: nn.Module | None  # None with LoRA: the policy with its adapters disabled
-    critic: Critic
-    rm: RewardModel | None  # None with a reward_fn
-    tok: Any
-    generator: Generator  # rollout_backend's: the engine, transformers' generate or vLLM
-    autocast: Callable[[], Any]  # the training precision's autocast context (or a null one)
-    device: torch.device = torch.device("cpu")  # the policy's: every tensor PPO makes is made there
-
-
-@dataclass
-class Rollout:
-    """One iteration's samples: N = prompts × samples_per_prompt rows, prompt-major."""
-
-    prompts: list[Prompt]  # (N) the Prompt record of each row
-    batch: Batch  # query + response rows, cut after the first EOS
-    texts: list[str]  # (N) decoded responses
-    ended: torch.Tensor  # (N,) bool: the response produced EOS
-    raw: torch.Tensor  # (N,) RM score or reward_fn value
-    penalised: torch.Tensor  # (N,) clipped, missing-EOS penalty applied: logged as "score"
-    scores: torch.Tensor  # (N,) what the rewards get: penalised, minus the group baseline if any
-    fw: dict[str, torch.Tensor] = field(default_factory=dict)  # no-grad forwards, each (N, R)
-
-
-@dataclass
 class Advantages:
     """Per-token rewards and what GAE makes of them, all (N, R)."""
 
@@ -234,16 +202,6 @@ class Optimization:
     trainable: list[nn.Parameter]
     kl_ctl: AdaptiveKLController | FixedKLController
     rss_base: float = 0.0
-
-
-@dataclass
-class Share:
-    """This process's rows of the iteration's global batch (rows ``offset … offset + n_local - 1``
-    of ``mask``'s N): what ``update`` needs to take the global minibatches' local part."""
-
-    acc: Any
-    offset: int
-    mask: torch.Tensor  # (N, R) the global batch's response mask
 
 
 def train_ppo(
@@ -329,68 +287,6 @@ def check_config(cfg: PPOConfig, reward_fn: RewardFn | None) -> None:
         raise UserError("score_baseline=group compares the samples of one prompt: set samples_per_prompt >= 2")
     if cfg.num_minibatches < 1 or cfg.ppo_epochs < 1:
         raise UserError("num_minibatches and ppo_epochs must be >= 1")
-
-
-def load_models(cfg: PPOConfig, device, precision: str, reward_fn: RewardFn | None, say=print) -> Models:
-    """Policy (+ LoRA), frozen reference, critic and reward model, each prepared by ``rlhfkit.accel``.
-
-    The order is that of the global RNG's use (LoRA's and the heads' initialisation): keep it.
-    """
-    loaded = load_causal_lm(cfg.model)
-    tok = loaded.tokenizer
-    if not cfg.chat_template:
-        tok.chat_template = None
-    policy = loaded.model.to(device)
-    if cfg.gradient_checkpointing:
-        policy.gradient_checkpointing_enable()
-    policy = apply_lora(policy, cfg)
-    accel = prepare_for_training(policy, cfg, device, say, name="policy")
-    ref = None
-    if not cfg.lora:  # the frozen SFT model; with LoRA it is the policy with adapters disabled
-        ref = load_causal_lm(cfg.model).model.to(device).requires_grad_(False).eval()
-        prepare_for_inference(ref, cfg, device, like=accel, say=say, name="reference")
-    critic = load_critic(cfg, policy, device, say)
-    rm = None
-    if reward_fn is None:
-        bf16 = precision == "bf16"
-        rm, rm_tok = load_reward_model(cfg.reward_model, dtype=torch.bfloat16 if bf16 else torch.float32)
-        if rm_tok.get_vocab() != tok.get_vocab():
-            raise UserError(f"reward_model={cfg.reward_model}: its tokenizer differs from the policy's ({cfg.model})")
-        rm = rm.to(device).requires_grad_(False).eval()
-        prepare_for_inference(rm.seq_model, cfg, device, like=accel, say=say, name="reward model")
-    policy.train()
-    critic.train()
-    generator = make_generator(policy, tok, cfg.rollout_backend, precision, say)
-    if not generator.eos_ids:
-        raise UserError(f"{cfg.model}: the tokenizer has no EOS token; responses could never end")
-    return Models(policy, ref, critic, rm, tok, generator, autocast_of(device, precision), torch.device(device))
-
-
-def load_critic(cfg: PPOConfig, policy: nn.Module, device, say=print) -> Critic:
-    """A value head on the policy's trunk (critic='policy_head'), a copy of the reward model, or
-    none (critic='none': RLOO, GRPO)."""
-    if cfg.critic == "none":
-        return Critic("none")
-    if cfg.critic == "policy_head":
-        head = nn.Linear(hidden_size(policy), 1, bias=False, device=device)
-        # zero: the first advantages are plain Monte-Carlo returns. A random head gives values of
-        # a few units, and GAE charges that bias to the last token — the EOS — so the policy
-        # learns not to stop (seen on SmolLM2: the no-EOS share more than doubled in a few iterations).
-        nn.init.zeros_(head.weight)
-        return Critic("policy_head", head=head)
-    seq_model = load_reward_model(cfg.critic_model or cfg.reward_model or cfg.model)[0].seq_model
-    if cfg.gradient_checkpointing:
-        seq_model.gradient_checkpointing_enable()
-    seq_model = apply_lora(seq_model, cfg, task_type="SEQ_CLS").to(device)
-    prepare_for_training(seq_model, cfg, device, say, name="critic")
-    return Critic("rm", seq_model=seq_model)
-
-
-def autocast_of(device, precision: str) -> Callable[[], Any]:
-    """A factory of the training precision's autocast context: bf16 autocast, or none for fp32."""
-    if precision == "bf16":
-        return lambda: torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
-    return nullcontext
 
 
 def encode_queries(cfg: PPOConfig, prompts: list[Prompt], tok, say=print) -> list[list[int]]:
@@ -489,54 +385,6 @@ def forwards(m: Models, cfg: PPOConfig, batch: Batch) -> dict[str, torch.Tensor]
     )
 
 
-def gather_rows(acc, t: torch.Tensor) -> torch.Tensor:
-    """Every process's rows of ``t`` (n_p, …) concatenated in rank order; the columns of a 2-d
-    ``t`` are padded with zeros (False) to the widest. One process: ``t`` itself."""
-    if acc.num_processes == 1:
-        return t
-    import torch.distributed as dist
-
-    dtype = t.dtype
-    x = t.to(torch.uint8) if dtype == torch.bool else t  # gloo gathers no bool
-    shape = torch.tensor([x.shape[0], x.shape[1] if x.dim() > 1 else 1], device=x.device)
-    shapes = [torch.zeros_like(shape) for _ in range(acc.num_processes)]
-    dist.all_gather(shapes, shape)
-    n_max, c_max = (max(int(s[j]) for s in shapes) for j in (0, 1))
-    pad = (0, c_max - x.shape[1], 0, n_max - x.shape[0]) if x.dim() > 1 else (0, n_max - x.shape[0])
-    x = torch.nn.functional.pad(x, pad)
-    parts = [torch.empty_like(x) for _ in range(acc.num_processes)]
-    dist.all_gather(parts, x.contiguous())
-    return torch.cat([part[: int(s[0])] for part, s in zip(parts, shapes)]).to(dtype)
-
-
-def global_rollout(acc, ro: Rollout, prompts: list[Prompt]) -> tuple[Rollout, Share]:
-    """The iteration's global batch — every process's rows of ``ro`` in rank (= prompt) order,
-    responses padded to the longest — and this process's share of it. Rewards, advantages (their
-    whitening), the KL controller and the metrics are computed on it, alike on every process and
-    as one process would. ``input_ids`` of the global batch are padded with 0 (unused there)."""
-    if acc.num_processes == 1:
-        return ro, Share(acc, 0, ro.batch.response_mask)
-    import torch.distributed as dist
-
-    b = ro.batch
-    batch = Batch(*(gather_rows(acc, x) for x in (b.input_ids, b.attention_mask, b.positions, b.response)),
-                  gather_rows(acc, b.response_mask), gather_rows(acc, b.last_index))  # fmt: skip
-    texts: list[list[str]] = [[] for _ in range(acc.num_processes)]
-    dist.all_gather_object(texts, ro.texts)
-    sizes = [len(x) for x in texts]
-    whole = Rollout(
-        prompts,
-        batch,
-        [t for part in texts for t in part],
-        gather_rows(acc, ro.ended),
-        gather_rows(acc, ro.raw),
-        gather_rows(acc, ro.penalised),
-        gather_rows(acc, ro.scores),
-        {k: gather_rows(acc, v) for k, v in ro.fw.items()},
-    )
-    return whole, Share(acc, sum(sizes[: acc.process_index]), batch.response_mask)
-
-
 def rewards_and_advantages(cfg: PPOConfig, ro: Rollout, beta: float) -> Advantages:
     """r_t = −β (log π − log π_ref) on every token plus the score on the last one (optionally
     whitened); GAE(γ, λ) advantages and returns; advantages whitened over the batch."""
@@ -570,9 +418,7 @@ def update(
     summed over the processes, so N processes take the step one process would. The PPO-ptx term
     is the main process's."""
     share = share or Share(None, 0, ro.batch.response_mask)
-    acc, batch, mask = share.acc, ro.batch, share.mask
-    several = acc is not None and acc.num_processes > 1
-    main = not several or acc.is_main_process
+    batch, mask = ro.batch, share.mask
     N, n_local = mask.shape[0], len(ro.texts)
     local_adv = Advantages(
         adv.beta,
@@ -586,62 +432,35 @@ def update(
         for k, mb_start in enumerate(range(0, N, mb_size)):
             mb = perm[mb_start : mb_start + mb_size]
             n_tokens = mask[mb].sum()
-            mine = mb[(mb >= share.offset) & (mb < share.offset + n_local)] - share.offset  # local row indices
+            mine = share.mine(mb, n_local)  # this process's rows of the minibatch, local indices
             # micro-batches of rows of similar length (length_chunks): less padding, same loss
             if len(mine):
                 size = math.ceil(len(mine) / max(1, min(cfg.grad_accum, len(mine))))
                 for rows in length_chunks(batch, mine, size):
                     micro_step(m, cfg, ro, local_adv, rows, n_tokens, stats)
-            if ptx is not None and main:
+            if ptx is not None and share.main:
                 g = _seeded(cfg.seed, it, epoch, k, 13)
                 order = torch.randperm(len(ptx), generator=g, device="cpu")[: cfg.ptx_batch_size]  # Python indices
                 with m.autocast():
                     nll = ptx_loss(m.policy, [ptx[i] for i in order.tolist()], m.tok.pad_token_id)
                 (cfg.ptx_coef * nll).backward()
                 stats.setdefault("ptx_loss", []).append(nll.item())
-            if several:
+            if share.several:
                 sum_gradients(opt.trainable)
             grad_norm = clip_and_step(opt.optimizer, opt.trainable, cfg.max_grad_norm)
             opt.scheduler.step()
             opt.optimizer.zero_grad(set_to_none=True)
-            if grad_norm is not None and main:
+            if grad_norm is not None and share.main:
                 stats.setdefault("grad_norm", []).append(float(grad_norm))
-    # per-step means (token-weighted over micro-batches, then averaged over the optimizer steps)
+    # per-step means (token-weighted over micro-batches, then averaged over the optimizer steps),
+    # of every process's sums and counts
     n_steps = cfg.ppo_epochs * math.ceil(N / mb_size)
-    if several:  # each process's sums (and counts) -> the global ones; the same names on every process
-        names = ["policy_loss", "clipfrac", "approx_kl", "value_loss", "value_clipfrac", "ratio_mean"]
-        names += ["ptx_loss", "grad_norm"]
-        import torch.distributed as dist
-
-        both = torch.tensor(
-            [[sum(stats.get(n, [])), len(stats.get(n, []))] for n in names], dtype=torch.float64, device=mask.device
-        )
-        dist.all_reduce(both)
-        sums = {n: (float(s), int(c)) for n, (s, c) in zip(names, both.tolist())}
-    else:
-        sums = {n: (sum(v), len(v)) for n, v in stats.items()}
-    return {name: s / n_steps if name not in ("ptx_loss", "grad_norm") else s / c for name, (s, c) in sums.items() if c}
+    sums = sum_stats(share, stats, UPDATE_STATS)
+    return {name: s / n_steps if name not in ("ptx_loss", "grad_norm") else s / c for name, (s, c) in sums.items()}
 
 
-def sum_gradients(params: list[nn.Parameter]) -> None:
-    """Sum each parameter's gradient over the processes (a process without one adds zeros; a
-    parameter no process has a gradient for keeps none, as with one process)."""
-    import torch.distributed as dist
-
-    has = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=params[0].device)
-    dist.all_reduce(has)
-    live = [p for p, h in zip(params, has.tolist()) if h > 0]
-    for p in live:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-    by_dtype: dict[torch.dtype, list[nn.Parameter]] = {}
-    for p in live:
-        by_dtype.setdefault(p.grad.dtype, []).append(p)
-    for group in by_dtype.values():
-        flat = torch.cat([p.grad.reshape(-1) for p in group])
-        dist.all_reduce(flat)
-        for p, g in zip(group, flat.split([p.numel() for p in group])):
-            p.grad.copy_(g.view_as(p.grad))
+UPDATE_STATS = ["policy_loss", "clipfrac", "approx_kl", "value_loss", "value_clipfrac", "ratio_mean"]
+UPDATE_STATS += ["ptx_loss", "grad_norm"]  # what ``update`` logs
 
 
 def micro_step(

@@ -1,5 +1,6 @@
-"""PPO's models and their forwards: the rollout batch layout, the critic, and the no-grad
-forwards of one iteration (policy and reference log-probs, entropy, values, reward-model scores).
+"""PPO's models and their forwards: loading them (policy, reference, critic, reward model, the
+rollout generator), the rollout batch layout, the critic, and the no-grad forwards of one iteration
+(policy and reference log-probs, entropy, values, reward-model scores).
 
 The loop that uses them is ``rlhfkit/recipes/ppo.py``; the math is ``rlhfkit/algos/ppo.py``.
 Speed: each sequence's trunk runs once per model per phase; only the hidden states at response
@@ -9,16 +10,25 @@ family's logit post-processing come from ``rlhfkit.models.layout``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
+from rlhfkit.accel import prepare_for_inference, prepare_for_training
 from rlhfkit.algos.ppo import logprobs_from_logits, truncate_after_eos
-from rlhfkit.models.layout import gather_positions, scored_forward, trunk
+from rlhfkit.config import PPOConfig
+from rlhfkit.errors import UserError
+from rlhfkit.models.heads import RewardModel, load_reward_model
+from rlhfkit.models.layout import gather_positions, hidden_size, scored_forward, trunk
+from rlhfkit.models.loading import load_causal_lm
 from rlhfkit.models.lora import unwrap
-from rlhfkit.recipes.common import load_weights
+from rlhfkit.recipes.common import apply_lora, load_weights
+from rlhfkit.rollout import Generator, make_generator
 
 
 @dataclass
@@ -265,3 +275,84 @@ def rm_scores(rm, batch: Batch, chunk: int, autocast) -> torch.Tensor:
         with autocast():
             scores.append(rm.score(b.input_ids, b.attention_mask, b.last_index).float())
     return torch.cat(scores)[torch.argsort(torch.cat(chunks))]
+
+
+# ---------------------------------------------------------------------------------------------
+# loading
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Models:
+    """PPO's models (see ``recipes/ppo.py``'s docstring) and the generator that samples from the policy."""
+
+    policy: nn.Module
+    ref: nn.Module | None  # None with LoRA: the policy with its adapters disabled
+    critic: Critic
+    rm: RewardModel | None  # None with a reward_fn
+    tok: Any
+    generator: Generator  # rollout_backend's: the engine, transformers' generate or vLLM
+    autocast: Callable[[], Any]  # the training precision's autocast context (or a null one)
+    device: torch.device = torch.device("cpu")  # the policy's: every tensor PPO makes is made there
+
+
+def load_models(cfg: PPOConfig, device, precision: str, reward_fn: Callable | None, say=print) -> Models:
+    """Policy (+ LoRA), frozen reference, critic and reward model, each prepared by ``rlhfkit.accel``.
+
+    The order is that of the global RNG's use (LoRA's and the heads' initialisation): keep it.
+    """
+    loaded = load_causal_lm(cfg.model)
+    tok = loaded.tokenizer
+    if not cfg.chat_template:
+        tok.chat_template = None
+    policy = loaded.model.to(device)
+    if cfg.gradient_checkpointing:
+        policy.gradient_checkpointing_enable()
+    policy = apply_lora(policy, cfg)
+    accel = prepare_for_training(policy, cfg, device, say, name="policy")
+    ref = None
+    if not cfg.lora:  # the frozen SFT model; with LoRA it is the policy with adapters disabled
+        ref = load_causal_lm(cfg.model).model.to(device).requires_grad_(False).eval()
+        prepare_for_inference(ref, cfg, device, like=accel, say=say, name="reference")
+    critic = load_critic(cfg, policy, device, say)
+    rm = None
+    if reward_fn is None:
+        bf16 = precision == "bf16"
+        rm, rm_tok = load_reward_model(cfg.reward_model, dtype=torch.bfloat16 if bf16 else torch.float32)
+        if rm_tok.get_vocab() != tok.get_vocab():
+            raise UserError(f"reward_model={cfg.reward_model}: its tokenizer differs from the policy's ({cfg.model})")
+        rm = rm.to(device).requires_grad_(False).eval()
+        prepare_for_inference(rm.seq_model, cfg, device, like=accel, say=say, name="reward model")
+    policy.train()
+    critic.train()
+    generator = make_generator(policy, tok, cfg.rollout_backend, precision, say)
+    if not generator.eos_ids:
+        raise UserError(f"{cfg.model}: the tokenizer has no EOS token; responses could never end")
+    return Models(policy, ref, critic, rm, tok, generator, autocast_of(device, precision), torch.device(device))
+
+
+def load_critic(cfg: PPOConfig, policy: nn.Module, device, say=print) -> Critic:
+    """A value head on the policy's trunk (critic='policy_head'), a copy of the reward model, or
+    none (critic='none': RLOO, GRPO)."""
+    if cfg.critic == "none":
+        return Critic("none")
+    if cfg.critic == "policy_head":
+        head = nn.Linear(hidden_size(policy), 1, bias=False, device=device)
+        # zero: the first advantages are plain Monte-Carlo returns. A random head gives values of
+        # a few units, and GAE charges that bias to the last token — the EOS — so the policy
+        # learns not to stop (seen on SmolLM2: the no-EOS share more than doubled in a few iterations).
+        nn.init.zeros_(head.weight)
+        return Critic("policy_head", head=head)
+    seq_model = load_reward_model(cfg.critic_model or cfg.reward_model or cfg.model)[0].seq_model
+    if cfg.gradient_checkpointing:
+        seq_model.gradient_checkpointing_enable()
+    seq_model = apply_lora(seq_model, cfg, task_type="SEQ_CLS").to(device)
+    prepare_for_training(seq_model, cfg, device, say, name="critic")
+    return Critic("rm", seq_model=seq_model)
+
+
+def autocast_of(device, precision: str) -> Callable[[], Any]:
+    """A factory of the training precision's autocast context: bf16 autocast, or none for fp32."""
+    if precision == "bf16":
+        return lambda: torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
+    return nullcontext

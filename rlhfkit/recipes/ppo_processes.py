@@ -1,0 +1,142 @@
+"""The rollout of one iteration, and how several processes share it (PPO, A2C, RLOO, GRPO).
+
+Processes: one, or several under torchrun / accelerate launch (gloo on CPU, NCCL on GPUs). Each
+process generates, scores and forwards its contiguous share of an iteration's prompts (whole
+prompts: the k samples of a prompt stay on one process, so group baselines see their group);
+``global_rollout`` all-gathers the rows in rank (= prompt) order into the global batch, on which
+every process computes the rewards, advantages, the KL controller's update and the metrics, alike
+and as one process would. Each optimizer step's minibatch is a global one: a process
+back-propagates its rows of it, weighted by the minibatch's global size, ``sum_gradients`` adds
+the gradients up, and every process takes the one clipped step one process would take
+(tests/test_ppo_processes.py, tests/test_rl_processes.py). ``sum_stats`` does the same for the
+logged losses. One process: every function here is the identity or a plain sum.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from rlhfkit.data.records import Prompt
+from rlhfkit.recipes.ppo_models import Batch
+
+
+@dataclass
+class Rollout:
+    """One iteration's samples: N = prompts × samples_per_prompt rows, prompt-major."""
+
+    prompts: list[Prompt]  # (N) the Prompt record of each row
+    batch: Batch  # query + response rows, cut after the first EOS
+    texts: list[str]  # (N) decoded responses
+    ended: torch.Tensor  # (N,) bool: the response produced EOS
+    raw: torch.Tensor  # (N,) RM score or reward_fn value
+    penalised: torch.Tensor  # (N,) clipped, missing-EOS penalty applied: logged as "score"
+    scores: torch.Tensor  # (N,) what the rewards get: penalised, minus the group baseline if any
+    fw: dict[str, torch.Tensor] = field(default_factory=dict)  # no-grad forwards, each (N, R)
+
+
+@dataclass
+class Share:
+    """This process's rows of the iteration's global batch (rows ``offset … offset + n_local - 1``
+    of ``mask``'s N): what an update needs to take the global minibatches' local part."""
+
+    acc: Any  # the accelerator (None: one process)
+    offset: int
+    mask: torch.Tensor  # (N, R) the global batch's response mask
+
+    @property
+    def several(self) -> bool:
+        return self.acc is not None and self.acc.num_processes > 1
+
+    @property
+    def main(self) -> bool:
+        return not self.several or self.acc.is_main_process
+
+    def mine(self, rows: torch.Tensor, n_local: int) -> torch.Tensor:
+        """This process's rows among the global ``rows``, as indices into its own batch."""
+        return rows[(rows >= self.offset) & (rows < self.offset + n_local)] - self.offset
+
+
+def gather_rows(acc, t: torch.Tensor) -> torch.Tensor:
+    """Every process's rows of ``t`` (n_p, …) concatenated in rank order; the columns of a 2-d
+    ``t`` are padded with zeros (False) to the widest. One process: ``t`` itself."""
+    if acc.num_processes == 1:
+        return t
+    import torch.distributed as dist
+
+    dtype = t.dtype
+    x = t.to(torch.uint8) if dtype == torch.bool else t  # gloo gathers no bool
+    shape = torch.tensor([x.shape[0], x.shape[1] if x.dim() > 1 else 1], device=x.device)
+    shapes = [torch.zeros_like(shape) for _ in range(acc.num_processes)]
+    dist.all_gather(shapes, shape)
+    n_max, c_max = (max(int(s[j]) for s in shapes) for j in (0, 1))
+    pad = (0, c_max - x.shape[1], 0, n_max - x.shape[0]) if x.dim() > 1 else (0, n_max - x.shape[0])
+    x = torch.nn.functional.pad(x, pad)
+    parts = [torch.empty_like(x) for _ in range(acc.num_processes)]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat([part[: int(s[0])] for part, s in zip(parts, shapes)]).to(dtype)
+
+
+def global_rollout(acc, ro: Rollout, prompts: list[Prompt]) -> tuple[Rollout, Share]:
+    """The iteration's global batch — every process's rows of ``ro`` in rank (= prompt) order,
+    responses padded to the longest — and this process's share of it. Rewards, advantages (their
+    whitening), the KL controller and the metrics are computed on it, alike on every process and
+    as one process would. ``input_ids`` of the global batch are padded with 0 (unused there)."""
+    if acc.num_processes == 1:
+        return ro, Share(acc, 0, ro.batch.response_mask)
+    import torch.distributed as dist
+
+    b = ro.batch
+    batch = Batch(*(gather_rows(acc, x) for x in (b.input_ids, b.attention_mask, b.positions, b.response)),
+                  gather_rows(acc, b.response_mask), gather_rows(acc, b.last_index))  # fmt: skip
+    texts: list[list[str]] = [[] for _ in range(acc.num_processes)]
+    dist.all_gather_object(texts, ro.texts)
+    sizes = [len(x) for x in texts]
+    whole = Rollout(
+        prompts,
+        batch,
+        [t for part in texts for t in part],
+        gather_rows(acc, ro.ended),
+        gather_rows(acc, ro.raw),
+        gather_rows(acc, ro.penalised),
+        gather_rows(acc, ro.scores),
+        {k: gather_rows(acc, v) for k, v in ro.fw.items()},
+    )
+    return whole, Share(acc, sum(sizes[: acc.process_index]), batch.response_mask)
+
+
+def sum_gradients(params: list[nn.Parameter]) -> None:
+    """Sum each parameter's gradient over the processes (a process without one adds zeros; a
+    parameter no process has a gradient for keeps none, as with one process)."""
+    import torch.distributed as dist
+
+    has = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=params[0].device)
+    dist.all_reduce(has)
+    live = [p for p, h in zip(params, has.tolist()) if h > 0]
+    for p in live:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    by_dtype: dict[torch.dtype, list[nn.Parameter]] = {}
+    for p in live:
+        by_dtype.setdefault(p.grad.dtype, []).append(p)
+    for group in by_dtype.values():
+        flat = torch.cat([p.grad.reshape(-1) for p in group])
+        dist.all_reduce(flat)
+        for p, g in zip(group, flat.split([p.numel() for p in group])):
+            p.grad.copy_(g.view_as(p.grad))
+
+
+def sum_stats(share: Share, stats: dict[str, list[float]], names: list[str]) -> dict[str, tuple[float, int]]:
+    """(sum, count) of each statistic's values over every process, for the names of ``names``
+    (the same list on every process); a statistic no process recorded is left out."""
+    if not share.several:
+        return {n: (sum(v), len(v)) for n, v in stats.items() if v}
+    import torch.distributed as dist
+
+    both = [[sum(stats.get(n, [])), len(stats.get(n, []))] for n in names]
+    both = torch.tensor(both, dtype=torch.float64, device=share.mask.device)
+    dist.all_reduce(both)
+    return {n: (float(s), int(c)) for n, (s, c) in zip(names, both.tolist()) if c}
