@@ -60,6 +60,8 @@ def _train(stage: str, cfg) -> dict:
         from rlhfkit.recipes.dpo import train_dpo as run
     elif stage == "ppo":
         from rlhfkit.recipes.ppo import train_ppo as run
+    elif stage == "a2c":
+        from rlhfkit.recipes.a2c import train_a2c as run
     elif stage == "rloo":
         from rlhfkit.recipes.critic_free import train_rloo as run
     elif stage == "grpo":

@@ -51,7 +51,7 @@ ScoreBaseline = Literal["none", "group"]
 DPOLossType = Literal["sigmoid", "ipo"]
 PairWeighting = Literal["per_ranking", "per_pair"]
 Labeler = Literal["simulated", "gold", "human", "mix"]
-Optimizer = Literal["ppo", "rloo", "grpo", "dpo", "none"]
+Optimizer = Literal["ppo", "a2c", "rloo", "grpo", "dpo", "none"]
 Backend = Literal["auto", "engine", "hf", "vllm"]
 BACKEND_HELP = "auto (the engine where it supports the model, else transformers), engine, hf or vllm"
 
@@ -282,6 +282,47 @@ class PPOConfig(TrainConfig):
 
 
 @dataclass
+class A2CConfig(PPOConfig):
+    """A2C (Mnih et al. 2016, synchronous): PPO's rollouts, rewards, KL penalty, GAE and critic, and one
+    gradient step of the plain policy gradient -A log pi + the unclipped value loss per rollout batch. The
+    step is taken where the rollout was sampled, so there is no ratio to clip: PPO's epochs, minibatches
+    and clip ranges do not apply (PPO with one epoch and one minibatch takes this step; Huang et al. 2022)."""
+
+    ppo_epochs: int = opt(1, "A2C: 1 (one gradient step per rollout batch); more passes are PPO's.")
+    num_minibatches: int = opt(
+        1, "A2C: 1 (the step is on the whole rollout batch; grad_accum splits it for memory); more are PPO's."
+    )
+    cliprange: float | None = opt(None, "A2C: none (the policy ratio is 1 at its one step: nothing to clip).")
+    cliprange_value: float | None = opt(None, "A2C: none (the value loss is the plain 1/2 (V - R)^2).")
+    entropy_coef: float = opt(
+        0.0,
+        "Weight c of the entropy bonus -c H(pi) in the policy loss (Mnih et al.: 0.01; the KL penalty "
+        "already keeps the policy near the SFT model).",
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        ppo = "PPO's (`rlhfkit ppo`)"
+        if self.ppo_epochs != 1:
+            raise UserError(
+                f"ppo_epochs={self.ppo_epochs}: A2C takes one gradient step per rollout batch; several passes are {ppo}"
+            )
+        if self.num_minibatches != 1:
+            raise UserError(
+                f"num_minibatches={self.num_minibatches}: A2C takes its one step on the whole rollout batch "
+                f"(grad_accum splits it for memory); minibatches are {ppo}"
+            )
+        for name in ("cliprange", "cliprange_value"):
+            if getattr(self, name) is not None:
+                raise UserError(
+                    f"{name}={getattr(self, name)}: A2C has no ratio to clip (its one step per rollout batch is at "
+                    f"ratio 1); clipping is {ppo}"
+                )
+        if self.entropy_coef < 0:
+            raise UserError(f"entropy_coef={self.entropy_coef}: expected >= 0")
+
+
+@dataclass
 class RLOOConfig(PPOConfig):
     """RLOO (Ahmadian et al. 2024): k samples per prompt, each one's reward (score − β·KL) minus the
     mean of the other k−1 is its advantage; PPO's clipped ratio, no critic (the GAE/value fields are unused)."""
@@ -381,7 +422,7 @@ class PipelineConfig:
     )
     optimizer: Optimizer = opt(
         "ppo",
-        "The policy optimiser of every round, from the SFT model: ppo, rloo or grpo (against the round's reward "
+        "The policy optimiser of every round, from the SFT model: ppo, a2c, rloo or grpo (against the round's reward "
         "model), dpo (on all rankings so far, directly) or none (SFT and reward models only).",
     )
     precision: Precision = opt("auto", "Precision of every stage: auto (bf16 where the hardware has it), bf16 or fp32.")
@@ -413,6 +454,7 @@ class PipelineConfig:
     sft: SFTConfig = opt(SFTConfig, "SFT on the demonstrations (the labeler's best answer of each prompt).")
     rm: RewardConfig = opt(RewardConfig, "The reward model of each round, from all rankings so far.")
     ppo: PPOConfig = opt(PPOConfig, "PPO of each round, from the SFT model against that round's reward model.")
+    a2c: A2CConfig = opt(A2CConfig, "A2C of each round (optimizer=a2c), from the SFT model against its RM.")
     dpo: DPOConfig = opt(DPOConfig, "DPO of each round (optimizer=dpo), from the SFT model on all rankings so far.")
     rloo: RLOOConfig = opt(RLOOConfig, "RLOO of each round (optimizer=rloo), from the SFT model against its RM.")
     grpo: GRPOConfig = opt(GRPOConfig, "GRPO of each round (optimizer=grpo), from the SFT model against its RM.")
@@ -485,6 +527,7 @@ STAGES: dict[str, type] = {
     "rm": RewardConfig,
     "dpo": DPOConfig,
     "ppo": PPOConfig,
+    "a2c": A2CConfig,
     "rloo": RLOOConfig,
     "grpo": GRPOConfig,
 }
@@ -492,11 +535,12 @@ STAGE_FIELDS: dict[str, type] = {
     "sft": SFTConfig,
     "rm": RewardConfig,
     "ppo": PPOConfig,
+    "a2c": A2CConfig,
     "dpo": DPOConfig,
     "rloo": RLOOConfig,
     "grpo": GRPOConfig,
 }  # PipelineConfig's nesting
-RL_STAGES = ("ppo", "rloo", "grpo")  # the pipeline's optimisers that sample against its reward model
+RL_STAGES = ("ppo", "a2c", "rloo", "grpo")  # the pipeline's optimisers that sample against its reward model
 PIPELINE_SETS = ("model", "data", "out", "resume", "seed", "precision", "save_every", "report_to")
 
 

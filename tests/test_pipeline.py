@@ -470,10 +470,11 @@ def read_dpo_data(run) -> str:
     return Path(yaml.safe_load((run / "round1" / "dpo" / "config.yaml").read_text())["data"]).read_text()
 
 
-@pytest.mark.parametrize("optimizer", ["rloo", "grpo"])
-def test_pipeline_with_a_critic_free_optimizer(optimizer, tiny_path, tmp_path):
-    """optimizer=rloo|grpo: the round's policy is trained against its reward model without a critic,
-    with the gold rubric logged beside the RM's score, and judged and served as rloo1 / grpo1."""
+@pytest.mark.parametrize("optimizer", ["a2c", "rloo", "grpo"])
+def test_pipeline_with_another_rl_optimizer(optimizer, tiny_path, tmp_path):
+    """optimizer=a2c|rloo|grpo: the round's policy is trained against its reward model (A2C with a
+    critic, RLOO and GRPO without), with the gold rubric logged beside the RM's score, and judged
+    and served as a2c1 / rloo1 / grpo1."""
     from rlhfkit.web.models import discover_versions
 
     run = tmp_path / "run"
@@ -488,7 +489,7 @@ def test_pipeline_with_a_critic_free_optimizer(optimizer, tiny_path, tmp_path):
     assert summary["final"] == name and set(summary["versions"]) == {"base", "sft", name}
     rows = summary["training"][name]
     assert len(rows) == 2 and all("gold_score" in m and "kl" in m for m in rows)
-    assert not (run / "round1" / optimizer / "critic").exists()
+    assert (run / "round1" / optimizer / "critic").exists() == (optimizer == "a2c")
     assert discover_versions(run)[name] == str(run / "round1" / optimizer / "model")
     with pytest.raises(UserError, match=f"{optimizer}.reward_model: the pipeline sets"):
         build_config(PipelineConfig, "demo", [f"{optimizer}.reward_model=x"])

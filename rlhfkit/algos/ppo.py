@@ -12,6 +12,8 @@ Sources, cited where each piece is used:
 - [N-details] Huang et al. 2024, "The N Implementation Details of RLHF with PPO" (and
   vwxyzjn/summarize_from_feedback_details `ppo.py`): unbiased whitening, EOS truncation and the
   no-EOS penalty, temperature-scaled log-probs, value clipping.
+- [A3C] Mnih et al. 2016, "Asynchronous Methods for Deep Reinforcement Learning", Algorithm S3
+  (the unclipped value loss A2C uses; its policy loss is ``rlhfkit/algos/a2c.py``).
 - [KL-approx] http://joschu.net/blog/kl-approx.html (k1, k2, k3 estimators).
 - [RLOO] Ahmadian et al. 2024, "Back to Basics: Revisiting REINFORCE Style Optimization for
   Learning from Human Feedback in LLMs", §3.2 (leave-one-out baseline over k samples of a prompt);
@@ -483,26 +485,30 @@ def ppo_value_loss(
     old_values: torch.Tensor,
     returns: torch.Tensor,
     response_mask: torch.Tensor,
-    clip_eps: float = 0.2,
+    clip_eps: float | None = 0.2,
 ) -> ValueLossOutput:
     """Clipped value loss, as in OpenAI baselines' PPO2 and [N-details]:
 
         V_clip = V_old + clip(V − V_old, −ε, ε)
         L = ½ · mean_t max((V − R)², (V_clip − R)²)
 
+    With ``clip_eps=None`` the plain ½ · mean_t (V − R)² (A2C's, [A3C] Algorithm S3).
+
     Args:
         values: ``(B, T)`` of the critic being trained (with grad).
         old_values: ``(B, T)`` recorded at rollout time.
         returns: ``(B, T)`` targets from ``compute_gae``.
         response_mask: ``(B, T)``.
-        clip_eps: ε, in the units of the value (rewards).
+        clip_eps: ε, in the units of the value (rewards); None: no clipping.
 
     Returns:
-        ``ValueLossOutput(loss, clipfrac)``.
+        ``ValueLossOutput(loss, clipfrac)`` (clipfrac 0 without clipping).
     """
     mask = response_mask.to(values.dtype)
-    values_clipped = old_values + torch.clamp(values - old_values, -clip_eps, clip_eps)
     vf_losses = (values - returns) ** 2
+    if clip_eps is None:
+        return ValueLossOutput(0.5 * masked_mean(vf_losses, mask), vf_losses.new_zeros(()))
+    values_clipped = old_values + torch.clamp(values - old_values, -clip_eps, clip_eps)
     vf_losses_clipped = (values_clipped - returns) ** 2
     loss = 0.5 * masked_mean(torch.maximum(vf_losses, vf_losses_clipped), mask)
     with torch.no_grad():

@@ -43,7 +43,7 @@ from pathlib import Path
 import torch
 
 from rlhfkit.accel.memory import release_memory
-from rlhfkit.config import PipelineConfig, PPOConfig, config_from_dict
+from rlhfkit.config import RL_STAGES, PipelineConfig, PPOConfig, config_from_dict
 from rlhfkit.data.jsonl import read_jsonl, write_jsonl
 from rlhfkit.data.records import Prompt, ranking_row
 from rlhfkit.data.tokenize import encode_prompt
@@ -196,7 +196,7 @@ def stage_config(cfg: PipelineConfig, stage, **where):
 def ppo_config(
     cfg: PipelineConfig, sft_model: str, reward_model: str, out: str, round_: int, optimizer: str = "ppo"
 ) -> PPOConfig:
-    """Round ``round_``'s config of an RL optimiser (``cfg.ppo``, ``cfg.rloo`` or ``cfg.grpo``) from the
+    """Round ``round_``'s config of an RL optimiser (``cfg.ppo``, ``cfg.a2c``, ``cfg.rloo`` or ``cfg.grpo``) from the
     SFT model against that round's reward model, generating with the pipeline's rollout_backend."""
     return stage_config(
         cfg,
@@ -404,15 +404,16 @@ def rm_phase(run: Run, r: int, sft_model: str, rankings: list[dict]) -> dict:
 
 
 def ppo_phase(run: Run, r: int, sft_model: str, optimizer: str = "ppo") -> str:
-    """5. Round r's PPO (or, with optimizer=rloo/grpo, the critic-free RLOO or GRPO) from the SFT model
-    (also the KL reference) against round r's reward model; the gold rubric's mean score of each
-    iteration's rollouts is logged beside the RM's (gold_score)."""
+    """5. Round r's PPO (or with optimizer=a2c A2C, with optimizer=rloo/grpo the critic-free RLOO or
+    GRPO) from the SFT model (also the KL reference) against round r's reward model; the gold
+    rubric's mean score of each iteration's rollouts is logged beside the RM's (gold_score)."""
     rdir = run.out / f"round{r}"
     if not (rdir / optimizer / "model" / "config.json").exists():
+        from rlhfkit.recipes.a2c import train_a2c
         from rlhfkit.recipes.critic_free import train_grpo, train_rloo
         from rlhfkit.recipes.ppo import train_ppo
 
-        train = {"ppo": train_ppo, "rloo": train_rloo, "grpo": train_grpo}[optimizer]
+        train = {"ppo": train_ppo, "a2c": train_a2c, "rloo": train_rloo, "grpo": train_grpo}[optimizer]
         stage_cfg = ppo_config(run.cfg, sft_model, str(rdir / "rm" / "model"), str(rdir / optimizer), r, optimizer)
         run_stage(run.cfg, functools.partial(train, rollout_metrics=rubric.gold_metrics), stage_cfg, run.say)
     return str(rdir / optimizer / "model")
@@ -520,7 +521,7 @@ def run_pipeline(cfg: PipelineConfig, say=print) -> dict:
                 all_rankings += rankings + edit_rankings
         with run.timed(f"round{r}_rm"):
             rm_accuracy.append(rm_phase(run, r, sft_model, all_rankings))
-        if cfg.optimizer in ("ppo", "rloo", "grpo"):
+        if cfg.optimizer in RL_STAGES:
             with run.timed(f"round{r}_{cfg.optimizer}"):
                 policy = versions[f"{cfg.optimizer}{r}"] = ppo_phase(run, r, sft_model, cfg.optimizer)
         elif cfg.optimizer == "dpo":

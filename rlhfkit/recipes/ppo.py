@@ -107,6 +107,8 @@ from rlhfkit.rollout import Completion, SamplingParams
 RSS_SLACK = 1.25  # hand freed memory back to the OS when the resident size grew by this factor
 RewardFn = Callable[[list[Prompt], list[str], list[bool]], Sequence[float]]
 RolloutMetrics = Callable[[list[Prompt], list[str], list[bool]], dict[str, float]]
+# (cfg, logits, logprobs, old_logprobs, advantages, mask) -> (loss, {name: statistic}): ``clipped_policy_loss``
+PolicyLoss = Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -407,6 +409,7 @@ def update(
     it: int,
     ptx: list[list[int]] | None,
     share: Share | None = None,
+    policy_loss: PolicyLoss | None = None,
 ) -> dict[str, float]:
     """``ppo_epochs`` passes over seeded minibatches of the global batch: per minibatch the
     token-weighted policy and value losses of its micro-batches (+ ``ptx_coef`` · pretraining
@@ -416,7 +419,7 @@ def update(
     it; None: one process, ``ro`` is the global batch). Each process runs the micro-batches of its
     rows of each minibatch, weighted by the minibatch's global token count; the gradients are then
     summed over the processes, so N processes take the step one process would. The PPO-ptx term
-    is the main process's."""
+    is the main process's. ``policy_loss``: PPO's ``clipped_policy_loss`` (None) or A2C's (recipes/a2c.py)."""
     share = share or Share(None, 0, ro.batch.response_mask)
     batch, mask = ro.batch, share.mask
     N, n_local = mask.shape[0], len(ro.texts)
@@ -437,7 +440,7 @@ def update(
             if len(mine):
                 size = math.ceil(len(mine) / max(1, min(cfg.grad_accum, len(mine))))
                 for rows in length_chunks(batch, mine, size):
-                    micro_step(m, cfg, ro, local_adv, rows, n_tokens, stats)
+                    micro_step(m, cfg, ro, local_adv, rows, n_tokens, stats, policy_loss)
             if ptx is not None and share.main:
                 g = _seeded(cfg.seed, it, epoch, k, 13)
                 order = torch.randperm(len(ptx), generator=g, device="cpu")[: cfg.ptx_batch_size]  # Python indices
@@ -460,7 +463,7 @@ def update(
 
 
 UPDATE_STATS = ["policy_loss", "clipfrac", "approx_kl", "value_loss", "value_clipfrac", "ratio_mean"]
-UPDATE_STATS += ["ptx_loss", "grad_norm"]  # what ``update`` logs
+UPDATE_STATS += ["pg_loss", "ptx_loss", "grad_norm"]  # what ``update`` logs (pg_loss: A2C with an entropy bonus)
 
 
 def micro_step(
@@ -471,10 +474,12 @@ def micro_step(
     rows: torch.Tensor,
     n_tokens: torch.Tensor,
     stats: dict[str, list[float]],
+    policy_loss: PolicyLoss | None = None,
 ) -> None:
-    """Forward and backward of the clipped policy and value losses on ``rows``, weighted by their
-    share of the minibatch's ``n_tokens`` (so micro-batching leaves the loss unchanged); the
-    weighted losses and diagnostics are appended to ``stats``."""
+    """Forward and backward of the policy loss (``clipped_policy_loss``, or A2C's) and the value loss
+    on ``rows``, weighted by their share of the minibatch's ``n_tokens`` (so micro-batching leaves the
+    loss unchanged); the weighted losses and diagnostics are appended to ``stats``."""
+    policy_loss = policy_loss or clipped_policy_loss
     b = ro.batch.rows(rows)
     cols = b.response.shape[1]
     m_mask = b.response_mask
@@ -491,26 +496,28 @@ def micro_step(
         with m.autocast():
             _, logits = policy_forward(m.policy, b)  # (b, r, V)
             new_logprobs = logprobs_from_logits(logits, b.response, cfg.temperature)
-        pl = ppo_policy_loss(new_logprobs, old_lp, advantages, m_mask, cfg.cliprange)
-        (weight * pl.loss).backward()
+        pl, parts = policy_loss(cfg, logits, new_logprobs, old_lp, advantages, m_mask)
+        (weight * pl).backward()
     else:  # one trunk forward gives both the log-probs and the values
         with m.autocast():
             h, logits = policy_forward(m.policy, b)  # (b, r, d), (b, r, V)
             new_logprobs = logprobs_from_logits(logits, b.response, cfg.temperature)
             values = m.critic.values(b, hidden=h)
-        pl = ppo_policy_loss(new_logprobs, old_lp, advantages, m_mask, cfg.cliprange)
+        pl, parts = policy_loss(cfg, logits, new_logprobs, old_lp, advantages, m_mask)
         vl = ppo_value_loss(values, old_v, ret, m_mask, cfg.cliprange_value)
-        (weight * (pl.loss + cfg.vf_coef * vl.loss)).backward()
+        (weight * (pl + cfg.vf_coef * vl.loss)).backward()
     w = weight.item()
-    for name, v in (
-        ("policy_loss", pl.loss),
-        ("clipfrac", pl.clipfrac),
-        ("approx_kl", pl.approx_kl),
-        ("value_loss", vl.loss),
-        ("value_clipfrac", vl.clipfrac),
-        ("ratio_mean", pl.ratio_mean),
-    ):
+    parts |= {"value_loss": vl.loss} | ({"value_clipfrac": vl.clipfrac} if cfg.cliprange_value is not None else {})
+    for name, v in parts.items():
         stats.setdefault(name, []).append(w * v.item())
+
+
+def clipped_policy_loss(cfg: PPOConfig, logits, logprobs, old_logprobs, advantages, mask):
+    """PPO's clipped surrogate (``ppo_policy_loss``, [PPO] eq. 7) of a micro-batch: the loss and the
+    statistics to log. ``logits`` (b, r, V) are unused here; A2C's loss takes its entropy from them."""
+    pl = ppo_policy_loss(logprobs, old_logprobs, advantages, mask, cfg.cliprange)
+    parts = {"policy_loss": pl.loss, "clipfrac": pl.clipfrac, "approx_kl": pl.approx_kl, "ratio_mean": pl.ratio_mean}
+    return pl.loss, parts
 
 
 def log_and_checkpoint(

@@ -7,7 +7,7 @@ A pipeline run directory (``rlhfkit pipeline``) holds the versions
     base      pipeline.json's "model"          (only when that spec is a local directory)
     sft       sft/model
     ppo{r}    round{r}/ppo/model
-    dpo{r}, rloo{r}, grpo{r}   round{r}/dpo/model, … (the pipeline's optimizer=…)
+    dpo{r}, a2c{r}, rloo{r}, grpo{r}   round{r}/dpo/model, … (the pipeline's optimizer=…)
 
 Reward models (round{r}/rm/model) are scorers, not chat models, and are not served. Extra versions
 come from ``--model name=spec``.
@@ -42,7 +42,7 @@ def discover_versions(run: str | Path, extra: list[str] = ()) -> dict[str, str]:
             found["base"] = base
     if (run / "sft" / "model" / "config.json").exists():
         found["sft"] = str(run / "sft" / "model")
-    for optimizer in ("ppo", "rloo", "grpo", "dpo"):
+    for optimizer in ("ppo", "a2c", "rloo", "grpo", "dpo"):
         rounds = sorted(
             (p for p in run.glob(f"round*/{optimizer}/model/config.json")),
             key=lambda p: int(p.parts[-4][5:]) if p.parts[-4][5:].isdigit() else 0,
