@@ -15,7 +15,7 @@ from typing import NamedTuple
 
 import torch
 
-from rlhfkit.algos.ppo import group_baseline, kl_k3, masked_mean
+from rlhfkit.algos.ppo import group_baseline, kl_k3
 
 
 def _groups(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -87,7 +87,7 @@ class GRPOLossOutput(NamedTuple):
     loss: torch.Tensor  # scalar, differentiable
     policy_loss: torch.Tensor  # the clipped-ratio part (detached)
     kl: torch.Tensor  # the k3 KL part, before β (detached)
-    clipfrac: torch.Tensor
+    clipfrac: torch.Tensor  # share of tokens where the clipped term is used
     approx_kl: torch.Tensor  # ½ (log ρ)², policy vs rollout policy
 
 
@@ -107,8 +107,8 @@ def grpo_loss(
         L   = 1/G Σ_i 1/|o_i| Σ_t ℓ_{i,t}
 
     Normalisation: the paper's — a mean over each sequence's tokens, then over the sequences
-    ("sequence mean"). TRL's GRPOTrainer defaults to another (a token mean over the batch, its
-    'dapo'/'bnpo' loss types); we follow the paper.
+    ("sequence mean"), also for the logged clipfrac and approx_kl. TRL's GRPOTrainer defaults to
+    another (a token mean over the batch, its 'dapo'/'bnpo' loss types); we follow the paper.
 
     Args:
         logprobs: ``(B, T)`` of the policy being trained (with grad).
@@ -132,7 +132,7 @@ def grpo_loss(
             loss,
             seq_mean(pg_tok),
             seq_mean(kl_tok),
-            masked_mean((pg_clipped > pg).to(mask.dtype), mask),
-            masked_mean(0.5 * log_ratio**2, mask),
+            seq_mean((pg_clipped > pg).to(mask.dtype)),  # sequence means, as the loss: a statistic
+            seq_mean(0.5 * log_ratio**2),  # that micro-batching and processes leave unchanged
         )
     return out

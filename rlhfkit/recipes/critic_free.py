@@ -12,8 +12,11 @@ same functions — then, instead of GAE and the value loss:
                                7. clipped ratio − β · k3 KL to the reference, in the loss (eq. 3),
                                   a mean over each sequence's tokens, then over the sequences
 
-The math is in ``rlhfkit/algos/critic_free.py``. One process (the multi-process gather of PPO is
-not wired here yet). Writes what PPO writes, without ``out/critic``.
+The math is in ``rlhfkit/algos/critic_free.py``. Several processes as PPO (``ppo_processes.py``):
+each process samples its contiguous share of the prompts — all k samples of a prompt on one
+process — the groups' baselines are taken on the all-gathered global batch, and each step's
+gradients are summed over the processes (tests/test_rl_processes.py: 2 processes take 1's steps).
+Writes what PPO writes, without ``out/critic``.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from rlhfkit.algos.ppo import compute_rewards, logprobs_from_logits
 from rlhfkit.config import GRPOConfig, RLOOConfig
 from rlhfkit.errors import UserError
 from rlhfkit.models.loading import resolve_precision
-from rlhfkit.recipes.common import MetricsLog, batch_plan, make_accelerator, prepare_out, progress, world
+from rlhfkit.recipes.common import MetricsLog, batch_plan, make_accelerator, prepare_out, progress, shard, world
 from rlhfkit.recipes.ppo import (
     Advantages,
     Models,
@@ -51,6 +54,7 @@ from rlhfkit.recipes.ppo import (
     timed,
 )
 from rlhfkit.recipes.ppo_models import length_chunks, policy_forward
+from rlhfkit.recipes.ppo_processes import Share, global_rollout, sum_gradients, sum_stats
 
 
 def train_rloo(
@@ -78,8 +82,8 @@ def train_critic_free(
     if cfg.ptx_coef > 0:
         raise UserError(f"ptx_coef={cfg.ptx_coef}: PPO-ptx is PPO's (`rlhfkit ppo`)")
     acc = make_accelerator(cfg)
-    if world(acc)[1] > 1:
-        raise UserError(f"{algo} runs on one process (several: `rlhfkit ppo score_baseline=group`)")
+    rank, n_proc = world(acc)
+    say = say if acc.is_main_process else (lambda *a, **k: None)
     out, ckpt = prepare_out(cfg, acc)
     precision = resolve_precision(cfg.precision, acc.device)
 
@@ -87,6 +91,8 @@ def train_critic_free(
     m = load_models(cfg, acc.device, precision, reward_fn, say)  # 1. policy, reference, RM; no critic
     queries = encode_queries(cfg, prompts, m.tok, say)
     plan = batch_plan(len(prompts), cfg)
+    if len(plan[0]) < n_proc:
+        raise UserError(f"batch_size={len(plan[0])} prompts cannot be shared by {n_proc} processes")
     k = cfg.samples_per_prompt
     say(
         f"{algo.upper()}: {len(plan)} iterations x {min(cfg.batch_size, len(prompts))} prompts x {k} samples, "
@@ -94,11 +100,11 @@ def train_critic_free(
     )
     opt, start = setup_optimization(cfg, m, len(plan), ckpt, say)  # 3. AdamW over the policy, beta, resume
     log = MetricsLog(out, acc, cfg, resume_step=start if ckpt else None)
-    bar = progress(len(plan), start, True, algo)
+    bar = progress(len(plan), start, acc.is_main_process, algo)
     last: dict = {}
     t_run = time.perf_counter()
     for it in range(start, len(plan)):
-        idx = plan[it]  # 1. prompts, each repeated k times (prompt-major)
+        idx = sum(shard(plan[it], rank, n_proc, 1), [])  # 1. this process's prompts, each repeated k times
         batch_prompts = [prompts[i] for i in idx for _ in range(k)]
         batch_queries = [queries[i] for i in idx for _ in range(k)]
         times = {"time_push": m.generator.push_weights(m.policy)}
@@ -108,17 +114,20 @@ def train_critic_free(
             ro = score(m, cfg, batch_prompts, batch_queries, completions, reward_fn)
         with timed(times, "time_forward"):  # 4. log-probs of policy and reference, no grad
             ro.fw = forwards(m, cfg, ro.batch)
-        adv = advantages(cfg, algo, ro, opt.kl_ctl.value)  # 5.-6. group baselines
+        whole, share = global_rollout(acc, ro, [p for i in plan[it] for p in [prompts[i]] * k])  # all processes' rows
+        adv = advantages(cfg, algo, whole, opt.kl_ctl.value)  # 5.-6. group baselines, over the global batch
         with timed(times, "time_train"):  # 7. clipped-ratio epochs over minibatches
-            stats = update(m, cfg, algo, ro, adv, opt, it)
-        extra = rollout_metrics(ro.prompts, ro.texts, ro.ended.tolist()) if rollout_metrics else {}
-        last = log_and_checkpoint(cfg, it + 1, len(plan), m, ro, adv, opt, stats | extra, times, log, out, acc)
+            stats = update(m, cfg, algo, ro, adv, opt, it, share)
+        extra = rollout_metrics(whole.prompts, whole.texts, whole.ended.tolist()) if rollout_metrics else {}
+        last = log_and_checkpoint(cfg, it + 1, len(plan), m, whole, adv, opt, stats | extra, times, log, out, acc)
         bar.update(1)
         bar.set_postfix(score=f"{last['score']:.3f}", kl=f"{last['kl']:.3f}")
     bar.close()
     log.close()
     result = {"step": len(plan), **last, "train_seconds": time.perf_counter() - t_run}
-    save_final(cfg, m, opt, len(plan), out, last, say)
+    if acc.is_main_process:
+        save_final(cfg, m, opt, len(plan), out, last, say)
+    acc.wait_for_everyone()
     return result
 
 
@@ -138,29 +147,35 @@ def advantages(cfg: RLOOConfig, algo: str, ro: Rollout, beta: float) -> Advantag
 
 
 def update(
-    m: Models, cfg: RLOOConfig, algo: str, ro: Rollout, adv: Advantages, opt: Optimization, it: int
+    m: Models, cfg: RLOOConfig, algo: str, ro: Rollout, adv: Advantages, opt: Optimization, it: int, share: Share
 ) -> dict[str, float]:
-    """``ppo_epochs`` passes over seeded minibatches: per minibatch the loss of its micro-batches
-    (weighted by their share of its sequences: both losses are means over sequences), one gradient
-    clip, one AdamW step. Returns the per-step means."""
-    mask = ro.batch.response_mask
-    N = mask.shape[0]
+    """``ppo_epochs`` passes over seeded minibatches of the global batch: per minibatch the loss of its
+    micro-batches (weighted by their share of its sequences: both losses are means over sequences),
+    one gradient clip, one AdamW step. Returns the per-step means.
+
+    ``ro`` is this process's rows, ``adv`` the global batch's (``share``: where ``ro``'s rows are in
+    it). Each process runs the micro-batches of its rows of each minibatch; the gradients are then
+    summed over the processes, so N processes take the step one process would (PPO's ``update``)."""
+    N, n_local = share.mask.shape[0], len(ro.texts)
+    local_adv = adv.advantages[share.offset : share.offset + n_local]  # (n_local, R) this process's rows
     mb_size = math.ceil(N / cfg.num_minibatches)
     stats: dict[str, list[float]] = {}
     for epoch in range(cfg.ppo_epochs):
-        perm = torch.randperm(N, generator=_seeded(cfg.seed, it, epoch, 11), device="cpu").to(mask.device)
+        perm = torch.randperm(N, generator=_seeded(cfg.seed, it, epoch, 11), device="cpu").to(share.mask.device)
         for mb_start in range(0, N, mb_size):
             mb = perm[mb_start : mb_start + mb_size]
-            size = math.ceil(len(mb) / max(1, min(cfg.grad_accum, len(mb))))
-            for rows in length_chunks(ro.batch, mb, size):
+            mine = share.mine(mb, n_local)  # this process's rows of the minibatch, local indices
+            size = math.ceil(len(mine) / max(1, min(cfg.grad_accum, len(mine))))
+            micro_batches = length_chunks(ro.batch, mine, size) if len(mine) else []  # rows of similar length
+            for rows in micro_batches:
                 b = ro.batch.rows(rows)
                 cols = b.response.shape[1]
                 with m.autocast():
                     _, logits = policy_forward(m.policy, b)  # (b, r, V)
                     logprobs = logprobs_from_logits(logits, b.response, cfg.temperature)
                 old = ro.fw["logprobs"][rows, :cols]
-                seq_adv = adv.advantages[rows, 0]  # every response has >= 1 token (compute_rewards checks)
-                weight = len(rows) / len(mb)
+                seq_adv = local_adv[rows, 0]  # every response has >= 1 token (compute_rewards checks)
+                weight = len(rows) / len(mb)  # the global minibatch's sequences
                 if algo == "rloo":
                     rl = rloo_loss(logprobs, old, seq_adv, b.response_mask, cfg.cliprange)
                     parts = {"policy_loss": rl.loss, "clipfrac": rl.clipfrac, "approx_kl": rl.approx_kl}
@@ -174,10 +189,13 @@ def update(
                 (weight * loss).backward()
                 for name, v in parts.items():
                     stats.setdefault(name, []).append(weight * v.item())
+            if share.several:
+                sum_gradients(opt.trainable)
             grad_norm = clip_and_step(opt.optimizer, opt.trainable, cfg.max_grad_norm)
             opt.scheduler.step()
             opt.optimizer.zero_grad(set_to_none=True)
-            if grad_norm is not None:
+            if grad_norm is not None and share.main:
                 stats.setdefault("grad_norm", []).append(float(grad_norm))
     n_steps = cfg.ppo_epochs * math.ceil(N / mb_size)
-    return {n: sum(v) / (n_steps if n != "grad_norm" else len(v)) for n, v in stats.items() if v}
+    sums = sum_stats(share, stats, ["policy_loss", "kl_loss", "clipfrac", "approx_kl", "loss", "grad_norm"])
+    return {n: s / (n_steps if n != "grad_norm" else c) for n, (s, c) in sums.items()}

@@ -1,0 +1,130 @@
+"""A2C, RLOO and GRPO on several processes: ``torchrun --nproc_per_node 2`` (gloo on CPU) takes the
+steps one process takes, as tests/test_ppo_processes.py checks for PPO.
+
+What is compared: the per-iteration metrics (losses, KL, scores, β, gradient norm) and the final
+policy (and A2C's critic) weights of a 1-process and a 2-process run with the same global batch and
+seed, within 1e-5 (fp32). RLOO and GRPO run 2 epochs of 2 minibatches, so a minibatch holds rows of
+both processes in some steps and of one in others; their group baselines need each prompt's k
+samples on one process (the prompts are shared, not the rows).
+
+Sampling is stubbed as in tests/test_ppo_processes.py: the recipe's ``generate`` is replaced by a
+stub whose samples are a pure function of (seed, iteration, query, sample index); everything after
+generation is the real code.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from rlhfkit.recipes.common import read_metrics
+
+WORKER = r"""
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+torch.set_num_threads(1)
+import rlhfkit.recipes.ppo as ppo
+from rlhfkit.config import A2CConfig, GRPOConfig, RLOOConfig
+from rlhfkit.rollout import Completion
+
+out, model, expect, algo = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+if algo == "a2c":
+    import rlhfkit.recipes.a2c as recipe
+else:
+    import rlhfkit.recipes.critic_free as recipe
+make = recipe.make_accelerator
+
+
+def checked(cfg):  # inside each worker: there really are `expect` processes, and this is one of them
+    acc = make(cfg)
+    assert acc.num_processes == expect == int(os.environ.get("WORLD_SIZE", "1")), acc.num_processes
+    Path(f"{out}.rank{acc.process_index}").write_text(str(acc.num_processes))
+    return acc
+
+
+def stub_generate(m, cfg, queries, it):  # the samples of a query do not depend on who samples it
+    eos = min(m.generator.eos_ids)
+    comps = []
+    for i, q in enumerate(queries):
+        for j in range(cfg.samples_per_prompt):
+            g = torch.Generator().manual_seed(ppo._seed(cfg.seed, it, j, *q))
+            n = 1 + int(torch.randint(cfg.max_new_tokens - 1, (1,), generator=g))
+            toks = torch.randint(100, 2000, (n,), generator=g).tolist()
+            if int(torch.randint(2, (1,), generator=g)):
+                toks.append(eos)
+            comps.append(Completion(i, j, q, toks, [0.0] * len(toks), "", "stop" if toks[-1] == eos else "length"))
+    return comps
+
+
+recipe.make_accelerator = checked
+recipe.generate = stub_generate
+common = dict(
+    model=model, out=out, batch_size=4, samples_per_prompt=2, max_new_tokens=6, temperature=1.0, lr=3e-4,
+    precision="fp32", limit=16, max_steps=2, missing_eos_penalty=-1.0, grad_accum=2, warmup_steps=0,
+)
+reward_fn = lambda p, r, f: [len(x) / 10 for x in r]
+if algo == "a2c":
+    cfg = A2CConfig(**common, critic_model=model, kl_coef=0.1, entropy_coef=0.01)
+    recipe.train_a2c(cfg, reward_fn=reward_fn, say=lambda *a: None)
+else:
+    cls, train = (RLOOConfig, recipe.train_rloo) if algo == "rloo" else (GRPOConfig, recipe.train_grpo)
+    cfg = cls(**common, ppo_epochs=2, num_minibatches=2)
+    train(cfg, reward_fn=reward_fn, say=lambda *a: None)
+"""
+
+KEYS = ["score", "score_raw", "kl", "kl_k3", "entropy", "reward", "beta", "response_length", "no_eos_fraction"]
+KEYS += ["lr", "policy_loss", "grad_norm"]
+ALGO_KEYS = {
+    "a2c": ["pg_loss", "value_loss", "explained_variance", "value_mean", "return_mean"],
+    "rloo": ["clipfrac", "approx_kl"],
+    "grpo": ["kl_loss", "loss", "clipfrac", "approx_kl"],
+}
+
+
+def _weights(path: Path) -> dict:
+    from safetensors.torch import load_file
+
+    weights = load_file(str(path / "model" / "model.safetensors"))
+    if (path / "critic").exists():
+        weights |= {f"critic.{k}": v for k, v in load_file(str(path / "critic" / "model.safetensors")).items()}
+    return weights
+
+
+@pytest.mark.parametrize("algo", ["a2c", "rloo", "grpo"])
+def test_two_processes_equal_one_process(algo, tiny_path, tmp_path):
+    """2 processes x half the prompts == 1 process x all of them: the same metrics and weights."""
+    (tmp_path / "worker.py").write_text(WORKER)
+    root = str(Path(__file__).resolve().parents[1])  # the worker script lives in tmp_path: import this checkout
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]),
+    }
+    torchrun = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node", "2"]
+
+    def run(launcher: list[str], name: str, n: int) -> subprocess.CompletedProcess:
+        args = [*launcher, str(tmp_path / "worker.py"), str(tmp_path / name), tiny_path, str(n), algo]
+        return subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
+
+    one = run([sys.executable], "one", 1)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = run(torchrun, "two", 2)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert sorted(p.name for p in tmp_path.glob("two.rank*")) == ["two.rank0", "two.rank1"]
+    rows = [read_metrics(tmp_path / r) for r in ("one", "two")]
+    assert len(rows[0]) == len(rows[1]) == 2
+    for key in KEYS + ALGO_KEYS[algo]:
+        a, b = [r[key] for r in rows[0]], [r[key] for r in rows[1]]
+        assert max(abs(x - y) for x, y in zip(a, b)) < 1e-5, (key, a, b)
+    assert all(r["grad_norm"] > 0 for r in rows[0])  # the runs did something
+    w_one, w_two = _weights(tmp_path / "one"), _weights(tmp_path / "two")
+    assert w_one.keys() == w_two.keys() and any(k.startswith("critic.") for k in w_one) == (algo == "a2c")
+    assert max((w_one[k] - w_two[k]).abs().max().item() for k in w_one) < 1e-5
