@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from helpers import newline_reward
+from helpers import MACHINE_METRICS, Crash, newline_reward
 
 from rlhfkit.algos.a2c import a2c_policy_loss
 from rlhfkit.algos.ppo import ppo_policy_loss, ppo_value_loss
@@ -165,6 +165,41 @@ def test_smoke_reward_rises(sharp_path, tmp_path):
     before, after = load_file(f"{sharp_path}/model.safetensors"), load_file(out / "model" / "model.safetensors")
     assert any(not torch.equal(before[n], after[n]) for n in before if n in after)
     assert (out / "critic").exists()
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_resume_is_exact(sharp_path, tiny_path, tmp_path, monkeypatch):
+    """2 iterations + crash + resume for 2 more == 4 straight (fp32, adaptive β, all metrics, policy and critic)."""
+    from safetensors.torch import load_file
+
+    import rlhfkit.recipes.ppo as ppo
+    from rlhfkit.recipes.a2c import train_a2c
+
+    real = ppo.save_checkpoint
+
+    def checkpoint_then_crash(out, step, *args, **kwargs):
+        real(out, step, *args, **kwargs)
+        if step == 2:
+            raise Crash(step)
+
+    kw = dict(max_steps=4, save_every=1, adaptive_kl=True, target_kl=0.5, kl_horizon=20, lr=1e-3, entropy_coef=0.01)
+    straight, crashed = tmp_path / "straight", tmp_path / "crashed"
+    train_a2c(A2CConfig(**small(sharp_path, tiny_path, straight, **kw)), newline_reward, say=lambda *a: None)
+    with monkeypatch.context() as patch, pytest.raises(Crash):
+        patch.setattr(ppo, "save_checkpoint", checkpoint_then_crash)  # dies right after step 2's checkpoint
+        train_a2c(A2CConfig(**small(sharp_path, tiny_path, crashed, **kw)), newline_reward, say=lambda *a: None)
+    cfg = A2CConfig(**small(sharp_path, tiny_path, crashed, resume=True, **kw))
+    train_a2c(cfg, newline_reward, say=lambda *a: None)
+    a, b = read_metrics(straight), read_metrics(crashed)
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3, 4]
+    assert len({r["beta"] for r in a}) > 1  # the adaptive controller moved (so its state was restored)
+    for ra, rb in zip(a, b):
+        for k in ra:
+            if k not in MACHINE_METRICS and ra[k] is not None:
+                assert rb[k] == pytest.approx(ra[k], abs=1e-6), (ra["step"], k)
+    for name in ("model", "critic"):
+        wa, wb = (load_file(d / name / "model.safetensors") for d in (straight, crashed))
+        assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa), name
 
 
 def test_cli_run(tiny_path, tmp_path):
