@@ -9,15 +9,16 @@ default device and the policy's device are the same, so a plain run cannot see i
 How the test sees it anyway: ``ElsewhereByDefault`` is a ``TorchFunctionMode`` that makes the
 default device *differ* from the policy's, for PPO's own code only. Every tensor factory
 (``torch.tensor``, ``zeros``, ``full``, ``arange``, ``randperm`` …) called from
-``rlhfkit/recipes/ppo.py``, ``ppo_models.py``, ``ppo_processes.py`` or ``rlhfkit/algos/ppo.py`` without
-an explicit ``device=`` is redirected to the ``meta`` device — what a CUDA run does to it (it lands
-on the CPU, away from the model) — and its call site is recorded. A meta tensor mixed with the
-model's CPU tensors fails like a CPU tensor mixed with CUDA ones (stricter: ``.tolist()`` and
-``.item()`` of it fail too), and any redirect that happens not to crash is still reported by the
-assertion on the recorded call sites. Tensors derived from others (``x + y``, ``zeros_like``,
-indexing) follow their inputs, so a factory with ``device=`` at the one boundary where rollout
-data enters (``cut_responses``) keeps the whole iteration on the policy's device. Library code PPO
-calls (transformers, the rollout engine) is not redirected: only PPO's own files are under test.
+``rlhfkit/recipes/ppo.py``, ``ppo_models.py``, ``ppo_processes.py``, ``pretrain.py`` (PPO-ptx) or
+``rlhfkit/algos/ppo.py`` without an explicit ``device=`` is redirected to the ``meta`` device —
+what a CUDA run does to it (it lands on the CPU, away from the model) — and its call site is
+recorded. A meta tensor mixed with the model's CPU tensors fails like a CPU tensor mixed with CUDA
+ones (stricter: ``.tolist()`` and ``.item()`` of it fail too), and any redirect that happens not to
+crash is still reported by the assertion on the recorded call sites. Tensors derived from others
+(``x + y``, ``zeros_like``, indexing) follow their inputs, so a factory with ``device=`` at the one
+boundary where rollout data enters (``cut_responses``) keeps the whole iteration on the policy's
+device. Library code PPO calls (transformers, the rollout engine) is not redirected: only PPO's own
+files are under test.
 """
 
 from __future__ import annotations
@@ -34,10 +35,11 @@ import rlhfkit.algos.ppo as algos_ppo
 import rlhfkit.recipes.ppo as recipe_ppo
 import rlhfkit.recipes.ppo_models as ppo_models
 import rlhfkit.recipes.ppo_processes as ppo_processes
+import rlhfkit.recipes.pretrain as pretrain
 from rlhfkit.config import PPOConfig
 from rlhfkit.recipes.common import read_metrics
 
-PPO_FILES = {str(Path(mod.__file__).resolve()) for mod in (algos_ppo, recipe_ppo, ppo_models, ppo_processes)}
+PPO_FILES = {str(Path(mod.__file__).resolve()) for mod in (algos_ppo, recipe_ppo, ppo_models, ppo_processes, pretrain)}
 TORCH_DIR = str(Path(torch.__file__).resolve().parent)
 FACTORIES = {
     torch.tensor,

@@ -32,9 +32,10 @@ Each iteration, numbered as in the algorithm:
 
 ``train_ppo`` reads top to bottom; each phase is a function of its own below it, in this order.
 The models, their loading and no-grad forwards (batch layout, critic, log-probs, scores) live in
-``ppo_models.py``; the rollout and its sharing between processes in ``ppo_processes.py``; the math
-(GAE, KL, clipped losses) in ``rlhfkit/algos/ppo.py``. The log-probs divide the logits by the
-sampling temperature [N-details, "scale the logits by the sampling temperature"].
+``ppo_models.py``; the rollout and its sharing between processes in ``ppo_processes.py``; PPO-ptx's
+corpus and loss in ``pretrain.py``; the math (GAE, KL, clipped losses) in ``rlhfkit/algos/ppo.py``.
+The log-probs divide the logits by the sampling temperature [N-details, "scale the logits by the
+sampling temperature"].
 """
 
 from __future__ import annotations
@@ -73,7 +74,6 @@ from rlhfkit.config import PPOConfig
 from rlhfkit.data.records import Prompt
 from rlhfkit.data.tokenize import encode_prompt
 from rlhfkit.errors import UserError
-from rlhfkit.models.layout import scored_forward
 from rlhfkit.models.loading import resolve_precision
 from rlhfkit.models.lora import unwrap
 from rlhfkit.recipes.common import (
@@ -102,6 +102,7 @@ from rlhfkit.recipes.ppo_models import (
     rollout_forwards,
 )
 from rlhfkit.recipes.ppo_processes import Rollout, Share, global_rollout, sum_gradients, sum_stats
+from rlhfkit.recipes.pretrain import load_ptx, ptx_chunks, ptx_loss
 from rlhfkit.rollout import Completion, SamplingParams
 
 RSS_SLACK = 1.25  # hand freed memory back to the OS when the resident size grew by this factor
@@ -130,40 +131,6 @@ def load_prompts(cfg: PPOConfig, say=print) -> list[Prompt]:
         say(got.summary())
         prompts = got.records
     return prompts[: cfg.limit] if cfg.limit else prompts
-
-
-def load_ptx(cfg: PPOConfig) -> list[str] | None:
-    """PPO-ptx corpus documents (None when PPO-ptx is off)."""
-    from rlhfkit.data.loaders import load_records
-
-    if not (cfg.ptx_data and cfg.ptx_coef > 0):
-        return None
-    return load_records(cfg.ptx_data, "text", fields=cfg.fields or None).records
-
-
-def ptx_chunks(cfg: PPOConfig, docs: list[str], tok) -> list[list[int]]:
-    """PPO-ptx corpus chunks (token ids), cut like ``rlhfkit pretrain`` does."""
-    from rlhfkit.recipes.pretrain import chunk_corpus
-
-    chunks = [e.input_ids for e in chunk_corpus(tok, docs, cfg.ptx_length)]
-    if not chunks:
-        raise UserError(f"ptx_data={cfg.ptx_data}: no chunk of >= 2 tokens")
-    return chunks
-
-
-def ptx_loss(policy, chunks: list[list[int]], pad_id: int) -> torch.Tensor:
-    """Mean next-token NLL over the tokens of ``chunks`` (InstructGPT's PPO-ptx term), the
-    batch made on the policy's device."""
-    device = next(policy.parameters()).device
-    T = max(len(c) for c in chunks)
-    ids = torch.tensor([c + [pad_id] * (T - len(c)) for c in chunks], dtype=torch.long, device=device)
-    mask = torch.tensor([[1] * len(c) + [0] * (T - len(c)) for c in chunks], dtype=torch.long, device=device)
-    # (B, T-1): position t predicts token t + 1
-    positions = torch.arange(T - 1, device=device).expand(len(chunks), -1)
-    _, logits = scored_forward(policy, ids, mask, positions)  # (B, T-1, V), the model's own logits
-    target_mask = mask[:, 1:].bool()
-    nll = torch.nn.functional.cross_entropy(logits.float()[target_mask], ids[:, 1:][target_mask])
-    return nll
 
 
 def _seed(*parts: int) -> int:
