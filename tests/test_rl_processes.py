@@ -128,3 +128,14 @@ def test_two_processes_equal_one_process(algo, tiny_path, tmp_path):
     w_one, w_two = _weights(tmp_path / "one"), _weights(tmp_path / "two")
     assert w_one.keys() == w_two.keys() and any(k.startswith("critic.") for k in w_one) == (algo == "a2c")
     assert max((w_one[k] - w_two[k]).abs().max().item() for k in w_one) < 1e-5
+
+
+def test_a_batch_that_leaves_a_process_without_prompts_is_refused():
+    from rlhfkit.errors import UserError
+    from rlhfkit.recipes.ppo_processes import check_sharing
+
+    for batch_size, n_proc in [(4, 4), (3, 2), (7, 3)]:
+        check_sharing(batch_size, n_proc)  # shares 1+1+1+1, 2+1, 3+3+1
+    for batch_size, n_proc in [(5, 4), (1, 2)]:  # 2+2+1+0, 1+0
+        with pytest.raises(UserError, match=f"batch_size={batch_size} prompts cannot be shared by {n_proc}"):
+            check_sharing(batch_size, n_proc)

@@ -42,7 +42,7 @@ from rlhfkit.recipes.ppo import (
     timed,
     update,
 )
-from rlhfkit.recipes.ppo_processes import global_rollout
+from rlhfkit.recipes.ppo_processes import check_sharing, global_rollout
 
 
 def train_a2c(
@@ -63,8 +63,7 @@ def train_a2c(
     m = load_models(cfg, acc.device, precision, reward_fn, say)  # 1. policy, reference, critic, RM
     queries = encode_queries(cfg, prompts, m.tok, say)
     plan = batch_plan(len(prompts), cfg)
-    if len(plan[0]) < n_proc:
-        raise UserError(f"batch_size={len(plan[0])} prompts cannot be shared by {n_proc} processes")
+    check_sharing(len(plan[0]), n_proc)  # every process gets prompts
     k = cfg.samples_per_prompt
     say(
         f"A2C: {len(plan)} iterations x {min(cfg.batch_size, len(prompts))} prompts x {k} samples, "

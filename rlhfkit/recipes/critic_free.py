@@ -54,7 +54,7 @@ from rlhfkit.recipes.ppo import (
     timed,
 )
 from rlhfkit.recipes.ppo_models import length_chunks, policy_forward
-from rlhfkit.recipes.ppo_processes import Share, global_rollout, sum_gradients, sum_stats
+from rlhfkit.recipes.ppo_processes import Share, check_sharing, global_rollout, sum_gradients, sum_stats
 
 
 def train_rloo(
@@ -91,8 +91,7 @@ def train_critic_free(
     m = load_models(cfg, acc.device, precision, reward_fn, say)  # 1. policy, reference, RM; no critic
     queries = encode_queries(cfg, prompts, m.tok, say)
     plan = batch_plan(len(prompts), cfg)
-    if len(plan[0]) < n_proc:
-        raise UserError(f"batch_size={len(plan[0])} prompts cannot be shared by {n_proc} processes")
+    check_sharing(len(plan[0]), n_proc)  # every process gets prompts
     k = cfg.samples_per_prompt
     say(
         f"{algo.upper()}: {len(plan)} iterations x {min(cfg.batch_size, len(prompts))} prompts x {k} samples, "

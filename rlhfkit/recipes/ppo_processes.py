@@ -14,6 +14,7 @@ logged losses. One process: every function here is the identity or a plain sum.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +22,7 @@ import torch
 from torch import nn
 
 from rlhfkit.data.records import Prompt
+from rlhfkit.errors import UserError
 from rlhfkit.recipes.ppo_models import Batch
 
 
@@ -58,6 +60,17 @@ class Share:
     def mine(self, rows: torch.Tensor, n_local: int) -> torch.Tensor:
         """This process's rows among the global ``rows``, as indices into its own batch."""
         return rows[(rows >= self.offset) & (rows < self.offset + n_local)] - self.offset
+
+
+def check_sharing(batch_size: int, n_proc: int) -> None:
+    """Refuse a batch of prompts that leaves a process without one: each process takes a contiguous
+    share of ⌈B/n⌉ prompts (``recipes.common.shard``), so 5 prompts on 4 processes leave the last none."""
+    per = math.ceil(batch_size / n_proc)
+    if (n_proc - 1) * per >= batch_size:
+        raise UserError(
+            f"batch_size={batch_size} prompts cannot be shared by {n_proc} processes (shares of {per} leave the "
+            f"last one none): use a multiple of {n_proc}"
+        )
 
 
 def gather_rows(acc, t: torch.Tensor) -> torch.Tensor:
