@@ -2,7 +2,7 @@
 
 What is compared: the per-iteration metrics (losses, KL, scores, β, gradient norm, PPO-ptx loss)
 and the final policy and critic weights of a 1-process and a 2-process run with the same global
-batch and seed, within 1e-5 (fp32).
+batch and seed, within 1e-5 (fp32; relative for metrics above 1, such as an explained variance of -88).
 
 Sampling is the real engine's: each prompt has its own seed (run seed, iteration, its index in
 the data set) and each of its samples its own stream (``SamplingParams.seed``,
@@ -104,9 +104,9 @@ def test_ppo_two_processes_equal_one_process(tiny_path, tmp_path):
     keys += ["policy_loss", "value_loss", "clipfrac", "approx_kl", "ratio_mean", "grad_norm", "ptx_loss"]
     for key in keys:
         a, b = [r[key] for r in rows[0]], [r[key] for r in rows[1]]
-        assert max(abs(x - y) for x, y in zip(a, b)) < 1e-5, (key, a, b)
+        assert max(abs(x - y) / max(1.0, abs(x)) for x, y in zip(a, b)) < 1e-5, (key, a, b)  # relative above 1
     assert rows[0][0]["policy_loss"] != rows[0][1]["policy_loss"]  # the runs did something
-    assert len({r["score"] for r in rows[0]}) == 2  # real samples: their lengths differ between iterations
+    assert len({r["score_raw"] for r in rows[0]}) == 2  # real samples: their lengths differ between iterations
     w_one, w_two = _weights(tmp_path / "one"), _weights(tmp_path / "two")
     assert w_one.keys() == w_two.keys()
     assert max((w_one[k] - w_two[k]).abs().max().item() for k in w_one) < 1e-5
