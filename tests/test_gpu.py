@@ -114,7 +114,10 @@ def run_stage(stage: str, model: str, out: Path, precision: str, fixtures: Path,
     from rlhfkit.recipes.sft import train_sft
 
     quiet = lambda *a: None  # noqa: E731
+    # compile=auto compiles bf16 blocks on a CPU only: the dry run turns it off to take the GPU's path
     common = dict(model=model, out=str(out), precision=precision, warmup_steps=0)
+    if DRY_RUN:
+        common["compile"] = "off"
     pairs = str(fixtures / "hh_pairs.jsonl")
     if stage == "sft":
         cfg = SFTConfig(data=str(fixtures / "demos.jsonl"), batch_size=8, max_steps=2, lr=1e-3, max_length=128,
