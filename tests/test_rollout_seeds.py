@@ -1,5 +1,5 @@
 """Per-sample seeds: sample ``s`` of a request seeded ``seed`` draws from its own stream
-(``sampling.stream_key(seed, s)``), so a prompt's samples do not depend on the batch around it.
+(``sampling.stream_key(seed, s, prompt)``), so a prompt's samples do not depend on the batch around it.
 
 What is checked: the stream function against SplitMix64's published first output; a prompt's samples
 are the same alone, in a batch, in another order, with another batch size, and between the engine
@@ -31,6 +31,19 @@ def test_uniform_is_splitmix64():
     assert len(keys) == 2500
     us = torch.tensor([uniform(k, t) for k in list(keys)[:200] for t in range(20)])
     assert stats.kstest(us.numpy(), "uniform").pvalue > 1e-3
+
+
+def test_one_seed_shared_by_many_prompts_gives_each_prompt_its_own_streams(lively):
+    """A call's one SamplingParams(seed=3) for every prompt: the prompt's ids are part of the key, so
+    two prompts do not draw the same numbers; the same prompt twice with the same seed samples the same."""
+    a, b = [1, 2, 3], [1, 2, 4]
+    assert stream_key(3, 0, a) != stream_key(3, 0, b) and stream_key(3, 0, a) == stream_key(3, 0, tuple(a))
+    assert len({stream_key(3, j, p) for j in range(4) for p in (a, b, [])}) == 12
+    model, tok = lively.model, lively.tokenizer
+    prompts = _prompts(tok)
+    sp = SamplingParams(max_new_tokens=6, temperature=1.0, seed=3, ignore_eos=True)
+    outs = _tokens(Engine(model, tok, precision="fp32").generate([prompts[0], prompts[1], prompts[0]], sp, n=2))
+    assert outs[0, 0] == outs[2, 0] and outs[0, 1] == outs[2, 1] and outs[0, 0] != outs[0, 1]
 
 
 def _tokens(outs) -> dict:

