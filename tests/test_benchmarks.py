@@ -136,3 +136,35 @@ def test_every_script_answers_help(script):
     p = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert p.returncode == 0, p.stderr[-2000:]
     assert p.stdout.startswith("usage: ")
+
+
+def test_gpu_check_dry_run_writes_its_result_with_every_skip_explained(tmp_path):
+    """``bash benchmarks/gpu_check.sh --dry-run``: the GPU check's code paths on the CPU (the gpu
+    tier with RLHFKIT_GPU_DRY_RUN=1, PPO at TRL's settings and the rollout benchmark on the tiny
+    model) into a temp dir, never into benchmarks/results; what cannot run here is skipped with a
+    reason, in the result too."""
+    import os
+
+    env = {**os.environ, "PYTHON": sys.executable, "GPU_CHECK_OUT": str(tmp_path)}
+    p = subprocess.run(
+        ["bash", "benchmarks/gpu_check.sh", "--dry-run"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-3000:]
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["gpu_check.json", "gpu_check.md"]
+    assert not (BENCH / "results" / "gpu_check.json").exists()
+    r = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert r["device"] == {"device": "cpu", "dry_run": True} and r["provenance"]["git"]["commit"]
+    tier = r["tier"]
+    assert tier["rc"] == 0 and not tier["failed"] and len(tier["passed"]) >= 7, tier
+    stages = ("sft", "rm", "dpo", "ppo", "rloo", "grpo")  # tests/test_gpu.py's
+    assert {t["test"] for t in tier["passed"]} >= {f"test_stage_runs_on_the_gpu[{s}-fp32]" for s in stages}
+    assert all(s["reason"] for s in tier["skipped"])
+    ours = r["ppo"]["ours"]
+    assert ours["iterations"] == 2 and ours["median_step_s"] > 0 and ours["backend"] == "engine"
+    assert r["ppo"]["trl"]["skipped"].startswith("TRL: ")
+    rollout = r["rollout"]["backends"]
+    assert rollout["engine"]["tok_s"] > 0 and rollout["hf"]["tok_s"] > 0
+    assert "vllm" in rollout or r["rollout"]["vllm"]["skipped"].startswith("vLLM: ")
+    md = (tmp_path / "gpu_check.md").read_text()
+    assert md.startswith("# GPU check (dry run: CPU, tiny model)") and provenance.describe(r["provenance"]) in md
+    assert "gpu tier: " in md and "## PPO at TRL's settings" in md and "| engine |" in md

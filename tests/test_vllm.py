@@ -144,6 +144,24 @@ def test_seed_repeats_samples_and_leaves_the_callers_rng_alone(smol):
     assert a != b
 
 
+def test_seeded_samples_do_not_depend_on_the_batch(smol):
+    """Per-sample seeds (vLLM's per-request seed = stream_key(seed, s, prompt) >> 1): a prompt's samples are
+    the same alone, with other prompts and in reverse order; its samples differ from each other."""
+    gen, model, tok, prompts = smol
+
+    def sample(ps, seeds):
+        params = [SamplingParams(max_new_tokens=8, temperature=1.0, seed=s) for s in seeds]
+        return {(c.prompt_index, c.sample_index): c.token_ids for c in gen.generate(ps, params, n=3)}
+
+    alone = sample(prompts[:1], [5])
+    together = sample(prompts, [5, 6, 7])
+    reverse = sample(prompts[::-1], [7, 6, 5])
+    assert [alone[0, j] for j in range(3)] == [together[0, j] for j in range(3)] == [reverse[2, j] for j in range(3)]
+    assert len({tuple(alone[0, j]) for j in range(3)}) == 3
+    other = sample(prompts[:1], [50])  # another seed: other samples
+    assert all(other[0, j] != alone[0, j] for j in range(3))
+
+
 def test_push_weights_changes_the_next_answer_tied_lm_head_included(smol):
     gen, model, tok, prompts = smol
     before = greedy(gen, prompts)

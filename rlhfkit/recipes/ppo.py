@@ -223,7 +223,7 @@ def train_ppo(
         batch_queries = [queries[i] for i in idx for _ in range(cfg.samples_per_prompt)]
         times = {"time_push": m.generator.push_weights(m.policy)}  # the policy's weights to the generator
         with timed(times, "time_generate"):  # 2. generate on the live weights
-            completions = generate(m, cfg, [queries[i] for i in idx], it)
+            completions = generate(m, cfg, [queries[i] for i in idx], it, idx)
         with timed(times, "time_score"):  # 3. cut after the first EOS, then score
             ro = score(m, cfg, batch_prompts, batch_queries, completions, reward_fn)
         with timed(times, "time_forward"):  # 4. log-probs (policy, reference) and values, no grad
@@ -297,17 +297,26 @@ def timed(times: dict[str, float], name: str) -> Iterator[None]:
     times[name] = times.get(name, 0.0) + time.perf_counter() - t0
 
 
-def generate(m: Models, cfg: PPOConfig, queries: list[list[int]], it: int) -> list[Completion]:
+def generate(
+    m: Models, cfg: PPOConfig, queries: list[list[int]], it: int, keys: list[int] | None = None
+) -> list[Completion]:
     """``samples_per_prompt`` responses to each query from the live policy weights, with the rollout
-    generator (rollout_backend); seeded per iteration, so a resumed run samples the same."""
-    params = SamplingParams(
-        max_new_tokens=cfg.max_new_tokens,
-        temperature=cfg.temperature,
-        top_k=0,
-        top_p=1.0,
-        ignore_eos=cfg.ignore_eos,
-        seed=_seed(cfg.seed, it, 7),
-    )
+    generator (rollout_backend). Each prompt has its own seed, from (run seed, iteration, its key:
+    its index in the data set, ``keys``; default its position), and each of its samples its own
+    stream of it (``SamplingParams.seed``): a resumed run samples the same, and a prompt samples
+    the same whichever process generates it, next to whichever others."""
+    keys = range(len(queries)) if keys is None else keys
+    params = [
+        SamplingParams(
+            max_new_tokens=cfg.max_new_tokens,
+            temperature=cfg.temperature,
+            top_k=0,
+            top_p=1.0,
+            ignore_eos=cfg.ignore_eos,
+            seed=_seed(cfg.seed, it, 7, k),
+        )
+        for k in keys
+    ]
     with torch.no_grad():
         return m.generator.generate(queries, params, n=cfg.samples_per_prompt)
 
