@@ -15,6 +15,7 @@ import random
 import shutil
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -106,6 +107,8 @@ def _check_engine(acc, cfg: TrainConfig) -> None:
             "DeepSpeed runs only on CUDA GPUs here (accelerate does not start it on CPUs): "
             "on CPUs use examples/accelerate/fsdp2.yaml or ddp.yaml"
         )
+    if engine(acc) == "deepspeed" and (cfg.save_every or cfg.resume):
+        raise UserError("checkpoints (save_every, resume) under DeepSpeed are not supported: use FSDP2 or DDP")
     if sharded(acc) and isinstance(cfg, PPOConfig):  # and RLOO, GRPO: they generate from the live weights
         stage = type(cfg).__name__.removesuffix("Config").lower()
         raise UserError(
@@ -169,10 +172,35 @@ def optimizer_step(acc, model, optimizer, max_norm: float):
 
 
 def prepare_models(acc, cfg: TrainConfig, model, optimizer):
-    """``acc.prepare(model, optimizer)``; under DeepSpeed its engine clips with ``cfg.max_grad_norm``."""
+    """``acc.prepare(model, optimizer)``. DeepSpeed (untested here: GPUs only): its engine clips with
+    ``cfg.max_grad_norm``; it accumulates our micro-batches itself (``micro_batch``), so its own
+    accumulation count is 1; its micro-batch size only labels its logs (we pass no dataloader)."""
     if engine(acc) == "deepspeed":
-        acc.state.deepspeed_plugin.deepspeed_config["gradient_clipping"] = cfg.max_grad_norm
+        ds = acc.state.deepspeed_plugin.deepspeed_config
+        ds["gradient_clipping"] = cfg.max_grad_norm
+        ds["gradient_accumulation_steps"] = 1
+        ds["train_micro_batch_size_per_gpu"] = max(1, cfg.batch_size // acc.num_processes // max(1, cfg.grad_accum))
+        ds.pop("train_batch_size", None)  # DeepSpeed derives it
     return acc.prepare(model, optimizer)
+
+
+@contextmanager
+def micro_batch(acc, model, last: bool):
+    """Around the forward and backward of one micro-batch: gradients are synchronised (all-reduced,
+    reduce-scattered) after the ``last`` one of an optimizer step only. DDP and FSDP: ``no_sync``
+    before it. DeepSpeed: its engine takes the optimizer step in ``acc.backward`` at the accumulation
+    boundary, which accelerate's ``sync_gradients`` marks (ZeRO-2/3 have no ``no_sync``)."""
+    if engine(acc) == "deepspeed":
+        acc.gradient_state._set_sync_gradients(last)
+        try:
+            yield
+        finally:
+            acc.gradient_state._set_sync_gradients(True)
+    elif last:
+        yield
+    else:
+        with acc.no_sync(model):
+            yield
 
 
 def full_state_dict(acc, model, prefix: str = "") -> dict[str, torch.Tensor] | None:

@@ -38,6 +38,7 @@ from rlhfkit.recipes.common import (
     lockstep,
     make_accelerator,
     make_optimizer,
+    micro_batch,
     optimizer_step,
     periodic_checkpoint,
     prepare_models,
@@ -170,7 +171,7 @@ def train_dpo(cfg: DPOConfig, say=print) -> dict:
         # 4. train step
         micro = shard(list(range(len(pairs))), rank, n_proc, cfg.grad_accum)
         for j, mb in enumerate(micro):
-            with nullcontext() if j == len(micro) - 1 else acc.no_sync(model):
+            with micro_batch(acc, model, last=j == len(micro) - 1):
                 loss_sum, metric_sums = pair_sums([pairs[i] for i in mb])
                 acc.backward(loss_sum / total_weight * n_proc)  # DDP/FSDP average over processes, hence × n_proc
             sums += metric_sums

@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import time
-from contextlib import nullcontext
 
 import torch
 
@@ -36,6 +35,7 @@ from rlhfkit.recipes.common import (
     lockstep,
     make_accelerator,
     make_optimizer,
+    micro_batch,
     optimizer_step,
     periodic_checkpoint,
     prepare_models,
@@ -216,8 +216,7 @@ def train_reward_model(cfg: RewardConfig, say=print) -> dict:
         micro = shard(batch, rank, n_proc, cfg.grad_accum)
         # 4. train step: all K responses of each prompt in one forward
         for j, mb in enumerate(micro):
-            sync = nullcontext() if j == len(micro) - 1 else acc.no_sync(rm)
-            with sync:
+            with micro_batch(acc, rm, last=j == len(micro) - 1):
                 mine = [train[i] for i in mb]
                 scores, ranks, group = score_groups(rm, mine, pad_id, acc.device, cfg.share_prompt, together)
                 per_prompt, _ = ranking_loss(scores, ranks, group)

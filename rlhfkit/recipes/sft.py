@@ -15,7 +15,6 @@ over all response tokens of the global batch. ``run_lm_training`` is also the lo
 from __future__ import annotations
 
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -38,6 +37,7 @@ from rlhfkit.recipes.common import (
     lockstep,
     make_accelerator,
     make_optimizer,
+    micro_batch,
     optimizer_step,
     periodic_checkpoint,
     prepare_models,
@@ -167,8 +167,7 @@ def run_lm_training(
         loss_sum = torch.zeros((), device=acc.device)
         # 4. train step
         for j, mb in enumerate(micro):
-            sync = nullcontext() if j == len(micro) - 1 else acc.no_sync(model)
-            with sync:
+            with micro_batch(acc, model, last=j == len(micro) - 1):
                 nll = forward_nll([train[i] for i in mb])
                 acc.backward(nll / n_targets * n_proc)
             loss_sum += nll.detach()
