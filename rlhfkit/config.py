@@ -93,6 +93,11 @@ class TrainConfig:
     )
     epochs: float = opt(1.0, "Passes over the training data (fractional allowed).")
     max_steps: int = opt(0, "Stop after this many optimizer steps (0 = from epochs).")
+    max_seconds: float = opt(
+        0.0,
+        "Wall-clock budget of the stage in seconds from its start, loading included: training stops after the step "
+        "during which it ran out and saves the model as usual (0 = no limit); for comparing optimisers on one budget.",
+    )
     lr: float = opt(1e-5, "Peak learning rate (AdamW).")
     weight_decay: float = opt(0.0, "AdamW weight decay.")
     warmup_steps: int = opt(0, "Linear warm-up steps from 0 to `lr`.")
@@ -127,6 +132,8 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         check_literals(self)
+        if self.max_seconds < 0:
+            raise UserError(f"max_seconds={self.max_seconds}: expected >= 0 (0 = no time limit)")
 
 
 @dataclass

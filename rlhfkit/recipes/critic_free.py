@@ -29,7 +29,7 @@ from rlhfkit.algos.ppo import compute_rewards, logprobs_from_logits
 from rlhfkit.config import GRPOConfig, RLOOConfig
 from rlhfkit.errors import UserError
 from rlhfkit.models.loading import resolve_precision
-from rlhfkit.recipes.common import MetricsLog, batch_plan, make_accelerator, prepare_out, progress, world
+from rlhfkit.recipes.common import MetricsLog, TimeBudget, batch_plan, make_accelerator, prepare_out, progress, world
 from rlhfkit.recipes.ppo import (
     Advantages,
     Models,
@@ -73,6 +73,7 @@ def train_critic_free(
     """The loop of ``train_ppo`` with ``advantages`` and ``update`` below in place of GAE and the
     critic; returns the final metrics."""
     check_config(cfg, reward_fn)
+    budget = TimeBudget(cfg, None, say)  # cfg.max_seconds from here (one process)
     if cfg.score_baseline != "none":
         raise UserError(f"score_baseline={cfg.score_baseline}: {algo} has its own group baseline; keep 'none'")
     if cfg.ptx_coef > 0:
@@ -115,10 +116,12 @@ def train_critic_free(
         last = log_and_checkpoint(cfg, it + 1, len(plan), m, ro, adv, opt, stats | extra, times, log, out, acc)
         bar.update(1)
         bar.set_postfix(score=f"{last['score']:.3f}", kl=f"{last['kl']:.3f}")
+        if budget.spent(it + 1, len(plan)):
+            break
     bar.close()
     log.close()
-    result = {"step": len(plan), **last, "train_seconds": time.perf_counter() - t_run}
-    save_final(cfg, m, opt, len(plan), out, last, say)
+    result = {"step": len(plan), **last, "train_seconds": time.perf_counter() - t_run, **budget.result()}
+    save_final(cfg, m, opt, budget.steps(len(plan)), out, last, say)
     return result
 
 

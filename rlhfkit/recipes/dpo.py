@@ -30,6 +30,7 @@ from rlhfkit.models.loading import load_causal_lm
 from rlhfkit.models.lora import unwrap
 from rlhfkit.recipes.common import (
     MetricsLog,
+    TimeBudget,
     apply_lora,
     batch_plan,
     load_checkpoint,
@@ -72,6 +73,7 @@ def train_dpo(cfg: DPOConfig, say=print) -> dict:
     acc = make_accelerator(cfg)
     out, ckpt = prepare_out(cfg, acc)
     say = say if acc.is_main_process else (lambda *a, **k: None)
+    budget = TimeBudget(cfg, acc, say)  # cfg.max_seconds from here
     rank, n_proc = world(acc)
     if cfg.batch_size < n_proc:
         raise UserError(f"batch_size={cfg.batch_size} is smaller than the {n_proc} processes")
@@ -182,17 +184,19 @@ def train_dpo(cfg: DPOConfig, say=print) -> dict:
         bar.set_postfix(loss=f"{last['loss']:.4f}", acc=f"{last['rewards/accuracy']:.2f}")
         # 6. checkpoint
         periodic_checkpoint(acc, cfg, out, done, len(plan), acc.unwrap_model(model), optimizer, scheduler)
+        if budget.spent(done, len(plan)):
+            break
     bar.close()
     train_seconds = time.perf_counter() - t_train
 
     final = evaluate()
-    log.log(len(plan), **final)
+    log.log(budget.steps(len(plan)), **final)
     log.close()
-    result = {"step": len(plan), **last, **final, "train_seconds": train_seconds}
+    result = {"step": len(plan), **last, **final, "train_seconds": train_seconds, **budget.result()}
     result |= {f"{k}_before": v for k, v in before.items()}
     if acc.is_main_process:
         if cfg.save_every:
-            save_checkpoint(out, len(plan), acc.unwrap_model(model), optimizer, scheduler)
+            save_checkpoint(out, budget.steps(len(plan)), acc.unwrap_model(model), optimizer, scheduler)
         save_model_dir(unwrap(acc.unwrap_model(model), merge=True), tok, out / "model")
         got = f"; held-out accuracy {final['eval_rewards/accuracy']:.3f}" if final else ""
         say(f"saved {out / 'model'}{got}")
