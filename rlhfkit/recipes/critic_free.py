@@ -133,8 +133,8 @@ def advantages(cfg: RLOOConfig, algo: str, ro: Rollout, beta: float) -> Advantag
     rewards, kl = compute_rewards(ro.scores, ro.fw["logprobs"], ro.fw["ref_logprobs"], mask, beta)  # (N, R)
     if algo == "rloo":
         seq = rloo_advantages(rewards.sum(1), cfg.samples_per_prompt)  # (N,)
-        if cfg.whiten_advantages:  # TRL's normalize_advantages
-            seq = (seq - seq.mean()) / (seq.std() + 1e-8)
+        if cfg.whiten_advantages:  # TRL 1.16's normalize_advantages, its eps too (benchmarks/critic_free_trl_check.py)
+            seq = (seq - seq.mean()) / (seq.std() + 1e-4)
     else:
         seq = grpo_advantages(ro.scores, cfg.samples_per_prompt)  # (N,), KL in the loss instead
     return Advantages(beta, rewards, kl, seq.unsqueeze(1) * mask, torch.zeros_like(rewards))
