@@ -23,6 +23,7 @@ tests/test_critic_free.py runs it when ``TRL_VENV`` names that venv. It prints a
 
 from __future__ import annotations
 
+import argparse
 import inspect
 import sys
 from pathlib import Path
@@ -86,6 +87,7 @@ def run_lifted(code: str, env: dict) -> dict:
 
 
 def main() -> int:
+    argparse.ArgumentParser(description=__doc__.split("\n\n")[0]).parse_args()
     import torch
     import trl
     from trl.trainer.grpo_trainer import GRPOTrainer

@@ -447,7 +447,7 @@ def is_best_of_n(name: str) -> bool:
 
 
 def best_of_n_answers(
-    run: Run, sft_model: str, rm_dir: str, prompts: list[Prompt], n: int, say=print
+    cfg: PipelineConfig, sft_model: str, rm_dir: str, prompts: list[Prompt], n: int, say=print
 ) -> tuple[list[dict], dict]:
     """One answer per prompt: reward model ``rm_dir``'s best of ``n`` samples of ``sft_model`` (at the
     pipeline's ``temperature``, that of the answers the RM learned from: its candidates are the kind
@@ -457,7 +457,6 @@ def best_of_n_answers(
     from rlhfkit.algos.best_of_n import best_index
     from rlhfkit.evals.helpful import hf_reward_fn
 
-    cfg = run.cfg
     rows = sample_answers(sft_model, prompts, n, cfg, cfg.temperature, say)
     reward = hf_reward_fn(rm_dir)
     picked, all_scores = [], []
@@ -490,7 +489,7 @@ def best_of_n_phase(run: Run, r: int, sft_model: str) -> str:
     meta, answers = rdir / "bon" / "bon.json", run.out / "eval" / f"{BEST_OF_N}{r}.jsonl"
     if not (meta.exists() and answers.exists()):
         rm = str(rdir / "rm" / "model")
-        rows, stats = best_of_n_answers(run, sft_model, rm, run.held_out, cfg.best_of_n, run.say)
+        rows, stats = best_of_n_answers(cfg, sft_model, rm, run.held_out, cfg.best_of_n, run.say)
         answers.parent.mkdir(exist_ok=True)
         write_jsonl(answers, rows)
         meta.parent.mkdir(exist_ok=True)
