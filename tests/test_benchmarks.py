@@ -5,6 +5,7 @@ benchmarks/common.py, the committed results (each with its provenance, no HTML) 
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -168,3 +169,35 @@ def test_gpu_check_dry_run_writes_its_result_with_every_skip_explained(tmp_path)
     md = (tmp_path / "gpu_check.md").read_text()
     assert md.startswith("# GPU check (dry run: CPU, tiny model)") and provenance.describe(r["provenance"]) in md
     assert "gpu tier: " in md and "## PPO at TRL's settings" in md and "| engine |" in md
+
+
+def test_optimizers_quick_has_a_row_per_optimiser_with_sane_numbers(tmp_path):
+    """benchmarks/optimizers.py --quick: the pipeline (optimizer=none) on the tiny random model, then
+    every optimiser in this checkout from its SFT model and round-1 RM on a 2 s budget, judged."""
+    import os
+
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    p = subprocess.run(
+        [sys.executable, str(BENCH / "optimizers.py"), "--quick", "--out", str(tmp_path)],
+        capture_output=True, text=True, cwd=ROOT, timeout=900, env=env,
+    )  # fmt: skip
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    data = json.loads((tmp_path / "optimizers.json").read_text())
+    assert data["provenance"]["recorded"] == "at run time" and data["budget"] == 2.0
+    ran = {r["optimizer"] for r in data["rows"]}
+    assert ran == {"ppo", "rloo", "grpo", "dpo", "best_of_n"} - set(data["skipped"]), data["skipped"]
+    assert {"ppo", "rloo", "grpo", "dpo", "best_of_n"} <= ran  # what this checkout has
+    for r in data["rows"]:
+        lo, hi = r["vs_sft"]["ci95"]
+        assert 0 <= lo <= r["vs_sft"]["win_rate"] <= hi <= 1, r
+        assert sum(r["vs_sft"][k] for k in ("wins", "ties", "losses")) == data["held_out"] == 6
+        assert 0 <= r["judged"]["instruction_rate"] <= 1 and -2 <= r["judged"]["gold_mean"] <= 2
+        assert 0 <= r["repetition"] <= 1 and r["words"] >= 0 and r["seconds"] > 0
+        if r["optimizer"] == "best_of_n":
+            assert r["kl"] == pytest.approx(math.log(3) - 2 / 3)  # the bound at the quick N = 3
+        else:  # the 2 s budget ran out during the first step (loading alone takes longer)
+            assert r["steps"].startswith("1 of ") and abs(r["kl"]) < 5, r
+    md = (tmp_path / "optimizers.md").read_text()
+    for name in ran:
+        assert f"| {name} | 0 |" in md
+    assert "Provenance:" in md

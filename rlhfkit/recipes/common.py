@@ -631,6 +631,49 @@ def progress(total: int, initial: int, enabled: bool, desc: str) -> Iterator:
     return tqdm(total=total, initial=initial, disable=not enabled, desc=desc, dynamic_ncols=True)
 
 
+class TimeBudget:
+    """``cfg.max_seconds`` of wall-clock for a stage, counted from when it is made (the stage's start,
+    loading included): ``spent(done, total)`` after each step says whether to stop there. Why:
+    optimisers compared on one budget (benchmarks/optimizers.py) each get the same seconds, not the
+    same steps.
+
+    The step during which the budget ran out is finished, never cut; the stage then saves its model as
+    usual. With several processes the main one's clock decides for all (one collective per step), so
+    they stop at the same step. ``result()`` is what the stage adds to its result dict."""
+
+    def __init__(self, cfg: TrainConfig, acc=None, say=print) -> None:
+        self.seconds, self.acc, self.say = cfg.max_seconds, acc, say
+        self.t0 = time.perf_counter()
+        self.stopped_at: int | None = None
+        self.total = 0
+
+    def spent(self, done: int, total: int) -> bool:
+        """True (and one line said) when the budget ran out by the end of step ``done`` of ``total``."""
+        self.total = total
+        if not self.seconds or done >= total:
+            return False
+        over = time.perf_counter() - self.t0 >= self.seconds
+        if self.acc is not None and self.acc.num_processes > 1:
+            from accelerate.utils import broadcast
+
+            over = bool(broadcast(torch.tensor([float(over)], device=self.acc.device)).item())
+        if over:
+            self.stopped_at = done
+            self.say(f"stopped at the time budget after {done} of {total} steps (max_seconds={self.seconds:g})")
+        return over
+
+    def steps(self, total: int) -> int:
+        """The steps the stage did of its ``total``: where the budget stopped it, else all of them."""
+        return self.stopped_at or total
+
+    def result(self) -> dict:
+        """What the budget did, for the stage's result: {} when it did not stop it, else ``step`` (the
+        steps done), ``stopped_at_time_budget`` and ``planned_steps``."""
+        if self.stopped_at is None:
+            return {}
+        return {"step": self.stopped_at, "stopped_at_time_budget": True, "planned_steps": self.total}
+
+
 # ---------------------------------------------------------------- data
 
 

@@ -29,6 +29,7 @@ from rlhfkit.models.loading import load_causal_lm
 from rlhfkit.models.lora import unwrap
 from rlhfkit.recipes.common import (
     MetricsLog,
+    TimeBudget,
     apply_lora,
     batch_plan,
     check_batch,
@@ -77,6 +78,7 @@ def train_dpo(cfg: DPOConfig, say=print) -> dict:
     acc = make_accelerator(cfg)
     out, ckpt = prepare_out(cfg, acc)
     say = say if acc.is_main_process else (lambda *a, **k: None)
+    budget = TimeBudget(cfg, acc, say)  # cfg.max_seconds from here
     rank, n_proc = world(acc)
     if cfg.batch_size < n_proc:
         raise UserError(f"batch_size={cfg.batch_size} is smaller than the {n_proc} processes")
@@ -192,16 +194,18 @@ def train_dpo(cfg: DPOConfig, say=print) -> dict:
         bar.set_postfix(loss=f"{last['loss']:.4f}", acc=f"{last['rewards/accuracy']:.2f}")
         # 6. checkpoint
         periodic_checkpoint(acc, cfg, out, done, len(plan), acc.unwrap_model(model), optimizer, scheduler, model)
+        if budget.spent(done, len(plan)):
+            break
     bar.close()
     train_seconds = time.perf_counter() - t_train
 
     final = evaluate()
-    log.log(len(plan), **final)
+    log.log(budget.steps(len(plan)), **final)
     log.close()
-    result = {"step": len(plan), **last, **final, "train_seconds": train_seconds}
+    result = {"step": len(plan), **last, **final, "train_seconds": train_seconds, **budget.result()}
     result |= {f"{k}_before": v for k, v in before.items()}
     if cfg.save_every:
-        write_checkpoint(acc, out, len(plan), acc.unwrap_model(model), optimizer, scheduler, model)
+        write_checkpoint(acc, out, budget.steps(len(plan)), acc.unwrap_model(model), optimizer, scheduler, model)
     weights = full_state_dict(acc, model)  # FSDP: the whole weights, gathered; else None (the model's own)
     if acc.is_main_process:
         save_model_dir(unwrap(acc.unwrap_model(model), merge=True), tok, out / "model", weights)
