@@ -187,3 +187,189 @@ def test_config_checks():
     ]:
         with pytest.raises(UserError, match=match):
             ILQLConfig(**bad)
+
+
+# ---------------------------------------------------------------- heads, saving, generation
+
+
+def planted_heads(model, token: int, q: float = 50.0):
+    """Heads whose target Q is `q` on `token` and 0 elsewhere, V = 0 (the policy's Q̂ is the targets')."""
+    from rlhfkit.models.ilql import ILQLHeads
+    from rlhfkit.models.layout import hidden_size
+
+    heads = ILQLHeads(hidden_size(model), model.get_output_embeddings().weight.shape[0])
+    with torch.no_grad():
+        heads.target_q1.bias[token] = q
+        heads.target_q2.bias[token] = q + 1.0  # the min of the two is what counts
+    return heads
+
+
+def greedy(gen, prompts, n_tokens=6):
+    from rlhfkit.rollout import SamplingParams
+
+    return gen.generate(prompts, SamplingParams(max_new_tokens=n_tokens, temperature=0.0))
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_generation_beta_0_is_the_lm_and_planted_heads_change_the_answer(family, tmp_path):
+    """β = 0: the ILQL generator's greedy answers are the LM's own (token for token, log-probs too);
+    β = 1 with Q̂ = 50 on one token and V = 0: that token wins every step, log-prob ≈ 0."""
+    from families import tiny_family
+
+    from rlhfkit.models.loading import load_causal_lm
+    from rlhfkit.rollout.hf import HFGenerator
+    from rlhfkit.rollout.ilql import ILQLGenerator
+
+    loaded = load_causal_lm(tiny_family(family, tmp_path))
+    model, tok = loaded.model.eval(), loaded.tokenizer
+    prompts = [tok("Hello there, how are")["input_ids"], tok("One two")["input_ids"]]
+    plain = greedy(HFGenerator(model, tok, precision="fp32"), prompts)
+    token = next(t for t in range(100, 200) if t not in plain[0].token_ids + plain[1].token_ids)
+    same = greedy(ILQLGenerator(model, tok, planted_heads(model, token), beta=0.0, precision="fp32"), prompts)
+    assert [c.token_ids for c in same] == [c.token_ids for c in plain]
+    for a, b in zip(same, plain):
+        assert a.logprobs == pytest.approx(b.logprobs, abs=1e-5)  # log_softmax(log π) = log π
+    steered = greedy(ILQLGenerator(model, tok, planted_heads(model, token), beta=1.0, precision="fp32"), prompts)
+    assert [c.token_ids for c in steered] == [[token] * 6, [token] * 6]
+    assert max(abs(lp) for c in steered for lp in c.logprobs) < 1e-6
+    sampled = ILQLGenerator(model, tok, planted_heads(model, token), beta=1.0, precision="fp32")
+    from rlhfkit.rollout import SamplingParams
+
+    outs = sampled.generate(prompts[:1], SamplingParams(max_new_tokens=3, temperature=1.0, seed=1), n=3)
+    assert [c.token_ids for c in outs] == [[token] * 3] * 3  # sampling sees the same logits
+    events = list(sampled.stream(prompts[:1], SamplingParams(max_new_tokens=3, temperature=0.0)))
+    assert events[-1].completion.token_ids == [token] * 3  # streaming too
+
+
+def test_heads_save_load_round_trip_and_make_generator_picks_them(tiny_path, tmp_path):
+    """An LM directory with ilql_heads.safetensors + ilql.json: load -> same tensors and β; make_generator
+    (any backend) returns the ILQL generator, says so in one line, and it generates with the heads."""
+    import shutil
+
+    from rlhfkit.models.ilql import has_ilql_heads, load_ilql_heads, save_ilql_heads
+    from rlhfkit.models.loading import load_causal_lm
+    from rlhfkit.rollout import make_generator
+    from rlhfkit.rollout.ilql import ILQLGenerator
+
+    model_dir = tmp_path / "ilql-model"
+    shutil.copytree(tiny_path, model_dir)
+    loaded = load_causal_lm(str(model_dir))
+    assert load_ilql_heads(model_dir) is None and not isinstance(
+        make_generator(loaded.model, loaded.tokenizer, "hf", "fp32", say=lambda *a: None), ILQLGenerator
+    )
+    heads = planted_heads(loaded.model, 123)
+    with torch.no_grad():
+        heads.v[2].bias.fill_(0.25)
+    save_ilql_heads(heads, model_dir, beta=2.5)
+    assert has_ilql_heads(model_dir) and json.loads((model_dir / "ilql.json").read_text())["beta"] == 2.5
+    back, beta = load_ilql_heads(model_dir)
+    assert beta == 2.5 and back.state_dict().keys() == heads.state_dict().keys()
+    assert all(torch.equal(back.state_dict()[k], v) for k, v in heads.state_dict().items())
+    loaded = load_causal_lm(str(model_dir))
+    for backend in ("auto", "engine", "hf"):
+        said = []
+        gen = make_generator(loaded.model, loaded.tokenizer, backend, "fp32", say=said.append)
+        assert isinstance(gen, ILQLGenerator) and gen.beta == 2.5
+        assert len(said) == 1 and "ILQL heads" in said[0]
+    ids = loaded.tokenizer("Hi")["input_ids"]
+    assert greedy(gen, [ids], 2)[0].token_ids == [123, 123]
+    (model_dir / "ilql.json").write_text("{}")
+    with pytest.raises(UserError, match="broken ILQL heads"):
+        load_ilql_heads(model_dir)
+
+
+# ---------------------------------------------------------------- tiny-model runs
+
+
+@pytest.fixture(scope="module")
+def good_bad(tmp_path_factory) -> str:
+    """12 pairs: one prompt per pair, the answer 'good' preferred to 'bad' (the same length: only the
+    reward tells them apart, so a margin the heads open is learned from the rewards)."""
+    rows = [
+        {"prompt": f"Question {i}: how was the film?", "responses": ["good", "bad"], "ranks": [0, 1]} for i in range(12)
+    ]
+    path = tmp_path_factory.mktemp("ilql") / "rankings.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def tiny_cfg(tiny_path, data, out, **kw) -> ILQLConfig:
+    common = dict(
+        model=tiny_path, data=data, eval_data=data, out=str(out), batch_size=8, max_steps=16, lr=1e-3, head_lr=3e-2,
+        warmup_steps=0, precision="fp32", max_length=64, schedule="constant", polyak_alpha=0.5, beta=1.0,
+    )  # fmt: skip
+    return ILQLConfig(**(common | kw))
+
+
+def params_of(model_dir) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(model_dir) / "model.safetensors"))
+
+
+def test_ilql_smoke_losses_fall_margin_rises_weights_change(tiny_path, good_bad, tmp_path):
+    """Held out = the training pairs. Before training Q = V = 0, so the ILQL policy is the LM; after 16
+    steps the heads prefer 'good': the ILQL policy's log-prob margin rises well above the LM's (which
+    the NLL term trains on both answers alike), the advantage margin is positive, the losses fell."""
+    from rlhfkit.recipes.ilql import train_ilql
+
+    result = train_ilql(tiny_cfg(tiny_path, good_bad, tmp_path / "ilql"))
+    assert result["step"] == 16
+    assert result["eval_margin/logp_before"] == pytest.approx(result["eval_margin/logp_lm_before"], abs=1e-5)
+    assert result["eval_margin/advantage_before"] == 0.0 and result["eval_values/v_before"] == 0.0
+    assert result["eval_margin/logp"] > result["eval_margin/logp_before"] + 1.0, result
+    assert result["eval_margin/logp"] > result["eval_margin/logp_lm"] + 1.0, result
+    assert result["eval_margin/advantage"] > 0.2 and result["eval_accuracy"] == 1.0, result
+    assert result["eval_loss"] < result["eval_loss_before"] - 0.5
+    rows = [m for m in read_metrics(tmp_path / "ilql") if "loss/q" in m]
+    assert len(rows) == 16 and rows[-1]["loss"] < rows[0]["loss"] and rows[-1]["loss/awac"] < rows[0]["loss/awac"]
+    assert {"loss/v", "loss/cql", "values/q", "values/target_q", "values/v", "values/advantage", "grad_norm"} <= rows[
+        0
+    ].keys()
+    saved, base = params_of(tmp_path / "ilql" / "model"), params_of(tiny_path)
+    assert max((saved[k] - base[k]).abs().max().item() for k in base) > 1e-4
+    meta = json.loads((tmp_path / "ilql" / "model" / "ilql.json").read_text())
+    assert meta["beta"] == 1.0 and (tmp_path / "ilql" / "model" / "ilql_heads.safetensors").exists()
+
+
+def test_ilql_cli_on_demonstrations(tiny_path, tmp_path):
+    from typer.testing import CliRunner
+
+    from rlhfkit.cli import app
+
+    demos = tmp_path / "demos.jsonl"
+    demos.write_text("".join(json.dumps({"prompt": f"Count to {i}.", "response": "1 2 3"}) + "\n" for i in range(6)))
+    args = ["ilql", "--model", tiny_path, "--data", str(demos), "--out", str(tmp_path / "d")]
+    args += ["records=demonstrations", "demo_reward=0.5", "max_steps=2", "batch_size=3", "precision=fp32"]
+    args += ["eval_fraction=0.34", "warmup_steps=0", "beta=3"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    rows = read_metrics(tmp_path / "d")
+    assert [m["step"] for m in rows if "loss" in m] == [1, 2] and "eval_loss" in rows[-1]
+    assert "eval_margin/logp" not in rows[-1]  # demonstrations have no pairs
+    assert json.loads((tmp_path / "d" / "model" / "ilql.json").read_text())["beta"] == 3.0
+    bad = CliRunner().invoke(app, ["ilql", "--data", str(demos), "--out", str(tmp_path / "x"), "tau=1.5"])
+    assert bad.exit_code == 2 and "tau=1.5: expected 0 < tau < 1" in bad.output
+
+
+def test_ilql_resume_is_exact(tiny_path, good_bad, tmp_path, monkeypatch):
+    """4 steps, crash after 3 (checkpoint at 2), resume: the same losses, values and weights -- heads and
+    their Polyak targets included -- as 4 steps straight."""
+    from rlhfkit.models.ilql import load_ilql_heads
+    from rlhfkit.recipes import ilql
+
+    kw = dict(max_steps=4, save_every=2, schedule="linear", warmup_steps=1, batch_size=4, eval_data="")
+    ilql.train_ilql(tiny_cfg(tiny_path, good_bad, tmp_path / "straight", **kw))
+    with monkeypatch.context() as patch, pytest.raises(Crash):
+        crash_after(patch, ilql, 3)
+        ilql.train_ilql(tiny_cfg(tiny_path, good_bad, tmp_path / "resumed", **kw))
+    ilql.train_ilql(tiny_cfg(tiny_path, good_bad, tmp_path / "resumed", resume=True, **kw))
+    rows = [[m for m in read_metrics(tmp_path / r) if "loss" in m] for r in ("straight", "resumed")]
+    assert [m["step"] for m in rows[1]] == [1, 2, 3, 4]
+    for key in ("loss", "loss/q", "values/target_q", "values/v", "lr"):
+        a, b = [m[key] for m in rows[0]], [m[key] for m in rows[1]]
+        assert max(abs(x - y) for x, y in zip(a, b)) < 1e-6, (key, a, b)
+    a, b = params_of(tmp_path / "straight" / "model"), params_of(tmp_path / "resumed" / "model")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+    ha, hb = (load_ilql_heads(tmp_path / r / "model")[0].state_dict() for r in ("straight", "resumed"))
+    assert max((ha[k] - hb[k]).abs().max().item() for k in ha) <= 1e-6

@@ -20,6 +20,7 @@ from __future__ import annotations
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -32,7 +33,7 @@ from rlhfkit.config import ILQLConfig
 from rlhfkit.data.records import Demonstration, Ranking
 from rlhfkit.data.tokenize import Encoded, collate, encode_demonstration, encode_prompt, encode_response, fit
 from rlhfkit.errors import UserError
-from rlhfkit.models.ilql import ILQLHeads, save_ilql_heads
+from rlhfkit.models.ilql import ILQLHeads, load_ilql_heads, save_ilql_heads
 from rlhfkit.models.layout import hidden_size, scored_forward
 from rlhfkit.models.loading import load_causal_lm
 from rlhfkit.models.lora import unwrap
@@ -44,6 +45,7 @@ from rlhfkit.recipes.common import (
     load_split,
     make_accelerator,
     make_optimizer,
+    periodic_checkpoint,
     prepare_out,
     progress,
     save_checkpoint,
@@ -101,6 +103,20 @@ class ILQLModel(nn.Module):
         """The LM (LoRA merged) as a Hugging Face directory, and the heads and beta beside it."""
         unwrap(self.lm, merge=True).save_pretrained(path, **kw)
         save_ilql_heads(self.heads, path, self.beta)
+
+
+class Checkpointed:
+    """What a checkpoint's ``model/`` holds: the LM's weights (``save_pretrained``: the adapters under LoRA)
+    and the heads in ``model/ilql/`` (a folder of their own: ``load_weights`` reads the top level's
+    safetensors into the LM)."""
+
+    def __init__(self, model: ILQLModel):
+        self.model = model
+
+    def save_pretrained(self, path, **kw) -> None:
+        self.model.lm.save_pretrained(path, **kw)
+        (Path(path) / "ilql").mkdir()
+        save_ilql_heads(self.model.heads, Path(path) / "ilql", self.model.beta)
 
 
 def episode_tensors(episodes: list[Episode], pad_id: int, device) -> dict[str, torch.Tensor]:
@@ -262,18 +278,12 @@ def train_ilql(cfg: ILQLConfig, say=print) -> dict:
             result |= dict(zip(MARGINS, ((w[:, None] * values).sum(0) / w.sum()).tolist()))
         return {f"eval_{k}": v for k, v in result.items()}
 
-    # resume: weights (the heads from the checkpoint's state), optimizer, schedule, RNG
+    # resume: weights (the LM's, then the heads'), optimizer, schedule, RNG
     start = 0
     if ckpt is not None:
-        start, extra = load_checkpoint(ckpt, inner.lm, optimizer, scheduler)
-        inner.heads.load_state_dict(extra["ilql_heads"])
+        start, _ = load_checkpoint(ckpt, inner.lm, optimizer, scheduler)
+        inner.heads.load_state_dict(load_ilql_heads(ckpt / "model" / "ilql")[0].state_dict())
         say(f"resumed from {ckpt} at step {start}")
-
-    def checkpoint(step: int) -> None:
-        if acc.is_main_process:
-            heads = {k: v.detach().cpu().clone() for k, v in inner.heads.state_dict().items()}
-            save_checkpoint(out, step, inner.lm, optimizer, scheduler, extra={"ilql_heads": heads})
-        acc.wait_for_everyone()
 
     log = MetricsLog(out, acc, cfg, resume_step=start if ckpt else None)
     before = evaluate() if start == 0 else {}
@@ -313,9 +323,8 @@ def train_ilql(cfg: ILQLConfig, say=print) -> dict:
             log.log(done, **last)
         bar.update(1)
         bar.set_postfix(loss=f"{last['loss']:.4f}", v=f"{last['values/v']:+.3f}")
-        # 5. checkpoint (not the last step: the end of the run saves)
-        if cfg.save_every and done % cfg.save_every == 0 and done != len(plan):
-            checkpoint(done)
+        # 5. checkpoint
+        periodic_checkpoint(acc, cfg, out, done, len(plan), Checkpointed(inner), optimizer, scheduler)
     bar.close()
     train_seconds = time.perf_counter() - t_train
 
@@ -324,10 +333,10 @@ def train_ilql(cfg: ILQLConfig, say=print) -> dict:
     log.close()
     result = {"step": len(plan), **last, **final, "train_seconds": train_seconds}
     result |= {f"{k}_before": v for k, v in before.items()}
-    if cfg.save_every:
-        checkpoint(len(plan))
     # 6. save: the LM as a Hugging Face directory, the heads and β beside it
     if acc.is_main_process:
+        if cfg.save_every:
+            save_checkpoint(out, len(plan), Checkpointed(inner), optimizer, scheduler)
         save_model_dir(inner, tok, out / "model")  # atomic: the LM and the heads appear together
         got = f"; held-out log-prob margin {final['eval_margin/logp']:+.4f}" if "eval_margin/logp" in final else ""
         say(f"saved {out / 'model'} with ILQL heads (beta={cfg.beta}){got}")
