@@ -373,3 +373,31 @@ def test_ilql_resume_is_exact(tiny_path, good_bad, tmp_path, monkeypatch):
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
     ha, hb = (load_ilql_heads(tmp_path / r / "model")[0].state_dict() for r in ("straight", "resumed"))
     assert max((ha[k] - hb[k]).abs().max().item() for k in ha) <= 1e-6
+
+
+def test_pipeline_with_ilql_as_the_optimizer(tiny_path, tmp_path):
+    """optimizer=ilql: after SFT and the round's reward model, ILQL from SFT on the same rankings; the
+    version ilql1 is judged (generating with its heads), rated, reported and served like ppo1."""
+    import yaml
+    from test_pipeline import demo_config
+
+    from rlhfkit.recipes.pipeline import run_pipeline
+    from rlhfkit.web.models import discover_versions
+
+    run, said = tmp_path / "run", []
+    cfg = demo_config(
+        model=tiny_path, out=str(run), train_prompts=6, eval_prompts=4, k=3, max_new_tokens=10, precision="fp32",
+        min_demo_score=-9.0, round_prompts=3, fresh_process=False, optimizer="ilql",
+        sft={"batch_size": 4}, ilql={"max_steps": 2, "batch_size": 4, "lr": 1e-4},
+    )  # fmt: skip
+    summary = run_pipeline(cfg, say=said.append)
+    assert summary["final"] == "ilql1" and set(summary["versions"]) == {"base", "sft", "ilql1"}
+    assert [m["step"] for m in summary["training"]["ilql1"] if "loss/q" in m] == [1, 2]
+    assert {p.name for p in (run / "round1").iterdir()} & {"ppo", "dpo"} == set()
+    data = yaml.safe_load((run / "round1" / "ilql" / "config.yaml").read_text())["data"]
+    assert data == str(run / "round1" / "rm_data.jsonl")  # the rankings the round's RM learned from
+    model = run / "round1" / "ilql" / "model"
+    assert (model / "ilql_heads.safetensors").exists() and (model / "ilql.json").exists()
+    assert any(str(model) in line and "ILQL heads" in line for line in said)  # the judge generated with them
+    assert set(summary["ratings"]) == {"base", "sft", "ilql1"} and "ilql1" in (run / "report.html").read_text()
+    assert discover_versions(run)["ilql1"] == str(model)
