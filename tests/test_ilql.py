@@ -401,3 +401,68 @@ def test_pipeline_with_ilql_as_the_optimizer(tiny_path, tmp_path):
     assert any(str(model) in line and "ILQL heads" in line for line in said)  # the judge generated with them
     assert set(summary["ratings"]) == {"base", "sft", "ilql1"} and "ilql1" in (run / "report.html").read_text()
     assert discover_versions(run)["ilql1"] == str(model)
+
+
+WORKER = """
+import os, sys
+from pathlib import Path
+
+import rlhfkit.recipes.ilql as ilql
+
+make, marks = ilql.make_accelerator, sys.argv[1]
+
+
+def checked(cfg):  # inside each worker: there really are 2 processes, and this is one of them
+    acc = make(cfg)
+    assert acc.num_processes == int(os.environ["WORLD_SIZE"]) == 2, acc.num_processes
+    Path(marks, f"rank{acc.process_index}").write_text(str(acc.num_processes))
+    return acc
+
+
+ilql.make_accelerator = checked
+sys.argv = ["rlhfkit", *sys.argv[2:]]
+from rlhfkit.cli import main
+
+main()
+"""
+
+
+def test_ilql_two_processes_equal_one_process(tiny_path, good_bad, tmp_path):
+    """torchrun --nproc_per_node 2 (DDP over gloo) x batch b == 1 process x batch b: the same losses,
+    held-out metrics (split across the ranks), weights and heads."""
+    import os
+    import subprocess
+    import sys
+
+    from rlhfkit.models.ilql import load_ilql_heads
+
+    args = ["ilql", "--model", tiny_path, "--data", good_bad, "batch_size=8", "max_steps=3", "lr=1e-3"]
+    args += ["head_lr=3e-2", "polyak_alpha=0.5", "warmup_steps=0", "precision=fp32", "eval_fraction=0.25"]
+    args += ["grad_accum=2"]
+    root = str(Path(__file__).resolve().parents[1])  # the worker script lives in tmp_path: import this checkout
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]),
+    }
+    one = subprocess.run(
+        [sys.executable, "-m", "rlhfkit.cli", *args, "--out", str(tmp_path / "one")],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert one.returncode == 0, one.stderr[-2000:]
+    (tmp_path / "worker.py").write_text(WORKER)
+    torchrun = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node", "2"]
+    two = subprocess.run(
+        [*torchrun, str(tmp_path / "worker.py"), str(tmp_path), *args, "--out", str(tmp_path / "two")],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert sorted(p.name for p in tmp_path.glob("rank*")) == ["rank0", "rank1"]
+    rows = [read_metrics(tmp_path / r) for r in ("one", "two")]
+    for key in ("loss", "loss/q", "values/v", "eval_loss", "eval_margin/logp", "eval_margin/advantage"):
+        a, b = [m[key] for m in rows[0] if key in m], [m[key] for m in rows[1] if key in m]
+        assert len(a) == len(b) >= 2 and max(abs(x - y) for x, y in zip(a, b)) < 1e-5, (key, a, b)
+    a, b = params_of(tmp_path / "one" / "model"), params_of(tmp_path / "two" / "model")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-4  # a tenth of one AdamW step
+    ha, hb = (load_ilql_heads(tmp_path / r / "model")[0].state_dict() for r in ("one", "two"))
+    assert max((ha[k] - hb[k]).abs().max().item() for k in ha) <= 3e-3  # head_lr = 3e-2
