@@ -466,3 +466,23 @@ def test_ilql_two_processes_equal_one_process(tiny_path, good_bad, tmp_path):
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-4  # a tenth of one AdamW step
     ha, hb = (load_ilql_heads(tmp_path / r / "model")[0].state_dict() for r in ("one", "two"))
     assert max((ha[k] - hb[k]).abs().max().item() for k in ha) <= 3e-3  # head_lr = 3e-2
+
+
+@pytest.mark.parametrize("family", ["gpt2", "gemma2"])
+def test_ilql_trains_and_generates_on_other_families(family, good_bad, tmp_path):
+    """GPT-2 (its trunk is `transformer`, width `n_embd`, no pad id) and Gemma 2 (soft-capped logits, an
+    end of turn that is not EOS): two steps, then the saved model generates through make_generator."""
+    from families import tiny_family
+
+    from rlhfkit.models.loading import load_causal_lm
+    from rlhfkit.recipes.ilql import train_ilql
+    from rlhfkit.rollout import make_generator
+    from rlhfkit.rollout.ilql import ILQLGenerator
+
+    model_dir = tiny_family(family, tmp_path)
+    result = train_ilql(tiny_cfg(model_dir, good_bad, tmp_path / "run", max_steps=2, batch_size=4))
+    assert result["step"] == 2 and math.isfinite(result["eval_loss"]) and result["eval_values/target_q"] != 0.0
+    loaded = load_causal_lm(str(tmp_path / "run" / "model"))
+    gen = make_generator(loaded.model, loaded.tokenizer, "auto", "fp32", say=lambda *a: None)
+    assert isinstance(gen, ILQLGenerator)
+    assert len(greedy(gen, [loaded.tokenizer("Hi there")["input_ids"]], 4)[0].token_ids) >= 1
