@@ -486,3 +486,20 @@ def test_ilql_trains_and_generates_on_other_families(family, good_bad, tmp_path)
     gen = make_generator(loaded.model, loaded.tokenizer, "auto", "fp32", say=lambda *a: None)
     assert isinstance(gen, ILQLGenerator)
     assert len(greedy(gen, [loaded.tokenizer("Hi there")["input_ids"]], 4)[0].token_ids) >= 1
+
+
+def test_ilql_lora_saves_a_merged_lm_beside_the_heads(tiny_path, good_bad, tmp_path):
+    """LoRA: the heads train in full, the LM through adapters; checkpoints hold the adapters and the heads
+    (model/ilql/), the final model is merged (no lora keys) and differs from the base where adapted."""
+    from rlhfkit.recipes.ilql import train_ilql
+
+    result = train_ilql(
+        tiny_cfg(tiny_path, good_bad, tmp_path / "lora", lora=True, lora_r=4, max_steps=3, save_every=1)
+    )
+    assert result["step"] == 3 and result["eval_values/target_q"] != 0.0
+    ckpt = next((tmp_path / "lora" / "checkpoints").glob("step-*"))
+    assert (ckpt / "model" / "adapter_model.safetensors").exists() and (ckpt / "model" / "ilql" / "ilql.json").exists()
+    saved, base = params_of(tmp_path / "lora" / "model"), params_of(tiny_path)
+    assert not any("lora" in k for k in saved) and (tmp_path / "lora" / "model" / "ilql_heads.safetensors").exists()
+    key = "model.layers.0.self_attn.q_proj.weight"
+    assert (saved[key] - base[key]).abs().max() > 1e-5
