@@ -273,6 +273,8 @@ def test_heads_save_load_round_trip_and_make_generator_picks_them(tiny_path, tmp
         assert len(said) == 1 and "ILQL heads" in said[0]
     ids = loaded.tokenizer("Hi")["input_ids"]
     assert greedy(gen, [ids], 2)[0].token_ids == [123, 123]
+    with pytest.raises(UserError, match="has ILQL heads: on-policy training"):
+        gen.push_weights(loaded.model)  # PPO from an ILQL directory: refused, not silently off-policy
     (model_dir / "ilql.json").write_text("{}")
     with pytest.raises(UserError, match="broken ILQL heads"):
         load_ilql_heads(model_dir)
@@ -503,3 +505,25 @@ def test_ilql_lora_saves_a_merged_lm_beside_the_heads(tiny_path, good_bad, tmp_p
     assert not any("lora" in k for k in saved) and (tmp_path / "lora" / "model" / "ilql_heads.safetensors").exists()
     key = "model.layers.0.self_attn.q_proj.weight"
     assert (saved[key] - base[key]).abs().max() > 1e-5
+
+
+def test_ilql_rewards_from_a_reward_model(tiny_path, good_bad, tmp_path):
+    """reward_model=DIR: the answers' rewards are its scores (here a fresh head on tiny-random), not ±1."""
+    from rlhfkit.data.records import Ranking
+    from rlhfkit.data.tokenize import collate, encode_ranking
+    from rlhfkit.models.heads import load_reward_model
+    from rlhfkit.models.loading import load_tokenizer
+    from rlhfkit.recipes.ilql import load_episodes
+
+    cfg = tiny_cfg(tiny_path, good_bad, tmp_path / "rm", reward_model=tiny_path)
+    said = []
+    torch.manual_seed(0)
+    train, held_out, pairs = load_episodes(cfg, load_tokenizer(tiny_path), said.append)
+    torch.manual_seed(0)
+    rm, rm_tok = load_reward_model(tiny_path)  # the same fresh head: the same seed
+    first = Ranking([{"role": "user", "content": "Question 0: how was the film?"}], ["good", "bad"])
+    batch = collate(encode_ranking(rm_tok, first, 64), rm_tok.pad_token_id)
+    with torch.no_grad():
+        want = rm.score(batch["input_ids"], batch["attention_mask"], batch["last_index"]).tolist()
+    assert [e.reward for e in train[:2]] == pytest.approx(want, abs=1e-5) and want != [1.0, -1.0]
+    assert len(train) == len(held_out) == 24 and len(pairs) == 12 and "scores of 48 answers" in said[-1]

@@ -43,8 +43,16 @@ class ILQLGenerator:
         return self.inner.device
 
     def push_weights(self, model: torch.nn.Module) -> float:
-        """Nothing to do: ``generate`` runs the live module (the heads are fixed)."""
-        return 0.0
+        """Only on-policy training (PPO, RLOO, GRPO) pushes new weights, and this policy is not theirs:
+        the heads were learned on the saved LM and would not follow it, and the log-probs recorded
+        would be those of log π + β (Q̂ − V), not of the model being trained."""
+        from rlhfkit.errors import UserError
+
+        where = getattr(self.model.config, "_name_or_path", "the model")
+        raise UserError(
+            f"{where} has ILQL heads: on-policy training samples from the LM alone; start it from a copy of "
+            "the directory without ilql.json and ilql_heads.safetensors"
+        )
 
     def generate(
         self,
