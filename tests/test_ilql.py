@@ -189,6 +189,20 @@ def test_config_checks():
             ILQLConfig(**bad)
 
 
+def test_episode_tensors_align_states_actions_rewards():
+    """Prompt [5, 6] + response [7, 8, 9] (reward 2) and prompt [5] + response [4] (reward −1): the states
+    are the positions before each response token (1, 2, 3 | 0), the actions the response tokens, the
+    reward and the episode's end on its last token; V(s_{t+1}) reads the next position."""
+    from rlhfkit.data.tokenize import Encoded
+    from rlhfkit.recipes.ilql import Episode, episode_tensors
+
+    t = episode_tensors([Episode(Encoded([5, 6, 7, 8, 9], 2), 2.0), Episode(Encoded([5, 4], 1), -1.0)], 0, "cpu")
+    assert t["positions"].tolist() == [[1, 2, 3, 4], [0, 1, 1, 1]]  # s_0..s_3; the short row clamped
+    assert t["valid"].tolist() == [[True, True, True], [True, False, False]]
+    assert t["actions"].tolist() == [7, 8, 9, 4] and t["row"].tolist() == [0, 0, 0, 1]
+    assert t["rewards"].tolist() == [0.0, 0.0, 2.0, -1.0] and t["dones"].tolist() == [False, False, True, True]
+
+
 # ---------------------------------------------------------------- heads, saving, generation
 
 
