@@ -51,7 +51,8 @@ ScoreBaseline = Literal["none", "group"]
 DPOLossType = Literal["sigmoid", "ipo"]
 PairWeighting = Literal["per_ranking", "per_pair"]
 Labeler = Literal["simulated", "gold", "human", "mix"]
-Optimizer = Literal["ppo", "a2c", "rloo", "grpo", "dpo", "best_of_n", "none"]
+Optimizer = Literal["ppo", "a2c", "rloo", "grpo", "dpo", "ilql", "best_of_n", "none"]
+ILQLRecords = Literal["rankings", "demonstrations"]
 Backend = Literal["auto", "engine", "hf", "vllm"]
 BACKEND_HELP = "auto (the engine where it supports the model, else transformers), engine, hf or vllm"
 
@@ -204,6 +205,71 @@ class DPOConfig(TrainConfig):
             raise UserError(f"beta={self.beta}: expected > 0")
         if not 0.0 <= self.label_smoothing < 0.5:
             raise UserError(f"label_smoothing={self.label_smoothing}: expected 0 <= eps < 0.5")
+
+
+@dataclass
+class ILQLConfig(TrainConfig):
+    """Implicit Language Q-Learning (Snell et al. 2022): offline RL on logged answers and their rewards, with
+    token-level Q (twin heads + Polyak targets) and V heads on the LM trunk; no sampling during training. The
+    saved model generates with log pi + beta (Q - V)."""
+
+    model: str = opt("smollm2-135m-instruct", "The SFT model: the LM (behaviour policy) and the trunk of the heads.")
+    data: str = opt(
+        "",
+        "Logged answers: rankings or pairs (the formats of `rlhfkit rm`, HH pairs included) or demonstrations "
+        "(records=demonstrations). Each answer is one episode, its reward on its last token.",
+    )
+    records: ILQLRecords = opt(
+        "rankings",
+        "rankings: reward linear in the rank, +1 best to -1 worst (a pair: chosen +1, rejected -1; all tied: 0), "
+        "or the reward model's scores when reward_model is set; demonstrations: every answer gets demo_reward.",
+    )
+    reward_model: str = opt(
+        "", "Score the rankings' answers with this reward model (`rlhfkit rm` directory) instead of their ranks."
+    )
+    demo_reward: float = opt(1.0, "records=demonstrations: the reward of every answer.")
+    batch_size: int = opt(8, "Answers (episodes) per optimizer step, across all processes and accumulation.")
+    lr: float = opt(1e-5, "Peak learning rate of the LM (AdamW).")
+    head_lr: float = opt(
+        1e-3, "Learning rate of the Q and V heads (0 = lr): they start at zero and must learn the reward scale."
+    )
+    warmup_steps: int = opt(5, "Linear warm-up steps from 0 to `lr`.")
+    gamma: float = opt(0.99, "Discount per token of the Q target r + gamma V(s') (Snell et al.; TRLX: 0.99).")
+    tau: float = opt(
+        0.7, "Expectile of the V loss (0.5 = mean of Q, towards 1 = max over the data's tokens; TRLX: 0.7)."
+    )
+    cql_scale: float = opt(
+        0.1, "Weight of the CQL term, cross-entropy of softmax(Q) against the logged token (TRLX: 0.1)."
+    )
+    awac_scale: float = opt(1.0, "Weight of the LM's NLL term on the logged tokens (TRLX: 1).")
+    awac_beta: float = opt(
+        0.0, "AWAC: weight each token's NLL by exp(awac_beta (Q - V)); 0 = plain NLL, the LM models the data (TRLX: 0)."
+    )
+    polyak_alpha: float = opt(
+        0.005,
+        "Target Q heads move alpha of the way to the online heads after every step (IQL and SAC: 0.005); raise it "
+        "for runs of a few dozen steps.",
+    )
+    beta: float = opt(
+        1.0, "beta of generation, logits log pi + beta (Q - V), saved in ilql.json (edit it there) and used in eval."
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        checks = [
+            ("gamma", 0 < self.gamma <= 1, "expected 0 < gamma <= 1"),
+            ("tau", 0 < self.tau < 1, "expected 0 < tau < 1"),
+            ("polyak_alpha", 0 < self.polyak_alpha <= 1, "expected 0 < alpha <= 1"),
+            ("beta", self.beta >= 0, "expected >= 0"),
+            ("cql_scale", self.cql_scale >= 0, "expected >= 0"),
+            ("awac_scale", self.awac_scale >= 0, "expected >= 0"),
+            ("head_lr", self.head_lr >= 0, "expected >= 0"),
+        ]
+        for name, ok, want in checks:
+            if not ok:
+                raise UserError(f"{name}={getattr(self, name)}: {want}")
+        if self.reward_model and self.records != "rankings":
+            raise UserError("reward_model scores rankings: set records=rankings or leave reward_model empty")
 
 
 @dataclass
@@ -430,7 +496,7 @@ class PipelineConfig:
     optimizer: Optimizer = opt(
         "ppo",
         "The policy optimiser of every round, from the SFT model: ppo, a2c, rloo or grpo (against the round's reward "
-        "model), dpo (on all rankings so far, directly), best_of_n (no training: the round's reward model picks "
+        "model), dpo or ilql (offline, on all rankings so far), best_of_n (no training: the round's reward model picks "
         "the best of best_of_n SFT samples) or none (SFT and reward models only).",
     )
     best_of_n: int = opt(
@@ -472,6 +538,9 @@ class PipelineConfig:
     dpo: DPOConfig = opt(DPOConfig, "DPO of each round (optimizer=dpo), from the SFT model on all rankings so far.")
     rloo: RLOOConfig = opt(RLOOConfig, "RLOO of each round (optimizer=rloo), from the SFT model against its RM.")
     grpo: GRPOConfig = opt(GRPOConfig, "GRPO of each round (optimizer=grpo), from the SFT model against its RM.")
+    ilql: ILQLConfig = opt(
+        ILQLConfig, "ILQL of each round (optimizer=ilql), from the SFT model on all rankings so far."
+    )
 
     def __post_init__(self) -> None:
         for name, cls in STAGE_FIELDS.items():
@@ -544,6 +613,7 @@ STAGES: dict[str, type] = {
     "a2c": A2CConfig,
     "rloo": RLOOConfig,
     "grpo": GRPOConfig,
+    "ilql": ILQLConfig,
 }
 STAGE_FIELDS: dict[str, type] = {
     "sft": SFTConfig,
@@ -553,6 +623,7 @@ STAGE_FIELDS: dict[str, type] = {
     "dpo": DPOConfig,
     "rloo": RLOOConfig,
     "grpo": GRPOConfig,
+    "ilql": ILQLConfig,
 }  # PipelineConfig's nesting
 RL_STAGES = ("ppo", "a2c", "rloo", "grpo")  # the pipeline's optimisers that sample against its reward model
 PIPELINE_SETS = ("model", "data", "out", "resume", "seed", "precision", "save_every", "report_to")

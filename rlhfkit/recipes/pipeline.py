@@ -499,6 +499,19 @@ def best_of_n_phase(run: Run, r: int, sft_model: str) -> str:
     return sft_model
 
 
+def ilql_phase(run: Run, r: int, sft_model: str) -> str:
+    """5''. (optimizer=ilql) Round r's ILQL from the SFT model on the same rankings as DPO (rank -> reward):
+    offline, no reward model and no sampling; the saved model generates with its heads when judged."""
+    rdir = run.out / f"round{r}"
+    if not (rdir / "ilql" / "model" / "config.json").exists():
+        from rlhfkit.recipes.ilql import train_ilql
+
+        data = str(rdir / "rm_data.jsonl")
+        stage_cfg = stage_config(run.cfg, run.cfg.ilql, model=sft_model, data=data, out=str(rdir / "ilql"))
+        run_stage(run.cfg, train_ilql, stage_cfg, run.say)
+    return str(rdir / "ilql" / "model")
+
+
 def judge_phase(run: Run, versions: dict[str, str]) -> tuple[dict[str, list[dict]], dict[str, dict]]:
     """6. Every version answers the held-out prompts (greedy, kept in eval/NAME.jsonl); the gold rubric
     judges them, and the newest reward model scores them too — a policy that climbs the RM while the
@@ -600,6 +613,9 @@ def run_pipeline(cfg: PipelineConfig, say=print) -> dict:
         elif cfg.optimizer == "best_of_n":
             with run.timed(f"round{r}_best_of_n"):
                 versions[f"{BEST_OF_N}{r}"] = best_of_n_phase(run, r, sft_model)
+        elif cfg.optimizer == "ilql":
+            with run.timed(f"round{r}_ilql"):
+                policy = versions[f"ilql{r}"] = ilql_phase(run, r, sft_model)
 
     with run.timed("judge"):
         answers, judged = judge_phase(run, versions)

@@ -126,7 +126,7 @@ def write_report(
         )
     )
     for n, rows_ in summary.get("training", {}).items():
-        if rows_ and not n.startswith("dpo"):  # PPO, RLOO, GRPO: score and KL per iteration
+        if rows_ and not n.startswith(("dpo", "ilql")):  # PPO, RLOO, GRPO: score and KL per iteration
             parts.append(f"<h2>{esc(n)}: training</h2>" + _ppo_plot(n, [r for r in rows_ if "score" in r]))
     accs = [a for a in summary.get("rm_accuracy", []) if a.get("after") is not None]
     if accs:
