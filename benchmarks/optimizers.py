@@ -51,9 +51,9 @@ OPTIMIZERS: dict[str, tuple[str, str, str]] = {
     "ppo": ("rlhfkit.config:PPOConfig", "rlhfkit.recipes.ppo:train_ppo", "rm"),
     "rloo": ("rlhfkit.config:RLOOConfig", "rlhfkit.recipes.critic_free:train_rloo", "rm"),
     "grpo": ("rlhfkit.config:GRPOConfig", "rlhfkit.recipes.critic_free:train_grpo", "rm"),
-    "a2c": ("rlhfkit.config:A2CConfig", "rlhfkit.recipes.a2c:train_a2c", "rm"),  # check the names after merge
+    "a2c": ("rlhfkit.config:A2CConfig", "rlhfkit.recipes.a2c:train_a2c", "rm"),
     "dpo": ("rlhfkit.config:DPOConfig", "rlhfkit.recipes.dpo:train_dpo", "rankings"),
-    "ilql": ("rlhfkit.config:ILQLConfig", "rlhfkit.recipes.ilql:train_ilql", "rankings"),  # idem
+    "ilql": ("rlhfkit.config:ILQLConfig", "rlhfkit.recipes.ilql:train_ilql", "rankings"),
     "best_of_n": ("", "", "bon"),  # no training: recipes/pipeline.py's best_of_n_answers
 }
 
@@ -61,7 +61,8 @@ QUICK = [  # the pipeline on the tiny random model, made small (tests/test_pipel
     "model=tiny-random", "train_prompts=6", "eval_prompts=6", "k=3", "max_new_tokens=10", "precision=fp32",
     "min_demo_score=-9.0", "round_prompts=3", "fresh_process=false", "best_of_n=3", "sft.batch_size=4",
     "ppo.batch_size=2", "ppo.max_new_tokens=10", "rloo.batch_size=2", "rloo.max_new_tokens=10",
-    "grpo.batch_size=2", "grpo.max_new_tokens=10", "dpo.batch_size=4", "dpo.max_length=96",
+    "grpo.batch_size=2", "grpo.max_new_tokens=10", "a2c.batch_size=2", "a2c.max_new_tokens=10", "dpo.batch_size=4",
+    "dpo.max_length=96", "ilql.batch_size=4", "ilql.max_length=96",
 ]  # fmt: skip
 
 
@@ -103,16 +104,20 @@ def stage_cfg(pc, name: str, cls, run: Path, out: Path, seed: int, budget: float
 
 def kl_to_sft(model: str, sft: str, rows: list[dict], prompts: list, precision: str = "fp32") -> float:
     """Mean over the rows of Σ_t log π(y_t) − log π_SFT(y_t) for answers y sampled from ``model`` at T = 1:
-    a Monte-Carlo estimate of KL(π ‖ π_SFT) per answer (the texts are tokenised again, as DPO does)."""
+    a Monte-Carlo estimate of KL(π ‖ π_SFT) per answer (the texts are tokenised again, as DPO does). For
+    a model with ILQL heads π is the policy it samples from, log_softmax(logits + β Q̂)."""
     import torch
 
     from rlhfkit.algos.dpo import sequence_logprobs
     from rlhfkit.data.tokenize import Encoded, collate, encode_prompt, encode_response
+    from rlhfkit.models.ilql import load_ilql_heads
+    from rlhfkit.models.layout import trunk
     from rlhfkit.models.loading import load_causal_lm
 
     def logps(spec: str) -> torch.Tensor:
         loaded = load_causal_lm(spec)
         tok, lm = loaded.tokenizer, loaded.model.eval()
+        ilql = load_ilql_heads(spec)  # ILQL's policy is log π + β (Q̂ − V): its samples came from that
         seqs = []
         for p, r in zip(prompts, rows):
             q = encode_prompt(tok, p.messages)
@@ -121,7 +126,14 @@ def kl_to_sft(model: str, sft: str, rows: list[dict], prompts: list, precision: 
         with torch.no_grad():
             for i in range(0, len(seqs), 8):
                 b = collate(seqs[i : i + 8], tok.pad_token_id)
+                hidden: list[torch.Tensor] = []
+                hook = trunk(lm).register_forward_hook(lambda m, a, o, keep=hidden: keep.append(o[0]))
                 logits = lm(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False).logits
+                hook.remove()
+                if ilql is not None:  # V(s) shifts every token's logit alike: only Q̂ changes log-probs
+                    heads, beta = ilql
+                    q = heads.target_q(hidden[0].float(), lm.get_output_embeddings().weight.float())
+                    logits = logits.float() + beta * q
                 out.append(sequence_logprobs(logits, b["input_ids"], b["loss_mask"]))
         return torch.cat(out)
 

@@ -185,8 +185,7 @@ def test_optimizers_quick_has_a_row_per_optimiser_with_sane_numbers(tmp_path):
     data = json.loads((tmp_path / "optimizers.json").read_text())
     assert data["provenance"]["recorded"] == "at run time" and data["budget"] == 2.0
     ran = {r["optimizer"] for r in data["rows"]}
-    assert ran == {"ppo", "rloo", "grpo", "dpo", "best_of_n"} - set(data["skipped"]), data["skipped"]
-    assert {"ppo", "rloo", "grpo", "dpo", "best_of_n"} <= ran  # what this checkout has
+    assert ran == {"ppo", "a2c", "rloo", "grpo", "dpo", "ilql", "best_of_n"}, data["skipped"]
     for r in data["rows"]:
         lo, hi = r["vs_sft"]["ci95"]
         assert 0 <= lo <= r["vs_sft"]["win_rate"] <= hi <= 1, r
@@ -195,8 +194,9 @@ def test_optimizers_quick_has_a_row_per_optimiser_with_sane_numbers(tmp_path):
         assert 0 <= r["repetition"] <= 1 and r["words"] >= 0 and r["seconds"] > 0
         if r["optimizer"] == "best_of_n":
             assert r["kl"] == pytest.approx(math.log(3) - 2 / 3)  # the bound at the quick N = 3
-        else:  # the 2 s budget ran out during the first step (loading alone takes longer)
-            assert r["steps"].startswith("1 of ") and abs(r["kl"]) < 5, r
+        else:  # the 2 s budget (loading included) stopped it long before its planned steps
+            done, planned = (int(x) for x in r["steps"].split(" of "))
+            assert 1 <= done < planned and abs(r["kl"]) < 5, r
     md = (tmp_path / "optimizers.md").read_text()
     for name in ran:
         assert f"| {name} | 0 |" in md

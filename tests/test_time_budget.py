@@ -9,7 +9,7 @@ import json
 import pytest
 from helpers import newline_reward
 
-from rlhfkit.config import DPOConfig, PPOConfig, RLOOConfig
+from rlhfkit.config import A2CConfig, DPOConfig, ILQLConfig, PPOConfig, RLOOConfig
 from rlhfkit.errors import UserError
 from rlhfkit.recipes.common import read_metrics
 
@@ -44,6 +44,19 @@ def run_stage(stage: str, tiny_path: str, tmp_path, max_seconds: float, say) -> 
 
         cfg = rollout_cfg(RLOOConfig, tiny_path, out, max_seconds=max_seconds)
         return train_rloo(cfg, reward_fn=newline_reward, say=say), out
+    if stage == "a2c":
+        from rlhfkit.recipes.a2c import train_a2c
+
+        cfg = rollout_cfg(A2CConfig, tiny_path, out, max_seconds=max_seconds)
+        return train_a2c(cfg, reward_fn=newline_reward, say=say), out
+    if stage == "ilql":
+        from rlhfkit.recipes.ilql import train_ilql
+
+        cfg = ILQLConfig(
+            model=tiny_path, data=dpo_data(tmp_path), out=str(out), batch_size=2, max_steps=4, precision="fp32",
+            max_length=64, eval_fraction=0.0, max_seconds=max_seconds,
+        )  # fmt: skip
+        return train_ilql(cfg, say=say), out
     from rlhfkit.recipes.dpo import train_dpo
 
     cfg = DPOConfig(
@@ -54,7 +67,7 @@ def run_stage(stage: str, tiny_path: str, tmp_path, max_seconds: float, say) -> 
 
 
 @pytest.mark.usefixtures("one_thread")
-@pytest.mark.parametrize("stage", ["ppo", "rloo", "dpo"])
+@pytest.mark.parametrize("stage", ["ppo", "a2c", "rloo", "dpo", "ilql"])
 def test_a_tiny_budget_stops_after_the_first_step_and_saves_a_loadable_model(stage, tiny_path, tmp_path):
     from rlhfkit.models.loading import load_causal_lm
 

@@ -39,6 +39,7 @@ from rlhfkit.models.loading import load_causal_lm
 from rlhfkit.models.lora import unwrap
 from rlhfkit.recipes.common import (
     MetricsLog,
+    TimeBudget,
     apply_lora,
     batch_plan,
     load_checkpoint,
@@ -199,6 +200,7 @@ def train_ilql(cfg: ILQLConfig, say=print) -> dict:
     acc = make_accelerator(cfg)
     out, ckpt = prepare_out(cfg, acc)
     say = say if acc.is_main_process else (lambda *a, **k: None)
+    budget = TimeBudget(cfg, acc, say)  # cfg.max_seconds from here
     rank, n_proc = world(acc)
     if cfg.batch_size < n_proc:
         raise UserError(f"batch_size={cfg.batch_size} is smaller than the {n_proc} processes")
@@ -325,18 +327,20 @@ def train_ilql(cfg: ILQLConfig, say=print) -> dict:
         bar.set_postfix(loss=f"{last['loss']:.4f}", v=f"{last['values/v']:+.3f}")
         # 5. checkpoint
         periodic_checkpoint(acc, cfg, out, done, len(plan), Checkpointed(inner), optimizer, scheduler)
+        if budget.spent(done, len(plan)):
+            break
     bar.close()
     train_seconds = time.perf_counter() - t_train
 
     final = evaluate()
-    log.log(len(plan), **final)
+    log.log(budget.steps(len(plan)), **final)
     log.close()
-    result = {"step": len(plan), **last, **final, "train_seconds": train_seconds}
+    result = {"step": len(plan), **last, **final, "train_seconds": train_seconds, **budget.result()}
     result |= {f"{k}_before": v for k, v in before.items()}
     # 6. save: the LM as a Hugging Face directory, the heads and β beside it
     if acc.is_main_process:
         if cfg.save_every:
-            save_checkpoint(out, len(plan), Checkpointed(inner), optimizer, scheduler)
+            save_checkpoint(out, budget.steps(len(plan)), Checkpointed(inner), optimizer, scheduler)
         save_model_dir(inner, tok, out / "model")  # atomic: the LM and the heads appear together
         got = f"; held-out log-prob margin {final['eval_margin/logp']:+.4f}" if "eval_margin/logp" in final else ""
         say(f"saved {out / 'model'} with ILQL heads (beta={cfg.beta}){got}")
