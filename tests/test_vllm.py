@@ -259,7 +259,7 @@ def test_ppo_with_vllm_samples_from_the_pushed_policy(tiny32, tmp_path, monkeypa
 
     def spy_generate(self, prompts, params=None, n=1, progress=False):
         outs = generate(self, prompts, params, n, progress)
-        T = params.temperature
+        T = (params[0] if isinstance(params, list) else params).temperature  # PPO: one SamplingParams per prompt
 
         def worst(model):
             return max(

