@@ -460,11 +460,12 @@ def best_of_n_answers(
 
     rows = sample_answers(sft_model, prompts, n, cfg, cfg.temperature, say)
     reward = hf_reward_fn(rm_dir)
-    picked, all_scores = [], []
-    for p, row in zip(prompts, rows):
-        scores = reward([p.messages] * len(row["responses"]), row["responses"])
+    asked = [p.messages for p, row in zip(prompts, rows) for _ in row["responses"]]
+    all_scores = reward(asked, [text for row in rows for text in row["responses"]])  # (B * n,), prompt-major
+    picked, at = [], 0
+    for row in rows:
+        scores, at = all_scores[at : at + len(row["responses"])], at + len(row["responses"])
         j = best_index(scores)
-        all_scores += scores
         picked.append(
             {**row, "responses": [row["responses"][j]], "finished": [row["finished"][j]], "rm_score": scores[j]}
             | {"rm_scores": scores}  # of all n samples
