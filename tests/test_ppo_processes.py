@@ -85,7 +85,7 @@ def recorded_generate(m, cfg, queries, it, keys=None):  # mode 'real': the engin
     comps = real_generate(m, cfg, queries, it, keys)
     with open(f"{out}.samples{os.environ.get('RANK', '0')}", "a") as f:
         for c in comps:
-            f.write(json.dumps([it, keys[c.prompt_index], c.sample_index, c.token_ids]) + "\n")
+            f.write(json.dumps([it, queries[c.prompt_index], c.sample_index, c.token_ids]) + "\n")
     return comps
 
 
@@ -155,7 +155,7 @@ def test_ppo_two_processes_sample_what_one_process_samples(tiny_path, tmp_path):
 
     def samples(*files):
         rows = [json.loads(line) for f in files for line in f.read_text().splitlines()]
-        return {(it, k, s): tokens for it, k, s, tokens in rows}
+        return {(it, tuple(query), s): tokens for it, query, s, tokens in rows}
 
     a = samples(tmp_path / "one.samples0")
     b = samples(tmp_path / "two.samples0", tmp_path / "two.samples1")
