@@ -52,14 +52,23 @@ def trl_prompts() -> list[str]:
 
 
 def run_ours(
-    out: Path, iterations: int, variant: str, prompts_file: Path, precision: str = "bf16", backend: str = "engine"
+    out: Path,
+    iterations: int,
+    variant: str,
+    prompts_file: Path,
+    precision: str = "bf16",
+    backend: str = "engine",
+    model: str | None = None,
+    **overrides,
 ) -> dict:
     """Child process: one PPO run; returns per-iteration timings and this process's peak RSS.
 
     ``variant``: 'rm' (critic = a copy of the RM, full fine-tuning: the like-for-like setting),
     'policy_head' (value head on the policy trunk), either with '+lora' (LoRA r=16 on all linear
     layers of policy and critic; the reference is the policy with adapters disabled). ``backend``:
-    the rollout backend (``benchmarks/ppo_vllm.py`` compares engine and vllm).
+    the rollout backend (``benchmarks/ppo_vllm.py`` compares engine and vllm). ``model`` (default
+    the embedded SmolLM2) and ``overrides`` of PPOConfig fields: ``benchmarks/gpu_check.py``'s dry
+    run on the tiny model.
     """
     critic = variant.split("+")[0]
     from rlhfkit.config import PPOConfig
@@ -67,8 +76,8 @@ def run_ours(
     from rlhfkit.recipes.common import read_metrics
     from rlhfkit.recipes.ppo import train_ppo
 
-    model = str(embedded_model_dir())
-    cfg = PPOConfig(
+    model = model or str(embedded_model_dir())
+    settings = dict(
         model=model,
         reward_model=model,
         critic=critic,
@@ -92,6 +101,7 @@ def run_ours(
         forward_batch_size=16,
         rollout_backend=backend,
     )
+    cfg = PPOConfig(**(settings | overrides))
     t0 = time.perf_counter()
     result = train_ppo(cfg, say=lambda *a: None)
     rows = read_metrics(out)

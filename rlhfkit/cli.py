@@ -66,6 +66,8 @@ def _train(stage: str, cfg) -> dict:
         from rlhfkit.recipes.critic_free import train_rloo as run
     elif stage == "grpo":
         from rlhfkit.recipes.critic_free import train_grpo as run
+    elif stage == "ilql":
+        from rlhfkit.recipes.ilql import train_ilql as run
     elif stage in ("pipeline", "demo"):
         from rlhfkit.recipes.pipeline import run_pipeline as run
     else:  # pragma: no cover

@@ -51,7 +51,8 @@ ScoreBaseline = Literal["none", "group"]
 DPOLossType = Literal["sigmoid", "ipo"]
 PairWeighting = Literal["per_ranking", "per_pair"]
 Labeler = Literal["simulated", "gold", "human", "mix"]
-Optimizer = Literal["ppo", "a2c", "rloo", "grpo", "dpo", "none"]
+Optimizer = Literal["ppo", "a2c", "rloo", "grpo", "dpo", "ilql", "best_of_n", "none"]
+ILQLRecords = Literal["rankings", "demonstrations"]
 Backend = Literal["auto", "engine", "hf", "vllm"]
 BACKEND_HELP = "auto (the engine where it supports the model, else transformers), engine, hf or vllm"
 
@@ -93,6 +94,11 @@ class TrainConfig:
     )
     epochs: float = opt(1.0, "Passes over the training data (fractional allowed).")
     max_steps: int = opt(0, "Stop after this many optimizer steps (0 = from epochs).")
+    max_seconds: float = opt(
+        0.0,
+        "Wall-clock budget of the stage in seconds from its start, loading included: training stops after the step "
+        "during which it ran out and saves the model as usual (0 = no limit); for comparing optimisers on one budget.",
+    )
     lr: float = opt(1e-5, "Peak learning rate (AdamW).")
     weight_decay: float = opt(0.0, "AdamW weight decay.")
     warmup_steps: int = opt(0, "Linear warm-up steps from 0 to `lr`.")
@@ -127,6 +133,8 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         check_literals(self)
+        if self.max_seconds < 0:
+            raise UserError(f"max_seconds={self.max_seconds}: expected >= 0 (0 = no time limit)")
 
 
 @dataclass
@@ -197,6 +205,74 @@ class DPOConfig(TrainConfig):
             raise UserError(f"beta={self.beta}: expected > 0")
         if not 0.0 <= self.label_smoothing < 0.5:
             raise UserError(f"label_smoothing={self.label_smoothing}: expected 0 <= eps < 0.5")
+
+
+@dataclass
+class ILQLConfig(TrainConfig):
+    """Implicit Language Q-Learning (Snell et al. 2022): offline RL on logged answers and their rewards, with
+    token-level Q (twin heads + Polyak targets) and V heads on the LM trunk; no sampling during training. The
+    saved model generates with log pi + beta (Q - V)."""
+
+    model: str = opt("smollm2-135m-instruct", "The SFT model: the LM (behaviour policy) and the trunk of the heads.")
+    data: str = opt(
+        "",
+        "Logged answers: rankings or pairs (the formats of `rlhfkit rm`, HH pairs included) or demonstrations "
+        "(records=demonstrations). Each answer is one episode, its reward on its last token.",
+    )
+    records: ILQLRecords = opt(
+        "rankings",
+        "rankings: reward linear in the rank, +1 best to -1 worst (a pair: chosen +1, rejected -1; all tied: 0), "
+        "or the reward model's scores when reward_model is set; demonstrations: every answer gets demo_reward.",
+    )
+    reward_model: str = opt(
+        "", "Score the rankings' answers with this reward model (`rlhfkit rm` directory) instead of their ranks."
+    )
+    demo_reward: float = opt(1.0, "records=demonstrations: the reward of every answer.")
+    batch_size: int = opt(8, "Answers (episodes) per optimizer step, across all processes and accumulation.")
+    lr: float = opt(1e-5, "Peak learning rate of the LM (AdamW).")
+    head_lr: float = opt(
+        1e-4,
+        "Learning rate of the Q and V heads (0 = lr). On SmolLM2-135M 1e-3 made the Q loss jump from 0.15 to 28 "
+        "at step 2 (Adam moves every weight of the zero-initialised layer by ~lr, amplified through the 49k-token "
+        "embedding); 1e-4 kept it below 0.4.",
+    )
+    warmup_steps: int = opt(5, "Linear warm-up steps from 0 to `lr`.")
+    gamma: float = opt(0.99, "Discount per token of the Q target r + gamma V(s') (Snell et al.; TRLX: 0.99).")
+    tau: float = opt(
+        0.7, "Expectile of the V loss (0.5 = mean of Q, towards 1 = max over the data's tokens; TRLX: 0.7)."
+    )
+    cql_scale: float = opt(
+        0.1, "Weight of the CQL term, cross-entropy of softmax(Q) against the logged token (TRLX: 0.1)."
+    )
+    awac_scale: float = opt(1.0, "Weight of the LM's NLL term on the logged tokens (TRLX: 1).")
+    awac_beta: float = opt(
+        0.0, "AWAC: weight each token's NLL by exp(awac_beta (Q - V)); 0 = plain NLL, the LM models the data (TRLX: 0)."
+    )
+    polyak_alpha: float = opt(
+        0.005,
+        "Target Q heads move alpha of the way to the online heads after every step (IQL and SAC: 0.005); raise it "
+        "for runs of a few dozen steps.",
+    )
+    beta: float = opt(
+        1.0, "beta of generation, logits log pi + beta (Q - V), saved in ilql.json (edit it there) and used in eval."
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        checks = [
+            ("gamma", 0 < self.gamma <= 1, "expected 0 < gamma <= 1"),
+            ("tau", 0 < self.tau < 1, "expected 0 < tau < 1"),
+            ("polyak_alpha", 0 < self.polyak_alpha <= 1, "expected 0 < alpha <= 1"),
+            ("beta", self.beta >= 0, "expected >= 0"),
+            ("cql_scale", self.cql_scale >= 0, "expected >= 0"),
+            ("awac_scale", self.awac_scale >= 0, "expected >= 0"),
+            ("head_lr", self.head_lr >= 0, "expected >= 0"),
+        ]
+        for name, ok, want in checks:
+            if not ok:
+                raise UserError(f"{name}={getattr(self, name)}: {want}")
+        if self.reward_model and self.records != "rankings":
+            raise UserError("reward_model scores rankings: set records=rankings or leave reward_model empty")
 
 
 @dataclass
@@ -423,7 +499,14 @@ class PipelineConfig:
     optimizer: Optimizer = opt(
         "ppo",
         "The policy optimiser of every round, from the SFT model: ppo, a2c, rloo or grpo (against the round's reward "
-        "model), dpo (on all rankings so far, directly) or none (SFT and reward models only).",
+        "model), dpo or ilql (offline, on all rankings so far), best_of_n (no training: the round's reward model picks "
+        "the best of best_of_n SFT samples) or none (SFT and reward models only).",
+    )
+    best_of_n: int = opt(
+        8,
+        "optimizer=best_of_n: N, the SFT samples (at `temperature`) per held-out prompt of which the round's reward "
+        "model picks one. KL to SFT <= log N - (N-1)/N: 1.20 nats at 8 (4: 0.64, 16: 1.94), inside the demo PPO's "
+        "1-3 nats, for 8x the sampling of one greedy answer.",
     )
     precision: Precision = opt("auto", "Precision of every stage: auto (bf16 where the hardware has it), bf16 or fp32.")
     seed: int = opt(0, "Seed for prompt choice, sampling, labeler noise and every stage (PPO of round r: seed + r).")
@@ -458,6 +541,9 @@ class PipelineConfig:
     dpo: DPOConfig = opt(DPOConfig, "DPO of each round (optimizer=dpo), from the SFT model on all rankings so far.")
     rloo: RLOOConfig = opt(RLOOConfig, "RLOO of each round (optimizer=rloo), from the SFT model against its RM.")
     grpo: GRPOConfig = opt(GRPOConfig, "GRPO of each round (optimizer=grpo), from the SFT model against its RM.")
+    ilql: ILQLConfig = opt(
+        ILQLConfig, "ILQL of each round (optimizer=ilql), from the SFT model on all rankings so far."
+    )
 
     def __post_init__(self) -> None:
         for name, cls in STAGE_FIELDS.items():
@@ -530,6 +616,7 @@ STAGES: dict[str, type] = {
     "a2c": A2CConfig,
     "rloo": RLOOConfig,
     "grpo": GRPOConfig,
+    "ilql": ILQLConfig,
 }
 STAGE_FIELDS: dict[str, type] = {
     "sft": SFTConfig,
@@ -539,6 +626,7 @@ STAGE_FIELDS: dict[str, type] = {
     "dpo": DPOConfig,
     "rloo": RLOOConfig,
     "grpo": GRPOConfig,
+    "ilql": ILQLConfig,
 }  # PipelineConfig's nesting
 RL_STAGES = ("ppo", "a2c", "rloo", "grpo")  # the pipeline's optimisers that sample against its reward model
 PIPELINE_SETS = ("model", "data", "out", "resume", "seed", "precision", "save_every", "report_to")

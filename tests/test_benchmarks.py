@@ -5,6 +5,7 @@ benchmarks/common.py, the committed results (each with its provenance, no HTML) 
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -136,3 +137,67 @@ def test_every_script_answers_help(script):
     p = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert p.returncode == 0, p.stderr[-2000:]
     assert p.stdout.startswith("usage: ")
+
+
+def test_gpu_check_dry_run_writes_its_result_with_every_skip_explained(tmp_path):
+    """``bash benchmarks/gpu_check.sh --dry-run``: the GPU check's code paths on the CPU (the gpu
+    tier with RLHFKIT_GPU_DRY_RUN=1, PPO at TRL's settings and the rollout benchmark on the tiny
+    model) into a temp dir, never into benchmarks/results; what cannot run here is skipped with a
+    reason, in the result too."""
+    import os
+
+    env = {**os.environ, "PYTHON": sys.executable, "GPU_CHECK_OUT": str(tmp_path)}
+    p = subprocess.run(
+        ["bash", "benchmarks/gpu_check.sh", "--dry-run"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-3000:]
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["gpu_check.json", "gpu_check.md"]
+    assert not (BENCH / "results" / "gpu_check.json").exists()
+    r = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert r["device"] == {"device": "cpu", "dry_run": True} and r["provenance"]["git"]["commit"]
+    tier = r["tier"]
+    assert tier["rc"] == 0 and not tier["failed"] and len(tier["passed"]) >= 7, tier
+    stages = ("sft", "rm", "dpo", "ppo", "rloo", "grpo")  # tests/test_gpu.py's
+    assert {t["test"] for t in tier["passed"]} >= {f"test_stage_runs_on_the_gpu[{s}-fp32]" for s in stages}
+    assert all(s["reason"] for s in tier["skipped"])
+    ours = r["ppo"]["ours"]
+    assert ours["iterations"] == 2 and ours["median_step_s"] > 0 and ours["backend"] == "engine"
+    assert r["ppo"]["trl"]["skipped"].startswith("TRL: ")
+    rollout = r["rollout"]["backends"]
+    assert rollout["engine"]["tok_s"] > 0 and rollout["hf"]["tok_s"] > 0
+    assert "vllm" in rollout or r["rollout"]["vllm"]["skipped"].startswith("vLLM: ")
+    md = (tmp_path / "gpu_check.md").read_text()
+    assert md.startswith("# GPU check (dry run: CPU, tiny model)") and provenance.describe(r["provenance"]) in md
+    assert "gpu tier: " in md and "## PPO at TRL's settings" in md and "| engine |" in md
+
+
+def test_optimizers_quick_has_a_row_per_optimiser_with_sane_numbers(tmp_path):
+    """benchmarks/optimizers.py --quick: the pipeline (optimizer=none) on the tiny random model, then
+    every optimiser in this checkout from its SFT model and round-1 RM on a 2 s budget, judged."""
+    import os
+
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    p = subprocess.run(
+        [sys.executable, str(BENCH / "optimizers.py"), "--quick", "--out", str(tmp_path)],
+        capture_output=True, text=True, cwd=ROOT, timeout=900, env=env,
+    )  # fmt: skip
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    data = json.loads((tmp_path / "optimizers.json").read_text())
+    assert data["provenance"]["recorded"] == "at run time" and data["budget"] == 2.0
+    ran = {r["optimizer"] for r in data["rows"]}
+    assert ran == {"ppo", "a2c", "rloo", "grpo", "dpo", "ilql", "best_of_n"}, data["skipped"]
+    for r in data["rows"]:
+        lo, hi = r["vs_sft"]["ci95"]
+        assert 0 <= lo <= r["vs_sft"]["win_rate"] <= hi <= 1, r
+        assert sum(r["vs_sft"][k] for k in ("wins", "ties", "losses")) == data["held_out"] == 6
+        assert 0 <= r["judged"]["instruction_rate"] <= 1 and -2 <= r["judged"]["gold_mean"] <= 2
+        assert 0 <= r["repetition"] <= 1 and r["words"] >= 0 and r["seconds"] > 0
+        if r["optimizer"] == "best_of_n":
+            assert r["kl"] == pytest.approx(math.log(3) - 2 / 3)  # the bound at the quick N = 3
+        else:  # the 2 s budget (loading included) stopped it long before its planned steps
+            done, planned = (int(x) for x in r["steps"].split(" of "))
+            assert 1 <= done < planned and abs(r["kl"]) < 5, r
+    md = (tmp_path / "optimizers.md").read_text()
+    for name in ran:
+        assert f"| {name} | 0 |" in md
+    assert "Provenance:" in md

@@ -186,3 +186,22 @@ def test_the_second_family_preset_is_the_demo_on_qwen3():
     qwen, demo = build_config(PipelineConfig, "pipeline-qwen"), build_config(PipelineConfig, "demo")
     assert qwen.model == "Qwen/Qwen3-0.6B" and qwen.sft.lr == 2e-5 and qwen.ppo.lr == 3e-6
     assert dataclasses.replace(qwen, model=demo.model, sft=demo.sft, ppo=demo.ppo) == demo
+
+
+def test_the_gpu_preset_loads_and_says_its_numbers_are_estimates():
+    """presets/pipeline-gpu.yaml: the demo scaled up for one CUDA GPU (a 0.5B hub model, vLLM
+    rollouts, bf16, a critic from the RM); its per-stage times and memory are marked as estimates
+    until a GPU run measures them (docs/gpu.md)."""
+    from pathlib import Path
+
+    from rlhfkit.config import PipelineConfig, build_config
+
+    gpu, demo = build_config(PipelineConfig, "pipeline-gpu"), build_config(PipelineConfig, "demo")
+    assert (gpu.model, gpu.precision, gpu.rollout_backend) == ("Qwen/Qwen2.5-0.5B-Instruct", "bf16", "vllm")
+    assert gpu.ppo.critic == "rm" and gpu.k > demo.k and gpu.max_new_tokens > demo.max_new_tokens
+    assert gpu.ppo.batch_size * gpu.ppo.samples_per_prompt > demo.ppo.batch_size * demo.ppo.samples_per_prompt
+    assert gpu.sft.max_length > demo.sft.max_length and gpu.rm.max_length > demo.rm.max_length
+    text = (Path(__file__).resolve().parents[1] / "rlhfkit" / "presets" / "pipeline-gpu.yaml").read_text()
+    assert "ESTIMATE" in text and "NOTHING HAS RUN ON A GPU YET" in text
+    for stage in ("sft", "rm", "ppo"):
+        assert any(line.lstrip("# ").startswith(stage) and "GB" in line for line in text.splitlines()), stage

@@ -148,3 +148,25 @@ def test_cli_one_sample_is_one_line_error(stage):
     assert result.output.strip().splitlines() == [
         "error: samples_per_prompt=1: critic-free training compares the samples of a prompt, expected >= 2"
     ]
+
+
+def test_advantages_equal_trl_rloo_and_grpo_trainers():
+    """benchmarks/critic_free_trl_check.py under TRL 1.16 (the venv TRL_VENV names; TRL is never our
+    dependency): the recipe's RLOO advantages (β·KL in the reward, with and without whitening), the KL
+    per sequence and GRPO's group-normalised advantages equal the expressions of TRL's RLOOTrainer and
+    GRPOTrainer (lifted from their ``_generate_and_score_completions`` and checked to be in its
+    source) on the same scores and log-probs, fp32, within 1e-6."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    venv = os.environ.get("TRL_VENV")
+    python = Path(venv or "/nonexistent") / "bin" / "python"
+    if not python.exists():
+        pytest.skip("set TRL_VENV to a venv with trl==1.16.0 (see benchmarks/dpo_trl_check.py)")
+    root = Path(__file__).resolve().parents[1]
+    script = root / "benchmarks" / "critic_free_trl_check.py"
+    run = subprocess.run([str(python), str(script)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    rows = [line for line in run.stdout.splitlines() if line.startswith(("RLOO", "GRPO"))]
+    assert "all within 1e-06" in run.stdout and len(rows) == 11, run.stdout  # every case compared

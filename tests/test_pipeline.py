@@ -493,3 +493,41 @@ def test_pipeline_with_another_rl_optimizer(optimizer, tiny_path, tmp_path):
     assert discover_versions(run)[name] == str(run / "round1" / optimizer / "model")
     with pytest.raises(UserError, match=f"{optimizer}.reward_model: the pipeline sets"):
         build_config(PipelineConfig, "demo", [f"{optimizer}.reward_model=x"])
+
+
+def test_pipeline_with_best_of_n_as_the_optimizer(tiny_path, tmp_path):
+    """optimizer=best_of_n: no training after SFT and the round's RM; bon1's held-out answers are the
+    RM's best of N SFT samples (each the highest-scored of its prompt's N), judged, rated and
+    reported with the KL bound log N − (N−1)/N."""
+    import math
+
+    from rlhfkit.data.jsonl import read_jsonl
+    from rlhfkit.evals.helpful import hf_reward_fn
+
+    run = tmp_path / "run"
+    cfg = demo_config(
+        model=tiny_path, out=str(run), train_prompts=6, eval_prompts=4, k=3, max_new_tokens=10, precision="fp32",
+        min_demo_score=-9.0, round_prompts=3, fresh_process=False, optimizer="best_of_n", best_of_n=3,
+        sft={"batch_size": 4},
+    )  # fmt: skip
+    summary = run_pipeline(cfg)
+    assert summary["final"] == "bon1" and set(summary["versions"]) == {"base", "sft", "bon1"}
+    assert "bon1" not in summary["training"] and set(summary["ratings"]) == {"base", "sft", "bon1"}
+    bound = math.log(3) - 2 / 3
+    assert summary["final_kl_to_sft"] == pytest.approx(bound) and summary["best_of_n"]["n"] == 3
+    assert {p.name for p in (run / "round1").iterdir()} >= {"rm", "bon"} and not (run / "round1" / "ppo").exists()
+    picked = read_jsonl(run / "eval" / "bon1.jsonl")
+    assert len(picked) == 4 and all(len(r["responses"]) == 1 for r in picked)
+    # each pick is its prompt's best: no other of its N samples scores higher with the round's RM
+    assert all(len(r["rm_scores"]) == 3 and r["rm_score"] == max(r["rm_scores"]) for r in picked)
+    b = summary["best_of_n"]
+    assert b["rm_mean_picked"] >= b["rm_mean_samples"]
+    reward = hf_reward_fn(str(run / "round1" / "rm" / "model"))
+    from rlhfkit.tasks import load_task
+
+    prompts = load_task("eval")[:4]
+    again = reward([p.messages for p in prompts], [r["responses"][0] for r in picked])
+    assert again == pytest.approx([r["rm_score"] for r in picked], abs=1e-4)
+    assert "bon1" in (run / "report.html").read_text() and f"{bound:.3f}" in (run / "report.html").read_text()
+    with pytest.raises(UserError, match="best_of_n=0"):
+        run_pipeline(dataclasses.replace(cfg, best_of_n=0))

@@ -2,15 +2,14 @@
 
 What is compared: the per-iteration metrics (losses, KL, scores, β, gradient norm, PPO-ptx loss)
 and the final policy and critic weights of a 1-process and a 2-process run with the same global
-batch and seed, within 1e-5 (fp32).
+batch and seed, within 1e-5 (fp32; relative for metrics above 1, such as an explained variance of -88).
 
-Sampling is stubbed (the same in both runs): the rollout engine draws one random stream per
-``generate`` call (``SamplingParams.seed``), so the 2 processes, each sampling its half of the
-prompts, would sample other tokens than the 1 process sampling them all. The worker replaces
-``ppo.generate`` with a stub whose samples are a pure function of (seed, iteration, query, sample
-index); everything after generation — scoring with a ``reward_fn``, the no-grad forwards, the
-global advantage whitening, minibatches, gradient sums, the KL controller, metrics,
-checkpoints and the final save — is the real code.
+Sampling is the real engine's: each prompt has its own seed (run seed, iteration, its index in
+the data set) and each of its samples its own stream (``SamplingParams.seed``,
+``rollout.sampling.stream_key``), so the 2 processes, each sampling its half of the prompts, sample
+the tokens the 1 process samples for all of them. Everything else — scoring with a ``reward_fn``,
+the no-grad forwards, the global advantage whitening, minibatches, gradient sums, the KL
+controller, metrics, checkpoints and the final save — is the real code too.
 """
 
 from __future__ import annotations
@@ -32,7 +31,6 @@ import torch
 torch.set_num_threads(1)
 import rlhfkit.recipes.ppo as ppo
 from rlhfkit.config import PPOConfig
-from rlhfkit.rollout import Completion
 
 out, model, expect, corpus, mode = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5]
 make = ppo.make_accelerator
@@ -45,20 +43,6 @@ def checked(cfg):  # inside each worker: there really are `expect` processes, an
     return acc
 
 
-def stub_generate(m, cfg, queries, it):  # the samples of a query do not depend on who samples it
-    eos = min(m.generator.eos_ids)
-    comps = []
-    for i, q in enumerate(queries):
-        for j in range(cfg.samples_per_prompt):
-            g = torch.Generator().manual_seed(ppo._seed(cfg.seed, it, j, *q))
-            n = 1 + int(torch.randint(cfg.max_new_tokens - 1, (1,), generator=g))
-            toks = torch.randint(100, 2000, (n,), generator=g).tolist()
-            if int(torch.randint(2, (1,), generator=g)):
-                toks.append(eos)
-            comps.append(Completion(i, j, q, toks, [0.0] * len(toks), "", "stop" if toks[-1] == eos else "length"))
-    return comps
-
-
 log_and_checkpoint = ppo.log_and_checkpoint
 
 
@@ -68,7 +52,6 @@ def crash_after_first(*args, **kwargs):  # mode 'crash': die right after iterati
 
 
 ppo.make_accelerator = checked
-ppo.generate = stub_generate
 if mode == "crash":
     ppo.log_and_checkpoint = crash_after_first
 cfg = PPOConfig(
@@ -121,8 +104,9 @@ def test_ppo_two_processes_equal_one_process(tiny_path, tmp_path):
     keys += ["policy_loss", "value_loss", "clipfrac", "approx_kl", "ratio_mean", "grad_norm", "ptx_loss"]
     for key in keys:
         a, b = [r[key] for r in rows[0]], [r[key] for r in rows[1]]
-        assert max(abs(x - y) for x, y in zip(a, b)) < 1e-5, (key, a, b)
+        assert max(abs(x - y) / max(1.0, abs(x)) for x, y in zip(a, b)) < 1e-5, (key, a, b)  # relative above 1
     assert rows[0][0]["policy_loss"] != rows[0][1]["policy_loss"]  # the runs did something
+    assert len({r["score_raw"] for r in rows[0]}) == 2  # real samples: their lengths differ between iterations
     w_one, w_two = _weights(tmp_path / "one"), _weights(tmp_path / "two")
     assert w_one.keys() == w_two.keys()
     assert max((w_one[k] - w_two[k]).abs().max().item() for k in w_one) < 1e-5

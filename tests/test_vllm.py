@@ -144,6 +144,24 @@ def test_seed_repeats_samples_and_leaves_the_callers_rng_alone(smol):
     assert a != b
 
 
+def test_seeded_samples_do_not_depend_on_the_batch(smol):
+    """Per-sample seeds (vLLM's per-request seed = stream_key(seed, s, prompt) >> 1): a prompt's samples are
+    the same alone, with other prompts and in reverse order; its samples differ from each other."""
+    gen, model, tok, prompts = smol
+
+    def sample(ps, seeds):
+        params = [SamplingParams(max_new_tokens=8, temperature=1.0, seed=s) for s in seeds]
+        return {(c.prompt_index, c.sample_index): c.token_ids for c in gen.generate(ps, params, n=3)}
+
+    alone = sample(prompts[:1], [5])
+    together = sample(prompts, [5, 6, 7])
+    reverse = sample(prompts[::-1], [7, 6, 5])
+    assert [alone[0, j] for j in range(3)] == [together[0, j] for j in range(3)] == [reverse[2, j] for j in range(3)]
+    assert len({tuple(alone[0, j]) for j in range(3)}) == 3
+    other = sample(prompts[:1], [50])  # another seed: other samples
+    assert all(other[0, j] != alone[0, j] for j in range(3))
+
+
 def test_push_weights_changes_the_next_answer_tied_lm_head_included(smol):
     gen, model, tok, prompts = smol
     before = greedy(gen, prompts)
@@ -241,7 +259,7 @@ def test_ppo_with_vllm_samples_from_the_pushed_policy(tiny32, tmp_path, monkeypa
 
     def spy_generate(self, prompts, params=None, n=1, progress=False):
         outs = generate(self, prompts, params, n, progress)
-        T = params.temperature
+        T = (params[0] if isinstance(params, list) else params).temperature  # PPO: one SamplingParams per prompt
 
         def worst(model):
             return max(

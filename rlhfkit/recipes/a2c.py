@@ -24,7 +24,16 @@ from rlhfkit.algos.ppo import entropy_from_logits
 from rlhfkit.config import A2CConfig
 from rlhfkit.errors import UserError
 from rlhfkit.models.loading import resolve_precision
-from rlhfkit.recipes.common import MetricsLog, batch_plan, make_accelerator, prepare_out, progress, shard, world
+from rlhfkit.recipes.common import (
+    MetricsLog,
+    TimeBudget,
+    batch_plan,
+    make_accelerator,
+    prepare_out,
+    progress,
+    shard,
+    world,
+)
 from rlhfkit.recipes.ppo import (
     RewardFn,
     RolloutMetrics,
@@ -56,6 +65,7 @@ def train_a2c(
     acc = make_accelerator(cfg)
     rank, n_proc = world(acc)
     say = say if acc.is_main_process else (lambda *a, **k: None)
+    budget = TimeBudget(cfg, acc, say)  # cfg.max_seconds from here
     out, ckpt = prepare_out(cfg, acc)
     precision = resolve_precision(cfg.precision, acc.device)
 
@@ -94,11 +104,13 @@ def train_a2c(
         last = log_and_checkpoint(cfg, it + 1, len(plan), m, whole, adv, opt, stats | extra, times, log, out, acc)
         bar.update(1)
         bar.set_postfix(score=f"{last['score']:.3f}", kl=f"{last['kl']:.3f}")
+        if budget.spent(it + 1, len(plan)):
+            break
     bar.close()
     log.close()
-    result = {"step": len(plan), **last, "train_seconds": time.perf_counter() - t_run}
+    result = {"step": len(plan), **last, "train_seconds": time.perf_counter() - t_run, **budget.result()}
     if acc.is_main_process:
-        save_final(cfg, m, opt, len(plan), out, last, say)
+        save_final(cfg, m, opt, budget.steps(len(plan)), out, last, say)
     acc.wait_for_everyone()
     return result
 

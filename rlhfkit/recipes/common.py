@@ -15,6 +15,7 @@ import random
 import shutil
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +23,8 @@ import numpy as np
 import torch
 
 from rlhfkit.accel.memory import reuse_freed_memory
-from rlhfkit.accel.optim import allocate_adamw_state, own_memory
-from rlhfkit.config import TrainConfig, save_config
+from rlhfkit.accel.optim import allocate_adamw_state, clip_and_step, own_memory
+from rlhfkit.config import PPOConfig, TrainConfig, save_config
 from rlhfkit.data.jsonl import append_jsonl, read_jsonl, write_jsonl
 from rlhfkit.errors import UserError
 from rlhfkit.models.loading import resolve_precision
@@ -66,8 +67,156 @@ def make_accelerator(cfg: TrainConfig):
         project_config=where,
         kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],
     )
+    _check_engine(acc, cfg)
     set_seed(cfg.seed)
     return acc
+
+
+# ---------------------------------------------------------------- engines: DDP, FSDP2, DeepSpeed
+#
+# The launcher picks the engine (accelerate's environment variables, from `accelerate launch
+# --config_file examples/accelerate/<engine>.yaml`); the stages ask these helpers what it means for
+# them: ``sharded`` (no process holds whole parameters: clip, save and checkpoint through gathers),
+# ``lockstep`` (every forward is a collective: each process must run the same number of them).
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "false").lower() in ("1", "true", "yes")
+
+
+def _check_engine(acc, cfg: TrainConfig) -> None:
+    """Turn FSDP2 on for CPU processes, and refuse what we do not run.
+
+    accelerate 1.16 turns FSDP on only for accelerator devices (``AcceleratorState``: GPU, XPU, …);
+    on CPUs it silently trains with DDP instead. FSDP2 (``fully_shard``) itself runs on CPUs over gloo,
+    and accelerate's ``prepare`` shards a model there once the state says FSDP — so we say it here, and
+    the same launch command shards on CPUs (where the tests run it) as on GPUs."""
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    if _env_flag("ACCELERATE_USE_FSDP"):
+        if os.environ.get("FSDP_VERSION", "1") != "2":
+            raise UserError("FSDP version 1 is not supported: set fsdp_version: 2 (examples/accelerate/fsdp2.yaml)")
+        on_cpu = acc.device.type == "cpu" and acc.num_processes > 1
+        if on_cpu and (acc.distributed_type != DistributedType.FSDP or getattr(acc.state, "fsdp_plugin", None) is None):
+            from accelerate.state import PartialState
+
+            acc.state.fsdp_plugin = FullyShardedDataParallelPlugin()  # from the FSDP_* variables, as accelerate does
+            acc.state.distributed_type = PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+    if _env_flag("ACCELERATE_USE_DEEPSPEED") and acc.distributed_type != DistributedType.DEEPSPEED:
+        raise UserError(
+            "DeepSpeed runs only on CUDA GPUs here (accelerate does not start it on CPUs): "
+            "on CPUs use examples/accelerate/fsdp2.yaml or ddp.yaml"
+        )
+    if engine(acc) == "deepspeed" and (cfg.save_every or cfg.resume):
+        raise UserError("checkpoints (save_every, resume) under DeepSpeed are not supported: use FSDP2 or DDP")
+    if sharded(acc) and isinstance(cfg, PPOConfig):  # and RLOO, GRPO: they generate from the live weights
+        stage = type(cfg).__name__.removesuffix("Config").lower()
+        raise UserError(
+            f"{stage} does not run under {engine(acc)} (its rollout engine needs whole weights): "
+            "launch it with DDP (examples/accelerate/ddp.yaml)"
+        )
+    if sharded(acc) and cfg.lora:
+        raise UserError(
+            f"lora=true with {engine(acc)}: not supported (the merged save needs whole weights); "
+            "use DDP (examples/accelerate/ddp.yaml) or train all weights"
+        )
+
+
+def engine(acc) -> str:
+    """``fsdp``, ``deepspeed``, ``ddp`` (several processes, whole parameters each) or ``single``."""
+    from accelerate.utils import DistributedType
+
+    if acc.distributed_type == DistributedType.FSDP:
+        return "fsdp"
+    if acc.distributed_type == DistributedType.DEEPSPEED:
+        return "deepspeed"
+    return "ddp" if acc.num_processes > 1 else "single"
+
+
+def sharded(acc) -> bool:
+    """No process holds whole parameters or gradients (FSDP, DeepSpeed ZeRO)."""
+    return engine(acc) in ("fsdp", "deepspeed")
+
+
+def lockstep(acc) -> bool:
+    """Every forward gathers the parameters, a collective: every process must run the same number of
+    forwards (FSDP; DeepSpeed ZeRO-3). Under DDP a forward is local, only a backward synchronises."""
+    return sharded(acc)
+
+
+def check_batch(acc, cfg: TrainConfig, n_examples: int) -> None:
+    """Each process needs examples; in lockstep, the same number of them (the same micro-batches)."""
+    n_proc = acc.num_processes
+    bs = min(cfg.batch_size, n_examples)
+    if bs < n_proc:
+        raise UserError(f"batch_size={cfg.batch_size} is smaller than the {n_proc} processes")
+    if lockstep(acc) and bs % n_proc:
+        raise UserError(f"batch_size={bs}: under {engine(acc)} it must be a multiple of the {n_proc} processes")
+
+
+def optimizer_step(acc, model, optimizer, max_norm: float):
+    """Clip the gradients of ``model`` to a global L2 norm of ``max_norm`` (0: no clipping) and step.
+    Returns the norm before clipping (None without clipping).
+
+    Whole gradients (1 process, DDP): ``clip_and_step``, the fused CPU path. Sharded: a process holds
+    a shard of each gradient, and the norm must be that of the whole: accelerate's ``clip_grad_norm_``
+    (FSDP: the DTensor norm, all-reduced; DeepSpeed: its engine clips, by ``gradient_clipping``,
+    which ``prepare_models`` sets to ``max_grad_norm``, and reports the norm)."""
+    if not sharded(acc):
+        return clip_and_step(optimizer, list(model.parameters()), max_norm)
+    norm = acc.clip_grad_norm_(model.parameters(), max_norm) if max_norm > 0 else None
+    optimizer.step()
+    if hasattr(norm, "full_tensor"):  # a DTensor
+        norm = norm.full_tensor()
+    return None if norm is None else torch.as_tensor(norm)
+
+
+def prepare_models(acc, cfg: TrainConfig, model, optimizer):
+    """``acc.prepare(model, optimizer)``. DeepSpeed (untested here: GPUs only): its engine clips with
+    ``cfg.max_grad_norm``; it accumulates our micro-batches itself (``micro_batch``), so its own
+    accumulation count is 1; its micro-batch size only labels its logs (we pass no dataloader)."""
+    if engine(acc) == "deepspeed":
+        ds = acc.state.deepspeed_plugin.deepspeed_config
+        ds["gradient_clipping"] = cfg.max_grad_norm
+        ds["gradient_accumulation_steps"] = 1
+        ds["train_micro_batch_size_per_gpu"] = max(1, cfg.batch_size // acc.num_processes // max(1, cfg.grad_accum))
+        ds.pop("train_batch_size", None)  # DeepSpeed derives it
+    return acc.prepare(model, optimizer)
+
+
+@contextmanager
+def micro_batch(acc, model, last: bool):
+    """Around the forward and backward of one micro-batch: gradients are synchronised (all-reduced,
+    reduce-scattered) after the ``last`` one of an optimizer step only. DDP and FSDP: ``no_sync``
+    before it. DeepSpeed: its engine takes the optimizer step in ``acc.backward`` at the accumulation
+    boundary, which accelerate's ``sync_gradients`` marks (ZeRO-2/3 have no ``no_sync``)."""
+    if engine(acc) == "deepspeed":
+        acc.gradient_state._set_sync_gradients(last)
+        try:
+            yield
+        finally:
+            acc.gradient_state._set_sync_gradients(True)
+    elif last:
+        yield
+    else:
+        with acc.no_sync(model):
+            yield
+
+
+def full_state_dict(acc, model, prefix: str = "") -> dict[str, torch.Tensor] | None:
+    """The whole weights of the prepared ``model`` (those under ``prefix``, renamed without it) on
+    the main process, None on the others. Sharded: gathered, a collective every process must call."""
+    if not sharded(acc):
+        return None
+    state = acc.get_state_dict(model)
+    if not acc.is_main_process:
+        return None
+    # a tied weight (the LM head of tie_word_embeddings) is one parameter under two names; the
+    # gathered copies no longer share memory, so save_pretrained would write both: keep the first
+    unwrapped = acc.unwrap_model(model)
+    first = {n for n, _ in unwrapped.named_parameters()}
+    aliases = {n for n, _ in unwrapped.named_parameters(remove_duplicate=False)} - first
+    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix) and k not in aliases}
 
 
 TRACKERS = ("tensorboard", "wandb", "mlflow")
@@ -162,7 +311,10 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, total_steps: int, l
     groups = [{"params": params, "lr": cfg.lr}] + [
         {"params": [p], "lr": lr} for p, lr in lr_of.items() if p.requires_grad
     ]
-    on_cpu = not torch.cuda.is_available()  # else accelerate moves the model to the GPU next (make_accelerator)
+    # not on GPUs: accelerate moves the model there next (make_accelerator); not when FSDP or DeepSpeed
+    # shards it next (the moments allocated here would belong to the parameters they replace)
+    shards_next = _env_flag("ACCELERATE_USE_FSDP") or _env_flag("ACCELERATE_USE_DEEPSPEED")
+    on_cpu = not torch.cuda.is_available() and not shards_next
     if on_cpu:
         own_memory([p for g in groups for p in g["params"]])
     # fused AdamW: one kernel per tensor, ~3x faster on CPU than the default foreach path; CUDA has it too
@@ -321,22 +473,27 @@ def _set_rng_state(s: dict) -> None:
 
 
 def save_checkpoint(
-    out: Path, step: int, model, optimizer, scheduler, extra: dict | None = None, keep: int = 1
+    out: Path, step: int, model, optimizer, scheduler, extra: dict | None = None, keep: int = 1, gathered=None
 ) -> Path:
     """Write ``out/checkpoints/step-N`` atomically: ``model/`` (a Hugging Face directory) and
     ``state.pt`` (optimizer, schedule, RNG, step). A crash mid-write leaves the previous
-    checkpoint as the latest; only the newest ``keep`` are kept."""
+    checkpoint as the latest; only the newest ``keep`` are kept.
+
+    ``gathered``: (weights, optimizer state) of a sharded run, whole (``gather_checkpoint``); its
+    optimizer state is keyed by parameter names (``get_optimizer_state_dict``), not numbers."""
     root = out / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:06d}"
     tmp = root / f".step-{step:06d}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    model.save_pretrained(tmp / "model", safe_serialization=True)
+    weights, optimizer_state = gathered or (None, optimizer.state_dict())
+    model.save_pretrained(tmp / "model", safe_serialization=True, state_dict=weights)
     torch.save(
         {
             "step": step,
-            "optimizer": optimizer.state_dict(),
+            "optimizer": optimizer_state,
+            "sharded": gathered is not None,
             "scheduler": scheduler.state_dict(),
             "rng": _rng_state(),
             "extra": extra or {},
@@ -350,26 +507,49 @@ def save_checkpoint(
     return final
 
 
-def save_model_dir(model, tok, path: Path) -> None:
+def save_model_dir(model, tok, path: Path, state_dict: dict | None = None) -> None:
     """Save ``model`` (and ``tok``) as a Hugging Face directory atomically: written beside ``path``
     and renamed into place, so a ``path/config.json`` always belongs to a complete model — the
     pipeline takes it to mean "this stage has finished"."""
     tmp = path.with_name(f".{path.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
+    model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)  # state_dict: gathered from shards
     if tok is not None:
         tok.save_pretrained(tmp)
     shutil.rmtree(path, ignore_errors=True)
     os.rename(tmp, path)
 
 
-def periodic_checkpoint(acc, cfg: TrainConfig, out: Path, done: int, total: int, model, optimizer, scheduler) -> None:
+def periodic_checkpoint(
+    acc, cfg: TrainConfig, out: Path, done: int, total: int, model, optimizer, scheduler, prepared=None, prefix=""
+) -> None:
     """Every ``cfg.save_every`` optimizer steps (not the last: the end of the run saves), the main
-    process writes a checkpoint while the others wait."""
+    process writes a checkpoint while the others wait (``write_checkpoint``)."""
     if cfg.save_every and done % cfg.save_every == 0 and done != total:
-        if acc.is_main_process:
-            save_checkpoint(out, done, model, optimizer, scheduler)
-        acc.wait_for_everyone()
+        write_checkpoint(acc, out, done, model, optimizer, scheduler, prepared, prefix)
+
+
+def write_checkpoint(acc, out: Path, step: int, model, optimizer, scheduler, prepared=None, prefix: str = "") -> None:
+    """``save_checkpoint`` of ``model`` (unwrapped) by the main process; every process calls it.
+    Sharded (FSDP): the whole weights of ``prepared`` under ``prefix`` and the whole optimizer state
+    are gathered first, so that the checkpoint's ``model/`` is a Hugging Face directory as always."""
+    gathered = gather_checkpoint(acc, prepared, optimizer, prefix) if sharded(acc) else None
+    if acc.is_main_process:
+        save_checkpoint(out, step, model, optimizer, scheduler, gathered=gathered)
+    acc.wait_for_everyone()
+
+
+def gather_checkpoint(acc, prepared, optimizer, prefix: str = "") -> tuple[dict, dict] | None:
+    """Whole weights and optimizer state of a sharded run on the main process (None elsewhere); a
+    collective. The optimizer state is torch's ``get_optimizer_state_dict`` (keyed by parameter name)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    if engine(acc) != "fsdp":
+        raise UserError(f"checkpoints (save_every, resume) under {engine(acc)} are not supported: use FSDP2 or DDP")
+    weights = full_state_dict(acc, prepared, prefix)
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    optimizer_state = get_optimizer_state_dict(prepared, getattr(optimizer, "optimizer", optimizer), options=options)
+    return (weights, optimizer_state) if acc.is_main_process else None
 
 
 def latest_checkpoint(out: Path) -> Path | None:
@@ -377,17 +557,30 @@ def latest_checkpoint(out: Path) -> Path | None:
     return ckpts[-1] if ckpts else None
 
 
-def load_checkpoint(ckpt: Path, model, optimizer, scheduler) -> tuple[int, dict]:
-    """Restore weights, optimizer, schedule and RNG; returns (step, extra)."""
-    load_weights(model, ckpt / "model")
+def load_checkpoint(ckpt: Path, model, optimizer, scheduler, acc=None, prepared=None) -> tuple[int, dict]:
+    """Restore weights, optimizer, schedule and RNG; returns (step, extra).
+
+    Sharded (``acc`` under FSDP; ``prepared`` the model the optimizer trains, ``model`` the part of it
+    that the checkpoint's ``model/`` holds): every process reads the whole state and keeps its shard."""
     state = torch.load(ckpt / "state.pt", weights_only=False)
-    optimizer.load_state_dict(state["optimizer"])
+    on_shards = acc is not None and sharded(acc)
+    if state.get("sharded", False) != on_shards:
+        written, now = ("FSDP", "without it") if state.get("sharded") else ("without FSDP", "under FSDP")
+        raise UserError(f"{ckpt} was written {written}: resume it the same way, not {now}")
+    load_weights(model, ckpt / "model", on_shards=on_shards)
+    if on_shards:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        inner = getattr(optimizer, "optimizer", optimizer)
+        set_optimizer_state_dict(prepared, inner, state["optimizer"], options=StateDictOptions(full_state_dict=True))
+    else:
+        optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     _set_rng_state(state["rng"])
     return state["step"], state["extra"]
 
 
-def load_weights(model: torch.nn.Module, path: Path) -> None:
+def load_weights(model: torch.nn.Module, path: Path, on_shards: bool = False) -> None:
     """The ``*.safetensors`` weights that ``save_pretrained`` wrote to ``path`` (a full model or peft
     adapters) into ``model``; a UserError when they do not fit it (a tied LM head may be absent)."""
     from safetensors.torch import load_file
@@ -400,7 +593,13 @@ def load_weights(model: torch.nn.Module, path: Path) -> None:
 
         set_peft_model_state_dict(model, weights)
         return
-    missing, unexpected = model.load_state_dict(weights, strict=False)
+    if on_shards:  # FSDP: each process keeps its shard of the whole tensors
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        options = StateDictOptions(full_state_dict=True, strict=False)
+        missing, unexpected = set_model_state_dict(model, weights, options=options)
+    else:
+        missing, unexpected = model.load_state_dict(weights, strict=False)
     tied = getattr(model.config, "tie_word_embeddings", False)
     missing = [m for m in missing if not (tied and m.endswith("lm_head.weight"))]
     if missing or unexpected:
@@ -430,6 +629,49 @@ def progress(total: int, initial: int, enabled: bool, desc: str) -> Iterator:
     from tqdm.auto import tqdm
 
     return tqdm(total=total, initial=initial, disable=not enabled, desc=desc, dynamic_ncols=True)
+
+
+class TimeBudget:
+    """``cfg.max_seconds`` of wall-clock for a stage, counted from when it is made (the stage's start,
+    loading included): ``spent(done, total)`` after each step says whether to stop there. Why:
+    optimisers compared on one budget (benchmarks/optimizers.py) each get the same seconds, not the
+    same steps.
+
+    The step during which the budget ran out is finished, never cut; the stage then saves its model as
+    usual. With several processes the main one's clock decides for all (one collective per step), so
+    they stop at the same step. ``result()`` is what the stage adds to its result dict."""
+
+    def __init__(self, cfg: TrainConfig, acc=None, say=print) -> None:
+        self.seconds, self.acc, self.say = cfg.max_seconds, acc, say
+        self.t0 = time.perf_counter()
+        self.stopped_at: int | None = None
+        self.total = 0
+
+    def spent(self, done: int, total: int) -> bool:
+        """True (and one line said) when the budget ran out by the end of step ``done`` of ``total``."""
+        self.total = total
+        if not self.seconds or done >= total:
+            return False
+        over = time.perf_counter() - self.t0 >= self.seconds
+        if self.acc is not None and self.acc.num_processes > 1:
+            from accelerate.utils import broadcast
+
+            over = bool(broadcast(torch.tensor([float(over)], device=self.acc.device)).item())
+        if over:
+            self.stopped_at = done
+            self.say(f"stopped at the time budget after {done} of {total} steps (max_seconds={self.seconds:g})")
+        return over
+
+    def steps(self, total: int) -> int:
+        """The steps the stage did of its ``total``: where the budget stopped it, else all of them."""
+        return self.stopped_at or total
+
+    def result(self) -> dict:
+        """What the budget did, for the stage's result: {} when it did not stop it, else ``step`` (the
+        steps done), ``stopped_at_time_budget`` and ``planned_steps``."""
+        if self.stopped_at is None:
+            return {}
+        return {"step": self.stopped_at, "stopped_at_time_budget": True, "planned_steps": self.total}
 
 
 # ---------------------------------------------------------------- data

@@ -32,7 +32,16 @@ from rlhfkit.algos.ppo import compute_rewards, logprobs_from_logits
 from rlhfkit.config import GRPOConfig, RLOOConfig
 from rlhfkit.errors import UserError
 from rlhfkit.models.loading import resolve_precision
-from rlhfkit.recipes.common import MetricsLog, batch_plan, make_accelerator, prepare_out, progress, shard, world
+from rlhfkit.recipes.common import (
+    MetricsLog,
+    TimeBudget,
+    batch_plan,
+    make_accelerator,
+    prepare_out,
+    progress,
+    shard,
+    world,
+)
 from rlhfkit.recipes.ppo import (
     Advantages,
     Models,
@@ -84,6 +93,7 @@ def train_critic_free(
     acc = make_accelerator(cfg)
     rank, n_proc = world(acc)
     say = say if acc.is_main_process else (lambda *a, **k: None)
+    budget = TimeBudget(cfg, acc, say)  # cfg.max_seconds from here
     out, ckpt = prepare_out(cfg, acc)
     precision = resolve_precision(cfg.precision, acc.device)
 
@@ -108,7 +118,7 @@ def train_critic_free(
         batch_queries = [queries[i] for i in idx for _ in range(k)]
         times = {"time_push": m.generator.push_weights(m.policy)}
         with timed(times, "time_generate"):  # 2. k responses per prompt on the live weights
-            completions = generate(m, cfg, [queries[i] for i in idx], it)
+            completions = generate(m, cfg, [queries[i] for i in idx], it, idx)
         with timed(times, "time_score"):  # 3. cut after the first EOS, then score
             ro = score(m, cfg, batch_prompts, batch_queries, completions, reward_fn)
         with timed(times, "time_forward"):  # 4. log-probs of policy and reference, no grad
@@ -121,11 +131,13 @@ def train_critic_free(
         last = log_and_checkpoint(cfg, it + 1, len(plan), m, whole, adv, opt, stats | extra, times, log, out, acc)
         bar.update(1)
         bar.set_postfix(score=f"{last['score']:.3f}", kl=f"{last['kl']:.3f}")
+        if budget.spent(it + 1, len(plan)):
+            break
     bar.close()
     log.close()
-    result = {"step": len(plan), **last, "train_seconds": time.perf_counter() - t_run}
+    result = {"step": len(plan), **last, "train_seconds": time.perf_counter() - t_run, **budget.result()}
     if acc.is_main_process:
-        save_final(cfg, m, opt, len(plan), out, last, say)
+        save_final(cfg, m, opt, budget.steps(len(plan)), out, last, say)
     acc.wait_for_everyone()
     return result
 
@@ -138,8 +150,8 @@ def advantages(cfg: RLOOConfig, algo: str, ro: Rollout, beta: float) -> Advantag
     rewards, kl = compute_rewards(ro.scores, ro.fw["logprobs"], ro.fw["ref_logprobs"], mask, beta)  # (N, R)
     if algo == "rloo":
         seq = rloo_advantages(rewards.sum(1), cfg.samples_per_prompt)  # (N,)
-        if cfg.whiten_advantages:  # TRL's normalize_advantages
-            seq = (seq - seq.mean()) / (seq.std() + 1e-8)
+        if cfg.whiten_advantages:  # TRL 1.16's normalize_advantages, its eps too (benchmarks/critic_free_trl_check.py)
+            seq = (seq - seq.mean()) / (seq.std() + 1e-4)
     else:
         seq = grpo_advantages(ro.scores, cfg.samples_per_prompt)  # (N,), KL in the loss instead
     return Advantages(beta, rewards, kl, seq.unsqueeze(1) * mask, torch.zeros_like(rewards))

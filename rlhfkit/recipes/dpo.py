@@ -20,7 +20,6 @@ from contextlib import nullcontext
 import torch
 
 from rlhfkit.accel import prepare_for_training
-from rlhfkit.accel.optim import clip_and_step
 from rlhfkit.algos.dpo import dpo_loss, ranking_pairs, sequence_logprobs
 from rlhfkit.config import DPOConfig
 from rlhfkit.data.records import Ranking
@@ -30,19 +29,26 @@ from rlhfkit.models.loading import load_causal_lm
 from rlhfkit.models.lora import unwrap
 from rlhfkit.recipes.common import (
     MetricsLog,
+    TimeBudget,
     apply_lora,
     batch_plan,
+    check_batch,
+    full_state_dict,
     load_checkpoint,
     load_split,
+    lockstep,
     make_accelerator,
     make_optimizer,
+    micro_batch,
+    optimizer_step,
     periodic_checkpoint,
+    prepare_models,
     prepare_out,
     progress,
-    save_checkpoint,
     save_model_dir,
     shard,
     world,
+    write_checkpoint,
 )
 
 METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracy", "rewards/margin")
@@ -72,9 +78,13 @@ def train_dpo(cfg: DPOConfig, say=print) -> dict:
     acc = make_accelerator(cfg)
     out, ckpt = prepare_out(cfg, acc)
     say = say if acc.is_main_process else (lambda *a, **k: None)
+    budget = TimeBudget(cfg, acc, say)  # cfg.max_seconds from here
     rank, n_proc = world(acc)
     if cfg.batch_size < n_proc:
         raise UserError(f"batch_size={cfg.batch_size} is smaller than the {n_proc} processes")
+    # FSDP: every forward gathers the weights, so every process must run as many: each scores all
+    # the reference and held-out sequences (not its share) and nothing is summed across processes
+    together = lockstep(acc)
 
     # 1. data (a bad file is reported before the model loads): every response once, pairs index them
     train_recs, eval_recs = load_split(cfg, "ranking", say)
@@ -87,6 +97,7 @@ def train_dpo(cfg: DPOConfig, say=print) -> dict:
     if cut := sum(e.truncated for e in seqs):
         say(f"truncated {cut} of {len(seqs)} responses to max_length={cfg.max_length} (prompt cut from the left first)")
     say(f"DPO: {len(train)} training and {len(held_out)} held-out pairs from {len(seqs)} responses")
+    check_batch(acc, cfg, len(train))
 
     # 2. policy (+ LoRA), optimizer, accelerate
     model = loaded.model
@@ -96,7 +107,7 @@ def train_dpo(cfg: DPOConfig, say=print) -> dict:
     prepare_for_training(model, cfg, acc.device, say, name="policy")
     plan = batch_plan(len(train), cfg)
     optimizer, scheduler = make_optimizer(model, cfg, len(plan))
-    model, optimizer = acc.prepare(model, optimizer)
+    model, optimizer = prepare_models(acc, cfg, model, optimizer)
 
     def logps_of(idx: list[int]) -> torch.Tensor:
         """Summed response log-probs (len(idx),) of sequences ``idx``, in one padded forward."""
@@ -108,12 +119,13 @@ def train_dpo(cfg: DPOConfig, say=print) -> dict:
     #    each process does every n-th sequence (longest first: little padding), then they are summed
     model.eval()
     ref = torch.zeros(len(seqs), device=acc.device)
-    mine = sorted(range(rank, len(seqs), n_proc), key=lambda i: -len(seqs[i].input_ids))
+    step_by = 1 if together else n_proc
+    mine = sorted(range(0 if together else rank, len(seqs), step_by), key=lambda i: -len(seqs[i].input_ids))
     base_only = acc.unwrap_model(model).disable_adapter() if cfg.lora else nullcontext()  # LoRA: the base model
     with torch.no_grad(), base_only:
         for i in range(0, len(mine), 8):
             ref[mine[i : i + 8]] = logps_of(mine[i : i + 8])
-    ref = acc.reduce(ref, "sum")
+    ref = ref if together else acc.reduce(ref, "sum")
     n_tokens = torch.tensor([len(e.input_ids) - e.prompt_len for e in seqs], device=acc.device)  # IPO's lengths
     model.train()
 
@@ -134,16 +146,16 @@ def train_dpo(cfg: DPOConfig, say=print) -> dict:
             return {}
         model.eval()
         sums = torch.zeros(len(METRICS), device=acc.device)
-        for i in range(rank * 4, len(held_out), 4 * n_proc):
+        for i in range(0 if together else rank * 4, len(held_out), 4 * (1 if together else n_proc)):
             sums += pair_sums(held_out[i : i + 4])[1]
         model.train()
-        values = acc.reduce(sums, "sum") / sum(p[2] for p in held_out)
+        values = (sums if together else acc.reduce(sums, "sum")) / sum(p[2] for p in held_out)
         return {f"eval_{k}": v for k, v in zip(METRICS, values.tolist())}
 
     # resume: weights, optimizer, schedule, RNG
     start = 0
     if ckpt is not None:
-        start, _ = load_checkpoint(ckpt, acc.unwrap_model(model), optimizer, scheduler)
+        start, _ = load_checkpoint(ckpt, acc.unwrap_model(model), optimizer, scheduler, acc, model)
         say(f"resumed from {ckpt} at step {start}")
     log = MetricsLog(out, acc, cfg, resume_step=start if ckpt else None)
     before = evaluate() if start == 0 else {}
@@ -161,11 +173,11 @@ def train_dpo(cfg: DPOConfig, say=print) -> dict:
         # 4. train step
         micro = shard(list(range(len(pairs))), rank, n_proc, cfg.grad_accum)
         for j, mb in enumerate(micro):
-            with nullcontext() if j == len(micro) - 1 else acc.no_sync(model):
+            with micro_batch(acc, model, last=j == len(micro) - 1):
                 loss_sum, metric_sums = pair_sums([pairs[i] for i in mb])
-                acc.backward(loss_sum / total_weight * n_proc)  # DDP averages over processes, hence × n_proc
+                acc.backward(loss_sum / total_weight * n_proc)  # DDP/FSDP average over processes, hence × n_proc
             sums += metric_sums
-        grad_norm = clip_and_step(optimizer, model.parameters(), cfg.max_grad_norm)
+        grad_norm = optimizer_step(acc, model, optimizer, cfg.max_grad_norm)
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         done = step + 1
@@ -181,19 +193,22 @@ def train_dpo(cfg: DPOConfig, say=print) -> dict:
         bar.update(1)
         bar.set_postfix(loss=f"{last['loss']:.4f}", acc=f"{last['rewards/accuracy']:.2f}")
         # 6. checkpoint
-        periodic_checkpoint(acc, cfg, out, done, len(plan), acc.unwrap_model(model), optimizer, scheduler)
+        periodic_checkpoint(acc, cfg, out, done, len(plan), acc.unwrap_model(model), optimizer, scheduler, model)
+        if budget.spent(done, len(plan)):
+            break
     bar.close()
     train_seconds = time.perf_counter() - t_train
 
     final = evaluate()
-    log.log(len(plan), **final)
+    log.log(budget.steps(len(plan)), **final)
     log.close()
-    result = {"step": len(plan), **last, **final, "train_seconds": train_seconds}
+    result = {"step": len(plan), **last, **final, "train_seconds": train_seconds, **budget.result()}
     result |= {f"{k}_before": v for k, v in before.items()}
+    if cfg.save_every:
+        write_checkpoint(acc, out, budget.steps(len(plan)), acc.unwrap_model(model), optimizer, scheduler, model)
+    weights = full_state_dict(acc, model)  # FSDP: the whole weights, gathered; else None (the model's own)
     if acc.is_main_process:
-        if cfg.save_every:
-            save_checkpoint(out, len(plan), acc.unwrap_model(model), optimizer, scheduler)
-        save_model_dir(unwrap(acc.unwrap_model(model), merge=True), tok, out / "model")
+        save_model_dir(unwrap(acc.unwrap_model(model), merge=True), tok, out / "model", weights)
         got = f"; held-out accuracy {final['eval_rewards/accuracy']:.3f}" if final else ""
         say(f"saved {out / 'model'}{got}")
     acc.wait_for_everyone()

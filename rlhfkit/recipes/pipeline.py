@@ -17,6 +17,7 @@
                    model's answers to fresh prompts, as InstructGPT; round r > 1 adds fresh
                    answers of the newest policy, ranked — iterated online RLHF, Bai et al. 2022)
   5. PPO           round r: PPO from the SFT model (also the KL reference) against RM r
+                   (or RLOO, GRPO, DPO; or best-of-N: no training, RM r picks the best of N SFT samples)
   6. judge         every version answers the held-out prompts (greedy); the gold rubric judges:
                    mean gold score, instruction-following rate, win-rates with 95% intervals,
                    Elo and Bradley–Terry ratings; a self-contained HTML report with plots
@@ -294,6 +295,8 @@ def start_run(cfg: PipelineConfig, say) -> Run:
     """Check the settings, record them in OUT/pipeline.json, pick the prompts, make the labeler."""
     if not 2 <= cfg.k <= 9:
         raise UserError(f"k={cfg.k}: labelers rank K = 2..9 answers per prompt")
+    if cfg.best_of_n < 1:
+        raise UserError(f"best_of_n={cfg.best_of_n}: expected N >= 1 samples per prompt (1 = plain SFT sampling)")
     suite_list(cfg)
     report_to_trackers(cfg.report_to)  # a tracker that is not installed stops the run now, not after sampling
     out = Path(cfg.out)
@@ -436,6 +439,80 @@ def dpo_phase(run: Run, r: int, sft_model: str) -> str:
     return str(rdir / "dpo" / "model")
 
 
+BEST_OF_N = "bon"  # the name of best-of-N versions: bon1, bon2, ... (round r's reward model picks)
+
+
+def is_best_of_n(name: str) -> bool:
+    """A best-of-N version (``bon{r}``): the SFT model with a reward model, not a trained model."""
+    return name.startswith(BEST_OF_N) and name[len(BEST_OF_N) :].isdigit()
+
+
+def best_of_n_answers(
+    cfg: PipelineConfig, sft_model: str, rm_dir: str, prompts: list[Prompt], n: int, say=print
+) -> tuple[list[dict], dict]:
+    """One answer per prompt: reward model ``rm_dir``'s best of ``n`` samples of ``sft_model`` (at the
+    pipeline's ``temperature``, that of the answers the RM learned from: its candidates are the kind
+    it was trained to rank), as ``rlhfkit eval --best-of`` answers. Rows as :func:`sample_answers`'s,
+    with the picked answer's RM score and those of all n samples; and the RM's mean score of all
+    samples against the picked ones."""
+    from rlhfkit.algos.best_of_n import best_index
+    from rlhfkit.evals.helpful import hf_reward_fn
+
+    rows = sample_answers(sft_model, prompts, n, cfg, cfg.temperature, say)
+    reward = hf_reward_fn(rm_dir)
+    asked = [p.messages for p, row in zip(prompts, rows) for _ in row["responses"]]
+    all_scores = reward(asked, [text for row in rows for text in row["responses"]])  # (B * n,), prompt-major
+    picked, at = [], 0
+    for row in rows:
+        scores, at = all_scores[at : at + len(row["responses"])], at + len(row["responses"])
+        j = best_index(scores)
+        picked.append(
+            {**row, "responses": [row["responses"][j]], "finished": [row["finished"][j]], "rm_score": scores[j]}
+            | {"rm_scores": scores}  # of all n samples
+        )
+    del reward
+    release_memory()
+    stats = {
+        "rm_mean_samples": sum(all_scores) / len(all_scores),
+        "rm_mean_picked": sum(r["rm_score"] for r in picked) / len(picked),
+    }
+    return picked, stats
+
+
+def best_of_n_phase(run: Run, r: int, sft_model: str) -> str:
+    """5''. (optimizer=best_of_n) No training: version bon{r} answers each held-out prompt with round
+    r's reward model's best of ``cfg.best_of_n`` samples of the SFT model (eval/bon{r}.jsonl, judged
+    with the other versions; round{r}/bon/bon.json says what it is). KL(bon || SFT) <= log N − (N−1)/N
+    (Stiennon et al. 2020): the same gold-score-vs-KL axis as PPO's, at no training cost. Returns the
+    SFT model (the policy that samples; a later round samples from it too)."""
+    from rlhfkit.algos.best_of_n import kl_bound
+
+    cfg, rdir = run.cfg, run.out / f"round{r}"
+    meta, answers = rdir / "bon" / "bon.json", run.out / "eval" / f"{BEST_OF_N}{r}.jsonl"
+    if not (meta.exists() and answers.exists()):
+        rm = str(rdir / "rm" / "model")
+        rows, stats = best_of_n_answers(cfg, sft_model, rm, run.held_out, cfg.best_of_n, run.say)
+        answers.parent.mkdir(exist_ok=True)
+        write_jsonl(answers, rows)
+        meta.parent.mkdir(exist_ok=True)
+        info = {"policy": sft_model, "reward_model": rm, "n": cfg.best_of_n, "temperature": cfg.temperature}
+        meta.write_text(json.dumps(info | {"kl_bound": kl_bound(cfg.best_of_n)} | stats, indent=2))
+    return sft_model
+
+
+def ilql_phase(run: Run, r: int, sft_model: str) -> str:
+    """5''. (optimizer=ilql) Round r's ILQL from the SFT model on the same rankings as DPO (rank -> reward):
+    offline, no reward model and no sampling; the saved model generates with its heads when judged."""
+    rdir = run.out / f"round{r}"
+    if not (rdir / "ilql" / "model" / "config.json").exists():
+        from rlhfkit.recipes.ilql import train_ilql
+
+        data = str(rdir / "rm_data.jsonl")
+        stage_cfg = stage_config(run.cfg, run.cfg.ilql, model=sft_model, data=data, out=str(rdir / "ilql"))
+        run_stage(run.cfg, train_ilql, stage_cfg, run.say)
+    return str(rdir / "ilql" / "model")
+
+
 def judge_phase(run: Run, versions: dict[str, str]) -> tuple[dict[str, list[dict]], dict[str, dict]]:
     """6. Every version answers the held-out prompts (greedy, kept in eval/NAME.jsonl); the gold rubric
     judges them, and the newest reward model scores them too — a policy that climbs the RM while the
@@ -467,6 +544,7 @@ def summarize(
 ) -> dict:
     """The run's summary.json: every version's gold results, win-rates, ratings, RM accuracy, PPO curves."""
     cfg, final = run.cfg, list(versions)[-1]
+    best_of_ns = [n for n in versions if is_best_of_n(n)]
     summary = {
         "prompts": {
             "train_round0": cfg.train_prompts,
@@ -481,7 +559,9 @@ def summarize(
         "sft_vs_base": compare(judged["sft"]["scores"], judged["base"]["scores"]),
         "ratings": ratings(judged),
         "rm_accuracy": rm_accuracy,
-        "training": {n: read_metrics(Path(p).parent) for n, p in versions.items() if n not in ("base", "sft")},
+        "training": {  # best-of-N trains nothing
+            n: read_metrics(Path(p).parent) for n, p in versions.items() if n not in ("base", "sft", *best_of_ns)
+        },
         "seconds": {
             **{k: round(v, 1) for k, v in run.timings.items()},
             "total": round(time.perf_counter() - t_start, 1),
@@ -491,7 +571,11 @@ def summarize(
         from rlhfkit.evals.report import summary_rows
 
         summary["eval_suites"] = {"rows": summary_rows(suites), "report": "eval/suites.html"}
-    if final != "sft":
+    if is_best_of_n(final):  # no training: the analytic bound, and what the RM saw
+        info = json.loads((run.out / f"round{final[len(BEST_OF_N) :]}" / "bon" / "bon.json").read_text())
+        summary["best_of_n"] = info
+        summary["final_kl_to_sft"] = info["kl_bound"]
+    elif final != "sft":
         last = summary["training"][final][-1] if summary["training"][final] else {}
         summary["final_kl_to_sft"] = last.get("kl")  # PPO's KL per response; DPO logs none
     return summary
@@ -527,13 +611,19 @@ def run_pipeline(cfg: PipelineConfig, say=print) -> dict:
         elif cfg.optimizer == "dpo":
             with run.timed(f"round{r}_dpo"):
                 policy = versions[f"dpo{r}"] = dpo_phase(run, r, sft_model)
+        elif cfg.optimizer == "best_of_n":
+            with run.timed(f"round{r}_best_of_n"):
+                versions[f"{BEST_OF_N}{r}"] = best_of_n_phase(run, r, sft_model)
+        elif cfg.optimizer == "ilql":
+            with run.timed(f"round{r}_ilql"):
+                policy = versions[f"ilql{r}"] = ilql_phase(run, r, sft_model)
 
     with run.timed("judge"):
         answers, judged = judge_phase(run, versions)
     suites = None
     if cfg.eval_suites:  # 7. optional: the eval suites (TruthfulQA, toxicity, CrowS-Pairs, perplexity)
         with run.timed("eval_suites"):
-            suites = run_suites(cfg, versions, run.out / "eval")
+            suites = run_suites(cfg, {n: s for n, s in versions.items() if not is_best_of_n(n)}, run.out / "eval")
     summary = summarize(run, versions, judged, demos, rm_accuracy, suites, t_start)
     (run.out / "summary.json").write_text(json.dumps(summary, indent=2))
     from rlhfkit.recipes.pipeline_report import write_report
@@ -643,7 +733,14 @@ def render_summary(s: dict) -> str:
             f"{label} on {s['prompts']['held_out']} held-out prompts: win-rate {w['win_rate']:.1%} "
             f"(95% CI {w['ci95'][0]:.1%}–{w['ci95'][1]:.1%}; {w['wins']} wins, {w['ties']} ties, {w['losses']} losses)"
         )
-    if s.get("final_kl_to_sft") is not None:
+    if s.get("best_of_n"):
+        b = s["best_of_n"]
+        lines.append(
+            f"{s['final']}: the round's RM picks the best of N = {b['n']} SFT samples (T = {b['temperature']}); "
+            f"KL({s['final']} || SFT) <= log N - (N-1)/N = {b['kl_bound']:.3f} nats; RM score of the picked answers "
+            f"{b['rm_mean_picked']:+.3f} vs {b['rm_mean_samples']:+.3f} over all samples"
+        )
+    elif s.get("final_kl_to_sft") is not None:
         lines.append(f"KL({s['final']} || SFT) per response at the last PPO iteration: {s['final_kl_to_sft']:.3f} nats")
     for rm in s["rm_accuracy"]:
         if rm["after"] is not None:

@@ -102,7 +102,13 @@ def write_report(
             f"<p><b>{esc(label)}</b>: win-rate {w['win_rate']:.1%} (95% CI {w['ci95'][0]:.1%}–{w['ci95'][1]:.1%}; "
             f"{w['wins']} wins, {w['ties']} ties, {w['losses']} losses; ties count half)</p>"
         )
-    if summary.get("final_kl_to_sft") is not None:
+    if summary.get("best_of_n"):
+        b = summary["best_of_n"]
+        parts.append(
+            f"<p>{esc(summary['final'])}: the round's reward model picks the best of N = {b['n']} SFT samples; "
+            f"KL({esc(summary['final'])} ‖ SFT) ≤ log N − (N−1)/N = {b['kl_bound']:.3f} nats.</p>"
+        )
+    elif summary.get("final_kl_to_sft") is not None:
         parts.append(
             f"<p>KL({esc(summary['final'])} ‖ SFT) at the last PPO iteration: {summary['final_kl_to_sft']:.3f} nats "
             "per response.</p>"
@@ -120,7 +126,7 @@ def write_report(
         )
     )
     for n, rows_ in summary.get("training", {}).items():
-        if rows_ and not n.startswith("dpo"):  # PPO, RLOO, GRPO: score and KL per iteration
+        if rows_ and not n.startswith(("dpo", "ilql")):  # PPO, RLOO, GRPO: score and KL per iteration
             parts.append(f"<h2>{esc(n)}: training</h2>" + _ppo_plot(n, [r for r in rows_ if "score" in r]))
     accs = [a for a in summary.get("rm_accuracy", []) if a.get("after") is not None]
     if accs:

@@ -78,6 +78,7 @@ from rlhfkit.models.loading import resolve_precision
 from rlhfkit.models.lora import unwrap
 from rlhfkit.recipes.common import (
     MetricsLog,
+    TimeBudget,
     batch_plan,
     load_checkpoint,
     make_accelerator,
@@ -189,6 +190,7 @@ def train_ppo(
     acc = make_accelerator(cfg)
     rank, n_proc = world(acc)
     say = say if acc.is_main_process else (lambda *a, **k: None)
+    budget = TimeBudget(cfg, acc, say)  # cfg.max_seconds from here
     out, ckpt = prepare_out(cfg, acc)
     precision = resolve_precision(cfg.precision, acc.device)
 
@@ -223,7 +225,7 @@ def train_ppo(
         batch_queries = [queries[i] for i in idx for _ in range(cfg.samples_per_prompt)]
         times = {"time_push": m.generator.push_weights(m.policy)}  # the policy's weights to the generator
         with timed(times, "time_generate"):  # 2. generate on the live weights
-            completions = generate(m, cfg, [queries[i] for i in idx], it)
+            completions = generate(m, cfg, [queries[i] for i in idx], it, idx)
         with timed(times, "time_score"):  # 3. cut after the first EOS, then score
             ro = score(m, cfg, batch_prompts, batch_queries, completions, reward_fn)
         with timed(times, "time_forward"):  # 4. log-probs (policy, reference) and values, no grad
@@ -239,11 +241,13 @@ def train_ppo(
         last = log_and_checkpoint(cfg, it + 1, len(plan), m, whole, adv, opt, stats | extra, times, log, out, acc)
         bar.update(1)
         bar.set_postfix(score=f"{last['score']:.3f}", kl=f"{last['kl']:.3f}")
+        if budget.spent(it + 1, len(plan)):
+            break
     bar.close()
     log.close()
-    result = {"step": len(plan), **last, "train_seconds": time.perf_counter() - t_run}
+    result = {"step": len(plan), **last, "train_seconds": time.perf_counter() - t_run, **budget.result()}
     if acc.is_main_process:
-        save_final(cfg, m, opt, len(plan), out, last, say)
+        save_final(cfg, m, opt, budget.steps(len(plan)), out, last, say)
     acc.wait_for_everyone()
     return result
 
@@ -297,17 +301,26 @@ def timed(times: dict[str, float], name: str) -> Iterator[None]:
     times[name] = times.get(name, 0.0) + time.perf_counter() - t0
 
 
-def generate(m: Models, cfg: PPOConfig, queries: list[list[int]], it: int) -> list[Completion]:
+def generate(
+    m: Models, cfg: PPOConfig, queries: list[list[int]], it: int, keys: list[int] | None = None
+) -> list[Completion]:
     """``samples_per_prompt`` responses to each query from the live policy weights, with the rollout
-    generator (rollout_backend); seeded per iteration, so a resumed run samples the same."""
-    params = SamplingParams(
-        max_new_tokens=cfg.max_new_tokens,
-        temperature=cfg.temperature,
-        top_k=0,
-        top_p=1.0,
-        ignore_eos=cfg.ignore_eos,
-        seed=_seed(cfg.seed, it, 7),
-    )
+    generator (rollout_backend). Each prompt has its own seed, from (run seed, iteration, its key:
+    its index in the data set, ``keys``; default its position), and each of its samples its own
+    stream of it (``SamplingParams.seed``): a resumed run samples the same, and a prompt samples
+    the same whichever process generates it, next to whichever others."""
+    keys = range(len(queries)) if keys is None else keys
+    params = [
+        SamplingParams(
+            max_new_tokens=cfg.max_new_tokens,
+            temperature=cfg.temperature,
+            top_k=0,
+            top_p=1.0,
+            ignore_eos=cfg.ignore_eos,
+            seed=_seed(cfg.seed, it, 7, k),
+        )
+        for k in keys
+    ]
     with torch.no_grad():
         return m.generator.generate(queries, params, n=cfg.samples_per_prompt)
 

@@ -14,16 +14,13 @@
 from __future__ import annotations
 
 import time
-from contextlib import nullcontext
 
 import torch
 
 from rlhfkit.accel import prepare_for_training
-from rlhfkit.accel.optim import clip_and_step
 from rlhfkit.algos.losses import pairwise_accuracy, ranking_loss, ranking_metrics
 from rlhfkit.config import RewardConfig
 from rlhfkit.data.tokenize import Encoded, collate, collate_shared_prompt, encode_ranking, length_groups
-from rlhfkit.errors import UserError
 from rlhfkit.feedback.labelers import ranks_from_scores
 from rlhfkit.models.heads import RewardModel, load_reward_model
 from rlhfkit.models.lora import unwrap
@@ -31,17 +28,23 @@ from rlhfkit.recipes.common import (
     MetricsLog,
     apply_lora,
     batch_plan,
+    check_batch,
+    full_state_dict,
     load_checkpoint,
     load_split,
+    lockstep,
     make_accelerator,
     make_optimizer,
+    micro_batch,
+    optimizer_step,
     periodic_checkpoint,
+    prepare_models,
     prepare_out,
     progress,
-    save_checkpoint,
     save_model_dir,
     shard,
     world,
+    write_checkpoint,
 )
 
 Group = tuple[list[Encoded], list[int]]  # the K sequences of one prompt and their ranks
@@ -49,7 +52,7 @@ SHARE_MIN_SAVING = 0.1  # share a prompt across its K responses when that saves 
 
 
 def score_groups(
-    model, groups: list[Group], pad_id: int, device, share_prompt: bool = True
+    model, groups: list[Group], pad_id: int, device, share_prompt: bool = True, one_forward: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Score every response of ``groups``. Returns scores (N,), ranks (N,), group (N,).
 
@@ -57,8 +60,10 @@ def score_groups(
     (``collate_shared_prompt``): the same scores as K separate rows, with the prompt's tokens
     computed once instead of K times — used when that saves at least ``SHARE_MIN_SAVING`` of the
     tokens (a near-empty prompt saves nothing and the longer rows cost more attention). Otherwise
-    one row per response. Either way, rows of similar length share a forward (less padding).
+    one row per response. Either way, rows of similar length share a forward (less padding);
+    ``one_forward``: all rows share one (FSDP: each process must run as many forwards as the others).
     """
+    groups_of = (lambda lengths: [list(range(len(lengths)))]) if one_forward else length_groups
     seqs = [e for g, _ in groups for e in g]
     ranks = torch.tensor([r for _, rs in groups for r in rs], device=device)
     group = torch.tensor([gi for gi, (g, _) in enumerate(groups) for _ in g], device=device)
@@ -69,7 +74,7 @@ def score_groups(
         for g, _ in groups:
             first.append(first[-1] + len(g))
         lengths = [g[0].prompt_len + sum(len(e.input_ids) - e.prompt_len for e in g) for g, _ in groups]
-        for part in length_groups(lengths):
+        for part in groups_of(lengths):
             batch, where = collate_shared_prompt([groups[gi][0] for gi in part], pad_id)
             rows = torch.tensor([r for r, _ in where], device=device)
             cols = torch.tensor([c for _, c in where], device=device)
@@ -83,7 +88,7 @@ def score_groups(
             index = torch.tensor([i for gi in part for i in range(first[gi], first[gi + 1])], device=device)
             scores = scores.index_put((index,), part_scores)
         return scores, ranks, group
-    for part in length_groups([len(e.input_ids) for e in seqs]):
+    for part in groups_of([len(e.input_ids) for e in seqs]):
         batch = collate([seqs[i] for i in part], pad_id)
         part_scores = model(
             batch["input_ids"].to(device), batch["attention_mask"].to(device), batch["last_index"].to(device)
@@ -151,12 +156,12 @@ def train_reward_model(cfg: RewardConfig, say=print) -> dict:
     out, ckpt = prepare_out(cfg, acc)
     say = say if acc.is_main_process else (lambda *a, **k: None)
     rank, n_proc = world(acc)
-    if cfg.batch_size < n_proc:
-        raise UserError(f"batch_size={cfg.batch_size} is smaller than the {n_proc} processes")
 
     # 1. data (a bad file is reported before the model loads), then the model: trunk + fresh
     #    head (or a saved RM's head, to continue training it)
     train_recs, eval_recs = load_split(cfg, "ranking", say)
+    check_batch(acc, cfg, len(train_recs))
+    together = lockstep(acc)  # FSDP: one forward per micro-batch on every process (see score_groups)
     rm, tok = load_reward_model(cfg.model)
     pad_id = tok.pad_token_id
     if not cfg.chat_template:
@@ -182,10 +187,10 @@ def train_reward_model(cfg: RewardConfig, say=print) -> dict:
     # 3. batch plan, optimizer, accelerate, resume
     plan = batch_plan(len(train), cfg)
     optimizer, scheduler = make_optimizer(rm, cfg, len(plan))
-    rm, optimizer = acc.prepare(rm, optimizer)
+    rm, optimizer = prepare_models(acc, cfg, rm, optimizer)
     start = 0
     if ckpt is not None:
-        start, _ = load_checkpoint(ckpt, acc.unwrap_model(rm).seq_model, optimizer, scheduler)
+        start, _ = load_checkpoint(ckpt, acc.unwrap_model(rm).seq_model, optimizer, scheduler, acc, rm)
         say(f"resumed from {ckpt} at step {start}")
     log = MetricsLog(out, acc, cfg, resume_step=start if ckpt else None)
     before = (
@@ -211,16 +216,16 @@ def train_reward_model(cfg: RewardConfig, say=print) -> dict:
         micro = shard(batch, rank, n_proc, cfg.grad_accum)
         # 4. train step: all K responses of each prompt in one forward
         for j, mb in enumerate(micro):
-            sync = nullcontext() if j == len(micro) - 1 else acc.no_sync(rm)
-            with sync:
-                scores, ranks, group = score_groups(rm, [train[i] for i in mb], pad_id, acc.device, cfg.share_prompt)
+            with micro_batch(acc, rm, last=j == len(micro) - 1):
+                mine = [train[i] for i in mb]
+                scores, ranks, group = score_groups(rm, mine, pad_id, acc.device, cfg.share_prompt, together)
                 per_prompt, _ = ranking_loss(scores, ranks, group)
                 acc.backward(per_prompt.sum() / n_prompts * n_proc)
             loss_sum += per_prompt.detach().sum()
             right, pairs = pairwise_accuracy(scores.detach(), ranks, group)
             correct += right
             n_pairs += pairs
-        grad_norm = clip_and_step(optimizer, rm.parameters(), cfg.max_grad_norm)
+        grad_norm = optimizer_step(acc, rm, optimizer, cfg.max_grad_norm)
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         done = step + 1
@@ -245,7 +250,8 @@ def train_reward_model(cfg: RewardConfig, say=print) -> dict:
             log.log(done, **last)
         bar.update(1)
         bar.set_postfix(loss=f"{last['loss']:.4f}", acc=f"{last['accuracy']:.2f}")
-        periodic_checkpoint(acc, cfg, out, done, len(plan), acc.unwrap_model(rm).seq_model, optimizer, scheduler)
+        seq_model = acc.unwrap_model(rm).seq_model
+        periodic_checkpoint(acc, cfg, out, done, len(plan), seq_model, optimizer, scheduler, rm, "seq_model.")
     bar.close()
     train_seconds = time.perf_counter() - t_train
 
@@ -277,12 +283,13 @@ def train_reward_model(cfg: RewardConfig, say=print) -> dict:
     log.close()
 
     # 7. save a plain Hugging Face directory
+    if cfg.save_every:
+        write_checkpoint(acc, out, len(plan), model.seq_model, optimizer, scheduler, rm, "seq_model.")
+    weights = full_state_dict(acc, rm, "seq_model.")  # FSDP: the whole weights, gathered; else None
     if acc.is_main_process:
-        if cfg.save_every:
-            save_checkpoint(out, len(plan), model.seq_model, optimizer, scheduler)
         seq = unwrap(model.seq_model, merge=True)
         seq.config.reward_offset = model.offset
-        save_model_dir(seq, tok, out / "model")
+        save_model_dir(seq, tok, out / "model", weights)
         say(
             f"saved {out / 'model'}; held-out accuracy {final.get('accuracy', float('nan')):.3f}{_gold_note(final)}; "
             f"offset {model.offset:+.4f}"

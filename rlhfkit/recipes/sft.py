@@ -5,7 +5,7 @@ over all response tokens of the global batch. ``run_lm_training`` is also the lo
 ``rlhfkit pretrain`` (every token a target) — read it top to bottom:
 
   1. batch plan    the run's global batches, fixed by the seed (so resume is exact)
-  2. prepare       optimizer + schedule, accelerate (DDP across processes when launched so)
+  2. prepare       optimizer + schedule, accelerate (DDP or FSDP2 across processes when launched so)
   3. resume        weights, optimizer, schedule, RNG from the latest checkpoint
   4. train step    micro-batches -> masked NLL / global token count -> backward -> clip -> step
   5. evaluate      held-out loss every ``eval_every`` steps and at the end
@@ -15,35 +15,38 @@ over all response tokens of the global batch. ``run_lm_training`` is also the lo
 from __future__ import annotations
 
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
 from rlhfkit.accel import prepare_for_training
 from rlhfkit.accel.attention import additive_attention_mask
-from rlhfkit.accel.optim import clip_and_step
 from rlhfkit.algos.losses import masked_nll_sum
 from rlhfkit.config import SFTConfig, TrainConfig
 from rlhfkit.data.tokenize import Encoded, collate, collate_packed, encode_demonstration, length_groups
-from rlhfkit.errors import UserError
 from rlhfkit.models.loading import load_causal_lm
 from rlhfkit.models.lora import unwrap
 from rlhfkit.recipes.common import (
     MetricsLog,
     apply_lora,
     batch_plan,
+    check_batch,
+    full_state_dict,
     load_checkpoint,
     load_split,
+    lockstep,
     make_accelerator,
     make_optimizer,
+    micro_batch,
+    optimizer_step,
     periodic_checkpoint,
+    prepare_models,
     prepare_out,
     progress,
-    save_checkpoint,
     save_model_dir,
     shard,
     world,
+    write_checkpoint,
 )
 
 
@@ -89,8 +92,11 @@ def run_lm_training(
 ) -> dict:
     rank, n_proc = world(acc)
     packing = getattr(cfg, "packing", False)
-    if cfg.batch_size < n_proc:
-        raise UserError(f"batch_size={cfg.batch_size} is smaller than the {n_proc} processes")
+    check_batch(acc, cfg, len(train))
+    # FSDP: every forward gathers the weights, so every process runs one forward per micro-batch
+    # (not one per length group, whose number differs between processes) and evaluates all of
+    # the held-out set (not its share); the same numbers either way
+    together = lockstep(acc)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     model = apply_lora(model, cfg)
@@ -105,7 +111,7 @@ def run_lm_training(
         """Summed NLL of the target tokens of ``examples`` (similar lengths share a forward)."""
         parts = (
             [examples]
-            if packing
+            if packing or together
             else [[examples[i] for i in g] for g in length_groups([len(e.input_ids) for e in examples])]
         )
         total = torch.zeros((), device=acc.device)
@@ -123,23 +129,24 @@ def run_lm_training(
         if not held_out:
             return None
         model.eval()
-        mine = held_out[rank::n_proc]
+        mine = held_out if together else held_out[rank::n_proc]
         total = torch.zeros((), device=acc.device)
         for i in range(0, len(mine), max(1, cfg.batch_size // n_proc)):
             total += forward_nll(mine[i : i + max(1, cfg.batch_size // n_proc)])
         model.train()
-        return (acc.reduce(total, "sum") / sum(targets(e) for e in held_out)).item()
+        total = total if together else acc.reduce(total, "sum")
+        return (total / sum(targets(e) for e in held_out)).item()
 
     # 1. batch plan: global batches of example indices, fixed by the seed
     plan = batch_plan(len(train), cfg)
     # 2. optimizer, schedule, accelerate
     optimizer, scheduler = make_optimizer(model, cfg, len(plan))
-    model, optimizer = acc.prepare(model, optimizer)
+    model, optimizer = prepare_models(acc, cfg, model, optimizer)
     model.train()
     # 3. resume
     start = 0
     if ckpt is not None:
-        start, _ = load_checkpoint(ckpt, acc.unwrap_model(model), optimizer, scheduler)
+        start, _ = load_checkpoint(ckpt, acc.unwrap_model(model), optimizer, scheduler, acc, model)
         say(f"resumed from {ckpt} at step {start}")
     log = MetricsLog(out, acc, cfg, resume_step=start if ckpt else None)
     first_eval = evaluate() if start == 0 else None
@@ -154,18 +161,17 @@ def run_lm_training(
         batch = plan[step]
         # The normaliser is the number of target tokens in the *global* batch: every process
         # knows the whole batch, so each divides its own sum by the same count and no
-        # all-reduce is needed. DDP averages gradients over processes, hence the × n_proc.
+        # all-reduce is needed. DDP and FSDP average gradients over processes, hence the × n_proc.
         n_targets = sum(targets(train[i]) for i in batch)
         micro = shard(batch, rank, n_proc, cfg.grad_accum)
         loss_sum = torch.zeros((), device=acc.device)
         # 4. train step
         for j, mb in enumerate(micro):
-            sync = nullcontext() if j == len(micro) - 1 else acc.no_sync(model)
-            with sync:
+            with micro_batch(acc, model, last=j == len(micro) - 1):
                 nll = forward_nll([train[i] for i in mb])
                 acc.backward(nll / n_targets * n_proc)
             loss_sum += nll.detach()
-        grad_norm = clip_and_step(optimizer, model.parameters(), cfg.max_grad_norm)
+        grad_norm = optimizer_step(acc, model, optimizer, cfg.max_grad_norm)
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         train_loss = (acc.reduce(loss_sum, "sum") / n_targets).item()
@@ -181,7 +187,7 @@ def run_lm_training(
         bar.update(1)
         bar.set_postfix(loss=f"{train_loss:.4f}")
         # 6. checkpoint
-        periodic_checkpoint(acc, cfg, out, done, len(plan), acc.unwrap_model(model), optimizer, scheduler)
+        periodic_checkpoint(acc, cfg, out, done, len(plan), acc.unwrap_model(model), optimizer, scheduler, model)
     bar.close()
     train_seconds = time.perf_counter() - t_train
 
@@ -197,10 +203,11 @@ def run_lm_training(
     }
     log.log(len(plan), eval_loss=final_eval)
     log.close()
+    if cfg.save_every:
+        write_checkpoint(acc, out, len(plan), acc.unwrap_model(model), optimizer, scheduler, model)
+    weights = full_state_dict(acc, model)  # FSDP: the whole weights, gathered; else None (the model's own)
     if acc.is_main_process:
-        if cfg.save_every:
-            save_checkpoint(out, len(plan), acc.unwrap_model(model), optimizer, scheduler)
-        save_model_dir(unwrap(acc.unwrap_model(model), merge=True), tok, out / "model")
+        save_model_dir(unwrap(acc.unwrap_model(model), merge=True), tok, out / "model", weights)
         say(
             f"saved {out / 'model'}"
             + (

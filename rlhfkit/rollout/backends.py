@@ -10,6 +10,8 @@
   vllm    ``rlhfkit.rollout.vllm.VLLMGenerator``: a vLLM engine holding its own copy of the weights
           (``push_weights`` copies the policy's into it)
   auto    the engine where it supports the model, else hf (with one line saying why)
+  ilql    a model loaded from a directory with ILQL heads (``rlhfkit ilql``) generates, whatever the
+          backend, with ``rlhfkit.rollout.ilql.ILQLGenerator``: hf on the logits log π + β (Q̂ − V)
 
 All three return the same ``Completion``s and ``StreamEvent``s and check requests and stops the same
 way (``rlhfkit.rollout.requests``).
@@ -83,6 +85,15 @@ def make_generator(
     """
     if backend not in BACKENDS:
         raise UserError(f"rollout_backend={backend!r}: expected one of {', '.join(BACKENDS)}")
+    from rlhfkit.models.ilql import load_ilql_heads
+
+    where = getattr(getattr(model, "config", None), "_name_or_path", "")  # the directory it was loaded from
+    if (found := load_ilql_heads(where)) is not None:
+        from rlhfkit.rollout.ilql import ILQLGenerator
+
+        heads, beta = found
+        say(f"rollout: {where} has ILQL heads; generating with transformers on log pi + {beta} (Q - V)")
+        return ILQLGenerator(model, tokenizer, heads, beta, precision=precision, **engine_kwargs)
     if backend == "auto":
         from rlhfkit.rollout.runner import engine_support
 

