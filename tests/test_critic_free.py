@@ -84,6 +84,11 @@ def test_grpo_loss_sequence_mean_and_clip_by_hand():
     out = grpo_loss(new, torch.zeros(1, 1), new.clone(), torch.tensor([1.0]), torch.ones(1, 1), 0.2, 0.04)
     assert out.loss.item() == pytest.approx(-1.2, rel=1e-6)
     assert out.clipfrac.item() == 1.0
+    # clipfrac is a sequence mean as the loss: the 1-token sequence clipped, the 3-token one not → (1 + 0)/2
+    # (a token mean, 1/4, would change with how the rows are cut into micro-batches or shared by processes)
+    new = torch.tensor([[0.5, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    out = grpo_loss(new, torch.zeros(2, 3), new.clone(), torch.tensor([1.0, 1.0]), mask, 0.2, 0.0)
+    assert out.clipfrac.item() == 0.5 and out.approx_kl.item() == pytest.approx(0.5 * 0.25 / 2)
 
 
 def test_configs_reject_one_sample_and_a_critic():
