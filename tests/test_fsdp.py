@@ -99,10 +99,17 @@ def launch(tmp: Path, config: str, args: list[str], expect: str = "fsdp", crash_
     return done, sorted(p.read_text() for p in marks.iterdir())
 
 
-def one_process(args: list[str]) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "rlhfkit.cli", *args], env=_env(), capture_output=True, text=True, timeout=300
-    )
+def one_process(args: list[str]) -> None:
+    """The same command line run in this process (1 process; no launcher to start)."""
+    from rlhfkit.config import DPOConfig, RewardConfig, SFTConfig, build_config
+    from rlhfkit.recipes.dpo import train_dpo
+    from rlhfkit.recipes.reward import train_reward_model
+    from rlhfkit.recipes.sft import train_sft
+
+    stage, _, model, _, data, *overrides, _, out = args
+    stages = {"sft": (train_sft, SFTConfig), "rm": (train_reward_model, RewardConfig), "dpo": (train_dpo, DPOConfig)}
+    train, cls = stages[stage]
+    train(build_config(cls, None, overrides, model=model, data=data, out=out), say=lambda *a, **k: None)
 
 
 def run_args(stage: str, tiny_path: str, data: str, out: Path, *extra: str) -> list[str]:
@@ -155,8 +162,7 @@ def test_fsdp2_sft_two_processes_equal_one_process(tiny_path, fixtures, tmp_path
 
     data = str(fixtures / "demos.jsonl")
     extra = ["batch_size=8", "max_steps=4", "eval_fraction=0.1"]
-    one = one_process(run_args("sft", tiny_path, data, tmp_path / "one", *extra))
-    assert one.returncode == 0, one.stderr[-2000:]
+    one_process(run_args("sft", tiny_path, data, tmp_path / "one", *extra))
     two, marks = launch(tmp_path, "fsdp2", run_args("sft", tiny_path, data, tmp_path / "two", *extra))
     assert two.returncode == 0, two.stderr[-3000:]
     assert marks == ["fsdp 2", "fsdp 2"]
@@ -178,8 +184,7 @@ def test_fsdp2_reward_model_two_processes_equal_one_process(tiny_path, rankings,
     from transformers import AutoModelForSequenceClassification
 
     extra = ["batch_size=4", "max_steps=3", "eval_fraction=0.2"]
-    one = one_process(run_args("rm", tiny_path, rankings, tmp_path / "one", *extra))
-    assert one.returncode == 0, one.stderr[-2000:]
+    one_process(run_args("rm", tiny_path, rankings, tmp_path / "one", *extra))
     two, marks = launch(tmp_path, "fsdp2", run_args("rm", tiny_path, rankings, tmp_path / "two", *extra))
     assert two.returncode == 0, two.stderr[-3000:]
     assert marks == ["fsdp 2", "fsdp 2"]
@@ -190,6 +195,20 @@ def test_fsdp2_reward_model_two_processes_equal_one_process(tiny_path, rankings,
     with torch.no_grad():
         scores = [m.eval()(input_ids=ids).logits for m in models]
     assert (scores[0] - scores[1]).abs().max().item() < 1e-4
+
+
+def test_fsdp2_dpo_two_processes_equal_one_process(tiny_path, rankings, tmp_path):
+    """DPO under FSDP2: the reference log-probs and the held-out pass are computed whole by every
+    process (in lockstep), the training pairs split across them: the same as 1 process."""
+    extra = ["batch_size=8", "max_steps=3", "eval_fraction=0.25"]
+    one_process(run_args("dpo", tiny_path, rankings, tmp_path / "one", *extra))
+    two, marks = launch(tmp_path, "fsdp2", run_args("dpo", tiny_path, rankings, tmp_path / "two", *extra))
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert marks == ["fsdp 2", "fsdp 2"]
+    assert_same_run(tmp_path / "one", tmp_path / "two", 3)
+    for key in ("rewards/margin", "eval_loss", "eval_rewards/margin"):
+        a, b = series(tmp_path / "one", key), series(tmp_path / "two", key)
+        assert len(a) == len(b) >= 2 and max(abs(x - y) for x, y in zip(a, b)) < 1e-5, (key, a, b)
 
 
 @pytest.mark.slow  # three 2-process launches: ~90 s on 2 busy cores
@@ -220,8 +239,7 @@ def test_shipped_ddp_config_starts_two_processes(tiny_path, fixtures, tmp_path):
     as 1 process does."""
     data = str(fixtures / "demos.jsonl")
     extra = ["batch_size=8", "max_steps=2", "eval_fraction=0.0"]
-    one = one_process(run_args("sft", tiny_path, data, tmp_path / "one", *extra))
-    assert one.returncode == 0, one.stderr[-2000:]
+    one_process(run_args("sft", tiny_path, data, tmp_path / "one", *extra))
     two, marks = launch(tmp_path, "ddp", run_args("sft", tiny_path, data, tmp_path / "two", *extra), expect="ddp")
     assert two.returncode == 0, two.stderr[-3000:]
     assert marks == ["ddp 2", "ddp 2"]
@@ -297,8 +315,7 @@ def test_deepspeed_two_gpus_equal_one(config, tiny_path, fixtures, tmp_path):
         pytest.skip("DeepSpeed needs 2 CUDA GPUs here")
     data = str(fixtures / "demos.jsonl")
     extra = ["batch_size=8", "max_steps=3", "eval_fraction=0.1", "grad_accum=1"]
-    one = one_process(run_args("sft", tiny_path, data, tmp_path / "one", *extra))
-    assert one.returncode == 0, one.stderr[-2000:]
+    one_process(run_args("sft", tiny_path, data, tmp_path / "one", *extra))
     two, marks = launch(tmp_path, config, run_args("sft", tiny_path, data, tmp_path / "two", *extra), "deepspeed")
     assert two.returncode == 0, two.stderr[-3000:]
     assert marks == ["deepspeed 2", "deepspeed 2"]
