@@ -107,6 +107,13 @@ def _check_engine(acc, cfg: TrainConfig) -> None:
             "DeepSpeed runs only on CUDA GPUs here (accelerate does not start it on CPUs): "
             "on CPUs use examples/accelerate/fsdp2.yaml or ddp.yaml"
         )
+    if engine(acc) == "deepspeed" and not acc.state.deepspeed_plugin.zero3_init_flag:
+        # accelerate registers its DeepSpeed config with transformers whatever zero3_init_flag says, and
+        # from_pretrained then loads ZeRO-3 models already partitioned; with the flag off, models load
+        # whole (as in one process: the reward head's init, the CPU probes) and are partitioned in prepare
+        from transformers.integrations import unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()
     if engine(acc) == "deepspeed" and (cfg.save_every or cfg.resume):
         raise UserError("checkpoints (save_every, resume) under DeepSpeed are not supported: use FSDP2 or DDP")
     if sharded(acc) and isinstance(cfg, PPOConfig):  # and RLOO, GRPO: they generate from the live weights
