@@ -155,8 +155,10 @@ def check_batch(acc, cfg: TrainConfig, n_examples: int) -> None:
     """Each process needs examples; in lockstep, the same number of them (the same micro-batches)."""
     n_proc = acc.num_processes
     bs = min(cfg.batch_size, n_examples)
-    if bs < n_proc:
+    if cfg.batch_size < n_proc:
         raise UserError(f"batch_size={cfg.batch_size} is smaller than the {n_proc} processes")
+    if bs < n_proc:
+        raise UserError(f"{n_examples} training examples are fewer than the {n_proc} processes")
     if lockstep(acc) and bs % n_proc:
         raise UserError(f"batch_size={bs}: under {engine(acc)} it must be a multiple of the {n_proc} processes")
 
