@@ -107,6 +107,13 @@ def _check_engine(acc, cfg: TrainConfig) -> None:
             "DeepSpeed runs only on CUDA GPUs here (accelerate does not start it on CPUs): "
             "on CPUs use examples/accelerate/fsdp2.yaml or ddp.yaml"
         )
+    if engine(acc) == "deepspeed" and not acc.state.deepspeed_plugin.zero3_init_flag:
+        # accelerate registers its DeepSpeed config with transformers whatever zero3_init_flag says, and
+        # from_pretrained then loads ZeRO-3 models already partitioned; with the flag off, models load
+        # whole (as in one process: the reward head's init, the CPU probes) and are partitioned in prepare
+        from transformers.integrations import unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()
     if engine(acc) == "deepspeed" and (cfg.save_every or cfg.resume):
         raise UserError("checkpoints (save_every, resume) under DeepSpeed are not supported: use FSDP2 or DDP")
     if sharded(acc) and isinstance(cfg, PPOConfig):  # and RLOO, GRPO: they generate from the live weights
@@ -148,8 +155,10 @@ def check_batch(acc, cfg: TrainConfig, n_examples: int) -> None:
     """Each process needs examples; in lockstep, the same number of them (the same micro-batches)."""
     n_proc = acc.num_processes
     bs = min(cfg.batch_size, n_examples)
-    if bs < n_proc:
+    if cfg.batch_size < n_proc:
         raise UserError(f"batch_size={cfg.batch_size} is smaller than the {n_proc} processes")
+    if bs < n_proc:
+        raise UserError(f"{n_examples} training examples are fewer than the {n_proc} processes")
     if lockstep(acc) and bs % n_proc:
         raise UserError(f"batch_size={bs}: under {engine(acc)} it must be a multiple of the {n_proc} processes")
 
