@@ -304,18 +304,20 @@ class _Acc:
         ({"FSDP_VERSION": "2"}, {"lora": True}, "FSDP", "lora=true with fsdp: not supported"),
         ({"FSDP_VERSION": "1"}, {}, "FSDP", "FSDP version 1 is not supported"),
         ({"FSDP_VERSION": "2"}, {"kind": "rloo"}, "FSDP", "rloo does not run under fsdp"),
+        ({"FSDP_VERSION": "2"}, {"kind": "ilql"}, "FSDP", "ilql does not run under fsdp yet"),
         ({"ACCELERATE_USE_DEEPSPEED": "true"}, {}, "MULTI_CPU", "DeepSpeed runs only on CUDA GPUs"),
     ],
 )
 def test_engine_refusals_say_what_works(env, cfg, acc_kind, expected, monkeypatch):
-    from rlhfkit.config import RLOOConfig, SFTConfig
+    from rlhfkit.config import ILQLConfig, RLOOConfig, SFTConfig
     from rlhfkit.errors import UserError
     from rlhfkit.recipes.common import _check_engine
 
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true" if "FSDP_VERSION" in env else "false")
     for k, v in env.items():
         monkeypatch.setenv(k, v)
-    config = RLOOConfig(model="m") if cfg.pop("kind", None) else SFTConfig(model="m", **cfg)
+    kind = cfg.pop("kind", None)
+    config = {"rloo": RLOOConfig, "ilql": ILQLConfig}[kind](model="m") if kind else SFTConfig(model="m", **cfg)
     with pytest.raises(UserError, match=expected):
         _check_engine(_Acc(acc_kind), config)
 

@@ -24,7 +24,7 @@ import torch
 
 from rlhfkit.accel.memory import reuse_freed_memory
 from rlhfkit.accel.optim import allocate_adamw_state, clip_and_step, own_memory
-from rlhfkit.config import PPOConfig, TrainConfig, save_config
+from rlhfkit.config import ILQLConfig, PPOConfig, TrainConfig, save_config
 from rlhfkit.data.jsonl import append_jsonl, read_jsonl, write_jsonl
 from rlhfkit.errors import UserError
 from rlhfkit.models.loading import resolve_precision
@@ -121,6 +121,11 @@ def _check_engine(acc, cfg: TrainConfig) -> None:
         raise UserError(
             f"{stage} does not run under {engine(acc)} (its rollout engine needs whole weights): "
             "launch it with DDP (examples/accelerate/ddp.yaml)"
+        )
+    if sharded(acc) and isinstance(cfg, ILQLConfig):
+        raise UserError(
+            f"ilql does not run under {engine(acc)} yet (its heads and their Polyak targets are saved from whole "
+            "weights): launch it with DDP (examples/accelerate/ddp.yaml)"
         )
     if sharded(acc) and cfg.lora:
         raise UserError(
