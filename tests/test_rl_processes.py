@@ -7,9 +7,10 @@ seed, within 1e-5 (fp32). RLOO and GRPO run 2 epochs of 2 minibatches, so a mini
 both processes in some steps and of one in others; their group baselines need each prompt's k
 samples on one process (the prompts are shared, not the rows).
 
-Sampling is stubbed as in tests/test_ppo_processes.py: the recipe's ``generate`` is replaced by a
-stub whose samples are a pure function of (seed, iteration, query, sample index); everything after
-generation is the real code.
+Sampling is stubbed: the recipe's ``generate`` is replaced by a stub whose samples are a pure
+function of (seed, iteration, query, sample index). The real engine samples each prompt alike on
+any process too (per-prompt seeds), but the policy of iteration 2 differs between the runs in the
+last bits, which can flip a sampled token; everything after generation is the real code.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ def checked(cfg):  # inside each worker: there really are `expect` processes, an
     return acc
 
 
-def stub_generate(m, cfg, queries, it):  # the samples of a query do not depend on who samples it
+def stub_generate(m, cfg, queries, it, keys=None):  # the samples of a query do not depend on who samples it
     eos = min(m.generator.eos_ids)
     comps = []
     for i, q in enumerate(queries):

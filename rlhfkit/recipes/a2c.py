@@ -90,7 +90,7 @@ def train_a2c(
         batch_queries = [queries[i] for i in idx for _ in range(k)]
         times = {"time_push": m.generator.push_weights(m.policy)}
         with timed(times, "time_generate"):  # 2. generate on the live weights
-            completions = generate(m, cfg, [queries[i] for i in idx], it)
+            completions = generate(m, cfg, [queries[i] for i in idx], it, idx)
         with timed(times, "time_score"):  # 3. cut after the first EOS, then score
             ro = score(m, cfg, batch_prompts, batch_queries, completions, reward_fn)
         with timed(times, "time_forward"):  # 4. log-probs (policy, reference) and values, no grad
