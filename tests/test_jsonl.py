@@ -151,6 +151,7 @@ def test_a_bad_data_file_stops_a_stage_before_its_model_loads(stage, tmp_path, t
         {"sft": "train_sft", "rm": "train_reward_model", "ppo": "train_ppo", "pretrain": "train_pretrain"}[stage],
     )
     loader = "load_reward_model" if stage == "rm" else "load_causal_lm"
-    with mock.patch(f"rlhfkit.recipes.{module}.{loader}", side_effect=AssertionError("the model was loaded first")):
+    where = "ppo_models" if stage == "ppo" else module  # PPO loads its models in recipes/ppo_models.py
+    with mock.patch(f"rlhfkit.recipes.{where}.{loader}", side_effect=AssertionError("the model was loaded first")):
         with pytest.raises(UserError, match=r"data.jsonl:2: not valid JSON \(Invalid control character at column 16\)"):
             train(cfg)
