@@ -102,7 +102,7 @@ from rlhfkit.recipes.ppo_models import (
     rm_scores,
     rollout_forwards,
 )
-from rlhfkit.recipes.ppo_processes import Rollout, Share, global_rollout, sum_gradients, sum_stats
+from rlhfkit.recipes.ppo_processes import Rollout, Share, check_sharing, global_rollout, sum_gradients, sum_stats
 from rlhfkit.recipes.pretrain import load_ptx, ptx_chunks, ptx_loss
 from rlhfkit.rollout import Completion, SamplingParams
 
@@ -202,8 +202,7 @@ def train_ppo(
     # 2. prompts, batch plan (one batch of prompts per iteration), PPO-ptx corpus
     queries = encode_queries(cfg, prompts, m.tok, say)
     plan = batch_plan(len(prompts), cfg)
-    if len(plan[0]) < n_proc:
-        raise UserError(f"batch_size={len(plan[0])} prompts cannot be shared by {n_proc} processes")
+    check_sharing(len(plan[0]), n_proc)  # every process gets prompts
     ptx = ptx_chunks(cfg, ptx_docs, m.tok) if ptx_docs is not None else None
     say(
         f"PPO: {len(plan)} iterations x {min(cfg.batch_size, len(prompts))} prompts x {cfg.samples_per_prompt} "
