@@ -57,6 +57,13 @@ OPTIMIZERS: dict[str, tuple[str, str, str]] = {
     "best_of_n": ("", "", "bon"),  # no training: recipes/pipeline.py's best_of_n_answers
 }
 
+# The online optimisers sample and step as the run's PPO does (the demo tunes only PPO's section): the
+# same prompts x samples per iteration, answer length, temperature, KL coefficient and learning rate;
+# A2C, PPO's peer, also its critic. Without this RLOO/GRPO ran their class defaults (16 prompts, 64
+# tokens, lr 1e-6) and moved the policy ~8x less (KL 0.12 vs PPO's 0.91) in the same seconds.
+SAME_AS_PPO = ("batch_size", "samples_per_prompt", "max_new_tokens", "temperature", "kl_coef", "lr")
+A2C_SAME_AS_PPO = ("critic", "lam", "score_baseline")
+
 QUICK = [  # the pipeline on the tiny random model, made small (tests/test_pipeline.py's sizes)
     "model=tiny-random", "train_prompts=6", "eval_prompts=6", "k=3", "max_new_tokens=10", "precision=fp32",
     "min_demo_score=-9.0", "round_prompts=3", "fresh_process=false", "best_of_n=3", "sft.batch_size=4",
@@ -92,6 +99,9 @@ def stage_cfg(pc, name: str, cls, run: Path, out: Path, seed: int, budget: float
 
     settings = getattr(pc, name, None)
     settings = settings if isinstance(settings, cls) else cls()
+    if OPTIMIZERS[name][2] == "rm" and name != "ppo":  # the run's PPO rollouts and step size, for a fair budget
+        shared = SAME_AS_PPO + (A2C_SAME_AS_PPO if name == "a2c" else ())
+        settings = dataclasses.replace(settings, **{f: getattr(pc.ppo, f) for f in shared})
     sft = str(run / "sft" / "model")
     if OPTIMIZERS[name][2] == "rm":
         where = dict(reward_model=str(run / "round1" / "rm" / "model"), rollout_backend=pc.rollout_backend)

@@ -194,9 +194,10 @@ def test_optimizers_quick_has_a_row_per_optimiser_with_sane_numbers(tmp_path):
         assert 0 <= r["repetition"] <= 1 and r["words"] >= 0 and r["seconds"] > 0
         if r["optimizer"] == "best_of_n":
             assert r["kl"] == pytest.approx(math.log(3) - 2 / 3)  # the bound at the quick N = 3
-        else:  # the 2 s budget (loading included) stopped it long before its planned steps
+        else:  # the 2 s budget (loading included) stops the RL ones long before their 1000 planned iterations
             done, planned = (int(x) for x in r["steps"].split(" of "))
-            assert 1 <= done < planned and abs(r["kl"]) < 5, r
+            assert 1 <= done <= planned and abs(r["kl"]) < 5, r
+            assert done < planned or r["optimizer"] in ("dpo", "ilql"), r  # offline: a few epochs may fit in 2 s
     md = (tmp_path / "optimizers.md").read_text()
     for name in ran:
         assert f"| {name} | 0 |" in md
