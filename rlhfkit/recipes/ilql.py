@@ -18,7 +18,6 @@
 from __future__ import annotations
 
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +25,6 @@ import torch
 from torch import nn
 
 from rlhfkit.accel import prepare_for_training
-from rlhfkit.accel.optim import clip_and_step
 from rlhfkit.algos.dpo import ranking_pairs
 from rlhfkit.algos.ilql import ilql_loss, polyak_update, sequence_reward_of_ranks
 from rlhfkit.config import ILQLConfig
@@ -46,6 +44,8 @@ from rlhfkit.recipes.common import (
     load_split,
     make_accelerator,
     make_optimizer,
+    micro_batch,
+    optimizer_step,
     periodic_checkpoint,
     prepare_out,
     progress,
@@ -304,11 +304,11 @@ def train_ilql(cfg: ILQLConfig, say=print) -> dict:
         # 3. train step
         micro = shard(list(range(len(episodes))), rank, n_proc, cfg.grad_accum)
         for j, mb in enumerate(micro):
-            with nullcontext() if j == len(micro) - 1 else acc.no_sync(model):
+            with micro_batch(acc, model, last=j == len(micro) - 1):
                 loss_sum, metric_sums, _ = token_sums([episodes[i] for i in mb])
                 acc.backward(loss_sum / n_tokens * n_proc)  # DDP averages over processes, hence × n_proc
             sums += metric_sums
-        grad_norm = clip_and_step(optimizer, model.parameters(), cfg.max_grad_norm)
+        grad_norm = optimizer_step(acc, model, optimizer, cfg.max_grad_norm)
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         polyak_update(inner.heads.target_q1, inner.heads.q1, cfg.polyak_alpha)
