@@ -123,13 +123,13 @@ def test_a2c_steps_are_ppos_with_one_epoch_one_minibatch_no_clip(sharp_path, tin
     from rlhfkit.recipes.a2c import train_a2c
 
     grads: list[torch.Tensor] = []
-    real = ppo.clip_and_step
+    real = ppo.take_step
 
-    def spy(optimizer, params, max_norm):
+    def spy(share, optimizer, params, max_norm):
         grads.append(torch.cat([p.grad.flatten() for p in params if p.grad is not None]).clone())
-        return real(optimizer, params, max_norm)
+        return real(share, optimizer, params, max_norm)
 
-    monkeypatch.setattr(ppo, "clip_and_step", spy)
+    monkeypatch.setattr(ppo, "take_step", spy)
     kw = dict(max_steps=2, vf_coef=0.5)
     train_a2c(A2CConfig(**small(sharp_path, tiny_path, tmp_path / "a2c", **kw)), newline_reward, say=lambda *a: None)
     a2c_grads, grads[:] = list(grads), []

@@ -30,6 +30,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
 from rlhfkit.recipes.common import read_metrics
 
 WORKER = r"""
@@ -41,22 +44,46 @@ from pathlib import Path
 import torch
 
 torch.set_num_threads(1)
+import rlhfkit.recipes.common as common
 import rlhfkit.recipes.ppo as ppo
 from rlhfkit.config import PPOConfig
 from rlhfkit.rollout import Completion
 
-out, model, expect, corpus, mode = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5]
+out, model, expect, corpus, mode, engine = sys.argv[1:7]
+expect = int(expect)
 make = ppo.make_accelerator
 
 
 def checked(cfg):  # inside each worker: there really are `expect` processes, and this is one of them
     acc = make(cfg)
     assert acc.num_processes == expect == int(os.environ.get("WORLD_SIZE", "1")), acc.num_processes
-    Path(f"{out}.rank{acc.process_index}").write_text(str(acc.num_processes))
+    assert common.engine(acc) == engine, (common.engine(acc), engine)
+    Path(f"{out}.rank{acc.process_index}").write_text(f"{acc.num_processes} {engine}")
     return acc
 
 
+real_update = ppo.update
+
+
+def sharded_update(m, *args, **kwargs):  # FSDP2: this process holds a part of policy and critic
+    if engine == "fsdp":
+        from torch.distributed.fsdp import FSDPModule
+        from torch.distributed.tensor import DTensor
+
+        models = [m.policy, m.critic]
+        for module in (x for model in models for x in model.modules() if isinstance(x, FSDPModule)):
+            module.reshard()  # groups kept whole after a forward (reshard_after_forward=False) hold shards again
+        params = [p for model in models for p in model.parameters()]
+        assert all(isinstance(p, DTensor) for p in params)
+        assert sum(p.to_local().numel() for p in params) < sum(p.numel() for p in params)
+        Path(f"{out}.sharded{os.environ['RANK']}").write_text("yes")
+    return real_update(m, *args, **kwargs)
+
+
 def stub_generate(m, cfg, queries, it, keys=None):  # the samples of a query do not depend on who samples it
+    # what the generator would sample from: the first 64 weights of each of its model's tensors
+    seen = torch.cat([p.detach().flatten()[:64] for p in m.generator.model.parameters()])
+    torch.save(seen, f"{out}.generator{os.environ.get('RANK', '0')}-{it}.pt")
     eos = min(m.generator.eos_ids)
     comps = []
     for i, q in enumerate(queries):
@@ -90,6 +117,7 @@ def recorded_generate(m, cfg, queries, it, keys=None):  # mode 'real': the engin
 
 
 ppo.make_accelerator = checked
+ppo.update = sharded_update
 ppo.generate = recorded_generate if mode == "real" else stub_generate
 if mode == "crash":
     ppo.log_and_checkpoint = crash_after_first
@@ -126,13 +154,32 @@ def _runner(tmp_path: Path, model: str):
     }
 
     def run(launcher: list[str], name: str, n: int, mode: str = "full") -> subprocess.CompletedProcess:
-        args = [*launcher, str(tmp_path / "worker.py"), str(tmp_path / name), model, str(n), str(corpus), mode]
+        engine = "fsdp" if "fsdp2.yaml" in " ".join(launcher) else "ddp" if n > 1 else "single"
+        args = [*launcher, str(tmp_path / "worker.py"), str(tmp_path / name), model, str(n), str(corpus), mode, engine]
         return subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
 
     return run
 
 
 TORCHRUN = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node", "2"]
+FSDP2 = Path(__file__).resolve().parents[1] / "examples" / "accelerate" / "fsdp2.yaml"
+LAUNCHERS = {
+    "ddp": lambda: TORCHRUN,  # torchrun: every process holds whole models
+    "fsdp2": lambda: [  # as a user launches FSDP2: policy and critic sharded over the 2 processes
+        str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file", str(FSDP2),
+        "--main_process_port", str(_free_port()),
+    ],
+}  # fmt: skip
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 KEYS = ["score", "score_raw", "kl", "kl_k3", "entropy", "reward", "beta", "explained_variance"]
 KEYS += ["value_mean", "return_mean", "response_length", "no_eos_fraction", "lr"]
 KEYS += ["policy_loss", "value_loss", "clipfrac", "approx_kl", "ratio_mean", "grad_norm", "ptx_loss"]
@@ -143,15 +190,18 @@ def _same(a: list[float], b: list[float], tol: float) -> bool:
     return len(a) == len(b) and max(abs(x - y) / max(1.0, abs(x)) for x, y in zip(a, b)) < tol
 
 
-def test_ppo_two_processes_sample_what_one_process_samples(tiny_path, tmp_path):
+@pytest.mark.parametrize("launcher", ["ddp", "fsdp2"])
+def test_ppo_two_processes_sample_what_one_process_samples(launcher, tiny_path, tmp_path):
     """One iteration with the real engine: every (prompt, sample) has the same tokens whether one
-    process generates all prompts or two processes generate half each, and the metrics agree."""
+    process generates all prompts or two processes generate half each (under FSDP2 from the whole
+    copy gathered from the shards), and the metrics agree."""
     run = _runner(tmp_path, tiny_path)
     one = run([sys.executable], "one", 1, "real")
     assert one.returncode == 0, one.stderr[-3000:]
-    two = run(TORCHRUN, "two", 2, "real")
+    two = run(LAUNCHERS[launcher](), "two", 2, "real")
     assert two.returncode == 0, two.stderr[-3000:]
     assert sorted(p.name for p in tmp_path.glob("two.rank*")) == ["two.rank0", "two.rank1"]
+    assert len(list(tmp_path.glob("two.sharded*"))) == (2 if launcher == "fsdp2" else 0)
 
     def samples(*files):
         rows = [json.loads(line) for f in files for line in f.read_text().splitlines()]
@@ -167,17 +217,20 @@ def test_ppo_two_processes_sample_what_one_process_samples(tiny_path, tmp_path):
         assert _same([r[key] for r in rows[0]], [r[key] for r in rows[1]], 1e-5), key
 
 
-def test_ppo_two_processes_equal_one_process(tiny_path, tmp_path):
+@pytest.mark.parametrize("launcher", ["ddp", "fsdp2"])
+def test_ppo_two_processes_equal_one_process(launcher, tiny_path, tmp_path):
     """2 processes x half the prompts == 1 process x all of them (sampling stubbed, see the module
     docstring): the same metrics and weights; and a 2-process run killed after iteration 1 and
-    resumed ends as the uninterrupted one."""
+    resumed ends as the uninterrupted one. Under FSDP2 the checkpoints hold whole weights and
+    optimizer state, gathered from the shards, and the resumed run shards them again."""
     run = _runner(tmp_path, tiny_path)
-    torchrun = TORCHRUN
+    torchrun = LAUNCHERS[launcher]()
     one = run([sys.executable], "one", 1)
     assert one.returncode == 0, one.stderr[-3000:]
     two = run(torchrun, "two", 2)
     assert two.returncode == 0, two.stderr[-3000:]
     assert sorted(p.name for p in tmp_path.glob("two.rank*")) == ["two.rank0", "two.rank1"]
+    assert len(list(tmp_path.glob("two.sharded*"))) == (2 if launcher == "fsdp2" else 0)
     rows = [read_metrics(tmp_path / r) for r in ("one", "two")]
     assert len(rows[0]) == len(rows[1]) == 2
     keys = KEYS
@@ -185,6 +238,11 @@ def test_ppo_two_processes_equal_one_process(tiny_path, tmp_path):
         a, b = [r[key] for r in rows[0]], [r[key] for r in rows[1]]
         assert _same(a, b, 1e-5), (key, a, b)
     assert rows[0][0]["policy_loss"] != rows[0][1]["policy_loss"]  # the runs did something
+    # the generator samples from the current policy on every process (FSDP2: a whole copy, refreshed)
+    seen = {f.name[: -len(".pt")]: torch.load(f) for f in tmp_path.glob("*.generator*.pt")}
+    assert len(seen) == 6 and (seen["one.generator0-1"] - seen["one.generator0-0"]).abs().max() > 1e-4  # stepped
+    for rank, it in [(r, i) for r in (0, 1) for i in (0, 1)]:
+        assert (seen[f"two.generator{rank}-{it}"] - seen[f"one.generator0-{it}"]).abs().max() < 1e-5, (rank, it)
     w_one, w_two = _weights(tmp_path / "one"), _weights(tmp_path / "two")
     assert w_one.keys() == w_two.keys()
     assert max((w_one[k] - w_two[k]).abs().max().item() for k in w_one) < 1e-5

@@ -13,10 +13,13 @@ Cohere multiplies them by ``logit_scale``, Granite divides them by ``logits_scal
 ``head_logits`` applies those; ``split_is_exact`` checks once per model, on a few tokens, that
 trunk + ``head_logits`` gives exactly the logits of ``model(input_ids)``, and where it does not
 (a family doing something else) ``scored_forward`` runs the whole model instead: slower, never wrong.
+A model sharded by FSDP2 (``is_sharded``) always runs whole: its parameters are gathered by hooks
+on the modules' forwards, and a trunk called on its own would skip the root's.
 """
 
 from __future__ import annotations
 
+import inspect
 import sys
 import weakref
 from contextlib import nullcontext
@@ -98,6 +101,13 @@ def _eager():
     return torch.compiler.set_stance("force_eager")
 
 
+def is_sharded(model: nn.Module) -> bool:
+    """Whether ``model`` (or the model under its peft wrapper) is sharded by FSDP2 (``fully_shard``)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule) or isinstance(unwrap(model), FSDPModule)
+
+
 def gather_positions(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """x (B, L, k), positions (B, R) -> (B, R, k)."""
     return x.gather(1, positions.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
@@ -109,13 +119,20 @@ def scored_forward(
     """The trunk's last hidden states and the model's logits at ``positions`` only:
     input_ids, attention_mask (B, L), positions (B, R) -> hidden (B, R, d), logits (B, R, V).
 
-    Where ``split_is_exact``: one trunk forward, the head on the B·R selected states. Otherwise the
-    model's own forward (logits at every position) with its last hidden states, then the selection.
+    Where ``split_is_exact``: one trunk forward, the head on the B·R selected states. Otherwise, and
+    for a model sharded by FSDP2, the model's own forward (logits from the first scored column on,
+    where it takes ``logits_to_keep``; else at every position) with its last hidden states, then the
+    selection.
     ``model`` may be peft-wrapped (its adapters act either way, or not inside ``disable_adapter``).
     """
-    if split_is_exact(model):
+    if not is_sharded(model) and split_is_exact(model):
         hidden = trunk(model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
         h = gather_positions(hidden, positions)
         return h, head_logits(model, h)
-    out = unwrap(model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, output_hidden_states=True)
-    return gather_positions(out.hidden_states[-1], positions), gather_positions(out.logits, positions)
+    base = unwrap(model)
+    kw = {}
+    if "logits_to_keep" in inspect.signature(base.forward).parameters:  # the head on the scored tail only
+        kw["logits_to_keep"] = input_ids.shape[1] - int(positions.min())
+    out = base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, output_hidden_states=True, **kw)
+    tail = positions - (input_ids.shape[1] - out.logits.shape[1])  # positions among the kept columns
+    return gather_positions(out.hidden_states[-1], positions), gather_positions(out.logits, tail)

@@ -28,6 +28,7 @@ from rlhfkit.recipes.common import (
     MetricsLog,
     TimeBudget,
     batch_plan,
+    lockstep,
     make_accelerator,
     prepare_out,
     progress,
@@ -51,7 +52,7 @@ from rlhfkit.recipes.ppo import (
     timed,
     update,
 )
-from rlhfkit.recipes.ppo_processes import check_sharing, global_rollout
+from rlhfkit.recipes.ppo_processes import check_sharing, global_rollout, push_weights
 
 
 def train_a2c(
@@ -70,16 +71,16 @@ def train_a2c(
     precision = resolve_precision(cfg.precision, acc.device)
 
     prompts = load_prompts(cfg, say)  # 0. data first
-    m = load_models(cfg, acc.device, precision, reward_fn, say)  # 1. policy, reference, critic, RM
+    m = load_models(cfg, acc.device, precision, reward_fn, say, acc)  # 1. policy, reference, critic, RM
     queries = encode_queries(cfg, prompts, m.tok, say)
     plan = batch_plan(len(prompts), cfg)
-    check_sharing(len(plan[0]), n_proc)  # every process gets prompts
+    check_sharing(len(plan[0]), n_proc, lockstep(acc))  # every process gets prompts (FSDP2: as many)
     k = cfg.samples_per_prompt
     say(
         f"A2C: {len(plan)} iterations x {min(cfg.batch_size, len(prompts))} prompts x {k} samples, "
         f"critic={cfg.critic}, reward={'reward_fn' if reward_fn else cfg.reward_model}, {precision}"
     )
-    opt, start = setup_optimization(cfg, m, len(plan), ckpt, say)  # 3. AdamW over policy and critic, beta, resume
+    opt, start = setup_optimization(cfg, m, len(plan), ckpt, say, acc)  # 3. AdamW over policy and critic, beta, resume
     log = MetricsLog(out, acc, cfg, resume_step=start if ckpt else None)
     bar = progress(len(plan), start, acc.is_main_process, "a2c")
     last: dict = {}
@@ -88,7 +89,7 @@ def train_a2c(
         idx = sum(shard(plan[it], rank, n_proc, 1), [])  # 1. this process's prompts, each repeated k times
         batch_prompts = [prompts[i] for i in idx for _ in range(k)]
         batch_queries = [queries[i] for i in idx for _ in range(k)]
-        times = {"time_push": m.generator.push_weights(m.policy)}
+        times = {"time_push": push_weights(m)}
         with timed(times, "time_generate"):  # 2. generate on the live weights
             completions = generate(m, cfg, [queries[i] for i in idx], it, idx)
         with timed(times, "time_score"):  # 3. cut after the first EOS, then score
@@ -109,8 +110,7 @@ def train_a2c(
     bar.close()
     log.close()
     result = {"step": len(plan), **last, "train_seconds": time.perf_counter() - t_run, **budget.result()}
-    if acc.is_main_process:
-        save_final(cfg, m, opt, budget.steps(len(plan)), out, last, say)
+    save_final(cfg, m, opt, budget.steps(len(plan)), out, last, say, acc)
     acc.wait_for_everyone()
     return result
 

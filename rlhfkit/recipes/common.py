@@ -107,6 +107,12 @@ def _check_engine(acc, cfg: TrainConfig) -> None:
             "DeepSpeed runs only on CUDA GPUs here (accelerate does not start it on CPUs): "
             "on CPUs use examples/accelerate/fsdp2.yaml or ddp.yaml"
         )
+    if engine(acc) == "deepspeed" and isinstance(cfg, PPOConfig):  # and A2C, RLOO, GRPO
+        stage = type(cfg).__name__.removesuffix("Config").lower()
+        raise UserError(
+            f"{stage} does not run under DeepSpeed (its rollout generator samples from whole weights, which "
+            "it gathers from FSDP2's shards): launch it with examples/accelerate/fsdp2.yaml or ddp.yaml"
+        )
     if engine(acc) == "deepspeed" and not acc.state.deepspeed_plugin.zero3_init_flag:
         # accelerate registers its DeepSpeed config with transformers whatever zero3_init_flag says, and
         # from_pretrained then loads ZeRO-3 models already partitioned; with the flag off, models load
@@ -116,11 +122,10 @@ def _check_engine(acc, cfg: TrainConfig) -> None:
         unset_hf_deepspeed_config()
     if engine(acc) == "deepspeed" and (cfg.save_every or cfg.resume):
         raise UserError("checkpoints (save_every, resume) under DeepSpeed are not supported: use FSDP2 or DDP")
-    if sharded(acc) and isinstance(cfg, PPOConfig):  # and RLOO, GRPO: they generate from the live weights
-        stage = type(cfg).__name__.removesuffix("Config").lower()
+    if engine(acc) == "fsdp" and isinstance(cfg, PPOConfig) and cfg.critic == "policy_head":
         raise UserError(
-            f"{stage} does not run under {engine(acc)} (its rollout engine needs whole weights): "
-            "launch it with DDP (examples/accelerate/ddp.yaml)"
+            "critic=policy_head under FSDP2: not supported (the value head is not sharded with the policy); "
+            "use critic=rm, or DDP (examples/accelerate/ddp.yaml)"
         )
     if sharded(acc) and isinstance(cfg, ILQLConfig):
         raise UserError(
@@ -169,16 +174,18 @@ def check_batch(acc, cfg: TrainConfig, n_examples: int) -> None:
 
 
 def optimizer_step(acc, model, optimizer, max_norm: float):
-    """Clip the gradients of ``model`` to a global L2 norm of ``max_norm`` (0: no clipping) and step.
+    """Clip the gradients of ``model`` (a module, or a list of parameters) to a global L2 norm of
+    ``max_norm`` (0: no clipping) and step.
     Returns the norm before clipping (None without clipping).
 
     Whole gradients (1 process, DDP): ``clip_and_step``, the fused CPU path. Sharded: a process holds
     a shard of each gradient, and the norm must be that of the whole: accelerate's ``clip_grad_norm_``
     (FSDP: the DTensor norm, all-reduced; DeepSpeed: its engine clips, by ``gradient_clipping``,
     which ``prepare_models`` sets to ``max_grad_norm``, and reports the norm)."""
+    params = list(model.parameters()) if isinstance(model, torch.nn.Module) else list(model)
     if not sharded(acc):
-        return clip_and_step(optimizer, list(model.parameters()), max_norm)
-    norm = acc.clip_grad_norm_(model.parameters(), max_norm) if max_norm > 0 else None
+        return clip_and_step(optimizer, params, max_norm)
+    norm = acc.clip_grad_norm_(params, max_norm) if max_norm > 0 else None
     optimizer.step()
     if hasattr(norm, "full_tensor"):  # a DTensor
         norm = norm.full_tensor()

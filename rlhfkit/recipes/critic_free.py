@@ -26,7 +26,6 @@ import time
 
 import torch
 
-from rlhfkit.accel.optim import clip_and_step
 from rlhfkit.algos.critic_free import grpo_advantages, grpo_loss, rloo_advantages, rloo_loss
 from rlhfkit.algos.ppo import compute_rewards, logprobs_from_logits
 from rlhfkit.config import GRPOConfig, RLOOConfig
@@ -36,6 +35,7 @@ from rlhfkit.recipes.common import (
     MetricsLog,
     TimeBudget,
     batch_plan,
+    lockstep,
     make_accelerator,
     prepare_out,
     progress,
@@ -62,8 +62,16 @@ from rlhfkit.recipes.ppo import (
     setup_optimization,
     timed,
 )
-from rlhfkit.recipes.ppo_models import length_chunks, policy_forward
-from rlhfkit.recipes.ppo_processes import Share, check_sharing, global_rollout, sum_gradients, sum_stats
+from rlhfkit.recipes.ppo_models import policy_forward
+from rlhfkit.recipes.ppo_processes import (
+    Share,
+    check_sharing,
+    global_rollout,
+    micro_batches,
+    push_weights,
+    sum_stats,
+    take_step,
+)
 
 
 def train_rloo(
@@ -98,16 +106,16 @@ def train_critic_free(
     precision = resolve_precision(cfg.precision, acc.device)
 
     prompts = load_prompts(cfg, say)  # 0. data first
-    m = load_models(cfg, acc.device, precision, reward_fn, say)  # 1. policy, reference, RM; no critic
+    m = load_models(cfg, acc.device, precision, reward_fn, say, acc)  # 1. policy, reference, RM; no critic
     queries = encode_queries(cfg, prompts, m.tok, say)
     plan = batch_plan(len(prompts), cfg)
-    check_sharing(len(plan[0]), n_proc)  # every process gets prompts
+    check_sharing(len(plan[0]), n_proc, lockstep(acc))  # every process gets prompts (FSDP2: as many)
     k = cfg.samples_per_prompt
     say(
         f"{algo.upper()}: {len(plan)} iterations x {min(cfg.batch_size, len(prompts))} prompts x {k} samples, "
         f"reward={'reward_fn' if reward_fn else cfg.reward_model}, {precision}"
     )
-    opt, start = setup_optimization(cfg, m, len(plan), ckpt, say)  # 3. AdamW over the policy, beta, resume
+    opt, start = setup_optimization(cfg, m, len(plan), ckpt, say, acc)  # 3. AdamW over the policy, beta, resume
     log = MetricsLog(out, acc, cfg, resume_step=start if ckpt else None)
     bar = progress(len(plan), start, acc.is_main_process, algo)
     last: dict = {}
@@ -116,7 +124,7 @@ def train_critic_free(
         idx = sum(shard(plan[it], rank, n_proc, 1), [])  # 1. this process's prompts, each repeated k times
         batch_prompts = [prompts[i] for i in idx for _ in range(k)]
         batch_queries = [queries[i] for i in idx for _ in range(k)]
-        times = {"time_push": m.generator.push_weights(m.policy)}
+        times = {"time_push": push_weights(m)}
         with timed(times, "time_generate"):  # 2. k responses per prompt on the live weights
             completions = generate(m, cfg, [queries[i] for i in idx], it, idx)
         with timed(times, "time_score"):  # 3. cut after the first EOS, then score
@@ -136,8 +144,7 @@ def train_critic_free(
     bar.close()
     log.close()
     result = {"step": len(plan), **last, "train_seconds": time.perf_counter() - t_run, **budget.result()}
-    if acc.is_main_process:
-        save_final(cfg, m, opt, budget.steps(len(plan)), out, last, say)
+    save_final(cfg, m, opt, budget.steps(len(plan)), out, last, say, acc)
     acc.wait_for_everyone()
     return result
 
@@ -176,9 +183,7 @@ def update(
         for mb_start in range(0, N, mb_size):
             mb = perm[mb_start : mb_start + mb_size]
             mine = share.mine(mb, n_local)  # this process's rows of the minibatch, local indices
-            size = math.ceil(len(mine) / max(1, min(cfg.grad_accum, len(mine))))
-            micro_batches = length_chunks(ro.batch, mine, size) if len(mine) else []  # rows of similar length
-            for rows in micro_batches:
+            for rows, real in micro_batches(share, ro.batch, mine, cfg.grad_accum):  # rows of similar length
                 b = ro.batch.rows(rows)
                 cols = b.response.shape[1]
                 with m.autocast():
@@ -186,7 +191,7 @@ def update(
                     logprobs = logprobs_from_logits(logits, b.response, cfg.temperature)
                 old = ro.fw["logprobs"][rows, :cols]
                 seq_adv = local_adv[rows, 0]  # every response has >= 1 token (compute_rewards checks)
-                weight = len(rows) / len(mb)  # the global minibatch's sequences
+                weight = len(rows) / len(mb) if real else 0.0  # the global minibatch's sequences (filler: none)
                 if algo == "rloo":
                     rl = rloo_loss(logprobs, old, seq_adv, b.response_mask, cfg.cliprange)
                     parts = {"policy_loss": rl.loss, "clipfrac": rl.clipfrac, "approx_kl": rl.approx_kl}
@@ -198,11 +203,9 @@ def update(
                     parts |= {"approx_kl": gl.approx_kl, "loss": gl.loss}
                     loss = gl.loss
                 (weight * loss).backward()
-                for name, v in parts.items():
+                for name, v in parts.items() if real else ():
                     stats.setdefault(name, []).append(weight * v.item())
-            if share.several:
-                sum_gradients(opt.trainable)
-            grad_norm = clip_and_step(opt.optimizer, opt.trainable, cfg.max_grad_norm)
+            grad_norm = take_step(share, opt.optimizer, opt.trainable, cfg.max_grad_norm)
             opt.scheduler.step()
             opt.optimizer.zero_grad(set_to_none=True)
             if grad_norm is not None and share.main:

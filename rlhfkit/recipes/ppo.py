@@ -52,7 +52,6 @@ import torch
 from torch import nn
 
 from rlhfkit.accel.memory import release_memory, rss_mb
-from rlhfkit.accel.optim import clip_and_step
 from rlhfkit.algos.ppo import (
     AdaptiveKLController,
     FixedKLController,
@@ -80,7 +79,10 @@ from rlhfkit.recipes.common import (
     MetricsLog,
     TimeBudget,
     batch_plan,
+    full_state_dict,
+    gather_checkpoint,
     load_checkpoint,
+    lockstep,
     make_accelerator,
     make_optimizer,
     prepare_out,
@@ -88,6 +90,7 @@ from rlhfkit.recipes.common import (
     save_checkpoint,
     save_model_dir,
     shard,
+    sharded,
     world,
 )
 from rlhfkit.recipes.ppo_models import (
@@ -95,14 +98,23 @@ from rlhfkit.recipes.ppo_models import (
     Models,
     _Checkpoint,
     cut_responses,
-    length_chunks,
     load_models,
     make_batch,
     policy_forward,
     rm_scores,
     rollout_forwards,
 )
-from rlhfkit.recipes.ppo_processes import Rollout, Share, check_sharing, global_rollout, sum_gradients, sum_stats
+from rlhfkit.recipes.ppo_processes import (
+    Rollout,
+    Share,
+    check_sharing,
+    gather_into,
+    global_rollout,
+    micro_batches,
+    push_weights,
+    sum_stats,
+    take_step,
+)
 from rlhfkit.recipes.pretrain import load_ptx, ptx_chunks, ptx_loss
 from rlhfkit.rollout import Completion, SamplingParams
 
@@ -164,13 +176,14 @@ class Advantages:
 
 @dataclass
 class Optimization:
-    """One AdamW over policy and critic, its schedule, the KL controller, and the resident size of
-    the first iteration (``log_and_checkpoint``'s memory housekeeping)."""
+    """One AdamW over policy and critic (``modules``), its schedule, the KL controller, and the
+    resident size of the first iteration (``log_and_checkpoint``'s memory housekeeping)."""
 
     optimizer: Any
     scheduler: Any
     trainable: list[nn.Parameter]
     kl_ctl: AdaptiveKLController | FixedKLController
+    modules: nn.Module | None = None  # {"policy", "critic"}: what the optimizer's state is keyed by
     rss_base: float = 0.0
 
 
@@ -198,11 +211,11 @@ def train_ppo(
     prompts = load_prompts(cfg, say)
     ptx_docs = load_ptx(cfg)
     # 1. models: policy (+ LoRA), reference, critic, reward model
-    m = load_models(cfg, acc.device, precision, reward_fn, say)
+    m = load_models(cfg, acc.device, precision, reward_fn, say, acc)
     # 2. prompts, batch plan (one batch of prompts per iteration), PPO-ptx corpus
     queries = encode_queries(cfg, prompts, m.tok, say)
     plan = batch_plan(len(prompts), cfg)
-    check_sharing(len(plan[0]), n_proc)  # every process gets prompts
+    check_sharing(len(plan[0]), n_proc, lockstep(acc))  # every process gets prompts (FSDP2: as many)
     ptx = ptx_chunks(cfg, ptx_docs, m.tok) if ptx_docs is not None else None
     say(
         f"PPO: {len(plan)} iterations x {min(cfg.batch_size, len(prompts))} prompts x {cfg.samples_per_prompt} "
@@ -210,7 +223,7 @@ def train_ppo(
         + (f", ptx {len(ptx)} chunks" if ptx else "")
     )
     # 3. optimizer over policy and critic, KL controller, resume
-    opt, start = setup_optimization(cfg, m, len(plan), ckpt, say)
+    opt, start = setup_optimization(cfg, m, len(plan), ckpt, say, acc)
     log = MetricsLog(out, acc, cfg, resume_step=start if ckpt else None)
 
     bar = progress(len(plan), start, acc.is_main_process, "ppo")
@@ -222,7 +235,7 @@ def train_ppo(
         idx = sum(shard(plan[it], rank, n_proc, 1), [])
         batch_prompts = [prompts[i] for i in idx for _ in range(cfg.samples_per_prompt)]
         batch_queries = [queries[i] for i in idx for _ in range(cfg.samples_per_prompt)]
-        times = {"time_push": m.generator.push_weights(m.policy)}  # the policy's weights to the generator
+        times = {"time_push": push_weights(m)}  # the policy's weights to the generator
         with timed(times, "time_generate"):  # 2. generate on the live weights
             completions = generate(m, cfg, [queries[i] for i in idx], it, idx)
         with timed(times, "time_score"):  # 3. cut after the first EOS, then score
@@ -245,8 +258,7 @@ def train_ppo(
     bar.close()
     log.close()
     result = {"step": len(plan), **last, "train_seconds": time.perf_counter() - t_run, **budget.result()}
-    if acc.is_main_process:
-        save_final(cfg, m, opt, budget.steps(len(plan)), out, last, say)
+    save_final(cfg, m, opt, budget.steps(len(plan)), out, last, say, acc)
     acc.wait_for_everyone()
     return result
 
@@ -270,9 +282,9 @@ def encode_queries(cfg: PPOConfig, prompts: list[Prompt], tok, say=print) -> lis
     return [q[-cfg.max_prompt_length :] for q in queries]
 
 
-def setup_optimization(cfg: PPOConfig, m: Models, n_iterations: int, ckpt: Path | None, say=print):
+def setup_optimization(cfg: PPOConfig, m: Models, n_iterations: int, ckpt: Path | None, say=print, acc=None):
     """One AdamW over policy and critic (one gradient clip), the KL controller, and the state of a
-    resumed run. Returns (Optimization, the iteration to start at)."""
+    resumed run (FSDP2: each process keeps its shards of it). Returns (Optimization, the iteration to start at)."""
     both = nn.ModuleDict({"policy": m.policy, "critic": m.critic})
     n_updates = n_iterations * cfg.ppo_epochs * cfg.num_minibatches
     head = m.critic.head.weight if m.critic.kind == "policy_head" else None
@@ -284,12 +296,12 @@ def setup_optimization(cfg: PPOConfig, m: Models, n_iterations: int, ckpt: Path 
         kl_ctl = FixedKLController(cfg.kl_coef)
     start = 0
     if ckpt is not None:
-        start, extra = load_checkpoint(ckpt, m.policy, optimizer, scheduler)
-        m.critic.load(ckpt / "model" / "critic")
+        start, extra = load_checkpoint(ckpt, m.policy, optimizer, scheduler, acc, prepared=both)
+        m.critic.load(ckpt / "model" / "critic", on_shards=acc is not None and sharded(acc))
         kl_ctl.load_state_dict(extra["kl_ctl"])
         say(f"resumed from {ckpt} at iteration {start}")
     trainable = [p for p in both.parameters() if p.requires_grad]
-    return Optimization(optimizer, scheduler, trainable, kl_ctl), start
+    return Optimization(optimizer, scheduler, trainable, kl_ctl, both), start
 
 
 @contextmanager
@@ -415,21 +427,19 @@ def update(
             mb = perm[mb_start : mb_start + mb_size]
             n_tokens = mask[mb].sum()
             mine = share.mine(mb, n_local)  # this process's rows of the minibatch, local indices
-            # micro-batches of rows of similar length (length_chunks): less padding, same loss
-            if len(mine):
-                size = math.ceil(len(mine) / max(1, min(cfg.grad_accum, len(mine))))
-                for rows in length_chunks(batch, mine, size):
-                    micro_step(m, cfg, ro, local_adv, rows, n_tokens, stats, policy_loss)
-            if ptx is not None and share.main:
+            for rows, real in micro_batches(share, batch, mine, cfg.grad_accum):  # rows of similar length
+                micro_step(m, cfg, ro, local_adv, rows, n_tokens, stats, policy_loss, real)
+            if ptx is not None and (share.main or share.lockstep):
                 g = _seeded(cfg.seed, it, epoch, k, 13)
                 order = torch.randperm(len(ptx), generator=g, device="cpu")[: cfg.ptx_batch_size]  # Python indices
                 with m.autocast():
                     nll = ptx_loss(m.policy, [ptx[i] for i in order.tolist()], m.tok.pad_token_id)
-                (cfg.ptx_coef * nll).backward()
-                stats.setdefault("ptx_loss", []).append(nll.item())
-            if share.several:
-                sum_gradients(opt.trainable)
-            grad_norm = clip_and_step(opt.optimizer, opt.trainable, cfg.max_grad_norm)
+                # the main process's term; in lockstep every process runs it, a 1/n share each
+                share_of = 1 / share.acc.num_processes if share.lockstep else 1.0
+                (share_of * cfg.ptx_coef * nll).backward()
+                if share.main:
+                    stats.setdefault("ptx_loss", []).append(nll.item())
+            grad_norm = take_step(share, opt.optimizer, opt.trainable, cfg.max_grad_norm)
             opt.scheduler.step()
             opt.optimizer.zero_grad(set_to_none=True)
             if grad_norm is not None and share.main:
@@ -454,15 +464,17 @@ def micro_step(
     n_tokens: torch.Tensor,
     stats: dict[str, list[float]],
     policy_loss: PolicyLoss | None = None,
+    real: bool = True,
 ) -> None:
     """Forward and backward of the policy loss (``clipped_policy_loss``, or A2C's) and the value loss
     on ``rows``, weighted by their share of the minibatch's ``n_tokens`` (so micro-batching leaves the
-    loss unchanged); the weighted losses and diagnostics are appended to ``stats``."""
+    loss unchanged); the weighted losses and diagnostics are appended to ``stats``. ``real=False``: a
+    lockstep filler (``micro_batches``), run with weight 0 and not logged."""
     policy_loss = policy_loss or clipped_policy_loss
     b = ro.batch.rows(rows)
     cols = b.response.shape[1]
     m_mask = b.response_mask
-    weight = m_mask.sum() / n_tokens
+    weight = m_mask.sum() / n_tokens if real else torch.zeros((), device=m_mask.device)
     old_lp, advantages = ro.fw["logprobs"][rows, :cols], adv.advantages[rows, :cols]
     old_v, ret = ro.fw["values"][rows, :cols], adv.returns[rows, :cols]
     if m.critic.kind == "rm":
@@ -485,6 +497,8 @@ def micro_step(
         pl, parts = policy_loss(cfg, logits, new_logprobs, old_lp, advantages, m_mask)
         vl = ppo_value_loss(values, old_v, ret, m_mask, cfg.cliprange_value)
         (weight * (pl + cfg.vf_coef * vl.loss)).backward()
+    if not real:
+        return
     w = weight.item()
     parts |= {"value_loss": vl.loss} | ({"value_clipfrac": vl.clipfrac} if cfg.cliprange_value is not None else {})
     for name, v in parts.items():
@@ -543,35 +557,42 @@ def log_and_checkpoint(
     last |= stats
     if done % cfg.log_every == 0 or done == total:
         log.log(done, **last)
-    if cfg.save_every and done % cfg.save_every == 0 and done != total and (acc is None or acc.is_main_process):
-        save_checkpoint(
-            out,
-            done,
-            _Checkpoint(m.policy, m.critic),
-            opt.optimizer,
-            opt.scheduler,
-            extra={"kl_ctl": opt.kl_ctl.state_dict()},
-        )
+    if cfg.save_every and done % cfg.save_every == 0 and done != total:
+        checkpoint(out, done, m, opt, acc)
     if acc is not None:
         acc.wait_for_everyone()
     return last
 
 
-def save_final(cfg: PPOConfig, m: Models, opt: Optimization, total: int, out: Path, last: dict, say=print) -> None:
+def checkpoint(out: Path, step: int, m: Models, opt: Optimization, acc=None) -> None:
+    """``save_checkpoint`` of policy, critic, optimizer, schedule and KL controller by the main
+    process. Every process calls it: under FSDP2 the whole weights and optimizer state are gathered
+    first (``gather_checkpoint``, keyed by name; resume re-shards them)."""
+    gathered = gather_checkpoint(acc, opt.modules, opt.optimizer) if acc is not None and sharded(acc) else None
+    if acc is None or acc.is_main_process:
+        extra = {"kl_ctl": opt.kl_ctl.state_dict()}
+        model = _Checkpoint(m.policy, m.critic)
+        save_checkpoint(out, step, model, opt.optimizer, opt.scheduler, extra=extra, gathered=gathered)
+
+
+def save_final(
+    cfg: PPOConfig, m: Models, opt: Optimization, total: int, out: Path, last: dict, say=print, acc=None
+) -> None:
     """A resumable checkpoint (with save_every), then the critic and, last, the policy with LoRA
-    merged as a plain Hugging Face directory (``out/model`` marks a finished run)."""
+    merged as a plain Hugging Face directory (``out/model`` marks a finished run). Every process
+    calls it, the main one writes; under FSDP2 the others help gather the whole weights first."""
     if cfg.save_every:
-        save_checkpoint(
-            out,
-            total,
-            _Checkpoint(m.policy, m.critic),
-            opt.optimizer,
-            opt.scheduler,
-            extra={"kl_ctl": opt.kl_ctl.state_dict()},
-        )
-    m.critic.save(out / "critic", merge=True)  # critic 'none': nothing
+        checkpoint(out, total, m, opt, acc)
+    critic_weights = None
+    if acc is not None and m.critic.kind == "rm":
+        critic_weights = full_state_dict(acc, m.critic.seq_model)  # FSDP2: gathered; else None (its own)
+    if m.whole is not None:
+        gather_into(m.policy, m.whole)  # FSDP2: the whole policy, saved from its copy
+    if acc is not None and not acc.is_main_process:
+        return
+    m.critic.save(out / "critic", merge=True, state_dict=critic_weights)  # critic 'none': nothing
     if m.critic.kind == "rm":
         m.tok.save_pretrained(out / "critic")
-    save_model_dir(unwrap(m.policy, merge=True), m.tok, out / "model")
+    save_model_dir(unwrap(m.policy if m.whole is None else m.whole, merge=True), m.tok, out / "model")
     saved = f"{out / 'model'}" + (f" and {out / 'critic'}" if m.critic.kind != "none" else "")
     say(f"saved {saved}; last score {last.get('score', float('nan')):.4f}, KL {last.get('kl', float('nan')):.4f}")

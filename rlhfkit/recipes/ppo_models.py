@@ -24,10 +24,10 @@ from rlhfkit.algos.ppo import logprobs_from_logits, truncate_after_eos
 from rlhfkit.config import PPOConfig
 from rlhfkit.errors import UserError
 from rlhfkit.models.heads import RewardModel, load_reward_model
-from rlhfkit.models.layout import gather_positions, hidden_size, scored_forward, trunk
+from rlhfkit.models.layout import gather_positions, hidden_size, is_sharded, scored_forward, trunk
 from rlhfkit.models.loading import load_causal_lm
 from rlhfkit.models.lora import unwrap
-from rlhfkit.recipes.common import apply_lora, load_weights
+from rlhfkit.recipes.common import apply_lora, engine, load_weights
 from rlhfkit.rollout import Generator, make_generator
 
 
@@ -138,15 +138,18 @@ class Critic(nn.Module):
         if self.kind == "policy_head":
             return self.head(hidden).squeeze(-1).float()
         base = unwrap(self.seq_model)
-        h = trunk(base)(
-            input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False
-        ).last_hidden_state  # (B, L, d)
         # on the scale of the rewards: the RM's scores are normalised by its stored offset, so its
         # raw head output would overestimate every value by that offset (see policy_head's init)
         offset = float(getattr(base.config, "reward_offset", 0.0) or 0.0)
+        if is_sharded(base):  # FSDP2: through the root's forward, whose hooks gather the weights
+            return gather_positions(scores_at_every_position(base, b), b.positions).squeeze(-1).float() - offset
+        h = trunk(base)(
+            input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False
+        ).last_hidden_state  # (B, L, d)
         return base.score(gather_positions(h, b.positions)).squeeze(-1).float() - offset  # (B, R)
 
-    def save(self, path: Path, merge: bool = False) -> None:
+    def save(self, path: Path, merge: bool = False, state_dict: dict | None = None) -> None:
+        """``state_dict``: the whole weights of a sharded critic, gathered (``common.full_state_dict``)."""
         if self.kind == "none":
             return
         path.mkdir(parents=True, exist_ok=True)
@@ -156,10 +159,10 @@ class Critic(nn.Module):
             save_file({"weight": self.head.weight.detach().contiguous()}, str(path / "value_head.safetensors"))
         else:
             (unwrap(self.seq_model, merge=True) if merge else self.seq_model).save_pretrained(
-                path, safe_serialization=True
+                path, safe_serialization=True, state_dict=state_dict
             )
 
-    def load(self, path: Path) -> None:
+    def load(self, path: Path, on_shards: bool = False) -> None:
         from safetensors.torch import load_file
 
         if self.kind == "none":
@@ -167,7 +170,19 @@ class Critic(nn.Module):
         if self.kind == "policy_head":
             self.head.load_state_dict(load_file(str(path / "value_head.safetensors")))
             return
-        load_weights(self.seq_model, path)
+        load_weights(self.seq_model, path, on_shards=on_shards)
+
+
+def scores_at_every_position(base: nn.Module, b: Batch) -> torch.Tensor:
+    """(B, L, 1): a sequence classifier's scalar head at every position, from its own forward (which
+    applies the head to every position, then keeps the last): caught on the way by a hook on the head."""
+    caught: list[torch.Tensor] = []
+    hook = base.score.register_forward_hook(lambda _module, _inputs, output: caught.append(output))
+    try:
+        base(input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False)
+    finally:
+        hook.remove()
+    return caught[0]
 
 
 class _Checkpoint(nn.Module):
@@ -177,9 +192,17 @@ class _Checkpoint(nn.Module):
         super().__init__()
         self.policy, self.critic = policy, critic
 
-    def save_pretrained(self, path, **kw) -> None:
-        self.policy.save_pretrained(path, **kw)
-        self.critic.save(Path(path) / "critic")
+    def save_pretrained(self, path, state_dict: dict | None = None, **kw) -> None:
+        """``state_dict``: FSDP2's gathered weights, named as the optimizer's modules (``policy.…``,
+        ``critic.seq_model.…``)."""
+
+        def part(prefix: str) -> dict | None:
+            if state_dict is None:
+                return None
+            return {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
+
+        self.policy.save_pretrained(path, state_dict=part("policy."), **kw)
+        self.critic.save(Path(path) / "critic", state_dict=part("critic.seq_model."))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -294,10 +317,13 @@ class Models:
     generator: Generator  # rollout_backend's: the engine, transformers' generate or vLLM
     autocast: Callable[[], Any]  # the training precision's autocast context (or a null one)
     device: torch.device = torch.device("cpu")  # the policy's: every tensor PPO makes is made there
+    whole: nn.Module | None = None  # FSDP2: the whole copy of the policy the generator samples from
 
 
-def load_models(cfg: PPOConfig, device, precision: str, reward_fn: Callable | None, say=print) -> Models:
+def load_models(cfg: PPOConfig, device, precision: str, reward_fn: Callable | None, say=print, acc=None) -> Models:
     """Policy (+ LoRA), frozen reference, critic and reward model, each prepared by ``rlhfkit.accel``.
+    Under FSDP2 (``acc``'s engine) policy and critic are sharded, and the generator gets a whole copy
+    of the policy (``ppo_processes.gather_into`` refreshes it each iteration).
 
     The order is that of the global RNG's use (LoRA's and the heads' initialisation): keep it.
     """
@@ -325,10 +351,25 @@ def load_models(cfg: PPOConfig, device, precision: str, reward_fn: Callable | No
         prepare_for_inference(rm.seq_model, cfg, device, like=accel, say=say, name="reward model")
     policy.train()
     critic.train()
-    generator = make_generator(policy, tok, cfg.rollout_backend, precision, say)
+    whole = None
+    if acc is not None and engine(acc) == "fsdp":
+        whole = load_causal_lm(cfg.model).model.to(device).requires_grad_(False).eval()
+        shard_trained(acc, policy, critic)
+    generator = make_generator(policy if whole is None else whole, tok, cfg.rollout_backend, precision, say)
     if not generator.eos_ids:
         raise UserError(f"{cfg.model}: the tokenizer has no EOS token; responses could never end")
-    return Models(policy, ref, critic, rm, tok, generator, autocast_of(device, precision), torch.device(device))
+    autocast = autocast_of(device, precision)
+    return Models(policy, ref, critic, rm, tok, generator, autocast, torch.device(device), whole)
+
+
+def shard_trained(acc, policy: nn.Module, critic: Critic) -> None:
+    """FSDP2 on the policy and the critic, as accelerate shards a model it prepares (``fsdp2_prepare_model``:
+    the launch config's wrap policy, resharding and mixed precision), in place. FSDP2 averages their
+    gradients over the processes; ``ppo_processes.take_step`` turns that back into the sum."""
+    from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+
+    for model in [policy] + ([critic.seq_model] if critic.kind == "rm" else []):
+        fsdp2_prepare_model(acc, model)
 
 
 def load_critic(cfg: PPOConfig, policy: nn.Module, device, say=print) -> Critic:

@@ -10,20 +10,33 @@ back-propagates its rows of it, weighted by the minibatch's global size, ``sum_g
 the gradients up, and every process takes the one clipped step one process would take
 (tests/test_ppo_processes.py, tests/test_rl_processes.py). ``sum_stats`` does the same for the
 logged losses. One process: every function here is the identity or a plain sum.
+
+Under FSDP2 (``accelerate launch --config_file examples/accelerate/fsdp2.yaml``) the trained models
+— policy and critic — are sharded (``ppo_models.shard_trained``): a process holds a part of their
+parameters, gradients and AdamW moments. Three things change. The rollout generator needs whole
+weights: it samples from a whole copy of the policy into which ``push_weights`` gathers the shards
+each iteration (as weights are pushed into vLLM). Every forward of a sharded model gathers its
+parameters, a collective: all processes run the same forwards (``lockstep``), so each runs as many
+micro-batches as the process with the most (``micro_batches``; the extra ones weigh 0). And FSDP2
+sums the gradients itself, in each backward (``take_step`` then clips by the global norm of the
+shards). The frozen reference and reward model stay whole on each process.
 """
 
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
+from rlhfkit.accel.optim import clip_and_step
 from rlhfkit.data.records import Prompt
 from rlhfkit.errors import UserError
-from rlhfkit.recipes.ppo_models import Batch
+from rlhfkit.recipes.common import lockstep, optimizer_step
+from rlhfkit.recipes.ppo_models import Batch, Models, length_chunks
 
 
 @dataclass
@@ -57,20 +70,60 @@ class Share:
     def main(self) -> bool:
         return not self.several or self.acc.is_main_process
 
+    @property
+    def lockstep(self) -> bool:
+        """Sharded models (FSDP2): every process must run the same forwards."""
+        return self.several and lockstep(self.acc)
+
     def mine(self, rows: torch.Tensor, n_local: int) -> torch.Tensor:
         """This process's rows among the global ``rows``, as indices into its own batch."""
         return rows[(rows >= self.offset) & (rows < self.offset + n_local)] - self.offset
 
 
-def check_sharing(batch_size: int, n_proc: int) -> None:
+def check_sharing(batch_size: int, n_proc: int, even: bool = False) -> None:
     """Refuse a batch of prompts that leaves a process without one: each process takes a contiguous
-    share of ⌈B/n⌉ prompts (``recipes.common.shard``), so 5 prompts on 4 processes leave the last none."""
+    share of ⌈B/n⌉ prompts (``recipes.common.shard``), so 5 prompts on 4 processes leave the last none.
+    ``even`` (FSDP2: the no-grad forwards run in lockstep): the shares must be equal."""
     per = math.ceil(batch_size / n_proc)
-    if (n_proc - 1) * per >= batch_size:
+    if (n_proc - 1) * per >= batch_size or (even and batch_size % n_proc):
         raise UserError(
             f"batch_size={batch_size} prompts cannot be shared by {n_proc} processes (shares of {per} leave the "
-            f"last one none): use a multiple of {n_proc}"
+            f"last one {'none' if (n_proc - 1) * per >= batch_size else 'fewer'}): use a multiple of {n_proc}"
         )
+
+
+def micro_batches(share: Share, batch: Batch, mine: torch.Tensor, grad_accum: int) -> list[tuple[torch.Tensor, bool]]:
+    """This process's rows of a minibatch (``mine``) in ``grad_accum`` micro-batches of rows of similar
+    length (``length_chunks``: less padding, same loss), each with True. In lockstep (FSDP2) as many
+    as the process with the most: the extra ones are (row 0, False), to be run with weight 0."""
+    size = math.ceil(len(mine) / max(1, min(grad_accum, len(mine))))
+    chunks = [(rows, True) for rows in length_chunks(batch, mine, size)] if len(mine) else []
+    if not share.lockstep:
+        return chunks
+    import torch.distributed as dist
+
+    most = torch.tensor([len(chunks)], device=share.mask.device)
+    dist.all_reduce(most, op=dist.ReduceOp.MAX)
+    filler = torch.zeros(1, dtype=torch.long, device=share.mask.device)
+    return chunks + [(filler, False)] * (int(most) - len(chunks))
+
+
+def take_step(share: Share, optimizer, trainable: list[nn.Parameter], max_norm: float) -> torch.Tensor | None:
+    """One optimizer step on the gradients of every process: summed here (``sum_gradients``), or by
+    FSDP2's reduce-scatter in each backward (sharded; it averages), then clipped to a global L2 norm of ``max_norm``
+    (``common.optimizer_step``: the norm of the whole gradient, whichever way it is held). Returns
+    the norm before clipping (None without clipping)."""
+    if share.lockstep:
+        # FSDP2 averaged the gradients over the processes (gloo has no pre-multiplied sum); each
+        # process's loss is already weighted by its rows' share of the global minibatch: the sum
+        for p in trainable:
+            if p.grad is not None:
+                p.grad.mul_(share.acc.num_processes)
+    elif share.several:
+        sum_gradients(trainable)
+    if share.acc is None:
+        return clip_and_step(optimizer, trainable, max_norm)
+    return optimizer_step(share.acc, trainable, optimizer, max_norm)
 
 
 def gather_rows(acc, t: torch.Tensor) -> torch.Tensor:
@@ -140,6 +193,29 @@ def sum_gradients(params: list[nn.Parameter]) -> None:
         dist.all_reduce(flat)
         for p, g in zip(group, flat.split([p.numel() for p in group])):
             p.grad.copy_(g.view_as(p.grad))
+
+
+@torch.no_grad()
+def gather_into(sharded: nn.Module, whole: nn.Module) -> None:
+    """Copy each parameter of the FSDP2-sharded ``sharded``, all-gathered (a collective: every process
+    calls it), into the parameter of the same name of ``whole``, a plain copy of the same model."""
+    from torch.distributed.tensor import DTensor
+
+    def plain(name: str) -> str:  # the names of activation-checkpointing and compile wrappers
+        return name.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", "")
+
+    target = {plain(n): p for n, p in whole.named_parameters()}
+    for name, p in sharded.named_parameters():
+        target[plain(name)].copy_(p.full_tensor() if isinstance(p, DTensor) else p)
+
+
+def push_weights(m: Models) -> float:
+    """Make the generator sample from the policy's current weights; returns the seconds it took.
+    FSDP2: the shards are gathered into the whole copy the generator samples from (``m.whole``)."""
+    t0 = time.perf_counter()
+    if m.whole is not None:
+        gather_into(m.policy, m.whole)
+    return time.perf_counter() - t0 + m.generator.push_weights(m.policy if m.whole is None else m.whole)
 
 
 def sum_stats(share: Share, stats: dict[str, list[float]], names: list[str]) -> dict[str, tuple[float, int]]:
