@@ -212,10 +212,11 @@ def gather_into(sharded: nn.Module, whole: nn.Module) -> None:
 def push_weights(m: Models) -> float:
     """Make the generator sample from the policy's current weights; returns the seconds it took.
     FSDP2: the shards are gathered into the whole copy the generator samples from (``m.whole``)."""
+    if m.whole is None:
+        return m.generator.push_weights(m.policy)  # 0.0 for the engine and HF generate: the live module
     t0 = time.perf_counter()
-    if m.whole is not None:
-        gather_into(m.policy, m.whole)
-    return time.perf_counter() - t0 + m.generator.push_weights(m.policy if m.whole is None else m.whole)
+    gather_into(m.policy, m.whole)
+    return time.perf_counter() - t0 + m.generator.push_weights(m.whole)
 
 
 def sum_stats(share: Share, stats: dict[str, list[float]], names: list[str]) -> dict[str, tuple[float, int]]:
