@@ -5,6 +5,7 @@ each optimiser gets the same wall-clock budget as the demo's PPO stage, then the
     python benchmarks/optimizers.py --run runs/opt-base             # made first (optimizer=none) if missing
     python benchmarks/optimizers.py --run runs/demo --only dpo,rloo --seeds 0
     python benchmarks/optimizers.py --quick                         # tiny random model, ~1 minute
+    python benchmarks/optimizers.py --run runs/opt-base --finished-only   # the table of what has run
 
 What each optimiser starts from (recipes/pipeline.py's layout of the run): ``sft/model``, round 1's
 reward model ``round1/rm/model`` and the rankings it learned from ``round1/rm_data.jsonl`` (round 0's
@@ -213,6 +214,11 @@ def run_one(pc, name: str, run: Path, out: Path, seed: int, budget: float, max_s
     }
 
 
+def finished(cell: Path) -> bool:
+    """Whether ``run_one`` finished training (or sampling) this optimiser/seed directory."""
+    return (cell / "model" / "config.json").exists() and (cell / "stage.json").exists() or (cell / "bon.json").exists()
+
+
 def render(data: dict) -> str:
     sft = data["sft"]
     lines = [
@@ -258,6 +264,9 @@ def main() -> None:
     ap.add_argument(
         "--quick", action="store_true", help="the tiny random model, tiny settings, 2 s budget, seed 0 (~1 min)"
     )
+    ap.add_argument(
+        "--finished-only", action="store_true", help="train nothing: the table of the cells already finished"
+    )
     ap.add_argument("overrides", nargs="*", help="pipeline key=value settings for a run made here")
     a = ap.parse_args()
 
@@ -296,6 +305,9 @@ def main() -> None:
             print(f"skipping {name}: {cfg_path} or {train_path} is not in this checkout")
             continue
         for seed in seeds:
+            if a.finished_only and not finished(out / f"{name}_s{seed}"):
+                skipped[f"{name} seed {seed}"] = "not run yet"
+                continue
             print(f"--- {name}, seed {seed}, budget {budget:g} s", flush=True)
             try:
                 row = run_one(pc, name, run, out / f"{name}_s{seed}", seed, budget, a.max_steps, held)

@@ -117,7 +117,11 @@ def test_run_peer_reports_a_missing_peer_instead_of_raising(tmp_path):
 def test_committed_results_have_provenance_and_no_html():
     results = BENCH / "results"
     files = sorted(results.iterdir())
-    assert len(files) <= 30 and not [f.name for f in files if f.suffix == ".html"]
+    # one current result per benchmark: a .json and its .md each (+ the index), nothing superseded kept
+    assert not [f.name for f in files if f.suffix == ".html"]
+    stems = {f.stem for f in files if f.name != "README.md"}
+    assert all((results / f"{s}.json").exists() and (results / f"{s}.md").exists() for s in stems), stems
+    assert len(files) <= 34
     jsons = [f for f in files if f.suffix == ".json"]
     assert jsons
     for f in jsons:

@@ -179,27 +179,29 @@ def test_ppo_with_vllm(device, model_dir, fixtures, tmp_path, monkeypatch):
     check_outputs(model_dir, tmp_path / "ppo")
 
 
-def test_ppo_ddp_on_two_gpus(device, model_dir, tmp_path):
-    """``torchrun --nproc_per_node 2``: each worker asserts there are 2 processes (NCCL on GPUs);
-    the 2-process run takes the 1-process run's steps (tests/test_ppo_processes.py's worker)."""
+@pytest.mark.parametrize("launcher", ["ddp", "fsdp2"])
+def test_ppo_on_two_gpus(launcher, device, model_dir, tmp_path):
+    """``torchrun --nproc_per_node 2`` (DDP) or ``accelerate launch`` with fsdp2.yaml (policy and critic
+    sharded): each worker asserts there are 2 processes of that engine (NCCL on GPUs); the 2-process
+    run takes the 1-process run's steps (tests/test_ppo_processes.py's worker)."""
     if DRY_RUN:
         pytest.skip("dry run: 2 processes on a CPU are tests/test_ppo_processes.py's")
     if torch.cuda.device_count() < 2:
-        pytest.skip(f"2-process DDP needs 2 GPUs, this machine has {torch.cuda.device_count()}")
-    from test_ppo_processes import WORKER
+        pytest.skip(f"2 processes need 2 GPUs, this machine has {torch.cuda.device_count()}")
+    from test_ppo_processes import LAUNCHERS, WORKER
 
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("The quick brown fox jumps over the lazy dog. " * 20)
     (tmp_path / "worker.py").write_text(WORKER)
     root = str(Path(__file__).resolve().parents[1])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
-    torchrun = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node", "2"]
 
-    def run(launcher, name, n):
-        args = [*launcher, str(tmp_path / "worker.py"), str(tmp_path / name), model_dir, str(n), str(corpus), "full"]
-        return subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
+    def run(command, name, n):
+        engine = "single" if n == 1 else {"ddp": "ddp", "fsdp2": "fsdp"}[launcher]
+        args = [str(tmp_path / "worker.py"), str(tmp_path / name), model_dir, str(n), str(corpus), "full", engine]
+        return subprocess.run([*command, *args], env=env, capture_output=True, text=True, timeout=600)
 
-    one, two = run([sys.executable], "one", 1), run(torchrun, "two", 2)
+    one, two = run([sys.executable], "one", 1), run(LAUNCHERS[launcher](), "two", 2)
     assert one.returncode == 0, one.stderr[-3000:]
     assert two.returncode == 0, two.stderr[-3000:]
     assert sorted(p.name for p in tmp_path.glob("two.rank*")) == ["two.rank0", "two.rank1"]
