@@ -18,8 +18,8 @@ weights: it samples from a whole copy of the policy into which ``push_weights`` 
 each iteration (as weights are pushed into vLLM). Every forward of a sharded model gathers its
 parameters, a collective: all processes run the same forwards (``lockstep``), so each runs as many
 micro-batches as the process with the most (``micro_batches``; the extra ones weigh 0). And FSDP2
-sums the gradients itself, in each backward (``take_step`` then clips by the global norm of the
-shards). The frozen reference and reward model stay whole on each process.
+reduces the gradients itself, in each backward, as a mean (``take_step`` turns it back into the sum,
+then clips by the global norm of the shards). The frozen reference and reward model stay whole on each process.
 """
 
 from __future__ import annotations
