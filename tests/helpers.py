@@ -2,6 +2,31 @@
 
 from __future__ import annotations
 
+import socket
+import sys
+from pathlib import Path
+
+ACCELERATE_CONFIGS = Path(__file__).resolve().parents[1] / "examples" / "accelerate"
+TORCHRUN = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node", "2"]
+"""2 processes with whole models (DDP over gloo on CPU): torchrun, since ``accelerate launch --cpu
+--num_processes 2`` starts one process under accelerate 1.16 (docs/distributed.md)."""
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now, for a launcher's rendezvous (tests run side by side)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def accelerate_launch(config: str) -> list[str]:
+    """``accelerate launch`` with ``examples/accelerate/<config>.yaml`` (2 processes) on a free port,
+    as a user launches it; the script and its arguments follow."""
+    accelerate = str(Path(sys.executable).parent / "accelerate")
+    config_file = str(ACCELERATE_CONFIGS / f"{config}.yaml")
+    return [accelerate, "launch", "--config_file", config_file, "--main_process_port", str(free_port())]
+
+
 MACHINE_METRICS = frozenset(
     {"time", "time_generate", "time_score", "time_forward", "time_train", "time_iteration", "rss_mb", "peak_rss_mb"}
 )

@@ -137,6 +137,50 @@ def test_smoke_reward_rises(algo, sharp_path, tmp_path):
     assert not (out / "critic").exists()
 
 
+@pytest.mark.usefixtures("one_thread")
+def test_on_policy_grpo_takes_old_logprobs_from_its_training_pass(sharp_path, tmp_path, monkeypatch):
+    """One epoch over one minibatch: GRPO skips the policy's no-grad forward (its old log-probs are
+    the training pass's, detached, as TRL's) and trains exactly as with it: the same metrics — the
+    KL and entropy now read from the training pass — and the same final weights (fp32). With two
+    minibatches the second is off-policy: the forward runs."""
+    from safetensors.torch import load_file
+
+    import rlhfkit.recipes.critic_free as cf
+
+    real, asked = cf.forwards, []
+
+    def counted(m, cfg, batch, with_policy=True):
+        asked.append(with_policy)
+        return real(m, cfg, batch, with_policy)
+
+    def run(name: str, **kw) -> list[dict]:
+        cfg = GRPOConfig(
+            model=sharp_path, out=str(tmp_path / name), batch_size=4, samples_per_prompt=4, max_new_tokens=12,
+            temperature=1.0, lr=3e-4, kl_coef=0.05, precision="fp32", missing_eos_penalty=None, limit=32,
+            max_steps=3, seed=0, grad_accum=2, **kw,
+        )  # fmt: skip
+        cf.train_grpo(cfg, reward_fn=newline_reward, say=lambda *a: None)
+        return read_metrics(tmp_path / name)
+
+    monkeypatch.setattr(cf, "forwards", counted)
+    skipped = run("skipped", num_minibatches=1)
+    assert asked == [False] * 3
+    monkeypatch.setattr(cf, "forwards", lambda m, cfg, batch, with_policy=True: real(m, cfg, batch, True))
+    full = run("full", num_minibatches=1)
+    keys = ["score", "kl", "kl_k3", "entropy", "reward", "policy_loss", "kl_loss", "loss", "approx_kl", "grad_norm"]
+    for a, b in zip(skipped, full, strict=True):
+        for key in keys:
+            assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-7), (a["step"], key, a[key], b[key])
+    assert min(r["kl"] for r in full[1:]) > 0.1  # the policy moved: the KL read from the training pass is checked
+    one, two = (load_file(tmp_path / n / "model" / "model.safetensors") for n in ("skipped", "full"))
+    assert all(torch.equal(one[n], two[n]) for n in one)
+
+    asked.clear()
+    monkeypatch.setattr(cf, "forwards", counted)
+    run("two_minibatches", num_minibatches=2)
+    assert asked == [True] * 3
+
+
 @pytest.mark.parametrize("stage", ["rloo", "grpo"])
 def test_cli_one_sample_is_one_line_error(stage):
     from typer.testing import CliRunner

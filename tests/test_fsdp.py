@@ -11,18 +11,16 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import accelerate_launch, free_port
 
 from rlhfkit.recipes.common import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = ROOT / "examples" / "accelerate"
 
 WORKER = r"""
 import os, sys
@@ -97,12 +95,6 @@ main()
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _env() -> dict:
     return {
         **os.environ,
@@ -115,11 +107,9 @@ def launch(tmp: Path, config: str, args: list[str], expect: str = "fsdp", crash_
     """``accelerate launch --config_file examples/accelerate/<config>.yaml`` of the worker (2 processes)."""
     worker = tmp / "worker.py"
     worker.write_text(WORKER)
-    marks = tmp / f"marks-{_free_port()}"
+    marks = tmp / f"marks-{free_port()}"
     marks.mkdir()
-    accelerate = str(Path(sys.executable).parent / "accelerate")
-    command = [accelerate, "launch", "--config_file", str(CONFIGS / f"{config}.yaml")]
-    command += ["--main_process_port", str(_free_port()), str(worker), str(marks), expect, str(crash_after), *args]
+    command = [*accelerate_launch(config), str(worker), str(marks), expect, str(crash_after), *args]
     done = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=300)
     return done, sorted(p.read_text() for p in marks.iterdir())
 

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import TORCHRUN, accelerate_launch
 
 from rlhfkit.recipes.common import read_metrics
 
@@ -161,23 +162,10 @@ def _runner(tmp_path: Path, model: str):
     return run
 
 
-TORCHRUN = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node", "2"]
-FSDP2 = Path(__file__).resolve().parents[1] / "examples" / "accelerate" / "fsdp2.yaml"
 LAUNCHERS = {
-    "ddp": lambda: TORCHRUN,  # torchrun: every process holds whole models
-    "fsdp2": lambda: [  # as a user launches FSDP2: policy and critic sharded over the 2 processes
-        str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file", str(FSDP2),
-        "--main_process_port", str(_free_port()),
-    ],
-}  # fmt: skip
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    "ddp": lambda: TORCHRUN,  # every process holds whole models
+    "fsdp2": lambda: accelerate_launch("fsdp2"),  # as a user launches FSDP2: policy and critic sharded
+}
 
 
 KEYS = ["score", "score_raw", "kl", "kl_k3", "entropy", "reward", "beta", "explained_variance"]

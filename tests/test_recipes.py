@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import Crash, crash_after
+from helpers import TORCHRUN, Crash, crash_after
 
 from rlhfkit.config import PretrainConfig, RewardConfig, SFTConfig, build_config
 from rlhfkit.data.jsonl import read_jsonl, write_jsonl
@@ -370,9 +370,8 @@ def test_two_processes_equal_one_process(stage, tiny_path, varied, tmp_path):
     assert one.returncode == 0, one.stderr[-2000:]
     worker = tmp_path / "worker.py"
     worker.write_text(WORKER)
-    torchrun = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node", "2"]
     two = subprocess.run(
-        [*torchrun, str(worker), str(tmp_path), *args, "--out", str(tmp_path / "two")],
+        [*TORCHRUN, str(worker), str(tmp_path), *args, "--out", str(tmp_path / "two")],
         env=env,
         capture_output=True,
         text=True,

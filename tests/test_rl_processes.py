@@ -88,7 +88,9 @@ if algo == "a2c":
     recipe.train_a2c(cfg, reward_fn=reward_fn, say=lambda *a: None)
 else:
     cls, train = (RLOOConfig, recipe.train_rloo) if algo == "rloo" else (GRPOConfig, recipe.train_grpo)
-    cfg = cls(**common, ppo_epochs=2, num_minibatches=2)
+    # grpo1: one epoch over one minibatch, on-policy: old log-probs from the training pass, gathered after it
+    passes = 1 if algo == "grpo1" else 2
+    cfg = cls(**common, ppo_epochs=passes, num_minibatches=passes)
     train(cfg, reward_fn=reward_fn, say=lambda *a: None)
 """
 
@@ -98,6 +100,7 @@ ALGO_KEYS = {
     "a2c": ["pg_loss", "value_loss", "explained_variance", "value_mean", "return_mean"],
     "rloo": ["clipfrac", "approx_kl"],
     "grpo": ["kl_loss", "loss", "clipfrac", "approx_kl"],
+    "grpo1": ["kl_loss", "loss", "clipfrac", "approx_kl"],
 }
 
 
@@ -111,10 +114,11 @@ def _weights(path: Path) -> dict:
 
 
 @pytest.mark.parametrize("launcher", ["ddp", "fsdp2"])
-@pytest.mark.parametrize("algo", ["a2c", "rloo", "grpo"])
+@pytest.mark.parametrize("algo", ["a2c", "rloo", "grpo", "grpo1"])
 def test_two_processes_equal_one_process(algo, launcher, tiny_path, tmp_path):
     """2 processes x half the prompts == 1 process x all of them: the same metrics and weights;
-    with DDP (torchrun) and with FSDP2 (accelerate launch, examples/accelerate/fsdp2.yaml)."""
+    with DDP (torchrun) and with FSDP2 (accelerate launch, examples/accelerate/fsdp2.yaml). grpo1:
+    GRPO on-policy (one epoch, one minibatch), whose KL and entropy come from the training pass."""
     from test_ppo_processes import LAUNCHERS
 
     (tmp_path / "worker.py").write_text(WORKER)

@@ -62,10 +62,11 @@ from rlhfkit.recipes.ppo import (
     setup_optimization,
     timed,
 )
-from rlhfkit.recipes.ppo_models import policy_forward
+from rlhfkit.recipes.ppo_models import logprobs_and_entropy, policy_forward
 from rlhfkit.recipes.ppo_processes import (
     Share,
     check_sharing,
+    gather_rows,
     global_rollout,
     micro_batches,
     push_weights,
@@ -119,6 +120,10 @@ def train_critic_free(
     log = MetricsLog(out, acc, cfg, resume_step=start if ckpt else None)
     bar = progress(len(plan), start, acc.is_main_process, algo)
     last: dict = {}
+    # one epoch over one minibatch: the policy that sampled is the one trained, so GRPO's old log-probs
+    # are its training pass's, detached (as TRL's GRPOTrainer): no policy forward before training
+    # (RLOO's reward needs them before: its KL term)
+    on_policy = algo == "grpo" and cfg.ppo_epochs == 1 and cfg.num_minibatches == 1
     t_run = time.perf_counter()
     for it in range(start, len(plan)):
         idx = sum(shard(plan[it], rank, n_proc, 1), [])  # 1. this process's prompts, each repeated k times
@@ -130,11 +135,16 @@ def train_critic_free(
         with timed(times, "time_score"):  # 3. cut after the first EOS, then score
             ro = score(m, cfg, batch_prompts, batch_queries, completions, reward_fn)
         with timed(times, "time_forward"):  # 4. log-probs of policy and reference, no grad
-            ro.fw = forwards(m, cfg, ro.batch)
+            ro.fw = forwards(m, cfg, ro.batch, with_policy=not on_policy)
         whole, share = global_rollout(acc, ro, [p for i in plan[it] for p in [prompts[i]] * k])  # all processes' rows
-        adv = advantages(cfg, algo, whole, opt.kl_ctl.value)  # 5.-6. group baselines, over the global batch
+        beta = opt.kl_ctl.value
+        seq_adv = sequence_advantages(cfg, algo, whole, beta)  # 5.-6. group baselines, over the global batch
         with timed(times, "time_train"):  # 7. clipped-ratio epochs over minibatches
-            stats = update(m, cfg, algo, ro, adv, opt, it, share)
+            stats, seen = update(m, cfg, algo, ro, seq_adv, beta, opt, it, share)
+        if on_policy:  # the training pass's log-probs and entropy are the rollout policy's
+            ro.fw |= seen
+            whole.fw |= {name: gather_rows(acc, v) for name, v in seen.items()}
+        adv = advantages(whole, seq_adv, beta)  # per-token KL and rewards, for the metrics
         extra = rollout_metrics(whole.prompts, whole.texts, whole.ended.tolist()) if rollout_metrics else {}
         last = log_and_checkpoint(cfg, it + 1, len(plan), m, whole, adv, opt, stats | extra, times, log, out, acc)
         bar.update(1)
@@ -149,35 +159,52 @@ def train_critic_free(
     return result
 
 
-def advantages(cfg: RLOOConfig, algo: str, ro: Rollout, beta: float) -> Advantages:
-    """One advantage per sequence, broadcast to its response tokens (``advantages``; ``returns``
-    are zeros: there is no critic). ``rewards``/``kl`` are per token as PPO's: −β·KL, plus the
-    score on the last token (their row sum is RLOO's sequence reward; GRPO logs them only)."""
+def sequence_advantages(cfg: RLOOConfig, algo: str, ro: Rollout, beta: float) -> torch.Tensor:
+    """One advantage per sequence (N,): RLOO's leave-one-out baseline of score − β·KL (optionally
+    whitened), GRPO's group-normalised scores (its KL is in the loss instead)."""
+    if algo == "grpo":
+        return grpo_advantages(ro.scores, cfg.samples_per_prompt)
+    rewards, _ = compute_rewards(ro.scores, ro.fw["logprobs"], ro.fw["ref_logprobs"], ro.batch.response_mask, beta)
+    seq = rloo_advantages(rewards.sum(1), cfg.samples_per_prompt)  # (N,)
+    if cfg.whiten_advantages:  # TRL 1.16's normalize_advantages, its eps too (benchmarks/critic_free_trl_check.py)
+        seq = (seq - seq.mean()) / (seq.std() + 1e-4)
+    return seq
+
+
+def advantages(ro: Rollout, seq_adv: torch.Tensor, beta: float) -> Advantages:
+    """PPO's per-token view of the iteration, for the metrics and the KL controller: ``rewards``/``kl``
+    as PPO's (−β·KL on every token, plus the score on the last; their row sum is RLOO's sequence
+    reward), the sequence advantages on every response token, ``returns`` zeros (no critic)."""
     mask = ro.batch.response_mask
     rewards, kl = compute_rewards(ro.scores, ro.fw["logprobs"], ro.fw["ref_logprobs"], mask, beta)  # (N, R)
-    if algo == "rloo":
-        seq = rloo_advantages(rewards.sum(1), cfg.samples_per_prompt)  # (N,)
-        if cfg.whiten_advantages:  # TRL 1.16's normalize_advantages, its eps too (benchmarks/critic_free_trl_check.py)
-            seq = (seq - seq.mean()) / (seq.std() + 1e-4)
-    else:
-        seq = grpo_advantages(ro.scores, cfg.samples_per_prompt)  # (N,), KL in the loss instead
-    return Advantages(beta, rewards, kl, seq.unsqueeze(1) * mask, torch.zeros_like(rewards))
+    return Advantages(beta, rewards, kl, seq_adv.unsqueeze(1) * mask, torch.zeros_like(rewards))
 
 
 def update(
-    m: Models, cfg: RLOOConfig, algo: str, ro: Rollout, adv: Advantages, opt: Optimization, it: int, share: Share
-) -> dict[str, float]:
+    m: Models,
+    cfg: RLOOConfig,
+    algo: str,
+    ro: Rollout,
+    seq_adv: torch.Tensor,
+    beta: float,
+    opt: Optimization,
+    it: int,
+    share: Share,
+) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
     """``ppo_epochs`` passes over seeded minibatches of the global batch: per minibatch the loss of its
     micro-batches (weighted by their share of its sequences: both losses are means over sequences),
-    one gradient clip, one AdamW step. Returns the per-step means.
+    one gradient clip, one AdamW step. Returns the per-step means, and — where ``ro.fw`` has no
+    policy log-probs (on-policy GRPO: old = the training pass's, detached) — the training pass's
+    log-probs and entropy of ``ro``'s rows, (n_local, R) each.
 
-    ``ro`` is this process's rows, ``adv`` the global batch's (``share``: where ``ro``'s rows are in
-    it). Each process runs the micro-batches of its rows of each minibatch; the gradients are then
-    summed over the processes, so N processes take the step one process would (PPO's ``update``)."""
+    ``ro`` is this process's rows, ``seq_adv`` the global batch's (N,) (``share``: where ``ro``'s rows
+    are in it). Each process runs the micro-batches of its rows of each minibatch; the gradients are
+    then summed over the processes, so N processes take the step one process would (PPO's ``update``)."""
     N, n_local = share.mask.shape[0], len(ro.texts)
-    local_adv = adv.advantages[share.offset : share.offset + n_local]  # (n_local, R) this process's rows
+    local_adv = seq_adv[share.offset : share.offset + n_local]  # (n_local,) this process's rows
     mb_size = math.ceil(N / cfg.num_minibatches)
     stats: dict[str, list[float]] = {}
+    seen = {} if "logprobs" in ro.fw else {k: torch.zeros_like(ro.fw["ref_logprobs"]) for k in ("logprobs", "entropy")}
     for epoch in range(cfg.ppo_epochs):
         perm = torch.randperm(N, generator=_seeded(cfg.seed, it, epoch, 11), device="cpu").to(share.mask.device)
         for mb_start in range(0, N, mb_size):
@@ -189,16 +216,23 @@ def update(
                 with m.autocast():
                     _, logits = policy_forward(m.policy, b)  # (b, r, V)
                     logprobs = logprobs_from_logits(logits, b.response, cfg.temperature)
-                old = ro.fw["logprobs"][rows, :cols]
-                seq_adv = local_adv[rows, 0]  # every response has >= 1 token (compute_rewards checks)
+                if seen:  # on-policy: the sampling policy is this one, ratio 1, the gradient REINFORCE's
+                    old = logprobs.detach()
+                    if real:
+                        entropy = logprobs_and_entropy(logits.detach(), b.response, cfg.temperature)[1]  # as forwards'
+                        seen["logprobs"][rows, :cols] = old * b.response_mask
+                        seen["entropy"][rows, :cols] = entropy * b.response_mask
+                else:
+                    old = ro.fw["logprobs"][rows, :cols]
+                row_adv = local_adv[rows]
                 weight = len(rows) / len(mb) if real else 0.0  # the global minibatch's sequences (filler: none)
                 if algo == "rloo":
-                    rl = rloo_loss(logprobs, old, seq_adv, b.response_mask, cfg.cliprange)
+                    rl = rloo_loss(logprobs, old, row_adv, b.response_mask, cfg.cliprange)
                     parts = {"policy_loss": rl.loss, "clipfrac": rl.clipfrac, "approx_kl": rl.approx_kl}
                     loss = rl.loss
                 else:
                     ref = ro.fw["ref_logprobs"][rows, :cols]
-                    gl = grpo_loss(logprobs, old, ref, seq_adv, b.response_mask, cfg.cliprange, adv.beta)
+                    gl = grpo_loss(logprobs, old, ref, row_adv, b.response_mask, cfg.cliprange, beta)
                     parts = {"policy_loss": gl.policy_loss, "kl_loss": gl.kl, "clipfrac": gl.clipfrac}
                     parts |= {"approx_kl": gl.approx_kl, "loss": gl.loss}
                     loss = gl.loss
@@ -212,4 +246,4 @@ def update(
                 stats.setdefault("grad_norm", []).append(float(grad_norm))
     n_steps = cfg.ppo_epochs * math.ceil(N / mb_size)
     sums = sum_stats(share, stats, ["policy_loss", "kl_loss", "clipfrac", "approx_kl", "loss", "grad_norm"])
-    return {n: s / (n_steps if n != "grad_norm" else c) for n, (s, c) in sums.items()}
+    return {n: s / (n_steps if n != "grad_norm" else c) for n, (s, c) in sums.items()}, seen

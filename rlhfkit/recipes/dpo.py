@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import inspect
 import time
 from contextlib import nullcontext
 
@@ -109,11 +110,18 @@ def train_dpo(cfg: DPOConfig, say=print) -> dict:
     optimizer, scheduler = make_optimizer(model, cfg, len(plan))
     model, optimizer = prepare_models(acc, cfg, model, optimizer)
 
+    keeps_tail = "logits_to_keep" in inspect.signature(unwrap(acc.unwrap_model(model)).forward).parameters
+
     def logps_of(idx: list[int]) -> torch.Tensor:
-        """Summed response log-probs (len(idx),) of sequences ``idx``, in one padded forward."""
+        """Summed response log-probs (len(idx),) of sequences ``idx``, in one padded forward. The LM
+        head runs from the shortest prompt's last token on (``logits_to_keep``, where the model takes
+        it): the prompt columns before are never scored (~a quarter of the head's work on chat pairs)."""
         batch = {k: v.to(acc.device) for k, v in collate([seqs[i] for i in idx], tok.pad_token_id).items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-        return sequence_logprobs(logits, batch["input_ids"], batch["loss_mask"])  # (B, T, V) -> (len(idx),)
+        ids, mask, width = batch["input_ids"], batch["loss_mask"], batch["input_ids"].shape[1]
+        keep = min(width, width - min(seqs[i].prompt_len for i in idx) + 1) if keeps_tail else width
+        tail = {"logits_to_keep": keep} if keep < width else {}
+        logits = model(input_ids=ids, attention_mask=batch["attention_mask"], use_cache=False, **tail).logits
+        return sequence_logprobs(logits, ids[:, width - keep :], mask[:, width - keep :])  # (B, keep, V) -> (len(idx),)
 
     # 3. reference log-probs of every sequence, once (before a checkpoint's weights are loaded);
     #    each process does every n-th sequence (longest first: little padding), then they are summed
@@ -122,10 +130,12 @@ def train_dpo(cfg: DPOConfig, say=print) -> dict:
     step_by = 1 if together else n_proc
     mine = sorted(range(0 if together else rank, len(seqs), step_by), key=lambda i: -len(seqs[i].input_ids))
     base_only = acc.unwrap_model(model).disable_adapter() if cfg.lora else nullcontext()  # LoRA: the base model
+    t_ref = time.perf_counter()
     with torch.no_grad(), base_only:
         for i in range(0, len(mine), 8):
             ref[mine[i : i + 8]] = logps_of(mine[i : i + 8])
     ref = ref if together else acc.reduce(ref, "sum")
+    reference_seconds = time.perf_counter() - t_ref
     n_tokens = torch.tensor([len(e.input_ids) - e.prompt_len for e in seqs], device=acc.device)  # IPO's lengths
     model.train()
 
@@ -203,6 +213,7 @@ def train_dpo(cfg: DPOConfig, say=print) -> dict:
     log.log(budget.steps(len(plan)), **final)
     log.close()
     result = {"step": len(plan), **last, **final, "train_seconds": train_seconds, **budget.result()}
+    result["reference_seconds"] = reference_seconds  # the one reference pass, before training
     result |= {f"{k}_before": v for k, v in before.items()}
     if cfg.save_every:
         write_checkpoint(acc, out, budget.steps(len(plan)), acc.unwrap_model(model), optimizer, scheduler, model)

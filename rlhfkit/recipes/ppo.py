@@ -370,12 +370,14 @@ def score(
     return Rollout(prompts, batch, texts, ended, raw, penalised, scores)
 
 
-def forwards(m: Models, cfg: PPOConfig, batch: Batch) -> dict[str, torch.Tensor]:
-    """Log-probs and entropy of the policy, log-probs of the reference, values of the critic: no
-    grad, logits / temperature, in the training precision (the generator's log-probs are not reused)."""
+def forwards(m: Models, cfg: PPOConfig, batch: Batch, with_policy: bool = True) -> dict[str, torch.Tensor]:
+    """Log-probs and entropy of the policy (unless ``with_policy=False``), log-probs of the reference,
+    values of the critic: no grad, logits / temperature, in the training precision (the generator's
+    log-probs are not reused)."""
     return rollout_forwards(
-        m.policy, m.ref, m.critic, batch, cfg.temperature, cfg.forward_batch_size, m.autocast, m.ref is None
-    )
+        m.policy, m.ref, m.critic, batch, cfg.temperature, cfg.forward_batch_size, m.autocast, m.ref is None,
+        with_policy,
+    )  # fmt: skip
 
 
 def rewards_and_advantages(cfg: PPOConfig, ro: Rollout, beta: float) -> Advantages:

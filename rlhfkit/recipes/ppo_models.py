@@ -212,11 +212,21 @@ class _Checkpoint(nn.Module):
 
 @torch.no_grad()
 def rollout_forwards(
-    policy, ref, critic: Critic, batch: Batch, temperature: float, chunk: int, autocast, lora_ref: bool
+    policy,
+    ref,
+    critic: Critic,
+    batch: Batch,
+    temperature: float,
+    chunk: int,
+    autocast,
+    lora_ref: bool,
+    with_policy: bool = True,
 ) -> dict[str, torch.Tensor]:
     """Old log-probs, entropy, values and reference log-probs of the whole rollout batch.
 
     ``ref=None`` with ``lora_ref``: the reference is the policy with its adapters disabled.
+    ``with_policy=False``: the reference's log-probs only (on-policy GRPO has the policy's from its
+    training pass, ``recipes/critic_free.py``).
     """
     out: dict[str, list[torch.Tensor]] = {"logprobs": [], "entropy": [], "values": [], "ref_logprobs": []}
     N, R = batch.response.shape
@@ -228,14 +238,15 @@ def rollout_forwards(
     for rows in chunks:
         b = batch.rows(rows)
         # one autocast context per model: its cache of bf16 weight casts is freed on exit
-        with autocast():
-            h, logits = policy_forward(policy, b)  # (b, r, d), (b, r, V)
-            logprobs, entropy = logprobs_and_entropy(logits, b.response, temperature)
-            out["logprobs"].append(pad(logprobs))
-            out["entropy"].append(pad(entropy))
-            del logits
-            if critic.kind == "policy_head":
-                out["values"].append(pad(critic.values(b, hidden=h)))
+        if with_policy:
+            with autocast():
+                h, logits = policy_forward(policy, b)  # (b, r, d), (b, r, V)
+                logprobs, entropy = logprobs_and_entropy(logits, b.response, temperature)
+                out["logprobs"].append(pad(logprobs))
+                out["entropy"].append(pad(entropy))
+                del logits
+                if critic.kind == "policy_head":
+                    out["values"].append(pad(critic.values(b, hidden=h)))
         if critic.kind == "rm":
             with autocast():
                 out["values"].append(pad(critic.values(b)))
