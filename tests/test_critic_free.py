@@ -141,8 +141,9 @@ def test_smoke_reward_rises(algo, sharp_path, tmp_path):
 def test_on_policy_grpo_takes_old_logprobs_from_its_training_pass(sharp_path, tmp_path, monkeypatch):
     """One epoch over one minibatch: GRPO skips the policy's no-grad forward (its old log-probs are
     the training pass's, detached, as TRL's) and trains exactly as with it: the same metrics — the
-    KL and entropy now read from the training pass — and the same final weights (fp32). With two
-    minibatches the second is off-policy: the forward runs."""
+    KL and entropy now read from the training pass — and the same final weights (fp32; the no-grad
+    forward in chunks of the micro-batches' rows, so both passes lay rows out alike and agree
+    bitwise). With two minibatches the second is off-policy: the forward runs."""
     from safetensors.torch import load_file
 
     import rlhfkit.recipes.critic_free as cf
@@ -157,7 +158,7 @@ def test_on_policy_grpo_takes_old_logprobs_from_its_training_pass(sharp_path, tm
         cfg = GRPOConfig(
             model=sharp_path, out=str(tmp_path / name), batch_size=4, samples_per_prompt=4, max_new_tokens=12,
             temperature=1.0, lr=3e-4, kl_coef=0.05, precision="fp32", missing_eos_penalty=None, limit=32,
-            max_steps=3, seed=0, grad_accum=2, **kw,
+            max_steps=3, seed=0, grad_accum=2, forward_batch_size=8, **kw,
         )  # fmt: skip
         cf.train_grpo(cfg, reward_fn=newline_reward, say=lambda *a: None)
         return read_metrics(tmp_path / name)
