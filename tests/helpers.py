@@ -53,3 +53,28 @@ def crash_after(monkeypatch, recipe, step: int) -> None:
             raise Crash(done)
 
     monkeypatch.setattr(recipe, "periodic_checkpoint", checkpoint_then_crash)
+
+
+FORCE_DEEPSPEED_ON_CPU = r"""
+# accelerate starts DeepSpeed on CUDA devices only (AcceleratorState); DeepSpeed's own CPU
+# accelerator runs over gloo: let accelerate's state say DEEPSPEED here, as it would on GPUs
+import accelerate.state as state
+from accelerate.utils import DistributedType
+
+real_init = state.AcceleratorState.__init__
+
+
+def init(self, mixed_precision=None, cpu=False, *args, **kwargs):
+    real_init(self, mixed_precision, cpu, *args, **kwargs)
+    plugin = kwargs.get("deepspeed_plugin")
+    if self.distributed_type == DistributedType.MULTI_CPU and plugin is not None:
+        plugin.set_mixed_precision(self._mixed_precision)
+        plugin.select(_from_accelerator_state=True)
+        self.deepspeed_plugins = plugin
+        self.distributed_type = DistributedType.DEEPSPEED
+        state.PartialState._shared_state["distributed_type"] = DistributedType.DEEPSPEED
+
+
+state.AcceleratorState.__init__ = init
+"""
+"""Worker code (``exec`` it) that makes a 2-process CPU launch of a DeepSpeed config run DeepSpeed."""

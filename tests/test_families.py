@@ -95,41 +95,6 @@ def test_ppo_logprobs_are_the_models_own(family, family_path):
         assert raw.abs().max() > CAP and (head_logits(model, h) - raw).abs().max() > 1.0
 
 
-def test_samples_of_one_prompt_share_it_and_keep_the_models_own_logprobs(family, family_path):
-    """RLOO/GRPO batches: k responses of one prompt (and one of another prompt) in one forward,
-    each prompt once (``shared_prompts``): the log-probs, gradients included, are those of each
-    ``query + response`` alone, for every family, and the rows come back in batch order."""
-    from rlhfkit.recipes import ppo_models
-    from rlhfkit.recipes.ppo_models import make_batch, policy_forward, shared_prompts
-
-    model, tok = load(family_path(family), scale=40.0)
-    queries = [[11, 12, 13, 14, 15, 16]] * 3 + [[21, 22, 23]]
-    response = torch.tensor([[31, 32, 33, 34], [41, 42, 0, 0], [51, 52, 53, 0], [61, 62, 63, 64]])
-    mask = response != 0
-    batch = make_batch(queries, response, mask, tok.pad_token_id)
-    shared = shared_prompts(batch)
-    assert shared is not None and shared.input_ids.shape[0] == 2  # two prompts, two rows
-    _, logits = policy_forward(model, batch)
-    lp = torch.log_softmax(logits.float(), -1).gather(-1, response.unsqueeze(-1)).squeeze(-1)
-    for i, q in enumerate(queries):
-        n = int(mask[i].sum())
-        want = own_logprobs(model, q + response[i, :n].tolist())[len(q) - 1 + torch.arange(n), response[i, :n]]
-        assert torch.allclose(lp[i, :n], want, atol=1e-4), (family, i, lp[i, :n], want)
-    (lp * mask).sum().backward()
-    shared_grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
-    model.zero_grad()
-    real = ppo_models.shared_prompts
-    ppo_models.shared_prompts = lambda b: None  # one row per sequence
-    try:
-        _, logits = policy_forward(model, batch)
-    finally:
-        ppo_models.shared_prompts = real
-    lp = torch.log_softmax(logits.float(), -1).gather(-1, response.unsqueeze(-1)).squeeze(-1)
-    (lp * mask).sum().backward()
-    alone = [p.grad for p in model.parameters() if p.grad is not None]
-    assert len(alone) == len(shared_grads) and all(torch.allclose(a, b, atol=1e-4) for a, b in zip(alone, shared_grads))
-
-
 def test_a_forward_that_does_more_than_the_head_falls_back_to_the_whole_model(family_path):
     """A model whose logits are not what ``head_logits`` makes of its trunk (here: LLaMA with a
     soft-cap in its config that its forward ignores) is run whole, and PPO's numbers stay its own."""

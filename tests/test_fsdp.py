@@ -60,24 +60,9 @@ def checked(acc, model, optimizer, max_norm):  # inside each process, at every o
 
 sft.optimizer_step = reward.optimizer_step = dpo.optimizer_step = checked
 if expect == "deepspeed" and not torch.cuda.is_available():
-    # accelerate starts DeepSpeed on CUDA devices only (AcceleratorState); DeepSpeed's own CPU
-    # accelerator runs over gloo: let accelerate's state say DEEPSPEED here, as it would on GPUs
-    import accelerate.state as state
-    from accelerate.utils import DistributedType
+    from helpers import FORCE_DEEPSPEED_ON_CPU
 
-    real_init = state.AcceleratorState.__init__
-
-    def init(self, mixed_precision=None, cpu=False, *args, **kwargs):
-        real_init(self, mixed_precision, cpu, *args, **kwargs)
-        plugin = kwargs.get("deepspeed_plugin")
-        if self.distributed_type == DistributedType.MULTI_CPU and plugin is not None:
-            plugin.set_mixed_precision(self._mixed_precision)
-            plugin.select(_from_accelerator_state=True)
-            self.deepspeed_plugins = plugin
-            self.distributed_type = DistributedType.DEEPSPEED
-            state.PartialState._shared_state["distributed_type"] = DistributedType.DEEPSPEED
-
-    state.AcceleratorState.__init__ = init
+    exec(FORCE_DEEPSPEED_ON_CPU)
 if crash_after:
     for recipe in (sft, reward, dpo):
         real = recipe.periodic_checkpoint
@@ -99,7 +84,7 @@ def _env() -> dict:
     return {
         **os.environ,
         "OMP_NUM_THREADS": "1",
-        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+        "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]),
     }
 
 

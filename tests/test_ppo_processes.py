@@ -53,6 +53,10 @@ from rlhfkit.rollout import Completion
 out, model, expect, corpus, mode, engine = sys.argv[1:7]
 expect = int(expect)
 make = ppo.make_accelerator
+if engine == "deepspeed" and not torch.cuda.is_available():
+    from helpers import FORCE_DEEPSPEED_ON_CPU
+
+    exec(FORCE_DEEPSPEED_ON_CPU)
 
 
 def checked(cfg):  # inside each worker: there really are `expect` processes, and this is one of them
@@ -66,7 +70,19 @@ def checked(cfg):  # inside each worker: there really are `expect` processes, an
 real_update = ppo.update
 
 
-def sharded_update(m, *args, **kwargs):  # FSDP2: this process holds a part of policy and critic
+def sharded_update(m, *args, **kwargs):  # FSDP2, DeepSpeed: this process holds a part of policy and critic
+    if engine == "deepspeed":
+        import deepspeed
+
+        acc = args[-1].acc  # the Share
+        ds = acc.deepspeed_engine_wrapped.engine
+        stage = int(os.environ["ACCELERATE_DEEPSPEED_ZERO_STAGE"])
+        assert isinstance(ds, deepspeed.DeepSpeedEngine) and ds.zero_optimization_stage() == stage
+        assert ds.module["policy"] is m.policy and m.whole is not None and m.generator.model is m.whole
+        if stage == 3:  # each process holds a partition of each parameter
+            params = [p for model in (m.policy, m.critic) for p in model.parameters()]
+            assert sum(p.ds_tensor.numel() for p in params) < sum(p.ds_numel for p in params)
+        Path(f"{out}.sharded{os.environ['RANK']}").write_text("yes")
     if engine == "fsdp":
         from torch.distributed.fsdp import FSDPModule
         from torch.distributed.tensor import DTensor
@@ -126,7 +142,7 @@ cfg = PPOConfig(
     model=model, critic_model=model, out=out, batch_size=4, samples_per_prompt=2, max_new_tokens=6,
     temperature=1.0, lr=3e-4, kl_coef=0.1, precision="fp32", limit=16, max_steps=1 if mode == "real" else 2,
     missing_eos_penalty=-1.0,
-    num_minibatches=2, ppo_epochs=2, grad_accum=2, warmup_steps=0, save_every=1,
+    num_minibatches=2, ppo_epochs=2, grad_accum=2, warmup_steps=0, save_every=0 if engine == "deepspeed" else 1,
     ptx_data=corpus, ptx_coef=0.5, ptx_batch_size=2, ptx_length=16, resume=mode == "resume",
 )
 ppo.train_ppo(cfg, reward_fn=lambda p, r, f: [len(x) / 10 for x in r], say=lambda *a: None)
@@ -151,11 +167,13 @@ def _runner(tmp_path: Path, model: str):
     env = {
         **os.environ,
         "OMP_NUM_THREADS": "1",
-        "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]),
+        "PYTHONPATH": os.pathsep.join([root, str(Path(root) / "tests"), os.environ.get("PYTHONPATH", "")]),
     }
 
     def run(launcher: list[str], name: str, n: int, mode: str = "full") -> subprocess.CompletedProcess:
-        engine = "fsdp" if "fsdp2.yaml" in " ".join(launcher) else "ddp" if n > 1 else "single"
+        config = " ".join(launcher)
+        engine = "ddp" if n > 1 else "single"
+        engine = "fsdp" if "fsdp2.yaml" in config else "deepspeed" if "deepspeed_zero" in config else engine
         args = [*launcher, str(tmp_path / "worker.py"), str(tmp_path / name), model, str(n), str(corpus), mode, engine]
         return subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
 
@@ -165,6 +183,8 @@ def _runner(tmp_path: Path, model: str):
 LAUNCHERS = {
     "ddp": lambda: TORCHRUN,  # every process holds whole models
     "fsdp2": lambda: accelerate_launch("fsdp2"),  # as a user launches FSDP2: policy and critic sharded
+    "zero2": lambda: accelerate_launch("deepspeed_zero2"),  # DeepSpeed: policy and critic in one engine
+    "zero3": lambda: accelerate_launch("deepspeed_zero3"),
 }
 
 
@@ -247,3 +267,35 @@ def test_ppo_two_processes_equal_one_process(launcher, tiny_path, tmp_path):
         assert len(a) == len(b) and max(abs(x - y) for x, y in zip(a, b)) < 1e-6, (key, a, b)
     w_resumed = _weights(tmp_path / "resumed")
     assert max((w_two[k] - w_resumed[k]).abs().max().item() for k in w_two) < 1e-6
+
+
+def test_ppo_under_deepspeed_zero2_equals_one_process(tiny_path, tmp_path):
+    """PPO (critic = a reward-model copy, PPO-ptx on) under ``deepspeed_zero2.yaml``, 2 processes:
+    policy and critic in one DeepSpeed ZeRO-2 engine (asserted inside each process), which reduces,
+    clips and steps; the generator samples from a whole copy refreshed every iteration; the same
+    metrics, generator weights and final weights as 1 process. DeepSpeed runs on CPUs through its own
+    CPU accelerator; accelerate starts it on CUDA only, so the worker makes its state say DEEPSPEED
+    (``helpers.FORCE_DEEPSPEED_ON_CPU``). Skips where ``deepspeed`` is not installed (CI). ZeRO-3 is
+    refused in one line: its steps here came out smaller than one process's (grad norm 4.8 vs 7.6)."""
+    pytest.importorskip("deepspeed")
+    run = _runner(tmp_path, tiny_path)
+    three = run(LAUNCHERS["zero3"](), "three", 2)
+    refused = "UserError: ppo under DeepSpeed ZeRO-3: not supported"
+    assert three.returncode != 0 and refused in three.stderr, three.stderr[-2000:]
+    one = run([sys.executable], "one", 1)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = run(LAUNCHERS["zero2"](), "two", 2)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert sorted(p.name for p in tmp_path.glob("two.rank*")) == ["two.rank0", "two.rank1"]
+    assert len(list(tmp_path.glob("two.sharded*"))) == 2
+    rows = [read_metrics(tmp_path / r) for r in ("one", "two")]
+    assert len(rows[0]) == len(rows[1]) == 2
+    for key in KEYS:
+        a, b = [r[key] for r in rows[0]], [r[key] for r in rows[1]]
+        assert _same(a, b, 1e-5), (key, a, b)
+    seen = {f.name[: -len(".pt")]: torch.load(f) for f in tmp_path.glob("*.generator*.pt")}
+    for rank, it in [(r, i) for r in (0, 1) for i in (0, 1)]:
+        assert (seen[f"two.generator{rank}-{it}"] - seen[f"one.generator0-{it}"]).abs().max() < 1e-5, (rank, it)
+    w_one, w_two = _weights(tmp_path / "one"), _weights(tmp_path / "two")
+    assert w_one.keys() == w_two.keys()
+    assert max((w_one[k] - w_two[k]).abs().max().item() for k in w_one) < 1e-5

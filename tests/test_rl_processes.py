@@ -46,6 +46,10 @@ if algo == "a2c":
 else:
     import rlhfkit.recipes.critic_free as recipe
 make = recipe.make_accelerator
+if engine == "deepspeed" and not torch.cuda.is_available():
+    from helpers import FORCE_DEEPSPEED_ON_CPU
+
+    exec(FORCE_DEEPSPEED_ON_CPU)
 
 
 def checked(cfg):  # inside each worker: there really are `expect` processes, and this is one of them
@@ -57,6 +61,9 @@ def checked(cfg):  # inside each worker: there really are `expect` processes, an
 
 
 def stub_generate(m, cfg, queries, it, keys=None):  # the samples of a query do not depend on who samples it
+    if engine == "deepspeed":  # policy (and critic) in one engine, the generator samples from a whole copy
+        assert m.whole is not None and m.generator.model is m.whole
+        Path(f"{out}.sharded{os.environ['RANK']}").write_text("yes")
     if engine == "fsdp":  # this process holds a part of the policy (and critic), the generator a whole copy
         from torch.distributed.tensor import DTensor
 
@@ -113,24 +120,27 @@ def _weights(path: Path) -> dict:
     return weights
 
 
-@pytest.mark.parametrize("launcher", ["ddp", "fsdp2"])
+@pytest.mark.parametrize("launcher", ["ddp", "fsdp2", "zero2"])
 @pytest.mark.parametrize("algo", ["a2c", "rloo", "grpo", "grpo1"])
 def test_two_processes_equal_one_process(algo, launcher, tiny_path, tmp_path):
     """2 processes x half the prompts == 1 process x all of them: the same metrics and weights;
-    with DDP (torchrun) and with FSDP2 (accelerate launch, examples/accelerate/fsdp2.yaml). grpo1:
+    with DDP (torchrun), FSDP2 and DeepSpeed ZeRO-2 (accelerate launch, examples/accelerate/; DeepSpeed
+    where it is installed, forced onto the CPU processes: ``helpers.FORCE_DEEPSPEED_ON_CPU``). grpo1:
     GRPO on-policy (one epoch, one minibatch), whose KL and entropy come from the training pass."""
     from test_ppo_processes import LAUNCHERS
 
+    if launcher == "zero2":
+        pytest.importorskip("deepspeed")
     (tmp_path / "worker.py").write_text(WORKER)
     root = str(Path(__file__).resolve().parents[1])  # the worker script lives in tmp_path: import this checkout
     env = {
         **os.environ,
         "OMP_NUM_THREADS": "1",
-        "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]),
+        "PYTHONPATH": os.pathsep.join([root, str(Path(root) / "tests"), os.environ.get("PYTHONPATH", "")]),
     }
 
     def run(command: list[str], name: str, n: int) -> subprocess.CompletedProcess:
-        engine = "single" if n == 1 else {"ddp": "ddp", "fsdp2": "fsdp"}[launcher]
+        engine = "single" if n == 1 else {"ddp": "ddp", "fsdp2": "fsdp", "zero2": "deepspeed"}[launcher]
         args = [*command, str(tmp_path / "worker.py"), str(tmp_path / name), tiny_path, str(n), algo, engine]
         return subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
 
@@ -139,7 +149,7 @@ def test_two_processes_equal_one_process(algo, launcher, tiny_path, tmp_path):
     two = run(LAUNCHERS[launcher](), "two", 2)
     assert two.returncode == 0, two.stderr[-3000:]
     assert sorted(p.name for p in tmp_path.glob("two.rank*")) == ["two.rank0", "two.rank1"]
-    assert len(list(tmp_path.glob("two.sharded*"))) == (2 if launcher == "fsdp2" else 0)
+    assert len(list(tmp_path.glob("two.sharded*"))) == (0 if launcher == "ddp" else 2)
     rows = [read_metrics(tmp_path / r) for r in ("one", "two")]
     assert len(rows[0]) == len(rows[1]) == 2
     for key in KEYS + ALGO_KEYS[algo]:

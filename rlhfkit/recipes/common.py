@@ -107,12 +107,6 @@ def _check_engine(acc, cfg: TrainConfig) -> None:
             "DeepSpeed runs only on CUDA GPUs here (accelerate does not start it on CPUs): "
             "on CPUs use examples/accelerate/fsdp2.yaml or ddp.yaml"
         )
-    if engine(acc) == "deepspeed" and isinstance(cfg, PPOConfig):  # and A2C, RLOO, GRPO
-        stage = type(cfg).__name__.removesuffix("Config").lower()
-        raise UserError(
-            f"{stage} does not run under DeepSpeed (its rollout generator samples from whole weights, which "
-            "it gathers from FSDP2's shards): launch it with examples/accelerate/fsdp2.yaml or ddp.yaml"
-        )
     if engine(acc) == "deepspeed" and not acc.state.deepspeed_plugin.zero3_init_flag:
         # accelerate registers its DeepSpeed config with transformers whatever zero3_init_flag says, and
         # from_pretrained then loads ZeRO-3 models already partitioned; with the flag off, models load
@@ -122,9 +116,16 @@ def _check_engine(acc, cfg: TrainConfig) -> None:
         unset_hf_deepspeed_config()
     if engine(acc) == "deepspeed" and (cfg.save_every or cfg.resume):
         raise UserError("checkpoints (save_every, resume) under DeepSpeed are not supported: use FSDP2 or DDP")
-    if engine(acc) == "fsdp" and isinstance(cfg, PPOConfig) and cfg.critic == "policy_head":
+    if engine(acc) == "deepspeed" and isinstance(cfg, PPOConfig) and acc.state.deepspeed_plugin.zero_stage == 3:
+        stage = type(cfg).__name__.removesuffix("Config").lower()
         raise UserError(
-            "critic=policy_head under FSDP2: not supported (the value head is not sharded with the policy); "
+            f"{stage} under DeepSpeed ZeRO-3: not supported (its steps differ from one process's, tests/"
+            "test_ppo_processes.py); use examples/accelerate/deepspeed_zero2.yaml or fsdp2.yaml"
+        )
+    if sharded(acc) and isinstance(cfg, PPOConfig) and cfg.critic == "policy_head":
+        name = "FSDP2" if engine(acc) == "fsdp" else "DeepSpeed"
+        raise UserError(
+            f"critic=policy_head under {name}: not supported (the value head is not sharded with the policy); "
             "use critic=rm, or DDP (examples/accelerate/ddp.yaml)"
         )
     if sharded(acc) and isinstance(cfg, ILQLConfig):

@@ -65,6 +65,7 @@ from rlhfkit.recipes.ppo import (
 from rlhfkit.recipes.ppo_models import logprobs_and_entropy, policy_forward
 from rlhfkit.recipes.ppo_processes import (
     Share,
+    backward,
     check_sharing,
     gather_rows,
     global_rollout,
@@ -210,7 +211,8 @@ def update(
         for mb_start in range(0, N, mb_size):
             mb = perm[mb_start : mb_start + mb_size]
             mine = share.mine(mb, n_local)  # this process's rows of the minibatch, local indices
-            for rows, real in micro_batches(share, ro.batch, mine, cfg.grad_accum):  # rows of similar length
+            chunks = micro_batches(share, ro.batch, mine, cfg.grad_accum)  # rows of similar length
+            for j, (rows, real) in enumerate(chunks):
                 b = ro.batch.rows(rows)
                 cols = b.response.shape[1]
                 with m.autocast():
@@ -236,7 +238,7 @@ def update(
                     parts = {"policy_loss": gl.policy_loss, "kl_loss": gl.kl, "clipfrac": gl.clipfrac}
                     parts |= {"approx_kl": gl.approx_kl, "loss": gl.loss}
                     loss = gl.loss
-                (weight * loss).backward()
+                backward(share, weight * loss, last=j == len(chunks) - 1)  # DeepSpeed steps after the last
                 for name, v in parts.items() if real else ():
                     stats.setdefault(name, []).append(weight * v.item())
             grad_norm = take_step(share, opt.optimizer, opt.trainable, cfg.max_grad_norm)

@@ -79,12 +79,14 @@ from rlhfkit.recipes.common import (
     MetricsLog,
     TimeBudget,
     batch_plan,
+    engine,
     full_state_dict,
     gather_checkpoint,
     load_checkpoint,
     lockstep,
     make_accelerator,
     make_optimizer,
+    prepare_models,
     prepare_out,
     progress,
     save_checkpoint,
@@ -107,6 +109,7 @@ from rlhfkit.recipes.ppo_models import (
 from rlhfkit.recipes.ppo_processes import (
     Rollout,
     Share,
+    backward,
     check_sharing,
     gather_into,
     global_rollout,
@@ -301,6 +304,12 @@ def setup_optimization(cfg: PPOConfig, m: Models, n_iterations: int, ckpt: Path 
         kl_ctl.load_state_dict(extra["kl_ctl"])
         say(f"resumed from {ckpt} at iteration {start}")
     trainable = [p for p in both.parameters() if p.requires_grad]
+    if acc is not None and engine(acc) == "deepspeed":
+        # one DeepSpeed engine over policy and critic (one optimizer, one clip), partitioned in place:
+        # m.policy and m.critic stay the modules the loop calls; accelerate sizes DeepSpeed's
+        # buckets from ``config.hidden_size``, which a ModuleDict lacks: the policy's
+        both.config = unwrap(m.policy).config
+        both, optimizer = prepare_models(acc, cfg, both, optimizer)
     return Optimization(optimizer, scheduler, trainable, kl_ctl, both), start
 
 
@@ -429,16 +438,19 @@ def update(
             mb = perm[mb_start : mb_start + mb_size]
             n_tokens = mask[mb].sum()
             mine = share.mine(mb, n_local)  # this process's rows of the minibatch, local indices
-            for rows, real in micro_batches(share, batch, mine, cfg.grad_accum):  # rows of similar length
-                micro_step(m, cfg, ro, local_adv, rows, n_tokens, stats, policy_loss, real)
-            if ptx is not None and (share.main or share.lockstep):
+            with_ptx = ptx is not None and (share.main or share.lockstep)
+            chunks = micro_batches(share, batch, mine, cfg.grad_accum)  # rows of similar length
+            for j, (rows, real) in enumerate(chunks):
+                last = j == len(chunks) - 1 and not with_ptx  # DeepSpeed steps after the minibatch's last backward
+                micro_step(m, cfg, ro, local_adv, rows, n_tokens, stats, policy_loss, real, share, last)
+            if with_ptx:
                 g = _seeded(cfg.seed, it, epoch, k, 13)
                 order = torch.randperm(len(ptx), generator=g, device="cpu")[: cfg.ptx_batch_size]  # Python indices
                 with m.autocast():
                     nll = ptx_loss(m.policy, [ptx[i] for i in order.tolist()], m.tok.pad_token_id)
                 # the main process's term; in lockstep every process runs it, a 1/n share each
                 share_of = 1 / share.acc.num_processes if share.lockstep else 1.0
-                (share_of * cfg.ptx_coef * nll).backward()
+                backward(share, share_of * cfg.ptx_coef * nll, last=True)
                 if share.main:
                     stats.setdefault("ptx_loss", []).append(nll.item())
             grad_norm = take_step(share, opt.optimizer, opt.trainable, cfg.max_grad_norm)
@@ -467,12 +479,16 @@ def micro_step(
     stats: dict[str, list[float]],
     policy_loss: PolicyLoss | None = None,
     real: bool = True,
+    share: Share | None = None,
+    last: bool = True,
 ) -> None:
     """Forward and backward of the policy loss (``clipped_policy_loss``, or A2C's) and the value loss
     on ``rows``, weighted by their share of the minibatch's ``n_tokens`` (so micro-batching leaves the
     loss unchanged); the weighted losses and diagnostics are appended to ``stats``. ``real=False``: a
-    lockstep filler (``micro_batches``), run with weight 0 and not logged."""
+    lockstep filler (``micro_batches``), run with weight 0 and not logged. ``share``/``last``: see
+    ``ppo_processes.backward``."""
     policy_loss = policy_loss or clipped_policy_loss
+    share = share or Share(None, 0, ro.batch.response_mask)
     b = ro.batch.rows(rows)
     cols = b.response.shape[1]
     m_mask = b.response_mask
@@ -485,12 +501,12 @@ def micro_step(
         with m.autocast():
             values = m.critic.values(b)
         vl = ppo_value_loss(values, old_v, ret, m_mask, cfg.cliprange_value)
-        (weight * cfg.vf_coef * vl.loss).backward()
+        backward(share, weight * cfg.vf_coef * vl.loss, last=False)
         with m.autocast():
             _, logits = policy_forward(m.policy, b)  # (b, r, V)
             new_logprobs = logprobs_from_logits(logits, b.response, cfg.temperature)
         pl, parts = policy_loss(cfg, logits, new_logprobs, old_lp, advantages, m_mask)
-        (weight * pl).backward()
+        backward(share, weight * pl, last)
     else:  # one trunk forward gives both the log-probs and the values
         with m.autocast():
             h, logits = policy_forward(m.policy, b)  # (b, r, d), (b, r, V)
@@ -498,7 +514,7 @@ def micro_step(
             values = m.critic.values(b, hidden=h)
         pl, parts = policy_loss(cfg, logits, new_logprobs, old_lp, advantages, m_mask)
         vl = ppo_value_loss(values, old_v, ret, m_mask, cfg.cliprange_value)
-        (weight * (pl + cfg.vf_coef * vl.loss)).backward()
+        backward(share, weight * (pl + cfg.vf_coef * vl.loss), last)
     if not real:
         return
     w = weight.item()
@@ -586,10 +602,12 @@ def save_final(
     if cfg.save_every:
         checkpoint(out, total, m, opt, acc)
     critic_weights = None
-    if acc is not None and m.critic.kind == "rm":
-        critic_weights = full_state_dict(acc, m.critic.seq_model)  # FSDP2: gathered; else None (its own)
+    if acc is not None and m.critic.kind == "rm":  # FSDP2, DeepSpeed: gathered; else None (its own)
+        deepspeed = engine(acc) == "deepspeed"  # the engine holds policy and critic
+        source, prefix = (opt.modules, "critic.seq_model.") if deepspeed else (m.critic.seq_model, "")
+        critic_weights = full_state_dict(acc, source, prefix)
     if m.whole is not None:
-        gather_into(m.policy, m.whole)  # FSDP2: the whole policy, saved from its copy
+        gather_into(m.policy, m.whole)  # FSDP2, DeepSpeed: the whole policy, saved from its copy
     if acc is not None and not acc.is_main_process:
         return
     m.critic.save(out / "critic", merge=True, state_dict=critic_weights)  # critic 'none': nothing

@@ -20,21 +20,11 @@ import torch
 from torch import nn
 
 from rlhfkit.accel import prepare_for_inference, prepare_for_training
-from rlhfkit.accel.attention import additive_attention_mask
 from rlhfkit.algos.ppo import logprobs_from_logits, truncate_after_eos
 from rlhfkit.config import PPOConfig
-from rlhfkit.data.tokenize import Encoded, collate_shared_prompt
 from rlhfkit.errors import UserError
 from rlhfkit.models.heads import RewardModel, load_reward_model
-from rlhfkit.models.layout import (
-    gather_positions,
-    head_logits,
-    hidden_size,
-    is_sharded,
-    scored_forward,
-    split_is_exact,
-    trunk,
-)
+from rlhfkit.models.layout import gather_positions, hidden_size, is_sharded, scored_forward, trunk
 from rlhfkit.models.loading import load_causal_lm
 from rlhfkit.models.lora import unwrap
 from rlhfkit.recipes.common import apply_lora, engine, load_weights
@@ -124,70 +114,9 @@ def policy_forward(model: nn.Module, b: Batch) -> tuple[torch.Tensor, torch.Tens
 
     The logits are the model's own (``rlhfkit.models.layout``: Gemma's soft-capping included), so
     the log-probs PPO trains on are those of ``model(input_ids).logits``; the LM head runs on the
-    response positions only wherever the model's layout allows it. Rows that share their prompt
-    (k samples of one prompt: RLOO, GRPO) run as one row, the prompt once (``shared_prompts``).
+    response positions only wherever the model's layout allows it.
     """
-    shared = shared_prompts(b) if not is_sharded(model) and split_is_exact(model) else None
-    if shared is None:
-        return scored_forward(model, b.input_ids, b.attention_mask, b.positions)
-    body = trunk(model)
-    hidden = body(
-        input_ids=shared.input_ids,
-        attention_mask=additive_attention_mask(body, shared.attention_mask),
-        position_ids=shared.position_ids,
-        use_cache=False,
-    ).last_hidden_state  # (G, S, d)
-    h = hidden[shared.row.unsqueeze(1), shared.predictors]  # (B, R, d)
-    return h, head_logits(model, h)
-
-
-@dataclass
-class SharedPrompts:
-    """A rollout batch with each prompt once: row g is a prompt, then each of its sampled
-    responses (``data.tokenize.collate_shared_prompt``'s layout and 4-D mask: a response sees the
-    prompt and its own earlier tokens, its positions continue from the prompt's), so a forward gives
-    every response exactly what its own ``query + response`` row gives, and the prompt's tokens go
-    through the model once instead of k times.
-
-    ``row[i]`` is the row of sequence i; ``predictors[i, t]`` the column whose hidden state predicts
-    its response token t (the prompt's last token for t = 0, then its own tokens); ``last[i]`` the
-    column of its last token (where a reward model reads)."""
-
-    input_ids: torch.Tensor  # (G, S)
-    attention_mask: torch.Tensor  # (G, 1, S, S) bool, True = attend
-    position_ids: torch.Tensor  # (G, S)
-    row: torch.Tensor  # (B,)
-    predictors: torch.Tensor  # (B, R)
-    last: torch.Tensor  # (B,)
-
-
-def shared_prompts(b: Batch, min_saving: float = 0.1) -> SharedPrompts | None:
-    """``b`` laid out with each distinct prompt once, or None when that saves under ``min_saving``
-    of the tokens (no prompt shared: PPO's one sample per prompt; the reward model's rule)."""
-    q_len = (b.positions[:, 0] + 1).tolist()  # positions[i, 0] = len(query_i) - 1
-    n_resp = b.response_mask.long().sum(1).tolist()
-    ids = b.input_ids.tolist()
-    queries = [tuple(row[:q]) for row, q in zip(ids, q_len)]
-    distinct = set(queries)
-    saved = sum(q_len) - sum(len(q) for q in distinct)
-    if saved < min_saving * (sum(q_len) + sum(n_resp)):
-        return None
-    encoded = [Encoded(list(q) + row[len(q) : len(q) + n], len(q)) for q, row, n in zip(queries, ids, n_resp)]
-    batch, where = collate_shared_prompt([encoded], pad_id=0)  # padding attends to itself only
-    R = b.response.shape[1]
-    predictors = []
-    for (_, end), q, n in zip(where, q_len, n_resp):
-        start = end - n + 1  # the column of response token 0
-        predictors.append([q - 1] + [start + t - 1 for t in range(1, n)] + [end] * (R - n))  # padding: any
-    device = b.input_ids.device
-    return SharedPrompts(
-        batch["input_ids"].to(device),
-        batch["attention_mask"].to(device),
-        batch["position_ids"].to(device),
-        torch.tensor([r for r, _ in where], device=device),
-        torch.tensor(predictors, dtype=torch.long, device=device),
-        torch.tensor([c for _, c in where], device=device),
-    )
+    return scored_forward(model, b.input_ids, b.attention_mask, b.positions)
 
 
 class Critic(nn.Module):
@@ -343,20 +272,8 @@ def length_chunks(batch: Batch, rows: torch.Tensor, size: int) -> list[torch.Ten
     Unlike ``data.tokenize.length_groups`` (SFT and RM: groups bounded by padding slack only) the
     chunks have a fixed row count: fewer rows per forward were faster here even unsorted, and the
     training micro-batches are a memory knob (``grad_accum``) whose count must not depend on lengths.
-    Rows that share a prompt (k samples: RLOO, GRPO) are kept side by side, each prompt where its
-    shortest sequence sorts, so a chunk holds whole groups and its forward runs each prompt once.
     """
     order = rows[torch.argsort(batch.last_index[rows], stable=True)]
-    q_len = (batch.positions[rows, 0] + 1).tolist()
-    keys = [tuple(batch.input_ids[i, :q].tolist()) for i, q in zip(rows.tolist(), q_len)]
-    if len(set(keys)) < len(keys):  # k samples per prompt: each prompt's rows side by side, for ``policy_forward``
-        length, index = batch.last_index[rows].tolist(), rows.tolist()
-        shortest: dict[tuple, int] = {}
-        for key, n in zip(keys, length):
-            shortest[key] = min(n, shortest.get(key, n))
-        # the same chunks whatever order ``rows`` come in (a minibatch's permutation, the batch order)
-        grouped = sorted(range(len(keys)), key=lambda j: (shortest[keys[j]], keys[j], length[j], index[j]))
-        order = rows[torch.tensor(grouped, device=rows.device)]
     return list(order.split(max(1, size)))
 
 
@@ -384,19 +301,13 @@ def logprobs_and_entropy(
 
 @torch.no_grad()
 def rm_scores(rm, batch: Batch, chunk: int, autocast) -> torch.Tensor:
-    """Normalised reward-model scores (N,), read at each response's last token (its EOS); the k
-    samples of a prompt after one copy of it (``shared_prompts``), as the reward model trains."""
+    """Normalised reward-model scores (N,), read at each response's last token (its EOS)."""
     scores = []
     chunks = length_chunks(batch, torch.arange(len(batch.response), device=batch.response.device), chunk)
     for rows in chunks:
         b = batch.rows(rows)
-        shared = shared_prompts(b)
         with autocast():
-            if shared is None:
-                scores.append(rm.score(b.input_ids, b.attention_mask, b.last_index).float())
-            else:
-                raw = rm(shared.input_ids, shared.attention_mask, shared.last, shared.position_ids, shared.row)
-                scores.append((raw - rm.offset).float())
+            scores.append(rm.score(b.input_ids, b.attention_mask, b.last_index).float())
     return torch.cat(scores)[torch.argsort(torch.cat(chunks))]
 
 
@@ -417,7 +328,7 @@ class Models:
     generator: Generator  # rollout_backend's: the engine, transformers' generate or vLLM
     autocast: Callable[[], Any]  # the training precision's autocast context (or a null one)
     device: torch.device = torch.device("cpu")  # the policy's: every tensor PPO makes is made there
-    whole: nn.Module | None = None  # FSDP2: the whole copy of the policy the generator samples from
+    whole: nn.Module | None = None  # FSDP2, DeepSpeed: the whole copy of the policy the generator samples from
 
 
 def load_models(cfg: PPOConfig, device, precision: str, reward_fn: Callable | None, say=print, acc=None) -> Models:
@@ -452,9 +363,10 @@ def load_models(cfg: PPOConfig, device, precision: str, reward_fn: Callable | No
     policy.train()
     critic.train()
     whole = None
-    if acc is not None and engine(acc) == "fsdp":
+    if acc is not None and engine(acc) in ("fsdp", "deepspeed"):  # DeepSpeed partitions them in setup_optimization
         whole = load_causal_lm(cfg.model).model.to(device).requires_grad_(False).eval()
-        shard_trained(acc, policy, critic)
+        if engine(acc) == "fsdp":
+            shard_trained(acc, policy, critic)
     generator = make_generator(policy if whole is None else whole, tok, cfg.rollout_backend, precision, say)
     if not generator.eos_ids:
         raise UserError(f"{cfg.model}: the tokenizer has no EOS token; responses could never end")

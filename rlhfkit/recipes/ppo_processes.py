@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,7 +36,7 @@ from torch import nn
 from rlhfkit.accel.optim import clip_and_step
 from rlhfkit.data.records import Prompt
 from rlhfkit.errors import UserError
-from rlhfkit.recipes.common import lockstep, optimizer_step
+from rlhfkit.recipes.common import engine, lockstep, optimizer_step
 from rlhfkit.recipes.ppo_models import Batch, Models, length_chunks
 
 
@@ -72,8 +73,13 @@ class Share:
 
     @property
     def lockstep(self) -> bool:
-        """Sharded models (FSDP2): every process must run the same forwards."""
+        """Sharded models (FSDP2, DeepSpeed): every process must run the same forwards and backwards."""
         return self.several and lockstep(self.acc)
+
+    @property
+    def deepspeed(self) -> bool:
+        """Policy and critic in one DeepSpeed engine: it reduces, clips and steps (``backward``)."""
+        return self.several and engine(self.acc) == "deepspeed"
 
     def mine(self, rows: torch.Tensor, n_local: int) -> torch.Tensor:
         """This process's rows among the global ``rows``, as indices into its own batch."""
@@ -108,11 +114,32 @@ def micro_batches(share: Share, batch: Batch, mine: torch.Tensor, grad_accum: in
     return chunks + [(filler, False)] * (int(most) - len(chunks))
 
 
+def backward(share: Share, loss: torch.Tensor, last: bool) -> None:
+    """``loss.backward()``. Under DeepSpeed the engine's backward instead, which reduces the gradients
+    over the processes as it goes; after the ``last`` one of a minibatch it clips (its
+    ``gradient_clipping``: ``max_grad_norm``) and steps (accelerate's ``sync_gradients`` marks it).
+    DeepSpeed averages over the processes and each process's loss is already weighted by its rows'
+    share of the global minibatch, so the loss is scaled by their number: the sum, as one process."""
+    if not share.deepspeed:
+        loss.backward()
+        return
+    acc = share.acc
+    acc.gradient_state._set_sync_gradients(last)
+    try:
+        acc.backward(loss * acc.num_processes)
+    finally:
+        acc.gradient_state._set_sync_gradients(True)
+
+
 def take_step(share: Share, optimizer, trainable: list[nn.Parameter], max_norm: float) -> torch.Tensor | None:
     """One optimizer step on the gradients of every process: summed here (``sum_gradients``), or by
     FSDP2's reduce-scatter in each backward (sharded; it averages), then clipped to a global L2 norm of ``max_norm``
     (``common.optimizer_step``: the norm of the whole gradient, whichever way it is held). Returns
-    the norm before clipping (None without clipping)."""
+    the norm before clipping (None without clipping). DeepSpeed stepped in the last ``backward``:
+    its norm."""
+    if share.deepspeed:
+        norm = share.acc.deepspeed_engine_wrapped.engine.get_global_grad_norm() if max_norm > 0 else None
+        return None if norm is None else torch.as_tensor(float(norm))
     if share.lockstep:
         # FSDP2 averaged the gradients over the processes (gloo has no pre-multiplied sum); each
         # process's loss is already weighted by its rows' share of the global minibatch: the sum
@@ -197,16 +224,24 @@ def sum_gradients(params: list[nn.Parameter]) -> None:
 
 @torch.no_grad()
 def gather_into(sharded: nn.Module, whole: nn.Module) -> None:
-    """Copy each parameter of the FSDP2-sharded ``sharded``, all-gathered (a collective: every process
-    calls it), into the parameter of the same name of ``whole``, a plain copy of the same model."""
+    """Copy each parameter of the sharded ``sharded`` — FSDP2's DTensors, DeepSpeed ZeRO-3's partitions
+    (ZeRO-2's are whole) — all-gathered (a collective: every process calls it), into the parameter of
+    the same name of ``whole``, a plain copy of the same model."""
     from torch.distributed.tensor import DTensor
 
     def plain(name: str) -> str:  # the names of activation-checkpointing and compile wrappers
         return name.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", "")
 
     target = {plain(n): p for n, p in whole.named_parameters()}
-    for name, p in sharded.named_parameters():
-        target[plain(name)].copy_(p.full_tensor() if isinstance(p, DTensor) else p)
+    params = list(sharded.named_parameters())
+    gathered = nullcontext()
+    if any(hasattr(p, "ds_tensor") for _, p in params):  # ZeRO-3: each process holds a partition
+        import deepspeed
+
+        gathered = deepspeed.zero.GatheredParameters([p for _, p in params])
+    with gathered:
+        for name, p in params:
+            target[plain(name)].copy_(p.full_tensor() if isinstance(p, DTensor) else p)
 
 
 def push_weights(m: Models) -> float:
