@@ -265,13 +265,19 @@ class _State:
 
 
 class _Acc:
-    """What ``_check_engine`` reads of an Accelerator: 2 processes under FSDP2."""
+    """What ``_check_engine`` reads of an Accelerator: 2 processes under FSDP2 (or ``DEEPSPEED2`` /
+    ``DEEPSPEED3``: DeepSpeed of that ZeRO stage)."""
 
     def __init__(self, kind: str = "FSDP"):
+        from types import SimpleNamespace
+
         from accelerate.utils import DistributedType
 
-        self.distributed_type, self.num_processes = DistributedType[kind], 2
+        stage = int(kind[-1]) if kind.startswith("DEEPSPEED") else None
+        self.distributed_type, self.num_processes = DistributedType[kind.rstrip("23")], 2
         self.device, self.state = torch.device("cpu"), _State()
+        if stage:
+            self.state.deepspeed_plugin = SimpleNamespace(zero3_init_flag=True, zero_stage=stage)
 
 
 @pytest.mark.parametrize(
@@ -279,7 +285,8 @@ class _Acc:
     [
         ({"FSDP_VERSION": "2"}, {"lora": True}, "FSDP", "lora=true with fsdp: not supported"),
         ({"FSDP_VERSION": "1"}, {}, "FSDP", "FSDP version 1 is not supported"),
-        ({"ACCELERATE_USE_DEEPSPEED": "true"}, {"kind": "rloo"}, "DEEPSPEED", "rloo does not run under DeepSpeed"),
+        ({"ACCELERATE_USE_DEEPSPEED": "true"}, {"kind": "rloo"}, "DEEPSPEED3", "rloo under DeepSpeed ZeRO-3: not"),
+        ({"ACCELERATE_USE_DEEPSPEED": "true"}, {"kind": "ppo_head"}, "DEEPSPEED2", "policy_head under DeepSpeed: not"),
         ({"FSDP_VERSION": "2"}, {"kind": "ppo_head"}, "FSDP", "critic=policy_head under FSDP2: not supported"),
         ({"FSDP_VERSION": "2"}, {"kind": "ilql"}, "FSDP", "ilql does not run under fsdp yet"),
         ({"ACCELERATE_USE_DEEPSPEED": "true"}, {}, "MULTI_CPU", "DeepSpeed runs only on CUDA GPUs"),
