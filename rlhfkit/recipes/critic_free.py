@@ -1,8 +1,9 @@
 """RLOO and GRPO: critic-free policy gradients on PPO's phases (``rlhfkit/recipes/ppo.py``).
 
 An iteration is PPO's without the critic: 1. prompts, 2. generate k = samples_per_prompt
-responses each, 3. score, 4. no-grad forwards (policy and reference log-probs, no values) — the
-same functions — then, instead of GAE and the value loss:
+responses each, 3. score, 4. no-grad forwards (policy and reference log-probs, no values; GRPO
+with one epoch over one minibatch: the reference's only, π_old is the training pass's) — the same
+functions — then, instead of GAE and the value loss:
 
   RLOO [Ahmadian et al. 2024]  5. R_i = score_i − β Σ_t (log π − log π_ref) (the KL in the reward)
                                6. A_i = R_i − mean of the other k−1 samples' R (eq. 5), on every token
