@@ -275,12 +275,12 @@ def test_ppo_under_deepspeed_zero2_equals_one_process(tiny_path, tmp_path):
     clips and steps; the generator samples from a whole copy refreshed every iteration; the same
     metrics, generator weights and final weights as 1 process. DeepSpeed runs on CPUs through its own
     CPU accelerator; accelerate starts it on CUDA only, so the worker makes its state say DEEPSPEED
-    (``helpers.FORCE_DEEPSPEED_ON_CPU``). Skips where ``deepspeed`` is not installed (CI). ZeRO-3 is
-    refused in one line: its steps here came out smaller than one process's (grad norm 4.8 vs 7.6)."""
+    (``helpers.FORCE_DEEPSPEED_ON_CPU``). Skips where ``deepspeed`` is not installed (CI). ZeRO-3 with
+    a critic is refused in one line (RLOO and GRPO run under it: tests/test_rl_processes.py)."""
     pytest.importorskip("deepspeed")
     run = _runner(tmp_path, tiny_path)
     three = run(LAUNCHERS["zero3"](), "three", 2)
-    refused = "UserError: ppo under DeepSpeed ZeRO-3: not supported"
+    refused = "UserError: ppo under DeepSpeed ZeRO-3: not supported with a critic"
     assert three.returncode != 0 and refused in three.stderr, three.stderr[-2000:]
     one = run([sys.executable], "one", 1)
     assert one.returncode == 0, one.stderr[-3000:]

@@ -120,16 +120,19 @@ def _weights(path: Path) -> dict:
     return weights
 
 
-@pytest.mark.parametrize("launcher", ["ddp", "fsdp2", "zero2"])
-@pytest.mark.parametrize("algo", ["a2c", "rloo", "grpo", "grpo1"])
+@pytest.mark.parametrize(
+    "algo, launcher",
+    [(a, x) for a in ("a2c", "rloo", "grpo", "grpo1") for x in ("ddp", "fsdp2", "zero2")]
+    + [("rloo", "zero3"), ("grpo", "zero3"), ("grpo1", "zero3")],  # ZeRO-3: no critic (A2C's is refused)
+)
 def test_two_processes_equal_one_process(algo, launcher, tiny_path, tmp_path):
     """2 processes x half the prompts == 1 process x all of them: the same metrics and weights;
-    with DDP (torchrun), FSDP2 and DeepSpeed ZeRO-2 (accelerate launch, examples/accelerate/; DeepSpeed
+    with DDP (torchrun), FSDP2 and DeepSpeed ZeRO-2 / ZeRO-3 (accelerate launch, examples/accelerate/; DeepSpeed
     where it is installed, forced onto the CPU processes: ``helpers.FORCE_DEEPSPEED_ON_CPU``). grpo1:
     GRPO on-policy (one epoch, one minibatch), whose KL and entropy come from the training pass."""
     from test_ppo_processes import LAUNCHERS
 
-    if launcher == "zero2":
+    if launcher.startswith("zero"):
         pytest.importorskip("deepspeed")
     (tmp_path / "worker.py").write_text(WORKER)
     root = str(Path(__file__).resolve().parents[1])  # the worker script lives in tmp_path: import this checkout
@@ -140,7 +143,11 @@ def test_two_processes_equal_one_process(algo, launcher, tiny_path, tmp_path):
     }
 
     def run(command: list[str], name: str, n: int) -> subprocess.CompletedProcess:
-        engine = "single" if n == 1 else {"ddp": "ddp", "fsdp2": "fsdp", "zero2": "deepspeed"}[launcher]
+        engine = (
+            "single"
+            if n == 1
+            else {"ddp": "ddp", "fsdp2": "fsdp", "zero2": "deepspeed", "zero3": "deepspeed"}[launcher]
+        )
         args = [*command, str(tmp_path / "worker.py"), str(tmp_path / name), tiny_path, str(n), algo, engine]
         return subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
 
@@ -158,7 +165,8 @@ def test_two_processes_equal_one_process(algo, launcher, tiny_path, tmp_path):
     assert all(r["grad_norm"] > 0 for r in rows[0])  # the runs did something
     w_one, w_two = _weights(tmp_path / "one"), _weights(tmp_path / "two")
     assert w_one.keys() == w_two.keys() and any(k.startswith("critic.") for k in w_one) == (algo == "a2c")
-    assert max((w_one[k] - w_two[k]).abs().max().item() for k in w_one) < 1e-5
+    tol = 3e-5 if launcher == "zero3" else 1e-5  # ZeRO-3's fp32 reduce-scatter: 1.2e-5 seen after 2 steps
+    assert max((w_one[k] - w_two[k]).abs().max().item() for k in w_one) < tol
 
 
 def test_a_batch_that_leaves_a_process_without_prompts_is_refused():

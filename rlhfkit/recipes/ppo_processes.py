@@ -124,6 +124,12 @@ def backward(share: Share, loss: torch.Tensor, last: bool) -> None:
         loss.backward()
         return
     acc = share.acc
+    ds = acc.deepspeed_engine_wrapped.engine
+    if hasattr(ds.optimizer, "clear_backward_seen_flag"):
+        # what the engine's own forward does first, which the loop never calls (it calls the engine's
+        # modules): ZeRO counts the backwards of a step here; without it ZeRO-3 (DeepSpeed 0.19)
+        # overwrites the gradients of the earlier backwards instead of adding them up
+        ds.optimizer.clear_backward_seen_flag()
     acc.gradient_state._set_sync_gradients(last)
     try:
         acc.backward(loss * acc.num_processes)
