@@ -113,6 +113,11 @@ def gather_positions(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     return x.gather(1, positions.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
 
+def keeps_logits_tail(model: nn.Module) -> bool:
+    """Whether the (unwrapped) model's forward takes ``logits_to_keep``: the LM head on the last columns only."""
+    return "logits_to_keep" in inspect.signature(unwrap(model).forward).parameters
+
+
 def scored_forward(
     model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -131,7 +136,7 @@ def scored_forward(
         return h, head_logits(model, h)
     base = unwrap(model)
     kw = {}
-    if "logits_to_keep" in inspect.signature(base.forward).parameters:  # the head on the scored tail only
+    if keeps_logits_tail(base):  # the head on the scored tail only
         kw["logits_to_keep"] = input_ids.shape[1] - int(positions.min())
     out = base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, output_hidden_states=True, **kw)
     tail = positions - (input_ids.shape[1] - out.logits.shape[1])  # positions among the kept columns

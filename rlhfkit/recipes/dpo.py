@@ -14,7 +14,6 @@
 
 from __future__ import annotations
 
-import inspect
 import time
 from contextlib import nullcontext
 
@@ -26,6 +25,7 @@ from rlhfkit.config import DPOConfig
 from rlhfkit.data.records import Ranking
 from rlhfkit.data.tokenize import Encoded, collate, encode_prompt, encode_response, fit
 from rlhfkit.errors import UserError
+from rlhfkit.models.layout import keeps_logits_tail
 from rlhfkit.models.loading import load_causal_lm
 from rlhfkit.models.lora import unwrap
 from rlhfkit.recipes.common import (
@@ -110,7 +110,7 @@ def train_dpo(cfg: DPOConfig, say=print) -> dict:
     optimizer, scheduler = make_optimizer(model, cfg, len(plan))
     model, optimizer = prepare_models(acc, cfg, model, optimizer)
 
-    keeps_tail = "logits_to_keep" in inspect.signature(unwrap(acc.unwrap_model(model)).forward).parameters
+    keeps_tail = keeps_logits_tail(acc.unwrap_model(model))
 
     def logps_of(idx: list[int]) -> torch.Tensor:
         """Summed response log-probs (len(idx),) of sequences ``idx``, in one padded forward. The LM
