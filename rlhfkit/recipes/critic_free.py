@@ -28,7 +28,7 @@ import time
 import torch
 
 from rlhfkit.algos.critic_free import grpo_advantages, grpo_loss, rloo_advantages, rloo_loss
-from rlhfkit.algos.ppo import compute_rewards, logprobs_from_logits
+from rlhfkit.algos.ppo import compute_rewards, logprobs_and_entropy
 from rlhfkit.config import GRPOConfig, RLOOConfig
 from rlhfkit.errors import UserError
 from rlhfkit.models.loading import resolve_precision
@@ -63,7 +63,7 @@ from rlhfkit.recipes.ppo import (
     setup_optimization,
     timed,
 )
-from rlhfkit.recipes.ppo_models import logprobs_and_entropy, policy_forward
+from rlhfkit.recipes.ppo_models import policy_forward
 from rlhfkit.recipes.ppo_processes import (
     Share,
     backward,
@@ -218,11 +218,12 @@ def update(
                 cols = b.response.shape[1]
                 with m.autocast():
                     _, logits = policy_forward(m.policy, b)  # (b, r, V)
-                    logprobs = logprobs_from_logits(logits, b.response, cfg.temperature)
+                    # on-policy: the entropy metric from the same pass over the vocabulary (as forwards')
+                    logprobs, entropy = logprobs_and_entropy(logits, b.response, cfg.temperature)
+                del logits
                 if seen:  # on-policy: the sampling policy is this one, ratio 1, the gradient REINFORCE's
                     old = logprobs.detach()
                     if real:
-                        entropy = logprobs_and_entropy(logits.detach(), b.response, cfg.temperature)[1]  # as forwards'
                         seen["logprobs"][rows, :cols] = old * b.response_mask
                         seen["entropy"][rows, :cols] = entropy * b.response_mask
                 else:

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from rlhfkit.accel import prepare_for_inference, prepare_for_training
-from rlhfkit.algos.ppo import logprobs_from_logits, truncate_after_eos
+from rlhfkit.algos.ppo import logprobs_and_entropy, logprobs_from_logits, truncate_after_eos
 from rlhfkit.config import PPOConfig
 from rlhfkit.errors import UserError
 from rlhfkit.models.heads import RewardModel, load_reward_model
@@ -275,28 +275,6 @@ def length_chunks(batch: Batch, rows: torch.Tensor, size: int) -> list[torch.Ten
     """
     order = rows[torch.argsort(batch.last_index[rows], stable=True)]
     return list(order.split(max(1, size)))
-
-
-@torch.no_grad()
-def logprobs_and_entropy(
-    logits: torch.Tensor, tokens: torch.Tensor, temperature: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``logprobs_from_logits`` and ``entropy_from_logits`` in one pass over the vocabulary.
-
-    logits (B, R, V), tokens (B, R) -> two (B, R) float32. The log-probs are computed with the
-    same ops as ``logprobs_from_logits`` (bitwise equal: the reference's log-probs come from that
-    function, and equal weights must give a KL of exactly 0); the entropy reuses their logsumexp,
-    H = lse − Σ_v softmax(z)_v z_v. Row by row: one (R, V) float32 slice at a time; about a third
-    less time than the two separate functions.
-    """
-    lps, ents = [], []
-    for row_logits, row_tokens in zip(logits, tokens):  # (R, V), (R,)
-        z = row_logits.float() / temperature  # (R, V)
-        lse = torch.logsumexp(z, dim=-1)  # (R,)
-        lps.append(z.gather(-1, row_tokens.unsqueeze(-1)).squeeze(-1) - lse)
-        p = torch.exp(z - lse.unsqueeze(-1))  # softmax(z)
-        ents.append(lse - (p * z).sum(-1))
-    return torch.stack(lps), torch.stack(ents)
 
 
 @torch.no_grad()
