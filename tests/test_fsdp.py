@@ -285,7 +285,6 @@ class _Acc:
     [
         ({"FSDP_VERSION": "2"}, {"lora": True}, "FSDP", "lora=true with fsdp: not supported"),
         ({"FSDP_VERSION": "1"}, {}, "FSDP", "FSDP version 1 is not supported"),
-        ({"ACCELERATE_USE_DEEPSPEED": "true"}, {"kind": "ppo_rm"}, "DEEPSPEED3", "ppo under DeepSpeed ZeRO-3: not"),
         ({"ACCELERATE_USE_DEEPSPEED": "true"}, {"kind": "ppo_head"}, "DEEPSPEED2", "policy_head under DeepSpeed: not"),
         ({"FSDP_VERSION": "2"}, {"kind": "ppo_head"}, "FSDP", "critic=policy_head under FSDP2: not supported"),
         ({"FSDP_VERSION": "2"}, {"kind": "ilql"}, "FSDP", "ilql does not run under fsdp yet"),
@@ -302,7 +301,6 @@ def test_engine_refusals_say_what_works(env, cfg, acc_kind, expected, monkeypatc
         monkeypatch.setenv(k, v)
     kind = cfg.pop("kind", None)
     kinds = {"rloo": RLOOConfig, "ilql": ILQLConfig, "ppo_head": lambda **kw: PPOConfig(**kw, critic="policy_head")}
-    kinds["ppo_rm"] = lambda **kw: PPOConfig(**kw, critic="rm")
     config = kinds[kind](model="m") if kind else SFTConfig(model="m", **cfg)
     with pytest.raises(UserError, match=expected):
         _check_engine(_Acc(acc_kind), config)

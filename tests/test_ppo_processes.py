@@ -269,33 +269,34 @@ def test_ppo_two_processes_equal_one_process(launcher, tiny_path, tmp_path):
     assert max((w_two[k] - w_resumed[k]).abs().max().item() for k in w_two) < 1e-6
 
 
-def test_ppo_under_deepspeed_zero2_equals_one_process(tiny_path, tmp_path):
-    """PPO (critic = a reward-model copy, PPO-ptx on) under ``deepspeed_zero2.yaml``, 2 processes:
-    policy and critic in one DeepSpeed ZeRO-2 engine (asserted inside each process), which reduces,
-    clips and steps; the generator samples from a whole copy refreshed every iteration; the same
-    metrics, generator weights and final weights as 1 process. DeepSpeed runs on CPUs through its own
-    CPU accelerator; accelerate starts it on CUDA only, so the worker makes its state say DEEPSPEED
-    (``helpers.FORCE_DEEPSPEED_ON_CPU``). Skips where ``deepspeed`` is not installed (CI). ZeRO-3 with
-    a critic is refused in one line (RLOO and GRPO run under it: tests/test_rl_processes.py)."""
+@pytest.mark.parametrize("stage", ["zero2", "zero3"])
+def test_ppo_under_deepspeed_equals_one_process(stage, tiny_path, tmp_path):
+    """PPO (critic = a reward-model copy, PPO-ptx on) under ``deepspeed_zero2.yaml`` / ``_zero3.yaml``,
+    2 processes: policy and critic in one DeepSpeed engine (its stage asserted inside each process),
+    which reduces, clips and steps; the generator samples from a whole copy refreshed every iteration;
+    the same metrics, generator weights and final weights as 1 process. ZeRO-3 copies a gradient
+    partition in a step's first backward and adds in the later ones: the critic's and the policy's
+    losses go into one backward there (a critic-only first backward made the policy's gradients add
+    to the last step's: grad_norm 3.6 vs 2.9). DeepSpeed runs on CPUs through its own CPU
+    accelerator; accelerate starts it on CUDA only, so the worker makes its state say DEEPSPEED
+    (``helpers.FORCE_DEEPSPEED_ON_CPU``). Skips where ``deepspeed`` is not installed (CI)."""
     pytest.importorskip("deepspeed")
     run = _runner(tmp_path, tiny_path)
-    three = run(LAUNCHERS["zero3"](), "three", 2)
-    refused = "UserError: ppo under DeepSpeed ZeRO-3: not supported with a critic"
-    assert three.returncode != 0 and refused in three.stderr, three.stderr[-2000:]
     one = run([sys.executable], "one", 1)
     assert one.returncode == 0, one.stderr[-3000:]
-    two = run(LAUNCHERS["zero2"](), "two", 2)
+    two = run(LAUNCHERS[stage](), "two", 2)
     assert two.returncode == 0, two.stderr[-3000:]
     assert sorted(p.name for p in tmp_path.glob("two.rank*")) == ["two.rank0", "two.rank1"]
     assert len(list(tmp_path.glob("two.sharded*"))) == 2
     rows = [read_metrics(tmp_path / r) for r in ("one", "two")]
     assert len(rows[0]) == len(rows[1]) == 2
+    tol = 3e-5 if stage == "zero3" else 1e-5  # ZeRO-3's fp32 reduce-scatter (as tests/test_rl_processes.py)
     for key in KEYS:
         a, b = [r[key] for r in rows[0]], [r[key] for r in rows[1]]
-        assert _same(a, b, 1e-5), (key, a, b)
+        assert _same(a, b, tol), (key, a, b)
     seen = {f.name[: -len(".pt")]: torch.load(f) for f in tmp_path.glob("*.generator*.pt")}
     for rank, it in [(r, i) for r in (0, 1) for i in (0, 1)]:
-        assert (seen[f"two.generator{rank}-{it}"] - seen[f"one.generator0-{it}"]).abs().max() < 1e-5, (rank, it)
+        assert (seen[f"two.generator{rank}-{it}"] - seen[f"one.generator0-{it}"]).abs().max() < tol, (rank, it)
     w_one, w_two = _weights(tmp_path / "one"), _weights(tmp_path / "two")
     assert w_one.keys() == w_two.keys()
-    assert max((w_one[k] - w_two[k]).abs().max().item() for k in w_one) < 1e-5
+    assert max((w_one[k] - w_two[k]).abs().max().item() for k in w_one) < tol

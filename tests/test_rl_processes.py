@@ -123,7 +123,7 @@ def _weights(path: Path) -> dict:
 @pytest.mark.parametrize(
     "algo, launcher",
     [(a, x) for a in ("a2c", "rloo", "grpo", "grpo1") for x in ("ddp", "fsdp2", "zero2")]
-    + [("rloo", "zero3"), ("grpo", "zero3"), ("grpo1", "zero3")],  # ZeRO-3: no critic (A2C's is refused)
+    + [("a2c", "zero3"), ("rloo", "zero3"), ("grpo", "zero3"), ("grpo1", "zero3")],
 )
 def test_two_processes_equal_one_process(algo, launcher, tiny_path, tmp_path):
     """2 processes x half the prompts == 1 process x all of them: the same metrics and weights;

@@ -116,13 +116,6 @@ def _check_engine(acc, cfg: TrainConfig) -> None:
         unset_hf_deepspeed_config()
     if engine(acc) == "deepspeed" and (cfg.save_every or cfg.resume):
         raise UserError("checkpoints (save_every, resume) under DeepSpeed are not supported: use FSDP2 or DDP")
-    zero3 = engine(acc) == "deepspeed" and acc.state.deepspeed_plugin.zero_stage == 3
-    if zero3 and isinstance(cfg, PPOConfig) and cfg.critic == "rm":  # PPO, A2C
-        stage = type(cfg).__name__.removesuffix("Config").lower()
-        raise UserError(
-            f"{stage} under DeepSpeed ZeRO-3: not supported with a critic (the critic's and the policy's backwards of "
-            "a micro-batch do not add up there); use examples/accelerate/deepspeed_zero2.yaml or fsdp2.yaml"
-        )
     if sharded(acc) and isinstance(cfg, PPOConfig) and cfg.critic == "policy_head":
         name = "FSDP2" if engine(acc) == "fsdp" else "DeepSpeed"
         raise UserError(

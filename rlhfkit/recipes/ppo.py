@@ -497,16 +497,21 @@ def micro_step(
     old_v, ret = ro.fw["values"][rows, :cols], adv.returns[rows, :cols]
     if m.critic.kind == "rm":
         # separate models, separate graphs: the critic's forward + backward first, then the
-        # policy's, so only one graph (and one bf16 weight cast) is alive
+        # policy's, so only one graph (and one bf16 weight cast) is alive. Under DeepSpeed one
+        # backward of both: ZeRO-3 copies each gradient partition in a step's first backward and adds
+        # in the later ones, so a first backward without the policy's gradients would add them to the
+        # last step's (DeepSpeed 0.19's stage3.partition_grads)
         with m.autocast():
             values = m.critic.values(b)
         vl = ppo_value_loss(values, old_v, ret, m_mask, cfg.cliprange_value)
-        backward(share, weight * cfg.vf_coef * vl.loss, last=False)
+        value_term = weight * cfg.vf_coef * vl.loss
+        if not share.deepspeed:
+            backward(share, value_term, last=False)
         with m.autocast():
             _, logits = policy_forward(m.policy, b)  # (b, r, V)
             new_logprobs = logprobs_from_logits(logits, b.response, cfg.temperature)
         pl, parts = policy_loss(cfg, logits, new_logprobs, old_lp, advantages, m_mask)
-        backward(share, weight * pl, last)
+        backward(share, weight * pl + value_term if share.deepspeed else weight * pl, last)
     else:  # one trunk forward gives both the log-probs and the values
         with m.autocast():
             h, logits = policy_forward(m.policy, b)  # (b, r, d), (b, r, V)
