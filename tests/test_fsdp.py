@@ -246,18 +246,19 @@ def test_shipped_ddp_config_starts_two_processes(tiny_path, fixtures, tmp_path):
     assert_same_run(tmp_path / "one", tmp_path / "two", 2)
 
 
-def test_ppo_with_a_value_head_under_fsdp2_is_a_one_line_error(tiny_path, tmp_path):
-    """PPO runs under FSDP2 (tests/test_ppo_processes.py) with critic=rm or none; a value head on the
-    policy's trunk is not sharded with it: under fsdp2.yaml that stops at once, in one line that says
-    what works (exit code 2 on each process, no traceback from rlhfkit)."""
-    prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text('{"prompt": "Hi"}\n' * 8)
-    args = ["ppo", "--model", tiny_path, "--data", str(prompts), f"reward_model={tiny_path}", "critic=policy_head"]
-    done, _ = launch(tmp_path, "fsdp2", [*args, "--out", str(tmp_path / "ppo")])
+def test_ilql_under_fsdp2_is_a_one_line_error(tiny_path, tmp_path):
+    """What does not run under FSDP2 yet (ILQL: its heads and their Polyak targets are saved from
+    whole weights) stops at once under fsdp2.yaml, in one line that says what works (on each
+    process, no traceback from rlhfkit), before anything is written."""
+    data = tmp_path / "rankings.jsonl"
+    data.write_text('{"prompt": "Hi", "responses": ["a", "b"], "ranks": [0, 1]}\n' * 8)
+    done, _ = launch(
+        tmp_path, "fsdp2", ["ilql", "--model", tiny_path, "--data", str(data), "--out", str(tmp_path / "q")]
+    )
     assert done.returncode != 0
     errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 2 and "critic=policy_head under FSDP2" in errors[0] and "critic=rm" in errors[0], done.stderr
-    assert not (tmp_path / "ppo").exists()
+    assert len(errors) == 2 and "ilql does not run under fsdp" in errors[0] and "ddp.yaml" in errors[0], done.stderr
+    assert not (tmp_path / "q").exists()
 
 
 class _State:
@@ -285,14 +286,12 @@ class _Acc:
     [
         ({"FSDP_VERSION": "2"}, {"lora": True}, "FSDP", "lora=true with fsdp: not supported"),
         ({"FSDP_VERSION": "1"}, {}, "FSDP", "FSDP version 1 is not supported"),
-        ({"ACCELERATE_USE_DEEPSPEED": "true"}, {"kind": "ppo_head"}, "DEEPSPEED2", "policy_head under DeepSpeed: not"),
-        ({"FSDP_VERSION": "2"}, {"kind": "ppo_head"}, "FSDP", "critic=policy_head under FSDP2: not supported"),
         ({"FSDP_VERSION": "2"}, {"kind": "ilql"}, "FSDP", "ilql does not run under fsdp yet"),
         ({"ACCELERATE_USE_DEEPSPEED": "true"}, {}, "MULTI_CPU", "DeepSpeed runs only on CUDA GPUs"),
     ],
 )
 def test_engine_refusals_say_what_works(env, cfg, acc_kind, expected, monkeypatch):
-    from rlhfkit.config import ILQLConfig, PPOConfig, RLOOConfig, SFTConfig
+    from rlhfkit.config import ILQLConfig, RLOOConfig, SFTConfig
     from rlhfkit.errors import UserError
     from rlhfkit.recipes.common import _check_engine
 
@@ -300,7 +299,7 @@ def test_engine_refusals_say_what_works(env, cfg, acc_kind, expected, monkeypatc
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     kind = cfg.pop("kind", None)
-    kinds = {"rloo": RLOOConfig, "ilql": ILQLConfig, "ppo_head": lambda **kw: PPOConfig(**kw, critic="policy_head")}
+    kinds = {"rloo": RLOOConfig, "ilql": ILQLConfig}
     config = kinds[kind](model="m") if kind else SFTConfig(model="m", **cfg)
     with pytest.raises(UserError, match=expected):
         _check_engine(_Acc(acc_kind), config)

@@ -138,8 +138,10 @@ ppo.update = sharded_update
 ppo.generate = recorded_generate if mode == "real" else stub_generate
 if mode == "crash":
     ppo.log_and_checkpoint = crash_after_first
+head = os.environ.get("TEST_CRITIC") == "policy_head"  # a value head on the policy's trunk, not a copy of the RM
+critic = dict(critic="policy_head", value_head_lr=1e-2) if head else dict(critic_model=model)
 cfg = PPOConfig(
-    model=model, critic_model=model, out=out, batch_size=4, samples_per_prompt=2, max_new_tokens=6,
+    model=model, **critic, out=out, batch_size=4, samples_per_prompt=2, max_new_tokens=6,
     temperature=1.0, lr=3e-4, kl_coef=0.1, precision="fp32", limit=16, max_steps=1 if mode == "real" else 2,
     missing_eos_penalty=-1.0,
     num_minibatches=2, ppo_epochs=2, grad_accum=2, warmup_steps=0, save_every=0 if engine == "deepspeed" else 1,
@@ -152,14 +154,16 @@ ppo.train_ppo(cfg, reward_fn=lambda p, r, f: [len(x) / 10 for x in r], say=lambd
 def _weights(path: Path) -> dict:
     from safetensors.torch import load_file
 
-    return {
-        **load_file(str(path / "model" / "model.safetensors")),
-        **{f"critic.{k}": v for k, v in load_file(str(path / "critic" / "model.safetensors")).items()},
-    }
+    weights = load_file(str(path / "model" / "model.safetensors"))
+    for name in ("model.safetensors", "value_head.safetensors"):  # critic rm, policy_head
+        if (path / "critic" / name).exists():
+            weights |= {f"critic.{k}": v for k, v in load_file(str(path / "critic" / name)).items()}
+    return weights
 
 
-def _runner(tmp_path: Path, model: str):
-    """run(launcher, name, n, mode): the worker under ``launcher`` (python, or torchrun with 2 processes)."""
+def _runner(tmp_path: Path, model: str, critic: str = "rm"):
+    """run(launcher, name, n, mode): the worker under ``launcher`` (python, or torchrun with 2 processes),
+    PPO with ``critic`` (rm: a copy of the reward model; policy_head)."""
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("The quick brown fox jumps over the lazy dog. " * 20)
     (tmp_path / "worker.py").write_text(WORKER)
@@ -168,6 +172,7 @@ def _runner(tmp_path: Path, model: str):
         **os.environ,
         "OMP_NUM_THREADS": "1",
         "PYTHONPATH": os.pathsep.join([root, str(Path(root) / "tests"), os.environ.get("PYTHONPATH", "")]),
+        "TEST_CRITIC": critic,
     }
 
     def run(launcher: list[str], name: str, n: int, mode: str = "full") -> subprocess.CompletedProcess:
@@ -225,13 +230,15 @@ def test_ppo_two_processes_sample_what_one_process_samples(launcher, tiny_path, 
         assert _same([r[key] for r in rows[0]], [r[key] for r in rows[1]], 1e-5), key
 
 
-@pytest.mark.parametrize("launcher", ["ddp", "fsdp2"])
+@pytest.mark.parametrize("launcher", ["ddp", "fsdp2", "fsdp2-head"])
 def test_ppo_two_processes_equal_one_process(launcher, tiny_path, tmp_path):
     """2 processes x half the prompts == 1 process x all of them (sampling stubbed, see the module
     docstring): the same metrics and weights; and a 2-process run killed after iteration 1 and
     resumed ends as the uninterrupted one. Under FSDP2 the checkpoints hold whole weights and
-    optimizer state, gathered from the shards, and the resumed run shards them again."""
-    run = _runner(tmp_path, tiny_path)
+    optimizer state, gathered from the shards, and the resumed run shards them again. fsdp2-head:
+    critic=policy_head, the value head an FSDP2 unit of its own (a DTensor: asserted in the workers)."""
+    launcher, _, head = launcher.partition("-")
+    run = _runner(tmp_path, tiny_path, "policy_head" if head else "rm")
     torchrun = LAUNCHERS[launcher]()
     one = run([sys.executable], "one", 1)
     assert one.returncode == 0, one.stderr[-3000:]

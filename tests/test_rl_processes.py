@@ -41,7 +41,7 @@ from rlhfkit.rollout import Completion
 import rlhfkit.recipes.common as common_
 
 out, model, expect, algo, engine = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5]
-if algo == "a2c":
+if algo.startswith("a2c"):
     import rlhfkit.recipes.a2c as recipe
 else:
     import rlhfkit.recipes.critic_free as recipe
@@ -69,6 +69,7 @@ def stub_generate(m, cfg, queries, it, keys=None):  # the samples of a query do 
 
         local = [p.to_local() for p in m.policy.parameters() if isinstance(p, DTensor)]
         assert local and m.whole is not None and m.generator.model is m.whole
+        assert m.critic.kind != "policy_head" or isinstance(m.critic.head.weight, DTensor)  # the value head too
         Path(f"{out}.sharded{os.environ['RANK']}").write_text("yes")
     eos = min(m.generator.eos_ids)
     comps = []
@@ -93,6 +94,9 @@ reward_fn = lambda p, r, f: [len(x) / 10 for x in r]
 if algo == "a2c":
     cfg = A2CConfig(**common, critic_model=model, kl_coef=0.1, entropy_coef=0.01)
     recipe.train_a2c(cfg, reward_fn=reward_fn, say=lambda *a: None)
+elif algo == "a2c_head":  # the critic a value head on the policy's trunk (its own learning rate)
+    cfg = A2CConfig(**common, critic="policy_head", value_head_lr=1e-2, kl_coef=0.1)
+    recipe.train_a2c(cfg, reward_fn=reward_fn, say=lambda *a: None)
 else:
     cls, train = (RLOOConfig, recipe.train_rloo) if algo == "rloo" else (GRPOConfig, recipe.train_grpo)
     # grpo1: one epoch over one minibatch, on-policy: old log-probs from the training pass, gathered after it
@@ -105,6 +109,7 @@ KEYS = ["score", "score_raw", "kl", "kl_k3", "entropy", "reward", "beta", "respo
 KEYS += ["lr", "policy_loss", "grad_norm"]
 ALGO_KEYS = {
     "a2c": ["pg_loss", "value_loss", "explained_variance", "value_mean", "return_mean"],
+    "a2c_head": ["value_loss", "explained_variance", "value_mean", "return_mean"],
     "rloo": ["clipfrac", "approx_kl"],
     "grpo": ["kl_loss", "loss", "clipfrac", "approx_kl"],
     "grpo1": ["kl_loss", "loss", "clipfrac", "approx_kl"],
@@ -115,15 +120,15 @@ def _weights(path: Path) -> dict:
     from safetensors.torch import load_file
 
     weights = load_file(str(path / "model" / "model.safetensors"))
-    if (path / "critic").exists():
-        weights |= {f"critic.{k}": v for k, v in load_file(str(path / "critic" / "model.safetensors")).items()}
+    for name in ("model.safetensors", "value_head.safetensors"):  # critic rm, policy_head
+        if (path / "critic" / name).exists():
+            weights |= {f"critic.{k}": v for k, v in load_file(str(path / "critic" / name)).items()}
     return weights
 
 
 @pytest.mark.parametrize(
     "algo, launcher",
-    [(a, x) for a in ("a2c", "rloo", "grpo", "grpo1") for x in ("ddp", "fsdp2", "zero2")]
-    + [("a2c", "zero3"), ("rloo", "zero3"), ("grpo", "zero3"), ("grpo1", "zero3")],
+    [(a, x) for a in ("a2c", "a2c_head", "rloo", "grpo", "grpo1") for x in ("ddp", "fsdp2", "zero2", "zero3")],
 )
 def test_two_processes_equal_one_process(algo, launcher, tiny_path, tmp_path):
     """2 processes x half the prompts == 1 process x all of them: the same metrics and weights;
@@ -164,7 +169,7 @@ def test_two_processes_equal_one_process(algo, launcher, tiny_path, tmp_path):
         assert max(abs(x - y) / max(1.0, abs(x)) for x, y in zip(a, b)) < 1e-5, (key, a, b)  # relative above 1
     assert all(r["grad_norm"] > 0 for r in rows[0])  # the runs did something
     w_one, w_two = _weights(tmp_path / "one"), _weights(tmp_path / "two")
-    assert w_one.keys() == w_two.keys() and any(k.startswith("critic.") for k in w_one) == (algo == "a2c")
+    assert w_one.keys() == w_two.keys() and any(k.startswith("critic.") for k in w_one) == algo.startswith("a2c")
     tol = 3e-5 if launcher == "zero3" else 1e-5  # ZeRO-3's fp32 reduce-scatter: 1.2e-5 seen after 2 steps
     assert max((w_one[k] - w_two[k]).abs().max().item() for k in w_one) < tol
 

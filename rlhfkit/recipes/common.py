@@ -24,7 +24,7 @@ import torch
 
 from rlhfkit.accel.memory import reuse_freed_memory
 from rlhfkit.accel.optim import allocate_adamw_state, clip_and_step, own_memory
-from rlhfkit.config import ILQLConfig, PPOConfig, TrainConfig, save_config
+from rlhfkit.config import ILQLConfig, TrainConfig, save_config
 from rlhfkit.data.jsonl import append_jsonl, read_jsonl, write_jsonl
 from rlhfkit.errors import UserError
 from rlhfkit.models.loading import resolve_precision
@@ -116,12 +116,6 @@ def _check_engine(acc, cfg: TrainConfig) -> None:
         unset_hf_deepspeed_config()
     if engine(acc) == "deepspeed" and (cfg.save_every or cfg.resume):
         raise UserError("checkpoints (save_every, resume) under DeepSpeed are not supported: use FSDP2 or DDP")
-    if sharded(acc) and isinstance(cfg, PPOConfig) and cfg.critic == "policy_head":
-        name = "FSDP2" if engine(acc) == "fsdp" else "DeepSpeed"
-        raise UserError(
-            f"critic=policy_head under {name}: not supported (the value head is not sharded with the policy); "
-            "use critic=rm, or DDP (examples/accelerate/ddp.yaml)"
-        )
     if sharded(acc) and isinstance(cfg, ILQLConfig):
         raise UserError(
             f"ilql does not run under {engine(acc)} yet (its heads and their Polyak targets are saved from whole "

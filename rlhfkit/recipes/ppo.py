@@ -607,10 +607,12 @@ def save_final(
     if cfg.save_every:
         checkpoint(out, total, m, opt, acc)
     critic_weights = None
-    if acc is not None and m.critic.kind == "rm":  # FSDP2, DeepSpeed: gathered; else None (its own)
-        deepspeed = engine(acc) == "deepspeed"  # the engine holds policy and critic
-        source, prefix = (opt.modules, "critic.seq_model.") if deepspeed else (m.critic.seq_model, "")
-        critic_weights = full_state_dict(acc, source, prefix)
+    if acc is not None and m.critic.kind != "none":  # FSDP2, DeepSpeed: gathered; else None (its own)
+        part = "seq_model" if m.critic.kind == "rm" else "head"
+        if engine(acc) == "deepspeed":  # the engine holds policy and critic
+            critic_weights = full_state_dict(acc, opt.modules, f"critic.{part}.")
+        else:
+            critic_weights = full_state_dict(acc, getattr(m.critic, part))
     if m.whole is not None:
         gather_into(m.policy, m.whole)  # FSDP2, DeepSpeed: the whole policy, saved from its copy
     if acc is not None and not acc.is_main_process:

@@ -156,7 +156,8 @@ class Critic(nn.Module):
         if self.kind == "policy_head":
             from safetensors.torch import save_file
 
-            save_file({"weight": self.head.weight.detach().contiguous()}, str(path / "value_head.safetensors"))
+            weight = self.head.weight.detach() if state_dict is None else state_dict["weight"]
+            save_file({"weight": weight.contiguous()}, str(path / "value_head.safetensors"))
         else:
             (unwrap(self.seq_model, merge=True) if merge else self.seq_model).save_pretrained(
                 path, safe_serialization=True, state_dict=state_dict
@@ -168,7 +169,13 @@ class Critic(nn.Module):
         if self.kind == "none":
             return
         if self.kind == "policy_head":
-            self.head.load_state_dict(load_file(str(path / "value_head.safetensors")))
+            weights = load_file(str(path / "value_head.safetensors"))
+            if on_shards:  # FSDP2: this process keeps its shard
+                from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+                set_model_state_dict(self.head, weights, options=StateDictOptions(full_state_dict=True))
+            else:
+                self.head.load_state_dict(weights)
             return
         load_weights(self.seq_model, path, on_shards=on_shards)
 
@@ -194,7 +201,7 @@ class _Checkpoint(nn.Module):
 
     def save_pretrained(self, path, state_dict: dict | None = None, **kw) -> None:
         """``state_dict``: FSDP2's gathered weights, named as the optimizer's modules (``policy.…``,
-        ``critic.seq_model.…``)."""
+        ``critic.seq_model.…`` or ``critic.head.…``)."""
 
         def part(prefix: str) -> dict | None:
             if state_dict is None:
@@ -202,7 +209,8 @@ class _Checkpoint(nn.Module):
             return {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
 
         self.policy.save_pretrained(path, state_dict=part("policy."), **kw)
-        self.critic.save(Path(path) / "critic", state_dict=part("critic.seq_model."))
+        critic = "critic.seq_model." if self.critic.kind == "rm" else "critic.head."
+        self.critic.save(Path(path) / "critic", state_dict=part(critic))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -360,6 +368,10 @@ def shard_trained(acc, policy: nn.Module, critic: Critic) -> None:
 
     for model in [policy] + ([critic.seq_model] if critic.kind == "rm" else []):
         fsdp2_prepare_model(acc, model)
+    if critic.kind == "policy_head":  # the value head is its own FSDP2 unit: a DTensor like the policy's weights
+        from torch.distributed.fsdp import fully_shard
+
+        fully_shard(critic.head)
 
 
 def load_critic(cfg: PPOConfig, policy: nn.Module, device, say=print) -> Critic:
