@@ -222,7 +222,7 @@ def render(r: dict) -> str:
         cell = [f"{x[key]:.2f} {unit}" if x.get(key) is not None else x.get("error", "–") for x in (o, t)]
         lines.append(
             f"| {name} | {row['settings']} | {cell[0]} | {cell[1]} | "
-            + (f"{ratio:.2f}×" if ratio is not None else "–")
+            + (f"{ratio:.3f}×" if ratio is not None else "–")
             + f" | {row['target']} |"
         )
     return "\n".join(lines) + "\n"

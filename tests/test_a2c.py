@@ -172,10 +172,10 @@ def test_resume_is_exact(sharp_path, tiny_path, tmp_path, monkeypatch):
     """2 iterations + crash + resume for 2 more == 4 straight (fp32, adaptive β, all metrics, policy and critic)."""
     from safetensors.torch import load_file
 
-    import rlhfkit.recipes.ppo as ppo
+    import rlhfkit.recipes.ppo_saving as ppo_saving
     from rlhfkit.recipes.a2c import train_a2c
 
-    real = ppo.save_checkpoint
+    real = ppo_saving.save_checkpoint
 
     def checkpoint_then_crash(out, step, *args, **kwargs):
         real(out, step, *args, **kwargs)
@@ -186,7 +186,7 @@ def test_resume_is_exact(sharp_path, tiny_path, tmp_path, monkeypatch):
     straight, crashed = tmp_path / "straight", tmp_path / "crashed"
     train_a2c(A2CConfig(**small(sharp_path, tiny_path, straight, **kw)), newline_reward, say=lambda *a: None)
     with monkeypatch.context() as patch, pytest.raises(Crash):
-        patch.setattr(ppo, "save_checkpoint", checkpoint_then_crash)  # dies right after step 2's checkpoint
+        patch.setattr(ppo_saving, "save_checkpoint", checkpoint_then_crash)  # dies right after step 2's checkpoint
         train_a2c(A2CConfig(**small(sharp_path, tiny_path, crashed, **kw)), newline_reward, say=lambda *a: None)
     cfg = A2CConfig(**small(sharp_path, tiny_path, crashed, resume=True, **kw))
     train_a2c(cfg, newline_reward, say=lambda *a: None)

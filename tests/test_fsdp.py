@@ -29,20 +29,20 @@ from pathlib import Path
 import torch
 
 torch.set_num_threads(1)
-import rlhfkit.recipes.common as common
+import rlhfkit.recipes.engines as engines
 import rlhfkit.recipes.dpo as dpo
 import rlhfkit.recipes.reward as reward
 import rlhfkit.recipes.sft as sft
 
 marks, expect, crash_after = sys.argv[1], sys.argv[2], int(sys.argv[3])
-step = common.optimizer_step
+step = engines.optimizer_step
 
 
 def checked(acc, model, optimizer, max_norm):  # inside each process, at every optimizer step
     from torch.distributed.tensor import DTensor
 
     assert acc.num_processes == int(os.environ["WORLD_SIZE"]) == 2, (acc.num_processes, os.environ.get("WORLD_SIZE"))
-    assert common.engine(acc) == expect, (common.engine(acc), acc.distributed_type)
+    assert engines.engine(acc) == expect, (engines.engine(acc), acc.distributed_type)
     if expect == "fsdp":
         assert acc.is_fsdp2
         params = list(model.parameters())
@@ -54,7 +54,7 @@ def checked(acc, model, optimizer, max_norm):  # inside each process, at every o
         if stage == 3:  # each process holds a partition of each parameter
             params = list(model.parameters())
             assert sum(p.ds_tensor.numel() for p in params) < sum(p.ds_numel for p in params)
-    Path(marks, f"rank{acc.process_index}").write_text(f"{common.engine(acc)} {acc.num_processes}")
+    Path(marks, f"rank{acc.process_index}").write_text(f"{engines.engine(acc)} {acc.num_processes}")
     return step(acc, model, optimizer, max_norm)
 
 
@@ -293,7 +293,7 @@ class _Acc:
 def test_engine_refusals_say_what_works(env, cfg, acc_kind, expected, monkeypatch):
     from rlhfkit.config import ILQLConfig, RLOOConfig, SFTConfig
     from rlhfkit.errors import UserError
-    from rlhfkit.recipes.common import _check_engine
+    from rlhfkit.recipes.engines import _check_engine
 
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true" if "FSDP_VERSION" in env else "false")
     for k, v in env.items():
@@ -308,7 +308,7 @@ def test_engine_refusals_say_what_works(env, cfg, acc_kind, expected, monkeypatc
 def test_a_batch_that_does_not_split_evenly_is_refused_under_fsdp():
     from rlhfkit.config import SFTConfig
     from rlhfkit.errors import UserError
-    from rlhfkit.recipes.common import check_batch
+    from rlhfkit.recipes.engines import check_batch
 
     with pytest.raises(UserError, match="batch_size=5: under fsdp it must be a multiple of the 2 processes"):
         check_batch(_Acc(), SFTConfig(batch_size=5), 100)

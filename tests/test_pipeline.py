@@ -175,7 +175,7 @@ import os, signal, sys
 from pathlib import Path
 
 import rlhfkit.recipes.common as common
-import rlhfkit.recipes.ppo as ppo
+import rlhfkit.recipes.ppo_saving as ppo_saving
 from rlhfkit.config import PipelineConfig
 from rlhfkit.recipes.pipeline import run_pipeline
 
@@ -190,7 +190,7 @@ def save_then_die(out, step, *args, **kw):  # a real SIGKILL right after the che
     return path
 
 
-common.save_checkpoint = ppo.save_checkpoint = save_then_die
+common.save_checkpoint = ppo_saving.save_checkpoint = save_then_die
 run_pipeline(PipelineConfig(**__import__("json").loads(sys.argv[1])))
 """
 

@@ -128,10 +128,10 @@ def test_ppo_exact_resume(sharp_path, tiny_path, tmp_path, monkeypatch):
     """2 iterations + crash + resume for 2 more == 4 straight (fp32, adaptive β, all metrics)."""
     from safetensors.torch import load_file
 
-    from rlhfkit.recipes import ppo
+    from rlhfkit.recipes import ppo_saving
     from rlhfkit.recipes.ppo import train_ppo
 
-    real = ppo.save_checkpoint
+    real = ppo_saving.save_checkpoint
 
     def checkpoint_then_crash(out, step, *args, **kwargs):
         real(out, step, *args, **kwargs)
@@ -153,7 +153,7 @@ def test_ppo_exact_resume(sharp_path, tiny_path, tmp_path, monkeypatch):
     straight, crashed = tmp_path / "straight", tmp_path / "crashed"
     train_ppo(ppo_cfg(sharp_path, tiny_path, straight, **kw), reward_fn=newline_reward, say=lambda *a: None)
     with monkeypatch.context() as patch, pytest.raises(Crash):
-        patch.setattr(ppo, "save_checkpoint", checkpoint_then_crash)  # dies right after step 2's checkpoint
+        patch.setattr(ppo_saving, "save_checkpoint", checkpoint_then_crash)  # dies right after step 2's checkpoint
         train_ppo(ppo_cfg(sharp_path, tiny_path, crashed, **kw), reward_fn=newline_reward, say=lambda *a: None)
     train_ppo(ppo_cfg(sharp_path, tiny_path, crashed, resume=True, **kw), reward_fn=newline_reward, say=lambda *a: None)
     a, b = read_metrics(straight), read_metrics(crashed)

@@ -45,7 +45,7 @@ from pathlib import Path
 import torch
 
 torch.set_num_threads(1)
-import rlhfkit.recipes.common as common
+import rlhfkit.recipes.engines as engines
 import rlhfkit.recipes.ppo as ppo
 from rlhfkit.config import PPOConfig
 from rlhfkit.rollout import Completion
@@ -62,7 +62,7 @@ if engine == "deepspeed" and not torch.cuda.is_available():
 def checked(cfg):  # inside each worker: there really are `expect` processes, and this is one of them
     acc = make(cfg)
     assert acc.num_processes == expect == int(os.environ.get("WORLD_SIZE", "1")), acc.num_processes
-    assert common.engine(acc) == engine, (common.engine(acc), engine)
+    assert engines.engine(acc) == engine, (engines.engine(acc), engine)
     Path(f"{out}.rank{acc.process_index}").write_text(f"{acc.num_processes} {engine}")
     return acc
 

@@ -38,7 +38,7 @@ import rlhfkit.recipes.ppo as ppo
 from rlhfkit.config import A2CConfig, GRPOConfig, RLOOConfig
 from rlhfkit.rollout import Completion
 
-import rlhfkit.recipes.common as common_
+import rlhfkit.recipes.engines as engines
 
 out, model, expect, algo, engine = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5]
 if algo.startswith("a2c"):
@@ -55,7 +55,7 @@ if engine == "deepspeed" and not torch.cuda.is_available():
 def checked(cfg):  # inside each worker: there really are `expect` processes, and this is one of them
     acc = make(cfg)
     assert acc.num_processes == expect == int(os.environ.get("WORLD_SIZE", "1")), acc.num_processes
-    assert common_.engine(acc) == engine, (common_.engine(acc), engine)
+    assert engines.engine(acc) == engine, (engines.engine(acc), engine)
     Path(f"{out}.rank{acc.process_index}").write_text(str(acc.num_processes))
     return acc
 

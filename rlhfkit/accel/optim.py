@@ -2,7 +2,7 @@
 trained parameters copied out of the checkpoint's file mapping (``own_memory``) and AdamW's moments
 allocated before the first step (``allocate_adamw_state``). ``make_optimizer`` applies the last two
 on CPU; every training stage steps through ``clip_and_step`` where each process holds whole
-gradients (one process, DDP; ``recipes/common.optimizer_step``; under FSDP and DeepSpeed, accelerate's
+gradients (one process, DDP; ``recipes/engines.optimizer_step``; under FSDP and DeepSpeed, accelerate's
 ``clip_grad_norm_``).
 """
 

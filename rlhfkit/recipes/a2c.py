@@ -28,13 +28,13 @@ from rlhfkit.recipes.common import (
     MetricsLog,
     TimeBudget,
     batch_plan,
-    lockstep,
     make_accelerator,
     prepare_out,
     progress,
     shard,
     world,
 )
+from rlhfkit.recipes.engines import lockstep
 from rlhfkit.recipes.ppo import (
     RewardFn,
     RolloutMetrics,
@@ -44,15 +44,14 @@ from rlhfkit.recipes.ppo import (
     generate,
     load_models,
     load_prompts,
-    log_and_checkpoint,
     rewards_and_advantages,
-    save_final,
     score,
     setup_optimization,
     timed,
     update,
 )
 from rlhfkit.recipes.ppo_processes import check_sharing, global_rollout, push_weights
+from rlhfkit.recipes.ppo_saving import log_and_checkpoint, save_final
 
 
 def train_a2c(

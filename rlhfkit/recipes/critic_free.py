@@ -36,13 +36,13 @@ from rlhfkit.recipes.common import (
     MetricsLog,
     TimeBudget,
     batch_plan,
-    lockstep,
     make_accelerator,
     prepare_out,
     progress,
     shard,
     world,
 )
+from rlhfkit.recipes.engines import lockstep
 from rlhfkit.recipes.ppo import (
     Advantages,
     Models,
@@ -57,8 +57,6 @@ from rlhfkit.recipes.ppo import (
     generate,
     load_models,
     load_prompts,
-    log_and_checkpoint,
-    save_final,
     score,
     setup_optimization,
     timed,
@@ -75,6 +73,7 @@ from rlhfkit.recipes.ppo_processes import (
     sum_stats,
     take_step,
 )
+from rlhfkit.recipes.ppo_saving import log_and_checkpoint, save_final
 
 
 def train_rloo(

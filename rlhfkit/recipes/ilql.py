@@ -44,8 +44,6 @@ from rlhfkit.recipes.common import (
     load_split,
     make_accelerator,
     make_optimizer,
-    micro_batch,
-    optimizer_step,
     periodic_checkpoint,
     prepare_out,
     progress,
@@ -54,6 +52,7 @@ from rlhfkit.recipes.common import (
     shard,
     world,
 )
+from rlhfkit.recipes.engines import micro_batch, optimizer_step
 
 LOSSES = ("loss", "loss/q", "loss/v", "loss/cql", "loss/awac")
 METRICS = LOSSES + ("values/q", "values/target_q", "values/v", "values/advantage")  # per-token means

@@ -27,7 +27,8 @@ from rlhfkit.models.heads import RewardModel, load_reward_model
 from rlhfkit.models.layout import gather_positions, hidden_size, is_sharded, scored_forward, trunk
 from rlhfkit.models.loading import load_causal_lm
 from rlhfkit.models.lora import unwrap
-from rlhfkit.recipes.common import apply_lora, engine, load_weights
+from rlhfkit.recipes.common import apply_lora, load_weights
+from rlhfkit.recipes.engines import engine
 from rlhfkit.rollout import Generator, make_generator
 
 

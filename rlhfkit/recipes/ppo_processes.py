@@ -36,7 +36,7 @@ from torch import nn
 from rlhfkit.accel.optim import clip_and_step
 from rlhfkit.data.records import Prompt
 from rlhfkit.errors import UserError
-from rlhfkit.recipes.common import engine, lockstep, optimizer_step
+from rlhfkit.recipes.engines import engine, lockstep, optimizer_step
 from rlhfkit.recipes.ppo_models import Batch, Models, length_chunks
 
 
@@ -140,7 +140,7 @@ def backward(share: Share, loss: torch.Tensor, last: bool) -> None:
 def take_step(share: Share, optimizer, trainable: list[nn.Parameter], max_norm: float) -> torch.Tensor | None:
     """One optimizer step on the gradients of every process: summed here (``sum_gradients``), or by
     FSDP2's reduce-scatter in each backward (sharded; it averages), then clipped to a global L2 norm of ``max_norm``
-    (``common.optimizer_step``: the norm of the whole gradient, whichever way it is held). Returns
+    (``engines.optimizer_step``: the norm of the whole gradient, whichever way it is held). Returns
     the norm before clipping (None without clipping). DeepSpeed stepped in the last ``backward``:
     its norm."""
     if share.deepspeed:

@@ -28,17 +28,11 @@ from rlhfkit.recipes.common import (
     MetricsLog,
     apply_lora,
     batch_plan,
-    check_batch,
-    full_state_dict,
     load_checkpoint,
     load_split,
-    lockstep,
     make_accelerator,
     make_optimizer,
-    micro_batch,
-    optimizer_step,
     periodic_checkpoint,
-    prepare_models,
     prepare_out,
     progress,
     save_model_dir,
@@ -46,6 +40,7 @@ from rlhfkit.recipes.common import (
     world,
     write_checkpoint,
 )
+from rlhfkit.recipes.engines import check_batch, full_state_dict, lockstep, micro_batch, optimizer_step, prepare_models
 
 Group = tuple[list[Encoded], list[int]]  # the K sequences of one prompt and their ranks
 SHARE_MIN_SAVING = 0.1  # share a prompt across its K responses when that saves >= 10 % of the tokens

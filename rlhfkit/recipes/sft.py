@@ -30,17 +30,11 @@ from rlhfkit.recipes.common import (
     MetricsLog,
     apply_lora,
     batch_plan,
-    check_batch,
-    full_state_dict,
     load_checkpoint,
     load_split,
-    lockstep,
     make_accelerator,
     make_optimizer,
-    micro_batch,
-    optimizer_step,
     periodic_checkpoint,
-    prepare_models,
     prepare_out,
     progress,
     save_model_dir,
@@ -48,6 +42,7 @@ from rlhfkit.recipes.common import (
     world,
     write_checkpoint,
 )
+from rlhfkit.recipes.engines import check_batch, full_state_dict, lockstep, micro_batch, optimizer_step, prepare_models
 
 
 def train_sft(cfg: SFTConfig, say=print) -> dict:
