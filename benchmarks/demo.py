@@ -24,7 +24,7 @@ from pathlib import Path
 
 from common import ROOT, bench_env, quarter_means, timed, write_result
 
-from rlhfkit.recipes.pipeline import render_summary
+from rlhfkit.recipes.pipeline_judge import render_summary
 
 
 def run_pipeline(out: Path, overrides: list[str]) -> float:

@@ -176,7 +176,8 @@ def run_one(pc, name: str, run: Path, out: Path, seed: int, budget: float, max_s
     from rlhfkit.data.jsonl import read_jsonl, write_jsonl
     from rlhfkit.feedback import rubric
     from rlhfkit.recipes.common import read_metrics
-    from rlhfkit.recipes.pipeline import best_of_n_answers, judge, run_stage, sample_answers
+    from rlhfkit.recipes.pipeline import best_of_n_answers, run_stage, sample_answers
+    from rlhfkit.recipes.pipeline_judge import judge
 
     cfg_path, train_path, _ = OPTIMIZERS[name]
     sft = str(run / "sft" / "model")
@@ -281,7 +282,8 @@ def main() -> None:
 
     from rlhfkit.data.jsonl import read_jsonl
     from rlhfkit.errors import UserError
-    from rlhfkit.recipes.pipeline import compare, judge, sample_answers
+    from rlhfkit.recipes.pipeline import sample_answers
+    from rlhfkit.recipes.pipeline_judge import compare, judge
     from rlhfkit.tasks import load_task
 
     if a.quick:

@@ -24,7 +24,7 @@ from common import write_result
 
 from rlhfkit.data.jsonl import read_jsonl
 from rlhfkit.recipes.common import read_metrics
-from rlhfkit.recipes.pipeline import judge, rm_means
+from rlhfkit.recipes.pipeline_judge import judge, rm_means
 from rlhfkit.tasks import load_task
 
 

@@ -31,7 +31,8 @@ from rlhfkit.config import PPOConfig
 from rlhfkit.data.jsonl import read_jsonl, write_jsonl
 from rlhfkit.feedback import rubric
 from rlhfkit.recipes.common import read_metrics
-from rlhfkit.recipes.pipeline import compare, judge, ppo_config, read_run_config, sample_answers
+from rlhfkit.recipes.pipeline import ppo_config, read_run_config, sample_answers
+from rlhfkit.recipes.pipeline_judge import compare, judge
 from rlhfkit.recipes.ppo import train_ppo
 from rlhfkit.tasks import load_task
 

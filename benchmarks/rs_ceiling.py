@@ -33,7 +33,8 @@ from common import save_row, timed
 
 from rlhfkit.config import SFTConfig
 from rlhfkit.feedback import rubric
-from rlhfkit.recipes.pipeline import compare, judge, read_jsonl, read_run_config, sample_answers, write_jsonl
+from rlhfkit.recipes.pipeline import read_jsonl, read_run_config, sample_answers, write_jsonl
+from rlhfkit.recipes.pipeline_judge import compare, judge
 from rlhfkit.recipes.sft import train_sft
 from rlhfkit.tasks import load_task
 
