@@ -531,3 +531,26 @@ def test_pipeline_with_best_of_n_as_the_optimizer(tiny_path, tmp_path):
     assert "bon1" in (run / "report.html").read_text() and f"{bound:.3f}" in (run / "report.html").read_text()
     with pytest.raises(UserError, match="best_of_n=0"):
         run_pipeline(dataclasses.replace(cfg, best_of_n=0))
+
+
+def test_the_report_compares_the_final_version_with_sft_only_when_it_is_not_sft(tmp_path):
+    """optimizer=none ends at SFT: its "SFT vs SFT" win-rate (all ties) says nothing, and neither the
+    summary's markdown nor the HTML report shows it; a trained final version is compared."""
+    from rlhfkit.recipes.pipeline_judge import render_summary
+    from rlhfkit.recipes.pipeline_report import write_report
+
+    scores = {"gold_mean": 0.1, "instruction_rate": 0.5, "prompt_rate": 0.4}
+    w = {"win_rate": 0.625, "ci95": [0.4, 0.8], "wins": 2, "ties": 1, "losses": 1}
+    for final in ("sft", "ppo1"):
+        names = ["base", "sft"] + ([final] if final != "sft" else [])
+        summary = {
+            "versions": {n: dict(scores) for n in names},
+            "ratings": {n: {"bt": 1000.0, "ci95": [990.0, 1010.0], "elo": 1000.0} for n in names},
+            "final": final, "sft_vs_base": w, "final_vs_sft": w, "rm_accuracy": [], "training": {},
+            "seconds": {"total": 1.0}, "prompts": {"held_out": 4},
+        }  # fmt: skip
+        write_report(tmp_path / f"{final}.html", summary, [], {})
+        page, text = (tmp_path / f"{final}.html").read_text(), render_summary(summary)
+        assert ("ppo1 vs SFT" in page and "ppo1 vs SFT" in text) == (final == "ppo1")
+        assert "sft vs SFT" not in page and "sft vs SFT" not in text
+        assert "SFT vs base" in page and "SFT vs base" in text

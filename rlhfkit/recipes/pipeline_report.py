@@ -97,6 +97,8 @@ def write_report(
         "</table>",
     ]
     for key, label in (("sft_vs_base", "SFT vs base"), ("final_vs_sft", f"{summary['final']} vs SFT")):
+        if key == "final_vs_sft" and summary["final"] == "sft":
+            continue  # no optimiser (optimizer=none): SFT against itself says nothing (as render_summary)
         w = summary[key]
         parts.append(
             f"<p><b>{esc(label)}</b>: win-rate {w['win_rate']:.1%} (95% CI {w['ci95'][0]:.1%}–{w['ci95'][1]:.1%}; "
