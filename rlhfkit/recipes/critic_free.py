@@ -28,7 +28,7 @@ import time
 import torch
 
 from rlhfkit.algos.critic_free import grpo_advantages, grpo_loss, rloo_advantages, rloo_loss
-from rlhfkit.algos.ppo import compute_rewards, logprobs_and_entropy
+from rlhfkit.algos.ppo import compute_rewards, logprobs_and_entropy, logprobs_from_logits
 from rlhfkit.config import GRPOConfig, RLOOConfig
 from rlhfkit.errors import UserError
 from rlhfkit.models.loading import resolve_precision
@@ -217,8 +217,10 @@ def update(
                 cols = b.response.shape[1]
                 with m.autocast():
                     _, logits = policy_forward(m.policy, b)  # (b, r, V)
-                    # on-policy: the entropy metric from the same pass over the vocabulary (as forwards')
-                    logprobs, entropy = logprobs_and_entropy(logits, b.response, cfg.temperature)
+                    if seen:  # on-policy: the entropy metric from the same pass over the vocabulary (as forwards')
+                        logprobs, entropy = logprobs_and_entropy(logits, b.response, cfg.temperature)
+                    else:
+                        logprobs = logprobs_from_logits(logits, b.response, cfg.temperature)
                 del logits
                 if seen:  # on-policy: the sampling policy is this one, ratio 1, the gradient REINFORCE's
                     old = logprobs.detach()
