@@ -7,6 +7,7 @@ import re
 import pytest
 import torch
 
+from rlhfkit.algos.logprobs import entropy_from_logits, logprobs_and_entropy, logprobs_from_logits
 from rlhfkit.algos.ppo import (
     AdaptiveKLController,
     FixedKLController,
@@ -14,13 +15,10 @@ from rlhfkit.algos.ppo import (
     clip_scores,
     compute_gae,
     compute_rewards,
-    entropy_from_logits,
     explained_variance,
     kl_k1,
     kl_k2,
     kl_k3,
-    logprobs_and_entropy,
-    logprobs_from_logits,
     masked_mean,
     masked_var,
     masked_whiten,

@@ -269,7 +269,7 @@ def test_bf16_reference_keeps_kl_zero_at_step_0(sharp_path):
     """The bf16 reference (Linear weights stored in bf16, embedding and norms fp32) gives bitwise
     the policy's log-probs under bf16 autocast: KL exactly 0 at step 0, entropy as before."""
     from rlhfkit.accel.weights import bf16_matmul_weights
-    from rlhfkit.algos.ppo import entropy_from_logits, logprobs_and_entropy, logprobs_from_logits
+    from rlhfkit.algos.logprobs import entropy_from_logits, logprobs_and_entropy, logprobs_from_logits
     from rlhfkit.models.loading import load_causal_lm
     from rlhfkit.recipes.ppo_models import Critic, rollout_forwards
 

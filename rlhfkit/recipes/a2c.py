@@ -20,7 +20,7 @@ from __future__ import annotations
 import time
 
 from rlhfkit.algos.a2c import a2c_policy_loss
-from rlhfkit.algos.ppo import entropy_from_logits
+from rlhfkit.algos.logprobs import entropy_from_logits
 from rlhfkit.config import A2CConfig
 from rlhfkit.errors import UserError
 from rlhfkit.models.loading import resolve_precision

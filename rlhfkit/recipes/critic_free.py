@@ -28,7 +28,8 @@ import time
 import torch
 
 from rlhfkit.algos.critic_free import grpo_advantages, grpo_loss, rloo_advantages, rloo_loss
-from rlhfkit.algos.ppo import compute_rewards, logprobs_and_entropy, logprobs_from_logits
+from rlhfkit.algos.logprobs import logprobs_and_entropy, logprobs_from_logits
+from rlhfkit.algos.ppo import compute_rewards
 from rlhfkit.config import GRPOConfig, RLOOConfig
 from rlhfkit.errors import UserError
 from rlhfkit.models.loading import resolve_precision

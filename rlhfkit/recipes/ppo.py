@@ -52,6 +52,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from rlhfkit.algos.logprobs import logprobs_from_logits
 from rlhfkit.algos.ppo import (
     AdaptiveKLController,
     FixedKLController,
@@ -60,7 +61,6 @@ from rlhfkit.algos.ppo import (
     compute_gae,
     compute_rewards,
     group_baseline,
-    logprobs_from_logits,
     masked_whiten,
     ppo_policy_loss,
     ppo_value_loss,

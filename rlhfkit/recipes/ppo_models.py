@@ -20,7 +20,8 @@ import torch
 from torch import nn
 
 from rlhfkit.accel import prepare_for_inference, prepare_for_training
-from rlhfkit.algos.ppo import logprobs_and_entropy, logprobs_from_logits, truncate_after_eos
+from rlhfkit.algos.logprobs import logprobs_and_entropy, logprobs_from_logits
+from rlhfkit.algos.ppo import truncate_after_eos
 from rlhfkit.config import PPOConfig
 from rlhfkit.errors import UserError
 from rlhfkit.models.heads import RewardModel, load_reward_model
